@@ -1,0 +1,96 @@
+"""One typed settings object for the whole product, read from ``METERING_*`` env vars.
+
+Every adapter (Kafka producers/consumers, Faust, ClickHouse clients, the local stack)
+takes its connection details from here, so a deployment configures them in one place.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+KafkaSecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+BrokerKind = Literal["apache", "tansu"]
+
+
+def _default_home() -> Path:
+    return Path.home() / ".local" / "share" / "metering"
+
+
+def _default_cache() -> Path:
+    return Path.home() / ".cache" / "metering"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="METERING_", extra="ignore")
+
+    # Kafka
+    kafka_bootstrap: str = "localhost:9092"
+    kafka_security_protocol: KafkaSecurityProtocol = "PLAINTEXT"
+    kafka_sasl_mechanism: SaslMechanism | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_certfile: Path | None = None
+    kafka_ssl_keyfile: Path | None = None
+
+    # ClickHouse (HTTP interface)
+    clickhouse_url: str = "http://localhost:8123"
+    clickhouse_user: str = "default"
+    clickhouse_password: SecretStr = SecretStr("")
+    clickhouse_database: str = "metering"
+    clickhouse_verify_tls: bool = True
+    clickhouse_ca_cert: Path | None = None
+
+    # Local stack (development, demo, tests, benchmarks)
+    stack_broker: BrokerKind | None = Field(
+        default=None, description="Broker for `metering stack up`; default apache where java and mvn exist, else tansu."
+    )
+    stack_dir: Path = Field(default_factory=lambda: _default_home() / "stack")
+    cache_dir: Path = Field(default_factory=_default_cache)
+    kafka_version: str = "4.1.1"
+    stack_kafka_heap: str = "512m"
+
+    def kafka_client_options(self) -> dict[str, object]:
+        """Keyword arguments shared by every aiokafka client the product creates."""
+        options: dict[str, object] = {
+            "bootstrap_servers": self.kafka_bootstrap,
+            "security_protocol": self.kafka_security_protocol,
+        }
+        if self.kafka_sasl_mechanism:
+            options["sasl_mechanism"] = self.kafka_sasl_mechanism
+            options["sasl_plain_username"] = self.kafka_sasl_username
+            options["sasl_plain_password"] = (
+                self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password else None
+            )
+        if self.kafka_security_protocol in ("SSL", "SASL_SSL"):
+            from aiokafka.helpers import create_ssl_context
+
+            options["ssl_context"] = create_ssl_context(
+                cafile=str(self.kafka_ssl_cafile) if self.kafka_ssl_cafile else None,
+                certfile=str(self.kafka_ssl_certfile) if self.kafka_ssl_certfile else None,
+                keyfile=str(self.kafka_ssl_keyfile) if self.kafka_ssl_keyfile else None,
+            )
+        return options
+
+    def clickhouse_client_options(self) -> dict[str, object]:
+        """Keyword arguments for ``clickhouse_connect.get_client``."""
+        url = urlsplit(self.clickhouse_url)
+        secure = url.scheme == "https"
+        options: dict[str, object] = {
+            "host": url.hostname or "localhost",
+            "port": url.port or (8443 if secure else 8123),
+            "interface": url.scheme or "http",
+            "username": self.clickhouse_user,
+            "password": self.clickhouse_password.get_secret_value(),
+        }
+        if secure:
+            options["verify"] = self.clickhouse_verify_tls
+            if self.clickhouse_ca_cert:
+                options["ca_cert"] = str(self.clickhouse_ca_cert)
+        return options

@@ -1,0 +1,126 @@
+"""A single-node Apache Kafka broker in KRaft mode, resolved from Maven Central.
+
+Apache's download site is not reachable from our machines, but Maven Central is: the
+broker is `kafka.Kafka` from `org.apache.kafka:kafka_2.13` and its dependencies, copied
+once into a cache outside the repository and started with a generated server.properties.
+"""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+
+from metering_pipeline.resources import kafka_pom
+
+_COMPLETE_MARKER = ".complete"
+
+
+class KafkaUnavailable(RuntimeError):
+    """Apache Kafka cannot be run here (no java/mvn, or the jars did not resolve)."""
+
+
+def java_and_maven_available() -> bool:
+    return shutil.which("java") is not None and shutil.which("mvn") is not None
+
+
+def resolve_jars(cache_dir: Path, version: str) -> Path:
+    """Copy the broker's jars into ``cache_dir/kafka-<version>`` unless already there."""
+    jar_dir = cache_dir / f"kafka-{version}"
+    if (jar_dir / _COMPLETE_MARKER).exists():
+        return jar_dir
+    if not java_and_maven_available():
+        raise KafkaUnavailable("Apache Kafka needs java and mvn on PATH; use --broker tansu without them")
+    jar_dir.mkdir(parents=True, exist_ok=True)
+    command = [
+        "mvn", "-q", "-B", "-f", str(kafka_pom()),
+        "dependency:copy-dependencies",
+        f"-Dkafka.version={version}",
+        f"-DoutputDirectory={jar_dir}",
+        "-DincludeScope=runtime",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise KafkaUnavailable(f"mvn could not resolve Kafka {version}:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
+    (jar_dir / _COMPLETE_MARKER).write_text(version)
+    return jar_dir
+
+
+def write_config(kafka_dir: Path, port: int, controller_port: int) -> Path:
+    """server.properties for a combined broker+controller on loopback, sized for one machine."""
+    kafka_dir.mkdir(parents=True, exist_ok=True)
+    properties = {
+        "process.roles": "broker,controller",
+        "node.id": "1",
+        "controller.quorum.voters": f"1@127.0.0.1:{controller_port}",
+        "listeners": f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
+        "advertised.listeners": f"PLAINTEXT://127.0.0.1:{port}",
+        "controller.listener.names": "CONTROLLER",
+        "inter.broker.listener.name": "PLAINTEXT",
+        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "log.dirs": str(kafka_dir / "data"),
+        "num.partitions": "4",
+        "auto.create.topics.enable": "true",
+        "offsets.topic.replication.factor": "1",
+        "offsets.topic.num.partitions": "8",
+        "transaction.state.log.replication.factor": "1",
+        "transaction.state.log.min.isr": "1",
+        "transaction.state.log.num.partitions": "8",
+        "share.coordinator.state.topic.replication.factor": "1",
+        "share.coordinator.state.topic.min.isr": "1",
+        "group.initial.rebalance.delay.ms": "0",
+        "log.segment.bytes": str(64 * 1024 * 1024),
+    }
+    config = kafka_dir / "server.properties"
+    config.write_text("".join(f"{key}={value}\n" for key, value in properties.items()))
+    log_config = kafka_dir / "log4j2.properties"
+    log_config.write_text(
+        "status = warn\n"
+        "appender.console.type = Console\n"
+        "appender.console.name = STDOUT\n"
+        "appender.console.layout.type = PatternLayout\n"
+        "appender.console.layout.pattern = [%d] %p %m (%c)%n\n"
+        "rootLogger.level = INFO\n"
+        "rootLogger.appenderRef.console.ref = STDOUT\n"
+        "logger.controller.name = org.apache.kafka.controller\n"
+        "logger.controller.level = WARN\n"
+        "logger.coordinator.name = org.apache.kafka.coordinator\n"
+        "logger.coordinator.level = WARN\n"
+    )
+    return config
+
+
+def _java(jar_dir: Path, heap: str, kafka_dir: Path) -> list[str]:
+    return [
+        "java",
+        f"-Xms{heap}",
+        f"-Xmx{heap}",
+        "-XX:+UseG1GC",
+        "-Djava.awt.headless=true",
+        f"-Dlog4j2.configurationFile={kafka_dir / 'log4j2.properties'}",
+        "-cp",
+        f"{jar_dir}/*",
+    ]
+
+
+def format_storage(jar_dir: Path, kafka_dir: Path) -> None:
+    """Format the KRaft log dir once; a formatted dir keeps its cluster id across restarts."""
+    if (kafka_dir / "data" / "meta.properties").exists():
+        return
+    cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+    command = [
+        *_java(jar_dir, "256m", kafka_dir),
+        "kafka.tools.StorageTool", "format",
+        "-t", cluster_id,
+        "-c", str(kafka_dir / "server.properties"),
+        "--ignore-formatted",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise KafkaUnavailable(f"kafka-storage format failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
+
+
+def broker_command(jar_dir: Path, kafka_dir: Path, heap: str) -> list[str]:
+    return [*_java(jar_dir, heap, kafka_dir), "kafka.Kafka", str(kafka_dir / "server.properties")]

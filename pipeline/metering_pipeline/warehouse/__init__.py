@@ -1,0 +1,1 @@
+"""ClickHouse: the client the product uses, and the schema migrations it applies."""

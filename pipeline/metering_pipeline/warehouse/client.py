@@ -1,0 +1,27 @@
+"""One way to open a ClickHouse client, so credentials and TLS options reach every caller."""
+
+from __future__ import annotations
+
+import re
+
+import clickhouse_connect
+from clickhouse_connect.driver.client import Client
+
+from metering_pipeline.settings import Settings
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def quote_identifier(name: str) -> str:
+    """Database names cannot be bound as parameters in DDL; accept only plain identifiers."""
+    if not _IDENTIFIER.match(name):
+        raise ValueError(f"not a plain ClickHouse identifier: {name!r}")
+    return f"`{name}`"
+
+
+def connect(settings: Settings, *, database: str | None = None) -> Client:
+    """A client bound to `database` (default: the product's database)."""
+    return clickhouse_connect.get_client(
+        **settings.clickhouse_client_options(),
+        database=settings.clickhouse_database if database is None else database,
+    )

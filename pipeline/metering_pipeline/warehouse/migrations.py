@@ -1,0 +1,79 @@
+"""Forward-only ClickHouse schema migrations, applied in file-name order and recorded once.
+
+Migration files (`NNNN_description.sql`) use unqualified table names: they run with the
+client bound to the product's database, so one set of files serves any database name.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from clickhouse_connect.driver.client import Client
+
+from metering_pipeline.resources import clickhouse_migrations_dir
+from metering_pipeline.settings import Settings
+from metering_pipeline.warehouse.client import connect, quote_identifier
+
+_FILE_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+_LEDGER_DDL = """
+CREATE TABLE IF NOT EXISTS schema_migrations
+(
+    version UInt32,
+    name String,
+    applied_at DateTime64(3, 'UTC') DEFAULT now64(3)
+)
+ENGINE = ReplacingMergeTree
+ORDER BY version
+"""
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    statements: tuple[str, ...]
+
+
+def load(directory: Path) -> list[Migration]:
+    migrations = []
+    for path in sorted(directory.glob("*.sql")):
+        match = _FILE_NAME.match(path.name)
+        if not match:
+            raise ValueError(f"migration file name must look like 0001_name.sql: {path.name}")
+        migrations.append(Migration(int(match[1]), match[2], split_statements(path.read_text())))
+    versions = [m.version for m in migrations]
+    if len(set(versions)) != len(versions):
+        raise ValueError(f"duplicate migration versions in {directory}")
+    return migrations
+
+
+def split_statements(sql: str) -> tuple[str, ...]:
+    """Statements end with `;` at the end of a line; `--` comment lines are dropped."""
+    lines = [line for line in sql.splitlines() if not line.strip().startswith("--")]
+    chunks = re.split(r";\s*$", "\n".join(lines), flags=re.MULTILINE)
+    return tuple(chunk.strip() for chunk in chunks if chunk.strip())
+
+
+def applied_versions(client: Client) -> set[int]:
+    return {row[0] for row in client.query("SELECT DISTINCT version FROM schema_migrations").result_rows}
+
+
+def migrate(settings: Settings, directory: Path | None = None) -> list[Migration]:
+    """Create the database if needed and apply pending migrations; returns those applied."""
+    with connect(settings, database="default") as admin:
+        admin.command(f"CREATE DATABASE IF NOT EXISTS {quote_identifier(settings.clickhouse_database)}")
+    applied: list[Migration] = []
+    with connect(settings) as client:
+        client.command(_LEDGER_DDL)
+        done = applied_versions(client)
+        for migration in load(directory or clickhouse_migrations_dir()):
+            if migration.version in done:
+                continue
+            for statement in migration.statements:
+                client.command(statement)
+            client.insert("schema_migrations", [[migration.version, migration.name]], column_names=["version", "name"])
+            applied.append(migration)
+    return applied

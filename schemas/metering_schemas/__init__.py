@@ -1,0 +1,21 @@
+"""The wire contract of usage-metering: pydantic v2 models of what travels on its topics.
+
+Producers install only this distribution (`usage-metering-schemas`); the JSON Schema files
+generated from these models ship in `metering_schemas/json/` for non-Python producers.
+"""
+
+from metering_schemas.metric import AggregationType, MetricDefinition, ResetPeriod
+from metering_schemas.threshold import ThresholdAction, UsageThreshold
+from metering_schemas.usage import PeriodType, UsageRecord, UsageRecordBatch, UsageSummary
+
+__all__ = [
+    "AggregationType",
+    "MetricDefinition",
+    "PeriodType",
+    "ResetPeriod",
+    "ThresholdAction",
+    "UsageRecord",
+    "UsageRecordBatch",
+    "UsageSummary",
+    "UsageThreshold",
+]

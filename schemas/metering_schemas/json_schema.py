@@ -1,0 +1,44 @@
+"""Generate the JSON Schema files in `metering_schemas/json/` from the models (`python -m metering_schemas.json_schema`)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from metering_schemas import MetricDefinition, UsageRecord, UsageRecordBatch, UsageSummary, UsageThreshold
+
+SCHEMA_DIR = Path(__file__).resolve().parent / "json"
+
+# File name -> model; the name says which topic value the schema describes.
+CONTRACT: dict[str, type[BaseModel]] = {
+    "usage-record.schema.json": UsageRecord,
+    "usage-record-batch.schema.json": UsageRecordBatch,
+    "metric-definition.schema.json": MetricDefinition,
+    "usage-summary.schema.json": UsageSummary,
+    "usage-threshold.schema.json": UsageThreshold,
+}
+
+
+def render(model: type[BaseModel]) -> str:
+    schema = model.model_json_schema(by_alias=True, mode="validation")
+    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
+    return json.dumps(schema, indent=2, sort_keys=True) + "\n"
+
+
+def write(directory: Path) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for file_name, model in CONTRACT.items():
+        path = directory / file_name
+        path.write_text(render(model))
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else SCHEMA_DIR
+    for path in write(target):
+        print(path)

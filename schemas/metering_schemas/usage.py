@@ -1,0 +1,52 @@
+"""UsageRecord and UsageSummary: what producers publish, and what the pipeline rolls up."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+from pydantic import Field
+
+from metering_schemas._base import CaseInsensitiveEnum, Identifier, Quantity, UtcDatetime, WireModel
+
+
+class UsageRecord(WireModel):
+    """One usage event on `usage.recorded`.
+
+    `id` is the dedup key (without one, a record counts once per Kafka offset); `timestamp`
+    defaults to the Kafka message time; `quantity` defaults to 1 and may be a JSON number or string.
+    """
+
+    id: Identifier | None = None
+    metric_key: Identifier
+    subject_type: Identifier
+    subject_id: Identifier
+    quantity: Quantity = Decimal(1)
+    timestamp: UtcDatetime | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class UsageRecordBatch(WireModel):
+    """`usage.recordBatch`: several records in one message."""
+
+    records: list[UsageRecord] = Field(min_length=1)
+
+
+class PeriodType(CaseInsensitiveEnum):
+    HOURLY = "HOURLY"
+    DAILY = "DAILY"
+    MONTHLY = "MONTHLY"
+
+
+class UsageSummary(WireModel):
+    """A rollup of one metric for one subject over one period (UTC)."""
+
+    id: Identifier
+    metric_key: Identifier
+    subject_type: Identifier
+    subject_id: Identifier
+    period_type: PeriodType
+    period_start: UtcDatetime
+    period_end: UtcDatetime
+    total_quantity: Quantity
+    record_count: int = Field(ge=0)

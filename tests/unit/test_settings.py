@@ -1,0 +1,55 @@
+"""Settings come from METERING_* env vars and reach every client's options."""
+
+from __future__ import annotations
+
+from metering_pipeline.settings import Settings
+from metering_pipeline.tables import render
+
+
+def test_defaults_match_the_documented_contract(monkeypatch):
+    for name in ("METERING_KAFKA_BOOTSTRAP", "METERING_CLICKHOUSE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    settings = Settings()
+    assert settings.kafka_bootstrap == "localhost:9092"
+    assert settings.clickhouse_url == "http://localhost:8123"
+
+
+def test_kafka_sasl_options_come_from_env(monkeypatch):
+    monkeypatch.setenv("METERING_KAFKA_BOOTSTRAP", "broker-1:9093")
+    monkeypatch.setenv("METERING_KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT")
+    monkeypatch.setenv("METERING_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512")
+    monkeypatch.setenv("METERING_KAFKA_SASL_USERNAME", "metering")
+    monkeypatch.setenv("METERING_KAFKA_SASL_PASSWORD", "s3cret")
+    settings = Settings()
+    assert settings.kafka_client_options() == {
+        "bootstrap_servers": "broker-1:9093",
+        "security_protocol": "SASL_PLAINTEXT",
+        "sasl_mechanism": "SCRAM-SHA-512",
+        "sasl_plain_username": "metering",
+        "sasl_plain_password": "s3cret",
+    }
+    assert "s3cret" not in repr(settings)
+
+
+def test_clickhouse_url_and_credentials_become_client_options(monkeypatch):
+    monkeypatch.setenv("METERING_CLICKHOUSE_URL", "https://ch.example.com:8443")
+    monkeypatch.setenv("METERING_CLICKHOUSE_USER", "metering")
+    monkeypatch.setenv("METERING_CLICKHOUSE_PASSWORD", "pw")
+    options = Settings().clickhouse_client_options()
+    assert options == {
+        "host": "ch.example.com",
+        "port": 8443,
+        "interface": "https",
+        "username": "metering",
+        "password": "pw",
+        "verify": True,
+    }
+
+
+def test_tables_align_columns_under_a_rule():
+    assert render(["a", "long"], [(1, None), ("xyz", 2)]).splitlines() == [
+        "a    long",
+        "---  ----",
+        "1",
+        "xyz  2",
+    ]

@@ -8,7 +8,6 @@ METERING_KAFKA_BOOTSTRAP and METERING_CLICKHOUSE_URL name a running stack to use
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 
 from metering_pipeline.settings import Settings
 from metering_pipeline.stack.local import LocalStack, StackConfig
+from support import free_port
 
 
 @dataclass(frozen=True)
@@ -27,12 +27,6 @@ class RunningStack:
 
     def settings(self, **overrides: object) -> Settings:
         return Settings(kafka_bootstrap=self.kafka_bootstrap, clickhouse_url=self.clickhouse_url, **overrides)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _start_stack(broker: str, data_dir: Path) -> tuple[LocalStack, RunningStack]:

@@ -10,9 +10,10 @@ from decimal import Decimal
 
 from aiokafka import AIOKafkaProducer
 
+from metering_pipeline.topics import USAGE_RECORDED
 from metering_schemas import UsageRecord
 
-USAGE_TOPIC = "usage.recorded"
+
 
 
 def sample_records(count: int, seed: int = 1) -> list[UsageRecord]:
@@ -43,7 +44,7 @@ async def publish(kafka_options: dict[str, object], records: list[UsageRecord]) 
     try:
         sent = [
             await producer.send(
-                USAGE_TOPIC, key=f"{r.subject_type}:{r.subject_id}".encode(), value=r.to_json()
+                USAGE_RECORDED, key=f"{r.subject_type}:{r.subject_id}".encode(), value=r.to_json()
             )
             for r in records
         ]

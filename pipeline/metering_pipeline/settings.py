@@ -6,6 +6,7 @@ takes its connection details from here, so a deployment configures them in one p
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -38,6 +39,20 @@ class Settings(BaseSettings):
     kafka_ssl_cafile: Path | None = None
     kafka_ssl_certfile: Path | None = None
     kafka_ssl_keyfile: Path | None = None
+    usage_partitions: int = Field(default=12, ge=1, description="Partitions of the usage topics when the product creates them")
+    replication_factor: int = Field(default=1, ge=1, description="Replication factor of topics the product creates")
+
+    # Worker
+    flush_interval: float = Field(default=1.0, gt=0, description="Seconds between checkpoints (ClickHouse freshness)")
+    allowed_lateness: timedelta = Field(default=timedelta(days=35), description="Older records go to the DLQ as too_late")
+    future_skew: timedelta = Field(default=timedelta(minutes=5), description="Records further ahead go to the DLQ")
+    dedup_window: timedelta = Field(default=timedelta(hours=24), description="A record id seen within it is not counted again")
+    processing_guarantee: Literal["exactly_once", "at_least_once"] = Field(
+        default="exactly_once", description="exactly_once needs Kafka transactions (Apache Kafka; not tansu)"
+    )
+    max_poll_records: int = Field(default=20_000, ge=1)
+    consumer_group_prefix: str = Field(default="metering", description="Prefix of the worker's consumer groups and transactional ids")
+    topic_prefix: str = Field(default="", description="Prefix of every topic name (default none: the documented names)")
 
     # ClickHouse (HTTP interface)
     clickhouse_url: str = "http://localhost:8123"

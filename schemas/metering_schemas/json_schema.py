@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from metering_schemas import MetricDefinition, UsageRecord, UsageRecordBatch, UsageSummary, UsageThreshold
+from metering_schemas import DeadLetter, MetricDefinition, UsageRecord, UsageRecordBatch, UsageSummary, UsageThreshold
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "json"
 
@@ -19,6 +19,7 @@ CONTRACT: dict[str, type[BaseModel]] = {
     "metric-definition.schema.json": MetricDefinition,
     "usage-summary.schema.json": UsageSummary,
     "usage-threshold.schema.json": UsageThreshold,
+    "dead-letter.schema.json": DeadLetter,
 }
 
 

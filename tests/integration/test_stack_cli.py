@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 
-from conftest import free_port
+from support import free_port
 
 
 def metering(*args: str) -> subprocess.CompletedProcess[str]:

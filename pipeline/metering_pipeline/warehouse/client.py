@@ -24,4 +24,5 @@ def connect(settings: Settings, *, database: str | None = None) -> Client:
     return clickhouse_connect.get_client(
         **settings.clickhouse_client_options(),
         database=settings.clickhouse_database if database is None else database,
+        autogenerate_session_id=False,  # sessions serialize requests; the product needs none
     )

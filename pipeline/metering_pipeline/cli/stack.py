@@ -1,4 +1,4 @@
-"""The `metering` command: local stack, ClickHouse migrations, demo."""
+"""`metering stack up | down | status`."""
 
 from __future__ import annotations
 
@@ -7,18 +7,9 @@ from pathlib import Path
 
 import click
 
-from metering_pipeline import logs, tables
+from metering_pipeline import tables
 from metering_pipeline.settings import Settings
 from metering_pipeline.stack.local import LocalStack, StackConfig, StackError, default_broker
-
-
-@click.group()
-@click.option("--log-level", default="INFO", show_default=True, envvar="METERING_LOG_LEVEL")
-@click.pass_context
-def main(ctx: click.Context, log_level: str) -> None:
-    """Usage metering: Kafka in, exact rollups in ClickHouse, threshold alerts out."""
-    logs.configure(log_level)
-    ctx.obj = Settings()
 
 
 def _data_dir_option(function):
@@ -30,7 +21,7 @@ def _data_dir_option(function):
     )(function)
 
 
-@main.group()
+@click.group()
 def stack() -> None:
     """A real Kafka broker and ClickHouse endpoint on loopback, for demo, tests and benchmarks."""
 
@@ -81,37 +72,3 @@ def stack_status(settings: Settings, data_dir: Path | None) -> None:
     rows = [(s.name, "running" if s.running else "stopped", s.pid or "-", s.address, s.log_file) for s in services]
     click.echo(tables.render(["service", "state", "pid", "address", "log"], rows))
     sys.exit(0 if all(s.running for s in services) else 1)
-
-
-@main.command()
-@click.pass_obj
-def migrate(settings: Settings) -> None:
-    """Create the ClickHouse database and apply pending schema migrations."""
-    from metering_pipeline.warehouse.migrations import migrate as apply_migrations
-
-    applied = apply_migrations(settings)
-    if applied:
-        click.echo(tables.render(["version", "migration"], [(m.version, m.name) for m in applied]))
-    else:
-        click.echo(f"database {settings.clickhouse_database} is up to date")
-
-
-@main.command()
-@click.option("--records", type=int, default=1000, show_default=True, help="Sample usage records to publish.")
-@click.pass_context
-def demo(ctx: click.Context, records: int) -> None:
-    """Bring the local stack up, migrate ClickHouse and publish sample usage to usage.recorded."""
-    import asyncio
-
-    from metering_pipeline.demo import publish, sample_records
-
-    settings: Settings = ctx.obj
-    ctx.invoke(stack_up)
-    ctx.invoke(migrate)
-    published = asyncio.run(publish(settings.kafka_client_options(), sample_records(records)))
-    rows = [(metric, subject, count) for (metric, subject), count in sorted(published.items())]
-    click.echo(tables.render(["metric", "subject", "records published"], rows))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,3 @@
+from metering_pipeline.cli import main
+
+main()

@@ -1,0 +1,163 @@
+"""From a Kafka message's bytes to usage records ready to count, or dead letters saying why not.
+
+Numbers are parsed as Decimal straight from the JSON text (jiter's decimal mode), so a
+quantity like 0.12345678901234567 is never squeezed through a binary float. A batch message
+is checked record by record: one bad record goes to the DLQ, the others count.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import jiter
+from pydantic import ValidationError
+
+from metering_pipeline.usage.metrics import MetricCatalog, record_org
+from metering_schemas import DeadLetter, FieldError, MetricDefinition, RejectReason, SourcePosition, UsageRecord
+
+
+@dataclass(frozen=True, slots=True)
+class IntakeRules:
+    allowed_lateness: timedelta = timedelta(days=35)
+    future_skew: timedelta = timedelta(minutes=5)
+    max_message_bytes: int = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """What intake needs of a consumed Kafka message."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp: datetime
+    key: bytes | None
+    value: bytes | None
+
+    def source(self) -> SourcePosition:
+        key = None
+        if self.key is not None:
+            try:
+                key = self.key.decode()
+            except UnicodeDecodeError:
+                key = None
+        return SourcePosition(topic=self.topic, partition=self.partition, offset=self.offset, timestamp=self.timestamp, key=key)
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptedRecord:
+    """A valid record with its dedup id and timestamp settled, and the metric that governs it."""
+
+    dedup_id: str
+    record: UsageRecord
+    timestamp: datetime
+    metric: MetricDefinition
+    offset: int
+
+
+def read_message(message: Message, catalog: MetricCatalog, rules: IntakeRules) -> tuple[list[AcceptedRecord], list[DeadLetter]]:
+    accepted: list[AcceptedRecord] = []
+    rejected: list[DeadLetter] = []
+    value = message.value or b""
+    if len(value) > rules.max_message_bytes:
+        return [], [_whole_message(message, RejectReason.TOO_LARGE, f"message of {len(value)} bytes exceeds {rules.max_message_bytes}")]
+    try:
+        document = jiter.from_json(value, float_mode="decimal", allow_inf_nan=False, cache_mode="keys")
+    except ValueError as error:
+        return [], [_whole_message(message, RejectReason.INVALID_JSON, f"not valid JSON: {error}")]
+    for index, raw in _records_of(document):
+        if raw is None:
+            rejected.append(_whole_message(message, RejectReason.INVALID_RECORD, _ENVELOPE_HINT))
+            continue
+        outcome = _read_record(message, index, raw, catalog, rules)
+        (accepted if isinstance(outcome, AcceptedRecord) else rejected).append(outcome)
+    return accepted, rejected
+
+
+_ENVELOPE_HINT = 'expected a UsageRecord object or {"records": [UsageRecord, ...]} with at least one record'
+
+
+def _records_of(document: Any) -> Iterator[tuple[int | None, Any]]:
+    """(index in batch or None, record) pairs; (None, None) when the envelope itself is wrong."""
+    if isinstance(document, dict) and "records" in document:
+        records = document["records"]
+        if not isinstance(records, list) or not records:
+            yield None, None
+            return
+        yield from enumerate(records)
+    elif isinstance(document, dict):
+        yield None, document
+    else:
+        yield None, None
+
+
+def _read_record(
+    message: Message, index: int | None, raw: Any, catalog: MetricCatalog, rules: IntakeRules
+) -> AcceptedRecord | DeadLetter:
+    try:
+        record = UsageRecord.model_validate(raw)
+    except ValidationError as error:
+        return _rejection(message, index, raw, RejectReason.INVALID_RECORD, _summary(error), _field_errors(error))
+    timestamp = record.timestamp or message.timestamp
+    if timestamp < message.timestamp - rules.allowed_lateness:
+        return _rejection(message, index, raw, RejectReason.TOO_LATE,
+                          f"timestamp {timestamp.isoformat()} is more than {rules.allowed_lateness} before the message time")
+    if timestamp > message.timestamp + rules.future_skew:
+        return _rejection(message, index, raw, RejectReason.FUTURE_TIMESTAMP,
+                          f"timestamp {timestamp.isoformat()} is more than {rules.future_skew} after the message time")
+    metric = catalog.resolve(record.metric_key, record_org(record.subject_type, record.subject_id, record.metadata))
+    if metric is None:
+        return _rejection(message, index, raw, RejectReason.UNKNOWN_METRIC,
+                          f"no metric definition with key {record.metric_key!r} for this record's org or globally")
+    position = f"{message.topic}/{message.partition}/{message.offset}" + ("" if index is None else f"/{index}")
+    dedup_id = record.id if record.id is not None else f"@{position}"
+    return AcceptedRecord(dedup_id, record, timestamp, metric, message.offset)
+
+
+def _summary(error: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'record'}: {e['msg']}" for e in error.errors())
+
+
+def _field_errors(error: ValidationError) -> list[FieldError]:
+    return [FieldError(loc=list(e["loc"]), msg=e["msg"], type=e["type"]) for e in error.errors(include_url=False)]
+
+
+def _rejection(
+    message: Message, index: int | None, raw: Any, reason: RejectReason, text: str, errors: list[FieldError] | None = None
+) -> DeadLetter:
+    whole = index is None
+    return DeadLetter(
+        reason=reason,
+        message=text,
+        errors=errors or [],
+        source=message.source(),
+        index=index,
+        record=_jsonable(raw),
+        original_value_base64=base64.b64encode(message.value or b"").decode() if whole else None,
+        occurred_at=message.timestamp,
+    )
+
+
+def _whole_message(message: Message, reason: RejectReason, text: str) -> DeadLetter:
+    return DeadLetter(
+        reason=reason,
+        message=text,
+        source=message.source(),
+        original_value_base64=base64.b64encode(message.value or b"").decode(),
+        occurred_at=message.timestamp,
+    )
+
+
+def _jsonable(value: Any) -> Any:
+    """Decimals parsed from the input go back out as strings, digit for digit."""
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "as_tuple"):
+        return str(value)
+    return value

@@ -1,0 +1,76 @@
+"""Writes rollups, records and metric definitions to ClickHouse; every write is idempotent.
+
+Rows are keyed by what they describe (a record's identity, a rollup's period, a definition's
+id) and rollups carry a version, so writing the same rows again after a replay leaves the
+tables as they were.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from datetime import datetime
+
+from clickhouse_connect.driver.client import Client
+
+from metering_pipeline.usage.rollups import CountedRecord, RollupChange
+from metering_schemas import MetricDefinition
+
+_RECORD_COLUMNS = ["subject_type", "subject_id", "metric_key", "id", "timestamp", "quantity", "metadata", "metric_id"]
+_ROLLUP_COLUMNS = [
+    "metric_key", "subject_type", "subject_id", "period_type", "period_start", "period_end", "aggregation_type",
+    "total_quantity", "record_count", "sum_quantity", "min_quantity", "max_quantity", "version",
+]
+_DEFINITION_COLUMNS = [
+    "id", "key", "name", "description", "unit", "aggregation_type", "reset_period", "org_id", "deleted", "version",
+]
+
+
+def _naive_utc(at: datetime) -> datetime:
+    return at.replace(tzinfo=None)
+
+
+class ClickHouseSink:
+    """Thin adapter: blocking clickhouse-connect calls run in a thread so the event loop keeps consuming."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self._lock = asyncio.Lock()  # one client, one request at a time
+
+    async def _insert(self, table: str, rows: list[list[object]], columns: list[str]) -> None:
+        async with self._lock:
+            await asyncio.to_thread(self.client.insert, table, rows, column_names=columns)
+
+    async def write_records(self, records: Sequence[CountedRecord]) -> None:
+        if not records:
+            return
+        rows = [
+            [r.identity[0], r.identity[1], r.metric_key, r.identity[2], r.timestamp, r.quantity, r.metadata_json, r.metric_id]
+            for r in records
+        ]
+        await self._insert("usage_records", rows, _RECORD_COLUMNS)
+
+    async def write_rollups(self, changes: Sequence[RollupChange]) -> None:
+        if not changes:
+            return
+        rows = []
+        for change in changes:
+            metric_key, subject_type, subject_id, period, start = change.key
+            aggregate = change.rollup.aggregate
+            rows.append([
+                metric_key, subject_type, subject_id, period.value, _naive_utc(start), _naive_utc(change.period_end),
+                change.rollup.aggregation.value, change.rollup.total(), aggregate.count, aggregate.sum,
+                aggregate.min, aggregate.max, change.rollup.version,
+            ])
+        await self._insert("usage_rollups", rows, _ROLLUP_COLUMNS)
+
+    async def write_definition(self, definition: MetricDefinition | None, definition_id: str, version: int) -> None:
+        """Mirror one `metering.metrics` entry; `None` (a tombstone) marks the definition deleted."""
+        if definition is None:
+            row = [definition_id, "", "", "", "", "", "", None, 1, version]
+        else:
+            row = [
+                definition.id, definition.key, definition.name, definition.description, definition.unit,
+                definition.aggregation_type.value, definition.reset_period.value, definition.org_id, 0, version,
+            ]
+        await self._insert("metric_definitions", [row], _DEFINITION_COLUMNS)

@@ -1,0 +1,1 @@
+"""The stream worker: route usage by subject, roll it up exactly once, sink it to ClickHouse."""

@@ -1,0 +1,136 @@
+"""`metering worker`: the Faust app that hosts the pipeline's stages and its web endpoint.
+
+Faust runs the process (signals, logging, the web server with /health and /metrics); the
+stages use aiokafka consumers of their own so that they read, checkpoint and commit in
+batches: Faust's per-message path is what bounds a plain agent (see shared notes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import faust
+from aiokafka import AIOKafkaProducer
+from mode import Service
+
+from metering_pipeline.logs import get_logger
+from metering_pipeline.settings import Settings
+from metering_pipeline.topics import Topics, ensure_topics, internal_topics, public_topics
+from metering_pipeline.usage.metrics import MetricCatalog
+from metering_pipeline.warehouse.client import connect
+from metering_pipeline.warehouse.migrations import migrate
+from metering_pipeline.warehouse.sink import ClickHouseSink
+from metering_pipeline.worker.metric_feed import DefinitionAnnouncer, MetricFeed
+from metering_pipeline.worker.rollup_stage import RollupStage
+from metering_pipeline.worker.router_stage import RouterStage
+from metering_pipeline.worker.stats import WorkerStats
+
+log = get_logger(__name__)
+
+
+class Pipeline:
+    """The stages of one worker process, started and stopped together."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.stats = WorkerStats()
+        self.catalog = MetricCatalog()
+        self.stopping = asyncio.Event()
+        self.started = asyncio.Event()
+        self.tasks: list[asyncio.Task[None]] = []
+        self.healthy = False
+
+    async def start(self) -> None:
+        self.sink = ClickHouseSink(connect(self.settings))
+        self.events_producer = AIOKafkaProducer(**self.settings.kafka_client_options(), acks="all")
+        await self.events_producer.start()
+        self.announcer = DefinitionAnnouncer(self.sink, self.events_producer, Topics.of(self.settings).events)
+        feed = MetricFeed(self.settings, self.catalog)
+        self.tasks = [
+            asyncio.create_task(self._guard("metric-feed", feed.run(self.stopping))),
+            asyncio.create_task(self._guard("rollups", RollupStage(self.settings, self.sink, self.stats).run(self.stopping))),
+        ]
+        await feed.ready.wait()
+        self.tasks.append(asyncio.create_task(self._guard("router", RouterStage(self.settings, self.catalog, self.stats).run(self.stopping))))
+        self.healthy = True
+        self.started.set()
+        log.info("worker started", guarantee=self.settings.processing_guarantee)
+
+    async def stop(self) -> None:
+        self.stopping.set()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.events_producer.stop()
+
+    async def _guard(self, name: str, work) -> None:
+        """A stage that fails takes the process down: a supervisor restarts it and it resumes from its last commit."""
+        try:
+            await work
+        except Exception:
+            log.exception("stage failed; stopping the worker", stage=name)
+            self.healthy = False
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise
+
+
+def prepare(settings: Settings) -> None:
+    """Before the worker joins its groups: the warehouse schema and every topic it reads or writes exist."""
+    migrate(settings)
+    asyncio.run(ensure_topics(settings, public_topics(settings) + internal_topics(settings)))
+
+
+def create_app(settings: Settings, web_port: int) -> faust.App:
+    app = faust.App(
+        f"{settings.topic_prefix}{settings.consumer_group_prefix}-worker",
+        broker=f"kafka://{settings.kafka_bootstrap}",
+        broker_credentials=_faust_credentials(settings),
+        store="memory://",
+        web_enabled=True,
+        web_port=web_port,
+        web_bind="0.0.0.0",
+        topic_disable_leader=True,
+    )
+    pipeline = Pipeline(settings)
+    definitions = app.topic(Topics.of(settings).metrics, key_serializer="raw", value_serializer="raw")
+
+    @app.agent(definitions)
+    async def announce_definitions(stream):
+        await pipeline.started.wait()
+        async for event in stream.events():
+            await pipeline.announcer.announce(event.message.key, event.message.value, event.message.offset)
+
+    @app.service
+    class PipelineService(Service):
+        async def on_start(self) -> None:
+            await pipeline.start()
+
+        async def on_stop(self) -> None:
+            await pipeline.stop()
+
+    @app.page("/health")
+    async def health(web, request):
+        return web.json({"healthy": pipeline.healthy}, status=200 if pipeline.healthy else 503)
+
+    @app.page("/metrics")
+    async def metrics(web, request):
+        return web.text(pipeline.stats.prometheus(), content_type="text/plain; version=0.0.4")
+
+    app.pipeline = pipeline  # type: ignore[attr-defined]
+    return app
+
+
+def _faust_credentials(settings: Settings):
+    if settings.kafka_sasl_mechanism is None and settings.kafka_security_protocol == "PLAINTEXT":
+        return None
+    options = settings.kafka_client_options()
+    ssl_context = options.get("ssl_context")
+    if settings.kafka_sasl_mechanism is not None:
+        return faust.SASLCredentials(
+            username=settings.kafka_sasl_username,
+            password=settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else None,
+            mechanism=settings.kafka_sasl_mechanism,
+            ssl_context=ssl_context,
+        )
+    return faust.SSLCredentials(ssl_context)

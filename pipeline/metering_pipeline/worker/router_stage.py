@@ -1,0 +1,96 @@
+"""The router stage: read `usage.recorded`, admit or dead-letter each record, route by subject.
+
+Stateless and at-least-once: offsets are committed after the routed batches and dead
+letters are acknowledged. A replay re-sends records with the same identities (a record's
+id, or its deterministic source position), which the rollup stage de-duplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from datetime import datetime, timezone
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from metering_pipeline.logs import get_logger
+from metering_pipeline.settings import Settings
+from metering_pipeline.topics import Topics
+from metering_pipeline.usage.intake import AcceptedRecord, IntakeRules, Message, read_message
+from metering_pipeline.usage.metrics import MetricCatalog
+from metering_pipeline.worker import routing
+from metering_pipeline.worker.stats import WorkerStats
+
+log = get_logger(__name__)
+
+# Records per routed message: large enough to amortise Kafka's per-message cost, small
+# enough to stay far below the broker's message size limit.
+ROUTED_BATCH = 2_000
+
+
+class RouterStage:
+    def __init__(self, settings: Settings, catalog: MetricCatalog, stats: WorkerStats) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.stats = stats
+        self.rules = IntakeRules(settings.allowed_lateness, settings.future_skew)
+        self.topics = Topics.of(settings)
+        self.consumer = AIOKafkaConsumer(
+            self.topics.usage_recorded,
+            **settings.kafka_client_options(),
+            group_id=f"{settings.consumer_group_prefix}-router",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=settings.max_poll_records,
+        )
+        self.producer = AIOKafkaProducer(
+            **settings.kafka_client_options(),
+            acks="all",
+            linger_ms=5,
+            max_batch_size=1024 * 1024,
+            enable_idempotence=settings.processing_guarantee == "exactly_once",
+        )
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        await self.producer.start()
+        await self.consumer.start()
+        try:
+            partitions = await self._routed_partitions()
+            while not stopping.is_set():
+                batches = await self.consumer.getmany(timeout_ms=100, max_records=self.settings.max_poll_records)
+                if batches:
+                    await self._route(batches, partitions)
+        finally:
+            await self.consumer.stop()
+            await self.producer.stop()
+
+    async def _routed_partitions(self) -> int:
+        partitions = await self.producer.partitions_for(self.topics.routed)
+        return len(partitions)
+
+    async def _route(self, batches: dict, partitions: int) -> None:
+        by_partition: dict[int, list[AcceptedRecord]] = defaultdict(list)
+        sends = []
+        offsets = {}
+        for tp, messages in batches.items():
+            for kafka_message in messages:
+                message = Message(
+                    tp.topic, tp.partition, kafka_message.offset,
+                    datetime.fromtimestamp(kafka_message.timestamp / 1000, tz=timezone.utc),
+                    kafka_message.key, kafka_message.value,
+                )
+                accepted, rejected = read_message(message, self.catalog, self.rules)
+                self.stats.records_in += len(accepted) + len(rejected)
+                self.stats.accepted += len(accepted)
+                for record in accepted:
+                    by_partition[routing.subject_partition(record.record.subject_type, record.record.subject_id, partitions)].append(record)
+                for dead_letter in rejected:
+                    self.stats.dead_letters[dead_letter.reason.value] += 1
+                    sends.append(await self.producer.send(self.topics.dead_letters, dead_letter.to_json(), key=kafka_message.key))
+            offsets[TopicPartition(tp.topic, tp.partition)] = messages[-1].offset + 1
+        for partition, records in by_partition.items():
+            for start in range(0, len(records), ROUTED_BATCH):
+                chunk = records[start:start + ROUTED_BATCH]
+                sends.append(await self.producer.send(self.topics.routed, routing.encode(chunk), partition=partition))
+        await asyncio.gather(*sends)
+        await self.consumer.commit(offsets)

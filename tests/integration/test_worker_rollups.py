@@ -1,0 +1,294 @@
+"""Real `metering worker` processes against Apache Kafka and the ClickHouse endpoint.
+
+Expected rollups are computed here, independently of the pipeline's code, from what the
+test published; ClickHouse must hold exactly those rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections import Counter, defaultdict
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from support import WorkerProcess
+
+from metering_pipeline.topics import Topics, ensure_topics, internal_topics, public_topics
+from metering_pipeline.warehouse.client import connect
+from metering_pipeline.warehouse.migrations import migrate
+
+PARTITIONS = 4
+
+
+@pytest.fixture
+def pipeline(apache_stack, unique_name, tmp_path):
+    """Settings and worker env isolated by topic prefix, group prefix and database."""
+    settings = apache_stack.settings(
+        topic_prefix=f"{unique_name}.",
+        consumer_group_prefix=unique_name,
+        clickhouse_database=unique_name,
+        usage_partitions=PARTITIONS,
+        flush_interval=0.5,
+    )
+    env = {
+        "METERING_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "METERING_CLICKHOUSE_URL": settings.clickhouse_url,
+        "METERING_TOPIC_PREFIX": settings.topic_prefix,
+        "METERING_CONSUMER_GROUP_PREFIX": settings.consumer_group_prefix,
+        "METERING_CLICKHOUSE_DATABASE": settings.clickhouse_database,
+        "METERING_USAGE_PARTITIONS": str(PARTITIONS),
+        "METERING_FLUSH_INTERVAL": "0.5",
+    }
+    migrate(settings)
+    asyncio.run(ensure_topics(settings, public_topics(settings) + internal_topics(settings)))
+    workers: list[WorkerProcess] = []
+
+    def new_worker() -> WorkerProcess:
+        worker = WorkerProcess(env, tmp_path / f"worker-{len(workers)}.log")
+        workers.append(worker)
+        return worker
+
+    yield settings, new_worker
+    for worker in workers:
+        worker.stop()
+    with connect(settings, database="default") as admin:
+        admin.command(f"DROP DATABASE IF EXISTS {unique_name}")
+
+
+def metric(metric_id: str, aggregation: str, org_id: str | None = None, key: str | None = None) -> dict:
+    return {"id": metric_id, "key": key or metric_id, "name": metric_id, "aggregationType": aggregation,
+            "resetPeriod": "MONTHLY", "orgId": org_id}
+
+
+async def publish(settings, messages: list[tuple[bytes | None, bytes, int | None]], topic: str | None = None) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=5)
+    await producer.start()
+    try:
+        sends = [await producer.send(topic or Topics.of(settings).usage_recorded, value, key=key, partition=partition)
+                 for key, value, partition in messages]
+        await asyncio.gather(*sends)
+    finally:
+        await producer.stop()
+
+
+async def define(settings, *definitions: dict) -> None:
+    await publish(settings, [(d["id"].encode(), orjson.dumps(d), None) for d in definitions], Topics.of(settings).metrics)
+
+
+def expected_rollups(records: list[dict], aggregation_of) -> dict[tuple, tuple[Decimal, int]]:
+    """(metric, subject_type, subject_id, period, start) -> (total, count), computed from first principles."""
+    values: dict[tuple, list[Decimal]] = defaultdict(list)
+    for r in records:
+        at = r["at"]
+        starts = {
+            "HOURLY": at.replace(minute=0, second=0, microsecond=0),
+            "DAILY": at.replace(hour=0, minute=0, second=0, microsecond=0),
+            "MONTHLY": at.replace(day=1, hour=0, minute=0, second=0, microsecond=0),
+        }
+        for period, start in starts.items():
+            values[(r["metricKey"], r["subjectType"], r["subjectId"], period, start.replace(tzinfo=None))].append(Decimal(r["quantity"]))
+    result = {}
+    for key, quantities in values.items():
+        aggregation = aggregation_of(key[0], key[2])
+        total = {
+            "COUNT": Decimal(len(quantities)),
+            "SUM": sum(quantities, Decimal(0)),
+            "MAX": max(quantities),
+            "MIN": min(quantities),
+            "AVG": (sum(quantities, Decimal(0)) / len(quantities)).quantize(Decimal("1e-18")),
+        }[aggregation]
+        result[key] = (total, len(quantities))
+    return result
+
+
+def summary(settings) -> dict[tuple, tuple[Decimal, int]]:
+    with connect(settings) as client:
+        rows = client.query(
+            "SELECT metric_key, subject_type, subject_id, period_type, period_start, total_quantity, record_count FROM usage_summary"
+        ).result_rows
+    return {tuple(row[:5]): (Decimal(row[5]), row[6]) for row in rows}
+
+
+def wait_for_summary(settings, expected, timeout: float = 90) -> dict:
+    deadline = time.monotonic() + timeout
+    actual: dict = {}
+    while time.monotonic() < deadline:
+        actual = summary(settings)
+        if actual == expected:
+            return actual
+        time.sleep(0.5)
+    missing = {k: v for k, v in expected.items() if actual.get(k) != v}
+    extra = {k: v for k, v in actual.items() if k not in expected}
+    raise AssertionError(f"usage_summary differs: {len(missing)} wrong/missing e.g. {list(missing.items())[:3]}, "
+                         f"actual {[actual.get(k) for k in list(missing)[:3]]}; {len(extra)} extra e.g. {list(extra.items())[:3]}")
+
+
+async def dead_letters(settings, count: int, timeout: float = 60) -> list[dict]:
+    consumer = AIOKafkaConsumer(Topics.of(settings).dead_letters, bootstrap_servers=settings.kafka_bootstrap,
+                                auto_offset_reset="earliest")
+    await consumer.start()
+    found: list[dict] = []
+    try:
+        async with asyncio.timeout(timeout):
+            while len(found) < count:
+                for messages in (await consumer.getmany(timeout_ms=500)).values():
+                    found.extend(json.loads(m.value) for m in messages)
+        await asyncio.sleep(1)  # anything beyond `count` would be a bug: give it a moment to show up
+        for messages in (await consumer.getmany(timeout_ms=500)).values():
+            found.extend(json.loads(m.value) for m in messages)
+    finally:
+        await consumer.stop()
+    return found
+
+
+def usage_record(rng: random.Random, now: datetime, n: int, metrics: list[str], **overrides) -> dict:
+    at = now - timedelta(seconds=rng.randint(0, 3 * 86_400))
+    record = {
+        "id": f"evt-{n}",
+        "metricKey": rng.choice(metrics),
+        "subjectType": "org",
+        "subjectId": f"org-{rng.randint(1, 6)}",
+        "quantity": str(Decimal(rng.randint(1, 10_000)) / 1000),
+        "timestamp": at.isoformat(),
+        "at": at.replace(microsecond=at.microsecond // 1000 * 1000),
+    }
+    record.update(overrides)
+    return record
+
+
+def wire(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k != "at"}
+
+
+async def test_worker_rolls_up_exactly_with_dedup_batches_late_records_org_overrides_and_dlq(pipeline):
+    settings, new_worker = pipeline
+    await define(settings, metric("calls", "COUNT"), metric("tokens", "SUM"), metric("peak", "MAX"),
+                 metric("floor", "MIN"), metric("mean", "AVG"), metric("org-6:tokens", "MAX", org_id="org-6", key="tokens"))
+    aggregation = {"calls": "COUNT", "tokens": "SUM", "peak": "MAX", "floor": "MIN", "mean": "AVG"}
+    worker = new_worker().start()
+    worker.wait_healthy()
+
+    rng = random.Random(3)
+    now = datetime.now(timezone.utc)
+    records = [usage_record(rng, now, n, sorted(aggregation)) for n in range(400)]
+    # Exactness: quantities with 18 decimals, given as JSON numbers, never pass through a float.
+    records += [usage_record(rng, now, 400 + n, ["tokens"], quantity="0.100000000000000001") for n in range(5)]
+    messages: list[tuple[bytes | None, bytes, int | None]] = []
+    for r in records:
+        key = rng.choice([None, f"{r['subjectType']}:{r['subjectId']}".encode(), b"whatever"])
+        value = orjson.dumps(wire(r)).replace(b'"0.100000000000000001"', b"0.100000000000000001")
+        messages.append((key, value, rng.randrange(PARTITIONS)))
+    # Retries of 60 records on other partitions, with other keys: not counted again.
+    for r in rng.sample(records, 60):
+        messages.append((None, orjson.dumps(wire(r)), rng.randrange(PARTITIONS)))
+    # A batch message: 30 good records and one bad one.
+    batch = [usage_record(rng, now, 1000 + n, ["calls", "tokens"]) for n in range(30)]
+    bad_element = {"metricKey": "calls", "subjectType": "org", "quantity": "NaN"}
+    messages.append((None, orjson.dumps({"records": [*map(wire, batch[:10]), bad_element, *map(wire, batch[10:])]}), 0))
+    records += batch
+    # Records without ids count once per message, even with identical content.
+    no_id = [usage_record(rng, now, 0, ["calls"]) for _ in range(8)]
+    for r in no_id:
+        del r["id"]
+        messages.append((None, orjson.dumps(wire(r)), rng.randrange(PARTITIONS)))
+    records += no_id
+    # A late record inside the allowed lateness lands in its own (old) periods.
+    late = usage_record(rng, now, 2000, ["tokens"], timestamp=(now - timedelta(days=20)).isoformat(), at=(now - timedelta(days=20)).replace(microsecond=(now - timedelta(days=20)).microsecond // 1000 * 1000))
+    messages.append((None, orjson.dumps(wire(late)), 1))
+    records.append(late)
+    # The org-scoped definition overrides the global one for org-6's tokens (MAX instead of SUM).
+    rejected = {
+        "too_late": usage_record(rng, now, 3000, ["tokens"], timestamp=(now - timedelta(days=40)).isoformat()),
+        "future_timestamp": usage_record(rng, now, 3001, ["tokens"], timestamp=(now + timedelta(hours=1)).isoformat()),
+        "unknown_metric": usage_record(rng, now, 3002, ["no_such_metric"]),
+    }
+    for r in rejected.values():
+        messages.append((None, orjson.dumps(wire(r)), 2))
+    messages.append((b"k", b"{not json", 3))
+    await publish(settings, messages)
+
+    def aggregation_of(metric_key: str, subject_id: str) -> str:
+        return "MAX" if (metric_key, subject_id) == ("tokens", "org-6") else aggregation[metric_key]
+
+    expected = expected_rollups(records, aggregation_of)
+    await asyncio.to_thread(wait_for_summary, settings, expected)
+
+    letters = await dead_letters(settings, 5)
+    assert Counter(d["reason"] for d in letters) == Counter(
+        {"too_late": 1, "future_timestamp": 1, "unknown_metric": 1, "invalid_json": 1, "invalid_record": 1}
+    )
+    bad = next(d for d in letters if d["reason"] == "invalid_record")
+    assert bad["index"] == 10 and {tuple(e["loc"]) for e in bad["errors"]} >= {("subjectId",), ("quantity",)}
+    assert next(d for d in letters if d["reason"] == "invalid_json")["source"]["partition"] == 3
+
+    with connect(settings) as client:
+        stored = client.query("SELECT count() FROM usage_records FINAL").result_rows[0][0]
+    assert stored == len(records)
+    metrics = worker.metrics()
+    assert f"metering_records_duplicate_total 60" in metrics
+
+
+async def test_sigkilled_and_restarted_workers_in_one_group_neither_lose_nor_double_count(pipeline):
+    settings, new_worker = pipeline
+    await define(settings, metric("calls", "COUNT"), metric("tokens", "SUM"))
+    first, second = new_worker().start(), new_worker().start()
+    first.wait_healthy()
+    second.wait_healthy()
+
+    rng = random.Random(11)
+    now = datetime.now(timezone.utc)
+    records = [usage_record(rng, now, n, ["calls", "tokens"]) for n in range(12_000)]
+    chunks = [records[i:i + 1_000] for i in range(0, len(records), 1_000)]
+
+    async def produce() -> None:
+        for chunk in chunks:
+            await publish(settings, [(None, orjson.dumps(wire(r)), rng.randrange(PARTITIONS)) for r in chunk])
+            await asyncio.sleep(0.4)
+
+    producing = asyncio.create_task(produce())
+    # Crash each worker mid-stream, at different moments, and bring it back.
+    await asyncio.sleep(1.5)
+    first.kill()
+    await asyncio.sleep(1.0)
+    first = new_worker().start()
+    await asyncio.sleep(1.5)
+    second.kill()
+    await asyncio.sleep(0.5)
+    second = new_worker().start()
+    await producing
+    # Producer retries after a crash are re-sends of the same records: they must not count.
+    await publish(settings, [(None, orjson.dumps(wire(r)), rng.randrange(PARTITIONS)) for r in rng.sample(records, 500)])
+
+    expected = expected_rollups(records, lambda metric_key, _: {"calls": "COUNT", "tokens": "SUM"}[metric_key])
+    await asyncio.to_thread(wait_for_summary, settings, expected, 180)
+    with connect(settings) as client:
+        assert client.query("SELECT count() FROM usage_records FINAL").result_rows[0][0] == len(records)
+
+
+async def test_dedup_state_survives_a_worker_restart(pipeline):
+    settings, new_worker = pipeline
+    await define(settings, metric("calls", "COUNT"))
+    worker = new_worker().start()
+    worker.wait_healthy()
+    rng = random.Random(5)
+    now = datetime.now(timezone.utc)
+    records = [usage_record(rng, now, n, ["calls"]) for n in range(200)]
+    await publish(settings, [(None, orjson.dumps(wire(r)), rng.randrange(PARTITIONS)) for r in records])
+    expected = expected_rollups(records, lambda *_: "COUNT")
+    await asyncio.to_thread(wait_for_summary, settings, expected)
+    worker.stop()
+
+    restarted = new_worker().start()
+    restarted.wait_healthy()
+    # The same 200 records again, after the restart: the restored dedup window drops all of them.
+    await publish(settings, [(None, orjson.dumps(wire(r)), rng.randrange(PARTITIONS)) for r in records])
+    marker = usage_record(rng, now, 10_000, ["calls"])
+    await publish(settings, [(None, orjson.dumps(wire(marker)), 0)])
+    await asyncio.to_thread(wait_for_summary, settings, expected_rollups([*records, marker], lambda *_: "COUNT"))
+    assert "metering_records_duplicate_total 200" in restarted.metrics()

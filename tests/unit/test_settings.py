@@ -53,3 +53,14 @@ def test_tables_align_columns_under_a_rule():
         "1",
         "xyz  2",
     ]
+
+
+def test_decimals_print_with_every_significant_digit_and_no_exponent():
+    from decimal import Decimal
+
+    from metering_pipeline.tables import decimal_text
+
+    assert decimal_text(Decimal("1.25E+1")) == "12.5"
+    assert decimal_text(Decimal("12.500000000000000000")) == "12.5"
+    assert decimal_text(Decimal("100")) == "100"
+    assert decimal_text(Decimal("0.000000000000000001")) == "0.000000000000000001"

@@ -8,6 +8,7 @@ import click
 
 from metering_pipeline import logs, tables
 from metering_pipeline.cli.stack import stack, stack_up
+from metering_pipeline.cli.summary import summary
 from metering_pipeline.cli.worker import worker
 from metering_pipeline.settings import Settings
 
@@ -23,6 +24,7 @@ def main(ctx: click.Context, log_level: str) -> None:
 
 main.add_command(stack)
 main.add_command(worker)
+main.add_command(summary)
 
 
 @main.command()
@@ -49,16 +51,34 @@ def create_topics(settings: Settings) -> None:
 
 
 @main.command()
-@click.option("--records", type=int, default=1000, show_default=True, help="Sample usage records to publish.")
+@click.option("--records", type=int, default=20_000, show_default=True, help="Synthetic usage records to publish.")
 @click.pass_context
 def demo(ctx: click.Context, records: int) -> None:
-    """Bring the local stack up, migrate ClickHouse and publish sample usage to usage.recorded."""
-    from metering_pipeline.demo import publish, sample_records
+    """Stack up, define metrics, run a worker, publish synthetic usage, print the rollups from ClickHouse."""
+    import time
+
+    from metering_pipeline import demo as run
+    from metering_pipeline.stack.local import LocalStack
+    from metering_pipeline.worker.app import prepare
 
     settings: Settings = ctx.obj
     ctx.invoke(stack_up)
-    ctx.invoke(migrate)
-    ctx.invoke(create_topics)
-    published = asyncio.run(publish(settings.kafka_client_options(), sample_records(records)))
-    rows = [(metric, subject, count) for (metric, subject), count in sorted(published.items())]
-    click.echo(tables.render(["metric", "subject", "records published"], rows))
+    state = LocalStack(settings.stack_dir).state()
+    prepare(settings)
+    asyncio.run(run.define_metrics(settings, run.DEMO_METRICS))
+    click.echo(f"defined metrics: {', '.join(m.key for m in run.DEMO_METRICS)}; starting a worker...")
+    worker = run.start_worker(settings, settings.stack_dir / "logs" / "demo-worker.log", state is not None and state.broker == "tansu")
+    try:
+        seed = int(time.time())
+        sample = run.sample_records(records, seed)
+        with click.progressbar(length=len(sample), label="publishing usage.recorded") as bar:
+            asyncio.run(run.publish(settings, sample, bar.update))
+        counted = run.wait_until_counted(settings, seed, len(sample))
+        click.echo(f"{counted} of {len(sample)} records rolled up; this month's rollups in ClickHouse (usage_summary):")
+        rows = [(metric, subject, tables.decimal_text(total), count) for metric, subject, total, count in run.monthly_rollups(settings)]
+        click.echo(tables.render(["metric", "subject", "total", "records"], rows))
+        click.echo("Query it yourself: metering summary --metric llm_tokens --subject org:org-1 --period HOURLY")
+    except KeyboardInterrupt:
+        click.echo("interrupted; stopping the worker")
+    finally:
+        worker.stop()

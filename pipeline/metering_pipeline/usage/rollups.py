@@ -112,9 +112,9 @@ class PartitionRollups:
             self.rollups[key] = rollup
         self.dedup.remember(identities)
 
-    def evict_before(self, horizon: datetime) -> int:
-        """Drop rollups whose period ended before `horizon` (past the allowed lateness): they can no longer change."""
+    def evict_before(self, horizon: datetime) -> list[RollupKey]:
+        """Drop rollups whose period ended before `horizon` (past the allowed lateness): no record can change them now."""
         stale = [key for key in self.rollups if period_end(key[3], key[4]) < horizon and key not in self._changed]
         for key in stale:
             del self.rollups[key]
-        return len(stale)
+        return stale

@@ -19,7 +19,7 @@ import asyncio
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -27,12 +27,14 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from metering_pipeline.logs import get_logger
 from metering_pipeline.settings import Settings
 from metering_pipeline.topics import Topics
-from metering_pipeline.usage.rollups import Checkpoint, PartitionRollups, RollupChange
+from metering_pipeline.usage.rollups import Checkpoint, PartitionRollups, RollupChange, RollupKey
 from metering_pipeline.warehouse.sink import ClickHouseSink
 from metering_pipeline.worker import changelog, routing
 from metering_pipeline.worker.stats import WorkerStats
 
 log = get_logger(__name__)
+
+EVICTION_INTERVAL = 60.0  # seconds
 
 
 @dataclass
@@ -41,8 +43,9 @@ class OwnedPartition:
     state: PartitionRollups
     producer: AIOKafkaProducer
     next_offset: int | None = None
-    unsunk: dict = field(default_factory=dict)  # rollup key -> change, committed but not yet in ClickHouse
+    unsunk: dict[RollupKey, RollupChange] = field(default_factory=dict)  # committed, not yet in ClickHouse
     identity_entries: dict[bytes, datetime] = field(default_factory=dict)
+    last_eviction: float = 0.0
 
 
 class RollupStage:
@@ -97,6 +100,9 @@ class RollupStage:
             self.stats.counted += counted
             self.stats.duplicates += duplicates
             owned.next_offset = message.offset + 1
+        highwater = self.consumer.highwater(TopicPartition(self.topic, partition))
+        if highwater is not None and owned.next_offset is not None:
+            self.stats.lag[f"rollups/{partition}"] = highwater - owned.next_offset
 
     async def _checkpoint_all(self) -> None:
         for owned in list(self.owned.values()):
@@ -106,6 +112,7 @@ class RollupStage:
         started = time.monotonic()
         checkpoint = owned.state.checkpoint()
         expired = self._expired_identity_entries(owned)
+        expired += self._evicted_rollup_entries(owned)
         if owned.next_offset is not None and (not checkpoint.is_empty() or expired):
             await self.sink.write_records(checkpoint.records)
             await self._commit(owned, checkpoint, expired)
@@ -117,6 +124,14 @@ class RollupStage:
             owned.unsunk.clear()
             self.stats.flushes += 1
             self.stats.flush_seconds.append(time.monotonic() - started)
+
+    def _evicted_rollup_entries(self, owned: OwnedPartition) -> list[bytes]:
+        """Once a minute: rollups past the allowed lateness leave memory and the changelog (they can no longer change)."""
+        if time.monotonic() - owned.last_eviction < EVICTION_INTERVAL:
+            return []
+        owned.last_eviction = time.monotonic()
+        horizon = datetime.now(timezone.utc) - self.settings.allowed_lateness - timedelta(hours=1)
+        return [changelog.rollup_tombstone(key) for key in owned.state.evict_before(horizon) if key not in owned.unsunk]
 
     def _expired_identity_entries(self, owned: OwnedPartition) -> list[bytes]:
         horizon = datetime.now(timezone.utc) - self.settings.dedup_window

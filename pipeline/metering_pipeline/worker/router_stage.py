@@ -88,6 +88,9 @@ class RouterStage:
                     self.stats.dead_letters[dead_letter.reason.value] += 1
                     sends.append(await self.producer.send(self.topics.dead_letters, dead_letter.to_json(), key=kafka_message.key))
             offsets[TopicPartition(tp.topic, tp.partition)] = messages[-1].offset + 1
+            highwater = self.consumer.highwater(tp)
+            if highwater is not None:
+                self.stats.lag[f"router/{tp.partition}"] = highwater - messages[-1].offset - 1
         for partition, records in by_partition.items():
             for start in range(0, len(records), ROUTED_BATCH):
                 chunk = records[start:start + ROUTED_BATCH]

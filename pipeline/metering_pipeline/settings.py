@@ -59,6 +59,7 @@ class Settings(BaseSettings):
     clickhouse_user: str = "default"
     clickhouse_password: SecretStr = SecretStr("")
     clickhouse_database: str = "metering"
+    clickhouse_cluster: str | None = Field(default=None, description="Run migrations ON CLUSTER with Replicated engines")
     clickhouse_verify_tls: bool = True
     clickhouse_ca_cert: Path | None = None
 

@@ -33,3 +33,26 @@ def test_duplicate_versions_are_refused(tmp_path):
     (tmp_path / "0001_b.sql").write_text("SELECT 1;")
     with pytest.raises(ValueError, match="duplicate"):
         load(tmp_path)
+
+
+def test_cluster_placeholders_render_on_cluster_and_replicated_engines():
+    from metering_pipeline.warehouse.migrations import render
+
+    statement = "CREATE TABLE t {on_cluster} (x UInt8) ENGINE = {replicated}ReplacingMergeTree ORDER BY x"
+    assert render(statement, None) == "CREATE TABLE t  (x UInt8) ENGINE = ReplacingMergeTree ORDER BY x"
+    assert render(statement, "metering_cluster") == (
+        "CREATE TABLE t ON CLUSTER `metering_cluster` (x UInt8) ENGINE = ReplicatedReplacingMergeTree ORDER BY x"
+    )
+    with pytest.raises(ValueError):
+        render(statement, "bad name; DROP")
+
+
+def test_shipped_migrations_use_the_cluster_placeholders_for_every_table():
+    from metering_pipeline.resources import clickhouse_migrations_dir
+
+    for migration in load(clickhouse_migrations_dir()):
+        for statement in migration.statements:
+            if statement.startswith("CREATE"):
+                assert "{on_cluster}" in statement, statement
+            if "MergeTree" in statement:
+                assert "{replicated}" in statement, statement

@@ -2,6 +2,8 @@
 
 Migration files (`NNNN_description.sql`) use unqualified table names: they run with the
 client bound to the product's database, so one set of files serves any database name.
+On a ClickHouse cluster (`METERING_CLICKHOUSE_CLUSTER`), `{on_cluster}` becomes
+`ON CLUSTER <name>` and `{replicated}` turns MergeTree engines into their Replicated forms.
 """
 
 from __future__ import annotations
@@ -19,13 +21,13 @@ from metering_pipeline.warehouse.client import connect, quote_identifier
 _FILE_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 _LEDGER_DDL = """
-CREATE TABLE IF NOT EXISTS schema_migrations
+CREATE TABLE IF NOT EXISTS schema_migrations {on_cluster}
 (
     version UInt32,
     name String,
     applied_at DateTime64(3, 'UTC') DEFAULT now64(3)
 )
-ENGINE = ReplacingMergeTree
+ENGINE = {replicated}ReplacingMergeTree
 ORDER BY version
 """
 
@@ -57,23 +59,30 @@ def split_statements(sql: str) -> tuple[str, ...]:
     return tuple(chunk.strip() for chunk in chunks if chunk.strip())
 
 
+def render(statement: str, cluster: str | None) -> str:
+    """Fill the cluster placeholders; the cluster name comes from settings and must be a plain identifier."""
+    on_cluster = f"ON CLUSTER {quote_identifier(cluster)}" if cluster else ""
+    return statement.replace("{on_cluster}", on_cluster).replace("{replicated}", "Replicated" if cluster else "")
+
+
 def applied_versions(client: Client) -> set[int]:
     return {row[0] for row in client.query("SELECT DISTINCT version FROM schema_migrations").result_rows}
 
 
 def migrate(settings: Settings, directory: Path | None = None) -> list[Migration]:
     """Create the database if needed and apply pending migrations; returns those applied."""
+    cluster = settings.clickhouse_cluster
     with connect(settings, database="default") as admin:
-        admin.command(f"CREATE DATABASE IF NOT EXISTS {quote_identifier(settings.clickhouse_database)}")
+        admin.command(render(f"CREATE DATABASE IF NOT EXISTS {quote_identifier(settings.clickhouse_database)} {{on_cluster}}", cluster))
     applied: list[Migration] = []
     with connect(settings) as client:
-        client.command(_LEDGER_DDL)
+        client.command(render(_LEDGER_DDL, cluster))
         done = applied_versions(client)
         for migration in load(directory or clickhouse_migrations_dir()):
             if migration.version in done:
                 continue
             for statement in migration.statements:
-                client.command(statement)
+                client.command(render(statement, cluster))
             client.insert("schema_migrations", [[migration.version, migration.name]], column_names=["version", "name"])
             applied.append(migration)
     return applied

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from metering_pipeline.topics import Topics
 from metering_pipeline.worker.process import WorkerProcess, free_port
 
-__all__ = ["WorkerProcess", "create_topics", "free_port"]
+__all__ = ["PARTITIONS", "WorkerProcess", "create_topics", "define", "free_port", "metric", "publish", "read_json"]
+
+PARTITIONS = 4  # of the usage topics in worker tests: enough to spread over two workers
 
 
 async def create_topics(bootstrap: str, names: list[str], partitions: int = 3) -> None:
@@ -16,3 +24,42 @@ async def create_topics(bootstrap: str, names: list[str], partitions: int = 3) -
         await admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1) for name in names])
     finally:
         await admin.close()
+
+
+def metric(metric_id: str, aggregation: str, org_id: str | None = None, key: str | None = None) -> dict:
+    return {"id": metric_id, "key": key or metric_id, "name": metric_id, "aggregationType": aggregation,
+            "resetPeriod": "MONTHLY", "orgId": org_id}
+
+
+async def publish(settings, messages: list[tuple[bytes | None, bytes, int | None]], topic: str | None = None) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=5)
+    await producer.start()
+    try:
+        sends = [await producer.send(topic or Topics.of(settings).usage_recorded, value, key=key, partition=partition)
+                 for key, value, partition in messages]
+        await asyncio.gather(*sends)
+    finally:
+        await producer.stop()
+
+
+async def define(settings, *definitions: dict) -> None:
+    await publish(settings, [(d["id"].encode(), orjson.dumps(d), None) for d in definitions], Topics.of(settings).metrics)
+
+
+async def read_json(bootstrap: str, topic: str, count: int, timeout: float = 60, settle: float = 0) -> list[dict]:
+    """The topic's first `count` JSON values (from the beginning); with `settle`, also whatever arrives in that many more seconds."""
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    await consumer.start()
+    found: list[dict] = []
+    try:
+        async with asyncio.timeout(timeout):
+            while len(found) < count:
+                for messages in (await consumer.getmany(timeout_ms=500)).values():
+                    found.extend(json.loads(m.value) for m in messages)
+        if settle:
+            await asyncio.sleep(settle)
+            for messages in (await consumer.getmany(timeout_ms=500)).values():
+                found.extend(json.loads(m.value) for m in messages)
+    finally:
+        await consumer.stop()
+    return found

@@ -14,7 +14,6 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 
-import orjson
 from aiokafka import AIOKafkaProducer
 
 from metering_pipeline.settings import Settings

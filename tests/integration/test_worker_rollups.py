@@ -7,7 +7,6 @@ test published; ClickHouse must hold exactly those rows.
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import time
 from collections import Counter, defaultdict
@@ -15,70 +14,10 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 import orjson
-import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from support import WorkerProcess
+from support import PARTITIONS, define, metric, publish, read_json
 
-from metering_pipeline.topics import Topics, ensure_topics, internal_topics, public_topics
+from metering_pipeline.topics import Topics
 from metering_pipeline.warehouse.client import connect
-from metering_pipeline.warehouse.migrations import migrate
-
-PARTITIONS = 4
-
-
-@pytest.fixture
-def pipeline(apache_stack, unique_name, tmp_path):
-    """Settings and worker env isolated by topic prefix, group prefix and database."""
-    settings = apache_stack.settings(
-        topic_prefix=f"{unique_name}.",
-        consumer_group_prefix=unique_name,
-        clickhouse_database=unique_name,
-        usage_partitions=PARTITIONS,
-        flush_interval=0.5,
-    )
-    env = {
-        "METERING_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "METERING_CLICKHOUSE_URL": settings.clickhouse_url,
-        "METERING_TOPIC_PREFIX": settings.topic_prefix,
-        "METERING_CONSUMER_GROUP_PREFIX": settings.consumer_group_prefix,
-        "METERING_CLICKHOUSE_DATABASE": settings.clickhouse_database,
-        "METERING_USAGE_PARTITIONS": str(PARTITIONS),
-        "METERING_FLUSH_INTERVAL": "0.5",
-    }
-    migrate(settings)
-    asyncio.run(ensure_topics(settings, public_topics(settings) + internal_topics(settings)))
-    workers: list[WorkerProcess] = []
-
-    def new_worker() -> WorkerProcess:
-        worker = WorkerProcess(env, tmp_path / f"worker-{len(workers)}.log")
-        workers.append(worker)
-        return worker
-
-    yield settings, new_worker
-    for worker in workers:
-        worker.stop()
-    with connect(settings, database="default") as admin:
-        admin.command(f"DROP DATABASE IF EXISTS {unique_name}")
-
-
-def metric(metric_id: str, aggregation: str, org_id: str | None = None, key: str | None = None) -> dict:
-    return {"id": metric_id, "key": key or metric_id, "name": metric_id, "aggregationType": aggregation,
-            "resetPeriod": "MONTHLY", "orgId": org_id}
-
-
-async def publish(settings, messages: list[tuple[bytes | None, bytes, int | None]], topic: str | None = None) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=5)
-    await producer.start()
-    try:
-        sends = [await producer.send(topic or Topics.of(settings).usage_recorded, value, key=key, partition=partition)
-                 for key, value, partition in messages]
-        await asyncio.gather(*sends)
-    finally:
-        await producer.stop()
-
-
-async def define(settings, *definitions: dict) -> None:
-    await publish(settings, [(d["id"].encode(), orjson.dumps(d), None) for d in definitions], Topics.of(settings).metrics)
 
 
 def expected_rollups(records: list[dict], aggregation_of) -> dict[tuple, tuple[Decimal, int]]:
@@ -127,24 +66,6 @@ def wait_for_summary(settings, expected, timeout: float = 90) -> dict:
     extra = {k: v for k, v in actual.items() if k not in expected}
     raise AssertionError(f"usage_summary differs: {len(missing)} wrong/missing e.g. {list(missing.items())[:3]}, "
                          f"actual {[actual.get(k) for k in list(missing)[:3]]}; {len(extra)} extra e.g. {list(extra.items())[:3]}")
-
-
-async def dead_letters(settings, count: int, timeout: float = 60) -> list[dict]:
-    consumer = AIOKafkaConsumer(Topics.of(settings).dead_letters, bootstrap_servers=settings.kafka_bootstrap,
-                                auto_offset_reset="earliest")
-    await consumer.start()
-    found: list[dict] = []
-    try:
-        async with asyncio.timeout(timeout):
-            while len(found) < count:
-                for messages in (await consumer.getmany(timeout_ms=500)).values():
-                    found.extend(json.loads(m.value) for m in messages)
-        await asyncio.sleep(1)  # anything beyond `count` would be a bug: give it a moment to show up
-        for messages in (await consumer.getmany(timeout_ms=500)).values():
-            found.extend(json.loads(m.value) for m in messages)
-    finally:
-        await consumer.stop()
-    return found
 
 
 def usage_record(rng: random.Random, now: datetime, n: int, metrics: list[str], **overrides) -> dict:
@@ -219,7 +140,8 @@ async def test_worker_rolls_up_exactly_with_dedup_batches_late_records_org_overr
     expected = expected_rollups(records, aggregation_of)
     await asyncio.to_thread(wait_for_summary, settings, expected)
 
-    letters = await dead_letters(settings, 5)
+    # Anything beyond the 5 expected would be a bug: give it a second to show up.
+    letters = await read_json(settings.kafka_bootstrap, Topics.of(settings).dead_letters, 5, settle=1)
     assert Counter(d["reason"] for d in letters) == Counter(
         {"too_late": 1, "future_timestamp": 1, "unknown_metric": 1, "invalid_json": 1, "invalid_record": 1}
     )
@@ -231,7 +153,7 @@ async def test_worker_rolls_up_exactly_with_dedup_batches_late_records_org_overr
         stored = client.query("SELECT count() FROM usage_records FINAL").result_rows[0][0]
     assert stored == len(records)
     metrics = worker.metrics()
-    assert f"metering_records_duplicate_total 60" in metrics
+    assert "metering_records_duplicate_total 60" in metrics
 
 
 async def test_sigkilled_and_restarted_workers_in_one_group_neither_lose_nor_double_count(pipeline):

@@ -16,6 +16,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from pydantic import ValidationError
 
 from metering_pipeline.logs import get_logger
+from metering_pipeline.retry import until_success
 from metering_pipeline.settings import Settings
 from metering_pipeline.topics import Topics
 from metering_pipeline.usage.metrics import MetricCatalog
@@ -97,7 +98,7 @@ class DefinitionAnnouncer:
         if parsed is None:
             return
         definition_id, definition = parsed
-        await self.sink.write_definition(definition, definition_id, offset)
+        await until_success(lambda: self.sink.write_definition(definition, definition_id, offset), "write metric_definitions")
         if definition is not None:
             event = {
                 "id": f"metric.defined:{definition_id}:{offset}",

@@ -25,6 +25,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 
 from metering_pipeline.logs import get_logger
+from metering_pipeline.retry import until_success
 from metering_pipeline.settings import Settings
 from metering_pipeline.topics import Topics
 from metering_pipeline.usage.rollups import Checkpoint, PartitionRollups, RollupChange, RollupKey
@@ -114,13 +115,13 @@ class RollupStage:
         expired = self._expired_identity_entries(owned)
         expired += self._evicted_rollup_entries(owned)
         if owned.next_offset is not None and (not checkpoint.is_empty() or expired):
-            await self.sink.write_records(checkpoint.records)
+            await until_success(lambda: self.sink.write_records(checkpoint.records), "write usage_records")
             await self._commit(owned, checkpoint, expired)
             for change in checkpoint.rollups:
                 owned.unsunk[change.key] = change
         if owned.unsunk:
             changes = list(owned.unsunk.values())
-            await self.sink.write_rollups(changes)
+            await until_success(lambda: self.sink.write_rollups(changes), "write usage_rollups")
             owned.unsunk.clear()
             self.stats.flushes += 1
             self.stats.flush_seconds.append(time.monotonic() - started)

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 import orjson
-from support import PARTITIONS, define, metric, publish, read_json
+from support import PARTITIONS, WorkerProcess, define, metric, publish, read_json
 
 from metering_pipeline.topics import Topics
 from metering_pipeline.warehouse.client import connect
@@ -214,3 +214,29 @@ async def test_dedup_state_survives_a_worker_restart(pipeline):
     await publish(settings, [(None, orjson.dumps(wire(marker)), 0)])
     await asyncio.to_thread(wait_for_summary, settings, expected_rollups([*records, marker], lambda *_: "COUNT"))
     assert "metering_records_duplicate_total 200" in restarted.metrics()
+
+
+async def test_on_tansu_the_worker_runs_at_least_once_and_rollups_still_converge(tansu_stack, unique_name, tmp_path):
+    """tansu has no transactions: the documented degrade is at_least_once, whose ClickHouse rollups stay exact."""
+    settings = tansu_stack.settings(
+        topic_prefix=f"{unique_name}.", consumer_group_prefix=unique_name, clickhouse_database=unique_name,
+        usage_partitions=2, processing_guarantee="at_least_once",
+    )
+    env = {
+        "METERING_KAFKA_BOOTSTRAP": settings.kafka_bootstrap, "METERING_CLICKHOUSE_URL": settings.clickhouse_url,
+        "METERING_TOPIC_PREFIX": settings.topic_prefix, "METERING_CONSUMER_GROUP_PREFIX": unique_name,
+        "METERING_CLICKHOUSE_DATABASE": unique_name, "METERING_USAGE_PARTITIONS": "2",
+        "METERING_PROCESSING_GUARANTEE": "at_least_once", "METERING_FLUSH_INTERVAL": "0.5",
+    }
+    worker = WorkerProcess(env, tmp_path / "worker.log").start()
+    try:
+        worker.wait_healthy(timeout=120)
+        await define(settings, metric("tokens", "SUM"))
+        rng = random.Random(2)
+        now = datetime.now(timezone.utc)
+        records = [usage_record(rng, now, n, ["tokens"]) for n in range(300)]
+        await asyncio.sleep(1)
+        await publish(settings, [(None, orjson.dumps(wire(r)), None) for r in records + records[:50]])
+        await asyncio.to_thread(wait_for_summary, settings, expected_rollups(records, lambda *_: "SUM"), 120)
+    finally:
+        worker.stop()

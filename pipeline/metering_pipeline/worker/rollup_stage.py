@@ -23,6 +23,7 @@ from datetime import datetime, timedelta, timezone
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
 
 from metering_pipeline.logs import get_logger
 from metering_pipeline.retry import until_success
@@ -180,7 +181,15 @@ class RollupStage:
                     transactional_id=f"{self.group_id}-{self.topic}-{partition}" if self.transactional else None,
                     enable_idempotence=self.transactional,
                 )
-                await producer.start()
+                try:
+                    await producer.start()
+                except KafkaError as error:
+                    if self.transactional:
+                        raise RuntimeError(
+                            "this broker refused a transactional producer (tansu does); run with "
+                            "METERING_PROCESSING_GUARANTEE=at_least_once, or use Apache Kafka for exactly-once"
+                        ) from error
+                    raise
                 restored = await self._restore(partition)
                 state = PartitionRollups(self.settings.dedup_window)
                 state.restore(restored.rollups.items(), restored.identities)

@@ -8,13 +8,15 @@ cd "$(dirname "$0")/.."
 missing=()
 command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null 2>&1 || missing+=(maven)
+# Checks docker-compose.yml in the tests (no Docker engine needed for `docker-compose config`).
+command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
 if ((${#missing[@]})); then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "bootstrap: installing ${missing[*]}"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   else
-    echo "bootstrap: ${missing[*]} missing and not installable here; the local stack will use the tansu broker" >&2
+    echo "bootstrap: ${missing[*]} missing and not installable here (without Java and Maven the local stack uses the tansu broker)" >&2
   fi
 fi
 

@@ -12,9 +12,22 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from metering_pipeline.topics import Topics
 from metering_pipeline.worker.process import WorkerProcess, free_port
 
-__all__ = ["PARTITIONS", "WorkerProcess", "create_topics", "define", "free_port", "metric", "publish", "read_json"]
+__all__ = ["PARTITIONS", "WorkerProcess", "create_topics", "define", "free_port", "metric", "publish", "read_json", "settings_env"]
 
 PARTITIONS = 4  # of the usage topics in worker tests: enough to spread over two workers
+
+
+def settings_env(settings) -> dict[str, str]:
+    """The METERING_* variables that make a worker or CLI process use these (isolated) settings."""
+    return {
+        "METERING_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "METERING_CLICKHOUSE_URL": settings.clickhouse_url,
+        "METERING_TOPIC_PREFIX": settings.topic_prefix,
+        "METERING_CONSUMER_GROUP_PREFIX": settings.consumer_group_prefix,
+        "METERING_CLICKHOUSE_DATABASE": settings.clickhouse_database,
+        "METERING_USAGE_PARTITIONS": str(settings.usage_partitions),
+        "METERING_FLUSH_INTERVAL": str(settings.flush_interval),
+    }
 
 
 async def create_topics(bootstrap: str, names: list[str], partitions: int = 3) -> None:

@@ -6,7 +6,6 @@ with a progress bar, then prints the rollups it reads back from ClickHouse.
 
 from __future__ import annotations
 
-import asyncio
 import random
 import time
 from collections.abc import Callable
@@ -14,8 +13,8 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 
-from aiokafka import AIOKafkaProducer
-
+from metering_pipeline.definitions import DefinitionWriter
+from metering_pipeline.producer import UsageProducer
 from metering_pipeline.settings import Settings
 from metering_pipeline.topics import Topics
 from metering_pipeline.warehouse.client import connect
@@ -55,28 +54,15 @@ def sample_records(count: int, seed: int = 1) -> list[UsageRecord]:
 
 
 async def define_metrics(settings: Settings, metrics: list[MetricDefinition]) -> None:
-    producer = AIOKafkaProducer(**settings.kafka_client_options(), acks="all")
-    await producer.start()
-    try:
+    async with DefinitionWriter(settings, Topics.of(settings).metrics) as writer:
         for metric in metrics:
-            await producer.send_and_wait(Topics.of(settings).metrics, metric.to_json(), key=metric.id.encode())
-    finally:
-        await producer.stop()
+            await writer.put(metric.id, metric)
 
 
 async def publish(settings: Settings, records: list[UsageRecord], progress: Callable[[int], None]) -> None:
     """One record per message, keyed by subject, as most producers send them."""
-    producer = AIOKafkaProducer(**settings.kafka_client_options(), acks="all", linger_ms=5)
-    await producer.start()
-    try:
-        topic = Topics.of(settings).usage_recorded
-        for start in range(0, len(records), 500):
-            chunk = records[start:start + 500]
-            sends = [await producer.send(topic, r.to_json(), key=f"{r.subject_type}:{r.subject_id}".encode()) for r in chunk]
-            await asyncio.gather(*sends)
-            progress(len(chunk))
-    finally:
-        await producer.stop()
+    async with UsageProducer(settings) as producer:
+        await producer.publish(records, progress=progress)
 
 
 def wait_until_counted(settings: Settings, seed: int, expected: int, timeout: float = 120) -> int:
@@ -105,10 +91,12 @@ def monthly_rollups(settings: Settings) -> list[tuple]:
         ).result_rows
 
 
-def start_worker(settings: Settings, log_path: Path, at_least_once: bool) -> WorkerProcess:
-    env = {"METERING_KAFKA_BOOTSTRAP": settings.kafka_bootstrap, "METERING_CLICKHOUSE_URL": settings.clickhouse_url}
-    if at_least_once:
-        env["METERING_PROCESSING_GUARANTEE"] = "at_least_once"
+def start_worker(settings: Settings, log_path: Path) -> WorkerProcess:
+    env = {
+        "METERING_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "METERING_CLICKHOUSE_URL": settings.clickhouse_url,
+        "METERING_PROCESSING_GUARANTEE": settings.processing_guarantee,
+    }
     worker = WorkerProcess(env, log_path).start()
     worker.wait_healthy()
     return worker

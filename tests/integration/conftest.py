@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from support import PARTITIONS, WorkerProcess
+from support import PARTITIONS, WorkerProcess, settings_env
 
 from metering_pipeline.topics import ensure_topics, internal_topics, public_topics
 from metering_pipeline.warehouse.client import connect
@@ -22,15 +22,7 @@ def pipeline(apache_stack, unique_name, tmp_path):
         usage_partitions=PARTITIONS,
         flush_interval=0.5,
     )
-    env = {
-        "METERING_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "METERING_CLICKHOUSE_URL": settings.clickhouse_url,
-        "METERING_TOPIC_PREFIX": settings.topic_prefix,
-        "METERING_CONSUMER_GROUP_PREFIX": settings.consumer_group_prefix,
-        "METERING_CLICKHOUSE_DATABASE": settings.clickhouse_database,
-        "METERING_USAGE_PARTITIONS": str(PARTITIONS),
-        "METERING_FLUSH_INTERVAL": "0.5",
-    }
+    env = settings_env(settings)
     migrate(settings)
     asyncio.run(ensure_topics(settings, public_topics(settings) + internal_topics(settings)))
     workers: list[WorkerProcess] = []

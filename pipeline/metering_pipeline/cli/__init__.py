@@ -7,6 +7,8 @@ import asyncio
 import click
 
 from metering_pipeline import logs, tables
+from metering_pipeline.cli.metric import metric
+from metering_pipeline.cli.produce import produce
 from metering_pipeline.cli.stack import stack, stack_up
 from metering_pipeline.cli.summary import summary
 from metering_pipeline.cli.worker import worker
@@ -14,7 +16,8 @@ from metering_pipeline.settings import Settings
 
 
 @click.group()
-@click.option("--log-level", default="INFO", show_default=True, envvar="METERING_LOG_LEVEL")
+@click.option("--log-level", default="WARNING", show_default=True, envvar="METERING_LOG_LEVEL",
+              help="Of the CLI commands; `metering worker` has its own --loglevel.")
 @click.pass_context
 def main(ctx: click.Context, log_level: str) -> None:
     """Usage metering: Kafka in, exact rollups in ClickHouse, threshold alerts out."""
@@ -25,6 +28,8 @@ def main(ctx: click.Context, log_level: str) -> None:
 main.add_command(stack)
 main.add_command(worker)
 main.add_command(summary)
+main.add_command(metric)
+main.add_command(produce)
 
 
 @main.command()
@@ -64,10 +69,12 @@ def demo(ctx: click.Context, records: int) -> None:
     settings: Settings = ctx.obj
     ctx.invoke(stack_up)
     state = LocalStack(settings.stack_dir).state()
+    if state is not None and state.broker == "tansu":  # no producer ids or transactions there
+        settings = settings.model_copy(update={"processing_guarantee": "at_least_once"})
     prepare(settings)
     asyncio.run(run.define_metrics(settings, run.DEMO_METRICS))
     click.echo(f"defined metrics: {', '.join(m.key for m in run.DEMO_METRICS)}; starting a worker...")
-    worker = run.start_worker(settings, settings.stack_dir / "logs" / "demo-worker.log", state is not None and state.broker == "tansu")
+    worker = run.start_worker(settings, settings.stack_dir / "logs" / "demo-worker.log")
     try:
         seed = int(time.time())
         sample = run.sample_records(records, seed)

@@ -7,19 +7,10 @@ from datetime import datetime, timedelta, timezone
 import click
 
 from metering_pipeline import tables
+from metering_pipeline.cli.params import subject as parse_subject
+from metering_pipeline.cli.params import utc
 from metering_pipeline.settings import Settings
 from metering_schemas import PeriodType
-
-
-def _subject(value: str) -> tuple[str, str]:
-    subject_type, sep, subject_id = value.partition(":")
-    if not sep or not subject_type or not subject_id:
-        raise click.BadParameter("expected TYPE:ID, e.g. org:org-123")
-    return subject_type, subject_id
-
-
-def _utc(value: datetime | None) -> datetime | None:
-    return None if value is None else (value if value.tzinfo else value.replace(tzinfo=timezone.utc))
 
 
 @click.command()
@@ -36,11 +27,11 @@ def summary(settings: Settings, metric_key: str, subject: str, period: str, star
     from metering_pipeline.warehouse.client import connect
     from metering_pipeline.warehouse.queries import usage_summaries
 
-    subject_type, subject_id = _subject(subject)
+    subject_type, subject_id = parse_subject(subject)
     now = datetime.now(timezone.utc)
     with connect(settings) as client:
         rows = usage_summaries(client, metric_key, subject_type, subject_id, PeriodType(period.upper()),
-                               _utc(start) or now - timedelta(days=30), _utc(end) or now + timedelta(days=1))
+                               utc(start) or now - timedelta(days=30), utc(end) or now + timedelta(days=1))
     if as_json:
         for row in rows:
             click.echo(row.to_json())

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import click
+from pydantic import ValidationError
 
+from metering_pipeline.cli.params import field_errors
 from metering_pipeline.settings import Settings
 
 
@@ -13,21 +15,30 @@ from metering_pipeline.settings import Settings
 @click.option("--processing-guarantee", type=click.Choice(["exactly_once", "at_least_once"]), default=None,
               help="exactly_once needs Kafka transactions (Apache Kafka); tansu needs at_least_once. [env: METERING_PROCESSING_GUARANTEE]")
 @click.option("--partitions", type=int, default=None, help="Partitions of topics the worker creates. [env: METERING_USAGE_PARTITIONS]")
+@click.option("--allowed-lateness", default=None, help="ISO 8601 duration or seconds, e.g. P35D. [env: METERING_ALLOWED_LATENESS]")
+@click.option("--dedup-window", default=None, help="ISO 8601 duration or seconds, e.g. PT24H. [env: METERING_DEDUP_WINDOW]")
 @click.option("--loglevel", default="info", show_default=True, type=click.Choice(["crit", "error", "warn", "info", "debug"]))
-@click.pass_obj
-def worker(settings: Settings, web_port: int, flush_interval: float | None, processing_guarantee: str | None,
-           partitions: int | None, loglevel: str) -> None:
+def worker(web_port: int, flush_interval: float | None, processing_guarantee: str | None,
+           partitions: int | None, allowed_lateness: str | None, dedup_window: str | None, loglevel: str) -> None:
     """Consume usage.recorded, roll it up exactly once into ClickHouse, publish usage.aggregated."""
     from faust.worker import Worker
 
+    from metering_pipeline import logs
     from metering_pipeline.worker.app import create_app, prepare
+
+    logs.configure({"crit": "CRITICAL", "warn": "WARNING"}.get(loglevel, loglevel.upper()))
 
     overrides = {
         "flush_interval": flush_interval,
         "processing_guarantee": processing_guarantee,
         "usage_partitions": partitions,
+        "allowed_lateness": allowed_lateness,
+        "dedup_window": dedup_window,
     }
-    settings = settings.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    try:  # validated like the env vars they override
+        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as error:
+        raise click.UsageError(field_errors(error)) from None
     prepare(settings)
     app = create_app(settings, web_port)
     Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()

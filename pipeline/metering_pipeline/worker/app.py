@@ -20,7 +20,7 @@ from metering_pipeline.usage.metrics import MetricCatalog
 from metering_pipeline.warehouse.client import connect
 from metering_pipeline.warehouse.migrations import migrate
 from metering_pipeline.warehouse.sink import ClickHouseSink
-from metering_pipeline.worker.metric_feed import DefinitionAnnouncer, MetricFeed
+from metering_pipeline.worker.metric_feed import DefinitionAnnouncer, metric_feed
 from metering_pipeline.worker.rollup_stage import RollupStage
 from metering_pipeline.worker.router_stage import RouterStage
 from metering_pipeline.worker.stats import WorkerStats
@@ -45,7 +45,7 @@ class Pipeline:
         self.events_producer = AIOKafkaProducer(**self.settings.kafka_client_options(), acks="all")
         await self.events_producer.start()
         self.announcer = DefinitionAnnouncer(self.sink, self.events_producer, Topics.of(self.settings).events)
-        feed = MetricFeed(self.settings, self.catalog)
+        feed = metric_feed(self.settings, self.catalog)
         self.tasks = [
             asyncio.create_task(self._guard("metric-feed", feed.run(self.stopping))),
             asyncio.create_task(self._guard("rollups", RollupStage(self.settings, self.sink, self.stats).run(self.stopping))),

@@ -8,14 +8,12 @@ definition into ClickHouse and announces it with the seed's `metric.defined` eve
 
 from __future__ import annotations
 
-import asyncio
 from datetime import datetime, timezone
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from pydantic import ValidationError
+from aiokafka import AIOKafkaProducer
 
-from metering_pipeline.logs import get_logger
+from metering_pipeline.definitions import DefinitionFeed, parse_entry
 from metering_pipeline.retry import until_success
 from metering_pipeline.settings import Settings
 from metering_pipeline.topics import Topics
@@ -23,63 +21,17 @@ from metering_pipeline.usage.metrics import MetricCatalog
 from metering_pipeline.warehouse.sink import ClickHouseSink
 from metering_schemas import MetricDefinition
 
-log = get_logger(__name__)
 
+def metric_feed(settings: Settings, catalog: MetricCatalog) -> DefinitionFeed[MetricDefinition]:
+    """Keeps `catalog` equal to the topic's definitions."""
 
-def parse_definition(key: bytes | None, value: bytes | None) -> tuple[str, MetricDefinition | None] | None:
-    """(id, definition or None for a tombstone), or None when the entry is unusable (logged)."""
-    if key is None:
-        log.warning("metric definition without a key ignored")
-        return None
-    definition_id = key.decode(errors="replace")
-    if value is None:
-        return definition_id, None
-    try:
-        definition = MetricDefinition.model_validate_json(value)
-    except ValidationError as error:
-        log.warning("invalid metric definition ignored", id=definition_id, error=str(error))
-        return None
-    if definition.id != definition_id:
-        definition = definition.model_copy(update={"id": definition_id})
-    return definition_id, definition
-
-
-class MetricFeed:
-    def __init__(self, settings: Settings, catalog: MetricCatalog) -> None:
-        self.settings = settings
-        self.catalog = catalog
-        self.ready = asyncio.Event()
-
-    async def run(self, stopping: asyncio.Event) -> None:
-        consumer = AIOKafkaConsumer(**self.settings.kafka_client_options(), enable_auto_commit=False)
-        await consumer.start()
-        try:
-            await consumer.topics()  # loads cluster metadata, so the topic's partitions are known
-            topic = Topics.of(self.settings).metrics
-            partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or {0})]
-            consumer.assign(partitions)
-            await consumer.seek_to_beginning(*partitions)
-            end = await consumer.end_offsets(partitions)
-            while not stopping.is_set():
-                batches = await consumer.getmany(timeout_ms=200)
-                for messages in batches.values():
-                    for message in messages:
-                        self._apply(message.key, message.value)
-                if not self.ready.is_set() and all([await consumer.position(tp) >= end[tp] for tp in partitions]):
-                    self.ready.set()
-                    log.info("metric definitions loaded", count=len(self.catalog))
-        finally:
-            await consumer.stop()
-
-    def _apply(self, key: bytes | None, value: bytes | None) -> None:
-        parsed = parse_definition(key, value)
-        if parsed is None:
-            return
-        definition_id, definition = parsed
+    def apply(definition_id: str, definition: MetricDefinition | None) -> None:
         if definition is None:
-            self.catalog.delete(definition_id)
+            catalog.delete(definition_id)
         else:
-            self.catalog.put(definition)
+            catalog.put(definition)
+
+    return DefinitionFeed(settings, Topics.of(settings).metrics, MetricDefinition, apply)
 
 
 class DefinitionAnnouncer:
@@ -94,7 +46,7 @@ class DefinitionAnnouncer:
         self.events_topic = events_topic
 
     async def announce(self, key: bytes | None, value: bytes | None, offset: int) -> None:
-        parsed = parse_definition(key, value)
+        parsed = parse_entry(MetricDefinition, key, value)
         if parsed is None:
             return
         definition_id, definition = parsed

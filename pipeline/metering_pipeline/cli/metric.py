@@ -1,0 +1,150 @@
+"""`metering metric define | update | delete | get | list`: the seed's metric commands and queries.
+
+Definitions live on the compacted `metering.metrics` topic; these commands read it to the end
+before they check anything, and each write is acknowledged by the broker before they return.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import click
+from pydantic import ValidationError
+
+from metering_pipeline import tables
+from metering_pipeline.cli.params import field_errors
+from metering_pipeline.definitions import DefinitionWriter, read_all
+from metering_pipeline.settings import Settings
+from metering_pipeline.topics import Topics
+from metering_schemas import AggregationType, MetricDefinition, ResetPeriod
+
+
+def _catalog(settings: Settings) -> dict[str, MetricDefinition]:
+    return asyncio.run(read_all(settings, Topics.of(settings).metrics, MetricDefinition))
+
+
+def _write(settings: Settings, definition_id: str, definition: MetricDefinition | None) -> None:
+    async def run() -> None:
+        async with DefinitionWriter(settings, Topics.of(settings).metrics) as writer:
+            await (writer.put(definition_id, definition) if definition else writer.delete(definition_id))
+
+    asyncio.run(run())
+
+
+def _validated(fields: dict[str, Any]) -> MetricDefinition:
+    try:
+        return MetricDefinition.model_validate(fields)
+    except ValidationError as error:
+        raise click.UsageError(field_errors(error)) from None
+
+
+def _find(catalog: dict[str, MetricDefinition], ref: str) -> MetricDefinition:
+    """By id, else by key when exactly one definition has it."""
+    if ref in catalog:
+        return catalog[ref]
+    matches = [d for d in catalog.values() if d.key == ref]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise click.UsageError(f"key {ref!r} names {len(matches)} definitions ({', '.join(sorted(d.id for d in matches))}); give the id")
+    raise click.UsageError(f"no metric definition with id or key {ref!r}")
+
+
+def _show(definitions: list[MetricDefinition]) -> str:
+    return tables.render(
+        ["id", "key", "name", "unit", "aggregation", "reset", "org"],
+        [(d.id, d.key, d.name, d.unit, d.aggregation_type.value, d.reset_period.value, d.org_id or "(global)")
+         for d in sorted(definitions, key=lambda d: (d.key, d.org_id or ""))],
+    )
+
+
+_aggregations = click.Choice([a.value for a in AggregationType], case_sensitive=False)
+_resets = click.Choice([r.value for r in ResetPeriod], case_sensitive=False)
+
+
+@click.group()
+def metric() -> None:
+    """Define, change, remove and list metric definitions (topic metering.metrics)."""
+
+
+@metric.command()
+@click.option("--key", required=True, help="Metric key records refer to, e.g. api_calls.")
+@click.option("--name", required=True)
+@click.option("--aggregation", required=True, type=_aggregations)
+@click.option("--reset-period", type=_resets, default="NEVER", show_default=True)
+@click.option("--unit", default="")
+@click.option("--description", default="")
+@click.option("--org-id", default=None, help="Scope to one organization (overrides a global metric of the same key).")
+@click.option("--id", "definition_id", default=None, help="[default: the key, or ORG:KEY with --org-id]")
+@click.pass_obj
+def define(settings: Settings, key: str, name: str, aggregation: str, reset_period: str, unit: str, description: str,
+           org_id: str | None, definition_id: str | None) -> None:
+    """metric.define: a new metric (refused if the id exists; use update)."""
+    definition = _validated({
+        "id": definition_id or (f"{org_id}:{key}" if org_id else key), "key": key, "name": name,
+        "aggregationType": aggregation, "resetPeriod": reset_period, "unit": unit,
+        "description": description, "orgId": org_id,
+    })
+    catalog = _catalog(settings)
+    if definition.id in catalog:
+        raise click.UsageError(f"metric {definition.id!r} is already defined; use `metering metric update`")
+    clash = [d for d in catalog.values() if d.key == definition.key and d.org_id == definition.org_id]
+    if clash:
+        raise click.UsageError(f"key {key!r} is already defined{' for org ' + org_id if org_id else ''} as {clash[0].id!r}")
+    _write(settings, definition.id, definition)
+    click.echo(_show([definition]))
+
+
+@metric.command()
+@click.argument("ref")
+@click.option("--name", default=None)
+@click.option("--aggregation", type=_aggregations, default=None)
+@click.option("--reset-period", type=_resets, default=None)
+@click.option("--unit", default=None)
+@click.option("--description", default=None)
+@click.pass_obj
+def update(settings: Settings, ref: str, **changes: str | None) -> None:
+    """metric.update: change an existing metric, by id or key (the key and org stay)."""
+    current = _find(_catalog(settings), ref)
+    wire_names = {"aggregation": "aggregationType", "reset_period": "resetPeriod"}
+    fields = current.model_dump(by_alias=True) | {wire_names.get(k, k): v for k, v in changes.items() if v is not None}
+    definition = _validated(fields)
+    if definition == current:
+        raise click.UsageError("nothing to change: give at least one option")
+    _write(settings, definition.id, definition)
+    click.echo(_show([definition]))
+
+
+@metric.command()
+@click.argument("ref")
+@click.pass_obj
+def delete(settings: Settings, ref: str) -> None:
+    """metric.delete: records of its key are dead-lettered (unknown_metric) from then on."""
+    definition = _find(_catalog(settings), ref)
+    _write(settings, definition.id, None)
+    click.echo(f"deleted metric {definition.id}")
+
+
+@metric.command()
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True, help="The MetricDefinition as JSON.")
+@click.pass_obj
+def get(settings: Settings, ref: str, as_json: bool) -> None:
+    """metric.get: one definition, by id or key."""
+    definition = _find(_catalog(settings), ref)
+    click.echo(definition.to_json().decode() if as_json else _show([definition]))
+
+
+@metric.command("list")
+@click.option("--org-id", default=None, help="Only the metrics that apply to this org (its own and global ones).")
+@click.option("--json", "as_json", is_flag=True, help="JSON lines of MetricDefinitions.")
+@click.pass_obj
+def list_metrics(settings: Settings, org_id: str | None, as_json: bool) -> None:
+    """metric.list: every definition on the topic."""
+    definitions = [d for d in _catalog(settings).values() if org_id is None or d.org_id in (None, org_id)]
+    if as_json:
+        for definition in definitions:
+            click.echo(definition.to_json().decode())
+    else:
+        click.echo(_show(definitions))

@@ -1,0 +1,136 @@
+"""Publishing usage records onto `usage.recorded`, as producers are advised to.
+
+Single records are keyed `"{subjectType}:{subjectId}"` (keeps a subject's records in order on
+one partition); batches travel as the seed's `{"records": [...]}` messages of at most
+`batch_size` records. Every call returns only once the broker has acknowledged the messages
+(acks=all), and the producer is idempotent where the broker supports it, so an internal retry
+never writes a record twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterable, Callable, Iterable, Sequence
+
+import jiter
+from aiokafka import AIOKafkaProducer
+
+from metering_pipeline.settings import Settings
+from metering_pipeline.topics import Topics
+from metering_schemas import UsageRecord
+
+MAX_BATCH_RECORDS = 500
+IN_FLIGHT = 2_000  # messages awaited together: bounds memory while keeping the pipe full
+
+
+def subject_key(record: UsageRecord) -> bytes:
+    return f"{record.subject_type}:{record.subject_id}".encode()
+
+
+def with_id(record: UsageRecord) -> UsageRecord:
+    """Gives an id-less record a random one, so re-sending the same object is deduplicated."""
+    return record if record.id is not None else record.model_copy(update={"id": str(uuid.uuid4())})
+
+
+def batch_message(records: Sequence[UsageRecord]) -> tuple[bytes | None, bytes]:
+    """(key, value) of one batch message; keyed by subject only when all records share it."""
+    keys = {subject_key(r) for r in records}
+    value = b'{"records":[' + b",".join(r.to_json() for r in records) + b"]}"
+    return (keys.pop() if len(keys) == 1 else None), value
+
+
+class UsageProducer:
+    def __init__(self, settings: Settings, *, assign_ids: bool = True) -> None:
+        self.settings = settings
+        self.topic = Topics.of(settings).usage_recorded
+        self.assign_ids = assign_ids
+        self._producer: AIOKafkaProducer | None = None
+
+    async def __aenter__(self) -> UsageProducer:
+        self._producer = AIOKafkaProducer(
+            **self.settings.kafka_client_options(),
+            acks="all",
+            # Brokers without producer ids (tansu) run the pipeline at_least_once; see Settings.
+            enable_idempotence=self.settings.processing_guarantee == "exactly_once",
+            linger_ms=5,
+            compression_type="lz4",
+        )
+        await self._producer.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._producer is not None
+        await self._producer.stop()
+
+    def _prepare(self, record: UsageRecord) -> UsageRecord:
+        return with_id(record) if self.assign_ids else record
+
+    async def record(self, record: UsageRecord) -> UsageRecord:
+        """`usage.record`: returns the record as published (with its id)."""
+        assert self._producer is not None
+        record = self._prepare(record)
+        await self._producer.send_and_wait(self.topic, record.to_json(), key=subject_key(record))
+        return record
+
+    async def record_batch(self, records: Sequence[UsageRecord], batch_size: int = MAX_BATCH_RECORDS) -> list[UsageRecord]:
+        """`usage.recordBatch`: messages of up to `batch_size` records, all acknowledged on return."""
+        prepared = [self._prepare(r) for r in records]
+        chunks = [prepared[i:i + batch_size] for i in range(0, len(prepared), batch_size)]
+        await self._send_all(batch_message(chunk) for chunk in chunks)
+        return prepared
+
+    async def publish(self, records: Iterable[UsageRecord] | AsyncIterable[UsageRecord], batch_size: int = 1,
+                      progress: Callable[[int], None] = lambda sent: None) -> int:
+        """Streams any number of records (one per message, or batches of `batch_size`); returns how many were acknowledged."""
+        if batch_size < 1 or batch_size > MAX_BATCH_RECORDS:
+            raise ValueError(f"batch_size must be between 1 and {MAX_BATCH_RECORDS}")
+        sent = 0
+        chunk: list[UsageRecord] = []
+        window: list[tuple[bytes | None, bytes]] = []
+        window_records = 0
+
+        async def flush_window() -> None:
+            nonlocal sent, window, window_records
+            await self._send_all(window)
+            sent += window_records
+            progress(window_records)
+            window, window_records = [], 0
+
+        async for record in _aiter(records):
+            chunk.append(self._prepare(record))
+            if len(chunk) == batch_size:
+                window.append(self._message(chunk))
+                window_records += len(chunk)
+                chunk = []
+                if len(window) >= IN_FLIGHT // batch_size + 1:
+                    await flush_window()
+        if chunk:
+            window.append(self._message(chunk))
+            window_records += len(chunk)
+        if window:
+            await flush_window()
+        return sent
+
+    @staticmethod
+    def _message(chunk: list[UsageRecord]) -> tuple[bytes | None, bytes]:
+        return (subject_key(chunk[0]), chunk[0].to_json()) if len(chunk) == 1 else batch_message(chunk)
+
+    async def _send_all(self, messages: Iterable[tuple[bytes | None, bytes]]) -> None:
+        assert self._producer is not None
+        acks = [await self._producer.send(self.topic, value, key=key) for key, value in messages]
+        await asyncio.gather(*acks)
+
+
+async def _aiter(records: Iterable[UsageRecord] | AsyncIterable[UsageRecord]) -> AsyncIterable[UsageRecord]:
+    if isinstance(records, AsyncIterable):
+        async for record in records:
+            yield record
+    else:
+        for record in records:
+            yield record
+
+
+def record_line(line: bytes) -> UsageRecord:
+    """One JSON-lines input of `metering produce`; JSON numbers keep every digit (decimal mode)."""
+    return UsageRecord.model_validate(jiter.from_json(line, float_mode="decimal"))

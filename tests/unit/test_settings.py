@@ -64,3 +64,4 @@ def test_decimals_print_with_every_significant_digit_and_no_exponent():
     assert decimal_text(Decimal("12.500000000000000000")) == "12.5"
     assert decimal_text(Decimal("100")) == "100"
     assert decimal_text(Decimal("0.000000000000000001")) == "0.000000000000000001"
+

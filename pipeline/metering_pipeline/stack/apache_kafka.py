@@ -105,11 +105,20 @@ def _java(jar_dir: Path, heap: str, kafka_dir: Path) -> list[str]:
     ]
 
 
+def new_cluster_id() -> str:
+    """A KRaft cluster id (URL-safe base64 of a UUID); like Kafka's own, never starting with '-',
+    which the storage tool's argument parser would read as an option."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 def format_storage(jar_dir: Path, kafka_dir: Path) -> None:
     """Format the KRaft log dir once; a formatted dir keeps its cluster id across restarts."""
     if (kafka_dir / "data" / "meta.properties").exists():
         return
-    cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+    cluster_id = new_cluster_id()
     command = [
         *_java(jar_dir, "256m", kafka_dir),
         "kafka.tools.StorageTool", "format",

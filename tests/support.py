@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import datetime
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -12,7 +13,10 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from metering_pipeline.topics import Topics
 from metering_pipeline.worker.process import WorkerProcess, free_port
 
-__all__ = ["PARTITIONS", "WorkerProcess", "create_topics", "define", "free_port", "metric", "publish", "read_json", "settings_env"]
+__all__ = [
+    "PARTITIONS", "WorkerProcess", "create_topics", "define", "delete_threshold", "free_port", "metric", "publish",
+    "read_json", "set_thresholds", "settings_env", "threshold", "usage",
+]
 
 PARTITIONS = 4  # of the usage topics in worker tests: enough to spread over two workers
 
@@ -39,9 +43,34 @@ async def create_topics(bootstrap: str, names: list[str], partitions: int = 3) -
         await admin.close()
 
 
-def metric(metric_id: str, aggregation: str, org_id: str | None = None, key: str | None = None) -> dict:
+def metric(metric_id: str, aggregation: str, org_id: str | None = None, key: str | None = None, reset: str = "MONTHLY") -> dict:
     return {"id": metric_id, "key": key or metric_id, "name": metric_id, "aggregationType": aggregation,
-            "resetPeriod": "MONTHLY", "orgId": org_id}
+            "resetPeriod": reset, "orgId": org_id}
+
+
+def threshold(threshold_id: str, metric_key: str, subject: str, limit: str, action: str = "ALERT",
+              emails: tuple[str, ...] = ()) -> dict:
+    subject_type, subject_id = subject.split(":", 1)
+    return {"id": threshold_id, "metricKey": metric_key, "subjectType": subject_type, "subjectId": subject_id,
+            "threshold": limit, "action": action, "notifyEmails": list(emails)}
+
+
+async def set_thresholds(settings, *thresholds: dict) -> None:
+    await publish(settings, [(t["id"].encode(), orjson.dumps(t), None) for t in thresholds], Topics.of(settings).thresholds)
+
+
+async def delete_threshold(settings, threshold_id: str) -> None:
+    await publish(settings, [(threshold_id.encode(), None, None)], Topics.of(settings).thresholds)
+
+
+def usage(record_id: str, metric_key: str, subject: str, quantity: str = "1", at: datetime | None = None) -> tuple[bytes, bytes, None]:
+    """One usage.recorded message (key, value, partition) as a producer would send it."""
+    subject_type, subject_id = subject.split(":", 1)
+    record = {"id": record_id, "metricKey": metric_key, "subjectType": subject_type, "subjectId": subject_id,
+              "quantity": quantity}
+    if at is not None:
+        record["timestamp"] = at.isoformat()
+    return subject.encode(), orjson.dumps(record), None
 
 
 async def publish(settings, messages: list[tuple[bytes | None, bytes, int | None]], topic: str | None = None) -> None:

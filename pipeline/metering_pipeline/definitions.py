@@ -78,6 +78,19 @@ class DefinitionFeed(Generic[Definition]):
             await consumer.stop()
 
 
+def feed_into(settings: Settings, topic: str, model: type[Definition], put: Callable[[Definition], object],
+              delete: Callable[[str], object]) -> DefinitionFeed[Definition]:
+    """A feed that keeps a catalog (anything with put(definition) and delete(id)) equal to the topic."""
+
+    def apply(definition_id: str, definition: Definition | None) -> None:
+        if definition is None:
+            delete(definition_id)
+        else:
+            put(definition)
+
+    return DefinitionFeed(settings, topic, model, apply)
+
+
 async def read_all(settings: Settings, topic: str, model: type[Definition], timeout: float = 30) -> dict[str, Definition]:
     """The topic's current definitions by id (a replay up to the end offsets at call time)."""
     found: dict[str, Definition] = {}

@@ -7,6 +7,7 @@ takes its connection details from here, so a deployment configures them in one p
 from __future__ import annotations
 
 from datetime import timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -50,9 +51,26 @@ class Settings(BaseSettings):
     processing_guarantee: Literal["exactly_once", "at_least_once"] = Field(
         default="exactly_once", description="exactly_once needs Kafka transactions (Apache Kafka; not tansu)"
     )
+    threshold_approaching_fraction: Decimal = Field(
+        default=Decimal("0.8"), gt=0, lt=1, description="threshold.approaching fires at this fraction of the threshold"
+    )
+    worker_url: str | None = Field(
+        default=None, description="How other workers reach this one's web server (entitlement routing); "
+                                  "default http://<hostname>:<web port>"
+    )
     max_poll_records: int = Field(default=20_000, ge=1)
     consumer_group_prefix: str = Field(default="metering", description="Prefix of the worker's consumer groups and transactional ids")
     topic_prefix: str = Field(default="", description="Prefix of every topic name (default none: the documented names)")
+
+    # SMTP (threshold alert e-mails, `metering notifier`)
+    smtp_host: str = "localhost"
+    smtp_port: int = 25
+    smtp_security: Literal["none", "starttls", "tls"] = Field(default="none", description="starttls upgrades; tls connects over TLS")
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_from: str = "metering@localhost"
+    smtp_timeout: float = Field(default=10.0, gt=0)
+    notify_max_attempts: int = Field(default=8, ge=1, description="Sends per (alert, address) before it is recorded as failed")
 
     # ClickHouse (HTTP interface)
     clickhouse_url: str = "http://localhost:8123"

@@ -19,6 +19,8 @@ USAGE_DLQ = "usage.recorded.dlq"
 USAGE_AGGREGATED = "usage.aggregated"
 METRICS = "metering.metrics"
 EVENTS = "metering.events"
+THRESHOLDS = "metering.thresholds"
+ALERTS = "metering.alerts"
 
 _COMPACTED = {"cleanup.policy": "compact"}
 _WEEK_MS = str(7 * 24 * 3600 * 1000)
@@ -31,6 +33,8 @@ class Topics:
     usage_aggregated: str
     metrics: str
     events: str
+    thresholds: str
+    alerts: str
     # Internal to the worker: the subject-routed stream and the rollup changelog.
     routed: str
     rollup_changelog: str
@@ -44,6 +48,8 @@ class Topics:
             usage_aggregated=p + USAGE_AGGREGATED,
             metrics=p + METRICS,
             events=p + EVENTS,
+            thresholds=p + THRESHOLDS,
+            alerts=p + ALERTS,
             routed=f"{p}{settings.consumer_group_prefix}.usage-by-subject",
             rollup_changelog=f"{p}{settings.consumer_group_prefix}.rollup-changelog",
         )
@@ -65,6 +71,8 @@ def public_topics(settings: Settings) -> list[TopicSpec]:
         TopicSpec(topics.usage_aggregated, settings.usage_partitions),
         TopicSpec(topics.metrics, 1, _COMPACTED),
         TopicSpec(topics.events, 1),
+        TopicSpec(topics.thresholds, 1, _COMPACTED),
+        TopicSpec(topics.alerts, settings.usage_partitions),
     ]
 
 

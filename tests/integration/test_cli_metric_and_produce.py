@@ -91,3 +91,28 @@ def test_produce_from_flags_and_json_lines_is_counted_exactly_and_bad_lines_are_
 
     total, count = hourly_total(settings, hour, expected_count=5)
     assert (total, count) == (Decimal("12345678901234567890.423456789012345679"), 5)
+
+
+def test_threshold_commands_create_update_list_and_delete(pipeline):
+    settings, _ = pipeline
+    assert cli(settings, "metric", "define", "--key", "api_calls", "--name", "API", "--aggregation", "count").exit_code == 0
+    created = cli(settings, "threshold", "create", "--metric", "api_calls", "--subject", "org:*", "--threshold", "1000",
+                  "--action", "block", "--notify", "ops@example.com", "--id", "t1")
+    assert created.exit_code == 0, created.output
+    assert "org:*" in created.stdout and "BLOCK" in created.stdout
+    assert cli(settings, "threshold", "create", "--metric", "api_calls", "--subject", "org:o1", "--threshold", "5",
+               "--id", "t1").exit_code == 2
+    unknown_metric = cli(settings, "threshold", "create", "--metric", "nope", "--subject", "org:o1", "--threshold", "5", "--id", "t2")
+    assert unknown_metric.exit_code == 0 and "no metric 'nope' is defined" in unknown_metric.stderr
+    bad = cli(settings, "threshold", "create", "--metric", "api_calls", "--subject", "org:o1", "--threshold", "NaN")
+    assert bad.exit_code == 2 and "threshold" in bad.stderr
+
+    assert cli(settings, "threshold", "update", "t1", "--threshold", "2500.5", "--clear-notify").exit_code == 0
+    listed = {t["id"]: t for t in map(json.loads, cli(settings, "threshold", "list", "--json").stdout.splitlines())}
+    assert (listed["t1"]["threshold"], listed["t1"]["notifyEmails"], listed["t1"]["action"]) == ("2500.5", [], "BLOCK")
+    only_o1 = [json.loads(line)["id"] for line in cli(settings, "threshold", "list", "--subject", "org:o1", "--json").stdout.splitlines()]
+    assert sorted(only_o1) == ["t1", "t2"]  # t1 applies to every org
+
+    assert cli(settings, "threshold", "delete", "t2").exit_code == 0
+    assert cli(settings, "threshold", "delete", "t2").exit_code == 2
+    assert [json.loads(line)["id"] for line in cli(settings, "threshold", "list", "--json").stdout.splitlines()] == ["t1"]

@@ -7,10 +7,13 @@ import asyncio
 import click
 
 from metering_pipeline import logs, tables
+from metering_pipeline.cli.check import check
 from metering_pipeline.cli.metric import metric
+from metering_pipeline.cli.notifier import notifier
 from metering_pipeline.cli.produce import produce
 from metering_pipeline.cli.stack import stack, stack_up
 from metering_pipeline.cli.summary import summary
+from metering_pipeline.cli.threshold import threshold
 from metering_pipeline.cli.worker import worker
 from metering_pipeline.settings import Settings
 
@@ -30,6 +33,9 @@ main.add_command(worker)
 main.add_command(summary)
 main.add_command(metric)
 main.add_command(produce)
+main.add_command(threshold)
+main.add_command(check)
+main.add_command(notifier)
 
 
 @main.command()

@@ -6,30 +6,25 @@ before they check anything, and each write is acknowledged by the broker before 
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import click
 from pydantic import ValidationError
 
 from metering_pipeline import tables
+from metering_pipeline.cli import catalog
 from metering_pipeline.cli.params import field_errors
-from metering_pipeline.definitions import DefinitionWriter, read_all
 from metering_pipeline.settings import Settings
 from metering_pipeline.topics import Topics
 from metering_schemas import AggregationType, MetricDefinition, ResetPeriod
 
 
 def _catalog(settings: Settings) -> dict[str, MetricDefinition]:
-    return asyncio.run(read_all(settings, Topics.of(settings).metrics, MetricDefinition))
+    return catalog.read(settings, Topics.of(settings).metrics, MetricDefinition)
 
 
 def _write(settings: Settings, definition_id: str, definition: MetricDefinition | None) -> None:
-    async def run() -> None:
-        async with DefinitionWriter(settings, Topics.of(settings).metrics) as writer:
-            await (writer.put(definition_id, definition) if definition else writer.delete(definition_id))
-
-    asyncio.run(run())
+    catalog.write(settings, Topics.of(settings).metrics, definition_id, definition)
 
 
 def _validated(fields: dict[str, Any]) -> MetricDefinition:
@@ -39,11 +34,11 @@ def _validated(fields: dict[str, Any]) -> MetricDefinition:
         raise click.UsageError(field_errors(error)) from None
 
 
-def _find(catalog: dict[str, MetricDefinition], ref: str) -> MetricDefinition:
+def _find(known: dict[str, MetricDefinition], ref: str) -> MetricDefinition:
     """By id, else by key when exactly one definition has it."""
-    if ref in catalog:
-        return catalog[ref]
-    matches = [d for d in catalog.values() if d.key == ref]
+    if ref in known:
+        return known[ref]
+    matches = [d for d in known.values() if d.key == ref]
     if len(matches) == 1:
         return matches[0]
     if matches:
@@ -86,10 +81,10 @@ def define(settings: Settings, key: str, name: str, aggregation: str, reset_peri
         "aggregationType": aggregation, "resetPeriod": reset_period, "unit": unit,
         "description": description, "orgId": org_id,
     })
-    catalog = _catalog(settings)
-    if definition.id in catalog:
+    known = _catalog(settings)
+    if definition.id in known:
         raise click.UsageError(f"metric {definition.id!r} is already defined; use `metering metric update`")
-    clash = [d for d in catalog.values() if d.key == definition.key and d.org_id == definition.org_id]
+    clash = [d for d in known.values() if d.key == definition.key and d.org_id == definition.org_id]
     if clash:
         raise click.UsageError(f"key {key!r} is already defined{' for org ' + org_id if org_id else ''} as {clash[0].id!r}")
     _write(settings, definition.id, definition)

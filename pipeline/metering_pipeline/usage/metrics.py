@@ -47,6 +47,9 @@ class MetricCatalog:
                 return scoped
         return self._by_key.get((metric_key, None))
 
+    def get(self, definition_id: str) -> MetricDefinition | None:
+        return self._by_id.get(definition_id)
+
     def __len__(self) -> int:
         return len(self._by_id)
 

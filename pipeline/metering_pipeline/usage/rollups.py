@@ -15,10 +15,14 @@ from decimal import Decimal
 
 from metering_pipeline.usage.aggregation import Aggregate
 from metering_pipeline.usage.dedup import DedupWindow, RecordIdentity
-from metering_pipeline.usage.periods import period_end, rollup_starts
-from metering_schemas import AggregationType, PeriodType
+from metering_pipeline.usage.periods import EPOCH, period_end, rollup_starts
+from metering_schemas import AggregationType, PeriodType, ResetPeriod
 
-RollupKey = tuple[str, str, str, PeriodType, datetime]  # metric_key, subject_type, subject_id, period, start
+# metric_key, subject_type, subject_id, period, start. Besides the hourly, daily and monthly
+# rollups that reach ClickHouse, each metric and subject has an all-time one (ResetPeriod.NEVER,
+# start EPOCH) that thresholds of NEVER-resetting metrics are evaluated against.
+RollupKey = tuple[str, str, str, PeriodType | ResetPeriod, datetime]
+LIFETIME = ResetPeriod.NEVER
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +44,7 @@ class Rollup:
     aggregation: AggregationType
     aggregate: Aggregate = field(default_factory=Aggregate)
     version: int = -1
+    metric_id: str | None = None  # the definition that governs it (thresholds read its resetPeriod)
 
     def total(self) -> Decimal:
         return self.aggregate.total(self.aggregation)
@@ -53,6 +58,11 @@ class RollupChange:
     @property
     def period_end(self) -> datetime:
         return period_end(self.key[3], self.key[4])
+
+    @property
+    def reported(self) -> bool:
+        """Hourly, daily and monthly rollups go to ClickHouse and usage.aggregated; the all-time one stays internal."""
+        return self.key[3] is not LIFETIME
 
 
 @dataclass(frozen=True)
@@ -75,8 +85,11 @@ class PartitionRollups:
         self._records: list[CountedRecord] = []
         self._identities: list[tuple[RecordIdentity, datetime]] = []
 
-    def apply(self, records: Iterable[CountedRecord], seen_at: datetime) -> tuple[int, int]:
-        """Count each new record once in each of its periods; returns (counted, duplicates)."""
+    def apply(self, records: Iterable[CountedRecord], seen_at: datetime, touched: set[RollupKey] | None = None) -> tuple[int, int]:
+        """Count each new record once in each of its periods; returns (counted, duplicates).
+
+        The keys of the rollups it changes are added to `touched` (for threshold checks).
+        """
         counted = duplicates = 0
         for record in records:
             if not self.dedup.first_sighting(record.identity, seen_at):
@@ -86,15 +99,18 @@ class PartitionRollups:
             self._records.append(record)
             self._identities.append((record.identity, seen_at))
             subject_type, subject_id, _ = record.identity
-            for period, start in rollup_starts(record.timestamp):
+            for period, start in (*rollup_starts(record.timestamp), (LIFETIME, EPOCH)):
                 key = (record.metric_key, subject_type, subject_id, period, start)
                 rollup = self.rollups.get(key)
                 if rollup is None:
                     rollup = self.rollups[key] = Rollup(record.aggregation)
                 rollup.aggregation = record.aggregation
+                rollup.metric_id = record.metric_id
                 rollup.aggregate.add(record.quantity)
                 rollup.version = max(rollup.version, record.offset)
                 self._changed.add(key)
+                if touched is not None:
+                    touched.add(key)
         return counted, duplicates
 
     def checkpoint(self) -> Checkpoint:

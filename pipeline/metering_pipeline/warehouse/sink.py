@@ -1,4 +1,4 @@
-"""Writes rollups, records and metric definitions to ClickHouse; every write is idempotent.
+"""Writes rollups, records, alerts and metric definitions to ClickHouse; every write is idempotent.
 
 Rows are keyed by what they describe (a record's identity, a rollup's period, a definition's
 id) and rollups carry a version, so writing the same rows again after a replay leaves the
@@ -14,12 +14,17 @@ from datetime import datetime
 from clickhouse_connect.driver.client import Client
 
 from metering_pipeline.usage.rollups import CountedRecord, RollupChange
+from metering_pipeline.usage.thresholds import Alert
 from metering_schemas import MetricDefinition
 
 _RECORD_COLUMNS = ["subject_type", "subject_id", "metric_key", "id", "timestamp", "quantity", "metadata", "metric_id"]
 _ROLLUP_COLUMNS = [
     "metric_key", "subject_type", "subject_id", "period_type", "period_start", "period_end", "aggregation_type",
     "total_quantity", "record_count", "sum_quantity", "min_quantity", "max_quantity", "version",
+]
+_ALERT_COLUMNS = [
+    "id", "type", "threshold_id", "metric_key", "subject_type", "subject_id", "threshold", "value", "period_type",
+    "period_start", "period_end", "action", "notify_emails", "occurred_at",
 ]
 _DEFINITION_COLUMNS = [
     "id", "key", "name", "description", "unit", "aggregation_type", "reset_period", "org_id", "deleted", "version",
@@ -63,6 +68,17 @@ class ClickHouseSink:
                 aggregate.min, aggregate.max, change.rollup.version,
             ])
         await self._insert("usage_rollups", rows, _ROLLUP_COLUMNS)
+
+    async def write_alerts(self, alerts: Sequence[Alert]) -> None:
+        if not alerts:
+            return
+        rows = [
+            [a.id, a.type, a.threshold.id, a.threshold.metric_key, a.subject_type, a.subject_id, a.threshold.threshold,
+             a.value, a.period.value, _naive_utc(a.window_start), _naive_utc(a.window_end),
+             a.threshold.action.value, list(a.threshold.notify_emails), a.occurred_at]
+            for a in alerts
+        ]
+        await self._insert("threshold_events", rows, _ALERT_COLUMNS)
 
     async def write_definition(self, definition: MetricDefinition | None, definition_id: str, version: int) -> None:
         """Mirror one `metering.metrics` entry; `None` (a tombstone) marks the definition deleted."""

@@ -8,11 +8,13 @@ batches: Faust's per-message path is what bounds a plain agent (see shared notes
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import faust
 from aiokafka import AIOKafkaProducer
 from mode import Service
 
+from metering_pipeline.definitions import feed_into
 from metering_pipeline.logs import get_logger
 from metering_pipeline.settings import Settings
 from metering_pipeline.topics import Topics, ensure_topics, internal_topics, public_topics
@@ -20,10 +22,13 @@ from metering_pipeline.usage.metrics import MetricCatalog
 from metering_pipeline.warehouse.client import connect
 from metering_pipeline.warehouse.migrations import migrate
 from metering_pipeline.warehouse.sink import ClickHouseSink
-from metering_pipeline.worker.metric_feed import DefinitionAnnouncer, metric_feed
+from metering_pipeline.usage.thresholds import ThresholdBook
+from metering_pipeline.worker.entitlements import FORWARDED_HEADER, SERVED_BY_HEADER, Entitlements, member_client_id
+from metering_pipeline.worker.metric_feed import DefinitionAnnouncer
 from metering_pipeline.worker.rollup_stage import RollupStage
 from metering_pipeline.worker.router_stage import RouterStage
 from metering_pipeline.worker.stats import WorkerStats
+from metering_schemas import MetricDefinition, UsageThreshold
 
 log = get_logger(__name__)
 
@@ -31,10 +36,12 @@ log = get_logger(__name__)
 class Pipeline:
     """The stages of one worker process, started and stopped together."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, web_port: int) -> None:
         self.settings = settings
+        self.url = settings.worker_url or f"http://{socket.gethostname()}:{web_port}"
         self.stats = WorkerStats()
         self.catalog = MetricCatalog()
+        self.book = ThresholdBook()
         self.stopping = asyncio.Event()
         self.started = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
@@ -45,13 +52,21 @@ class Pipeline:
         self.events_producer = AIOKafkaProducer(**self.settings.kafka_client_options(), acks="all")
         await self.events_producer.start()
         self.announcer = DefinitionAnnouncer(self.sink, self.events_producer, Topics.of(self.settings).events)
-        feed = metric_feed(self.settings, self.catalog)
-        self.tasks = [
-            asyncio.create_task(self._guard("metric-feed", feed.run(self.stopping))),
-            asyncio.create_task(self._guard("rollups", RollupStage(self.settings, self.sink, self.stats).run(self.stopping))),
+        topics = Topics.of(self.settings)
+        feeds = [
+            feed_into(self.settings, topics.metrics, MetricDefinition, self.catalog.put, self.catalog.delete),
+            feed_into(self.settings, topics.thresholds, UsageThreshold, self.book.put, self.book.delete),
         ]
-        await feed.ready.wait()
-        self.tasks.append(asyncio.create_task(self._guard("router", RouterStage(self.settings, self.catalog, self.stats).run(self.stopping))))
+        self.tasks = [asyncio.create_task(self._guard(f"{feed.topic} feed", feed.run(self.stopping))) for feed in feeds]
+        for feed in feeds:  # thresholds are checked against the metrics' reset periods from the first record on
+            await feed.ready.wait()
+        rollups = RollupStage(self.settings, self.sink, self.stats, self.catalog, self.book,
+                              client_id=member_client_id(f"{self.settings.consumer_group_prefix}-rollups", self.url))
+        self.entitlements = Entitlements(self.settings, rollups, self.url)
+        self.tasks += [
+            asyncio.create_task(self._guard("rollups", rollups.run(self.stopping))),
+            asyncio.create_task(self._guard("router", RouterStage(self.settings, self.catalog, self.stats).run(self.stopping))),
+        ]
         self.healthy = True
         self.started.set()
         log.info("worker started", guarantee=self.settings.processing_guarantee)
@@ -92,7 +107,7 @@ def create_app(settings: Settings, web_port: int) -> faust.App:
         web_bind="0.0.0.0",
         topic_disable_leader=True,
     )
-    pipeline = Pipeline(settings)
+    pipeline = Pipeline(settings, web_port)
     definitions = app.topic(Topics.of(settings).metrics, key_serializer="raw", value_serializer="raw")
 
     @app.agent(definitions)
@@ -112,6 +127,15 @@ def create_app(settings: Settings, web_port: int) -> faust.App:
     @app.page("/health")
     async def health(web, request):
         return web.json({"healthy": pipeline.healthy}, status=200 if pipeline.healthy else 503)
+
+    @app.page("/v1/subjects/{subject_type}/{subject_id}/metrics/{metric_key}")
+    async def entitlement(web, request, subject_type: str, subject_id: str, metric_key: str):
+        """Current-period usage, limits and blocked state of one subject's metric (owner answers; others forward)."""
+        if not pipeline.started.is_set():
+            return web.json({"error": "starting", "message": "the worker is starting"}, status=503)
+        status, body, served_by = await pipeline.entitlements.check(
+            subject_type, subject_id, metric_key, forwarded=FORWARDED_HEADER in request.headers)
+        return web.json(body, status=status, headers={SERVED_BY_HEADER: served_by})
 
     @app.page("/metrics")
     async def metrics(web, request):

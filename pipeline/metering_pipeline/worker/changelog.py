@@ -3,13 +3,14 @@
 Entries are written in the same Kafka transaction as the consumer offsets they correspond
 to, so after a crash the state rebuilt from the changelog matches the committed offsets
 exactly. Rollups are keyed by their period (compaction keeps the latest); de-duplication
-identities are written one entry per checkpoint and tombstoned once the window has passed.
+identities are written one entry per checkpoint and tombstoned once the window has passed;
+threshold markers are keyed by threshold, subject and window.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal
 
@@ -17,28 +18,45 @@ import orjson
 
 from metering_pipeline.usage.aggregation import Aggregate
 from metering_pipeline.usage.dedup import RecordIdentity
-from metering_pipeline.usage.rollups import Rollup, RollupChange, RollupKey
-from metering_schemas import AggregationType, PeriodType
+from metering_pipeline.usage.rollups import LIFETIME, Rollup, RollupChange, RollupKey
+from metering_pipeline.usage.thresholds import Marker, MarkerKey
+from metering_schemas import AggregationType, PeriodType, ResetPeriod
 
 ROLLUP_PREFIX = b"r|"
 IDENTITIES_PREFIX = b"d|"
+MARKER_PREFIX = b"a|"  # threshold alert markers
 
 
 def rollup_entry(change: RollupChange) -> tuple[bytes, bytes]:
-    metric_key, subject_type, subject_id, period, start = change.key
     aggregate = change.rollup.aggregate
-    key = ROLLUP_PREFIX + orjson.dumps([metric_key, subject_type, subject_id, period.value, int(start.timestamp())])
     value = orjson.dumps([
         change.rollup.aggregation.value, aggregate.count, str(aggregate.sum),
         None if aggregate.min is None else str(aggregate.min), None if aggregate.max is None else str(aggregate.max),
-        change.rollup.version,
+        change.rollup.version, change.rollup.metric_id,
     ])
-    return key, value
+    return rollup_tombstone(change.key), value
 
 
 def rollup_tombstone(key: RollupKey) -> bytes:
     metric_key, subject_type, subject_id, period, start = key
     return ROLLUP_PREFIX + orjson.dumps([metric_key, subject_type, subject_id, period.value, int(start.timestamp())])
+
+
+def marker_entry(key: MarkerKey, marker: Marker | None) -> tuple[bytes, bytes | None]:
+    """A threshold marker (None: a tombstone, the marker was re-armed, forgotten or evicted)."""
+    threshold_id, subject_type, subject_id, window_start = key
+    entry_key = MARKER_PREFIX + orjson.dumps([threshold_id, subject_type, subject_id, int(window_start.timestamp())])
+    if marker is None:
+        return entry_key, None
+    return entry_key, orjson.dumps([str(marker.limit), marker.approaching, marker.exceeded])
+
+
+def _period(value: str) -> PeriodType | ResetPeriod:
+    return LIFETIME if value == LIFETIME.value else PeriodType(value)
+
+
+def _utc(seconds: int) -> datetime:
+    return datetime.fromtimestamp(seconds, tz=timezone.utc)
 
 
 def identities_entry(checkpoint_id: int, identities: Iterable[tuple[RecordIdentity, datetime]]) -> tuple[bytes, bytes]:
@@ -51,30 +69,40 @@ class RestoredState:
     rollups: dict[RollupKey, Rollup]
     identities: list[tuple[RecordIdentity, datetime]]
     identity_entries: dict[bytes, datetime]  # entry key -> newest identity in it, for expiry
+    markers: dict[MarkerKey, Marker] = field(default_factory=dict)
 
 
 def restore(entries: Iterable[tuple[bytes, bytes | None]]) -> RestoredState:
     """Fold changelog entries in log order: later entries replace earlier ones, tombstones delete."""
     rollups: dict[RollupKey, Rollup] = {}
+    markers: dict[MarkerKey, Marker] = {}
     identity_lists: dict[bytes, list[tuple[RecordIdentity, datetime]]] = {}
     for key, value in entries:
         if key.startswith(ROLLUP_PREFIX):
             metric_key, subject_type, subject_id, period, start = orjson.loads(key[len(ROLLUP_PREFIX):])
-            rollup_key = (metric_key, subject_type, subject_id, PeriodType(period), datetime.fromtimestamp(start, tz=timezone.utc))
+            rollup_key = (metric_key, subject_type, subject_id, _period(period), _utc(start))
             if value is None:
                 rollups.pop(rollup_key, None)
                 continue
-            aggregation, count, total, low, high, version = orjson.loads(value)
+            aggregation, count, total, low, high, version, *rest = orjson.loads(value)
             aggregate = Aggregate(count, Decimal(total), None if low is None else Decimal(low), None if high is None else Decimal(high))
-            rollups[rollup_key] = Rollup(AggregationType(aggregation), aggregate, version)
+            rollups[rollup_key] = Rollup(AggregationType(aggregation), aggregate, version, rest[0] if rest else None)
+        elif key.startswith(MARKER_PREFIX):
+            threshold_id, subject_type, subject_id, start = orjson.loads(key[len(MARKER_PREFIX):])
+            marker_key = (threshold_id, subject_type, subject_id, _utc(start))
+            if value is None:
+                markers.pop(marker_key, None)
+                continue
+            limit, approaching, exceeded = orjson.loads(value)
+            markers[marker_key] = Marker(Decimal(limit), approaching, exceeded)
         elif key.startswith(IDENTITIES_PREFIX):
             if value is None:
                 identity_lists.pop(key, None)
                 continue
             identity_lists[key] = [
-                ((subject_type, subject_id, record_id), datetime.fromtimestamp(at, tz=timezone.utc))
+                ((subject_type, subject_id, record_id), _utc(at))
                 for subject_type, subject_id, record_id, at in orjson.loads(value)
             ]
     identities = [entry for entries_ in identity_lists.values() for entry in entries_]
     newest = {key: max(at for _, at in entries_) for key, entries_ in identity_lists.items() if entries_}
-    return RestoredState(rollups, identities, newest)
+    return RestoredState(rollups, identities, newest, markers)

@@ -1,9 +1,8 @@
-"""Metric definitions from the compacted `metering.metrics` topic.
+"""Metric definitions into ClickHouse and the seed's `metric.defined` event.
 
-Every worker process follows the whole topic into its own MetricCatalog (the router needs
-every definition, whichever partitions it owns) and is `ready` once it has read what the
-topic held at start-up. Separately, one member of a small consumer group mirrors each
-definition into ClickHouse and announces it with the seed's `metric.defined` event.
+Every worker process follows the whole `metering.metrics` topic into its own MetricCatalog
+(see `definitions.feed_into`); separately, one member of a consumer group mirrors each
+definition into ClickHouse and announces it, which is what this module does.
 """
 
 from __future__ import annotations
@@ -13,25 +12,10 @@ from datetime import datetime, timezone
 import orjson
 from aiokafka import AIOKafkaProducer
 
-from metering_pipeline.definitions import DefinitionFeed, parse_entry
+from metering_pipeline.definitions import parse_entry
 from metering_pipeline.retry import until_success
-from metering_pipeline.settings import Settings
-from metering_pipeline.topics import Topics
-from metering_pipeline.usage.metrics import MetricCatalog
 from metering_pipeline.warehouse.sink import ClickHouseSink
 from metering_schemas import MetricDefinition
-
-
-def metric_feed(settings: Settings, catalog: MetricCatalog) -> DefinitionFeed[MetricDefinition]:
-    """Keeps `catalog` equal to the topic's definitions."""
-
-    def apply(definition_id: str, definition: MetricDefinition | None) -> None:
-        if definition is None:
-            catalog.delete(definition_id)
-        else:
-            catalog.put(definition)
-
-    return DefinitionFeed(settings, Topics.of(settings).metrics, MetricDefinition, apply)
 
 
 class DefinitionAnnouncer:

@@ -31,9 +31,13 @@ class WorkerProcess:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "metering_pipeline.cli", "worker", "--web-port", str(self.web_port), "--loglevel", "warn"],
-                env={**os.environ, **self.env}, stdout=log, stderr=subprocess.STDOUT,
+                env={**os.environ, "METERING_WORKER_URL": self.url, **self.env}, stdout=log, stderr=subprocess.STDOUT,
             )
         return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.web_port}"
 
     def wait_healthy(self, timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout
@@ -41,7 +45,7 @@ class WorkerProcess:
             if self.process is None or self.process.poll() is not None:
                 raise RuntimeError(f"worker exited; its log ends with:\n{self.log_tail()}")
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}/health", timeout=1) as response:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as response:
                     if response.status == 200:
                         return
             except OSError:
@@ -50,7 +54,7 @@ class WorkerProcess:
         raise TimeoutError(f"worker not healthy after {timeout}s; its log ends with:\n{self.log_tail()}")
 
     def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}/metrics", timeout=2) as response:
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=2) as response:
             return response.read().decode()
 
     def kill(self) -> None:

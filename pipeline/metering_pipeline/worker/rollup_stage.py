@@ -29,21 +29,27 @@ from metering_pipeline.logs import get_logger
 from metering_pipeline.retry import until_success
 from metering_pipeline.settings import Settings
 from metering_pipeline.topics import Topics
+from metering_pipeline.usage.metrics import MetricCatalog
 from metering_pipeline.usage.rollups import Checkpoint, PartitionRollups, RollupChange, RollupKey
+from metering_pipeline.usage.thresholds import Alert, Marker, MarkerKey, PartitionThresholds, ThresholdBook
 from metering_pipeline.warehouse.sink import ClickHouseSink
 from metering_pipeline.worker import changelog, routing
 from metering_pipeline.worker.stats import WorkerStats
+from metering_schemas import ResetPeriod
 
 log = get_logger(__name__)
 
 EVICTION_INTERVAL = 60.0  # seconds
+_PERIOD_LENGTH = [ResetPeriod.HOURLY, ResetPeriod.DAILY, ResetPeriod.MONTHLY, ResetPeriod.NEVER]
 
 
 @dataclass
 class OwnedPartition:
     partition: int
     state: PartitionRollups
+    thresholds: PartitionThresholds
     producer: AIOKafkaProducer
+    alerts: list[Alert] = field(default_factory=list)  # decided, not yet committed
     next_offset: int | None = None
     unsunk: dict[RollupKey, RollupChange] = field(default_factory=dict)  # committed, not yet in ClickHouse
     identity_entries: dict[bytes, datetime] = field(default_factory=dict)
@@ -51,10 +57,13 @@ class OwnedPartition:
 
 
 class RollupStage:
-    def __init__(self, settings: Settings, sink: ClickHouseSink, stats: WorkerStats) -> None:
+    def __init__(self, settings: Settings, sink: ClickHouseSink, stats: WorkerStats, catalog: MetricCatalog,
+                 book: ThresholdBook, client_id: str | None = None) -> None:
         self.settings = settings
         self.sink = sink
         self.stats = stats
+        self.catalog = catalog
+        self.book = book
         self.group_id = f"{settings.consumer_group_prefix}-rollups"
         self.topics = Topics.of(settings)
         self.topic = self.topics.routed
@@ -69,7 +78,13 @@ class RollupStage:
             auto_offset_reset="earliest",
             isolation_level="read_committed",
             max_poll_records=settings.max_poll_records,
+            **({"client_id": client_id} if client_id else {}),
         )
+
+    def partition_count(self) -> int | None:
+        """Of the routed topic, once known (subjects map to partitions by it)."""
+        partitions = self.consumer.partitions_for_topic(self.topic)
+        return len(partitions) if partitions else None
 
     async def run(self, stopping: asyncio.Event) -> None:
         await self.consumer.start()
@@ -84,6 +99,10 @@ class RollupStage:
                     if time.monotonic() - last_checkpoint >= self.settings.flush_interval:
                         await self._checkpoint_all()
                         last_checkpoint = time.monotonic()
+                    else:  # alerts do not wait for the flush interval
+                        for owned in list(self.owned.values()):
+                            if owned.alerts or owned.thresholds.pending_changes():
+                                await self._checkpoint(owned)
             async with self._lock:
                 await self._checkpoint_all()
         finally:
@@ -97,11 +116,13 @@ class RollupStage:
         if owned is None:  # revoked while the batch was in flight
             return
         now = datetime.now(timezone.utc)
+        touched: set[RollupKey] = set()
         for message in messages:
-            counted, duplicates = owned.state.apply(routing.decode(message.value, message.offset), now)
+            counted, duplicates = owned.state.apply(routing.decode(message.value, message.offset), now, touched)
             self.stats.counted += counted
             self.stats.duplicates += duplicates
             owned.next_offset = message.offset + 1
+        owned.alerts += owned.thresholds.after_records(touched, now)
         highwater = self.consumer.highwater(TopicPartition(self.topic, partition))
         if highwater is not None and owned.next_offset is not None:
             self.stats.lag[f"rollups/{partition}"] = highwater - owned.next_offset
@@ -112,14 +133,22 @@ class RollupStage:
 
     async def _checkpoint(self, owned: OwnedPartition) -> None:
         started = time.monotonic()
+        if owned.thresholds.pending_changes():
+            owned.alerts += owned.thresholds.after_threshold_changes(datetime.now(timezone.utc))
         checkpoint = owned.state.checkpoint()
         expired = self._expired_identity_entries(owned)
         expired += self._evicted_rollup_entries(owned)
-        if owned.next_offset is not None and (not checkpoint.is_empty() or expired):
+        markers = owned.thresholds.watch.checkpoint()
+        alerts, owned.alerts = owned.alerts, []
+        if owned.next_offset is not None and (not checkpoint.is_empty() or expired or markers or alerts):
+            # Like records, alerts reach ClickHouse before the commit: a replay rewrites the same ids.
             await until_success(lambda: self.sink.write_records(checkpoint.records), "write usage_records")
-            await self._commit(owned, checkpoint, expired)
+            await until_success(lambda: self.sink.write_alerts(alerts), "write threshold_events")
+            await self._commit(owned, checkpoint, expired, markers, alerts)
+            self.stats.alerts += len(alerts)
             for change in checkpoint.rollups:
-                owned.unsunk[change.key] = change
+                if change.reported:
+                    owned.unsunk[change.key] = change
         if owned.unsunk:
             changes = list(owned.unsunk.values())
             await until_success(lambda: self.sink.write_rollups(changes), "write usage_rollups")
@@ -133,7 +162,13 @@ class RollupStage:
             return []
         owned.last_eviction = time.monotonic()
         horizon = datetime.now(timezone.utc) - self.settings.allowed_lateness - timedelta(hours=1)
+        owned.thresholds.watch.evict_before(horizon, self._threshold_period)
         return [changelog.rollup_tombstone(key) for key in owned.state.evict_before(horizon) if key not in owned.unsunk]
+
+    def _threshold_period(self, threshold_id: str) -> ResetPeriod | None:
+        threshold = self.book.get(threshold_id)
+        definitions = [d for d in self.catalog.definitions() if threshold and d.key == threshold.metric_key]
+        return max((d.reset_period for d in definitions), key=_PERIOD_LENGTH.index, default=None)  # the longest: never too early
 
     def _expired_identity_entries(self, owned: OwnedPartition) -> list[bytes]:
         horizon = datetime.now(timezone.utc) - self.settings.dedup_window
@@ -143,7 +178,8 @@ class RollupStage:
             del owned.identity_entries[key]
         return expired
 
-    async def _commit(self, owned: OwnedPartition, checkpoint: Checkpoint, expired: list[bytes]) -> None:
+    async def _commit(self, owned: OwnedPartition, checkpoint: Checkpoint, expired: list[bytes],
+                      markers: list[tuple[MarkerKey, Marker | None]], alerts: list[Alert]) -> None:
         producer, partition = owned.producer, owned.partition
         sends = []
 
@@ -151,7 +187,14 @@ class RollupStage:
             for change in checkpoint.rollups:
                 key, value = changelog.rollup_entry(change)
                 sends.append(await producer.send(self.changelog_topic, value, key=key, partition=partition))
-                sends.append(await producer.send(self.topics.usage_aggregated, _aggregated_event(change), key=_subject_key(change)))
+                if change.reported:
+                    sends.append(await producer.send(self.topics.usage_aggregated, _aggregated_event(change), key=_subject_key(change)))
+            for marker_key, marker in markers:
+                key, value = changelog.marker_entry(marker_key, marker)
+                sends.append(await producer.send(self.changelog_topic, value, key=key, partition=partition))
+            for alert in alerts:
+                sends.append(await producer.send(self.topics.alerts, orjson.dumps(alert.to_event()),
+                                                 key=f"{alert.subject_type}:{alert.subject_id}".encode()))
             if checkpoint.identities:
                 key, value = changelog.identities_entry(owned.next_offset, checkpoint.identities)
                 owned.identity_entries[key] = max(at for _, at in checkpoint.identities)
@@ -193,9 +236,13 @@ class RollupStage:
                 restored = await self._restore(partition)
                 state = PartitionRollups(self.settings.dedup_window)
                 state.restore(restored.rollups.items(), restored.identities)
-                owned = OwnedPartition(partition, state, producer, identity_entries=restored.identity_entries)
+                # seen_changes starts at 0: every threshold in force is checked against the restored state.
+                thresholds = PartitionThresholds(state, self.book, self.catalog, self.settings.threshold_approaching_fraction)
+                thresholds.watch.restore(restored.markers.items())
+                owned = OwnedPartition(partition, state, thresholds, producer, identity_entries=restored.identity_entries)
                 # Whatever was committed may not have reached ClickHouse before the last owner stopped.
-                owned.unsunk = {key: RollupChange(key, rollup) for key, rollup in restored.rollups.items()}
+                owned.unsunk = {key: change for key, rollup in restored.rollups.items()
+                                if (change := RollupChange(key, rollup)).reported}
                 self.owned[partition] = owned
                 log.info("partition assigned", stage="rollups", partition=partition,
                          rollups=len(restored.rollups), identities=len(restored.identities))

@@ -13,6 +13,7 @@ class WorkerStats:
     counted: int = 0  # new records folded into rollups
     duplicates: int = 0  # records whose identity was seen within the dedup window
     dead_letters: Counter[str] = field(default_factory=Counter)  # by reason
+    alerts: int = 0  # threshold alerts committed to metering.alerts
     flushes: int = 0
     flush_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
     lag: dict[str, int] = field(default_factory=dict)  # "stage/partition" -> messages behind
@@ -29,6 +30,8 @@ class WorkerStats:
             f"metering_records_duplicate_total {self.duplicates}",
             "# TYPE metering_dead_letters_total counter",
             *(f'metering_dead_letters_total{{reason="{reason}"}} {n}' for reason, n in sorted(self.dead_letters.items())),
+            "# TYPE metering_alerts_total counter",
+            f"metering_alerts_total {self.alerts}",
             "# TYPE metering_flushes_total counter",
             f"metering_flushes_total {self.flushes}",
         ]

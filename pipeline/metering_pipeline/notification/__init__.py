@@ -1,0 +1,1 @@
+"""E-mail notifications of threshold alerts: message building, SMTP delivery, the notifier loop."""

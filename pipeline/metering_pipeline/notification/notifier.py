@@ -1,0 +1,90 @@
+"""`metering notifier`: one e-mail per alert per address, never twice across restarts.
+
+A consumer group of its own on `metering.alerts`. Before sending, it asks the delivery log
+which addresses already have this alert (a replay after a crash, or a second notifier);
+after each send it records the outcome; offsets are committed once a batch is fully
+handled. The one gap left: a crash between the SMTP server's acceptance and the log write
+re-sends that single message, with the same Message-ID, so mail systems can drop it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+from aiokafka import AIOKafkaConsumer
+
+from metering_pipeline.logs import get_logger
+from metering_pipeline.notification.messages import alert_email
+from metering_pipeline.notification.smtp import SmtpSender
+from metering_pipeline.retry import RetriesExhausted, until_success
+from metering_pipeline.settings import Settings
+from metering_pipeline.topics import Topics
+from metering_pipeline.warehouse.deliveries import FAILED, SENT, DeliveryLog
+
+log = get_logger(__name__)
+
+
+class Notifier:
+    def __init__(self, settings: Settings, deliveries: DeliveryLog, sender: SmtpSender) -> None:
+        self.settings = settings
+        self.deliveries = deliveries
+        self.sender = sender
+        self.sent = 0
+        self.failed = 0
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        consumer = AIOKafkaConsumer(
+            Topics.of(self.settings).alerts,
+            **self.settings.kafka_client_options(),
+            group_id=f"{self.settings.consumer_group_prefix}-notifier",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+        )
+        await consumer.start()
+        try:
+            while not stopping.is_set():
+                batches = await consumer.getmany(timeout_ms=500, max_records=500)
+                for messages in batches.values():
+                    for message in messages:
+                        await self.handle(message.value)
+                if batches:
+                    await consumer.commit()
+        finally:
+            await consumer.stop()
+
+    async def handle(self, value: bytes | None) -> None:
+        try:
+            alert = orjson.loads(value or b"null")
+            addresses = list(dict.fromkeys(alert.get("notifyEmails") or []))
+            alert_id = alert["id"]
+        except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError) as error:
+            log.error("unreadable alert skipped", error=str(error))
+            return
+        if not addresses:
+            return
+        done = await until_success(lambda: self.deliveries.sent(alert_id, addresses), "read notification_deliveries")
+        for address in addresses:
+            if address not in done:
+                await self._deliver(alert, address)
+
+    async def _deliver(self, alert: dict, address: str) -> None:
+        attempts = 0
+
+        async def send() -> None:
+            nonlocal attempts
+            attempts += 1
+            await self.sender.send(alert_email(alert, address, self.settings.smtp_from))
+
+        try:
+            await until_success(send, f"e-mail {alert['id']} to {address}", max_attempts=self.settings.notify_max_attempts)
+        except RetriesExhausted as gave_up:
+            self.failed += 1
+            log.error("alert e-mail failed", alert_id=alert["id"], email=address, attempts=gave_up.attempts, error=str(gave_up.error))
+            await until_success(lambda: self.deliveries.record(alert["id"], address, FAILED, attempts, str(gave_up.error)[:1000]),
+                                "write notification_deliveries")
+            return
+        self.sent += 1
+        log.info("alert e-mailed", alert_id=alert["id"], email=address, attempts=attempts)
+        await until_success(lambda: self.deliveries.record(alert["id"], address, SENT, attempts), "write notification_deliveries")

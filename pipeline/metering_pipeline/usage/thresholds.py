@@ -1,0 +1,327 @@
+"""Usage thresholds: which limits apply to a subject, and which alerts a new value fires.
+
+A threshold watches one metric of one subject (or every subject of a type, `subjectId` "*")
+over the metric's `resetPeriod` window. In each window it fires `threshold.approaching` once
+(value >= fraction x threshold) and `threshold.exceeded` once (value > threshold), approaching
+first. What has fired is kept per (threshold, subject, window) as a marker, so a replayed or
+late record never fires twice, and the markers travel with the partition's checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+
+from metering_pipeline.usage.metrics import MetricCatalog
+from metering_pipeline.usage.periods import period_end, period_start
+from metering_pipeline.usage.rollups import LIFETIME, PartitionRollups, Rollup, RollupKey
+from metering_schemas import PeriodType, ResetPeriod, ThresholdAction, UsageThreshold
+
+APPROACHING = "threshold.approaching"
+EXCEEDED = "threshold.exceeded"
+WILDCARD = "*"
+
+Subject = tuple[str, str]  # subject_type, subject_id
+MarkerKey = tuple[str, str, str, datetime]  # threshold id, subject_type, subject_id, window start
+
+
+class ThresholdBook:
+    """The thresholds in force, indexed by (metric key, subject type) for the per-record lookup."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, UsageThreshold] = {}
+        self._index: dict[tuple[str, str], dict[str, UsageThreshold]] = {}
+        self.changes: list[str] = []  # ids in the order they changed; partitions catch up through it
+
+    def put(self, threshold: UsageThreshold) -> None:
+        self._unindex(threshold.id)
+        self._by_id[threshold.id] = threshold
+        self._index.setdefault((threshold.metric_key, threshold.subject_type), {})[threshold.id] = threshold
+        self.changes.append(threshold.id)
+
+    def delete(self, threshold_id: str) -> None:
+        self._unindex(threshold_id)
+        self._by_id.pop(threshold_id, None)
+        self.changes.append(threshold_id)
+
+    def _unindex(self, threshold_id: str) -> None:
+        previous = self._by_id.get(threshold_id)
+        if previous is not None:
+            self._index.get((previous.metric_key, previous.subject_type), {}).pop(threshold_id, None)
+
+    def get(self, threshold_id: str) -> UsageThreshold | None:
+        return self._by_id.get(threshold_id)
+
+    def matching(self, metric_key: str, subject_type: str, subject_id: str) -> list[UsageThreshold]:
+        candidates = self._index.get((metric_key, subject_type))
+        if not candidates:
+            return []
+        return [t for t in candidates.values() if t.subject_id in (subject_id, WILDCARD)]
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    """One `threshold.approaching` / `threshold.exceeded` event on `metering.alerts`."""
+
+    type: str
+    threshold: UsageThreshold
+    subject_type: str
+    subject_id: str
+    value: Decimal
+    period: ResetPeriod
+    window_start: datetime
+    occurred_at: datetime
+
+    @property
+    def id(self) -> str:
+        """Deterministic: the same crossing of the same limit in the same window has the same id."""
+        return (f"{self.threshold.id}/{self.subject_type}:{self.subject_id}/{self.period.value}/"
+                f"{_iso(self.window_start)}/{self.type}@{self.threshold.threshold}")
+
+    @property
+    def window_end(self) -> datetime:
+        return period_end(self.period, self.window_start)
+
+    def to_event(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "type": self.type,
+            "thresholdId": self.threshold.id,
+            "metricKey": self.threshold.metric_key,
+            "subjectType": self.subject_type,
+            "subjectId": self.subject_id,
+            "threshold": str(self.threshold.threshold),
+            "value": str(self.value),
+            "periodType": self.period.value,
+            "periodStart": _iso(self.window_start),
+            "periodEnd": _iso(self.window_end),
+            "action": self.threshold.action.value,
+            "notifyEmails": list(self.threshold.notify_emails),
+            "occurredAt": _iso(self.occurred_at),
+        }
+
+
+def _iso(at: datetime) -> str:
+    return at.isoformat().replace("+00:00", "Z")
+
+
+@dataclass(slots=True)
+class Marker:
+    """What fired for one threshold, subject and window, and at which limit."""
+
+    limit: Decimal
+    approaching: bool = False
+    exceeded: bool = False
+
+
+def crossings(value: Decimal, limit: Decimal, fraction: Decimal, marker: Marker | None) -> list[str]:
+    """The alert types `value` fires that `marker` has not fired yet, approaching first."""
+    fired: list[str] = []
+    if value >= limit * fraction and not (marker and marker.approaching):
+        fired.append(APPROACHING)
+    if value > limit and not (marker and marker.exceeded):
+        fired.append(EXCEEDED)
+    return fired
+
+
+class ThresholdWatch:
+    """One partition's markers: decides alerts, re-arms raised limits, forgets old windows."""
+
+    def __init__(self, fraction: Decimal) -> None:
+        self.fraction = fraction
+        self.markers: dict[MarkerKey, Marker] = {}
+        self._changed: set[MarkerKey] = set()
+
+    def evaluate(self, threshold: UsageThreshold, subject: Subject, period: ResetPeriod, window_start: datetime,
+                 value: Decimal, now: datetime) -> list[Alert]:
+        if threshold.action is ThresholdAction.NONE:
+            return []
+        key = (threshold.id, *subject, window_start)
+        marker = self.markers.get(key)
+        fired = crossings(value, threshold.threshold, self.fraction, marker)
+        if not fired:
+            return []
+        if marker is None:
+            marker = self.markers[key] = Marker(threshold.threshold)
+        marker.approaching = marker.approaching or APPROACHING in fired
+        marker.exceeded = marker.exceeded or EXCEEDED in fired
+        marker.limit = threshold.threshold
+        self._changed.add(key)
+        return [Alert(kind, threshold, *subject, value, period, window_start, now) for kind in fired]
+
+    def rearm(self, threshold: UsageThreshold, value_of: Callable[[Subject, datetime], Decimal | None]) -> None:
+        """A limit raised to at least the current value fires again in that window; a lowered one does not."""
+        for key, marker in list(self.markers.items()):
+            if key[0] != threshold.id or threshold.threshold <= marker.limit:
+                continue
+            value = value_of((key[1], key[2]), key[3])
+            if value is None or value <= threshold.threshold:
+                self._drop(key)
+
+    def forget(self, threshold_id: str) -> None:
+        """A deleted threshold: its markers go, so a re-created one starts clean."""
+        for key in [k for k in self.markers if k[0] == threshold_id]:
+            self._drop(key)
+
+    def marker(self, threshold_id: str, subject: Subject, window_start: datetime) -> Marker | None:
+        return self.markers.get((threshold_id, *subject, window_start))
+
+    def evict_before(self, horizon: datetime, period_of: Callable[[str], ResetPeriod | None]) -> None:
+        """Markers of windows that ended before `horizon` can no longer matter."""
+        for key in list(self.markers):
+            period = period_of(key[0])
+            if period is None or period_end(period, key[3]) < horizon:
+                self._drop(key)
+
+    def _drop(self, key: MarkerKey) -> None:
+        del self.markers[key]
+        self._changed.add(key)
+
+    def checkpoint(self) -> list[tuple[MarkerKey, Marker | None]]:
+        """Markers changed since the last checkpoint (None: removed)."""
+        changed = [(key, self.markers.get(key)) for key in self._changed]
+        self._changed = set()
+        return changed
+
+    def restore(self, markers: Iterable[tuple[MarkerKey, Marker]]) -> None:
+        self.markers.update(markers)
+
+
+class PartitionThresholds:
+    """Threshold checks over one partition's rollups.
+
+    Records are checked as they are applied (only the rollups they touched); a threshold that
+    is created, changed or deleted is checked against every matching subject's current window
+    at the partition's next checkpoint, so it applies to usage already recorded.
+    """
+
+    def __init__(self, rollups: PartitionRollups, book: ThresholdBook, catalog: MetricCatalog, fraction: Decimal) -> None:
+        self.rollups = rollups
+        self.book = book
+        self.catalog = catalog
+        self.watch = ThresholdWatch(fraction)
+        self.seen_changes = 0  # position in book.changes this partition has caught up to
+
+    def window_period(self, rollup: Rollup) -> ResetPeriod | None:
+        """The metric's resetPeriod, the window its thresholds are evaluated over (None: metric deleted)."""
+        definition = self.catalog.get(rollup.metric_id) if rollup.metric_id else None
+        return None if definition is None else definition.reset_period
+
+    def window_rollup(self, metric_key: str, subject: Subject, window_start: datetime) -> tuple[ResetPeriod, Rollup] | None:
+        for period in (LIFETIME, *PeriodType):
+            rollup = self.rollups.rollups.get((metric_key, *subject, period, window_start))
+            if rollup is not None and (reset := self.window_period(rollup)) is not None and reset.value == period.value:
+                return reset, rollup
+        return None
+
+    def current_window(self, metric_key: str, subject: Subject, now: datetime) -> tuple[ResetPeriod, datetime, Rollup] | None:
+        for period in (LIFETIME, *PeriodType):
+            start = period_start(period, now)
+            found = self.window_rollup(metric_key, subject, start)
+            if found is not None and found[0].value == period.value:
+                return found[0], start, found[1]
+        return None
+
+    def after_records(self, touched: Iterable[RollupKey], now: datetime) -> list[Alert]:
+        alerts: list[Alert] = []
+        for key in touched:
+            metric_key, subject_type, subject_id, period, start = key
+            thresholds = self.book.matching(metric_key, subject_type, subject_id)
+            if not thresholds:
+                continue
+            rollup = self.rollups.rollups[key]
+            reset = self.window_period(rollup)
+            if reset is None or reset.value != period.value:
+                continue
+            value = rollup.total()
+            for threshold in thresholds:
+                alerts += self.watch.evaluate(threshold, (subject_type, subject_id), reset, start, value, now)
+        return alerts
+
+    def pending_changes(self) -> bool:
+        return self.seen_changes < len(self.book.changes)
+
+    def after_threshold_changes(self, now: datetime) -> list[Alert]:
+        changed = dict.fromkeys(self.book.changes[self.seen_changes:])
+        self.seen_changes = len(self.book.changes)
+        alerts: list[Alert] = []
+        for threshold_id in changed:
+            threshold = self.book.get(threshold_id)
+            if threshold is None:
+                self.watch.forget(threshold_id)
+                continue
+            self.watch.rearm(threshold, lambda subject, start, t=threshold: self._value(t.metric_key, subject, start))
+            subjects = {(key[1], key[2]) for key in self.rollups.rollups
+                        if key[0] == threshold.metric_key and key[1] == threshold.subject_type
+                        and threshold.subject_id in (key[2], WILDCARD)}
+            for subject in subjects:
+                window = self.current_window(threshold.metric_key, subject, now)
+                if window is not None:
+                    reset, start, rollup = window
+                    alerts += self.watch.evaluate(threshold, subject, reset, start, rollup.total(), now)
+        return alerts
+
+    def _value(self, metric_key: str, subject: Subject, window_start: datetime) -> Decimal | None:
+        found = self.window_rollup(metric_key, subject, window_start)
+        return None if found is None else found[1].total()
+
+    def status(self, metric_key: str, subject: Subject, now: datetime) -> SubjectStatus:
+        """Current-window usage of one metric against its thresholds: what an entitlement check asks."""
+        window = self.current_window(metric_key, subject, now)
+        definition = self.catalog.resolve(metric_key, subject[1] if subject[0] == "org" else None)
+        reset = window[0] if window else (definition.reset_period if definition else None)
+        start = window[1] if window else (period_start(reset, now) if reset else None)
+        value = window[2].total() if window else Decimal(0)
+        limits = []
+        for threshold in sorted(self.book.matching(metric_key, *subject), key=lambda t: t.threshold):
+            marker = self.watch.marker(threshold.id, subject, start) if start else None
+            state = "exceeded" if value > threshold.threshold else (
+                "approaching" if value >= threshold.threshold * self.watch.fraction else "ok")
+            blocked = threshold.action is ThresholdAction.BLOCK and marker is not None and marker.exceeded
+            limits.append(LimitStatus(threshold, state, blocked))
+        return SubjectStatus(metric_key, subject, reset, start, value, limits)
+
+
+@dataclass(frozen=True)
+class LimitStatus:
+    threshold: UsageThreshold
+    state: str  # ok | approaching | exceeded
+    blocked: bool
+
+
+@dataclass(frozen=True)
+class SubjectStatus:
+    metric_key: str
+    subject: Subject
+    period: ResetPeriod | None  # None: the metric is not defined
+    window_start: datetime | None
+    value: Decimal
+    limits: list[LimitStatus]
+
+    @property
+    def blocked(self) -> bool:
+        return any(limit.blocked for limit in self.limits)
+
+    def to_json(self) -> dict[str, object]:
+        state = max((limit.state for limit in self.limits), key=["ok", "approaching", "exceeded"].index, default="ok")
+        return {
+            "metricKey": self.metric_key,
+            "subjectType": self.subject[0],
+            "subjectId": self.subject[1],
+            "periodType": self.period.value if self.period else None,
+            "periodStart": _iso(self.window_start) if self.window_start else None,
+            "periodEnd": _iso(period_end(self.period, self.window_start)) if self.period and self.window_start else None,
+            "value": str(self.value),
+            "status": state,
+            "blocked": self.blocked,
+            "thresholds": [
+                {"id": limit.threshold.id, "threshold": str(limit.threshold.threshold), "action": limit.threshold.action.value,
+                 "status": limit.state, "blocked": limit.blocked}
+                for limit in self.limits
+            ],
+        }

@@ -72,6 +72,11 @@ class Settings(BaseSettings):
     smtp_timeout: float = Field(default=10.0, gt=0)
     notify_max_attempts: int = Field(default=8, ge=1, description="Sends per (alert, address) before it is recorded as failed")
 
+    # HTTP API (`metering api`)
+    api_keys_file: Path = Field(default_factory=lambda: _default_home() / "api-keys.jsonl",
+                                description="JSON lines of hashed API keys (`metering api-key create`)")
+    api_max_batch_records: int = Field(default=500, ge=1, le=100_000, description="Records per POST /v1/usage/batch")
+
     # ClickHouse (HTTP interface)
     clickhouse_url: str = "http://localhost:8123"
     clickhouse_user: str = "default"

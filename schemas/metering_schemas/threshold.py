@@ -23,3 +23,4 @@ class UsageThreshold(WireModel):
     threshold: Quantity
     action: ThresholdAction = ThresholdAction.ALERT
     notify_emails: list[str] = Field(default_factory=list)
+    org_id: Identifier | None = Field(default=None, description="Organization that owns it (set by org-scoped API keys)")

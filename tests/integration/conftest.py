@@ -1,24 +1,29 @@
-"""Fixtures for tests that run real `metering worker` processes."""
+"""Fixtures for tests that run real `metering worker` (and `metering api`) processes."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from support import PARTITIONS, WorkerProcess, settings_env
 
+from metering_pipeline.settings import Settings
 from metering_pipeline.topics import ensure_topics, internal_topics, public_topics
 from metering_pipeline.warehouse.client import connect
 from metering_pipeline.warehouse.migrations import migrate
 
 
-@pytest.fixture
-def pipeline(apache_stack, unique_name, tmp_path):
-    """Settings and worker env isolated by topic prefix, group prefix and database."""
-    settings = apache_stack.settings(
-        topic_prefix=f"{unique_name}.",
-        consumer_group_prefix=unique_name,
-        clickhouse_database=unique_name,
+@contextmanager
+def isolated_pipeline(stack, name: str, log_dir: Path) -> Iterator[tuple[Settings, Callable[[], WorkerProcess]]]:
+    """Settings and worker env isolated by topic prefix, group prefix and database; workers stopped after."""
+    settings = stack.settings(
+        topic_prefix=f"{name}.",
+        consumer_group_prefix=name,
+        clickhouse_database=name,
         usage_partitions=PARTITIONS,
         flush_interval=0.5,
     )
@@ -28,12 +33,28 @@ def pipeline(apache_stack, unique_name, tmp_path):
     workers: list[WorkerProcess] = []
 
     def new_worker() -> WorkerProcess:
-        worker = WorkerProcess(env, tmp_path / f"worker-{len(workers)}.log")
+        worker = WorkerProcess(env, log_dir / f"worker-{len(workers)}.log")
         workers.append(worker)
         return worker
 
-    yield settings, new_worker
-    for worker in workers:
-        worker.stop()
-    with connect(settings, database="default") as admin:
-        admin.command(f"DROP DATABASE IF EXISTS {unique_name}")
+    try:
+        yield settings, new_worker
+    finally:
+        for worker in workers:
+            worker.stop()
+        with connect(settings, database="default") as admin:
+            admin.command(f"DROP DATABASE IF EXISTS {name}")
+
+
+@pytest.fixture
+def pipeline(apache_stack, unique_name, tmp_path):
+    with isolated_pipeline(apache_stack, unique_name, tmp_path) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def module_pipeline(apache_stack, request, tmp_path_factory):
+    """One isolated pipeline shared by a module's tests (for expensive set-ups such as the API)."""
+    name = f"m_{request.module.__name__.rsplit('.', 1)[-1]}_{os.urandom(3).hex()}"
+    with isolated_pipeline(apache_stack, name, tmp_path_factory.mktemp(name)) as running:
+        yield running

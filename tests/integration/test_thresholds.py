@@ -73,9 +73,14 @@ def serving(worker, subject: str, metric_key: str, timeout: float = 60) -> None:
 
 
 def entitlement(worker, subject: str, metric_key: str) -> dict:
+    return entitlement_answer(worker, subject, metric_key)[0]
+
+
+def entitlement_answer(worker, subject: str, metric_key: str) -> tuple[dict, str]:
+    """(body, URL of the worker that answered)."""
     subject_type, subject_id = subject.split(":")
     with urllib.request.urlopen(f"{worker.url}/v1/subjects/{subject_type}/{subject_id}/metrics/{metric_key}", timeout=5) as r:
-        return json.loads(r.read())
+        return json.loads(r.read()), r.headers["X-Metering-Served-By"]
 
 
 def stored_alert_ids(settings) -> Counter:
@@ -244,3 +249,11 @@ async def test_alerts_stay_exactly_once_across_a_killed_worker(pipeline):
     while (stored := await asyncio.to_thread(stored_alert_ids, settings)) != Counter({a["id"]: 1 for a in found}):
         assert asyncio.get_running_loop().time() < deadline, f"threshold_events differs: {len(stored)} ids vs {len(found)}"
         await asyncio.sleep(0.5)
+
+    # Either worker answers an entitlement check; the one that does not own the subject forwards it.
+    for w in (first, second):
+        await asyncio.to_thread(serving, w, f"org:{subjects[0]}", "ops")
+    for subject in subjects[:10]:
+        answers = [await asyncio.to_thread(entitlement_answer, w, f"org:{subject}", "ops") for w in (first, second)]
+        assert [Decimal(body["value"]) for body, _ in answers] == [totals[subject]] * 2
+        assert answers[0][1] == answers[1][1] and answers[0][1] in (first.url, second.url)

@@ -7,6 +7,7 @@ import asyncio
 import click
 
 from metering_pipeline import logs, tables
+from metering_pipeline.cli.api import api, api_key
 from metering_pipeline.cli.check import check
 from metering_pipeline.cli.metric import metric
 from metering_pipeline.cli.notifier import notifier
@@ -36,6 +37,8 @@ main.add_command(produce)
 main.add_command(threshold)
 main.add_command(check)
 main.add_command(notifier)
+main.add_command(api)
+main.add_command(api_key)
 
 
 @main.command()

@@ -103,19 +103,35 @@ def _read_record(
     except ValidationError as error:
         return _rejection(message, index, raw, RejectReason.INVALID_RECORD, _summary(error), _field_errors(error))
     timestamp = record.timestamp or message.timestamp
-    if timestamp < message.timestamp - rules.allowed_lateness:
-        return _rejection(message, index, raw, RejectReason.TOO_LATE,
-                          f"timestamp {timestamp.isoformat()} is more than {rules.allowed_lateness} before the message time")
-    if timestamp > message.timestamp + rules.future_skew:
-        return _rejection(message, index, raw, RejectReason.FUTURE_TIMESTAMP,
-                          f"timestamp {timestamp.isoformat()} is more than {rules.future_skew} after the message time")
-    metric = catalog.resolve(record.metric_key, record_org(record.subject_type, record.subject_id, record.metadata))
-    if metric is None:
-        return _rejection(message, index, raw, RejectReason.UNKNOWN_METRIC,
-                          f"no metric definition with key {record.metric_key!r} for this record's org or globally")
+    verdict = judge(record, timestamp, message.timestamp, catalog, rules)
+    if isinstance(verdict, Refusal):
+        return _rejection(message, index, raw, verdict.reason, verdict.message)
+    metric = verdict
     position = f"{message.topic}/{message.partition}/{message.offset}" + ("" if index is None else f"/{index}")
     dedup_id = record.id if record.id is not None else f"@{position}"
     return AcceptedRecord(dedup_id, record, timestamp, metric, message.offset)
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    reason: RejectReason
+    message: str
+
+
+def judge(record: UsageRecord, timestamp: datetime, received_at: datetime, catalog: MetricCatalog,
+          rules: IntakeRules) -> MetricDefinition | Refusal:
+    """The metric that governs a valid record, or why it is refused (shared by the worker and the API)."""
+    if timestamp < received_at - rules.allowed_lateness:
+        return Refusal(RejectReason.TOO_LATE,
+                       f"timestamp {timestamp.isoformat()} is more than {rules.allowed_lateness} before the message time")
+    if timestamp > received_at + rules.future_skew:
+        return Refusal(RejectReason.FUTURE_TIMESTAMP,
+                       f"timestamp {timestamp.isoformat()} is more than {rules.future_skew} after the message time")
+    metric = catalog.resolve(record.metric_key, record_org(record.subject_type, record.subject_id, record.metadata))
+    if metric is None:
+        return Refusal(RejectReason.UNKNOWN_METRIC,
+                       f"no metric definition with key {record.metric_key!r} for this record's org or globally")
+    return metric
 
 
 def _summary(error: ValidationError) -> str:

@@ -1,0 +1,42 @@
+"""The FastAPI application: routers per concern, one error shape, OpenAPI at /openapi.json."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+
+from metering_pipeline.api import metrics, thresholds, usage
+from metering_pipeline.api.context import ApiContext, lifespan
+from metering_pipeline.api.errors import ApiError, on_api_error, on_validation_error
+from metering_pipeline.api.keys import KeyRing
+from metering_pipeline.settings import Settings
+
+DESCRIPTION = """The usage-metering module's commands and queries over HTTP.
+
+Writes go to the Kafka topics the pipeline consumes and are acknowledged by the broker before
+the API answers. Authenticate with `Authorization: Bearer <API key>` (`metering api-key create`);
+keys have `read` and/or `write` scopes and may be limited to one org.
+
+| seed contract | HTTP |
+|---|---|
+| metric.define / metric.update / metric.delete | `POST /v1/metrics`, `PUT /v1/metrics/{key}`, `DELETE /v1/metrics/{key}` |
+| metric.get / metric.list | `GET /v1/metrics/{key}`, `GET /v1/metrics` |
+| usage.record / usage.recordBatch | `POST /v1/usage`, `POST /v1/usage/batch` |
+| usage.get / usage.getSummary / usage.export | `GET /v1/usage`, `GET /v1/usage/summary`, `GET /v1/usage/export` |
+| threshold.create / threshold.update / threshold.delete / threshold.list | `POST /v1/thresholds`, `PUT /v1/thresholds/{id}`, `DELETE /v1/thresholds/{id}`, `GET /v1/thresholds` |
+"""
+
+
+def create_app(settings: Settings) -> FastAPI:
+    context = ApiContext(settings, KeyRing(settings.api_keys_file))
+    app = FastAPI(title="usage-metering", version="0.1.0", description=DESCRIPTION, lifespan=lifespan(context))
+    app.add_exception_handler(ApiError, on_api_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    for router in (metrics.router, usage.router, thresholds.router):
+        app.include_router(router)
+
+    @app.get("/health", tags=["operations"], summary="Liveness: the API has loaded the catalogs")
+    async def health() -> dict[str, bool]:
+        return {"healthy": True}
+
+    return app

@@ -1,0 +1,54 @@
+"""Machine-readable errors: `{"error": code, "message": text, "errors": [{"field", "message"}]}`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+
+class FieldProblem(BaseModel):
+    field: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: str
+    message: str
+    errors: list[FieldProblem] = []
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, error: str, message: str, errors: list[FieldProblem] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = ErrorBody(error=error, message=message, errors=errors or [])
+
+
+def field_path(loc: tuple[Any, ...] | list[Any]) -> str:
+    """pydantic's loc as a dotted path of wire names: `body.records.3.quantity`."""
+    return ".".join(str(part) for part in loc)
+
+
+async def on_api_error(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, ApiError)
+    return JSONResponse(error.body.model_dump(), status_code=error.status)
+
+
+async def on_validation_error(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, RequestValidationError)
+    problems = [FieldProblem(field=field_path(e["loc"]), message=e["msg"]) for e in error.errors()]
+    body = ErrorBody(error="validation_error", message="; ".join(f"{p.field}: {p.message}" for p in problems), errors=problems)
+    return JSONResponse(body.model_dump(), status_code=422)
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": description}
+    for status, description in {
+        400: "Malformed request", 401: "Missing or unknown API key", 403: "The key's scope or org does not allow it",
+        404: "Not found", 409: "Already exists", 422: "Invalid input", 503: "Kafka or ClickHouse unavailable",
+    }.items()
+}

@@ -1,0 +1,116 @@
+"""metric.define / update / delete / get / list."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from pydantic import Field
+
+from metering_pipeline.api.context import ApiContext
+from metering_pipeline.api.decimal_json import DecimalJSONRoute
+from metering_pipeline.api.errors import ERROR_RESPONSES, ApiError
+from metering_pipeline.api.security import Caller, reader, writer
+from metering_schemas import AggregationType, MetricDefinition, ResetPeriod
+from metering_schemas._base import Identifier, WireModel
+
+router = APIRouter(prefix="/v1/metrics", tags=["metrics"], route_class=DecimalJSONRoute, responses=ERROR_RESPONSES)
+
+OrgQuery = Query(default=None, alias="orgId", description="The org-scoped definition (default: the global one)")
+
+
+class MetricInput(WireModel):
+    """metric.define: a MetricDefinition whose id defaults to the key (or `orgId:key`)."""
+
+    id: Identifier | None = None
+    key: Identifier = Field(pattern=r"^[A-Za-z0-9_.:-]+$")
+    name: str = Field(min_length=1, max_length=256)
+    description: str = ""
+    unit: str = ""
+    aggregation_type: AggregationType
+    reset_period: ResetPeriod = ResetPeriod.NEVER
+    org_id: Identifier | None = None
+
+
+class MetricChange(WireModel):
+    """metric.update: the fields to change (key and org stay)."""
+
+    name: str | None = Field(default=None, min_length=1, max_length=256)
+    description: str | None = None
+    unit: str | None = None
+    aggregation_type: AggregationType | None = None
+    reset_period: ResetPeriod | None = None
+
+
+class MetricList(WireModel):
+    metrics: list[MetricDefinition]
+
+
+def _context(request: Request) -> ApiContext:
+    return request.app.state.context
+
+
+def _scoped(key: str, org_id: str | None, who: Caller, context: ApiContext) -> MetricDefinition:
+    """The definition a caller addresses: an org key always means its own org's."""
+    org = who.org_id if who.org_id is not None else org_id
+    who.require_org(org, f"metric {key!r}")
+    found = next((d for d in context.metrics.definitions() if d.key == key and d.org_id == org), None)
+    if found is None:
+        raise ApiError(404, "not_found", f"no metric {key!r}" + (f" for org {org!r}" if org else " (global)"))
+    return found
+
+
+@router.post("", status_code=201, response_model=MetricDefinition, summary="metric.define")
+async def define_metric(body: MetricInput, request: Request, who: Caller = Depends(writer)) -> MetricDefinition:
+    org = body.org_id if body.org_id is not None else who.org_id
+    who.require_org(org, "a global metric" if org is None else f"org {org!r}")
+    definition = MetricDefinition(id=body.id or (f"{org}:{body.key}" if org else body.key), key=body.key, name=body.name,
+                                  description=body.description, unit=body.unit, aggregation_type=body.aggregation_type,
+                                  reset_period=body.reset_period, org_id=org)
+    context = _context(request)
+    if context.metrics.get(definition.id) is not None:
+        raise ApiError(409, "conflict", f"metric id {definition.id!r} exists; use PUT /v1/metrics/{body.key}")
+    if any(d.key == definition.key and d.org_id == org for d in context.metrics.definitions()):
+        raise ApiError(409, "conflict", f"metric key {definition.key!r} is already defined" + (f" for org {org!r}" if org else ""))
+    await context.publish_metric(definition.id, definition)
+    return definition
+
+
+@router.put("/{key}", response_model=MetricDefinition, summary="metric.update")
+async def update_metric(key: str, body: MetricChange, request: Request, org_id: str | None = OrgQuery,
+                        who: Caller = Depends(writer)) -> MetricDefinition:
+    context = _context(request)
+    current = _scoped(key, org_id, who, context)
+    changes = body.model_dump(exclude_none=True)
+    if not changes:
+        raise ApiError(422, "validation_error", "give at least one field to change")
+    updated = current.model_copy(update=changes)
+    await context.publish_metric(updated.id, updated)
+    return updated
+
+
+@router.delete("/{key}", status_code=204, summary="metric.delete")
+async def delete_metric(key: str, request: Request, org_id: str | None = OrgQuery, who: Caller = Depends(writer)) -> Response:
+    context = _context(request)
+    current = _scoped(key, org_id, who, context)
+    await context.publish_metric(current.id, None)
+    return Response(status_code=204)
+
+
+@router.get("/{key}", response_model=MetricDefinition, summary="metric.get")
+async def get_metric(key: str, request: Request, org_id: str | None = OrgQuery, who: Caller = Depends(reader)) -> MetricDefinition:
+    """The definition that applies: the org's own if it has one, else the global one."""
+    org = who.org_id if who.org_id is not None else org_id
+    who.require_org(org, f"metric {key!r}")
+    found = _context(request).metrics.resolve(key, org)
+    if found is None:
+        raise ApiError(404, "not_found", f"no metric {key!r}")
+    return found
+
+
+@router.get("", response_model=MetricList, summary="metric.list")
+async def list_metrics(request: Request, org_id: str | None = OrgQuery, who: Caller = Depends(reader)) -> MetricList:
+    """Global metrics and, for an org (an org key's own, or `orgId`), that org's."""
+    org = who.org_id if who.org_id is not None else org_id
+    who.require_org(org, "that list")
+    visible = [d for d in _context(request).metrics.definitions()
+               if d.org_id is None or d.org_id == org or (who.org_id is None and org is None)]
+    return MetricList(metrics=sorted(visible, key=lambda d: (d.key, d.org_id or "")))

@@ -1,0 +1,236 @@
+"""usage.record / recordBatch / get / getSummary / export."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Literal
+
+import orjson
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.responses import StreamingResponse
+from pydantic import Field
+
+from metering_pipeline.api.context import ApiContext
+from metering_pipeline.api.decimal_json import DecimalJSONRoute
+from metering_pipeline.api.errors import ERROR_RESPONSES, ApiError, FieldProblem
+from metering_pipeline.api.security import Caller, reader, writer
+from metering_pipeline.usage.intake import IntakeRules, Refusal, judge
+from metering_pipeline.usage.metrics import record_org
+from metering_pipeline.usage.periods import END_OF_TIME, EPOCH, period_end, period_start
+from metering_pipeline.warehouse.client import connect
+from metering_pipeline.warehouse.queries import EXPORT_FORMATS, RecordFilter, open_usage_export, usage_records_page, usage_summaries
+from metering_schemas import PeriodType, UsageRecord, UsageSummary
+from metering_schemas._base import Identifier, UtcDatetime, WireModel
+
+router = APIRouter(prefix="/v1/usage", tags=["usage"], route_class=DecimalJSONRoute, responses=ERROR_RESPONSES)
+
+IdempotencyKey = Header(default=None, alias="Idempotency-Key", max_length=200,
+                        description="Names the request: records without an id get ids derived from it, so a retry counts once")
+
+
+class RecordBatch(WireModel):
+    records: list[UsageRecord] = Field(min_length=1)
+
+
+class Accepted(WireModel):
+    """The records as published (with their ids): acknowledged by Kafka, counted by the workers."""
+
+    records: list[UsageRecord]
+
+
+class RecordPage(WireModel):
+    records: list[UsageRecord]
+    next_cursor: str | None = Field(default=None, description="Pass as `cursor` for the next page; null on the last")
+
+
+class SummaryList(WireModel):
+    summaries: list[UsageSummary]
+
+
+def _context(request: Request) -> ApiContext:
+    return request.app.state.context
+
+
+def _admit(records: list[UsageRecord], who: Caller, context: ApiContext, idempotency_key: str | None,
+           batch: bool) -> list[UsageRecord]:
+    """Every record checked before any is published: a request is accepted whole or refused whole."""
+    now = datetime.now(timezone.utc)
+    settings = context.settings
+    rules = IntakeRules(settings.allowed_lateness, settings.future_skew)
+    admitted: list[UsageRecord] = []
+    problems: list[FieldProblem] = []
+    for index, record in enumerate(records):
+        where = f"body.records.{index}" if batch else "body"
+        org = record_org(record.subject_type, record.subject_id, record.metadata)
+        if who.org_id is not None:
+            if record.subject_type != "org" and org is None:  # an org key's records name their org
+                record = record.model_copy(update={"metadata": {**record.metadata, "orgId": who.org_id}})
+                org = who.org_id
+            if org != who.org_id:
+                raise ApiError(403, "forbidden_org", f"{where}: subject {record.subject_type}:{record.subject_id} is not in org {who.org_id!r}")
+        verdict = judge(record, record.timestamp or now, now, context.metrics, rules)
+        if isinstance(verdict, Refusal):
+            problems.append(FieldProblem(field=where, message=f"{verdict.reason.value}: {verdict.message}"))
+            continue
+        if record.id is None:
+            record_id = f"{idempotency_key}:{index}" if idempotency_key else str(uuid.uuid4())
+            record = record.model_copy(update={"id": record_id})
+        admitted.append(record)
+    if problems:
+        raise ApiError(422, "invalid_records", f"{len(problems)} of {len(records)} records refused; none was published", problems)
+    return admitted
+
+
+@router.post("", status_code=202, response_model=Accepted, summary="usage.record")
+async def record_usage(body: UsageRecord, request: Request, idempotency_key: str | None = IdempotencyKey,
+                       who: Caller = Depends(writer)) -> Accepted:
+    context = _context(request)
+    admitted = _admit([body], who, context, idempotency_key, batch=False)
+    assert context.producer is not None
+    await context.producer.record(admitted[0])
+    return Accepted(records=admitted)
+
+
+@router.post("/batch", status_code=202, response_model=Accepted, summary="usage.recordBatch")
+async def record_usage_batch(body: RecordBatch, request: Request, idempotency_key: str | None = IdempotencyKey,
+                             who: Caller = Depends(writer)) -> Accepted:
+    context = _context(request)
+    limit = context.settings.api_max_batch_records
+    if len(body.records) > limit:
+        raise ApiError(413, "batch_too_large", f"{len(body.records)} records; at most {limit} per request")
+    admitted = _admit(body.records, who, context, idempotency_key, batch=True)
+    assert context.producer is not None
+    await context.producer.record_batch(admitted)
+    return Accepted(records=admitted)
+
+
+_EARLIEST, _LATEST = EPOCH, END_OF_TIME  # what ClickHouse's DateTime can hold
+
+
+def _storable(name: str, value: datetime | None) -> datetime | None:
+    value = _utc(value)
+    if value is not None and not _EARLIEST <= value < _LATEST:
+        raise ApiError(422, "validation_error", f"{name} must be between 1970 and 2105",
+                       [FieldProblem(field=f"query.{name}", message="outside 1970-01-01 to 2106-01-01")])
+    return value
+
+
+def _range(start: datetime | None, end: datetime | None, default_days: int = 30) -> tuple[datetime, datetime]:
+    now = datetime.now(timezone.utc)
+    start = _storable("from", start) or now - timedelta(days=default_days)
+    end = _storable("to", end) or now + timedelta(days=1)
+    if end <= start:
+        raise ApiError(422, "validation_error", "`to` must be after `from`",
+                       [FieldProblem(field="query.to", message="must be after from")])
+    return start, end
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    return None if value is None else (value if value.tzinfo else value.replace(tzinfo=timezone.utc))
+
+
+def _selection(who: Caller, start: datetime | None, end: datetime | None, subject_type: str | None,
+               subject_id: str | None, metric_key: str | None) -> RecordFilter:
+    if subject_id is not None and subject_type is None:
+        raise ApiError(422, "validation_error", "subjectId needs subjectType",
+                       [FieldProblem(field="query.subjectType", message="required with subjectId")])
+    first, last = _range(start, end)
+    return RecordFilter(first, last, subject_type, subject_id, metric_key, who.org_id)
+
+
+def _cursor(after: tuple[datetime, str]) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps([after[0].isoformat(), after[1]])).decode()
+
+
+def _read_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        timestamp, record_id = orjson.loads(base64.urlsafe_b64decode(cursor.encode()))
+        return datetime.fromisoformat(timestamp), str(record_id)
+    except (ValueError, TypeError, orjson.JSONDecodeError):
+        raise ApiError(400, "invalid_cursor", "cursor is not one this API returned") from None
+
+
+@router.get("", response_model=RecordPage, summary="usage.get")
+async def get_usage(request: Request, subject_type: Identifier = Query(alias="subjectType", min_length=1, max_length=256),
+                    subject_id: Identifier = Query(alias="subjectId", min_length=1, max_length=256),
+                    metric_key: Identifier | None = Query(default=None, alias="metricKey", min_length=1, max_length=256),
+                    start: datetime | None = Query(default=None, alias="from", description="[default: 30 days ago]"),
+                    end: datetime | None = Query(default=None, alias="to", description="exclusive [default: tomorrow]"),
+                    limit: int = Query(default=100, ge=1, le=1000), cursor: str | None = Query(default=None, max_length=2000),
+                    who: Caller = Depends(reader)) -> RecordPage:
+    """A subject's raw usage records, oldest first, a page at a time."""
+    selection = _selection(who, start, end, subject_type, subject_id, metric_key)
+    after = _read_cursor(cursor) if cursor else None
+    records = await _context(request).query(usage_records_page, selection, after, limit)
+    next_cursor = _cursor((records[-1].timestamp, records[-1].id)) if len(records) == limit else None
+    return RecordPage(records=records, next_cursor=next_cursor)
+
+
+@router.get("/summary", response_model=SummaryList, summary="usage.getSummary")
+async def get_summary(request: Request, metric_key: Identifier = Query(alias="metricKey", min_length=1, max_length=256),
+                      subject_type: Identifier = Query(alias="subjectType", min_length=1, max_length=256), subject_id: Identifier = Query(alias="subjectId", min_length=1, max_length=256),
+                      period_type: PeriodType = Query(default=PeriodType.MONTHLY, alias="periodType"),
+                      period_start_at: UtcDatetime | None = Query(default=None, alias="periodStart",
+                                                                  description="One period (the seed's getUsageSummary)"),
+                      start: datetime | None = Query(default=None, alias="from"),
+                      end: datetime | None = Query(default=None, alias="to"),
+                      who: Caller = Depends(reader)) -> SummaryList:
+    """Rollups of one metric for one subject: the period containing `periodStart`, or every period in [from, to)."""
+    if who.org_id is not None and subject_type == "org" and subject_id != who.org_id:
+        raise ApiError(403, "forbidden_org", f"this key acts for org {who.org_id!r} only")
+    if period_start_at is not None:
+        first = period_start(period_type, _storable("periodStart", period_start_at))
+        last = period_end(period_type, first)
+    else:
+        first, last = _range(start, end)
+    if who.org_id is not None and subject_type != "org":
+        # The subject's org is known only from its records' metadata: it must have one in this org.
+        owned = await _context(request).query(usage_records_page, RecordFilter(
+            datetime(1970, 1, 1, tzinfo=timezone.utc), datetime(2106, 1, 1, tzinfo=timezone.utc),
+            subject_type, subject_id, None, who.org_id), None, 1)
+        if not owned:
+            return SummaryList(summaries=[])
+    summaries = await _context(request).query(usage_summaries, metric_key, subject_type, subject_id, period_type, first, last)
+    if period_start_at is not None and not summaries:
+        summaries = [UsageSummary(id=f"{metric_key}:{subject_type}:{subject_id}:{period_type.value}:{first.isoformat()}",
+                                  metric_key=metric_key, subject_type=subject_type, subject_id=subject_id,
+                                  period_type=period_type, period_start=first, period_end=last,
+                                  total_quantity=Decimal(0), record_count=0)]
+    return SummaryList(summaries=summaries)
+
+
+_MEDIA_TYPES = {"csv": "text/csv", "jsonl": "application/x-ndjson", "parquet": "application/vnd.apache.parquet"}
+
+
+@router.get("/export", summary="usage.export", response_class=StreamingResponse,
+            responses={200: {"content": {m: {} for m in _MEDIA_TYPES.values()}, "description": "The records, streamed"}})
+async def export_usage(request: Request, export_format: Literal["csv", "jsonl", "parquet"] = Query(default="csv", alias="format"),
+                       start: datetime | None = Query(default=None, alias="from"), end: datetime | None = Query(default=None, alias="to"),
+                       subject_type: Identifier | None = Query(default=None, alias="subjectType", min_length=1, max_length=256),
+                       subject_id: Identifier | None = Query(default=None, alias="subjectId", min_length=1, max_length=256),
+                       metric_key: Identifier | None = Query(default=None, alias="metricKey", min_length=1, max_length=256),
+                       who: Caller = Depends(reader)) -> StreamingResponse:
+    """Usage records of a time range, optionally one subject or metric, as CSV, JSON lines or Parquet."""
+    selection = _selection(who, start, end, subject_type, subject_id, metric_key)
+    assert export_format in EXPORT_FORMATS
+    client = connect(_context(request).settings)  # its own connection: a long stream must not hold the shared one
+    try:
+        stream = await asyncio.to_thread(open_usage_export, client, selection, export_format)
+    except Exception:
+        client.close()
+        raise
+
+    def chunks() -> Iterator[bytes]:
+        try:
+            yield from stream
+        finally:
+            client.close()
+
+    filename = f"usage-{selection.start:%Y%m%dT%H%M%S}-{selection.end:%Y%m%dT%H%M%S}.{export_format}"
+    return StreamingResponse(chunks(), media_type=_MEDIA_TYPES[export_format],
+                             headers={"Content-Disposition": f'attachment; filename="{filename}"'})

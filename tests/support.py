@@ -31,6 +31,8 @@ def settings_env(settings) -> dict[str, str]:
         "METERING_CLICKHOUSE_DATABASE": settings.clickhouse_database,
         "METERING_USAGE_PARTITIONS": str(settings.usage_partitions),
         "METERING_FLUSH_INTERVAL": str(settings.flush_interval),
+        # Killed workers leave their groups within seconds, so the fault tests stay short.
+        "METERING_KAFKA_SESSION_TIMEOUT": "10",
     }
 
 

@@ -59,6 +59,9 @@ class Settings(BaseSettings):
                                   "default http://<hostname>:<web port>"
     )
     max_poll_records: int = Field(default=20_000, ge=1)
+    kafka_session_timeout: float = Field(
+        default=30.0, gt=0, description="Seconds without a heartbeat before a worker's consumers leave their groups "
+                                        "(aiokafka's 10 s is easily missed by a busy worker; longer delays failover)")
     consumer_group_prefix: str = Field(default="metering", description="Prefix of the worker's consumer groups and transactional ids")
     topic_prefix: str = Field(default="", description="Prefix of every topic name (default none: the documented names)")
 
@@ -94,6 +97,11 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(default_factory=_default_cache)
     kafka_version: str = "4.1.1"
     stack_kafka_heap: str = "512m"
+
+    def kafka_group_options(self) -> dict[str, object]:
+        """For the worker's group consumers: heartbeats every few seconds, generous session timeout."""
+        session_ms = int(self.kafka_session_timeout * 1000)
+        return {"session_timeout_ms": session_ms, "heartbeat_interval_ms": max(1000, session_ms // 10)}
 
     def kafka_client_options(self) -> dict[str, object]:
         """Keyword arguments shared by every aiokafka client the product creates."""

@@ -8,6 +8,7 @@ import click
 
 from metering_pipeline import logs, tables
 from metering_pipeline.cli.api import api, api_key
+from metering_pipeline.cli.bench import bench
 from metering_pipeline.cli.check import check
 from metering_pipeline.cli.metric import metric
 from metering_pipeline.cli.notifier import notifier
@@ -39,6 +40,7 @@ main.add_command(check)
 main.add_command(notifier)
 main.add_command(api)
 main.add_command(api_key)
+main.add_command(bench)
 
 
 @main.command()

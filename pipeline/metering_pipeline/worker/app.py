@@ -101,6 +101,8 @@ def create_app(settings: Settings, web_port: int) -> faust.App:
         f"{settings.topic_prefix}{settings.consumer_group_prefix}-worker",
         broker=f"kafka://{settings.kafka_bootstrap}",
         broker_credentials=_faust_credentials(settings),
+        broker_session_timeout=settings.kafka_session_timeout,
+        broker_heartbeat_interval=max(1.0, settings.kafka_session_timeout / 10),
         store="memory://",
         web_enabled=True,
         web_port=web_port,

@@ -16,6 +16,7 @@ changelog is written instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from datetime import datetime, timedelta, timezone
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import CommitFailedError, IllegalOperation, InvalidProducerEpoch, KafkaError, ProducerFenced
 
 from metering_pipeline.logs import get_logger
 from metering_pipeline.retry import until_success
@@ -70,6 +71,7 @@ class RollupStage:
         self.changelog_topic = self.topics.rollup_changelog
         self.transactional = settings.processing_guarantee == "exactly_once"
         self.owned: dict[int, OwnedPartition] = {}
+        self._rejoin = False
         self._lock = asyncio.Lock()
         self.consumer = AIOKafkaConsumer(
             **settings.kafka_client_options(),
@@ -78,6 +80,7 @@ class RollupStage:
             auto_offset_reset="earliest",
             isolation_level="read_committed",
             max_poll_records=settings.max_poll_records,
+            **settings.kafka_group_options(),
             **({"client_id": client_id} if client_id else {}),
         )
 
@@ -92,6 +95,10 @@ class RollupStage:
         last_checkpoint = time.monotonic()
         try:
             while not stopping.is_set():
+                if self._rejoin:
+                    self._rejoin = False
+                    self.consumer.unsubscribe()
+                    self.consumer.subscribe([self.topic], listener=_Listener(self))
                 batches = await self.consumer.getmany(timeout_ms=100, max_records=self.settings.max_poll_records)
                 async with self._lock:
                     for tp, messages in batches.items():
@@ -102,7 +109,7 @@ class RollupStage:
                     else:  # alerts do not wait for the flush interval
                         for owned in list(self.owned.values()):
                             if owned.alerts or owned.thresholds.pending_changes():
-                                await self._checkpoint(owned)
+                                await self._checkpoint_or_release(owned)
             async with self._lock:
                 await self._checkpoint_all()
         finally:
@@ -129,7 +136,21 @@ class RollupStage:
 
     async def _checkpoint_all(self) -> None:
         for owned in list(self.owned.values()):
+            await self._checkpoint_or_release(owned)
+
+    async def _checkpoint_or_release(self, owned: OwnedPartition) -> None:
+        """A partition another worker has taken over (this one was slow to notice a rebalance) fences
+        our transactional producer: its uncommitted state is dropped, never written, and the new
+        owner continues from the last commit."""
+        try:
             await self._checkpoint(owned)
+        except (ProducerFenced, InvalidProducerEpoch, IllegalOperation, CommitFailedError) as error:
+            log.warning("partition taken over by another worker; releasing it", partition=owned.partition, error=str(error))
+            self.owned.pop(owned.partition, None)
+            with contextlib.suppress(KafkaError):
+                await owned.producer.stop()
+            if TopicPartition(self.topic, owned.partition) in self.consumer.assignment():
+                self._rejoin = True  # still assigned here: only a fresh rebalance settles who owns it
 
     async def _checkpoint(self, owned: OwnedPartition) -> None:
         started = time.monotonic()

@@ -12,6 +12,7 @@ from collections import defaultdict
 from datetime import datetime, timezone
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError
 
 from metering_pipeline.logs import get_logger
 from metering_pipeline.settings import Settings
@@ -42,6 +43,7 @@ class RouterStage:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=settings.max_poll_records,
+            **settings.kafka_group_options(),
         )
         self.producer = AIOKafkaProducer(
             **settings.kafka_client_options(),
@@ -96,4 +98,20 @@ class RouterStage:
                 chunk = records[start:start + ROUTED_BATCH]
                 sends.append(await self.producer.send(self.topics.routed, routing.encode(chunk), partition=partition))
         await asyncio.gather(*sends)
-        await self.consumer.commit(offsets)
+        await self._commit(offsets)
+
+    async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
+        """Commit what was routed, for the partitions still ours. A partition lost to a rebalance
+        meanwhile is replayed by its new owner from the last commit: the rollup stage drops the
+        re-routed copies by identity, so this costs time, not exactness."""
+        owned = self.consumer.assignment()
+        mine = {tp: offset for tp, offset in offsets.items() if tp in owned}
+        if len(mine) < len(offsets):
+            log.info("partitions revoked while routing; their new owner replays them",
+                     partitions=sorted(tp.partition for tp in offsets.keys() - mine.keys()))
+        if not mine:
+            return
+        try:
+            await self.consumer.commit(mine)
+        except (CommitFailedError, IllegalStateError) as error:
+            log.warning("router commit refused by a rebalance; the new owner replays", error=str(error))

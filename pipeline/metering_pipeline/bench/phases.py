@@ -1,0 +1,247 @@
+"""The benchmark's phases, each against the local stack with topics and tables of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from metering_pipeline.bench.measure import cpu_seconds, peak_rss_bytes, percentile
+from metering_pipeline.bench.workload import METRICS, Expected, Workload
+from metering_pipeline.settings import Settings
+from metering_pipeline.topics import Topics, ensure_topics, internal_topics, public_topics
+from metering_pipeline.warehouse.client import connect
+from metering_pipeline.warehouse.migrations import migrate
+from metering_pipeline.worker.process import WorkerProcess
+
+
+@dataclass
+class Result:
+    phase: str
+    records: int
+    seconds: float
+    cpu_seconds: float = 0.0
+    peak_rss_mb: float | None = None
+    processes: int = 1
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return self.records / self.seconds if self.seconds else 0.0
+
+
+def isolated(settings: Settings, prefix: str, group: str) -> Settings:
+    return settings.model_copy(update={"topic_prefix": prefix, "consumer_group_prefix": group,
+                                       "clickhouse_database": group.replace("-", "_")})
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    return {
+        "METERING_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "METERING_CLICKHOUSE_URL": settings.clickhouse_url,
+        "METERING_TOPIC_PREFIX": settings.topic_prefix,
+        "METERING_CONSUMER_GROUP_PREFIX": settings.consumer_group_prefix,
+        "METERING_CLICKHOUSE_DATABASE": settings.clickhouse_database,
+        "METERING_USAGE_PARTITIONS": str(settings.usage_partitions),
+        "METERING_PROCESSING_GUARANTEE": settings.processing_guarantee,
+        "METERING_FLUSH_INTERVAL": str(settings.flush_interval),
+    }
+
+
+async def prepare_input(settings: Settings, workload: Workload, batch: int, thresholds: list[dict] | None = None) -> Expected:
+    """Topics, metric definitions (and thresholds), then every record of the workload published."""
+    await ensure_topics(settings, public_topics(settings))
+    topics = Topics.of(settings)
+    expected = Expected()
+    producer = AIOKafkaProducer(**settings.kafka_client_options(), acks="all", linger_ms=20, max_batch_size=1 << 20,
+                                compression_type="lz4", enable_idempotence=settings.processing_guarantee == "exactly_once")
+    await producer.start()
+    try:
+        for key, aggregation in METRICS:
+            definition = {"id": key, "key": key, "name": key, "aggregationType": aggregation, "resetPeriod": "MONTHLY"}
+            await producer.send_and_wait(topics.metrics, orjson.dumps(definition), key=key.encode())
+        for threshold in thresholds or []:
+            await producer.send_and_wait(topics.thresholds, orjson.dumps(threshold), key=threshold["id"].encode())
+        pending = []
+        for key, value in workload.messages(batch, expected):
+            pending.append(await producer.send(topics.usage_recorded, value, key=key))
+            if len(pending) >= 20_000:
+                await asyncio.gather(*pending)
+                pending = []
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+    return expected
+
+
+async def baseline(settings: Settings, records: int, label: str) -> Result:
+    """The floor any Python consumer pays: decode each message, sum quantities per (metric, subject, hour)."""
+    consumer = AIOKafkaConsumer(Topics.of(settings).usage_recorded, **settings.kafka_client_options(),
+                                auto_offset_reset="earliest", enable_auto_commit=False, group_id=None,
+                                max_partition_fetch_bytes=8 << 20, fetch_max_bytes=64 << 20)
+    await consumer.start()
+    sums: dict[tuple[str, str, str], Decimal] = defaultdict(Decimal)
+    seen = 0
+    started = time.perf_counter()
+    cpu_started = time.process_time()
+    try:
+        while seen < records:
+            for messages in (await consumer.getmany(timeout_ms=500, max_records=50_000)).values():
+                for message in messages:
+                    document = orjson.loads(message.value)
+                    for record in document["records"] if "records" in document else (document,):
+                        sums[(record["metricKey"], record["subjectId"], record["timestamp"][:13])] += Decimal(record["quantity"])
+                        seen += 1
+    finally:
+        await consumer.stop()
+    return Result(label, seen, time.perf_counter() - started, time.process_time() - cpu_started)
+
+
+def summarised_records(settings: Settings) -> int:
+    with connect(settings) as client:
+        return int(client.query("SELECT sum(record_count) FROM usage_summary WHERE period_type = 'MONTHLY'").result_rows[0][0] or 0)
+
+
+def check_totals(settings: Settings, expected: Expected) -> int:
+    """Monthly totals in ClickHouse against the independently computed ones; returns the number of mismatches."""
+    aggregation = dict(METRICS)
+    with connect(settings) as client:
+        rows = client.query("SELECT metric_key, subject_id, total_quantity, record_count FROM usage_summary "
+                            "WHERE period_type = 'MONTHLY'").result_rows
+    actual = {(metric, subject): (Decimal(total), count) for metric, subject, total, count in rows}
+    wanted = {key: (expected.total(key[0], key[1], aggregation[key[0]]), expected.count[key]) for key in expected.count}
+    return sum(1 for key in wanted.keys() | actual.keys() if wanted.get(key) != actual.get(key))
+
+
+def run_workers(settings: Settings, processes: int, records: int, log_dir: Path, label: str,
+                timeout: float = 1800) -> tuple[Result, list[WorkerProcess]]:
+    """Start `processes` workers on the prepared input; time until usage_summary reflects every record."""
+    migrate(settings)
+    asyncio.run(ensure_topics(settings, internal_topics(settings)))
+    env = settings_env(settings)
+    started = time.perf_counter()
+    workers = [WorkerProcess(env, log_dir / f"{label}-{n}.log").start() for n in range(processes)]
+    deadline = time.monotonic() + timeout
+    done = 0
+    try:
+        while done < records:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{label}: {done} of {records} records reached usage_summary in {timeout:.0f} s")
+            for worker in workers:
+                if worker.process is not None and worker.process.poll() is not None:
+                    raise RuntimeError(f"{label}: a worker exited:\n{worker.log_tail()}")
+            time.sleep(0.25)
+            done = summarised_records(settings)
+    except BaseException:
+        stop_all(workers)
+        raise
+    elapsed = time.perf_counter() - started
+    pids = [w.process.pid for w in workers if w.process is not None]
+    result = Result(label, records, elapsed, sum(cpu_seconds(p) for p in pids),
+                    max(peak_rss_bytes(p) for p in pids) / 2**20, processes)
+    return result, workers
+
+
+def stop_all(workers: list[WorkerProcess]) -> None:
+    for worker in workers:
+        worker.stop()
+
+
+async def alert_latency(settings: Settings, rate: float, seconds: float, subjects: int, log_dir: Path) -> Result:
+    """Publish at `rate` records/s with thresholds that trip; time from the crossing record's send to its alert."""
+    limit = Decimal(1000)
+    thresholds = [{"id": f"lat-{n}", "metricKey": "bench_tokens", "subjectType": "org", "subjectId": f"s{n}",
+                   "threshold": str(limit), "action": "ALERT", "notifyEmails": []} for n in range(subjects)]
+    empty = Workload.recent(0, 1)
+    await prepare_input(settings, empty, 1, thresholds)
+    migrate(settings)
+    await ensure_topics(settings, internal_topics(settings))
+    worker = WorkerProcess(settings_env(settings), log_dir / "latency.log").start()
+    await asyncio.to_thread(worker.wait_healthy)
+    await asyncio.sleep(5)  # the groups settle before the clock starts
+    topics = Topics.of(settings)
+    crossing_sent: dict[tuple[str, str], float] = {}
+    received: dict[tuple[str, str], float] = {}
+    sent_at: list[tuple[float, int]] = []
+    visible_at: list[tuple[float, int]] = []
+
+    async def read_alerts(stop: asyncio.Event) -> None:
+        consumer = AIOKafkaConsumer(topics.alerts, **settings.kafka_client_options(), auto_offset_reset="earliest",
+                                    isolation_level="read_committed")
+        await consumer.start()
+        try:
+            while not stop.is_set():
+                for messages in (await consumer.getmany(timeout_ms=50)).values():
+                    now = time.perf_counter()
+                    for message in messages:
+                        alert = orjson.loads(message.value)
+                        received.setdefault((alert["subjectId"], alert["type"]), now)
+        finally:
+            await consumer.stop()
+
+    async def watch_freshness(stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            count = await asyncio.to_thread(summarised_records, settings)
+            visible_at.append((time.perf_counter(), count))
+            await asyncio.sleep(0.2)
+
+    stop = asyncio.Event()
+    readers = [asyncio.create_task(read_alerts(stop)), asyncio.create_task(watch_freshness(stop))]
+    producer = AIOKafkaProducer(**settings.kafka_client_options(), acks="all", linger_ms=1)
+    await producer.start()
+    totals: dict[str, Decimal] = defaultdict(Decimal)
+    sent = 0
+    started = time.perf_counter()
+    try:
+        while time.perf_counter() - started < seconds:
+            due = int((time.perf_counter() - started) * rate) - sent
+            for _ in range(max(0, due)):
+                subject = f"s{sent % subjects}"
+                quantity = Decimal(7 + sent % 5)
+                record = {"id": f"lat-{sent}", "metricKey": "bench_tokens", "subjectType": "org", "subjectId": subject,
+                          "quantity": str(quantity)}
+                await producer.send(topics.usage_recorded, orjson.dumps(record), key=f"org:{subject}".encode())
+                now = time.perf_counter()
+                before, totals[subject] = totals[subject], totals[subject] + quantity
+                if before < limit * Decimal("0.8") <= totals[subject]:
+                    crossing_sent[(subject, "threshold.approaching")] = now
+                if before <= limit < totals[subject]:
+                    crossing_sent[(subject, "threshold.exceeded")] = now
+                sent += 1
+            sent_at.append((time.perf_counter(), sent))
+            await asyncio.sleep(0.002)
+        await producer.flush()
+        deadline = time.perf_counter() + 30
+        while set(crossing_sent) - set(received) and time.perf_counter() < deadline:
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1)
+    finally:
+        stop.set()
+        await asyncio.gather(*readers, return_exceptions=True)
+        await producer.stop()
+        await asyncio.to_thread(worker.stop)
+    latencies = [received[key] - at for key, at in crossing_sent.items() if key in received]
+    freshness = _freshness(sent_at, visible_at)
+    return Result("alert latency at 50 % load", sent, seconds, extra={
+        "rate": rate, "alerts_expected": len(crossing_sent), "alerts_received": len(latencies),
+        "latency_p50_s": percentile(latencies, 0.5), "latency_p99_s": percentile(latencies, 0.99),
+        "freshness_p50_s": percentile(freshness, 0.5), "freshness_p99_s": percentile(freshness, 0.99),
+    })
+
+
+def _freshness(sent_at: list[tuple[float, int]], visible_at: list[tuple[float, int]]) -> list[float]:
+    """For each time ClickHouse showed n records: how long ago the n-th record had been sent."""
+    lags = []
+    cursor = 0
+    for seen_time, count in visible_at:
+        while cursor < len(sent_at) and sent_at[cursor][1] < count:
+            cursor += 1
+        if count and cursor < len(sent_at):
+            lags.append(max(0.0, seen_time - sent_at[cursor][0]))
+    return lags

@@ -1,0 +1,134 @@
+"""Runs the phases in order and reports them side by side."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from metering_pipeline import tables
+from metering_pipeline.bench import phases
+from metering_pipeline.bench.phases import Result
+from metering_pipeline.bench.workload import Workload
+from metering_pipeline.settings import Settings
+from metering_pipeline.warehouse.client import connect
+
+
+@dataclass(frozen=True)
+class Plan:
+    records: int = 1_000_000
+    subjects: int = 10_000
+    batch: int = 500
+    memory_keys: int = 1_000_000
+    latency_seconds: float = 20.0
+    latency_subjects: int = 200
+
+    @classmethod
+    def quick(cls) -> Plan:
+        return cls(records=60_000, subjects=2_000, memory_keys=50_000, latency_seconds=8.0, latency_subjects=50)
+
+
+def run(settings: Settings, plan: Plan, log_dir: Path, say: Callable[[str], None]) -> dict:
+    run_id = f"bench{int(time.time())}"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    results: list[Result] = []
+    mismatches: dict[str, int] = {}
+    databases: list[str] = []
+
+    def scoped(kind: str, group: str) -> Settings:
+        isolated = phases.isolated(settings, f"{run_id}-{kind}.", f"{run_id}-{group}")
+        databases.append(isolated.clickhouse_database)
+        return isolated
+
+    def workers(label: str, kind: str, group: str, processes: int, records: int, expected) -> Result:
+        isolated = scoped(kind, group)
+        say(f"{label}: {processes} worker process(es) until usage_summary holds all {records:,} records ...")
+        result, started = phases.run_workers(isolated, processes, records, log_dir, group)
+        phases.stop_all(started)
+        if expected is not None:
+            mismatches[label] = phases.check_totals(isolated, expected)
+        result.phase = label
+        results.append(result)
+        say(f"  {result.rate:,.0f} records/s")
+        return result
+
+    try:
+        workload = Workload.recent(plan.records, plan.subjects)
+        say(f"publishing {plan.records:,} single-record messages and {plan.records:,} records in batches of {plan.batch} ...")
+        single_input = scoped("single", "input-single")
+        batch_input = scoped("batch", "input-batch")
+        expected = asyncio.run(phases.prepare_input(single_input, workload, 1))
+        asyncio.run(phases.prepare_input(batch_input, workload, plan.batch))
+
+        say("baseline: plain aiokafka consumer, orjson + Decimal sums per (metric, subject, hour) ...")
+        base_single = asyncio.run(phases.baseline(single_input, plan.records, "baseline, single-record messages"))
+        base_batch = asyncio.run(phases.baseline(batch_input, plan.records, f"baseline, batches of {plan.batch}"))
+        results += [base_single, base_batch]
+
+        one = workers("worker ×1, single-record messages", "single", "w1-single", 1, plan.records, expected)
+        workers(f"worker ×1, batches of {plan.batch}", "batch", "w1-batch", 1, plan.records, expected)
+        workers("worker ×2, single-record messages", "single", "w2-single", 2, plan.records, expected)
+
+        memory = Workload(plan.memory_keys, plan.memory_keys // 5, workload.start, seed=2, spread_hours=0)
+        say(f"memory: {plan.memory_keys:,} active (metric, subject) keys ...")
+        memory_settings = scoped("memory", "memory")
+        asyncio.run(phases.prepare_input(memory_settings, memory, plan.batch))
+        workers(f"worker ×1, {plan.memory_keys:,} active keys", "memory", "memory", 1, plan.memory_keys, None)
+
+        rate = max(1000.0, one.rate * 0.5)
+        say(f"alert latency and freshness: {rate:,.0f} records/s for {plan.latency_seconds:.0f} s ...")
+        results.append(asyncio.run(phases.alert_latency(scoped("latency", "latency"), rate, plan.latency_seconds,
+                                                        plan.latency_subjects, log_dir)))
+    finally:
+        _drop(settings, databases)
+
+    return report(results, mismatches, base_single, base_batch)
+
+
+def report(results: list[Result], mismatches: dict[str, int], base_single: Result, base_batch: Result) -> dict:
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "results": [asdict(r) | {"records_per_s": r.rate} for r in results],
+        "total_mismatches": mismatches,
+        "baselines": {"single": base_single.rate, "batch": base_batch.rate},
+    }
+
+
+def render(summary: dict) -> str:
+    base = summary["baselines"]
+    rows = []
+    for r in summary["results"]:
+        if "latency" in r["phase"]:
+            continue
+        baseline = base["batch"] if "batch" in r["phase"] else base["single"]
+        rows.append((r["phase"], f"{r['records']:,}", f"{r['seconds']:.1f}", f"{r['records_per_s']:,.0f}",
+                     f"{r['records_per_s'] / baseline:.2f}" if baseline else "", f"{r['cpu_seconds']:.1f}",
+                     "" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:,.0f}",
+                     "" if r["phase"] not in summary["total_mismatches"] else
+                     ("exact" if summary["total_mismatches"][r["phase"]] == 0 else f"{summary['total_mismatches'][r['phase']]} wrong")))
+    table = tables.render(["phase", "records", "seconds", "records/s", "× baseline", "CPU s", "peak RSS MB", "totals"], rows)
+    latency = next((r for r in summary["results"] if "latency" in r["phase"]), None)
+    if latency:
+        e = latency["extra"]
+        table += (f"\n\nalert latency at {e['rate']:,.0f} records/s: p50 {e['latency_p50_s'] * 1000:,.0f} ms, "
+                  f"p99 {e['latency_p99_s'] * 1000:,.0f} ms ({e['alerts_received']} of {e['alerts_expected']} alerts); "
+                  f"usage_summary freshness p50 {e['freshness_p50_s']:.2f} s, p99 {e['freshness_p99_s']:.2f} s")
+    table += f"\n{summary['machine']['cores']} cores, Python {summary['machine']['python']}, {summary['date']}"
+    return table
+
+
+def _drop(settings: Settings, databases: list[str]) -> None:
+    with connect(settings, database="default") as admin:
+        for database in databases:
+            admin.command(f"DROP DATABASE IF EXISTS `{database}`")
+
+
+def write(summary: dict, path: Path) -> None:
+    path.write_text(json.dumps(summary, indent=2, default=str))

@@ -48,7 +48,7 @@ class Message:
         return SourcePosition(topic=self.topic, partition=self.partition, offset=self.offset, timestamp=self.timestamp, key=key)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: cheaper to build, and one is built per record
 class AcceptedRecord:
     """A valid record with its dedup id and timestamp settled, and the metric that governs it."""
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from datetime import datetime
+from decimal import Decimal
 
+import orjson
 from clickhouse_connect.driver.client import Client
 
 from metering_pipeline.usage.rollups import CountedRecord, RollupChange
@@ -31,6 +33,15 @@ _DEFINITION_COLUMNS = [
 ]
 
 
+_INSERT_SETTINGS = {"date_time_input_format": "best_effort"}  # RFC 3339 timestamps with offsets
+
+
+def _exact(value: object) -> str:
+    if isinstance(value, Decimal):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to ClickHouse")
+
+
 def _naive_utc(at: datetime) -> datetime:
     return at.replace(tzinfo=None)
 
@@ -43,8 +54,11 @@ class ClickHouseSink:
         self._lock = asyncio.Lock()  # one client, one request at a time
 
     async def _insert(self, table: str, rows: list[list[object]], columns: list[str]) -> None:
+        """Rows go as JSONCompactEachRow rendered by orjson (decimals as exact strings): several times
+        cheaper in Python than clickhouse-connect's column-by-column Native encoding."""
+        body = b"\n".join(orjson.dumps(row, default=_exact) for row in rows)
         async with self._lock:
-            await asyncio.to_thread(self.client.insert, table, rows, column_names=columns)
+            await asyncio.to_thread(self.client.raw_insert, table, columns, body, _INSERT_SETTINGS, "JSONCompactEachRow")
 
     async def write_records(self, records: Sequence[CountedRecord]) -> None:
         if not records:

@@ -59,9 +59,16 @@ def _utc(seconds: int) -> datetime:
     return datetime.fromtimestamp(seconds, tz=timezone.utc)
 
 
-def identities_entry(checkpoint_id: int, identities: Iterable[tuple[RecordIdentity, datetime]]) -> tuple[bytes, bytes]:
-    key = IDENTITIES_PREFIX + str(checkpoint_id).encode()
-    return key, orjson.dumps([[*identity, int(at.timestamp())] for identity, at in identities])
+IDENTITIES_PER_ENTRY = 5_000  # keeps each entry far below Kafka's message size limit
+
+
+def identities_entries(checkpoint_id: int, identities: list[tuple[RecordIdentity, datetime]]) -> list[tuple[bytes, bytes]]:
+    """One checkpoint's new identities, in entries of at most IDENTITIES_PER_ENTRY."""
+    return [
+        (IDENTITIES_PREFIX + f"{checkpoint_id}.{n}".encode(),
+         orjson.dumps([[*identity, int(at.timestamp())] for identity, at in identities[start:start + IDENTITIES_PER_ENTRY]]))
+        for n, start in enumerate(range(0, len(identities), IDENTITIES_PER_ENTRY))
+    ]
 
 
 @dataclass

@@ -35,12 +35,14 @@ from metering_pipeline.usage.rollups import Checkpoint, PartitionRollups, Rollup
 from metering_pipeline.usage.thresholds import Alert, Marker, MarkerKey, PartitionThresholds, ThresholdBook
 from metering_pipeline.warehouse.sink import ClickHouseSink
 from metering_pipeline.worker import changelog, routing
+from metering_pipeline.worker.batches import PartitionBatches
 from metering_pipeline.worker.stats import WorkerStats
 from metering_schemas import ResetPeriod
 
 log = get_logger(__name__)
 
 EVICTION_INTERVAL = 60.0  # seconds
+MAX_BATCH_BYTES = 900_000  # under the broker's default message.max.bytes (1 MiB)
 _PERIOD_LENGTH = [ResetPeriod.HOURLY, ResetPeriod.DAILY, ResetPeriod.MONTHLY, ResetPeriod.NEVER]
 
 
@@ -202,26 +204,27 @@ class RollupStage:
     async def _commit(self, owned: OwnedPartition, checkpoint: Checkpoint, expired: list[bytes],
                       markers: list[tuple[MarkerKey, Marker | None]], alerts: list[Alert]) -> None:
         producer, partition = owned.producer, owned.partition
-        sends = []
+        batches = PartitionBatches(producer)
 
         async def produce() -> None:
             for change in checkpoint.rollups:
                 key, value = changelog.rollup_entry(change)
-                sends.append(await producer.send(self.changelog_topic, value, key=key, partition=partition))
+                await batches.add(self.changelog_topic, key, value, partition)
                 if change.reported:
-                    sends.append(await producer.send(self.topics.usage_aggregated, _aggregated_event(change), key=_subject_key(change)))
+                    await batches.add(self.topics.usage_aggregated, _subject_key(change), _aggregated_event(change))
             for marker_key, marker in markers:
-                key, value = changelog.marker_entry(marker_key, marker)
-                sends.append(await producer.send(self.changelog_topic, value, key=key, partition=partition))
+                await batches.add(self.changelog_topic, *changelog.marker_entry(marker_key, marker), partition)
             for alert in alerts:
-                sends.append(await producer.send(self.topics.alerts, orjson.dumps(alert.to_event()),
-                                                 key=f"{alert.subject_type}:{alert.subject_id}".encode()))
+                await batches.add(self.topics.alerts, f"{alert.subject_type}:{alert.subject_id}".encode(),
+                                  orjson.dumps(alert.to_event()))
             if checkpoint.identities:
-                key, value = changelog.identities_entry(owned.next_offset, checkpoint.identities)
-                owned.identity_entries[key] = max(at for _, at in checkpoint.identities)
-                sends.append(await producer.send(self.changelog_topic, value, key=key, partition=partition))
+                newest = max(at for _, at in checkpoint.identities)
+                for key, value in changelog.identities_entries(owned.next_offset, checkpoint.identities):
+                    owned.identity_entries[key] = newest
+                    await batches.add(self.changelog_topic, key, value, partition)
             for key in expired:
-                sends.append(await producer.send(self.changelog_topic, None, key=key, partition=partition))
+                await batches.add(self.changelog_topic, key, None, partition)
+            await batches.flush()
 
         offsets = {TopicPartition(self.topic, partition): owned.next_offset}
         if self.transactional:
@@ -230,7 +233,7 @@ class RollupStage:
                 await producer.send_offsets_to_transaction(offsets, self.group_id)
         else:
             await produce()
-            await asyncio.gather(*sends)
+            await producer.flush()
             await self.consumer.commit(offsets)
 
     async def assign(self, partitions: Iterable[int]) -> None:
@@ -242,6 +245,7 @@ class RollupStage:
                     **self.settings.kafka_client_options(),
                     acks="all",
                     linger_ms=5,
+                    max_batch_size=MAX_BATCH_BYTES,
                     transactional_id=f"{self.group_id}-{self.topic}-{partition}" if self.transactional else None,
                     enable_idempotence=self.transactional,
                 )

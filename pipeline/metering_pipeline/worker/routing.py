@@ -20,6 +20,9 @@ from metering_pipeline.usage.rollups import CountedRecord
 from metering_schemas import AggregationType
 
 
+_AGGREGATIONS = {a.value: a for a in AggregationType}
+
+
 def subject_partition(subject_type: str, subject_id: str, partitions: int) -> int:
     return zlib.crc32(f"{subject_type}:{subject_id}".encode()) % partitions
 
@@ -29,7 +32,7 @@ def encode(records: Iterable[AcceptedRecord]) -> bytes:
         [
             r.record.subject_type, r.record.subject_id, r.dedup_id, r.record.metric_key, r.metric.id,
             r.metric.aggregation_type.value, str(r.record.quantity), int(r.timestamp.timestamp() * 1000),
-            orjson.dumps(r.record.metadata, default=str).decode(),
+            orjson.dumps(r.record.metadata, default=str).decode() if r.record.metadata else "{}",
         ]
         for r in records
     ])
@@ -41,7 +44,7 @@ def decode(value: bytes, offset: int) -> list[CountedRecord]:
             identity=(subject_type, subject_id, record_id),
             metric_key=metric_key,
             metric_id=metric_id,
-            aggregation=AggregationType(aggregation),
+            aggregation=_AGGREGATIONS[aggregation],
             quantity=Decimal(quantity),
             timestamp=datetime.fromtimestamp(ts_ms / 1000, tz=timezone.utc),
             metadata_json=metadata,

@@ -1,0 +1,187 @@
+"""The pure usage rules: period bucketing, exact aggregation, intake verdicts, dedup, metric resolution."""
+
+from __future__ import annotations
+
+import base64
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal, Inexact
+
+import orjson
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from metering_pipeline.usage.aggregation import Aggregate
+from metering_pipeline.usage.dedup import DedupWindow
+from metering_pipeline.usage.intake import IntakeRules, Message, read_message
+from metering_pipeline.usage.metrics import MetricCatalog
+from metering_pipeline.usage.periods import period_bounds, rollup_starts
+from metering_pipeline.usage.rollups import LIFETIME, CountedRecord, PartitionRollups
+from metering_schemas import AggregationType, MetricDefinition, PeriodType, RejectReason, ResetPeriod
+
+UTC = timezone.utc
+
+
+@pytest.mark.parametrize(("at", "period", "start", "end"), [
+    (datetime(2026, 11, 24, 10, 0, tzinfo=UTC), PeriodType.HOURLY, datetime(2026, 11, 24, 10, tzinfo=UTC), datetime(2026, 11, 24, 11, tzinfo=UTC)),
+    (datetime(2026, 11, 24, 9, 59, 59, 999999, tzinfo=UTC), PeriodType.HOURLY, datetime(2026, 11, 24, 9, tzinfo=UTC), datetime(2026, 11, 24, 10, tzinfo=UTC)),
+    (datetime(2024, 2, 29, 23, 59, tzinfo=UTC), PeriodType.MONTHLY, datetime(2024, 2, 1, tzinfo=UTC), datetime(2024, 3, 1, tzinfo=UTC)),
+    (datetime(2100, 2, 28, 12, tzinfo=UTC), PeriodType.DAILY, datetime(2100, 2, 28, tzinfo=UTC), datetime(2100, 3, 1, tzinfo=UTC)),
+    (datetime(2026, 12, 31, 23, 30, tzinfo=UTC), PeriodType.MONTHLY, datetime(2026, 12, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC)),
+    (datetime(2026, 12, 31, 23, 30, tzinfo=UTC), PeriodType.DAILY, datetime(2026, 12, 31, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC)),
+    # 00:30 at +02:00 is 22:30 UTC the day before: periods are UTC.
+    (datetime(2026, 3, 1, 0, 30, tzinfo=timezone(timedelta(hours=2))), PeriodType.MONTHLY, datetime(2026, 2, 1, tzinfo=UTC), datetime(2026, 3, 1, tzinfo=UTC)),
+])
+def test_periods_are_utc_calendar_buckets(at, period, start, end):
+    assert period_bounds(period, at) == (start, end)
+    assert dict(rollup_starts(at))[period] == start
+
+
+def test_the_all_time_window_spans_every_timestamp():
+    start, end = period_bounds(ResetPeriod.NEVER, datetime(2026, 1, 1, tzinfo=UTC))
+    assert start == datetime(1970, 1, 1, tzinfo=UTC) and end.year == 2106
+
+
+def test_sums_are_exact_and_rounding_is_an_error():
+    aggregate = Aggregate()
+    for quantity in ("0.1", "0.2", "12345678901234567890.123456789012345678"):
+        aggregate.add(Decimal(quantity))
+    assert aggregate.total(AggregationType.SUM) == Decimal("12345678901234567890.423456789012345678")
+    assert aggregate.total(AggregationType.COUNT) == 3
+    assert aggregate.total(AggregationType.MAX) == Decimal("12345678901234567890.123456789012345678")
+    assert aggregate.total(AggregationType.MIN) == Decimal("0.1")
+    huge = Aggregate()
+    huge.add(Decimal("9" * 76))
+    with pytest.raises(Inexact):
+        huge.add(Decimal("0.1"))  # 77 significant digits would need rounding
+
+
+def test_average_is_rounded_once_half_even_to_18_places():
+    aggregate = Aggregate()
+    for quantity in ("1", "1", "2"):
+        aggregate.add(Decimal(quantity))
+    assert aggregate.total(AggregationType.AVG) == Decimal("1.333333333333333333")
+
+
+@settings(max_examples=200)
+@given(st.lists(st.decimals(min_value=-10**6, max_value=10**6, places=6, allow_nan=False), min_size=1, max_size=40),
+       st.integers(min_value=1, max_value=39))
+def test_aggregates_merge_to_the_same_result_however_records_are_split(quantities, cut):
+    whole, left, right = Aggregate(), Aggregate(), Aggregate()
+    for n, quantity in enumerate(quantities):
+        whole.add(quantity)
+        (left if n < cut else right).add(quantity)
+    right.merge(left)
+    for aggregation in AggregationType:
+        assert right.total(aggregation) == whole.total(aggregation)
+    assert whole.total(AggregationType.SUM) == sum(quantities, Decimal(0))
+
+
+def catalog(*definitions: MetricDefinition) -> MetricCatalog:
+    return MetricCatalog({d.id: d for d in definitions})
+
+
+TOKENS = MetricDefinition(id="tokens", key="tokens", name="t", aggregation_type=AggregationType.SUM)
+TOKENS_ORG1 = MetricDefinition(id="org-1:tokens", key="tokens", name="t", aggregation_type=AggregationType.MAX, org_id="org-1")
+NOW = datetime(2026, 11, 24, 12, tzinfo=UTC)
+
+
+def message(value: bytes | None, offset: int = 7) -> Message:
+    return Message("usage.recorded", 2, offset, NOW, b"k", value)
+
+
+def read(value: bytes | None, *definitions: MetricDefinition):
+    return read_message(message(value), catalog(*(definitions or (TOKENS,))), IntakeRules())
+
+
+def test_quantities_keep_every_digit_and_default_to_one_with_the_message_time():
+    accepted, rejected = read(b'{"metricKey":"tokens","subjectType":"org","subjectId":"o","quantity":12345678901234567890.123456789012345678}')
+    assert rejected == [] and str(accepted[0].record.quantity) == "12345678901234567890.123456789012345678"
+    [plain], _ = read(b'{"metricKey":"tokens","subjectType":"org","subjectId":"o"}')
+    assert plain.record.quantity == 1 and plain.timestamp == NOW
+    assert plain.dedup_id == "@usage.recorded/2/7"  # no id: counted once per Kafka position
+
+
+@pytest.mark.parametrize(("value", "reason"), [
+    (b"{not json", RejectReason.INVALID_JSON),
+    (b"[1, 2]", RejectReason.INVALID_RECORD),
+    (b'{"records": []}', RejectReason.INVALID_RECORD),
+    (b'{"metricKey":"tokens","subjectType":"org","subjectId":"o","quantity":"NaN"}', RejectReason.INVALID_RECORD),
+    (b'{"metricKey":"tokens","subjectType":"org","subjectId":"o","quantity":"abc"}', RejectReason.INVALID_RECORD),
+    (b'{"metricKey":"nope","subjectType":"org","subjectId":"o"}', RejectReason.UNKNOWN_METRIC),
+    (b'{"metricKey":"tokens","subjectType":"org","subjectId":"o","timestamp":"2026-10-01T00:00:00Z"}', RejectReason.TOO_LATE),
+    (b'{"metricKey":"tokens","subjectType":"org","subjectId":"o","timestamp":"2026-11-24T12:06:00Z"}', RejectReason.FUTURE_TIMESTAMP),
+])
+def test_each_bad_input_is_dead_lettered_with_its_reason(value, reason):
+    accepted, [letter] = read(value)
+    assert accepted == [] and letter.reason is reason
+    assert letter.source.offset == 7 and letter.message
+
+
+def test_a_message_over_the_size_limit_is_refused_whole_with_its_bytes():
+    value = b'{"metricKey":"tokens","subjectType":"org","subjectId":"o","metadata":{"x":"' + b"y" * 100 + b'"}}'
+    _, [letter] = read_message(message(value), catalog(TOKENS), IntakeRules(max_message_bytes=64))
+    assert letter.reason is RejectReason.TOO_LARGE and base64.b64decode(letter.original_value_base64) == value
+
+
+def test_one_bad_record_in_a_batch_is_rejected_alone():
+    batch = {"records": [{"id": "a", "metricKey": "tokens", "subjectType": "org", "subjectId": "o"},
+                         {"id": "b", "metricKey": "tokens", "subjectType": "org"},
+                         {"metricKey": "tokens", "subjectType": "org", "subjectId": "o", "quantity": "2.5"}]}
+    accepted, [letter] = read(orjson.dumps(batch))
+    assert [a.dedup_id for a in accepted] == ["a", "@usage.recorded/2/7/2"]
+    assert (letter.reason, letter.index, letter.record["id"]) == (RejectReason.INVALID_RECORD, 1, "b")
+
+
+def test_epoch_seconds_and_milliseconds_are_timestamps():
+    for stamp in (1795521600, 1795521600000):  # 2026-11-24T12:00:00Z
+        [record], _ = read(orjson.dumps({"metricKey": "tokens", "subjectType": "org", "subjectId": "o", "timestamp": stamp}))
+        assert record.timestamp == NOW
+
+
+def test_an_orgs_own_definition_overrides_the_global_one_for_its_subjects():
+    both = catalog(TOKENS, TOKENS_ORG1)
+    assert both.resolve("tokens", "org-1") is TOKENS_ORG1
+    assert both.resolve("tokens", "org-2") is TOKENS
+    [user], _ = read_message(message(b'{"metricKey":"tokens","subjectType":"user","subjectId":"u","metadata":{"orgId":"org-1"}}'),
+                             both, IntakeRules())
+    assert user.metric is TOKENS_ORG1
+    both.delete("org-1:tokens")
+    assert both.resolve("tokens", "org-1") is TOKENS
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_are_either_accepted_or_dead_lettered_never_raised(value):
+    accepted, rejected = read(value)
+    assert len(accepted) + len(rejected) >= 1
+
+
+def test_a_duplicate_is_dropped_within_the_window_and_counted_after_it():
+    window = DedupWindow(timedelta(hours=1))
+    assert window.first_sighting(("org", "o", "r1"), NOW)
+    assert not window.first_sighting(("org", "o", "r1"), NOW + timedelta(minutes=30))
+    assert window.first_sighting(("org", "other", "r1"), NOW)  # same id, other subject: another record
+    window.expire(NOW + timedelta(hours=2))
+    assert window.first_sighting(("org", "o", "r1"), NOW + timedelta(hours=2))
+
+
+def counted(record_id: str, quantity: str, at: datetime, offset: int) -> CountedRecord:
+    return CountedRecord(("org", "o", record_id), "tokens", "tokens", AggregationType.SUM, Decimal(quantity), at, "{}", offset)
+
+
+def test_rollups_count_each_record_once_in_hour_day_month_and_all_time_and_restore_exactly():
+    state = PartitionRollups(timedelta(hours=24))
+    touched: set = set()
+    assert state.apply([counted("a", "1.5", NOW, 1), counted("a", "1.5", NOW, 2), counted("b", "2", NOW - timedelta(days=40), 3)],
+                       NOW, touched) == (2, 1)
+    assert len(touched) == 7  # a: hour, day, month, all time; b: its own hour, day, month (all time shared)
+    lifetime = state.rollups[("tokens", "org", "o", LIFETIME, datetime(1970, 1, 1, tzinfo=UTC))]
+    assert lifetime.total() == Decimal("3.5") and lifetime.version == 3
+    checkpoint = state.checkpoint()
+    assert len(checkpoint.records) == 2 and {c.key for c in checkpoint.rollups} == touched
+    restored = PartitionRollups(timedelta(hours=24))
+    restored.restore([(c.key, c.rollup) for c in checkpoint.rollups], checkpoint.identities)
+    assert restored.apply([counted("a", "1.5", NOW, 4)], NOW) == (0, 1)  # the restored window still knows "a"
+    # b's hour and day (Oct 15) ended before the horizon (Oct 20); its month runs to Nov 1 and stays.
+    evicted = restored.evict_before(NOW - timedelta(days=35))
+    assert {key[3] for key in evicted} == {PeriodType.HOURLY, PeriodType.DAILY}

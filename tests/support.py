@@ -4,18 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
+
+import httpx
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from metering_pipeline.api.keys import KeyRing
 from metering_pipeline.topics import Topics
 from metering_pipeline.worker.process import WorkerProcess, free_port
 
 __all__ = [
     "PARTITIONS", "WorkerProcess", "create_topics", "define", "delete_threshold", "free_port", "metric", "publish",
-    "read_json", "set_thresholds", "settings_env", "threshold", "usage",
+    "read_json", "running_api", "set_thresholds", "settings_env", "threshold", "usage",
 ]
 
 PARTITIONS = 4  # of the usage topics in worker tests: enough to spread over two workers
@@ -107,3 +118,42 @@ async def read_json(bootstrap: str, topic: str, count: int, timeout: float = 60,
     finally:
         await consumer.stop()
     return found
+
+
+@dataclass
+class Api:
+    url: str
+    keys: dict[str, str]  # admin (read, write), reader (read), org1 (read, write for org-1)
+    settings: object
+
+    def client(self, key: str | None = "admin") -> httpx.Client:
+        headers = {"Authorization": f"Bearer {self.keys[key]}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+
+@contextmanager
+def running_api(settings, workdir: Path, extra_env: dict[str, str] | None = None) -> Iterator[Api]:
+    """A `metering api` process on a free port with three keys, until the block ends."""
+    ring = KeyRing(workdir / "keys.jsonl")
+    keys = {"admin": ring.add("admin", ["read", "write"], None), "reader": ring.add("reader", ["read"], None),
+            "org1": ring.add("org1", ["read", "write"], "org-1")}
+    port = free_port()
+    env = {**os.environ, **settings_env(settings), "METERING_API_KEYS_FILE": str(workdir / "keys.jsonl"), **(extra_env or {})}
+    with (workdir / "api.log").open("ab") as log:
+        process = subprocess.Popen([sys.executable, "-m", "metering_pipeline.cli", "api", "--port", str(port)],
+                                   env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, (workdir / "api.log").read_text()[-3000:]
+            time.sleep(0.3)
+        yield Api(url, keys, settings)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

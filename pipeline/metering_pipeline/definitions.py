@@ -1,4 +1,4 @@
-"""Definitions kept on compacted Kafka topics (metrics now, thresholds and plans later).
+"""Definitions kept on compacted Kafka topics: metrics, thresholds, plans and subscriptions.
 
 The topic is the source of truth: key = definition id, value = the definition's JSON, a
 tombstone (null value) deletes it. Writers wait for the broker's acks; readers replay the

@@ -21,6 +21,8 @@ METRICS = "metering.metrics"
 EVENTS = "metering.events"
 THRESHOLDS = "metering.thresholds"
 ALERTS = "metering.alerts"
+PLANS = "metering.plans"
+SUBSCRIPTIONS = "metering.subscriptions"
 
 _COMPACTED = {"cleanup.policy": "compact"}
 _WEEK_MS = str(7 * 24 * 3600 * 1000)
@@ -35,6 +37,8 @@ class Topics:
     events: str
     thresholds: str
     alerts: str
+    plans: str
+    subscriptions: str
     # Internal to the worker: the subject-routed stream and the rollup changelog.
     routed: str
     rollup_changelog: str
@@ -50,6 +54,8 @@ class Topics:
             events=p + EVENTS,
             thresholds=p + THRESHOLDS,
             alerts=p + ALERTS,
+            plans=p + PLANS,
+            subscriptions=p + SUBSCRIPTIONS,
             routed=f"{p}{settings.consumer_group_prefix}.usage-by-subject",
             rollup_changelog=f"{p}{settings.consumer_group_prefix}.rollup-changelog",
         )
@@ -73,6 +79,8 @@ def public_topics(settings: Settings) -> list[TopicSpec]:
         TopicSpec(topics.events, 1),
         TopicSpec(topics.thresholds, 1, _COMPACTED),
         TopicSpec(topics.alerts, settings.usage_partitions),
+        TopicSpec(topics.plans, 1, _COMPACTED),
+        TopicSpec(topics.subscriptions, 1, _COMPACTED),
     ]
 
 

@@ -4,12 +4,38 @@ Producers install only this distribution (`usage-metering-schemas`); the JSON Sc
 generated from these models ship in `metering_schemas/json/` for non-Python producers.
 """
 
+from metering_schemas.billing import (
+    BillingPeriod,
+    Invoice,
+    InvoiceLine,
+    InvoiceStatus,
+    LineType,
+    Plan,
+    PlanUse,
+    Price,
+    PriceTier,
+    PricingModel,
+    Subscription,
+    TierLine,
+)
 from metering_schemas.dead_letter import DeadLetter, FieldError, RejectReason, SourcePosition
 from metering_schemas.metric import AggregationType, MetricDefinition, ResetPeriod
 from metering_schemas.threshold import ThresholdAction, UsageThreshold
 from metering_schemas.usage import PeriodType, UsageRecord, UsageRecordBatch, UsageSummary
 
 __all__ = [
+    "BillingPeriod",
+    "Invoice",
+    "InvoiceLine",
+    "InvoiceStatus",
+    "LineType",
+    "Plan",
+    "PlanUse",
+    "Price",
+    "PriceTier",
+    "PricingModel",
+    "Subscription",
+    "TierLine",
     "AggregationType",
     "DeadLetter",
     "FieldError",

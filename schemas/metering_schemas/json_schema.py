@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from metering_schemas import DeadLetter, MetricDefinition, UsageRecord, UsageRecordBatch, UsageSummary, UsageThreshold
+from metering_schemas import DeadLetter, Invoice, Plan, Subscription, MetricDefinition, UsageRecord, UsageRecordBatch, UsageSummary, UsageThreshold
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "json"
 
@@ -20,6 +20,9 @@ CONTRACT: dict[str, type[BaseModel]] = {
     "usage-summary.schema.json": UsageSummary,
     "usage-threshold.schema.json": UsageThreshold,
     "dead-letter.schema.json": DeadLetter,
+    "plan.schema.json": Plan,
+    "subscription.schema.json": Subscription,
+    "invoice.schema.json": Invoice,
 }
 
 

@@ -6,11 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import subprocess
-import sys
 import time
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
@@ -18,50 +14,16 @@ import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings as hypothesis_settings
-from support import free_port, settings_env
-
-from metering_pipeline.api.keys import KeyRing
-
-
-@dataclass
-class Api:
-    url: str
-    keys: dict[str, str]
-    settings: object
-
-    def client(self, key: str | None = "admin") -> httpx.Client:
-        headers = {"Authorization": f"Bearer {self.keys[key]}"} if key else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+from support import running_api
 
 
 @pytest.fixture(scope="module")
 def api(module_pipeline, tmp_path_factory):
     settings, new_worker = module_pipeline
-    workdir = tmp_path_factory.mktemp("api")
-    ring = KeyRing(workdir / "keys.jsonl")
-    keys = {"admin": ring.add("admin", ["read", "write"], None), "reader": ring.add("reader", ["read"], None),
-            "org1": ring.add("org1", ["read", "write"], "org-1")}
     worker = new_worker().start()
     worker.wait_healthy()
-    port = free_port()
-    env = {**os.environ, **settings_env(settings), "METERING_API_KEYS_FILE": str(workdir / "keys.jsonl"),
-           "METERING_API_MAX_BATCH_RECORDS": "50"}
-    with (workdir / "api.log").open("ab") as log:
-        process = subprocess.Popen([sys.executable, "-m", "metering_pipeline.cli", "api", "--port", str(port)],
-                                   env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert process.poll() is None and time.monotonic() < deadline, (workdir / "api.log").read_text()[-3000:]
-        time.sleep(0.3)
-    yield Api(url, keys, settings)
-    process.terminate()
-    process.wait(timeout=30)
+    with running_api(settings, tmp_path_factory.mktemp("api"), {"METERING_API_MAX_BATCH_RECORDS": "50"}) as started:
+        yield started
 
 
 def define(client: httpx.Client, key: str, aggregation: str = "SUM", **extra) -> httpx.Response:

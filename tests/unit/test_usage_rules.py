@@ -185,3 +185,24 @@ def test_rollups_count_each_record_once_in_hour_day_month_and_all_time_and_resto
     # b's hour and day (Oct 15) ended before the horizon (Oct 20); its month runs to Nov 1 and stays.
     evicted = restored.evict_before(NOW - timedelta(days=35))
     assert {key[3] for key in evicted} == {PeriodType.HOURLY, PeriodType.DAILY}
+
+
+def test_records_for_periods_already_closed_are_refused_not_counted_into_fresh_rollups():
+    state = PartitionRollups(timedelta(hours=24))
+    horizon = NOW - timedelta(days=2)
+    old, fresh = counted("old", "5", horizon - timedelta(hours=1, seconds=1), 1), counted("new", "1", horizon, 2)
+    assert state.apply([old, fresh], NOW, None, closed_before=horizon) == (1, 0)
+    checkpoint = state.checkpoint()
+    assert checkpoint.closed == [old] and [r.identity[2] for r in checkpoint.records] == ["new"]
+    lifetime = state.rollups[("tokens", "org", "o", LIFETIME, datetime(1970, 1, 1, tzinfo=UTC))]
+    assert lifetime.total() == Decimal(1)  # nothing of "old" was counted
+    assert state.checkpoint().closed == []
+
+
+def test_plain_decimals_drop_clickhouse_scale_but_keep_every_digit():
+    from metering_pipeline.usage.aggregation import plain
+
+    assert [str(plain(Decimal(v))) for v in ("1850.500000000000000000", "1000.000000000000000000", "0E-18", "1E+3")] == \
+        ["1850.5", "1000", "0", "1000"]
+    big = "12345678901234567890123456789012345678"
+    assert str(plain(Decimal(big + ".000000000000000000"))) == big

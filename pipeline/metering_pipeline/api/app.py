@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse
 
-from metering_pipeline.api import metrics, thresholds, usage
+from metering_pipeline.api import billing, metrics, subjects, thresholds, usage
 from metering_pipeline.api.context import ApiContext, lifespan
 from metering_pipeline.api.errors import ApiError, on_api_error, on_validation_error
 from metering_pipeline.api.keys import KeyRing
 from metering_pipeline.settings import Settings
+
+DASHBOARD = Path(__file__).resolve().parent / "ui" / "index.html"
 
 DESCRIPTION = """The usage-metering module's commands and queries over HTTP.
 
@@ -24,6 +29,8 @@ keys have `read` and/or `write` scopes and may be limited to one org.
 | usage.record / usage.recordBatch | `POST /v1/usage`, `POST /v1/usage/batch` |
 | usage.get / usage.getSummary / usage.export | `GET /v1/usage`, `GET /v1/usage/summary`, `GET /v1/usage/export` |
 | threshold.create / threshold.update / threshold.delete / threshold.list | `POST /v1/thresholds`, `PUT /v1/thresholds/{id}`, `DELETE /v1/thresholds/{id}`, `GET /v1/thresholds` |
+| billing: plans, subscriptions | `POST /v1/plans`, `PUT`/`DELETE`/`GET /v1/plans/{key}`, `GET /v1/plans`; the same under `/v1/subscriptions` |
+| billing: invoice preview | `GET /v1/subjects/{subjectType}/{subjectId}/invoice?period=2026-11` |
 """
 
 
@@ -32,8 +39,13 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="usage-metering", version="0.1.0", description=DESCRIPTION, lifespan=lifespan(context))
     app.add_exception_handler(ApiError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
-    for router in (metrics.router, usage.router, thresholds.router):
+    for router in (metrics.router, usage.router, thresholds.router, billing.router, subjects.router):
         app.include_router(router)
+
+    @app.get("/ui", response_class=HTMLResponse, include_in_schema=False)
+    async def dashboard() -> HTMLResponse:
+        """One static page that reads the API in the browser with the user's API key."""
+        return HTMLResponse(DASHBOARD.read_text())
 
     @app.get("/health", tags=["operations"], summary="Liveness: the API has loaded the catalogs")
     async def health() -> dict[str, bool]:

@@ -1,7 +1,7 @@
 """What the API's handlers share: the followed catalogs, the producers, ClickHouse, the key ring.
 
-The Kafka topics stay the source of truth: the API follows `metering.metrics` and
-`metering.thresholds` like a worker does, writes through them, and applies its own
+The Kafka topics stay the source of truth: the API follows `metering.metrics`, `metering.thresholds`,
+`metering.plans` and `metering.subscriptions` like a worker does, writes through them, and applies its own
 acknowledged writes locally at once so a client reads what it just wrote.
 """
 
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from clickhouse_connect.driver.client import Client
 from fastapi import FastAPI
+from pydantic import BaseModel
 
 from metering_pipeline.api.keys import KeyRing
 from metering_pipeline.definitions import DefinitionWriter, feed_into
@@ -22,15 +23,18 @@ from metering_pipeline.settings import Settings
 from metering_pipeline.topics import Topics
 from metering_pipeline.usage.metrics import MetricCatalog
 from metering_pipeline.warehouse.client import connect
-from metering_schemas import MetricDefinition, UsageThreshold
+from metering_pipeline.warehouse.mirrors import D
+from metering_schemas import MetricDefinition, Plan, Subscription, UsageThreshold
 
 
-class ThresholdCatalog(dict[str, UsageThreshold]):
-    def put(self, threshold: UsageThreshold) -> None:
-        self[threshold.id] = threshold
+class Catalog(dict[str, D]):
+    """Definitions by id (a plan's id is its key), kept equal to their topic."""
 
-    def delete(self, threshold_id: str) -> None:
-        self.pop(threshold_id, None)
+    def put(self, definition: D) -> None:
+        self[getattr(definition, "id", None) or definition.key] = definition  # type: ignore[attr-defined]
+
+    def delete(self, definition_id: str) -> None:
+        self.pop(definition_id, None)
 
 
 @dataclass
@@ -38,21 +42,25 @@ class ApiContext:
     settings: Settings
     keys: KeyRing
     metrics: MetricCatalog = field(default_factory=MetricCatalog)
-    thresholds: ThresholdCatalog = field(default_factory=ThresholdCatalog)
+    thresholds: Catalog[UsageThreshold] = field(default_factory=Catalog)
+    plans: Catalog[Plan] = field(default_factory=Catalog)
+    subscriptions: Catalog[Subscription] = field(default_factory=Catalog)
     producer: UsageProducer | None = None
-    metric_writer: DefinitionWriter | None = None
-    threshold_writer: DefinitionWriter | None = None
+    writers: dict[str, DefinitionWriter] = field(default_factory=dict)  # by topic
     clickhouse: Client | None = None
     clickhouse_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _catalogs: dict[str, Catalog | MetricCatalog] = field(default_factory=dict, init=False)  # by topic
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[ApiContext]:
         topics = Topics.of(self.settings)
         stopping = asyncio.Event()
-        feeds = [
-            feed_into(self.settings, topics.metrics, MetricDefinition, self.metrics.put, self.metrics.delete),
-            feed_into(self.settings, topics.thresholds, UsageThreshold, self.thresholds.put, self.thresholds.delete),
-        ]
+        self._catalogs = {topics.metrics: self.metrics, topics.thresholds: self.thresholds, topics.plans: self.plans,
+                          topics.subscriptions: self.subscriptions}
+        models = {topics.metrics: MetricDefinition, topics.thresholds: UsageThreshold, topics.plans: Plan,
+                  topics.subscriptions: Subscription}
+        feeds = [feed_into(self.settings, topic, models[topic], catalog.put, catalog.delete)
+                 for topic, catalog in self._catalogs.items()]
         async with AsyncExitStack() as stack:
             tasks = [asyncio.create_task(feed.run(stopping)) for feed in feeds]
 
@@ -62,36 +70,27 @@ class ApiContext:
 
             stack.push_async_callback(stop_feeds)
             self.producer = await stack.enter_async_context(UsageProducer(self.settings))
-            self.metric_writer = await stack.enter_async_context(DefinitionWriter(self.settings, topics.metrics))
-            self.threshold_writer = await stack.enter_async_context(DefinitionWriter(self.settings, topics.thresholds))
+            for topic in self._catalogs:
+                self.writers[topic] = await stack.enter_async_context(DefinitionWriter(self.settings, topic))
             self.clickhouse = stack.enter_context(connect(self.settings))
             for feed in feeds:
                 await feed.ready.wait()
             yield self
 
-    async def publish_metric(self, definition_id: str, definition: MetricDefinition | None) -> None:
-        assert self.metric_writer is not None
-        await _publish(self.metric_writer, self.metrics, definition_id, definition)
-
-    async def publish_threshold(self, threshold_id: str, threshold: UsageThreshold | None) -> None:
-        assert self.threshold_writer is not None
-        await _publish(self.threshold_writer, self.thresholds, threshold_id, threshold)
+    async def publish(self, catalog: Catalog | MetricCatalog, definition_id: str, definition: BaseModel | None) -> None:
+        """Through the catalog's topic first (acknowledged), then into the catalog so the caller reads its own write."""
+        topic = next(topic for topic, known in self._catalogs.items() if known is catalog)
+        if definition is None:
+            await self.writers[topic].delete(definition_id)
+            catalog.delete(definition_id)
+        else:
+            await self.writers[topic].put(definition_id, definition)
+            catalog.put(definition)  # type: ignore[arg-type]
 
     async def query(self, function, *args, **kwargs):
         """Runs a blocking ClickHouse call off the event loop, one at a time on the shared client."""
         async with self.clickhouse_lock:
             return await asyncio.to_thread(function, self.clickhouse, *args, **kwargs)
-
-
-async def _publish(writer: DefinitionWriter, catalog: MetricCatalog | ThresholdCatalog, definition_id: str,
-                   definition: MetricDefinition | UsageThreshold | None) -> None:
-    """Through the topic first (acknowledged), then into the local catalog so the caller reads its own write."""
-    if definition is None:
-        await writer.delete(definition_id)
-        catalog.delete(definition_id)
-    else:
-        await writer.put(definition_id, definition)
-        catalog.put(definition)  # type: ignore[arg-type]
 
 
 def lifespan(context: ApiContext):

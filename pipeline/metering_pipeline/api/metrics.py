@@ -70,7 +70,7 @@ async def define_metric(body: MetricInput, request: Request, who: Caller = Depen
         raise ApiError(409, "conflict", f"metric id {definition.id!r} exists; use PUT /v1/metrics/{body.key}")
     if any(d.key == definition.key and d.org_id == org for d in context.metrics.definitions()):
         raise ApiError(409, "conflict", f"metric key {definition.key!r} is already defined" + (f" for org {org!r}" if org else ""))
-    await context.publish_metric(definition.id, definition)
+    await context.publish(context.metrics, definition.id, definition)
     return definition
 
 
@@ -83,7 +83,7 @@ async def update_metric(key: str, body: MetricChange, request: Request, org_id: 
     if not changes:
         raise ApiError(422, "validation_error", "give at least one field to change")
     updated = current.model_copy(update=changes)
-    await context.publish_metric(updated.id, updated)
+    await context.publish(context.metrics, updated.id, updated)
     return updated
 
 
@@ -91,7 +91,7 @@ async def update_metric(key: str, body: MetricChange, request: Request, org_id: 
 async def delete_metric(key: str, request: Request, org_id: str | None = OrgQuery, who: Caller = Depends(writer)) -> Response:
     context = _context(request)
     current = _scoped(key, org_id, who, context)
-    await context.publish_metric(current.id, None)
+    await context.publish(context.metrics, current.id, None)
     return Response(status_code=204)
 
 

@@ -71,7 +71,7 @@ async def create_threshold(body: ThresholdInput, request: Request, who: Caller =
                                action=body.action, notify_emails=body.notify_emails, org_id=org)
     if threshold.id in context.thresholds:
         raise ApiError(409, "conflict", f"threshold {threshold.id!r} exists; use PUT /v1/thresholds/{threshold.id}")
-    await context.publish_threshold(threshold.id, threshold)
+    await context.publish(context.thresholds, threshold.id, threshold)
     return threshold
 
 
@@ -84,7 +84,7 @@ async def update_threshold(threshold_id: str, body: ThresholdChange, request: Re
     if not changes:
         raise ApiError(422, "validation_error", "give at least one field to change")
     updated = current.model_copy(update=changes)
-    await context.publish_threshold(threshold_id, updated)
+    await context.publish(context.thresholds, threshold_id, updated)
     return updated
 
 
@@ -92,7 +92,7 @@ async def update_threshold(threshold_id: str, body: ThresholdChange, request: Re
 async def delete_threshold(threshold_id: str, request: Request, who: Caller = Depends(writer)) -> Response:
     context = _context(request)
     _owned(threshold_id, who, context)
-    await context.publish_threshold(threshold_id, None)
+    await context.publish(context.thresholds, threshold_id, None)
     return Response(status_code=204)
 
 

@@ -9,6 +9,7 @@ import click
 from metering_pipeline import logs, tables
 from metering_pipeline.cli.api import api, api_key
 from metering_pipeline.cli.bench import bench
+from metering_pipeline.cli.billing import invoice, plan, subscription
 from metering_pipeline.cli.check import check
 from metering_pipeline.cli.metric import metric
 from metering_pipeline.cli.notifier import notifier
@@ -41,6 +42,9 @@ main.add_command(notifier)
 main.add_command(api)
 main.add_command(api_key)
 main.add_command(bench)
+main.add_command(plan)
+main.add_command(subscription)
+main.add_command(invoice)
 
 
 @main.command()

@@ -56,3 +56,8 @@ class Aggregate:
         if aggregation is AggregationType.MAX:
             return self.max  # type: ignore[return-value]
         return self.min  # type: ignore[return-value]
+
+
+def plain(value: Decimal) -> Decimal:
+    """Without trailing zeros or an exponent: ClickHouse's Decimal(76, 18) 1850.500000000000000000 → 1850.5, 1000.000… → 1000."""
+    return value.quantize(Decimal(1), context=EXACT) if value == value.to_integral_value() else value.normalize(EXACT)

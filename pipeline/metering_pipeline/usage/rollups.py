@@ -23,6 +23,7 @@ from metering_schemas import AggregationType, PeriodType, ResetPeriod
 # start EPOCH) that thresholds of NEVER-resetting metrics are evaluated against.
 RollupKey = tuple[str, str, str, PeriodType | ResetPeriod, datetime]
 LIFETIME = ResetPeriod.NEVER
+_HOUR = timedelta(hours=1)
 
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs several times more, per record
@@ -72,9 +73,10 @@ class Checkpoint:
     rollups: list[RollupChange]
     records: list[CountedRecord]
     identities: list[tuple[RecordIdentity, datetime]]
+    closed: list[CountedRecord] = field(default_factory=list)  # refused: their periods were already evicted
 
     def is_empty(self) -> bool:
-        return not (self.rollups or self.records)
+        return not (self.rollups or self.records or self.closed)
 
 
 class PartitionRollups:
@@ -84,14 +86,22 @@ class PartitionRollups:
         self._changed: set[RollupKey] = set()
         self._records: list[CountedRecord] = []
         self._identities: list[tuple[RecordIdentity, datetime]] = []
+        self._closed: list[CountedRecord] = []
 
-    def apply(self, records: Iterable[CountedRecord], seen_at: datetime, touched: set[RollupKey] | None = None) -> tuple[int, int]:
+    def apply(self, records: Iterable[CountedRecord], seen_at: datetime, touched: set[RollupKey] | None = None,
+              closed_before: datetime | None = None) -> tuple[int, int]:
         """Count each new record once in each of its periods; returns (counted, duplicates).
 
-        The keys of the rollups it changes are added to `touched` (for threshold checks).
+        The keys of the rollups it changes are added to `touched` (for threshold checks). A record whose
+        hour ended before `closed_before` (the eviction horizon) is refused into the checkpoint's `closed`:
+        its rollups may have left memory, and counting it into a fresh one would overwrite the final
+        total in ClickHouse with a smaller one.
         """
         counted = duplicates = 0
         for record in records:
+            if closed_before is not None and rollup_starts(record.timestamp)[0][1] + _HOUR < closed_before:
+                self._closed.append(record)
+                continue
             if not self.dedup.first_sighting(record.identity, seen_at):
                 duplicates += 1
                 continue
@@ -116,7 +126,8 @@ class PartitionRollups:
     def checkpoint(self) -> Checkpoint:
         """Hand over everything changed since the last checkpoint and start a new one."""
         changes = [RollupChange(key, self.rollups[key]) for key in self._changed]
-        checkpoint = Checkpoint(changes, self._records, self._identities)
+        checkpoint = Checkpoint(changes, self._records, self._identities, self._closed)
+        self._closed = []
         self._changed = set()
         self._records = []
         self._identities = []

@@ -129,6 +129,11 @@ def crossings(value: Decimal, limit: Decimal, fraction: Decimal, marker: Marker 
     return fired
 
 
+def limit_state(value: Decimal, limit: Decimal, fraction: Decimal) -> str:
+    """ok | approaching | exceeded: where a value stands against one threshold."""
+    return "exceeded" if value > limit else ("approaching" if value >= limit * fraction else "ok")
+
+
 class ThresholdWatch:
     """One partition's markers: decides alerts, re-arms raised limits, forgets old windows."""
 
@@ -280,8 +285,7 @@ class PartitionThresholds:
         limits = []
         for threshold in sorted(self.book.matching(metric_key, *subject), key=lambda t: t.threshold):
             marker = self.watch.marker(threshold.id, subject, start) if start else None
-            state = "exceeded" if value > threshold.threshold else (
-                "approaching" if value >= threshold.threshold * self.watch.fraction else "ok")
+            state = limit_state(value, threshold.threshold, self.watch.fraction)
             blocked = threshold.action is ThresholdAction.BLOCK and marker is not None and marker.exceeded
             limits.append(LimitStatus(threshold, state, blocked))
         return SubjectStatus(metric_key, subject, reset, start, value, limits)

@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from decimal import Decimal
 
 import orjson
 from clickhouse_connect.driver.client import Client
 
+from metering_pipeline.usage.aggregation import plain
 from metering_schemas import PeriodType, UsageRecord, UsageSummary
 
 _SUMMARY_SQL = """
@@ -39,14 +41,14 @@ def usage_summaries(
         "subject_type": subject_type,
         "subject_id": subject_id,
         "period_type": period_type.value,
-        "start": _naive(start),
-        "end": _naive(end),
+        "start": naive_utc(start),
+        "end": naive_utc(end),
     })
     return [
         UsageSummary(
             id=f"{metric}:{stype}:{sid}:{period}:{pstart.isoformat()}",
             metric_key=metric, subject_type=stype, subject_id=sid, period_type=period,
-            period_start=pstart, period_end=pend, total_quantity=total, record_count=count,
+            period_start=pstart, period_end=pend, total_quantity=plain(total), record_count=count,
         )
         for metric, stype, sid, period, pstart, pend, total, count in result.result_rows
     ]
@@ -65,7 +67,7 @@ class RecordFilter:
 
     def where(self) -> tuple[str, dict[str, object]]:
         clauses = ["timestamp >= {start:DateTime64(3)}", "timestamp < {end:DateTime64(3)}"]
-        parameters: dict[str, object] = {"start": _naive(self.start), "end": _naive(self.end)}
+        parameters: dict[str, object] = {"start": naive_utc(self.start), "end": naive_utc(self.end)}
         for column, value in (("subject_type", self.subject_type), ("subject_id", self.subject_id),
                               ("metric_key", self.metric_key)):
             if value is not None:
@@ -86,7 +88,7 @@ def usage_records_page(client: Client, selection: RecordFilter, after: tuple[dat
     where, parameters = selection.where()
     if after is not None:
         where += " AND (timestamp, id) > ({after_ts:DateTime64(3)}, {after_id:String})"
-        parameters |= {"after_ts": _naive(after[0]), "after_id": after[1]}
+        parameters |= {"after_ts": naive_utc(after[0]), "after_id": after[1]}
     rows = client.query(f"{_RECORD_SELECT} WHERE {where} ORDER BY timestamp, id LIMIT {{limit:UInt32}}",
                         parameters=parameters | {"limit": limit}).result_rows
     return [
@@ -122,5 +124,46 @@ def open_usage_export(client: Client, selection: RecordFilter, export_format: st
     return chunks()
 
 
-def _naive(at: datetime) -> datetime:
-    return at.astimezone(timezone.utc).replace(tzinfo=None)
+def naive_utc(at: datetime) -> datetime:
+    """clickhouse-connect binds naive datetimes as they are: make them UTC first."""
+    return at.replace(tzinfo=None) if at.tzinfo is timezone.utc else at.astimezone(timezone.utc).replace(tzinfo=None)
+
+
+def subjects_with_usage(client: Client, subject_type: str | None, search: str | None, limit: int) -> list[tuple[str, str]]:
+    """(subject type, subject id) pairs that have monthly rollups, for pickers; most recently active first."""
+    clauses, parameters = ["period_type = 'MONTHLY'"], {"limit": limit}
+    if subject_type is not None:
+        clauses.append("subject_type = {subject_type:String}")
+        parameters["subject_type"] = subject_type
+    if search:
+        clauses.append("positionCaseInsensitive(subject_id, {search:String}) > 0")
+        parameters["search"] = search
+    rows = client.query(
+        f"SELECT subject_type, subject_id FROM usage_rollups WHERE {' AND '.join(clauses)} "
+        "GROUP BY subject_type, subject_id ORDER BY max(period_start) DESC, subject_type, subject_id LIMIT {limit:UInt32}",
+        parameters=parameters).result_rows
+    return [(row[0], row[1]) for row in rows]
+
+
+_ALERT_FIELDS = ("id", "type", "threshold_id", "metric_key", "subject_type", "subject_id", "threshold", "value",
+                 "period_type", "period_start", "period_end", "action", "notify_emails", "occurred_at")
+
+
+def recent_alerts(client: Client, subject_type: str, subject_id: str, limit: int) -> list[dict[str, object]]:
+    """A subject's threshold events, newest first (rows as dicts keyed by column)."""
+    result = client.query(
+        f"SELECT {', '.join(_ALERT_FIELDS)} FROM threshold_events FINAL "
+        "WHERE subject_type = {subject_type:String} AND subject_id = {subject_id:String} "
+        "ORDER BY occurred_at DESC, id LIMIT {limit:UInt32}",
+        parameters={"subject_type": subject_type, "subject_id": subject_id, "limit": limit})
+    return [dict(zip(_ALERT_FIELDS, row)) for row in result.result_rows]
+
+
+def exceeded_alerts(client: Client, subject_type: str, subject_id: str, threshold_ids: list[str]) -> set[tuple[str, datetime, Decimal]]:
+    """(threshold id, window start, limit) of every threshold.exceeded the subject has had for these thresholds."""
+    rows = client.query(
+        "SELECT DISTINCT threshold_id, period_start, threshold FROM threshold_events "
+        "WHERE subject_type = {subject_type:String} AND subject_id = {subject_id:String} "
+        "AND type = 'threshold.exceeded' AND threshold_id IN {ids:Array(String)}",
+        parameters={"subject_type": subject_type, "subject_id": subject_id, "ids": threshold_ids}).result_rows
+    return {(tid, start.replace(tzinfo=timezone.utc), limit) for tid, start, limit in rows}

@@ -1,4 +1,4 @@
-"""Writes rollups, records, alerts and metric definitions to ClickHouse; every write is idempotent.
+"""Writes rollups, records, alerts and definitions to ClickHouse; every write is idempotent.
 
 Rows are keyed by what they describe (a record's identity, a rollup's period, a definition's
 id) and rollups carry a version, so writing the same rows again after a replay leaves the
@@ -17,7 +17,8 @@ from clickhouse_connect.driver.client import Client
 
 from metering_pipeline.usage.rollups import CountedRecord, RollupChange
 from metering_pipeline.usage.thresholds import Alert
-from metering_schemas import MetricDefinition
+from metering_pipeline.warehouse.mirrors import D, Mirror
+from metering_pipeline.warehouse.queries import naive_utc
 
 _RECORD_COLUMNS = ["subject_type", "subject_id", "metric_key", "id", "timestamp", "quantity", "metadata", "metric_id"]
 _ROLLUP_COLUMNS = [
@@ -28,9 +29,6 @@ _ALERT_COLUMNS = [
     "id", "type", "threshold_id", "metric_key", "subject_type", "subject_id", "threshold", "value", "period_type",
     "period_start", "period_end", "action", "notify_emails", "occurred_at",
 ]
-_DEFINITION_COLUMNS = [
-    "id", "key", "name", "description", "unit", "aggregation_type", "reset_period", "org_id", "deleted", "version",
-]
 
 
 _INSERT_SETTINGS = {"date_time_input_format": "best_effort"}  # RFC 3339 timestamps with offsets
@@ -40,10 +38,6 @@ def _exact(value: object) -> str:
     if isinstance(value, Decimal):
         return str(value)
     raise TypeError(f"cannot write {type(value).__name__} to ClickHouse")
-
-
-def _naive_utc(at: datetime) -> datetime:
-    return at.replace(tzinfo=None)
 
 
 class ClickHouseSink:
@@ -77,7 +71,7 @@ class ClickHouseSink:
             metric_key, subject_type, subject_id, period, start = change.key
             aggregate = change.rollup.aggregate
             rows.append([
-                metric_key, subject_type, subject_id, period.value, _naive_utc(start), _naive_utc(change.period_end),
+                metric_key, subject_type, subject_id, period.value, naive_utc(start), naive_utc(change.period_end),
                 change.rollup.aggregation.value, change.rollup.total(), aggregate.count, aggregate.sum,
                 aggregate.min, aggregate.max, change.rollup.version,
             ])
@@ -88,19 +82,12 @@ class ClickHouseSink:
             return
         rows = [
             [a.id, a.type, a.threshold.id, a.threshold.metric_key, a.subject_type, a.subject_id, a.threshold.threshold,
-             a.value, a.period.value, _naive_utc(a.window_start), _naive_utc(a.window_end),
+             a.value, a.period.value, naive_utc(a.window_start), naive_utc(a.window_end),
              a.threshold.action.value, list(a.threshold.notify_emails), a.occurred_at]
             for a in alerts
         ]
         await self._insert("threshold_events", rows, _ALERT_COLUMNS)
 
-    async def write_definition(self, definition: MetricDefinition | None, definition_id: str, version: int) -> None:
-        """Mirror one `metering.metrics` entry; `None` (a tombstone) marks the definition deleted."""
-        if definition is None:
-            row = [definition_id, "", "", "", "", "", "", None, 1, version]
-        else:
-            row = [
-                definition.id, definition.key, definition.name, definition.description, definition.unit,
-                definition.aggregation_type.value, definition.reset_period.value, definition.org_id, 0, version,
-            ]
-        await self._insert("metric_definitions", [row], _DEFINITION_COLUMNS)
+    async def write_definition(self, mirror: Mirror[D], definition_id: str, definition: D | None, version: int) -> None:
+        """Mirror one entry of a definitions topic; `None` (a tombstone) marks the definition deleted."""
+        await self._insert(mirror.table, [mirror.row(definition_id, definition, version)], mirror.all_columns)

@@ -24,7 +24,8 @@ from metering_pipeline.warehouse.migrations import migrate
 from metering_pipeline.warehouse.sink import ClickHouseSink
 from metering_pipeline.usage.thresholds import ThresholdBook
 from metering_pipeline.worker.entitlements import FORWARDED_HEADER, SERVED_BY_HEADER, Entitlements, member_client_id
-from metering_pipeline.worker.metric_feed import DefinitionAnnouncer
+from metering_pipeline.warehouse import mirrors
+from metering_pipeline.worker.definition_mirror import DefinitionMirror, MetricAnnouncer
 from metering_pipeline.worker.rollup_stage import RollupStage
 from metering_pipeline.worker.router_stage import RouterStage
 from metering_pipeline.worker.stats import WorkerStats
@@ -51,8 +52,12 @@ class Pipeline:
         self.sink = ClickHouseSink(connect(self.settings))
         self.events_producer = AIOKafkaProducer(**self.settings.kafka_client_options(), acks="all")
         await self.events_producer.start()
-        self.announcer = DefinitionAnnouncer(self.sink, self.events_producer, Topics.of(self.settings).events)
         topics = Topics.of(self.settings)
+        self.mirrors: dict[str, DefinitionMirror] = {
+            topics.metrics: MetricAnnouncer(self.sink, mirrors.METRICS, self.events_producer, topics.events),
+            topics.plans: DefinitionMirror(self.sink, mirrors.PLANS),
+            topics.subscriptions: DefinitionMirror(self.sink, mirrors.SUBSCRIPTIONS),
+        }
         feeds = [
             feed_into(self.settings, topics.metrics, MetricDefinition, self.catalog.put, self.catalog.delete),
             feed_into(self.settings, topics.thresholds, UsageThreshold, self.book.put, self.book.delete),
@@ -110,13 +115,16 @@ def create_app(settings: Settings, web_port: int) -> faust.App:
         topic_disable_leader=True,
     )
     pipeline = Pipeline(settings, web_port)
-    definitions = app.topic(Topics.of(settings).metrics, key_serializer="raw", value_serializer="raw")
+    topics = Topics.of(settings)
+    definitions = app.topic(topics.metrics, topics.plans, topics.subscriptions, key_serializer="raw", value_serializer="raw")
 
     @app.agent(definitions)
-    async def announce_definitions(stream):
+    async def mirror_definitions(stream):
+        """Metric, plan and subscription entries into ClickHouse (each entry by one member of the group)."""
         await pipeline.started.wait()
         async for event in stream.events():
-            await pipeline.announcer.announce(event.message.key, event.message.value, event.message.offset)
+            message = event.message
+            await pipeline.mirrors[message.topic].mirror_entry(message.key, message.value, message.offset)
 
     @app.service
     class PipelineService(Service):

@@ -31,13 +31,13 @@ from metering_pipeline.retry import until_success
 from metering_pipeline.settings import Settings
 from metering_pipeline.topics import Topics
 from metering_pipeline.usage.metrics import MetricCatalog
-from metering_pipeline.usage.rollups import Checkpoint, PartitionRollups, RollupChange, RollupKey
+from metering_pipeline.usage.rollups import Checkpoint, CountedRecord, PartitionRollups, RollupChange, RollupKey
 from metering_pipeline.usage.thresholds import Alert, Marker, MarkerKey, PartitionThresholds, ThresholdBook
 from metering_pipeline.warehouse.sink import ClickHouseSink
 from metering_pipeline.worker import changelog, routing
 from metering_pipeline.worker.batches import PartitionBatches
 from metering_pipeline.worker.stats import WorkerStats
-from metering_schemas import ResetPeriod
+from metering_schemas import DeadLetter, RejectReason, ResetPeriod, SourcePosition
 
 log = get_logger(__name__)
 
@@ -126,8 +126,10 @@ class RollupStage:
             return
         now = datetime.now(timezone.utc)
         touched: set[RollupKey] = set()
+        closed_before = self._eviction_horizon(now)
         for message in messages:
-            counted, duplicates = owned.state.apply(routing.decode(message.value, message.offset), now, touched)
+            counted, duplicates = owned.state.apply(routing.decode(message.value, message.offset), now, touched,
+                                                    closed_before)
             self.stats.counted += counted
             self.stats.duplicates += duplicates
             owned.next_offset = message.offset + 1
@@ -184,9 +186,13 @@ class RollupStage:
         if time.monotonic() - owned.last_eviction < EVICTION_INTERVAL:
             return []
         owned.last_eviction = time.monotonic()
-        horizon = datetime.now(timezone.utc) - self.settings.allowed_lateness - timedelta(hours=1)
+        horizon = self._eviction_horizon(datetime.now(timezone.utc))
         owned.thresholds.watch.evict_before(horizon, self._threshold_period)
         return [changelog.rollup_tombstone(key) for key in owned.state.evict_before(horizon) if key not in owned.unsunk]
+
+    def _eviction_horizon(self, now: datetime) -> datetime:
+        """Rollups of periods that ended before this are final (and leave memory); records for them are refused."""
+        return now - self.settings.allowed_lateness - timedelta(hours=1)
 
     def _threshold_period(self, threshold_id: str) -> ResetPeriod | None:
         threshold = self.book.get(threshold_id)
@@ -224,6 +230,9 @@ class RollupStage:
                     await batches.add(self.changelog_topic, key, value, partition)
             for key in expired:
                 await batches.add(self.changelog_topic, key, None, partition)
+            for record in checkpoint.closed:
+                await batches.add(self.topics.dead_letters, f"{record.identity[0]}:{record.identity[1]}".encode(),
+                                  self._closed_dead_letter(record, partition).to_json())
             await batches.flush()
 
         offsets = {TopicPartition(self.topic, partition): owned.next_offset}
@@ -235,6 +244,19 @@ class RollupStage:
             await produce()
             await producer.flush()
             await self.consumer.commit(offsets)
+
+    def _closed_dead_letter(self, record: CountedRecord, partition: int) -> DeadLetter:
+        horizon = self._eviction_horizon(datetime.now(timezone.utc))
+        return DeadLetter(
+            reason=RejectReason.TOO_LATE,
+            message=(f"timestamp {record.timestamp.isoformat()} is in a period that closed (before {horizon.isoformat()}: "
+                     f"now - allowed lateness {self.settings.allowed_lateness} - 1h) before the worker processed it"),
+            source=SourcePosition(topic=self.topic, partition=partition, offset=record.offset),
+            record={"id": record.identity[2], "metricKey": record.metric_key, "subjectType": record.identity[0],
+                    "subjectId": record.identity[1], "quantity": str(record.quantity),
+                    "timestamp": record.timestamp.isoformat(), "metadata": orjson.loads(record.metadata_json or "{}")},
+            occurred_at=datetime.now(timezone.utc),
+        )
 
     async def assign(self, partitions: Iterable[int]) -> None:
         async with self._lock:

@@ -1,0 +1,116 @@
+"""Per-subject views for dashboards: which subjects have usage, where each stands against its
+thresholds in the current period, and its recent alerts."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic.alias_generators import to_camel
+
+from metering_pipeline.api.context import ApiContext
+from metering_pipeline.api.decimal_json import DecimalJSONRoute
+from metering_pipeline.api.errors import ERROR_RESPONSES, ApiError
+from metering_pipeline.api.security import Caller, reader
+from metering_pipeline.usage.aggregation import plain
+from metering_pipeline.usage.periods import period_bounds
+from metering_pipeline.usage.thresholds import LimitStatus, SubjectStatus, limit_state
+from metering_pipeline.warehouse.invoices import billed_quantities
+from metering_pipeline.warehouse.queries import exceeded_alerts, recent_alerts, subjects_with_usage
+from metering_schemas import ThresholdAction, UsageThreshold
+from metering_schemas._base import WireModel
+
+router = APIRouter(prefix="/v1", tags=["subjects"], route_class=DecimalJSONRoute, responses=ERROR_RESPONSES)
+
+
+class Subject(WireModel):
+    subject_type: str
+    subject_id: str
+
+
+class SubjectList(WireModel):
+    subjects: list[Subject]
+
+
+def _context(request: Request) -> ApiContext:
+    return request.app.state.context
+
+
+def _visible(subject_type: str, subject_id: str, who: Caller, context: ApiContext) -> bool:
+    """An org-scoped key sees its org, and the subjects its org subscribed or set thresholds for."""
+    if who.org_id is None or (subject_type, subject_id) == ("org", who.org_id):
+        return True
+    owned = [*context.subscriptions.values(), *context.thresholds.values()]
+    return any((d.subject_type, d.subject_id) == (subject_type, subject_id) and d.org_id == who.org_id for d in owned)
+
+
+def _require_visible(subject_type: str, subject_id: str, who: Caller, context: ApiContext) -> None:
+    if not _visible(subject_type, subject_id, who, context):
+        raise ApiError(404, "not_found", f"no subject {subject_type}:{subject_id} for org {who.org_id!r}")
+
+
+@router.get("/subjects", response_model=SubjectList, summary="Subjects with usage (for pickers)")
+async def list_subjects(request: Request, subject_type: str | None = Query(default=None, alias="subjectType"),
+                        search: str | None = Query(default=None, max_length=256, description="Part of the subject id"),
+                        limit: int = Query(default=100, ge=1, le=1000), who: Caller = Depends(reader)) -> SubjectList:
+    context = _context(request)
+    found = await context.query(subjects_with_usage, subject_type, search, limit if who.org_id is None else 1000)
+    visible = [Subject(subject_type=t, subject_id=i) for t, i in found if _visible(t, i, who, context)]
+    return SubjectList(subjects=visible[:limit])
+
+
+@router.get("/subjects/{subject_type}/{subject_id}/status", summary="Current-period usage against thresholds")
+async def subject_status(subject_type: str, subject_id: str, request: Request,
+                         who: Caller = Depends(reader)) -> dict[str, Any]:
+    """Per metric with thresholds: the value in its reset period's current window, each threshold's state
+    (ok / approaching / exceeded), and whether a BLOCK threshold blocks the subject — the same shape as the
+    worker's entitlement endpoint, read from ClickHouse."""
+    context = _context(request)
+    _require_visible(subject_type, subject_id, who, context)
+    now = datetime.now(timezone.utc)
+    applying: dict[str, list[UsageThreshold]] = {}
+    for threshold in context.thresholds.values():
+        if threshold.subject_type == subject_type and threshold.subject_id in (subject_id, "*"):
+            applying.setdefault(threshold.metric_key, []).append(threshold)
+    org = subject_id if subject_type == "org" else None
+    exceeded = await context.query(exceeded_alerts, subject_type, subject_id,
+                                   [t.id for ts in applying.values() for t in ts])
+    statuses = []
+    for metric_key, thresholds in sorted(applying.items()):
+        definition = context.metrics.resolve(metric_key, org)
+        if definition is None:
+            statuses.append(SubjectStatus(metric_key, (subject_type, subject_id), None, None, Decimal(0), []))
+            continue
+        start, end = period_bounds(definition.reset_period, now)
+        value = (await context.query(billed_quantities, subject_type, subject_id, start, end)).get(metric_key, Decimal(0))
+        limits = [
+            LimitStatus(t, limit_state(value, t.threshold, context.settings.threshold_approaching_fraction),
+                        t.action is ThresholdAction.BLOCK and (t.id, start, t.threshold) in exceeded)
+            for t in sorted(thresholds, key=lambda t: t.threshold)
+        ]
+        statuses.append(SubjectStatus(metric_key, (subject_type, subject_id), definition.reset_period, start, value, limits))
+    return {"subjectType": subject_type, "subjectId": subject_id, "asOf": now.isoformat().replace("+00:00", "Z"),
+            "metrics": [status.to_json() for status in statuses]}
+
+
+@router.get("/subjects/{subject_type}/{subject_id}/alerts", summary="A subject's recent threshold alerts")
+async def subject_alerts(subject_type: str, subject_id: str, request: Request,
+                         limit: int = Query(default=50, ge=1, le=1000), who: Caller = Depends(reader)) -> dict[str, Any]:
+    context = _context(request)
+    _require_visible(subject_type, subject_id, who, context)
+    rows = await context.query(recent_alerts, subject_type, subject_id, limit)
+    return {"alerts": [_alert_json(row) for row in rows]}
+
+
+def _alert_json(row: dict[str, object]) -> dict[str, object]:
+    """The alert as on metering.alerts (camelCase, decimals as strings, RFC 3339 times)."""
+    out: dict[str, object] = {}
+    for column, value in row.items():
+        if isinstance(value, datetime):
+            value = value.replace(tzinfo=timezone.utc).isoformat().replace("+00:00", "Z")
+        elif isinstance(value, Decimal):
+            value = str(plain(value))
+        out[to_camel(column)] = value
+    return out

@@ -1,0 +1,5 @@
+"""Billing: plans and prices turned into invoice previews from the same rollups reporting uses.
+
+`pricing` and `invoice` are pure; `usage` reads the billed quantities from ClickHouse and
+`settlement` asks Kafka whether the pipeline has processed everything that can still land in a period.
+"""

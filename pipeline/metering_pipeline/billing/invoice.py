@@ -1,0 +1,113 @@
+"""An invoice for one subject and one billing period, from its subscriptions, their plans and the
+billed quantities. Pure: the caller supplies the usage and the clock."""
+
+from __future__ import annotations
+
+import decimal
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+
+from metering_pipeline.billing.pricing import MONEY, charge, round_money
+from metering_pipeline.usage.periods import period_end
+from metering_schemas import Invoice, InvoiceLine, InvoiceStatus, LineType, Plan, PlanUse, ResetPeriod, Subscription
+
+# Proration is a ratio of seconds; it is rounded once, with its line, to the currency's minor unit.
+_PRORATION = decimal.Context(prec=60, rounding=decimal.ROUND_HALF_EVEN)
+
+
+class BillingError(ValueError):
+    """The subject's subscriptions cannot be billed as configured (e.g. two currencies in one period)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A part of the billing period that one subscription bills on its plan, [start, end)."""
+
+    subscription: Subscription
+    plan: Plan
+    start: datetime
+    end: datetime
+
+
+def billing_period(period: str) -> tuple[datetime, datetime]:
+    """`2026-11` → the calendar month in UTC, [start, end)."""
+    try:
+        start = datetime.strptime(period, "%Y-%m").replace(tzinfo=timezone.utc)
+    except ValueError:
+        raise BillingError("invalid_period", f"period {period!r} is not YYYY-MM") from None
+    if not 1970 <= start.year <= 2105:  # what ClickHouse's DateTime holds
+        raise BillingError("invalid_period", f"period {period!r} is outside 1970-01 … 2105-12")
+    return start, period_end(ResetPeriod.MONTHLY, start)
+
+
+def segments(start: datetime, end: datetime, subscriptions: Iterable[Subscription],
+             plans: Mapping[str, Plan]) -> list[Segment]:
+    """The subscriptions active in [start, end), each clipped to it: a plan change mid-period gives two segments."""
+    found = []
+    for subscription in subscriptions:
+        begins = max(start, subscription.start_at)
+        ends = min(end, subscription.end_at or end)
+        if begins >= ends:
+            continue
+        plan = plans.get(subscription.plan_key)
+        if plan is None:
+            raise BillingError("unknown_plan", f"subscription {subscription.id!r} names plan {subscription.plan_key!r}, "
+                                               "which does not exist")
+        found.append(Segment(subscription, plan, begins, ends))
+    currencies = {segment.plan.currency for segment in found}
+    if len(currencies) > 1:
+        raise BillingError("mixed_currencies", f"the period's plans bill in {', '.join(sorted(currencies))}; "
+                                               "one invoice has one currency")
+    return sorted(found, key=lambda s: (s.start, s.subscription.id))
+
+
+def status(now: datetime, end: datetime, allowed_lateness: timedelta, settled: bool) -> InvoiceStatus:
+    """OPEN while the period runs; SETTLING until late records can no longer land in it and the pipeline
+    has processed every record that could; FINAL after that."""
+    if now < end:
+        return InvoiceStatus.OPEN
+    if now < end + allowed_lateness or not settled:
+        return InvoiceStatus.SETTLING
+    return InvoiceStatus.FINAL
+
+
+def price(subject_type: str, subject_id: str, period: str, parts: Sequence[Segment],
+          usage: Sequence[Mapping[str, Decimal]], now: datetime, invoice_status: InvoiceStatus,
+          allowed_lateness: timedelta) -> Invoice:
+    """The invoice: per segment a prorated flat-fee line and one line per priced metric (usage[i] holds
+    segment i's billed quantity per metric key); each line rounded once; subtotal = sum of rounded lines."""
+    start, end = billing_period(period)
+    currency = parts[0].plan.currency if parts else None
+    lines: list[InvoiceLine] = []
+    for part, quantities in zip(parts, usage, strict=True):
+        plan = part.plan
+        if plan.flat_fee:
+            share = _PRORATION.divide(Decimal((part.end - part.start).total_seconds()),
+                                      Decimal((end - start).total_seconds()))
+            lines.append(InvoiceLine(type=LineType.FLAT_FEE, plan_key=plan.key, starts_at=part.start, ends_at=part.end,
+                                     amount=round_money(_PRORATION.multiply(plan.flat_fee, share), plan.currency)))
+        for metric_price in plan.prices:
+            quantity = quantities.get(metric_price.metric_key, Decimal(0))
+            charged = charge(metric_price, quantity, plan.currency)
+            lines.append(InvoiceLine(
+                type=LineType.USAGE, plan_key=plan.key, metric_key=metric_price.metric_key, model=metric_price.model,
+                starts_at=part.start, ends_at=part.end, quantity=quantity, included_units=metric_price.included_units,
+                billable_units=charged.billable_units, tiers=list(charged.tiers), packages=charged.packages,
+                adjustment=charged.adjustment, amount=charged.amount,
+            ))
+    subtotal = Decimal(0) if currency is None else round_money(Decimal(0), currency)
+    for line in lines:
+        subtotal = MONEY.add(subtotal, line.amount)
+    return Invoice(
+        subject_type=subject_type, subject_id=subject_id, period=period, period_start=start, period_end=end,
+        status=invoice_status, closes_at=end + allowed_lateness, currency=currency,
+        plans=[PlanUse(subscription_id=p.subscription.id, plan_key=p.plan.key, plan_name=p.plan.name,
+                       starts_at=p.start, ends_at=p.end) for p in parts],
+        lines=lines, subtotal=subtotal, computed_at=now,
+    )

@@ -1,0 +1,176 @@
+"""Plans, prices and subscriptions: how usage turns into money (values of `metering.plans` and
+`metering.subscriptions`)."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Annotated
+
+from pydantic import Field, field_validator, model_validator
+
+from metering_schemas._base import CaseInsensitiveEnum, Identifier, Quantity, UtcDatetime, WireModel
+from metering_schemas.currency import EXPONENTS
+
+# Prices may be finer than the currency's minor unit (0.0001 USD per call); amounts are rounded once, per line.
+Money = Annotated[Decimal, Field(ge=0, allow_inf_nan=False, max_digits=38, decimal_places=18)]
+
+
+class PricingModel(CaseInsensitiveEnum):
+    PER_UNIT = "PER_UNIT"
+    TIERED_GRADUATED = "TIERED_GRADUATED"
+    TIERED_VOLUME = "TIERED_VOLUME"
+    PACKAGE = "PACKAGE"
+
+
+class BillingPeriod(CaseInsensitiveEnum):
+    MONTHLY = "MONTHLY"
+
+
+class PriceTier(WireModel):
+    """Units up to and including `upTo` (null: no upper bound, only on the last tier)."""
+
+    up_to: Quantity | None = None
+    unit_price: Money = Decimal(0)
+    flat_fee: Money = Field(default=Decimal(0), description="Charged once when any unit falls in the tier")
+
+
+class Price(WireModel):
+    """How one metric's usage in a billing period is charged."""
+
+    metric_key: Identifier
+    model: PricingModel
+    unit_price: Money | None = Field(default=None, description="PER_UNIT")
+    tiers: list[PriceTier] = Field(default_factory=list, max_length=100,
+                                   description="TIERED_GRADUATED / TIERED_VOLUME, ascending by upTo, the last open-ended")
+    package_size: Quantity | None = Field(default=None, gt=0, description="PACKAGE: units per block")
+    package_price: Money | None = Field(default=None, description="PACKAGE: price per started block")
+    included_units: Quantity = Field(default=Decimal(0), ge=0, description="Free units before the model applies")
+    minimum_charge: Money | None = None
+    maximum_charge: Money | None = None
+
+    @model_validator(mode="after")
+    def _complete_for_its_model(self) -> Price:
+        if self.model is PricingModel.PER_UNIT and self.unit_price is None:
+            raise ValueError("PER_UNIT needs unitPrice")
+        if self.model is PricingModel.PACKAGE and (self.package_size is None or self.package_price is None):
+            raise ValueError("PACKAGE needs packageSize and packagePrice")
+        if self.model in (PricingModel.TIERED_GRADUATED, PricingModel.TIERED_VOLUME):
+            if not self.tiers:
+                raise ValueError(f"{self.model.value} needs tiers")
+            bounds = [tier.up_to for tier in self.tiers]
+            if bounds[-1] is not None or any(bound is None for bound in bounds[:-1]):
+                raise ValueError("only the last tier is open-ended (upTo null), and it must be")
+            if any(b <= a for a, b in zip(bounds[:-2], bounds[1:-1])) or (bounds[0] is not None and bounds[0] <= 0):  # type: ignore[operator]
+                raise ValueError("tiers' upTo must be positive and strictly ascending")
+        if self.minimum_charge is not None and self.maximum_charge is not None and self.minimum_charge > self.maximum_charge:
+            raise ValueError("minimumCharge is above maximumCharge")
+        return self
+
+
+class Plan(WireModel):
+    """Value of the compacted `metering.plans` topic, keyed by `key`."""
+
+    key: Identifier = Field(pattern=r"^[A-Za-z0-9_.:-]+$")
+    name: str = Field(min_length=1, max_length=256)
+    description: str = ""
+    currency: str = Field(description="ISO 4217 code, e.g. USD")
+    billing_period: BillingPeriod = BillingPeriod.MONTHLY
+    flat_fee: Money | None = Field(default=None, description="Recurring fee per billing period, prorated on plan changes")
+    prices: list[Price] = Field(default_factory=list, max_length=200)
+    org_id: Identifier | None = Field(default=None, description="Organization that owns it; null = global")
+
+    @field_validator("currency")
+    @classmethod
+    def _iso_4217(cls, value: str) -> str:
+        code = value.upper()
+        if code not in EXPONENTS:
+            raise ValueError(f"{value!r} is not an ISO 4217 currency code")
+        return code
+
+    @model_validator(mode="after")
+    def _one_price_per_metric(self) -> Plan:
+        keys = [price.metric_key for price in self.prices]
+        if len(keys) != len(set(keys)):
+            raise ValueError("a plan has at most one price per metric key")
+        return self
+
+
+class Subscription(WireModel):
+    """Value of the compacted `metering.subscriptions` topic, keyed by `id`: a subject on a plan from `startAt`
+    (inclusive) until `endAt` (exclusive; null = open-ended)."""
+
+    id: Identifier
+    subject_type: Identifier
+    subject_id: Identifier
+    plan_key: Identifier
+    start_at: UtcDatetime
+    end_at: UtcDatetime | None = None
+    org_id: Identifier | None = None
+
+    @model_validator(mode="after")
+    def _ends_after_start(self) -> Subscription:
+        if self.end_at is not None and self.end_at <= self.start_at:
+            raise ValueError("endAt must be after startAt")
+        return self
+
+
+class InvoiceStatus(CaseInsensitiveEnum):
+    OPEN = "OPEN"  # the period is running
+    SETTLING = "SETTLING"  # ended, but late records (within the allowed lateness) may still change it
+    FINAL = "FINAL"  # closed and stored: the same request gives the same invoice from now on
+
+
+class LineType(CaseInsensitiveEnum):
+    USAGE = "USAGE"
+    FLAT_FEE = "FLAT_FEE"
+
+
+class TierLine(WireModel):
+    tier: int = Field(ge=1)
+    from_units: Quantity = Field(description="Exclusive lower bound")
+    up_to: Quantity | None
+    units: Quantity
+    unit_price: Money
+    flat_fee: Money
+    amount: Decimal = Field(description="Unrounded")
+
+
+class InvoiceLine(WireModel):
+    type: LineType
+    plan_key: Identifier
+    metric_key: Identifier | None = None
+    model: PricingModel | None = None
+    starts_at: UtcDatetime
+    ends_at: UtcDatetime
+    quantity: Quantity = Decimal(0)
+    included_units: Quantity = Decimal(0)
+    billable_units: Quantity = Decimal(0)
+    tiers: list[TierLine] = Field(default_factory=list)
+    packages: int | None = None
+    adjustment: str | None = Field(default=None, description='"minimum_charge" or "maximum_charge" when one applied')
+    amount: Decimal = Field(description="Rounded once, half-even, to the currency's minor unit")
+
+
+class PlanUse(WireModel):
+    subscription_id: Identifier
+    plan_key: Identifier
+    plan_name: str
+    starts_at: UtcDatetime
+    ends_at: UtcDatetime
+
+
+class Invoice(WireModel):
+    """A subject's charges for one billing period (an invoice preview until it is FINAL)."""
+
+    subject_type: Identifier
+    subject_id: Identifier
+    period: str = Field(pattern=r"^\d{4}-\d{2}$")
+    period_start: UtcDatetime
+    period_end: UtcDatetime
+    status: InvoiceStatus
+    closes_at: UtcDatetime = Field(description="When late records can no longer change it: periodEnd + allowed lateness")
+    currency: str | None
+    plans: list[PlanUse]
+    lines: list[InvoiceLine]
+    subtotal: Decimal
+    computed_at: UtcDatetime

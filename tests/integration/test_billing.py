@@ -1,0 +1,256 @@
+"""Billing end to end through the real broker, a worker and the ClickHouse endpoint: plans and
+subscriptions over the API, records published with their Kafka times, the invoice preview (API and
+CLI) for a closed period with a plan change, its reproducibility, and the dashboard in headless Chromium."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from decimal import ROUND_HALF_EVEN, Decimal
+from pathlib import Path
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaProducer
+from support import running_api, settings_env
+
+from metering_pipeline.topics import Topics
+
+pytestmark = pytest.mark.integration
+
+UTC = timezone.utc
+# Billing closes a period an hour after it ends; the workers keep their default 35 days, so the
+# test can publish records of the closed month today (its last days are always within 35 days).
+BILLING_ENV = {"METERING_ALLOWED_LATENESS": "PT1H"}
+
+
+def month_start(at: datetime) -> datetime:
+    return at.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
+# The closed month billed here: the previous one (or the one before, in a month's first two hours).
+PERIOD_END = month_start(datetime.now(UTC) - timedelta(hours=2))
+PERIOD_START = month_start(PERIOD_END - timedelta(days=1))
+PERIOD = PERIOD_START.strftime("%Y-%m")
+SWITCH = PERIOD_END - timedelta(days=2)  # the subject moves from the basic plan to pro
+
+
+def iso(at: datetime) -> str:
+    return at.isoformat().replace("+00:00", "Z")
+
+
+def prorated(fee: str, start: datetime, end: datetime) -> Decimal:
+    share = Decimal((end - start).total_seconds()) / Decimal((PERIOD_END - PERIOD_START).total_seconds())
+    return (Decimal(fee) * share).quantize(Decimal("0.01"), ROUND_HALF_EVEN)
+
+
+async def publish_at(settings, records: list[tuple[dict, datetime]]) -> None:
+    """Each record with its own Kafka message time (what the allowed lateness is measured against)."""
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        for record, message_time in records:
+            await producer.send_and_wait(Topics.of(settings).usage_recorded, orjson.dumps(record),
+                                         key=f"{record['subjectType']}:{record['subjectId']}".encode(),
+                                         timestamp_ms=int(message_time.timestamp() * 1000))
+    finally:
+        await producer.stop()
+
+
+def usage(record_id: str, metric: str, quantity: str, timestamp: datetime) -> dict:
+    return {"id": record_id, "metricKey": metric, "subjectType": "org", "subjectId": "acme", "quantity": quantity,
+            "timestamp": iso(timestamp)}
+
+
+def wait_for(check, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result or time.monotonic() > deadline:
+            return result
+        time.sleep(0.5)
+
+
+def monthly(client, metric: str, start: datetime = PERIOD_START) -> dict:
+    params = {"metricKey": metric, "subjectType": "org", "subjectId": "acme", "periodType": "MONTHLY",
+              "periodStart": iso(start)}
+    [summary] = client.get("/v1/usage/summary", params=params).json()["summaries"]
+    return summary
+
+
+BASIC = {"key": "basic", "name": "Basic", "currency": "usd", "flatFee": "10",
+         "prices": [{"metricKey": "api_calls", "model": "PER_UNIT", "unitPrice": "0.02"}]}
+PRO = {"key": "pro", "name": "Pro", "currency": "USD", "flatFee": "49", "prices": [
+    {"metricKey": "api_calls", "model": "TIERED_GRADUATED", "includedUnits": "100",
+     "tiers": [{"upTo": "1000", "unitPrice": "0.01"}, {"upTo": None, "unitPrice": "0.005", "flatFee": "1"}]},
+    {"metricKey": "storage_gb", "model": "PACKAGE", "packageSize": "10", "packagePrice": "2.5", "minimumCharge": "5"},
+]}
+
+
+@pytest.fixture(scope="module")
+def billing(module_pipeline, tmp_path_factory):
+    settings, new_worker = module_pipeline
+    worker = new_worker().start()
+    worker.wait_healthy()
+    with running_api(settings, tmp_path_factory.mktemp("billing-api"), BILLING_ENV) as api:
+        admin = api.client()
+        for key, aggregation in (("api_calls", "SUM"), ("storage_gb", "MAX")):
+            assert admin.post("/v1/metrics", json={"key": key, "name": key, "aggregationType": aggregation,
+                                                   "resetPeriod": "MONTHLY"}).status_code == 201
+        yield api
+
+
+def test_plan_and_subscription_commands_validate_and_scope(billing):
+    admin, org1 = billing.client(), billing.client("org1")
+    assert admin.post("/v1/plans", json=BASIC).json()["currency"] == "USD"
+    assert admin.post("/v1/plans", json=PRO).status_code == 201
+    assert admin.post("/v1/plans", json=BASIC).status_code == 409
+    bad = admin.post("/v1/plans", json={**BASIC, "key": "bad", "currency": "EURO"})
+    assert (bad.status_code, bad.json()["errors"][0]["field"]) == (422, "body.currency")
+    tiers = admin.post("/v1/plans", json={**PRO, "key": "bad2", "prices": [{"metricKey": "x", "model": "TIERED_VOLUME",
+                                                                             "tiers": [{"upTo": "5", "unitPrice": "1"}]}]})
+    assert tiers.status_code == 422 and "open-ended" in tiers.json()["message"]
+    typo = admin.post("/v1/plans", json={**BASIC, "key": "bad3", "prices": [{"metricKey": "api_cals", "model": "PER_UNIT",
+                                                                          "unitPrice": "1"}]})
+    assert (typo.status_code, typo.json()["error"], typo.json()["errors"][0]["field"]) == (422, "unknown_metric",
+                                                                                           "body.prices.0.metricKey")
+    assert [p["key"] for p in admin.get("/v1/plans").json()["plans"]] == ["basic", "pro"]
+    assert org1.post("/v1/plans", json={**BASIC, "key": "org1-plan"}).json()["orgId"] == "org-1"
+    assert org1.put("/v1/plans/basic", json={k: v for k, v in BASIC.items() if k != "key"}).json()["error"] == "forbidden_org"
+
+    created = admin.post("/v1/subscriptions", json={"id": "s-basic", "subjectType": "org", "subjectId": "acme",
+                                                    "planKey": "basic", "startAt": PERIOD_START.strftime("%Y-%m-%d"),
+                                                    "endAt": iso(SWITCH)})
+    assert created.status_code == 201 and created.json()["startAt"] == iso(PERIOD_START)
+    assert admin.post("/v1/subscriptions", json={"id": "s-pro", "subjectType": "org", "subjectId": "acme",
+                                                 "planKey": "pro", "startAt": iso(SWITCH)}).status_code == 201
+    backwards = admin.put("/v1/subscriptions/s-basic", json={"endAt": iso(PERIOD_START - timedelta(days=30))})
+    assert backwards.status_code == 422
+    assert admin.post("/v1/subscriptions", json={"subjectType": "org", "subjectId": "acme", "planKey": "nope",
+                                                 "startAt": "2026-10-01"}).status_code == 404
+    assert org1.post("/v1/subscriptions", json={"subjectType": "org", "subjectId": "acme", "planKey": "basic",
+                                                "startAt": "2026-10-01"}).json()["error"] == "forbidden_org"
+    listed = admin.get("/v1/subscriptions", params={"subjectType": "org", "subjectId": "acme"}).json()["subscriptions"]
+    assert [s["id"] for s in listed] == ["s-basic", "s-pro"]
+    assert admin.delete("/v1/plans/pro").json()["error"] == "plan_in_use"
+    assert org1.delete("/v1/plans/org1-plan").status_code == 204
+
+
+def test_invoice_of_a_closed_period_with_a_plan_change_is_exact_final_and_reproducible(billing, tmp_path):
+    admin = billing.client()
+    settings = billing.settings
+    on_time = [
+        (usage("c1", "api_calls", "300", SWITCH - timedelta(hours=14)), SWITCH - timedelta(hours=14)),
+        (usage("c2", "api_calls", "0.5", SWITCH - timedelta(minutes=30)), SWITCH - timedelta(minutes=30)),
+        (usage("c3", "api_calls", "800", SWITCH + timedelta(hours=12)), SWITCH + timedelta(hours=12)),
+        (usage("c3", "api_calls", "800", SWITCH + timedelta(hours=12)), SWITCH + timedelta(hours=12, seconds=5)),  # a retry
+        (usage("c4", "api_calls", "700", SWITCH + timedelta(hours=13)), SWITCH + timedelta(hours=13)),
+        (usage("s1", "storage_gb", "40", SWITCH - timedelta(days=1)), SWITCH - timedelta(days=1)),  # basic prices no storage
+        (usage("s2", "storage_gb", "25", SWITCH + timedelta(hours=1)), SWITCH + timedelta(hours=1)),
+        (usage("s3", "storage_gb", "12", SWITCH + timedelta(days=1)), SWITCH + timedelta(days=1)),
+        # Late, but within billing's allowed lateness (sent 30 minutes after the month ended): it belongs to the month.
+        (usage("c5", "api_calls", "50", PERIOD_END - timedelta(minutes=30)), PERIOD_END + timedelta(minutes=30)),
+    ]
+    asyncio.run(publish_at(settings, on_time))
+    assert wait_for(lambda: monthly(admin, "api_calls")["recordCount"] == 5), monthly(admin, "api_calls")
+    assert Decimal(monthly(admin, "api_calls")["totalQuantity"]) == Decimal("1850.5")
+
+    response = admin.get("/v1/subjects/org/acme/invoice", params={"period": PERIOD})
+    assert response.status_code == 200, response.text
+    invoice = response.json()
+    assert (invoice["status"], invoice["currency"], invoice["closesAt"]) == ("FINAL", "USD", iso(PERIOD_END + timedelta(hours=1)))
+    assert [(p["planKey"], p["startsAt"], p["endsAt"]) for p in invoice["plans"]] == [
+        ("basic", iso(PERIOD_START), iso(SWITCH)), ("pro", iso(SWITCH), iso(PERIOD_END))]
+    basic_fee, pro_fee = prorated("10", PERIOD_START, SWITCH), prorated("49", SWITCH, PERIOD_END)
+    lines = [(line["planKey"], line["metricKey"], line["quantity"], Decimal(line["amount"])) for line in invoice["lines"]]
+    assert lines == [
+        ("basic", None, "0", basic_fee),                    # 10 × the basic part of the month
+        ("basic", "api_calls", "300.5", Decimal("6.01")),   # 300.5 × 0.02
+        ("pro", None, "0", pro_fee),                        # 49 × 2 days of the month
+        ("pro", "api_calls", "1550", Decimal("13.25")),     # 1450 billable: 1000 × 0.01 + 450 × 0.005 + 1
+        ("pro", "storage_gb", "25", Decimal("7.50")),       # MAX 25 → 3 packages × 2.5
+    ]
+    assert [(t["tier"], t["units"]) for t in invoice["lines"][3]["tiers"]] == [(1, "1000"), (2, "450")]
+    assert Decimal(invoice["subtotal"]) == basic_fee + pro_fee + Decimal("26.76")
+    # The usage lines add up to what reporting shows for the month.
+    assert Decimal("300.5") + Decimal("1550") == Decimal(monthly(admin, "api_calls")["totalQuantity"])
+
+    # The CLI computes the same invoice (it reads the stored FINAL one).
+    env = {**os.environ, **settings_env(settings), **BILLING_ENV}
+    cli = subprocess.run([sys.executable, "-m", "metering_pipeline.cli", "invoice", "org:acme", "--period", PERIOD, "--json"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0, cli.stderr
+    assert json.loads(cli.stdout) == invoice
+    table = subprocess.run([sys.executable, "-m", "metering_pipeline.cli", "invoice", "org:acme", "--period", PERIOD],
+                           env=env, capture_output=True, text=True, timeout=120).stdout
+    assert "FINAL" in table and invoice["subtotal"] in table and "t1: 1000 × 0.01; t2: 450 × 0.005 + 1" in table
+
+    # Later changes (a record the workers still fold into the month, a new price) leave the FINAL invoice as it was.
+    asyncio.run(publish_at(settings, [(usage("c6", "api_calls", "1000", SWITCH + timedelta(days=1)), datetime.now(UTC))]))
+    assert wait_for(lambda: monthly(admin, "api_calls")["recordCount"] == 6)
+    assert admin.put("/v1/plans/pro", json={**{k: v for k, v in PRO.items() if k != "key"}, "flatFee": "59"}).status_code == 200
+    assert admin.get("/v1/subjects/org/acme/invoice", params={"period": PERIOD}).json() == invoice
+
+    # The running month is OPEN and priced with the current plan: flat fee 59 plus storage's minimum charge.
+    current = admin.get("/v1/subjects/org/acme/invoice", params={"period": datetime.now(UTC).strftime("%Y-%m")}).json()
+    assert (current["status"], current["subtotal"]) == ("OPEN", "64.00")
+    assert billing.client("org1").get("/v1/subjects/org/acme/invoice", params={"period": PERIOD}).status_code == 403
+    assert admin.get("/v1/subjects/org/acme/invoice", params={"period": "2026-13"}).status_code == 422
+
+
+def test_dashboard_shows_usage_thresholds_alerts_and_invoice_in_a_real_browser(billing, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    assert Path("/usr/bin/chromium").exists() and Path("/usr/bin/chromedriver").exists(), \
+        "Debian's chromium and chromium-driver are needed: deploy/bootstrap.sh installs them"
+    admin = billing.client()
+    assert admin.post("/v1/thresholds", json={"id": "acme-calls", "metricKey": "api_calls", "subjectType": "org",
+                                              "subjectId": "acme", "threshold": "100", "action": "BLOCK"}).status_code == 201
+    now = datetime.now(UTC)
+    asyncio.run(publish_at(billing.settings, [
+        (usage("n1", "api_calls", "60", now), now),
+        (usage("n2", "api_calls", "60", now), now),
+    ]))
+    status = wait_for(lambda: (s := admin.get("/v1/subjects/org/acme/status").json()["metrics"]) and s[0]["blocked"] and s)
+    assert status and status[0]["value"] == "120" and status[0]["thresholds"][0]["status"] == "exceeded"
+    alerts = wait_for(lambda: len(admin.get("/v1/subjects/org/acme/alerts").json()["alerts"]) == 2)
+    assert alerts
+    period = now.strftime("%Y-%m")
+    expected_subtotal = admin.get("/v1/subjects/org/acme/invoice", params={"period": period}).json()["subtotal"]
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1400,1000", f"--user-data-dir={tmp_path / 'chromium'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    try:
+        driver.get(f"{billing.url}/ui?subject=org:acme&period={period}")
+        driver.find_element(By.ID, "api-key").send_keys(billing.keys["reader"])
+        Select(driver.find_element(By.ID, "period-type")).select_by_value("HOURLY")
+        driver.find_element(By.ID, "show").click()
+        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-loaded"))
+        assert driver.find_element(By.TAG_NAME, "body").get_attribute("data-loaded") == "ok", \
+            driver.find_element(By.ID, "message").text
+        bars = driver.find_elements(By.CSS_SELECTOR, '.chart[data-metric="api_calls"] rect.bar')
+        assert [bar.get_attribute("data-value") for bar in bars][-1] == "120"
+        row = driver.find_element(By.CSS_SELECTOR, '#status-rows tr[data-threshold="acme-calls"]')
+        assert "state-blocked" in row.get_attribute("class") and row.find_element(By.CLASS_NAME, "badge").text == "blocked"
+        alert_types = [r.find_elements(By.TAG_NAME, "td")[1].text for r in driver.find_elements(By.CSS_SELECTOR, "#alert-rows tr")]
+        assert sorted(alert_types) == ["threshold.approaching", "threshold.exceeded"]
+        assert driver.find_element(By.ID, "invoice-subtotal").text == f"{expected_subtotal} USD"
+        assert "OPEN" in driver.find_element(By.ID, "invoice-status").text
+        screenshot = tmp_path / "dashboard.png"
+        assert driver.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 10_000
+        print(f"dashboard screenshot: {screenshot}")
+    finally:
+        driver.quit()

@@ -1,0 +1,98 @@
+"""Invoice assembly: periods, plan changes mid-period, flat-fee proration, statuses, subtotals."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+
+import pytest
+
+from metering_pipeline.billing.invoice import BillingError, billing_period, price, segments, status
+from metering_schemas import InvoiceStatus, LineType, Plan, Subscription
+
+D = Decimal
+UTC = timezone.utc
+NOV = (datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC))
+NOW = datetime(2026, 11, 20, tzinfo=UTC)
+
+
+def plan(key: str, currency: str = "USD", flat_fee: str | None = "30", unit_price: str = "0.01") -> Plan:
+    return Plan(key=key, name=key.title(), currency=currency, flat_fee=flat_fee,
+                prices=[{"metricKey": "api_calls", "model": "PER_UNIT", "unitPrice": unit_price}])
+
+
+def sub(sid: str, plan_key: str, start: datetime, end: datetime | None = None) -> Subscription:
+    return Subscription(id=sid, subject_type="org", subject_id="acme", plan_key=plan_key, start_at=start, end_at=end)
+
+
+def test_billing_period_is_the_utc_calendar_month():
+    assert billing_period("2026-11") == NOV
+    assert billing_period("2026-12") == (datetime(2026, 12, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC))
+    for bad in ("2026-13", "26-11", "1969-12", "9999-12"):
+        with pytest.raises(BillingError):
+            billing_period(bad)
+
+
+def test_subscriptions_are_clipped_to_the_period_and_others_ignored():
+    plans = {"basic": plan("basic")}
+    found = segments(*NOV, [sub("s1", "basic", datetime(2026, 10, 15, tzinfo=UTC)),
+                            sub("old", "basic", datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 11, 1, tzinfo=UTC))], plans)
+    assert [(s.subscription.id, s.start, s.end) for s in found] == [("s1", *NOV)]
+
+
+def test_a_plan_change_mid_period_bills_each_part_on_its_plan_with_prorated_flat_fees():
+    switch = datetime(2026, 11, 16, tzinfo=UTC)  # 15 of 30 days on each plan
+    plans = {"basic": plan("basic", flat_fee="30", unit_price="0.01"), "pro": plan("pro", flat_fee="90", unit_price="0.005")}
+    parts = segments(*NOV, [sub("s2", "pro", switch), sub("s1", "basic", datetime(2026, 10, 1, tzinfo=UTC), switch)], plans)
+    assert [(p.plan.key, p.start, p.end) for p in parts] == [("basic", NOV[0], switch), ("pro", switch, NOV[1])]
+    invoice = price("org", "acme", "2026-11", parts, [{"api_calls": D(1000)}, {"api_calls": D(3001)}], NOW,
+                    InvoiceStatus.OPEN, timedelta(days=1))
+    amounts = [(line.plan_key, line.type, line.amount) for line in invoice.lines]
+    assert amounts == [
+        ("basic", LineType.FLAT_FEE, D("15.00")), ("basic", LineType.USAGE, D("10.00")),
+        ("pro", LineType.FLAT_FEE, D("45.00")), ("pro", LineType.USAGE, D("15.00")),  # 15.005 → half-even 15.00
+    ]
+    assert invoice.subtotal == D("85.00")
+    assert [(p.plan_key, p.starts_at, p.ends_at) for p in invoice.plans] == [("basic", NOV[0], switch), ("pro", switch, NOV[1])]
+
+
+def test_proration_rounds_once_per_line():
+    third = NOV[0] + timedelta(days=10)  # 10 of 30 days
+    parts = segments(*NOV, [sub("s1", "basic", NOV[0], third)], {"basic": plan("basic", flat_fee="100")})
+    invoice = price("org", "acme", "2026-11", parts, [{}], NOW, InvoiceStatus.OPEN, timedelta(0))
+    assert invoice.lines[0].amount == D("33.33")
+
+
+@pytest.mark.parametrize(("currency", "subtotal"), [("JPY", D("1235")), ("USD", D("1234.57")), ("BHD", D("1234.568"))])
+def test_the_subtotal_is_the_sum_of_lines_rounded_to_the_currency(currency, subtotal):
+    parts = segments(*NOV, [sub("s1", "p", NOV[0])], {"p": plan("p", currency=currency, flat_fee=None, unit_price="1.2345678")})
+    invoice = price("org", "acme", "2026-11", parts, [{"api_calls": D(1000)}], NOW, InvoiceStatus.OPEN, timedelta(0))
+    assert (invoice.currency, invoice.subtotal) == (currency, subtotal)
+
+
+def test_metrics_without_usage_still_get_a_line_and_unpriced_metrics_none():
+    parts = segments(*NOV, [sub("s1", "p", NOV[0])], {"p": plan("p", flat_fee=None)})
+    invoice = price("org", "acme", "2026-11", parts, [{"storage_gb": D(5)}], NOW, InvoiceStatus.OPEN, timedelta(0))
+    assert [(line.metric_key, line.quantity, line.amount) for line in invoice.lines] == [("api_calls", D(0), D("0.00"))]
+
+
+def test_no_subscription_gives_an_empty_invoice():
+    invoice = price("org", "acme", "2026-11", [], [], NOW, InvoiceStatus.OPEN, timedelta(0))
+    assert (invoice.lines, invoice.subtotal, invoice.currency) == ([], D(0), None)
+
+
+def test_one_invoice_has_one_currency_and_plans_must_exist():
+    plans = {"usd": plan("usd"), "eur": plan("eur", currency="EUR")}
+    with pytest.raises(BillingError, match="one currency"):
+        segments(*NOV, [sub("a", "usd", NOV[0], NOV[0] + timedelta(days=3)), sub("b", "eur", NOV[0] + timedelta(days=3))], plans)
+    with pytest.raises(BillingError, match="does not exist"):
+        segments(*NOV, [sub("a", "gone", NOV[0])], plans)
+
+
+def test_status_is_open_then_settling_then_final():
+    end, lateness = NOV[1], timedelta(days=2)
+    assert status(end - timedelta(seconds=1), end, lateness, settled=True) is InvoiceStatus.OPEN
+    assert status(end, end, lateness, settled=True) is InvoiceStatus.SETTLING
+    assert status(end + lateness - timedelta(seconds=1), end, lateness, settled=True) is InvoiceStatus.SETTLING
+    assert status(end + lateness, end, lateness, settled=False) is InvoiceStatus.SETTLING  # records still in flight
+    assert status(end + lateness, end, lateness, settled=True) is InvoiceStatus.FINAL

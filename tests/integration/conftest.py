@@ -58,3 +58,9 @@ def module_pipeline(apache_stack, request, tmp_path_factory):
     name = f"m_{request.module.__name__.rsplit('.', 1)[-1]}_{os.urandom(3).hex()}"
     with isolated_pipeline(apache_stack, name, tmp_path_factory.mktemp(name)) as running:
         yield running
+
+
+@pytest.fixture
+def isolated():
+    """`isolated_pipeline` itself, for tests that bring their own stack parts (e.g. a private ClickHouse endpoint)."""
+    return isolated_pipeline

@@ -1,0 +1,115 @@
+"""ClickHouse stops mid-stream and comes back: the worker holds on (bounded memory, retries with
+backoff) and every record ends up in the rollups exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import subprocess
+import sys
+import time
+import urllib.request
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from support import define, free_port, metric, publish, usage
+
+from metering_pipeline.warehouse.client import connect
+
+pytestmark = pytest.mark.integration
+
+OUTAGE_SECONDS = 20  # the long version of this fault (60 s and more) is the same test with a larger value
+
+
+class Endpoint:
+    """A private ClickHouse endpoint process, so this test can stop it without touching the shared stack."""
+
+    def __init__(self, data_dir: Path, log: Path) -> None:
+        self.port = free_port()
+        self.data_dir = data_dir
+        self.log = log
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Endpoint:
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "metering_pipeline.stack.clickhouse_endpoint",
+                                             "--port", str(self.port), "--data-dir", str(self.data_dir),
+                                             "--log-level", "WARNING"], stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while not self.answers():
+            assert self.process.poll() is None and time.monotonic() < deadline, self.log.read_text()[-2000:]
+            time.sleep(0.3)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+
+    def answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/ping", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def _totals(settings) -> tuple[int, Decimal, int]:
+    with connect(settings) as client:
+        records = client.query("SELECT count(), sum(quantity) FROM usage_records FINAL").result_rows[0]
+        [[monthly]] = client.query("SELECT sum(record_count) FROM usage_summary WHERE period_type = 'MONTHLY'").result_rows
+    return records[0], records[1], monthly
+
+
+def test_a_clickhouse_outage_mid_stream_loses_and_doubles_nothing(apache_stack, isolated, unique_name, tmp_path):
+    endpoint = Endpoint(tmp_path / "clickhouse", tmp_path / "clickhouse.log").start()
+    stack = dataclasses.replace(apache_stack, clickhouse_url=endpoint.url)
+    try:
+        with isolated(stack, unique_name, tmp_path) as (settings, new_worker):
+            asyncio.run(define(settings, metric("tokens", "SUM")))
+            worker = new_worker().start()
+            worker.wait_healthy()
+
+            def batch(start: int, count: int) -> list:
+                return [usage(f"r{n}", "tokens", f"org:o{n % 50}", "0.1") for n in range(start, start + count)]
+
+            asyncio.run(publish(settings, batch(0, 2000)))
+            deadline = time.monotonic() + 60
+            while _totals(settings)[0] < 500:
+                assert time.monotonic() < deadline, worker.log_tail()
+                time.sleep(0.3)
+
+            endpoint.stop()
+            rss_before = _rss_mb(worker.process.pid)
+            started = time.monotonic()
+            sent = 2000
+            while time.monotonic() - started < OUTAGE_SECONDS:  # usage keeps arriving while ClickHouse is down
+                asyncio.run(publish(settings, batch(sent, 500)))
+                sent += 500
+                time.sleep(1)
+            assert worker.process.poll() is None, "the worker died while ClickHouse was down"
+            rss_grown = _rss_mb(worker.process.pid) - rss_before
+            assert rss_grown < 150, f"RSS grew by {rss_grown:.0f} MB during the outage"
+
+            endpoint.start()
+            deadline = time.monotonic() + 120
+            while _totals(settings)[0] < sent:
+                assert worker.process.poll() is None and time.monotonic() < deadline, worker.log_tail()
+                time.sleep(0.5)
+            time.sleep(2)  # a late duplicate would show up now
+            assert _totals(settings) == (sent, Decimal("0.1") * sent, sent)
+            assert "retrying" in worker.log_tail(20000)  # the sink did fail and retry, the outage was real
+    finally:
+        endpoint.stop()

@@ -30,6 +30,11 @@ class RunningStack:
 
 
 def _start_stack(broker: str, data_dir: Path) -> tuple[LocalStack, RunningStack]:
+    stack, _, running = _start_stack_with_config(broker, data_dir)
+    return stack, running
+
+
+def _start_stack_with_config(broker: str, data_dir: Path) -> tuple[LocalStack, StackConfig, RunningStack]:
     settings = Settings()
     config = StackConfig(
         data_dir=data_dir,
@@ -42,7 +47,7 @@ def _start_stack(broker: str, data_dir: Path) -> tuple[LocalStack, RunningStack]
     )
     stack = LocalStack(data_dir)
     state = stack.up(config)
-    return stack, RunningStack(broker, state.kafka_bootstrap, state.clickhouse_url)
+    return stack, config, RunningStack(broker, state.kafka_bootstrap, state.clickhouse_url)
 
 
 def _external_stack() -> RunningStack | None:
@@ -62,6 +67,16 @@ def apache_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSt
     stack, running = _start_stack("apache", tmp_path_factory.mktemp("stack-apache"))
     try:
         yield running
+    finally:
+        stack.down()
+
+
+@pytest.fixture
+def private_apache_stack(tmp_path: Path) -> Iterator[tuple[LocalStack, StackConfig, RunningStack]]:
+    """A stack of this test's own, for faults that stop its servers (`stack.kafka.stop()`, then `stack.up(config)`)."""
+    stack, config, running = _start_stack_with_config("apache", tmp_path / "stack")
+    try:
+        yield stack, config, running
     finally:
         stack.down()
 

@@ -177,8 +177,8 @@ def test_every_poison_message_is_counted_or_dead_lettered_and_the_worker_keeps_g
                                      for s in sentinels], partitions=list(range(settings.usage_partitions))))
         deadline = time.monotonic() + 90
         while any(_counted(settings, tag)[s] != 1 for s in sentinels):
-            assert worker.process.poll() is None, "the worker died"
-            assert time.monotonic() < deadline, "the worker stalled"
+            assert worker.process.poll() is None, f"the worker died:\n{worker.log_tail()}"
+            assert time.monotonic() < deadline, f"the worker stalled:\n{worker.log_tail()}"
             time.sleep(0.5)
         counted = _counted(settings, tag)
         assert all(n == 1 for n in counted.values()), counted  # nothing counted twice

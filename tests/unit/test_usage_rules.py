@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal, Inexact
 
@@ -206,3 +207,18 @@ def test_plain_decimals_drop_clickhouse_scale_but_keep_every_digit():
         ["1850.5", "1000", "0", "1000"]
     big = "12345678901234567890123456789012345678"
     assert str(plain(Decimal(big + ".000000000000000000"))) == big
+
+
+def test_metadata_beyond_orjsons_limits_is_kept_exactly_or_the_record_refused():
+    from metering_pipeline.usage.intake import metadata_json
+
+    big = 10**40
+    [accepted], _ = read(b'{"metricKey":"tokens","subjectType":"org","subjectId":"o","metadata":{"n":' + str(big).encode() + b'}}')
+    assert json.loads(accepted.metadata_json) == {"n": big}
+    deep: dict = {"a": 1}
+    for _ in range(300):  # deeper than orjson renders
+        deep = {"a": deep}
+    assert json.loads(metadata_json(deep)) == deep
+    for _ in range(5000):
+        deep = {"a": deep}
+    assert metadata_json(deep) is None

@@ -181,7 +181,9 @@ def _free_port() -> int:
 
 
 def _require_free_port(port: int, what: str) -> None:
+    """Refuse a port something listens on; connections of a just-stopped server (TIME_WAIT) do not count."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError as error:

@@ -8,12 +8,14 @@ is checked record by record: one bad record goes to the DLQ, the others count.
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 import jiter
+import orjson
 from pydantic import ValidationError
 
 from metering_pipeline.usage.metrics import MetricCatalog, record_org
@@ -50,13 +52,14 @@ class Message:
 
 @dataclass(slots=True)  # not frozen: cheaper to build, and one is built per record
 class AcceptedRecord:
-    """A valid record with its dedup id and timestamp settled, and the metric that governs it."""
+    """A valid record with its dedup id, timestamp and stored metadata settled, and the metric that governs it."""
 
     dedup_id: str
     record: UsageRecord
     timestamp: datetime
     metric: MetricDefinition
     offset: int
+    metadata_json: str
 
 
 def read_message(message: Message, catalog: MetricCatalog, rules: IntakeRules) -> tuple[list[AcceptedRecord], list[DeadLetter]]:
@@ -107,9 +110,30 @@ def _read_record(
     if isinstance(verdict, Refusal):
         return _rejection(message, index, raw, verdict.reason, verdict.message)
     metric = verdict
+    metadata = metadata_json(record.metadata)
+    if metadata is None:
+        return _rejection(message, index, raw, RejectReason.INVALID_RECORD,
+                          "metadata cannot be stored as JSON (nested too deeply)")
     position = f"{message.topic}/{message.partition}/{message.offset}" + ("" if index is None else f"/{index}")
     dedup_id = record.id if record.id is not None else f"@{position}"
-    return AcceptedRecord(dedup_id, record, timestamp, metric, message.offset)
+    return AcceptedRecord(dedup_id, record, timestamp, metric, message.offset, metadata)
+
+
+def metadata_json(metadata: dict[str, Any]) -> str | None:
+    """The metadata as JSON text for storage, or None when it cannot be rendered.
+
+    orjson is fast but stops at 64-bit integers and 255 levels; valid input can exceed both
+    (the JSON parser keeps big integers exact), so those fall back to the standard library.
+    """
+    if not metadata:
+        return "{}"
+    try:
+        return orjson.dumps(metadata, default=str).decode()
+    except TypeError:  # also orjson.JSONEncodeError
+        try:
+            return json.dumps(metadata, default=str, ensure_ascii=False)
+        except (ValueError, RecursionError):
+            return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,7 @@ def encode(records: Iterable[AcceptedRecord]) -> bytes:
         [
             r.record.subject_type, r.record.subject_id, r.dedup_id, r.record.metric_key, r.metric.id,
             r.metric.aggregation_type.value, str(r.record.quantity), int(r.timestamp.timestamp() * 1000),
-            orjson.dumps(r.record.metadata, default=str).decode() if r.record.metadata else "{}",
+            r.metadata_json,
         ]
         for r in records
     ])

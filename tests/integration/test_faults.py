@@ -1,5 +1,5 @@
-"""ClickHouse stops mid-stream and comes back: the worker holds on (bounded memory, retries with
-backoff) and every record ends up in the rollups exactly once."""
+"""Servers stop mid-stream and come back (ClickHouse, the Kafka broker): the worker holds on
+(bounded memory, retries with backoff, reconnects) and every record ends up in the rollups exactly once."""
 
 from __future__ import annotations
 
@@ -73,6 +73,17 @@ def _totals(settings) -> tuple[int, Decimal, int]:
     return records[0], records[1], monthly
 
 
+def _batch(start: int, count: int) -> list:
+    return [usage(f"r{n}", "tokens", f"org:o{n % 50}", "0.1") for n in range(start, start + count)]
+
+
+def _wait_for_records(settings, worker, at_least: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while _totals(settings)[0] < at_least:
+        assert worker.process.poll() is None and time.monotonic() < deadline, worker.log_tail()
+        time.sleep(0.5)
+
+
 def test_a_clickhouse_outage_mid_stream_loses_and_doubles_nothing(apache_stack, isolated, unique_name, tmp_path):
     endpoint = Endpoint(tmp_path / "clickhouse", tmp_path / "clickhouse.log").start()
     stack = dataclasses.replace(apache_stack, clickhouse_url=endpoint.url)
@@ -82,21 +93,15 @@ def test_a_clickhouse_outage_mid_stream_loses_and_doubles_nothing(apache_stack, 
             worker = new_worker().start()
             worker.wait_healthy()
 
-            def batch(start: int, count: int) -> list:
-                return [usage(f"r{n}", "tokens", f"org:o{n % 50}", "0.1") for n in range(start, start + count)]
-
-            asyncio.run(publish(settings, batch(0, 2000)))
-            deadline = time.monotonic() + 60
-            while _totals(settings)[0] < 500:
-                assert time.monotonic() < deadline, worker.log_tail()
-                time.sleep(0.3)
+            asyncio.run(publish(settings, _batch(0, 2000)))
+            _wait_for_records(settings, worker, 500, 60)
 
             endpoint.stop()
             rss_before = _rss_mb(worker.process.pid)
             started = time.monotonic()
             sent = 2000
             while time.monotonic() - started < OUTAGE_SECONDS:  # usage keeps arriving while ClickHouse is down
-                asyncio.run(publish(settings, batch(sent, 500)))
+                asyncio.run(publish(settings, _batch(sent, 500)))
                 sent += 500
                 time.sleep(1)
             assert worker.process.poll() is None, "the worker died while ClickHouse was down"
@@ -104,12 +109,29 @@ def test_a_clickhouse_outage_mid_stream_loses_and_doubles_nothing(apache_stack, 
             assert rss_grown < 150, f"RSS grew by {rss_grown:.0f} MB during the outage"
 
             endpoint.start()
-            deadline = time.monotonic() + 120
-            while _totals(settings)[0] < sent:
-                assert worker.process.poll() is None and time.monotonic() < deadline, worker.log_tail()
-                time.sleep(0.5)
+            _wait_for_records(settings, worker, sent, 120)
             time.sleep(2)  # a late duplicate would show up now
             assert _totals(settings) == (sent, Decimal("0.1") * sent, sent)
             assert "retrying" in worker.log_tail(20000)  # the sink did fail and retry, the outage was real
     finally:
         endpoint.stop()
+
+
+def test_a_broker_restart_mid_stream_loses_and_doubles_nothing(private_apache_stack, isolated, unique_name, tmp_path):
+    stack, config, running = private_apache_stack
+    with isolated(running, unique_name, tmp_path) as (settings, new_worker):
+        asyncio.run(define(settings, metric("tokens", "SUM")))
+        worker = new_worker().start()
+        worker.wait_healthy()
+        asyncio.run(publish(settings, _batch(0, 3000)))
+        _wait_for_records(settings, worker, 500, 60)
+
+        assert stack.kafka.stop()
+        time.sleep(OUTAGE_SECONDS / 2)
+        assert worker.process.poll() is None, "the worker died while the broker was down"
+        stack.up(config)  # the same broker (same log dir and port) again
+        asyncio.run(publish(settings, _batch(3000, 2000)))
+
+        _wait_for_records(settings, worker, 5000, 180)
+        time.sleep(2)  # a late duplicate would show up now
+        assert _totals(settings) == (5000, Decimal("500.0"), 5000)

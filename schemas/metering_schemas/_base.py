@@ -34,7 +34,10 @@ def _as_utc(value: datetime) -> datetime:
     """A timestamp without an offset is read as UTC, so periods never depend on a server's zone."""
     if value.tzinfo is None:
         return value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc)
+    try:
+        return value.astimezone(timezone.utc)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00: a ValueError makes it a field error, not a crash
+        raise ValueError("timestamp is out of range once converted to UTC") from None
 
 
 UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]

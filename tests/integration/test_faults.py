@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import random
 import subprocess
 import sys
 import time
@@ -13,8 +14,9 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from support import define, free_port, metric, publish, usage
+from support import define, free_port, metric, publish, read_json, set_thresholds, threshold, usage
 
+from metering_pipeline.topics import Topics
 from metering_pipeline.warehouse.client import connect
 
 pytestmark = pytest.mark.integration
@@ -135,3 +137,44 @@ def test_a_broker_restart_mid_stream_loses_and_doubles_nothing(private_apache_st
         _wait_for_records(settings, worker, 5000, 180)
         time.sleep(2)  # a late duplicate would show up now
         assert _totals(settings) == (5000, Decimal("500.0"), 5000)
+
+
+STORM_SECONDS = 60  # the short version; a member joins or dies every 10 s throughout
+
+
+def test_a_rebalance_storm_under_steady_load_loses_and_doubles_nothing(pipeline):
+    settings, new_worker = pipeline
+    asyncio.run(define(settings, metric("tokens", "SUM")))
+    asyncio.run(set_thresholds(settings, threshold("cap", "tokens", "org:*", "5")))  # every subject crosses it
+    alive = [new_worker().start() for _ in range(3)]
+    for worker in alive:
+        worker.wait_healthy()
+    rng = random.Random(5)
+
+    async def storm() -> int:
+        sent = 0
+        started = time.monotonic()
+        next_change = started + 10
+        while time.monotonic() - started < STORM_SECONDS:
+            await publish(settings, _batch(sent, 100))  # ~200 records/s across 50 subjects
+            sent += 100
+            await asyncio.sleep(0.5)
+            if time.monotonic() >= next_change:
+                next_change += 10
+                if len(alive) > 1 and (len(alive) == 3 or rng.random() < 0.5):
+                    victim = alive.pop(rng.randrange(len(alive)))
+                    await asyncio.to_thread(victim.kill)
+                else:
+                    alive.append(new_worker().start())
+        return sent
+
+    sent = asyncio.run(storm())
+    assert any(worker.process.poll() is None for worker in alive)
+    _wait_for_records(settings, next(w for w in alive if w.process.poll() is None), sent, 180)
+    time.sleep(2)
+    assert _totals(settings) == (sent, Decimal("0.1") * sent, sent)
+    with connect(settings) as client:
+        [[events, distinct]] = client.query("SELECT count(), uniqExact(id) FROM threshold_events FINAL").result_rows
+    assert events == distinct == 100  # approaching and exceeded once for each of the 50 subjects
+    alerts = asyncio.run(read_json(settings.kafka_bootstrap, Topics.of(settings).alerts, 100, timeout=60, settle=2))
+    assert len({a["id"] for a in alerts}) == 100  # a replay on the topic could only repeat an id

@@ -32,7 +32,8 @@ _quantities = st.one_of(
     st.integers(min_value=-10**40, max_value=10**40),
 )
 _timestamps = st.one_of(
-    st.sampled_from(["0000-01-01T00:00:00Z", "9999-12-31T23:59:59Z", "1970-01-01T00:00:00Z", "2106-02-07T06:28:16Z",
+    st.sampled_from(["0000-01-01T00:00:00Z", "9999-12-31T23:59:59Z", "0001-01-01T00:00:00+01:00",
+                     "9999-12-31T23:59:59-01:00", "1970-01-01T00:00:00Z", "2106-02-07T06:28:16Z",
                      "not a time", "", "2026-02-30T00:00:00Z", "2026-11-24T25:00:00Z", "-1", "1e30", "NaN"]),
     st.integers(min_value=-10**15, max_value=10**16),
     st.datetimes().map(lambda d: d.isoformat()),

@@ -222,3 +222,10 @@ def test_metadata_beyond_orjsons_limits_is_kept_exactly_or_the_record_refused():
     for _ in range(5000):
         deep = {"a": deep}
     assert metadata_json(deep) is None
+
+
+def test_timestamps_that_overflow_when_converted_to_utc_are_refused_as_invalid_records():
+    _, [letter] = read(b'{"metricKey":"tokens","subjectType":"org","subjectId":"o","timestamp":"0001-01-01T00:00:00+01:00"}')
+    assert letter.reason is RejectReason.INVALID_RECORD and "out of range" in letter.message
+    _, [late] = read(b'{"metricKey":"tokens","subjectType":"org","subjectId":"o","timestamp":"9999-12-31T23:59:59-01:00"}')
+    assert late.reason is RejectReason.INVALID_RECORD

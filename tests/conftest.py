@@ -24,9 +24,12 @@ class RunningStack:
     broker: str
     kafka_bootstrap: str
     clickhouse_url: str
+    clickhouse_user: str = "default"
+    clickhouse_password: str = ""
 
     def settings(self, **overrides: object) -> Settings:
-        return Settings(kafka_bootstrap=self.kafka_bootstrap, clickhouse_url=self.clickhouse_url, **overrides)
+        return Settings(kafka_bootstrap=self.kafka_bootstrap, clickhouse_url=self.clickhouse_url,
+                        clickhouse_user=self.clickhouse_user, clickhouse_password=self.clickhouse_password, **overrides)
 
 
 def _start_stack(broker: str, data_dir: Path) -> tuple[LocalStack, RunningStack]:

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from metering_pipeline.topics import Topics
 from metering_pipeline.worker.process import WorkerProcess, free_port
 
 __all__ = [
-    "PARTITIONS", "WorkerProcess", "create_topics", "define", "delete_threshold", "free_port", "metric", "publish",
+    "PARTITIONS", "ClickHouseEndpoint", "WorkerProcess", "create_topics", "define", "delete_threshold", "free_port", "metric", "publish",
     "read_json", "running_api", "set_thresholds", "settings_env", "threshold", "usage",
 ]
 
@@ -40,6 +41,8 @@ def settings_env(settings) -> dict[str, str]:
         "METERING_TOPIC_PREFIX": settings.topic_prefix,
         "METERING_CONSUMER_GROUP_PREFIX": settings.consumer_group_prefix,
         "METERING_CLICKHOUSE_DATABASE": settings.clickhouse_database,
+        "METERING_CLICKHOUSE_USER": settings.clickhouse_user,
+        "METERING_CLICKHOUSE_PASSWORD": settings.clickhouse_password.get_secret_value(),
         "METERING_USAGE_PARTITIONS": str(settings.usage_partitions),
         "METERING_FLUSH_INTERVAL": str(settings.flush_interval),
         # Killed workers leave their groups within seconds, so the fault tests stay short.
@@ -157,3 +160,41 @@ def running_api(settings, workdir: Path, extra_env: dict[str, str] | None = None
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+class ClickHouseEndpoint:
+    """A private ClickHouse endpoint process, so a test can stop it or require credentials without touching the shared stack."""
+
+    def __init__(self, data_dir: Path, log: Path, user: str | None = None, password: str | None = None) -> None:
+        self.port = free_port()
+        self.credentials = [] if user is None else ["--user", user, "--password", password or ""]
+        self.data_dir = data_dir
+        self.log = log
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> ClickHouseEndpoint:
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "metering_pipeline.stack.clickhouse_endpoint",
+                                             "--port", str(self.port), "--data-dir", str(self.data_dir),
+                                             "--log-level", "WARNING", *self.credentials], stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while not self.answers():
+            assert self.process.poll() is None and time.monotonic() < deadline, self.log.read_text()[-2000:]
+            time.sleep(0.3)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+
+    def answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/ping", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False

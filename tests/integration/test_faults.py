@@ -6,15 +6,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
-import subprocess
-import sys
 import time
-import urllib.request
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from support import define, free_port, metric, publish, read_json, set_thresholds, threshold, usage
+from support import ClickHouseEndpoint, define, metric, publish, read_json, set_thresholds, threshold, usage
 
 from metering_pipeline.topics import Topics
 from metering_pipeline.warehouse.client import connect
@@ -22,43 +19,6 @@ from metering_pipeline.warehouse.client import connect
 pytestmark = pytest.mark.integration
 
 OUTAGE_SECONDS = 20  # the long version of this fault (60 s and more) is the same test with a larger value
-
-
-class Endpoint:
-    """A private ClickHouse endpoint process, so this test can stop it without touching the shared stack."""
-
-    def __init__(self, data_dir: Path, log: Path) -> None:
-        self.port = free_port()
-        self.data_dir = data_dir
-        self.log = log
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> Endpoint:
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "metering_pipeline.stack.clickhouse_endpoint",
-                                             "--port", str(self.port), "--data-dir", str(self.data_dir),
-                                             "--log-level", "WARNING"], stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while not self.answers():
-            assert self.process.poll() is None and time.monotonic() < deadline, self.log.read_text()[-2000:]
-            time.sleep(0.3)
-        return self
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=30)
-
-    def answers(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.url}/ping", timeout=2) as response:
-                return response.status == 200
-        except OSError:
-            return False
 
 
 def _rss_mb(pid: int) -> float:
@@ -87,7 +47,7 @@ def _wait_for_records(settings, worker, at_least: int, timeout: float) -> None:
 
 
 def test_a_clickhouse_outage_mid_stream_loses_and_doubles_nothing(apache_stack, isolated, unique_name, tmp_path):
-    endpoint = Endpoint(tmp_path / "clickhouse", tmp_path / "clickhouse.log").start()
+    endpoint = ClickHouseEndpoint(tmp_path / "clickhouse", tmp_path / "clickhouse.log").start()
     stack = dataclasses.replace(apache_stack, clickhouse_url=endpoint.url)
     try:
         with isolated(stack, unique_name, tmp_path) as (settings, new_worker):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from urllib.parse import urlsplit
 
 import click
 
@@ -21,7 +22,24 @@ from metering_pipeline.cli.worker import worker
 from metering_pipeline.settings import Settings
 
 
-@click.group()
+class _Main(click.Group):
+    """Servers that refuse or cannot be reached are the user's to fix: one clear line, exit 1, no traceback."""
+
+    def invoke(self, ctx: click.Context):
+        from aiokafka.errors import KafkaError
+        from clickhouse_connect.driver.exceptions import ClickHouseError
+
+        try:
+            return super().invoke(ctx)
+        except ClickHouseError as error:
+            where = urlsplit(ctx.obj.clickhouse_url) if ctx.obj else None  # never the URL's user:password part
+            raise click.ClickException(f"ClickHouse at {where.hostname}:{where.port or ''}: {error}" if where
+                                       else f"ClickHouse: {error}") from None
+        except KafkaError as error:
+            raise click.ClickException(f"Kafka at {ctx.obj.kafka_bootstrap if ctx.obj else '?'}: {error}") from None
+
+
+@click.group(cls=_Main)
 @click.option("--log-level", default="WARNING", show_default=True, envvar="METERING_LOG_LEVEL",
               help="Of the CLI commands; `metering worker` has its own --loglevel.")
 @click.pass_context

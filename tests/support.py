@@ -26,11 +26,14 @@ from metering_pipeline.topics import Topics
 from metering_pipeline.worker.process import WorkerProcess, free_port
 
 __all__ = [
-    "PARTITIONS", "ClickHouseEndpoint", "WorkerProcess", "create_topics", "define", "delete_threshold", "free_port", "metric", "publish",
+    "FIXED_SEED", "PARTITIONS", "ClickHouseEndpoint", "WorkerProcess", "create_topics", "define", "delete_threshold", "free_port", "metric", "publish",
     "read_json", "running_api", "set_thresholds", "settings_env", "threshold", "usage",
 ]
 
 PARTITIONS = 4  # of the usage topics in worker tests: enough to spread over two workers
+# Property tests against running processes use a fixed seed, so a CI run is reproducible;
+# METERING_FUZZ_RANDOM=1 explores new inputs on every run.
+FIXED_SEED = os.environ.get("METERING_FUZZ_RANDOM") != "1"
 
 
 def settings_env(settings) -> dict[str, str]:

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings as hypothesis_settings
-from support import running_api
+from support import FIXED_SEED, running_api
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +201,8 @@ def test_fuzzing_every_operation_against_the_openapi_schema_finds_no_server_erro
     for operation in operations:
 
         @given(case=operation.as_strategy())
-        @hypothesis_settings(max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @hypothesis_settings(max_examples=40, deadline=None, database=None, derandomize=FIXED_SEED,
+                            suppress_health_check=list(HealthCheck))
         def no_server_error(case) -> None:
             response = case.call(headers=headers)
             assert response.status_code < 500, f"{case.method} {case.formatted_path}: {response.status_code} {response.text[:500]}"

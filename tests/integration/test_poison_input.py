@@ -13,7 +13,7 @@ from decimal import Decimal
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
-from support import define, metric
+from support import FIXED_SEED, define, metric
 
 from metering_pipeline.topics import Topics
 from metering_pipeline.warehouse.client import connect
@@ -166,7 +166,8 @@ def test_every_poison_message_is_counted_or_dead_lettered_and_the_worker_keeps_g
     examples = iter(range(1000))
 
     @given(data=st.data())
-    @hypothesis_settings(max_examples=6, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @hypothesis_settings(max_examples=6, deadline=None, database=None, derandomize=FIXED_SEED,
+                            suppress_health_check=list(HealthCheck))
     def run(data) -> None:
         tag = f"poison-{next(examples)}"
         values = data.draw(messages(tag))

@@ -99,7 +99,8 @@ class PartitionRollups:
         """
         counted = duplicates = 0
         for record in records:
-            if closed_before is not None and rollup_starts(record.timestamp)[0][1] + _HOUR < closed_before:
+            starts = rollup_starts(record.timestamp)  # hour first: it closes first
+            if closed_before is not None and starts[0][1] + _HOUR < closed_before:
                 self._closed.append(record)
                 continue
             if not self.dedup.first_sighting(record.identity, seen_at):
@@ -109,7 +110,7 @@ class PartitionRollups:
             self._records.append(record)
             self._identities.append((record.identity, seen_at))
             subject_type, subject_id, _ = record.identity
-            for period, start in (*rollup_starts(record.timestamp), (LIFETIME, EPOCH)):
+            for period, start in (*starts, (LIFETIME, EPOCH)):
                 key = (record.metric_key, subject_type, subject_id, period, start)
                 rollup = self.rollups.get(key)
                 if rollup is None:

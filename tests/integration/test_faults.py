@@ -46,17 +46,22 @@ def _wait_for_records(settings, worker, at_least: int, timeout: float) -> None:
         time.sleep(0.5)
 
 
+def _worker_counting(settings, new_worker, first_records: int):
+    """A running worker that has already counted part of a first batch: the fault hits mid-stream."""
+    asyncio.run(define(settings, metric("tokens", "SUM")))
+    worker = new_worker().start()
+    worker.wait_healthy()
+    asyncio.run(publish(settings, _batch(0, first_records)))
+    _wait_for_records(settings, worker, 500, 60)
+    return worker
+
+
 def test_a_clickhouse_outage_mid_stream_loses_and_doubles_nothing(apache_stack, isolated, unique_name, tmp_path):
     endpoint = ClickHouseEndpoint(tmp_path / "clickhouse", tmp_path / "clickhouse.log").start()
     stack = dataclasses.replace(apache_stack, clickhouse_url=endpoint.url)
     try:
         with isolated(stack, unique_name, tmp_path) as (settings, new_worker):
-            asyncio.run(define(settings, metric("tokens", "SUM")))
-            worker = new_worker().start()
-            worker.wait_healthy()
-
-            asyncio.run(publish(settings, _batch(0, 2000)))
-            _wait_for_records(settings, worker, 500, 60)
+            worker = _worker_counting(settings, new_worker, 2000)
 
             endpoint.stop()
             rss_before = _rss_mb(worker.process.pid)
@@ -82,11 +87,7 @@ def test_a_clickhouse_outage_mid_stream_loses_and_doubles_nothing(apache_stack, 
 def test_a_broker_restart_mid_stream_loses_and_doubles_nothing(private_apache_stack, isolated, unique_name, tmp_path):
     stack, config, running = private_apache_stack
     with isolated(running, unique_name, tmp_path) as (settings, new_worker):
-        asyncio.run(define(settings, metric("tokens", "SUM")))
-        worker = new_worker().start()
-        worker.wait_healthy()
-        asyncio.run(publish(settings, _batch(0, 3000)))
-        _wait_for_records(settings, worker, 500, 60)
+        worker = _worker_counting(settings, new_worker, 3000)
 
         assert stack.kafka.stop()
         time.sleep(OUTAGE_SECONDS / 2)

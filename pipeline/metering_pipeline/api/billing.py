@@ -9,7 +9,7 @@ from pydantic import Field, ValidationError
 
 from metering_pipeline.api.context import ApiContext
 from metering_pipeline.api.decimal_json import DecimalJSONRoute
-from metering_pipeline.api.errors import ERROR_RESPONSES, ApiError, FieldProblem, field_path
+from metering_pipeline.api.errors import ERROR_RESPONSES, ApiError, FieldProblem, invalid
 from metering_pipeline.api.security import Caller, reader, writer
 from metering_pipeline.billing.invoice import BillingError
 from metering_pipeline.billing.preview import invoice_for
@@ -67,8 +67,7 @@ def _validated(model: type[Plan] | type[Subscription], fields: dict) -> Plan | S
     try:
         return model.model_validate(fields)
     except ValidationError as error:
-        problems = [FieldProblem(field=field_path(("body", *e["loc"])), message=e["msg"]) for e in error.errors()]
-        raise ApiError(422, "validation_error", "; ".join(f"{p.field}: {p.message}" for p in problems), problems) from None
+        raise invalid(error.errors(), ("body",)) from None
 
 
 def _plan(key: str, who: Caller, context: ApiContext) -> Plan:

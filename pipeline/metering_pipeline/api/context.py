@@ -28,10 +28,14 @@ from metering_schemas import MetricDefinition, Plan, Subscription, UsageThreshol
 
 
 class Catalog(dict[str, D]):
-    """Definitions by id (a plan's id is its key), kept equal to their topic."""
+    """Definitions by their topic key (`id`; a plan's is its `key`), kept equal to their topic."""
+
+    def __init__(self, key_field: str = "id") -> None:
+        super().__init__()
+        self.key_field = key_field
 
     def put(self, definition: D) -> None:
-        self[getattr(definition, "id", None) or definition.key] = definition  # type: ignore[attr-defined]
+        self[getattr(definition, self.key_field)] = definition
 
     def delete(self, definition_id: str) -> None:
         self.pop(definition_id, None)
@@ -43,7 +47,7 @@ class ApiContext:
     keys: KeyRing
     metrics: MetricCatalog = field(default_factory=MetricCatalog)
     thresholds: Catalog[UsageThreshold] = field(default_factory=Catalog)
-    plans: Catalog[Plan] = field(default_factory=Catalog)
+    plans: Catalog[Plan] = field(default_factory=lambda: Catalog("key"))
     subscriptions: Catalog[Subscription] = field(default_factory=Catalog)
     producer: UsageProducer | None = None
     writers: dict[str, DefinitionWriter] = field(default_factory=dict)  # by topic

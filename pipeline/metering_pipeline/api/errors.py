@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastapi import Request
@@ -38,10 +39,15 @@ async def on_api_error(request: Request, error: Exception) -> JSONResponse:
     return JSONResponse(error.body.model_dump(), status_code=error.status)
 
 
+def invalid(errors: Sequence[Mapping[str, Any]], prefix: tuple[Any, ...] = ()) -> ApiError:
+    """422 with one problem per pydantic error, located under `prefix` (e.g. `("body",)`)."""
+    problems = [FieldProblem(field=field_path((*prefix, *e["loc"])), message=e["msg"]) for e in errors]
+    return ApiError(422, "validation_error", "; ".join(f"{p.field}: {p.message}" for p in problems), problems)
+
+
 async def on_validation_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, RequestValidationError)
-    problems = [FieldProblem(field=field_path(e["loc"]), message=e["msg"]) for e in error.errors()]
-    body = ErrorBody(error="validation_error", message="; ".join(f"{p.field}: {p.message}" for p in problems), errors=problems)
+    body = invalid(error.errors()).body
     return JSONResponse(body.model_dump(), status_code=422)
 
 

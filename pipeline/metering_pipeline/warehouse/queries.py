@@ -145,18 +145,19 @@ def subjects_with_usage(client: Client, subject_type: str | None, search: str | 
     return [(row[0], row[1]) for row in rows]
 
 
-_ALERT_FIELDS = ("id", "type", "threshold_id", "metric_key", "subject_type", "subject_id", "threshold", "value",
+# The columns of threshold_events, in the order the sink writes them.
+ALERT_COLUMNS = ("id", "type", "threshold_id", "metric_key", "subject_type", "subject_id", "threshold", "value",
                  "period_type", "period_start", "period_end", "action", "notify_emails", "occurred_at")
 
 
 def recent_alerts(client: Client, subject_type: str, subject_id: str, limit: int) -> list[dict[str, object]]:
     """A subject's threshold events, newest first (rows as dicts keyed by column)."""
     result = client.query(
-        f"SELECT {', '.join(_ALERT_FIELDS)} FROM threshold_events FINAL "
+        f"SELECT {', '.join(ALERT_COLUMNS)} FROM threshold_events FINAL "
         "WHERE subject_type = {subject_type:String} AND subject_id = {subject_id:String} "
         "ORDER BY occurred_at DESC, id LIMIT {limit:UInt32}",
         parameters={"subject_type": subject_type, "subject_id": subject_id, "limit": limit})
-    return [dict(zip(_ALERT_FIELDS, row)) for row in result.result_rows]
+    return [dict(zip(ALERT_COLUMNS, row)) for row in result.result_rows]
 
 
 def exceeded_alerts(client: Client, subject_type: str, subject_id: str, threshold_ids: list[str]) -> set[tuple[str, datetime, Decimal]]:

@@ -18,16 +18,12 @@ from clickhouse_connect.driver.client import Client
 from metering_pipeline.usage.rollups import CountedRecord, RollupChange
 from metering_pipeline.usage.thresholds import Alert
 from metering_pipeline.warehouse.mirrors import D, Mirror
-from metering_pipeline.warehouse.queries import naive_utc
+from metering_pipeline.warehouse.queries import ALERT_COLUMNS, naive_utc
 
 _RECORD_COLUMNS = ["subject_type", "subject_id", "metric_key", "id", "timestamp", "quantity", "metadata", "metric_id"]
 _ROLLUP_COLUMNS = [
     "metric_key", "subject_type", "subject_id", "period_type", "period_start", "period_end", "aggregation_type",
     "total_quantity", "record_count", "sum_quantity", "min_quantity", "max_quantity", "version",
-]
-_ALERT_COLUMNS = [
-    "id", "type", "threshold_id", "metric_key", "subject_type", "subject_id", "threshold", "value", "period_type",
-    "period_start", "period_end", "action", "notify_emails", "occurred_at",
 ]
 
 
@@ -86,7 +82,7 @@ class ClickHouseSink:
              a.threshold.action.value, list(a.threshold.notify_emails), a.occurred_at]
             for a in alerts
         ]
-        await self._insert("threshold_events", rows, _ALERT_COLUMNS)
+        await self._insert("threshold_events", rows, list(ALERT_COLUMNS))
 
     async def write_definition(self, mirror: Mirror[D], definition_id: str, definition: D | None, version: int) -> None:
         """Mirror one entry of a definitions topic; `None` (a tombstone) marks the definition deleted."""

@@ -1,5 +1,5 @@
 # The two commands for a fresh machine: `make demo` and `make test`.
-.PHONY: demo test bootstrap stack-down
+.PHONY: demo test faults-long bootstrap stack-down
 
 bootstrap:
 	./deploy/bootstrap.sh
@@ -9,6 +9,10 @@ demo: bootstrap
 
 test: bootstrap
 	.venv/bin/python -m pytest
+
+# The fault tests at full length (a 60 s ClickHouse outage, a 2-minute rebalance storm); about 6 minutes.
+faults-long: bootstrap
+	METERING_FAULT_OUTAGE_SECONDS=60 METERING_FAULT_STORM_SECONDS=120 .venv/bin/python -m pytest -s tests/integration/test_faults.py
 
 stack-down:
 	.venv/bin/metering stack down

@@ -50,6 +50,15 @@ def settings_env(settings) -> dict[str, str]:
         "METERING_FLUSH_INTERVAL": str(settings.flush_interval),
         # Killed workers leave their groups within seconds, so the fault tests stay short.
         "METERING_KAFKA_SESSION_TIMEOUT": "10",
+        "METERING_KAFKA_SECURITY_PROTOCOL": settings.kafka_security_protocol,
+        **{name: str(value) for name, value in (
+            ("METERING_KAFKA_SASL_MECHANISM", settings.kafka_sasl_mechanism),
+            ("METERING_KAFKA_SASL_USERNAME", settings.kafka_sasl_username),
+            ("METERING_KAFKA_SASL_PASSWORD",
+             settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else None),
+            ("METERING_KAFKA_SSL_CAFILE", settings.kafka_ssl_cafile),
+            ("METERING_CLICKHOUSE_CA_CERT", settings.clickhouse_ca_cert),
+        ) if value is not None},
     }
 
 
@@ -109,7 +118,8 @@ async def define(settings, *definitions: dict) -> None:
 
 async def read_json(bootstrap: str, topic: str, count: int, timeout: float = 60, settle: float = 0) -> list[dict]:
     """The topic's first `count` JSON values (from the beginning); with `settle`, also whatever arrives in that many more seconds."""
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                isolation_level="read_committed")  # as the product's consumers read
     await consumer.start()
     found: list[dict] = []
     try:

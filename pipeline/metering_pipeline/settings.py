@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 KafkaSecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
@@ -59,6 +59,9 @@ class Settings(BaseSettings):
                                   "default http://<hostname>:<web port>"
     )
     max_poll_records: int = Field(default=20_000, ge=1)
+    max_buffered_records: int = Field(
+        default=100_000, ge=1, description="Counted records a worker holds while ClickHouse is slow or down; "
+                                           "beyond this it pauses consumption (backpressure) until writes catch up")
     kafka_session_timeout: float = Field(
         default=30.0, gt=0, description="Seconds without a heartbeat before a worker's consumers leave their groups "
                                         "(aiokafka's 10 s is easily missed by a busy worker; longer delays failover)")
@@ -97,6 +100,12 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(default_factory=_default_cache)
     kafka_version: str = "4.1.1"
     stack_kafka_heap: str = "512m"
+
+    @field_validator("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile", "clickhouse_ca_cert", mode="before")
+    @classmethod
+    def _empty_path_is_none(cls, value: object) -> object:
+        """`METERING_KAFKA_SSL_CAFILE=` means "no file", not the current directory."""
+        return None if isinstance(value, str) and not value.strip() else value
 
     def kafka_group_options(self) -> dict[str, object]:
         """For the worker's group consumers: heartbeats every few seconds, generous session timeout."""

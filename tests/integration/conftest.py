@@ -32,8 +32,9 @@ def isolated_pipeline(stack, name: str, log_dir: Path) -> Iterator[tuple[Setting
     asyncio.run(ensure_topics(settings, public_topics(settings) + internal_topics(settings)))
     workers: list[WorkerProcess] = []
 
-    def new_worker() -> WorkerProcess:
-        worker = WorkerProcess(env, log_dir / f"worker-{len(workers)}.log")
+    def new_worker(**overrides: str) -> WorkerProcess:
+        """A worker of this pipeline; `overrides` are further METERING_* variables for this one."""
+        worker = WorkerProcess({**env, **overrides}, log_dir / f"worker-{len(workers)}.log")
         workers.append(worker)
         return worker
 

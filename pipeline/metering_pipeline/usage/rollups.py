@@ -9,7 +9,7 @@ left it.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 
@@ -49,6 +49,10 @@ class Rollup:
 
     def total(self) -> Decimal:
         return self.aggregate.total(self.aggregation)
+
+    def frozen(self) -> Rollup:
+        """A copy that later records do not change (checkpoints are written after the stream moves on)."""
+        return Rollup(self.aggregation, replace(self.aggregate), self.version, self.metric_id)
 
 
 @dataclass(frozen=True)
@@ -125,8 +129,8 @@ class PartitionRollups:
         return counted, duplicates
 
     def checkpoint(self) -> Checkpoint:
-        """Hand over everything changed since the last checkpoint and start a new one."""
-        changes = [RollupChange(key, self.rollups[key]) for key in self._changed]
+        """Hand over everything changed since the last checkpoint (as of now) and start a new one."""
+        changes = [RollupChange(key, self.rollups[key].frozen()) for key in self._changed]
         checkpoint = Checkpoint(changes, self._records, self._identities, self._closed)
         self._closed = []
         self._changed = set()

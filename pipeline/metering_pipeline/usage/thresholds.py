@@ -187,6 +187,9 @@ class ThresholdWatch:
         del self.markers[key]
         self._changed.add(key)
 
+    def has_changes(self) -> bool:
+        return bool(self._changed)
+
     def checkpoint(self) -> list[tuple[MarkerKey, Marker | None]]:
         """Markers changed since the last checkpoint (None: removed)."""
         changed = [(key, self.markers.get(key)) for key in self._changed]

@@ -16,7 +16,6 @@ import orjson
 from clickhouse_connect.driver.client import Client
 
 from metering_pipeline.usage.rollups import CountedRecord, RollupChange
-from metering_pipeline.usage.thresholds import Alert
 from metering_pipeline.warehouse.mirrors import D, Mirror
 from metering_pipeline.warehouse.queries import ALERT_COLUMNS, naive_utc
 
@@ -27,6 +26,8 @@ _ROLLUP_COLUMNS = [
 ]
 
 
+_ALERT_FIELDS = ("id", "type", "thresholdId", "metricKey", "subjectType", "subjectId", "threshold", "value",
+                 "periodType", "periodStart", "periodEnd", "action", "notifyEmails", "occurredAt")  # as ALERT_COLUMNS
 _INSERT_SETTINGS = {"date_time_input_format": "best_effort"}  # RFC 3339 timestamps with offsets
 
 
@@ -73,16 +74,12 @@ class ClickHouseSink:
             ])
         await self._insert("usage_rollups", rows, _ROLLUP_COLUMNS)
 
-    async def write_alerts(self, alerts: Sequence[Alert]) -> None:
-        if not alerts:
+    async def write_alerts(self, events: Sequence[dict[str, object]]) -> None:
+        """Alerts as published on the alerts topic (`Alert.to_event`)."""
+        if not events:
             return
-        rows = [
-            [a.id, a.type, a.threshold.id, a.threshold.metric_key, a.subject_type, a.subject_id, a.threshold.threshold,
-             a.value, a.period.value, naive_utc(a.window_start), naive_utc(a.window_end),
-             a.threshold.action.value, list(a.threshold.notify_emails), a.occurred_at]
-            for a in alerts
-        ]
-        await self._insert("threshold_events", rows, list(ALERT_COLUMNS))
+        await self._insert("threshold_events", [[event.get(field) for field in _ALERT_FIELDS] for event in events],
+                           list(ALERT_COLUMNS))
 
     async def write_definition(self, mirror: Mirror[D], definition_id: str, definition: D | None, version: int) -> None:
         """Mirror one entry of a definitions topic; `None` (a tombstone) marks the definition deleted."""

@@ -25,6 +25,7 @@ from metering_pipeline.warehouse.sink import ClickHouseSink
 from metering_pipeline.usage.thresholds import ThresholdBook
 from metering_pipeline.worker.entitlements import FORWARDED_HEADER, SERVED_BY_HEADER, Entitlements, member_client_id
 from metering_pipeline.warehouse import mirrors
+from metering_pipeline.worker.alert_archive import AlertArchive
 from metering_pipeline.worker.definition_mirror import DefinitionMirror, MetricAnnouncer
 from metering_pipeline.worker.rollup_stage import RollupStage
 from metering_pipeline.worker.router_stage import RouterStage
@@ -71,6 +72,7 @@ class Pipeline:
         self.tasks += [
             asyncio.create_task(self._guard("rollups", rollups.run(self.stopping))),
             asyncio.create_task(self._guard("router", RouterStage(self.settings, self.catalog, self.stats).run(self.stopping))),
+            asyncio.create_task(self._guard("alert archive", AlertArchive(self.settings, self.sink).run(self.stopping))),
         ]
         self.healthy = True
         self.started.set()

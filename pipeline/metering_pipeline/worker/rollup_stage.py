@@ -1,6 +1,7 @@
-"""The rollup stage: per routed partition, de-duplicate, roll up, checkpoint, sink.
+"""The rollup stage: per routed partition, de-duplicate, roll up, alert, checkpoint.
 
-A checkpoint of partition p, every `flush_interval` seconds:
+A checkpoint of partition p, every `flush_interval` seconds, is written behind the loop by
+p's `PartitionWriter` (see `checkpoints`):
 1. the new usage records go to ClickHouse (idempotent: same identity, same row);
 2. one Kafka transaction, by a producer whose transactional id names p (so a stale owner of
    p is fenced), carries p's changed rollups and new identities to the changelog, the
@@ -9,8 +10,12 @@ A checkpoint of partition p, every `flush_interval` seconds:
 A crash anywhere replays from the committed offset onto the state rebuilt from the
 changelog, which reproduces the same rows; ClickHouse is never ahead of committed state for
 rollups, and a restart re-sinks every restored rollup, so it is never behind for long either.
-On tansu (no transactions) `processing_guarantee=at_least_once` commits offsets after the
-changelog is written instead.
+
+Alerts do not wait for checkpoints or ClickHouse: as soon as records cross a threshold, a
+transaction of the same producer publishes the alerts with the markers that say they fired
+(so a replay of the records does not fire them again); `alert_archive` copies them into
+ClickHouse. On tansu (no transactions) `processing_guarantee=at_least_once` commits offsets
+after the changelog is written instead.
 """
 
 from __future__ import annotations
@@ -27,15 +32,15 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import CommitFailedError, IllegalOperation, InvalidProducerEpoch, KafkaError, ProducerFenced
 
 from metering_pipeline.logs import get_logger
-from metering_pipeline.retry import until_success
 from metering_pipeline.settings import Settings
 from metering_pipeline.topics import Topics
 from metering_pipeline.usage.metrics import MetricCatalog
 from metering_pipeline.usage.rollups import Checkpoint, CountedRecord, PartitionRollups, RollupChange, RollupKey
-from metering_pipeline.usage.thresholds import Alert, Marker, MarkerKey, PartitionThresholds, ThresholdBook
+from metering_pipeline.usage.thresholds import Alert, PartitionThresholds, ThresholdBook
 from metering_pipeline.warehouse.sink import ClickHouseSink
 from metering_pipeline.worker import changelog, routing
 from metering_pipeline.worker.batches import PartitionBatches
+from metering_pipeline.worker.checkpoints import PartitionWriter, Snapshot
 from metering_pipeline.worker.stats import WorkerStats
 from metering_schemas import DeadLetter, RejectReason, ResetPeriod, SourcePosition
 
@@ -43,6 +48,9 @@ log = get_logger(__name__)
 
 EVICTION_INTERVAL = 60.0  # seconds
 MAX_BATCH_BYTES = 900_000  # under the broker's default message.max.bytes (1 MiB)
+SETTLE_ON_REVOKE = 10.0  # seconds a revoked partition's writer may take; after that the next owner replays
+SETTLE_ON_STOP = 30.0
+_FENCED = (ProducerFenced, InvalidProducerEpoch, IllegalOperation, CommitFailedError)
 _PERIOD_LENGTH = [ResetPeriod.HOURLY, ResetPeriod.DAILY, ResetPeriod.MONTHLY, ResetPeriod.NEVER]
 
 
@@ -52,9 +60,10 @@ class OwnedPartition:
     state: PartitionRollups
     thresholds: PartitionThresholds
     producer: AIOKafkaProducer
-    alerts: list[Alert] = field(default_factory=list)  # decided, not yet committed
+    writer: PartitionWriter
+    transactions: asyncio.Lock = field(default_factory=asyncio.Lock)  # alerts and checkpoints share the producer
+    alerts: list[Alert] = field(default_factory=list)  # decided, not yet published
     next_offset: int | None = None
-    unsunk: dict[RollupKey, RollupChange] = field(default_factory=dict)  # committed, not yet in ClickHouse
     identity_entries: dict[bytes, datetime] = field(default_factory=dict)
     last_eviction: float = 0.0
 
@@ -74,6 +83,7 @@ class RollupStage:
         self.transactional = settings.processing_guarantee == "exactly_once"
         self.owned: dict[int, OwnedPartition] = {}
         self._rejoin = False
+        self._paused = False
         self._lock = asyncio.Lock()
         self.consumer = AIOKafkaConsumer(
             **settings.kafka_client_options(),
@@ -105,17 +115,23 @@ class RollupStage:
                 async with self._lock:
                     for tp, messages in batches.items():
                         self._apply(tp.partition, messages)
+                    for owned in list(self.owned.values()):
+                        await self._publish_alerts(owned)
                     if time.monotonic() - last_checkpoint >= self.settings.flush_interval:
-                        await self._checkpoint_all()
-                        last_checkpoint = time.monotonic()
-                    else:  # alerts do not wait for the flush interval
                         for owned in list(self.owned.values()):
-                            if owned.alerts or owned.thresholds.pending_changes():
-                                await self._checkpoint_or_release(owned)
+                            self._take_checkpoint(owned)
+                        last_checkpoint = time.monotonic()
+                    self._check_writers()
+                    self._apply_backpressure()
             async with self._lock:
-                await self._checkpoint_all()
+                for owned in list(self.owned.values()):
+                    await self._publish_alerts(owned)
+                    self._take_checkpoint(owned)
+                for owned in list(self.owned.values()):
+                    await owned.writer.settle(SETTLE_ON_STOP)
         finally:
             for owned in list(self.owned.values()):
+                await owned.writer.stop()
                 await owned.producer.stop()
             self.owned.clear()
             await self.consumer.stop()
@@ -138,57 +154,126 @@ class RollupStage:
         if highwater is not None and owned.next_offset is not None:
             self.stats.lag[f"rollups/{partition}"] = highwater - owned.next_offset
 
-    async def _checkpoint_all(self) -> None:
-        for owned in list(self.owned.values()):
-            await self._checkpoint_or_release(owned)
-
-    async def _checkpoint_or_release(self, owned: OwnedPartition) -> None:
-        """A partition another worker has taken over (this one was slow to notice a rebalance) fences
-        our transactional producer: its uncommitted state is dropped, never written, and the new
-        owner continues from the last commit."""
-        try:
-            await self._checkpoint(owned)
-        except (ProducerFenced, InvalidProducerEpoch, IllegalOperation, CommitFailedError) as error:
-            log.warning("partition taken over by another worker; releasing it", partition=owned.partition, error=str(error))
-            self.owned.pop(owned.partition, None)
-            with contextlib.suppress(KafkaError):
-                await owned.producer.stop()
-            if TopicPartition(self.topic, owned.partition) in self.consumer.assignment():
-                self._rejoin = True  # still assigned here: only a fresh rebalance settles who owns it
-
-    async def _checkpoint(self, owned: OwnedPartition) -> None:
-        started = time.monotonic()
-        if owned.thresholds.pending_changes():
-            owned.alerts += owned.thresholds.after_threshold_changes(datetime.now(timezone.utc))
+    def _take_checkpoint(self, owned: OwnedPartition) -> None:
         checkpoint = owned.state.checkpoint()
         expired = self._expired_identity_entries(owned)
-        expired += self._evicted_rollup_entries(owned)
+        expired += self._evicted_rollup_entries(owned, checkpoint)
+        if owned.next_offset is not None and (not checkpoint.is_empty() or expired):
+            owned.writer.submit(Snapshot(owned.next_offset, checkpoint, expired))
+
+    def _check_writers(self) -> None:
+        """A writer fenced by another worker (this one was slow to notice a rebalance) releases its partition:
+        its uncommitted checkpoints are dropped, never written, and the new owner continues from the last
+        commit. Any other failure stops the stage (the process restarts and replays)."""
+        for owned in list(self.owned.values()):
+            error = owned.writer.failure()
+            if error is None:
+                continue
+            if not isinstance(error, _FENCED):
+                raise error
+            self._release(owned, error)
+
+    def _release(self, owned: OwnedPartition, error: BaseException) -> None:
+        log.warning("partition taken over by another worker; releasing it", partition=owned.partition, error=str(error))
+        self.owned.pop(owned.partition, None)
+        asyncio.create_task(self._close(owned))
+        if TopicPartition(self.topic, owned.partition) in self.consumer.assignment():
+            self._rejoin = True  # still assigned here: only a fresh rebalance settles who owns it
+
+    @staticmethod
+    async def _close(owned: OwnedPartition) -> None:
+        await owned.writer.stop()
+        with contextlib.suppress(KafkaError):
+            await owned.producer.stop()
+
+    def _apply_backpressure(self) -> None:
+        """Stop fetching while the writers hold too many records (ClickHouse slow or down); resume at half."""
+        buffered = sum(owned.writer.buffered for owned in self.owned.values())
+        limit = self.settings.max_buffered_records
+        pause = buffered >= limit or (self._paused and buffered >= limit // 2)
+        if pause:
+            self.consumer.pause(*self.consumer.assignment())  # again each time: a rebalance may have added partitions
+            if not self._paused:
+                log.warning("pausing consumption until ClickHouse catches up", buffered_records=buffered, limit=limit)
+        elif self._paused:
+            self.consumer.resume(*self.consumer.assignment())
+            log.info("resuming consumption", buffered_records=buffered)
+        self._paused = pause
+
+    async def _publish_alerts(self, owned: OwnedPartition) -> None:
+        """Alerts go out at once, with the markers that stop a replay from firing them again."""
+        if owned.thresholds.pending_changes():
+            owned.alerts += owned.thresholds.after_threshold_changes(datetime.now(timezone.utc))
+        if not (owned.alerts or owned.thresholds.watch.has_changes()):
+            return
         markers = owned.thresholds.watch.checkpoint()
         alerts, owned.alerts = owned.alerts, []
-        if owned.next_offset is not None and (not checkpoint.is_empty() or expired or markers or alerts):
-            # Like records, alerts reach ClickHouse before the commit: a replay rewrites the same ids.
-            await until_success(lambda: self.sink.write_records(checkpoint.records), "write usage_records")
-            await until_success(lambda: self.sink.write_alerts(alerts), "write threshold_events")
-            await self._commit(owned, checkpoint, expired, markers, alerts)
-            self.stats.alerts += len(alerts)
-            for change in checkpoint.rollups:
-                if change.reported:
-                    owned.unsunk[change.key] = change
-        if owned.unsunk:
-            changes = list(owned.unsunk.values())
-            await until_success(lambda: self.sink.write_rollups(changes), "write usage_rollups")
-            owned.unsunk.clear()
-            self.stats.flushes += 1
-            self.stats.flush_seconds.append(time.monotonic() - started)
 
-    def _evicted_rollup_entries(self, owned: OwnedPartition) -> list[bytes]:
-        """Once a minute: rollups past the allowed lateness leave memory and the changelog (they can no longer change)."""
+        async def produce(batches: PartitionBatches) -> None:
+            for marker_key, marker in markers:
+                await batches.add(self.changelog_topic, *changelog.marker_entry(marker_key, marker), owned.partition)
+            for alert in alerts:
+                await batches.add(self.topics.alerts, f"{alert.subject_type}:{alert.subject_id}".encode(),
+                                  orjson.dumps(alert.to_event()))
+
+        try:
+            await self._in_transaction(owned, produce)
+        except _FENCED as error:
+            self._release(owned, error)
+            return
+        self.stats.alerts += len(alerts)
+
+    async def _in_transaction(self, owned: OwnedPartition, produce, offset: int | None = None) -> None:
+        """Produce with p's producer, atomically with p's consumer offset when one is given."""
+        async with owned.transactions:
+            producer = owned.producer
+            batches = PartitionBatches(producer)
+            offsets = {} if offset is None else {TopicPartition(self.topic, owned.partition): offset}
+            if self.transactional:
+                async with producer.transaction():
+                    await produce(batches)
+                    await batches.flush()
+                    if offsets:
+                        await producer.send_offsets_to_transaction(offsets, self.group_id)
+            else:
+                await produce(batches)
+                await batches.flush()
+                await producer.flush()
+                if offsets:
+                    await self.consumer.commit(offsets)
+
+    async def _commit(self, owned: OwnedPartition, snapshot: Snapshot) -> None:
+        checkpoint, partition = snapshot.changes, owned.partition
+
+        async def produce(batches: PartitionBatches) -> None:
+            for change in checkpoint.rollups:
+                key, value = changelog.rollup_entry(change)
+                await batches.add(self.changelog_topic, key, value, partition)
+                if change.reported:
+                    await batches.add(self.topics.usage_aggregated, _subject_key(change), _aggregated_event(change))
+            if checkpoint.identities:
+                newest = max(at for _, at in checkpoint.identities)
+                for key, value in changelog.identities_entries(snapshot.offset, checkpoint.identities):
+                    owned.identity_entries[key] = newest
+                    await batches.add(self.changelog_topic, key, value, partition)
+            for key in snapshot.expired:
+                await batches.add(self.changelog_topic, key, None, partition)
+            for record in checkpoint.closed:
+                await batches.add(self.topics.dead_letters, f"{record.identity[0]}:{record.identity[1]}".encode(),
+                                  self._closed_dead_letter(record, partition).to_json())
+
+        await self._in_transaction(owned, produce, snapshot.offset)
+
+    def _evicted_rollup_entries(self, owned: OwnedPartition, checkpoint: Checkpoint) -> list[bytes]:
+        """Once a minute: rollups past the allowed lateness leave memory and the changelog (they can no longer
+        change); the changelog keeps those not yet in ClickHouse, so that a restart writes them again."""
         if time.monotonic() - owned.last_eviction < EVICTION_INTERVAL:
             return []
         owned.last_eviction = time.monotonic()
         horizon = self._eviction_horizon(datetime.now(timezone.utc))
         owned.thresholds.watch.evict_before(horizon, self._threshold_period)
-        return [changelog.rollup_tombstone(key) for key in owned.state.evict_before(horizon) if key not in owned.unsunk]
+        unsettled = owned.writer.unsettled_keys().union(change.key for change in checkpoint.rollups)
+        return [changelog.rollup_tombstone(key) for key in owned.state.evict_before(horizon) if key not in unsettled]
 
     def _eviction_horizon(self, now: datetime) -> datetime:
         """Rollups of periods that ended before this are final (and leave memory); records for them are refused."""
@@ -206,44 +291,6 @@ class RollupStage:
         for key in expired:
             del owned.identity_entries[key]
         return expired
-
-    async def _commit(self, owned: OwnedPartition, checkpoint: Checkpoint, expired: list[bytes],
-                      markers: list[tuple[MarkerKey, Marker | None]], alerts: list[Alert]) -> None:
-        producer, partition = owned.producer, owned.partition
-        batches = PartitionBatches(producer)
-
-        async def produce() -> None:
-            for change in checkpoint.rollups:
-                key, value = changelog.rollup_entry(change)
-                await batches.add(self.changelog_topic, key, value, partition)
-                if change.reported:
-                    await batches.add(self.topics.usage_aggregated, _subject_key(change), _aggregated_event(change))
-            for marker_key, marker in markers:
-                await batches.add(self.changelog_topic, *changelog.marker_entry(marker_key, marker), partition)
-            for alert in alerts:
-                await batches.add(self.topics.alerts, f"{alert.subject_type}:{alert.subject_id}".encode(),
-                                  orjson.dumps(alert.to_event()))
-            if checkpoint.identities:
-                newest = max(at for _, at in checkpoint.identities)
-                for key, value in changelog.identities_entries(owned.next_offset, checkpoint.identities):
-                    owned.identity_entries[key] = newest
-                    await batches.add(self.changelog_topic, key, value, partition)
-            for key in expired:
-                await batches.add(self.changelog_topic, key, None, partition)
-            for record in checkpoint.closed:
-                await batches.add(self.topics.dead_letters, f"{record.identity[0]}:{record.identity[1]}".encode(),
-                                  self._closed_dead_letter(record, partition).to_json())
-            await batches.flush()
-
-        offsets = {TopicPartition(self.topic, partition): owned.next_offset}
-        if self.transactional:
-            async with producer.transaction():
-                await produce()
-                await producer.send_offsets_to_transaction(offsets, self.group_id)
-        else:
-            await produce()
-            await producer.flush()
-            await self.consumer.commit(offsets)
 
     def _closed_dead_letter(self, record: CountedRecord, partition: int) -> DeadLetter:
         horizon = self._eviction_horizon(datetime.now(timezone.utc))
@@ -286,13 +333,20 @@ class RollupStage:
                 # seen_changes starts at 0: every threshold in force is checked against the restored state.
                 thresholds = PartitionThresholds(state, self.book, self.catalog, self.settings.threshold_approaching_fraction)
                 thresholds.watch.restore(restored.markers.items())
-                owned = OwnedPartition(partition, state, thresholds, producer, identity_entries=restored.identity_entries)
-                # Whatever was committed may not have reached ClickHouse before the last owner stopped.
-                owned.unsunk = {key: change for key, rollup in restored.rollups.items()
-                                if (change := RollupChange(key, rollup)).reported}
-                self.owned[partition] = owned
+                owned = self._own(partition, state, thresholds, producer, restored.identity_entries)
+                owned.writer.resink([RollupChange(key, rollup.frozen()) for key, rollup in restored.rollups.items()])
                 log.info("partition assigned", stage="rollups", partition=partition,
                          rollups=len(restored.rollups), identities=len(restored.identities))
+
+    def _own(self, partition: int, state: PartitionRollups, thresholds: PartitionThresholds, producer: AIOKafkaProducer,
+             identity_entries: dict[bytes, datetime]) -> OwnedPartition:
+        async def commit(snapshot: Snapshot) -> None:
+            await self._commit(owned, snapshot)
+
+        owned = OwnedPartition(partition, state, thresholds, producer, PartitionWriter(self.sink, commit, self.stats),
+                               identity_entries=identity_entries)
+        self.owned[partition] = owned
+        return owned
 
     async def revoke(self, partitions: Iterable[int]) -> None:
         async with self._lock:
@@ -301,11 +355,15 @@ class RollupStage:
                 if owned is None:
                     continue
                 try:
-                    await self._checkpoint(owned)
+                    await self._publish_alerts(owned)
+                    self._take_checkpoint(owned)
+                    if not await owned.writer.settle(SETTLE_ON_REVOKE):
+                        log.warning("checkpoint on revoke not written; the next owner replays", partition=partition,
+                                    error=str(owned.writer.failure() or "timed out"))
                 except Exception as error:  # noqa: BLE001 - the next owner replays from the last commit
                     log.warning("checkpoint on revoke failed", partition=partition, error=str(error))
-                await owned.producer.stop()
-                del self.owned[partition]
+                self.owned.pop(partition, None)
+                await self._close(owned)
                 log.info("partition revoked", stage="rollups", partition=partition)
 
     async def _restore(self, partition: int) -> changelog.RestoredState:

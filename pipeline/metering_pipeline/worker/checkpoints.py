@@ -1,0 +1,106 @@
+"""A partition's checkpoints, written in order behind the consuming loop.
+
+The loop takes a checkpoint (what changed, frozen as of the offset it reached) and hands it
+to the partition's writer; the writer puts the new usage records into ClickHouse, commits
+the checkpoint's Kafka transaction (changelog, events, consumer offset), then writes the
+changed rollups. So a ClickHouse outage holds up only the writer: the loop keeps consuming
+and alerting until `max_buffered_records` wait in the writer's queue, then pauses its
+partitions (backpressure) instead of growing without bound. A crash loses only checkpoints
+that were not committed, and those are replayed from the committed offset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from metering_pipeline.retry import until_success
+from metering_pipeline.usage.rollups import Checkpoint, RollupChange, RollupKey
+from metering_pipeline.warehouse.sink import ClickHouseSink
+from metering_pipeline.worker.stats import WorkerStats
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One checkpoint of one partition, up to (not including) `offset`."""
+
+    offset: int
+    changes: Checkpoint
+    expired: list[bytes]  # changelog keys to tombstone
+
+    @property
+    def records(self) -> int:
+        return len(self.changes.records)
+
+
+class PartitionWriter:
+    def __init__(self, sink: ClickHouseSink, commit: Callable[[Snapshot], Awaitable[None]], stats: WorkerStats) -> None:
+        self.sink = sink
+        self.commit = commit
+        self.stats = stats
+        self.queue: deque[Snapshot] = deque()
+        self.unsunk: dict[RollupKey, RollupChange] = {}  # committed, not yet in ClickHouse
+        self.buffered = 0  # counted records in the queue
+        self._task: asyncio.Task[None] | None = None
+
+    def submit(self, snapshot: Snapshot) -> None:
+        self.queue.append(snapshot)
+        self.buffered += snapshot.records
+        self._kick()
+
+    def resink(self, changes: list[RollupChange]) -> None:
+        """Rollups committed by an earlier owner that may not have reached ClickHouse before it stopped."""
+        self.unsunk.update((change.key, change) for change in changes if change.reported)
+        self._kick()
+
+    def unsettled_keys(self) -> set[RollupKey]:
+        """Rollups whose latest value is not in ClickHouse yet (their changelog entries must stay)."""
+        return set(self.unsunk).union(*({c.key for c in s.changes.rollups} for s in self.queue))
+
+    def failure(self) -> BaseException | None:
+        if self._task is None or not self._task.done() or self._task.cancelled():
+            return None
+        return self._task.exception()
+
+    async def settle(self, timeout: float) -> bool:
+        """Wait until everything submitted is written; False (and the rest abandoned) after `timeout`."""
+        if self._task is None or self._task.done():
+            return not (self.queue or self.unsunk)
+        done, _ = await asyncio.wait({self._task}, timeout=timeout)
+        if not done:
+            await self.stop()
+        return bool(done) and self._task.exception() is None and not (self.queue or self.unsunk)
+
+    async def stop(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def _kick(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._write())
+
+    async def _write(self) -> None:
+        while self.queue or self.unsunk:
+            if self.queue:
+                snapshot = self.queue[0]
+                started = time.monotonic()
+                # Records before the commit: a replay of this checkpoint rewrites the same rows.
+                await until_success(lambda: self.sink.write_records(snapshot.changes.records), "write usage_records")
+                await self.commit(snapshot)
+                self.queue.popleft()
+                self.buffered -= snapshot.records
+                self.unsunk.update((c.key, c) for c in snapshot.changes.rollups if c.reported)
+                self.stats.flushes += 1
+                self.stats.flush_seconds.append(time.monotonic() - started)
+            if self.unsunk:
+                changes = list(self.unsunk.values())
+                await until_success(lambda: self.sink.write_rollups(changes), "write usage_rollups")
+                for change in changes:
+                    if self.unsunk.get(change.key) is change:  # not replaced by a newer value meanwhile
+                        del self.unsunk[change.key]

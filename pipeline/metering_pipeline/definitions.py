@@ -127,7 +127,11 @@ class DefinitionWriter:
 
     async def __aenter__(self) -> DefinitionWriter:
         self._producer = AIOKafkaProducer(**self.settings.kafka_client_options(), acks="all")
-        await self._producer.start()
+        try:
+            await self._producer.start()
+        except BaseException:  # e.g. refused credentials: close it, or asyncio reports an unclosed producer
+            await self._producer.stop()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:

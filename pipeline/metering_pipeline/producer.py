@@ -56,7 +56,11 @@ class UsageProducer:
             linger_ms=5,
             compression_type="lz4",
         )
-        await self._producer.start()
+        try:
+            await self._producer.start()
+        except BaseException:  # e.g. refused credentials: close it, or asyncio reports an unclosed producer
+            await self._producer.stop()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:

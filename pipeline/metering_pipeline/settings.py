@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 KafkaSecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
@@ -26,6 +26,16 @@ def _default_home() -> Path:
 
 def _default_cache() -> Path:
     return Path.home() / ".cache" / "metering"
+
+
+def seconds_or_iso_duration(value: object) -> object:
+    """`300` or `300.5` (seconds) as well as `PT5M`, for a timedelta field: pydantic alone misreads a bare number string."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 class Settings(BaseSettings):
@@ -100,6 +110,21 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(default_factory=_default_cache)
     kafka_version: str = "4.1.1"
     stack_kafka_heap: str = "512m"
+
+    @model_validator(mode="after")
+    def _sasl_needs_a_sasl_protocol(self) -> Settings:
+        """aiokafka ignores a mechanism under PLAINTEXT/SSL while Faust would use it: refuse the ambiguity."""
+        sasl_protocol = self.kafka_security_protocol.startswith("SASL_")
+        if (self.kafka_sasl_mechanism is not None) != sasl_protocol:
+            raise ValueError("METERING_KAFKA_SASL_MECHANISM needs METERING_KAFKA_SECURITY_PROTOCOL SASL_SSL or "
+                             "SASL_PLAINTEXT, and those need a mechanism (got "
+                             f"{self.kafka_sasl_mechanism or 'no mechanism'} with {self.kafka_security_protocol})")
+        return self
+
+    @field_validator("allowed_lateness", "dedup_window", mode="before")
+    @classmethod
+    def _seconds_or_iso_duration(cls, value: object) -> object:
+        return seconds_or_iso_duration(value)
 
     @field_validator("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile", "clickhouse_ca_cert", mode="before")
     @classmethod

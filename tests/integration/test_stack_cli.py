@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 
+import pytest
 from support import free_port
 
 
@@ -59,3 +63,25 @@ def test_stack_up_on_a_taken_port_fails_with_a_clear_message(tmp_path):
     metering("stack", "down", "--data-dir", str(tmp_path / "stack"))
     assert result.returncode != 0
     assert f"port {port} for Kafka is taken" in result.stderr
+
+
+def test_stack_up_serves_clickhouse_over_https_with_its_own_ca_and_refuses_sasl_on_tansu(tmp_path):
+    clickhouse_port = free_port()
+    data_dir = tmp_path / "stack"
+    ports = ["--kafka-port", str(free_port()), "--clickhouse-port", str(clickhouse_port), "--data-dir", str(data_dir)]
+    refused = metering("stack", "up", "--broker", "tansu", "--sasl-port", str(free_port()), *ports)
+    assert refused.returncode == 1 and "needs --broker apache" in refused.stderr, refused.stderr
+    try:
+        up = metering("stack", "up", "--broker", "tansu", "--clickhouse-tls", *ports)
+        assert up.returncode == 0, up.stderr
+        ca_file = data_dir / "tls" / "ca.pem"
+        assert f"METERING_CLICKHOUSE_URL=https://127.0.0.1:{clickhouse_port} METERING_CLICKHOUSE_CA_CERT={ca_file}" in up.stdout
+        status = metering("stack", "status", "--data-dir", str(data_dir))
+        assert status.returncode == 0 and f"https://127.0.0.1:{clickhouse_port}" in status.stdout
+        trusting = ssl.create_default_context(cafile=str(ca_file))
+        with urllib.request.urlopen(f"https://127.0.0.1:{clickhouse_port}/?query=SELECT%201", context=trusting) as answer:
+            assert answer.read() == b"1\n"
+        with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+            urllib.request.urlopen(f"https://127.0.0.1:{clickhouse_port}/ping", context=ssl.create_default_context())
+    finally:
+        metering("stack", "down", "--data-dir", str(data_dir))

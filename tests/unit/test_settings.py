@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from metering_pipeline.settings import Settings
 from metering_pipeline.tables import render
 
@@ -64,4 +66,40 @@ def test_decimals_print_with_every_significant_digit_and_no_exponent():
     assert decimal_text(Decimal("12.500000000000000000")) == "12.5"
     assert decimal_text(Decimal("100")) == "100"
     assert decimal_text(Decimal("0.000000000000000001")) == "0.000000000000000001"
+
+
+
+def test_an_empty_tls_file_variable_means_no_file(monkeypatch):
+    monkeypatch.setenv("METERING_KAFKA_SSL_CAFILE", "")
+    monkeypatch.setenv("METERING_CLICKHOUSE_CA_CERT", " ")
+    settings = Settings()
+    assert settings.kafka_ssl_cafile is None and settings.clickhouse_ca_cert is None
+
+
+@pytest.mark.parametrize(("raw", "seconds"), [("300", 300), ("300.5", 300.5), ("PT5M", 300), ("P1DT1S", 86401)])
+def test_durations_are_read_as_seconds_or_iso_8601(monkeypatch, raw, seconds):
+    monkeypatch.setenv("METERING_DEDUP_WINDOW", raw)
+    monkeypatch.setenv("METERING_ALLOWED_LATENESS", raw)
+    settings = Settings()
+    assert settings.dedup_window.total_seconds() == settings.allowed_lateness.total_seconds() == seconds
+
+
+@pytest.mark.parametrize(("protocol", "mechanism"), [("PLAINTEXT", "SCRAM-SHA-512"), ("SSL", "PLAIN"), ("SASL_SSL", None)])
+def test_a_sasl_mechanism_and_a_sasl_protocol_come_together(monkeypatch, protocol, mechanism):
+    monkeypatch.setenv("METERING_KAFKA_SECURITY_PROTOCOL", protocol)
+    if mechanism:
+        monkeypatch.setenv("METERING_KAFKA_SASL_MECHANISM", mechanism)
+    with pytest.raises(ValueError, match="METERING_KAFKA_SASL_MECHANISM needs"):
+        Settings()
+
+
+def test_a_bad_setting_is_one_line_naming_the_variable_without_a_traceback(monkeypatch):
+    from click.testing import CliRunner
+
+    from metering_pipeline.cli import main
+
+    monkeypatch.setenv("METERING_DEDUP_WINDOW", "xyz")
+    result = CliRunner().invoke(main, ["summary", "--metric", "m", "--subject", "a:b", "--period", "HOURLY"])
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: settings: METERING_DEDUP_WINDOW: ") and result.output.count("\n") == 1
 

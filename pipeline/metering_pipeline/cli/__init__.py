@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 from urllib.parse import urlsplit
 
 import click
+from pydantic import ValidationError
 
 from metering_pipeline import logs, tables
 from metering_pipeline.cli.api import api, api_key
@@ -26,17 +28,37 @@ class _Main(click.Group):
     """Servers that refuse or cannot be reached are the user's to fix: one clear line, exit 1, no traceback."""
 
     def invoke(self, ctx: click.Context):
-        from aiokafka.errors import KafkaError
+        from aiokafka.errors import KafkaConnectionError, KafkaError
         from clickhouse_connect.driver.exceptions import ClickHouseError
 
         try:
             return super().invoke(ctx)
         except ClickHouseError as error:
             where = urlsplit(ctx.obj.clickhouse_url) if ctx.obj else None  # never the URL's user:password part
-            raise click.ClickException(f"ClickHouse at {where.hostname}:{where.port or ''}: {error}" if where
-                                       else f"ClickHouse: {error}") from None
+            untrusted = _certificate_error(error)
+            cause = (f"its TLS certificate is not trusted ({untrusted.verify_message}); "
+                     f"set METERING_CLICKHOUSE_CA_CERT to the CA that signed it") if untrusted is not None else str(error)
+            raise click.ClickException(f"ClickHouse at {where.hostname}:{where.port or ''}: {cause}" if where
+                                       else f"ClickHouse: {cause}") from None
+        except KafkaConnectionError as error:  # aiokafka logged the cause; name it in the one line
+            from metering_pipeline.kafka_errors import explain_connection_failure
+
+            explained = explain_connection_failure(ctx.obj) if ctx.obj else None
+            raise click.ClickException(explained or f"Kafka at {ctx.obj.kafka_bootstrap if ctx.obj else '?'}: {error}") from None
         except KafkaError as error:
             raise click.ClickException(f"Kafka at {ctx.obj.kafka_bootstrap if ctx.obj else '?'}: {error}") from None
+
+
+def _certificate_error(error: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate verification failure behind a client error (clickhouse-connect wraps urllib3's), if any."""
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 @click.group(cls=_Main)
@@ -46,7 +68,17 @@ class _Main(click.Group):
 def main(ctx: click.Context, log_level: str) -> None:
     """Usage metering: Kafka in, exact rollups in ClickHouse, threshold alerts out."""
     logs.configure(log_level)
-    ctx.obj = Settings()
+    try:
+        ctx.obj = Settings()
+    except ValidationError as error:  # a bad METERING_* variable: say which, in one line
+        raise click.ClickException(f"settings: {_settings_errors(error)}") from None
+
+
+def _settings_errors(error: ValidationError) -> str:
+    """Per problem: the env var (fields map to METERING_<FIELD>) and the message, never the rejected value."""
+    return "; ".join(
+        (f"METERING_{'_'.join(str(p) for p in e['loc']).upper()}: " if e["loc"] else "") + e["msg"]
+        for e in error.errors())
 
 
 main.add_command(stack)

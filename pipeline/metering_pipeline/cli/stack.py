@@ -32,9 +32,16 @@ def stack() -> None:
                    "[default: $METERING_STACK_BROKER, else apache where java and mvn exist]")
 @click.option("--kafka-port", type=int, default=9092, show_default=True)
 @click.option("--clickhouse-port", type=int, default=8123, show_default=True)
+@click.option("--sasl-port", type=int, default=None,
+              help="Also serve Kafka on a SASL_SSL listener on this port (SCRAM-SHA-512; the user, its password and a "
+                   "TLS certificate are generated for the data dir; the client settings are written to "
+                   "DATA_DIR/kafka-sasl.env, mode 0600). Apache Kafka only.")
+@click.option("--clickhouse-tls", is_flag=True, default=False,
+              help="Serve ClickHouse over HTTPS with the data dir's generated certificate (clients trust DATA_DIR/tls/ca.pem).")
 @_data_dir_option
 @click.pass_obj
-def stack_up(settings: Settings, broker: str | None, kafka_port: int, clickhouse_port: int, data_dir: Path | None) -> None:
+def stack_up(settings: Settings, broker: str | None, kafka_port: int, clickhouse_port: int, data_dir: Path | None,
+             sasl_port: int | None = None, clickhouse_tls: bool = False) -> None:
     """Start the stack (idempotent) and wait until Kafka and ClickHouse answer."""
     config = StackConfig(
         data_dir=data_dir or settings.stack_dir,
@@ -44,14 +51,21 @@ def stack_up(settings: Settings, broker: str | None, kafka_port: int, clickhouse
         kafka_version=settings.kafka_version,
         kafka_heap=settings.stack_kafka_heap,
         cache_dir=settings.cache_dir,
+        sasl_port=sasl_port,
+        clickhouse_tls=clickhouse_tls,
     )
+    local = LocalStack(config.data_dir)
     try:
-        state = LocalStack(config.data_dir).up(config)
+        state = local.up(config)
     except StackError as error:
         raise click.ClickException(str(error)) from error
     click.echo(f"Kafka ({state.broker}) bootstrap: {state.kafka_bootstrap}")
+    if state.kafka_sasl_bootstrap:
+        click.echo(f"Kafka SASL_SSL bootstrap:   {state.kafka_sasl_bootstrap} (SCRAM-SHA-512; "
+                   f"client settings with the password: set -a; . {local.sasl_client_env_file}; set +a)")
     click.echo(f"ClickHouse URL:             {state.clickhouse_url}")
-    click.echo(f"export METERING_KAFKA_BOOTSTRAP={state.kafka_bootstrap} METERING_CLICKHOUSE_URL={state.clickhouse_url}")
+    ca = f" METERING_CLICKHOUSE_CA_CERT={local.ca_file}" if state.clickhouse_tls else ""
+    click.echo(f"export METERING_KAFKA_BOOTSTRAP={state.kafka_bootstrap} METERING_CLICKHOUSE_URL={state.clickhouse_url}{ca}")
 
 
 @stack.command("down")
@@ -68,7 +82,13 @@ def stack_down(settings: Settings, data_dir: Path | None) -> None:
 @click.pass_obj
 def stack_status(settings: Settings, data_dir: Path | None) -> None:
     """Tell what runs, where, and where its log is; exits 1 unless everything runs."""
-    services = LocalStack(data_dir or settings.stack_dir).status()
+    local = LocalStack(data_dir or settings.stack_dir)
+    services = local.status()
     rows = [(s.name, "running" if s.running else "stopped", s.pid or "-", s.address, s.log_file) for s in services]
     click.echo(tables.render(["service", "state", "pid", "address", "log"], rows))
+    state = local.state()
+    if state is not None and state.kafka_sasl_bootstrap:
+        click.echo(f"SASL_SSL client settings (password included, mode 0600): {local.sasl_client_env_file}")
+    if state is not None and (state.clickhouse_tls or state.kafka_sasl_bootstrap):
+        click.echo(f"CA of the TLS certificates: {local.ca_file}")
     sys.exit(0 if all(s.running for s in services) else 1)

@@ -8,12 +8,16 @@ once into a cache outside the repository and started with a generated server.pro
 from __future__ import annotations
 
 import base64
+import hashlib
+import secrets
 import shutil
 import subprocess
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from metering_pipeline.resources import kafka_pom
+from metering_pipeline.stack.certificates import ServerCertificate
 
 _COMPLETE_MARKER = ".complete"
 
@@ -48,18 +52,56 @@ def resolve_jars(cache_dir: Path, version: str) -> Path:
     return jar_dir
 
 
-def write_config(kafka_dir: Path, port: int, controller_port: int) -> Path:
+SCRAM_ITERATIONS = 8192
+
+
+@dataclass(frozen=True)
+class ScramUser:
+    """A SCRAM user of the SASL_SSL listener (created in the metadata log when the storage is formatted)."""
+
+    mechanism: str  # SCRAM-SHA-256 | SCRAM-SHA-512
+    username: str
+    password: str
+
+    @classmethod
+    def generate(cls, mechanism: str = "SCRAM-SHA-512", username: str = "metering") -> ScramUser:
+        return cls(mechanism, username, secrets.token_urlsafe(24))
+
+    def storage_argument(self) -> str:
+        """`--add-scram` with a salted password, so the clear password is never on a command line (ps)."""
+        salt = secrets.token_bytes(16)
+        digest = "sha512" if self.mechanism.endswith("512") else "sha256"
+        salted = hashlib.pbkdf2_hmac(digest, self.password.encode(), salt, SCRAM_ITERATIONS)
+        return (f'{self.mechanism}=[name={self.username},iterations={SCRAM_ITERATIONS},'
+                f'salt="{base64.b64encode(salt).decode()}",saltedpassword="{base64.b64encode(salted).decode()}"]')
+
+
+@dataclass(frozen=True)
+class SaslListener:
+    """An extra SASL_SSL listener for clients; the inter-broker and controller listeners stay PLAINTEXT on loopback."""
+
+    port: int
+    mechanism: str
+    certificate: ServerCertificate
+
+
+def write_config(kafka_dir: Path, port: int, controller_port: int, sasl: SaslListener | None = None) -> Path:
     """server.properties for a combined broker+controller on loopback, sized for one machine."""
     kafka_dir.mkdir(parents=True, exist_ok=True)
+    listeners = [f"PLAINTEXT://127.0.0.1:{port}", f"CONTROLLER://127.0.0.1:{controller_port}"]
+    advertised = [f"PLAINTEXT://127.0.0.1:{port}"]
+    if sasl is not None:
+        listeners.append(f"SASL_SSL://127.0.0.1:{sasl.port}")
+        advertised.append(f"SASL_SSL://127.0.0.1:{sasl.port}")
     properties = {
         "process.roles": "broker,controller",
         "node.id": "1",
         "controller.quorum.voters": f"1@127.0.0.1:{controller_port}",
-        "listeners": f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
-        "advertised.listeners": f"PLAINTEXT://127.0.0.1:{port}",
+        "listeners": ",".join(listeners),
+        "advertised.listeners": ",".join(advertised),
         "controller.listener.names": "CONTROLLER",
         "inter.broker.listener.name": "PLAINTEXT",
-        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_SSL:SASL_SSL",
         "log.dirs": str(kafka_dir / "data"),
         "num.partitions": "4",
         "auto.create.topics.enable": "true",
@@ -73,6 +115,16 @@ def write_config(kafka_dir: Path, port: int, controller_port: int) -> Path:
         "group.initial.rebalance.delay.ms": "0",
         "log.segment.bytes": str(64 * 1024 * 1024),
     }
+    if sasl is not None:
+        prefix = "listener.name.sasl_ssl."
+        properties |= {
+            f"{prefix}sasl.enabled.mechanisms": sasl.mechanism,
+            f"{prefix}{sasl.mechanism.lower()}.sasl.jaas.config":
+                "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+            f"{prefix}ssl.keystore.type": "PEM",
+            f"{prefix}ssl.keystore.location": str(sasl.certificate.keystore_file),
+            f"{prefix}ssl.client.auth": "none",
+        }
     config = kafka_dir / "server.properties"
     config.write_text("".join(f"{key}={value}\n" for key, value in properties.items()))
     log_config = kafka_dir / "log4j2.properties"
@@ -114,9 +166,13 @@ def new_cluster_id() -> str:
             return cluster_id
 
 
-def format_storage(jar_dir: Path, kafka_dir: Path) -> None:
-    """Format the KRaft log dir once; a formatted dir keeps its cluster id across restarts."""
-    if (kafka_dir / "data" / "meta.properties").exists():
+def is_formatted(kafka_dir: Path) -> bool:
+    return (kafka_dir / "data" / "meta.properties").exists()
+
+
+def format_storage(jar_dir: Path, kafka_dir: Path, scram_users: tuple[ScramUser, ...] = ()) -> None:
+    """Format the KRaft log dir once; a formatted dir keeps its cluster id (and SCRAM users) across restarts."""
+    if is_formatted(kafka_dir):
         return
     cluster_id = new_cluster_id()
     command = [
@@ -126,6 +182,8 @@ def format_storage(jar_dir: Path, kafka_dir: Path) -> None:
         "-c", str(kafka_dir / "server.properties"),
         "--ignore-formatted",
     ]
+    for user in scram_users:
+        command += ["--add-scram", user.storage_argument()]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise KafkaUnavailable(f"kafka-storage format failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")

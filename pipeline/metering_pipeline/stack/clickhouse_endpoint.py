@@ -12,6 +12,7 @@ URL settings are undone afterwards. chdb hosts one engine per process and its ca
 serialized with one lock; the HTTP layer is threaded.
 
     python -m metering_pipeline.stack.clickhouse_endpoint --port 8123 --data-dir DIR
+        [--user U --password P] [--tls-cert CHAIN.pem --tls-key KEY.pem]   # HTTPS, like ClickHouse's https_port
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import re
 import signal
 import socket
 import socketserver
+import ssl
 import sys
 import threading
 import time
@@ -49,6 +51,7 @@ from chdb import session as chdb_session
 log = logging.getLogger("metering_pipeline.stack.clickhouse_endpoint")
 
 KEEP_ALIVE_TIMEOUT_S = 60
+TLS_HANDSHAKE_TIMEOUT_S = 10
 RESPONSE_CHUNK_BYTES = 1 << 20
 DEFAULT_SESSION_TIMEOUT_S = 60
 MAX_SESSION_TIMEOUT_S = 3600
@@ -883,11 +886,30 @@ class ClickHouseHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], engine: Engine, authenticator: Authenticator) -> None:
+    def __init__(self, address: tuple[str, int], engine: Engine, authenticator: Authenticator,
+                 tls: ssl.SSLContext | None = None) -> None:
         super().__init__(address, ClickHouseRequestHandler)
         self.engine = engine
         self.authenticator = authenticator
+        self.tls = tls
         self.display_name = socket.gethostname()
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """With TLS, the handshake runs here, in the connection's own thread, so a slow or
+        failing client never holds up accepting the others."""
+        if self.tls is None:
+            super().finish_request(request, client_address)
+            return
+        request.settimeout(TLS_HANDSHAKE_TIMEOUT_S)
+        try:
+            tls_request = self.tls.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError) as exc:  # e.g. a client that does not trust our CA
+            log.info("tls handshake failed client=%s error=%s", client_address[0], exc)
+            return
+        try:
+            super().finish_request(tls_request, client_address)
+        finally:
+            self.shutdown_request(tls_request)
 
     def server_bind(self) -> None:
         """HTTPServer.server_bind resolves the FQDN, which can stall without DNS; we never need it."""
@@ -1061,23 +1083,34 @@ class ClickHouseRequestHandler(BaseHTTPRequestHandler):
 # ------------------------------------------------------------------- lifecycle
 
 
-def serve(host: str, port: int, data_dir: str | Path, user: str | None = None, password: str | None = None) -> None:
-    """Serve until SIGTERM/SIGINT, then close the engine so its data is flushed."""
+def server_tls_context(cert_file: str | Path, key_file: str | Path) -> ssl.SSLContext:
+    """TLS 1.2+ with the given PEM certificate chain (leaf first) and key."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(cert_file), str(key_file))
+    return context
+
+
+def serve(host: str, port: int, data_dir: str | Path, user: str | None = None, password: str | None = None,
+          tls_cert: str | Path | None = None, tls_key: str | Path | None = None) -> None:
+    """Serve until SIGTERM/SIGINT, then close the engine so its data is flushed; HTTPS when given a certificate."""
+    tls = server_tls_context(tls_cert, tls_key) if tls_cert is not None and tls_key is not None else None
     engine = Engine(Path(data_dir))
     try:
-        server = ClickHouseHTTPServer((host, port), engine, Authenticator(user, password))
+        server = ClickHouseHTTPServer((host, port), engine, Authenticator(user, password), tls)
     except BaseException:
         engine.close()
         raise
     restore_signals = _install_stop_signals(server)
     bound_host, bound_port = server.server_address[:2]
     log.info(
-        "listening host=%s port=%s data_dir=%s engine_version=%s auth=%s",
+        "listening host=%s port=%s data_dir=%s engine_version=%s auth=%s tls=%s",
         bound_host,
         bound_port,
         data_dir,
         engine.version,
         "on" if user is not None else "off",
+        "on" if tls is not None else "off",
     )
     try:
         server.serve_forever(poll_interval=0.5)
@@ -1116,16 +1149,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--data-dir", type=Path, required=True, help="engine data; persists across restarts")
     parser.add_argument("--user", help="require this user (default: accept anyone, like a password-less default)")
     parser.add_argument("--password", help="password of --user")
+    parser.add_argument("--tls-cert", type=Path, help="serve HTTPS with this PEM certificate chain (leaf first)")
+    parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = parser.parse_args(argv)
     if args.password is not None and args.user is None:
         parser.error("--password needs --user")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
     logging.basicConfig(
         stream=sys.stderr,
         level=args.log_level,
         format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
     )
-    serve(args.host, args.port, args.data_dir, user=args.user, password=args.password)
+    serve(args.host, args.port, args.data_dir, user=args.user, password=args.password,
+          tls_cert=args.tls_cert, tls_key=args.tls_key)
 
 
 if __name__ == "__main__":

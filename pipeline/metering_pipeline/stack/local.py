@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import ssl
 import sys
 import time
 import urllib.request
@@ -17,10 +18,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from metering_pipeline.stack import apache_kafka, tansu
+from metering_pipeline.stack.certificates import CertificatesUnavailable, ServerCertificate, ensure_server_certificate, write_private
 from metering_pipeline.stack.processes import ManagedProcess
 
 KAFKA = "kafka"
 CLICKHOUSE = "clickhouse"
+SASL_MECHANISM = "SCRAM-SHA-512"
+SASL_CLIENT_ENV = "kafka-sasl.env"  # METERING_KAFKA_* of the SASL_SSL listener, password included (mode 0600)
+TLS_DIR = "tls"
 
 
 class StackError(RuntimeError):
@@ -36,6 +41,10 @@ class StackConfig:
     kafka_version: str
     kafka_heap: str
     cache_dir: Path
+    # An extra SASL_SSL listener (SCRAM user and TLS certificate generated per data dir; Apache Kafka only).
+    sasl_port: int | None = None
+    # ClickHouse over HTTPS (with the data dir's generated certificate) instead of HTTP.
+    clickhouse_tls: bool = False
 
 
 @dataclass(frozen=True)
@@ -44,14 +53,25 @@ class StackState:
     kafka_port: int
     clickhouse_port: int
     kafka_version: str
+    sasl_port: int | None = None
+    clickhouse_tls: bool = False
+
+    @classmethod
+    def of(cls, config: StackConfig) -> StackState:
+        return cls(config.broker, config.kafka_port, config.clickhouse_port, config.kafka_version,
+                   config.sasl_port, config.clickhouse_tls)
 
     @property
     def kafka_bootstrap(self) -> str:
         return f"127.0.0.1:{self.kafka_port}"
 
     @property
+    def kafka_sasl_bootstrap(self) -> str | None:
+        return f"127.0.0.1:{self.sasl_port}" if self.sasl_port else None
+
+    @property
     def clickhouse_url(self) -> str:
-        return f"http://127.0.0.1:{self.clickhouse_port}"
+        return f"{'https' if self.clickhouse_tls else 'http'}://127.0.0.1:{self.clickhouse_port}"
 
 
 @dataclass(frozen=True)
@@ -77,6 +97,55 @@ class LocalStack:
     def _state_file(self) -> Path:
         return self.data_dir / "stack.json"
 
+    @property
+    def sasl_client_env_file(self) -> Path:
+        """The METERING_KAFKA_* settings of a client of the SASL_SSL listener (`set -a; . FILE`), mode 0600."""
+        return self.data_dir / SASL_CLIENT_ENV
+
+    @property
+    def ca_file(self) -> Path:
+        """The CA that signed the TLS listeners' certificate: what clients must trust."""
+        return self.data_dir / TLS_DIR / "ca.pem"
+
+    def certificate(self) -> ServerCertificate:
+        try:
+            return ensure_server_certificate(self.data_dir / TLS_DIR)
+        except CertificatesUnavailable as error:
+            raise StackError(str(error)) from error
+
+    def sasl_client_env(self) -> dict[str, str]:
+        """The SASL_SSL listener's client settings as written by `up` (empty when it has none)."""
+        try:
+            lines = self.sasl_client_env_file.read_text().splitlines()
+        except FileNotFoundError:
+            return {}
+        return dict(line.split("=", 1) for line in lines if "=" in line and not line.startswith("#"))
+
+    def _sasl_user(self, kafka_dir: Path) -> apache_kafka.ScramUser:
+        """The data dir's SCRAM user: created once, when the storage is formatted, and kept in the client env file."""
+        known = self.sasl_client_env()
+        if known.get("METERING_KAFKA_SASL_PASSWORD"):
+            return apache_kafka.ScramUser(known["METERING_KAFKA_SASL_MECHANISM"], known["METERING_KAFKA_SASL_USERNAME"],
+                                          known["METERING_KAFKA_SASL_PASSWORD"])
+        if apache_kafka.is_formatted(kafka_dir):
+            raise StackError(
+                f"the Kafka storage in {kafka_dir} was formatted without a SASL user; run `metering stack down "
+                f"--data-dir {self.data_dir}` and remove {kafka_dir} (its topics go with it), or use another --data-dir"
+            )
+        return apache_kafka.ScramUser.generate(SASL_MECHANISM)
+
+    def _write_sasl_client_env(self, state: StackState, user: apache_kafka.ScramUser) -> None:
+        settings = {
+            "METERING_KAFKA_BOOTSTRAP": state.kafka_sasl_bootstrap,
+            "METERING_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+            "METERING_KAFKA_SASL_MECHANISM": user.mechanism,
+            "METERING_KAFKA_SASL_USERNAME": user.username,
+            "METERING_KAFKA_SASL_PASSWORD": user.password,
+            "METERING_KAFKA_SSL_CAFILE": str(self.ca_file),
+        }
+        header = "# Kafka's SASL_SSL listener of this local stack: set -a; . THIS_FILE; set +a\n"
+        write_private(self.sasl_client_env_file, (header + "".join(f"{k}={v}\n" for k, v in settings.items())).encode())
+
     def state(self) -> StackState | None:
         try:
             return StackState(**json.loads(self._state_file.read_text()))
@@ -86,33 +155,62 @@ class LocalStack:
     def up(self, config: StackConfig, timeout: float = 90.0) -> StackState:
         """Start whatever is not running yet and wait until both servers answer."""
         state = self.state()
+        wanted = StackState.of(config)
         if state and (self.kafka.is_running() or self.clickhouse.is_running()):
-            wanted = StackState(config.broker, config.kafka_port, config.clickhouse_port, config.kafka_version)
             if state != wanted:
                 raise StackError(
                     f"the stack in {self.data_dir} already runs as {asdict(state)}; "
                     f"run `metering stack down --data-dir {self.data_dir}` before starting it as {asdict(wanted)}"
                 )
-        state = StackState(config.broker, config.kafka_port, config.clickhouse_port, config.kafka_version)
+        if config.sasl_port is not None and config.broker != "apache":
+            raise StackError("a SASL_SSL listener (--sasl-port) needs --broker apache; tansu has no SASL")
+        state = wanted
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        certificate = self.certificate() if config.sasl_port is not None or config.clickhouse_tls else None
         self._state_file.write_text(json.dumps(asdict(state)))
         to_start = [
             (process, port, what)
             for process, port, what in (
                 (self.clickhouse, config.clickhouse_port, "ClickHouse"),
                 (self.kafka, config.kafka_port, "Kafka"),
+                (self.kafka, config.sasl_port, "Kafka's SASL_SSL listener"),
             )
-            if not process.is_running()
+            if port is not None and not process.is_running()
         ]
         for _, port, what in to_start:
             _require_free_port(port, what)
-        for process, _, _ in to_start:
-            command = _clickhouse_command(config) if process is self.clickhouse else _kafka_command(config, self.data_dir)
+        for process in dict.fromkeys(process for process, _, _ in to_start):
+            if process is self.clickhouse:
+                command = _clickhouse_command(config, certificate)
+            else:
+                command = self._kafka_command(config, state, certificate)
             process.start(command)
         deadline = time.monotonic() + timeout
-        self._wait(self.clickhouse, lambda: _clickhouse_answers(state.clickhouse_url), deadline)
+        self._wait(self.clickhouse, lambda: _clickhouse_answers(state.clickhouse_url, self.ca_file), deadline)
         self._wait(self.kafka, lambda: _kafka_answers(state.kafka_bootstrap), deadline)
+        if state.kafka_sasl_bootstrap:
+            self._wait(self.kafka, lambda: _listens(state.kafka_sasl_bootstrap), deadline)
         return state
+
+    def _kafka_command(self, config: StackConfig, state: StackState, certificate: ServerCertificate | None) -> list[str]:
+        if config.broker == "tansu":
+            try:
+                return tansu.broker_command(config.kafka_port, self.data_dir)
+            except tansu.TansuUnavailable as error:
+                raise StackError(str(error)) from error
+        kafka_dir = self.data_dir / KAFKA
+        sasl, users = None, ()
+        if config.sasl_port is not None and certificate is not None:
+            user = self._sasl_user(kafka_dir)
+            self._write_sasl_client_env(state, user)
+            sasl, users = apache_kafka.SaslListener(config.sasl_port, user.mechanism, certificate), (user,)
+        try:
+            jar_dir = apache_kafka.resolve_jars(config.cache_dir, config.kafka_version)
+            apache_kafka.write_config(kafka_dir, config.kafka_port, _free_port(), sasl)
+            apache_kafka.format_storage(jar_dir, kafka_dir, users)
+        except apache_kafka.KafkaUnavailable as error:
+            raise StackError(str(error)) from error
+        return apache_kafka.broker_command(jar_dir, kafka_dir, config.kafka_heap)
 
     def down(self) -> list[str]:
         """Stop this data dir's servers; returns the names of those that were running."""
@@ -120,7 +218,18 @@ class LocalStack:
         return stopped
 
     def status(self) -> list[ServiceStatus]:
+        """One row per listener; the SASL_SSL one names its mechanism and user, never the password."""
         state = self.state()
+        sasl = []
+        if state and state.kafka_sasl_bootstrap:
+            user = self.sasl_client_env().get("METERING_KAFKA_SASL_USERNAME", "?")
+            sasl.append(ServiceStatus(
+                name="kafka (sasl_ssl)",
+                running=self.kafka.is_running(),
+                pid=self.kafka.pid(),
+                address=f"{state.kafka_sasl_bootstrap} SASL_SSL {SASL_MECHANISM} user={user}",
+                log_file=self.kafka.log_file,
+            ))
         return [
             ServiceStatus(
                 name=f"kafka ({state.broker})" if state else "kafka",
@@ -129,6 +238,7 @@ class LocalStack:
                 address=state.kafka_bootstrap if state else "-",
                 log_file=self.kafka.log_file,
             ),
+            *sasl,
             ServiceStatus(
                 name="clickhouse (chdb)",
                 running=self.clickhouse.is_running(),
@@ -149,29 +259,16 @@ class LocalStack:
         raise StackError(f"{process.name} did not answer in time; its log says:\n{process.log_tail()}")
 
 
-def _clickhouse_command(config: StackConfig) -> list[str]:
-    return [
+def _clickhouse_command(config: StackConfig, certificate: ServerCertificate | None) -> list[str]:
+    command = [
         sys.executable, "-m", "metering_pipeline.stack.clickhouse_endpoint",
         "--host", "127.0.0.1",
         "--port", str(config.clickhouse_port),
         "--data-dir", str(config.data_dir.expanduser().resolve() / CLICKHOUSE),
     ]
-
-
-def _kafka_command(config: StackConfig, data_dir: Path) -> list[str]:
-    if config.broker == "tansu":
-        try:
-            return tansu.broker_command(config.kafka_port, data_dir)
-        except tansu.TansuUnavailable as error:
-            raise StackError(str(error)) from error
-    try:
-        jar_dir = apache_kafka.resolve_jars(config.cache_dir, config.kafka_version)
-        kafka_dir = data_dir / KAFKA
-        apache_kafka.write_config(kafka_dir, config.kafka_port, _free_port())
-        apache_kafka.format_storage(jar_dir, kafka_dir)
-    except apache_kafka.KafkaUnavailable as error:
-        raise StackError(str(error)) from error
-    return apache_kafka.broker_command(jar_dir, kafka_dir, config.kafka_heap)
+    if config.clickhouse_tls and certificate is not None:
+        command += ["--tls-cert", str(certificate.cert_file), "--tls-key", str(certificate.key_file)]
+    return command
 
 
 def _free_port() -> int:
@@ -190,12 +287,22 @@ def _require_free_port(port: int, what: str) -> None:
             raise StackError(f"port {port} for {what} is taken by another process; choose another port") from error
 
 
-def _clickhouse_answers(url: str) -> bool:
+def _clickhouse_answers(url: str, ca_file: Path) -> bool:
+    context = ssl.create_default_context(cafile=str(ca_file)) if url.startswith("https:") else None
     try:
-        with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
+        with urllib.request.urlopen(f"{url}/ping", timeout=2, context=context) as response:
             return response.status == 200
     except OSError:
         return False
+
+
+def _listens(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=1).close()
+    except OSError:
+        return False
+    return True
 
 
 def _kafka_answers(bootstrap: str) -> bool:

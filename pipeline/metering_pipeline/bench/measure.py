@@ -10,9 +10,18 @@ _TICKS = os.sysconf("SC_CLK_TCK")
 
 def peak_rss_bytes(pid: int) -> int:
     """The process's high-water resident set (VmHWM)."""
+    return _status_bytes(pid, "VmHWM:")
+
+
+def rss_bytes(pid: int) -> int:
+    """The process's resident set now (VmRSS): what a soak run follows over time."""
+    return _status_bytes(pid, "VmRSS:")
+
+
+def _status_bytes(pid: int, field: str) -> int:
     with open(f"/proc/{pid}/status") as status:
         for line in status:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field):
                 return int(line.split()[1]) * 1024
     return 0
 

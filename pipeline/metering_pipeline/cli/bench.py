@@ -1,30 +1,48 @@
-"""`metering bench`: the benchmark (not a test): throughput, alert latency, freshness, memory."""
+"""`metering bench`: the benchmark (not a test): throughput, alert latency, freshness, memory; `--soak` for a long steady run."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
+from typing import NamedTuple
 
 import click
+from pydantic import TypeAdapter, ValidationError
 
-from metering_pipeline.settings import Settings
+from metering_pipeline.settings import Settings, seconds_or_iso_duration
 
 
 @click.command()
 @click.option("--quick", is_flag=True, help="A smaller run (under a minute or two) to check the harness.")
 @click.option("--records", type=int, default=None, help="Records per throughput phase. [default: 1,000,000]")
 @click.option("--output", type=click.Path(path_type=Path), default=Path("bench-results.json"), show_default=True)
+@click.option("--soak", is_flag=True,
+              help="Instead of the phases: one worker at a steady rate for --soak-minutes, sampling RSS, lag and "
+                   "error log lines; writes <output>-soak.json, .csv and .png beside --output.")
+@click.option("--soak-minutes", type=click.FloatRange(min=0.5), default=30.0, show_default=True,
+              help="How long the soak publishes.")
+@click.option("--soak-rate", type=click.FloatRange(min=1), default=None,
+              help="Records/s during the soak. [default: half the capacity of one worker, measured first]")
+@click.option("--soak-dedup-window", default=None,
+              help="The soak worker's METERING_DEDUP_WINDOW (ISO 8601 duration or seconds). [default: a quarter "
+                   "of the soak, so identities expire before the second half whose RSS slope is judged]")
 @click.pass_context
-def bench(ctx: click.Context, quick: bool, records: int | None, output: Path) -> None:
+def bench(ctx: click.Context, quick: bool, records: int | None, output: Path, soak: bool, soak_minutes: float,
+          soak_rate: float | None, soak_dedup_window: str | None) -> None:
     """Publish a workload, then measure the baseline consumer and the worker side by side on the local stack."""
     from metering_pipeline.bench.runner import Plan, render, run, write
     from metering_pipeline.cli.stack import stack_up
     from metering_pipeline.stack.local import LocalStack
 
     settings: Settings = ctx.obj
+    dedup_window = _duration(soak_dedup_window) if soak_dedup_window else None  # bad input fails before the stack starts
     ctx.invoke(stack_up)
     state = LocalStack(settings.stack_dir).state()
     if state is not None and state.broker == "tansu":
         settings = settings.model_copy(update={"processing_guarantee": "at_least_once"})
+    if soak:
+        _soak(settings, SoakArgs(soak_minutes, soak_rate, dedup_window), output)
+        return
     plan = Plan.quick() if quick else Plan()
     if records:
         plan = Plan(**{**plan.__dict__, "records": records})
@@ -32,3 +50,29 @@ def bench(ctx: click.Context, quick: bool, records: int | None, output: Path) ->
     write(summary, output)
     click.echo(render(summary))
     click.echo(f"written to {output}")
+
+
+class SoakArgs(NamedTuple):
+    minutes: float
+    rate: float | None
+    dedup_window: timedelta | None
+
+
+def _duration(text: str) -> timedelta:
+    """ISO 8601 or plain seconds, as METERING_DEDUP_WINDOW takes it."""
+    try:
+        return TypeAdapter(timedelta).validate_python(seconds_or_iso_duration(text))
+    except ValidationError:
+        raise click.BadParameter(f"{text!r} is not an ISO 8601 duration or seconds", param_hint="--soak-dedup-window") from None
+
+
+def _soak(settings: Settings, args: SoakArgs, output: Path) -> None:
+    from metering_pipeline.bench.soak import SoakPlan, render, run_soak, write_outputs
+
+    plan = SoakPlan(minutes=args.minutes, rate=args.rate, dedup_window=args.dedup_window)
+    result, samples = run_soak(settings, plan, settings.stack_dir / "logs" / "bench", lambda text: click.echo(text, err=True))
+    paths = write_outputs(result, samples, output)
+    click.echo(render(result))
+    click.echo("written to " + ", ".join(str(path) for path in paths.values()))
+    if result["failure"] or not result["totals_exact"]:
+        raise click.ClickException(result["failure"] or "the ClickHouse totals differ from the published records")

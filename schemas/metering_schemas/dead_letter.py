@@ -43,4 +43,8 @@ class DeadLetter(WireModel):
     original_value_base64: str | None = Field(
         default=None, description="The message's original bytes, for rejections of the whole message"
     )
+    original_size: int | None = Field(default=None, description="Size in bytes of the rejected message")
+    truncated: bool = Field(
+        default=False, description="The evidence was cut to keep the dead letter within Kafka's message size: "
+                                   "original_value_base64 holds only the message's first 64 KiB and record is omitted")
     occurred_at: UtcDatetime

@@ -9,14 +9,15 @@ import os
 import random
 import time
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
-from support import ClickHouseEndpoint, define, metric, publish, read_json, set_thresholds, threshold, usage
+from support import (ClickHouseEndpoint, define, metric, publish, read_json, running_api, set_thresholds, threshold,
+                     usage)
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from metering_pipeline.bench.measure import rss_bytes
 from metering_pipeline.topics import Topics
 from metering_pipeline.warehouse.client import connect
 
@@ -29,10 +30,7 @@ BUFFERED_RECORDS = 4000  # the outage brings more than this, so the worker must 
 
 
 def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
+    return rss_bytes(pid) / 2**20
 
 
 def _totals(settings) -> tuple[int, Decimal, int]:
@@ -87,13 +85,13 @@ def test_a_clickhouse_outage_mid_stream_loses_and_doubles_nothing_and_alerts_kee
             assert worker.process.poll() is None, "the worker died while ClickHouse was down"
             rss_grown = _rss_mb(worker.process.pid) - rss_before
             assert rss_grown < 150, f"RSS grew by {rss_grown:.0f} MB during the outage"
-            assert "pausing consumption" in worker.log_tail(20000)  # backpressure, not an unbounded buffer
+            assert "pausing consumption" in worker.log_path.read_text()  # backpressure, not an unbounded buffer
 
             endpoint.start()
             _wait_for_records(settings, worker, sent + 1, 180)
             time.sleep(2)  # a late duplicate would show up now
             assert _totals(settings) == (sent + 1, Decimal("0.1") * sent + 10, sent + 1)
-            assert "retrying" in worker.log_tail(20000)  # the sink did fail and retry, the outage was real
+            assert "retrying" in worker.log_path.read_text()  # the sink did fail and retry, the outage was real
             with connect(settings) as client:  # the alerts reached the warehouse too, once each
                 rows = client.query("SELECT type FROM threshold_events FINAL ORDER BY type").result_rows
             assert rows == [("threshold.approaching",), ("threshold.exceeded",)]
@@ -103,18 +101,28 @@ def test_a_clickhouse_outage_mid_stream_loses_and_doubles_nothing_and_alerts_kee
 
 def test_a_broker_restart_mid_stream_loses_and_doubles_nothing(private_apache_stack, isolated, unique_name, tmp_path):
     stack, config, running = private_apache_stack
-    with isolated(running, unique_name, tmp_path) as (settings, new_worker):
+    with isolated(running, unique_name, tmp_path) as (settings, new_worker), \
+            running_api(settings, tmp_path / "api") as api, api.client() as client:
         worker = _worker_counting(settings, new_worker, 3000)
+        assert client.post("/v1/usage", json=_api_record("api-before")).status_code == 202
 
         assert stack.kafka.stop()
         time.sleep(OUTAGE_SECONDS / 2)
         assert worker.process.poll() is None, "the worker died while the broker was down"
         stack.up(config)  # the same broker (same log dir and port) again
         asyncio.run(publish(settings, _batch(3000, 2000)))
+        deadline = time.monotonic() + 60  # the API's long-lived producer reconnects by itself
+        while (status := client.post("/v1/usage", json=_api_record("api-after")).status_code) != 202:
+            assert status == 503 and time.monotonic() < deadline, status  # "unavailable" until then, never lost
+            time.sleep(1)
 
-        _wait_for_records(settings, worker, 5000, 180)
+        _wait_for_records(settings, worker, 5002, 180)
         time.sleep(2)  # a late duplicate would show up now
-        assert _totals(settings) == (5000, Decimal("500.0"), 5000)
+        assert _totals(settings) == (5002, Decimal("500.0") + 2, 5002)
+
+
+def _api_record(record_id: str) -> dict:
+    return {"id": record_id, "metricKey": "tokens", "subjectType": "org", "subjectId": "api", "quantity": "1"}
 
 
 def test_a_rebalance_storm_under_steady_load_loses_and_doubles_nothing(pipeline):

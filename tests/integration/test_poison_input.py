@@ -12,6 +12,8 @@ from decimal import Decimal
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
 from support import FIXED_SEED, define, metric
 
@@ -45,6 +47,9 @@ _metadata = st.one_of(
     st.integers(min_value=10_000, max_value=800_000).map(lambda size: {"blob": "x" * size}),
     st.just("not an object"),
 )
+
+
+MAX_SENT_BYTES = 1_000_000  # Kafka's default limit; the 10 MB case has a test of its own on a topic that takes it
 
 
 def encode(value: object) -> bytes:
@@ -87,7 +92,10 @@ def messages(draw, tag: str) -> list[bytes]:
             out.append(encode(draw(near_valid(f"{tag}-{i}", tag))))
         elif kind == "batch":
             size = draw(st.integers(min_value=1, max_value=5))
-            out.append(encode({"records": [draw(near_valid(f"{tag}-{i}-{j}", tag)) for j in range(size)]}))
+            records = [draw(near_valid(f"{tag}-{i}-{j}", tag)) for j in range(size)]
+            while len(batch := encode({"records": records})) > MAX_SENT_BYTES:  # big metadata: fewer records
+                records.pop()
+            out.append(batch)
         elif kind == "deep":  # metadata nested thousands of levels deep
             depth = draw(st.integers(min_value=100, max_value=5000))
             head = encode({"id": f"{tag}-{i}", "metricKey": "m", "subjectType": "org", "subjectId": tag})[:-1]
@@ -98,8 +106,9 @@ def messages(draw, tag: str) -> list[bytes]:
     return out
 
 
-async def _send(settings, values: list[bytes], partitions: list[int] | None = None) -> list[tuple[int, int]]:
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", max_request_size=1_000_000)
+async def _send(settings, values: list[bytes], partitions: list[int] | None = None,
+                max_request_size: int = MAX_SENT_BYTES) -> list[tuple[int, int]]:
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", max_request_size=max_request_size)
     await producer.start()
     try:
         sent = []
@@ -192,6 +201,48 @@ def test_every_poison_message_is_counted_or_dead_lettered_and_the_worker_keeps_g
         assert poison_counted + len(letters) == expected, (poison_counted, len(letters), expected)
 
     run()
+    assert worker.process.poll() is None
+
+
+MB = 1_000_000
+
+
+async def _allow_messages_of(settings, topic: str, size: int) -> None:
+    """As an operator who raised the topic's max.message.bytes (Kafka's default refuses more than 1 MiB)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, configs={"max.message.bytes": str(size)})])
+    finally:
+        await admin.close()
+
+
+def test_a_10_mb_record_and_oversized_metadata_are_dead_lettered_as_too_large_and_big_batches_still_count(pipeline):
+    settings, new_worker = pipeline
+    asyncio.run(define(settings, metric("m", "SUM")))
+    asyncio.run(_allow_messages_of(settings, Topics.of(settings).usage_recorded, 16 * MB))
+    worker = new_worker().start()
+    worker.wait_healthy()
+
+    def record(record_id: str, blob: int) -> dict:
+        return {"id": record_id, "metricKey": "m", "subjectType": "org", "subjectId": "big", "quantity": "1",
+                "metadata": {"blob": "x" * blob}}
+
+    ten_mb = encode(record("ten-mb", 10 * MB))  # over the 8 MiB message limit: refused whole
+    wide = encode(record("wide", 300_000))  # metadata over its 256 KiB limit
+    wide_batch = encode({"records": [record(f"w{n}", 200_000) for n in range(6)]})  # 1.2 MB, each record fits
+    sent = asyncio.run(_send(settings, [ten_mb, wide, wide_batch], max_request_size=16 * MB))
+
+    deadline = time.monotonic() + 90
+    while sum(_counted(settings, "big").values()) < 6:
+        assert worker.process.poll() is None, f"the worker died:\n{worker.log_tail()}"
+        assert time.monotonic() < deadline, f"the worker stalled:\n{worker.log_tail()}"
+        time.sleep(0.5)
+    assert _counted(settings, "big") == Counter({f"w{n}": 1 for n in range(6)})
+    letters = asyncio.run(_dead_letters(settings, set(sent[:2]), 2, timeout=60))
+    assert sorted((letter["reason"], letter["originalSize"], letter["truncated"]) for letter in letters) == sorted(
+        [("too_large", len(ten_mb), True), ("too_large", len(wide), True)])
+    assert all(letter["record"] is None and len(letter["originalValueBase64"]) < 100_000 for letter in letters)
     assert worker.process.poll() is None
 
 

@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 
 from metering_pipeline.usage.aggregation import Aggregate
 from metering_pipeline.usage.dedup import DedupWindow
-from metering_pipeline.usage.intake import IntakeRules, Message, read_message
+from metering_pipeline.usage.intake import EVIDENCE_BYTES, IntakeRules, Message, read_message
 from metering_pipeline.usage.metrics import MetricCatalog
 from metering_pipeline.usage.periods import period_bounds, rollup_starts
 from metering_pipeline.usage.rollups import LIFETIME, CountedRecord, PartitionRollups
@@ -137,6 +137,37 @@ def test_epoch_seconds_and_milliseconds_are_timestamps():
     for stamp in (1795521600, 1795521600000):  # 2026-11-24T12:00:00Z
         [record], _ = read(orjson.dumps({"metricKey": "tokens", "subjectType": "org", "subjectId": "o", "timestamp": stamp}))
         assert record.timestamp == NOW
+
+
+def _record(metadata: str, record_id: str = "r", quantity: str = "1") -> bytes:
+    return (b'{"id":"' + record_id.encode() + b'","metricKey":"tokens","subjectType":"org","subjectId":"o",'
+            b'"quantity":"' + quantity.encode() + b'","metadata":{"x":"' + metadata.encode() + b'"}}')
+
+
+def test_metadata_over_its_limit_is_refused_as_too_large_and_at_the_limit_accepted():
+    rules = IntakeRules(max_metadata_bytes=1000)
+    fits = "y" * (1000 - len('{"x":""}'))
+    [accepted], [] = read_message(message(_record(fits)), catalog(TOKENS), rules)
+    assert len(accepted.metadata_json) == 1000
+    [], [letter] = read_message(message(_record(fits + "y")), catalog(TOKENS), rules)
+    assert letter.reason is RejectReason.TOO_LARGE and "metadata of 1001 bytes" in letter.message
+    [], [letter] = read_message(message(_record("é" * 500)), catalog(TOKENS), rules)  # counted in UTF-8 bytes
+    assert letter.reason is RejectReason.TOO_LARGE
+
+
+def test_dead_letters_of_large_messages_keep_bounded_evidence_and_say_so():
+    big = _record("y" * 300_000, quantity="x")  # refused (not a number), 300 KB
+    [], [letter] = read(big)
+    assert letter.truncated and letter.record is None and letter.original_size == len(big)
+    assert base64.b64decode(letter.original_value_base64) == big[:EVIDENCE_BYTES]
+    assert len(letter.to_json()) < 2 * EVIDENCE_BYTES
+    batch = b'{"records":[' + big + b"," + _record("small", "s2", quantity="x") + b"]}"
+    [], letters = read(batch)
+    assert [(l.index, l.truncated, l.record is None) for l in letters] == [(0, True, True), (1, False, False)]
+    assert letters[1].record["id"] == "s2" and letters[1].original_value_base64 is None
+    small = _record("z", quantity="x")
+    [], [letter] = read(small)
+    assert not letter.truncated and letter.record["id"] == "r" and base64.b64decode(letter.original_value_base64) == small
 
 
 def test_an_orgs_own_definition_overrides_the_global_one_for_its_subjects():

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from aiokafka.errors import KafkaError
+from clickhouse_connect.driver.exceptions import OperationalError
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse
 
 from metering_pipeline.api import billing, metrics, subjects, thresholds, usage
 from metering_pipeline.api.context import ApiContext, lifespan
-from metering_pipeline.api.errors import ApiError, on_api_error, on_validation_error
+from metering_pipeline.api.errors import ApiError, on_api_error, on_unavailable, on_validation_error
 from metering_pipeline.api.keys import KeyRing
 from metering_pipeline.settings import Settings
 
@@ -39,6 +41,8 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="usage-metering", version="0.1.0", description=DESCRIPTION, lifespan=lifespan(context))
     app.add_exception_handler(ApiError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(KafkaError, on_unavailable)
+    app.add_exception_handler(OperationalError, on_unavailable)  # clickhouse-connect: the server cannot be reached
     for router in (metrics.router, usage.router, thresholds.router, billing.router, subjects.router):
         app.include_router(router)
 

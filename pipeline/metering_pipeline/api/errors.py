@@ -10,6 +10,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from metering_pipeline.logs import get_logger
+
+log = get_logger(__name__)
+
 
 class FieldProblem(BaseModel):
     field: str
@@ -43,6 +47,17 @@ def invalid(errors: Sequence[Mapping[str, Any]], prefix: tuple[Any, ...] = ()) -
     """422 with one problem per pydantic error, located under `prefix` (e.g. `("body",)`)."""
     problems = [FieldProblem(field=field_path((*prefix, *e["loc"])), message=e["msg"]) for e in errors]
     return ApiError(422, "validation_error", "; ".join(f"{p.field}: {p.message}" for p in problems), problems)
+
+
+async def on_unavailable(request: Request, error: Exception) -> JSONResponse:
+    """Kafka or ClickHouse could not be reached: 503, so clients retry (records were not published)."""
+    from aiokafka.errors import KafkaError
+
+    server = "kafka" if isinstance(error, KafkaError) else "clickhouse"
+    log.warning("server unavailable", server=server, path=request.url.path, error=str(error)[:300])
+    body = ErrorBody(error=f"{server}_unavailable", message=f"{'Kafka' if server == 'kafka' else 'ClickHouse'} is "
+                                                             f"unavailable; retry later ({type(error).__name__})")
+    return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "5"})
 
 
 async def on_validation_error(request: Request, error: Exception) -> JSONResponse:

@@ -19,7 +19,7 @@ from metering_pipeline.api.context import ApiContext
 from metering_pipeline.api.decimal_json import DecimalJSONRoute
 from metering_pipeline.api.errors import ERROR_RESPONSES, ApiError, FieldProblem
 from metering_pipeline.api.security import Caller, reader, writer
-from metering_pipeline.usage.intake import IntakeRules, Refusal, judge
+from metering_pipeline.usage.intake import IntakeRules, Refusal, judge, stored_metadata
 from metering_pipeline.usage.metrics import record_org
 from metering_pipeline.usage.periods import END_OF_TIME, EPOCH, period_end, period_start
 from metering_pipeline.warehouse.client import connect
@@ -74,6 +74,8 @@ def _admit(records: list[UsageRecord], who: Caller, context: ApiContext, idempot
             if org != who.org_id:
                 raise ApiError(403, "forbidden_org", f"{where}: subject {record.subject_type}:{record.subject_id} is not in org {who.org_id!r}")
         verdict = judge(record, record.timestamp or now, now, context.metrics, rules)
+        if not isinstance(verdict, Refusal):
+            verdict = stored_metadata(record, rules)
         if isinstance(verdict, Refusal):
             problems.append(FieldProblem(field=where, message=f"{verdict.reason.value}: {verdict.message}"))
             continue

@@ -27,6 +27,12 @@ class IntakeRules:
     allowed_lateness: timedelta = timedelta(days=35)
     future_skew: timedelta = timedelta(minutes=5)
     max_message_bytes: int = 8 * 1024 * 1024
+    # A counted record travels on in a routed batch and is stored in ClickHouse: its metadata must stay well under
+    # Kafka's default 1 MiB message size (the routed batches are cut at ROUTED_BATCH_BYTES).
+    max_metadata_bytes: int = 256 * 1024
+
+
+EVIDENCE_BYTES = 64 * 1024  # of a large rejected message kept in its dead letter
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,13 +116,23 @@ def _read_record(
     if isinstance(verdict, Refusal):
         return _rejection(message, index, raw, verdict.reason, verdict.message)
     metric = verdict
-    metadata = metadata_json(record.metadata)
-    if metadata is None:
-        return _rejection(message, index, raw, RejectReason.INVALID_RECORD,
-                          "metadata cannot be stored as JSON (nested too deeply)")
+    metadata = stored_metadata(record, rules)
+    if isinstance(metadata, Refusal):
+        return _rejection(message, index, raw, metadata.reason, metadata.message)
     position = f"{message.topic}/{message.partition}/{message.offset}" + ("" if index is None else f"/{index}")
     dedup_id = record.id if record.id is not None else f"@{position}"
     return AcceptedRecord(dedup_id, record, timestamp, metric, message.offset, metadata)
+
+
+def stored_metadata(record: UsageRecord, rules: IntakeRules) -> str | Refusal:
+    """The record's metadata as the JSON text that is stored, or why it cannot be (shared by the worker and the API)."""
+    metadata = metadata_json(record.metadata)
+    if metadata is None:
+        return Refusal(RejectReason.INVALID_RECORD, "metadata cannot be stored as JSON (nested too deeply)")
+    size = len(metadata) if metadata.isascii() else len(metadata.encode())
+    if size > rules.max_metadata_bytes:
+        return Refusal(RejectReason.TOO_LARGE, f"metadata of {size} bytes as JSON exceeds {rules.max_metadata_bytes}")
+    return metadata
 
 
 def metadata_json(metadata: dict[str, Any]) -> str | None:
@@ -169,27 +185,38 @@ def _field_errors(error: ValidationError) -> list[FieldError]:
 def _rejection(
     message: Message, index: int | None, raw: Any, reason: RejectReason, text: str, errors: list[FieldError] | None = None
 ) -> DeadLetter:
+    record = _jsonable(raw)
     whole = index is None
-    return DeadLetter(
-        reason=reason,
-        message=text,
-        errors=errors or [],
-        source=message.source(),
-        index=index,
-        record=_jsonable(raw),
-        original_value_base64=base64.b64encode(message.value or b"").decode() if whole else None,
-        occurred_at=message.timestamp,
-    )
+    small = len(message.value or b"") <= EVIDENCE_BYTES
+    keep = small or (not whole and (_rendered_size(record) or EVIDENCE_BYTES + 1) <= EVIDENCE_BYTES)
+    return _letter(message, reason, text, errors=errors or [], index=index, record=record if keep else None,
+                   **(_original(message) if whole else {"truncated": not keep}))
 
 
 def _whole_message(message: Message, reason: RejectReason, text: str) -> DeadLetter:
-    return DeadLetter(
-        reason=reason,
-        message=text,
-        source=message.source(),
-        original_value_base64=base64.b64encode(message.value or b"").decode(),
-        occurred_at=message.timestamp,
-    )
+    return _letter(message, reason, text, **_original(message))
+
+
+def _original(message: Message) -> dict[str, Any]:
+    """The message's bytes as evidence, cut to EVIDENCE_BYTES: the dead-letter topic takes at most 1 MiB either."""
+    value = message.value or b""
+    return {"original_value_base64": base64.b64encode(value[:EVIDENCE_BYTES]).decode(),
+            "truncated": len(value) > EVIDENCE_BYTES}
+
+
+def _letter(message: Message, reason: RejectReason, text: str, **fields: Any) -> DeadLetter:
+    return DeadLetter(reason=reason, message=text, source=message.source(), original_size=len(message.value or b""),
+                      occurred_at=message.timestamp, **fields)
+
+
+def _rendered_size(value: Any) -> int | None:
+    try:
+        return len(orjson.dumps(value))
+    except TypeError:  # big integers, deep nesting: what orjson cannot render
+        try:
+            return len(json.dumps(value))
+        except (ValueError, RecursionError):
+            return None
 
 
 def _jsonable(value: Any) -> Any:

@@ -37,6 +37,20 @@ class Snapshot:
         return len(self.changes.records)
 
 
+def merged(snapshots: list[Snapshot]) -> Snapshot:
+    """Consecutive checkpoints as one: a writer that fell behind catches up in one round trip, not one per checkpoint."""
+    if len(snapshots) == 1:
+        return snapshots[0]
+    rollups = {change.key: change for snapshot in snapshots for change in snapshot.changes.rollups}  # the latest wins
+    changes = Checkpoint(
+        list(rollups.values()),
+        [record for snapshot in snapshots for record in snapshot.changes.records],
+        [identity for snapshot in snapshots for identity in snapshot.changes.identities],
+        [record for snapshot in snapshots for record in snapshot.changes.closed],
+    )
+    return Snapshot(snapshots[-1].offset, changes, [key for snapshot in snapshots for key in snapshot.expired])
+
+
 class PartitionWriter:
     def __init__(self, sink: ClickHouseSink, commit: Callable[[Snapshot], Awaitable[None]], stats: WorkerStats) -> None:
         self.sink = sink
@@ -73,7 +87,7 @@ class PartitionWriter:
         done, _ = await asyncio.wait({self._task}, timeout=timeout)
         if not done:
             await self.stop()
-        return bool(done) and self._task.exception() is None and not (self.queue or self.unsunk)
+        return self.failure() is None and not (self.queue or self.unsunk)
 
     async def stop(self) -> None:
         if self._task is not None and not self._task.done():
@@ -82,18 +96,20 @@ class PartitionWriter:
                 await self._task
 
     def _kick(self) -> None:
-        if self._task is None or self._task.done():
+        if self._task is None or (self._task.done() and self.failure() is None):  # a failure stays for the stage to see
             self._task = asyncio.create_task(self._write())
 
     async def _write(self) -> None:
         while self.queue or self.unsunk:
             if self.queue:
-                snapshot = self.queue[0]
+                taken = len(self.queue)
+                snapshot = merged(list(self.queue))
                 started = time.monotonic()
                 # Records before the commit: a replay of this checkpoint rewrites the same rows.
                 await until_success(lambda: self.sink.write_records(snapshot.changes.records), "write usage_records")
                 await self.commit(snapshot)
-                self.queue.popleft()
+                for _ in range(taken):
+                    self.queue.popleft()
                 self.buffered -= snapshot.records
                 self.unsunk.update((c.key, c) for c in snapshot.changes.rollups if c.reported)
                 self.stats.flushes += 1

@@ -26,9 +26,6 @@ log = get_logger(__name__)
 
 # Records per routed message: large enough to amortise Kafka's per-message cost, small
 # enough to stay far below the broker's message size limit.
-ROUTED_BATCH = 2_000
-
-
 class RouterStage:
     def __init__(self, settings: Settings, catalog: MetricCatalog, stats: WorkerStats) -> None:
         self.settings = settings
@@ -94,8 +91,7 @@ class RouterStage:
             if highwater is not None:
                 self.stats.lag[f"router/{tp.partition}"] = highwater - messages[-1].offset - 1
         for partition, records in by_partition.items():
-            for start in range(0, len(records), ROUTED_BATCH):
-                chunk = records[start:start + ROUTED_BATCH]
+            for chunk in routing.batches(records):
                 sends.append(await self.producer.send(self.topics.routed, routing.encode(chunk), partition=partition))
         await asyncio.gather(*sends)
         await self._commit(offsets)

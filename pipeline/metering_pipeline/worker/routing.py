@@ -9,7 +9,7 @@ per-message cost once per batch rather than once per record.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timezone
 from decimal import Decimal
 
@@ -25,6 +25,24 @@ _AGGREGATIONS = {a.value: a for a in AggregationType}
 
 def subject_partition(subject_type: str, subject_id: str, partitions: int) -> int:
     return zlib.crc32(f"{subject_type}:{subject_id}".encode()) % partitions
+
+
+ROUTED_BATCH = 2_000  # records per routed message
+ROUTED_BATCH_BYTES = 512 * 1024  # and about this many bytes, far under Kafka's default 1 MiB message size
+_RECORD_OVERHEAD = 200  # bytes of a routed record besides its metadata, generously
+
+
+def batches(records: Sequence[AcceptedRecord]) -> Iterator[Sequence[AcceptedRecord]]:
+    """Consecutive runs of at most ROUTED_BATCH records and about ROUTED_BATCH_BYTES (metadata can be 256 KiB)."""
+    start = size = 0
+    for end, record in enumerate(records):
+        grown = size + len(record.metadata_json) + _RECORD_OVERHEAD
+        if end > start and (end - start >= ROUTED_BATCH or grown > ROUTED_BATCH_BYTES):
+            yield records[start:end]
+            start, grown = end, len(record.metadata_json) + _RECORD_OVERHEAD
+        size = grown
+    if start < len(records):
+        yield records[start:]
 
 
 def encode(records: Iterable[AcceptedRecord]) -> bytes:

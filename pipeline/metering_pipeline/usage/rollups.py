@@ -128,6 +128,11 @@ class PartitionRollups:
                     touched.add(key)
         return counted, duplicates
 
+    @property
+    def pending_records(self) -> int:
+        """Counted since the last checkpoint."""
+        return len(self._records)
+
     def checkpoint(self) -> Checkpoint:
         """Hand over everything changed since the last checkpoint (as of now) and start a new one."""
         changes = [RollupChange(key, self.rollups[key].frozen()) for key in self._changed]

@@ -71,6 +71,11 @@ class PartitionWriter:
         self.unsunk.update((change.key, change) for change in changes if change.reported)
         self._kick()
 
+    @property
+    def busy(self) -> bool:
+        """A checkpoint is still being written."""
+        return bool(self.queue)
+
     def unsettled_keys(self) -> set[RollupKey]:
         """Rollups whose latest value is not in ClickHouse yet (their changelog entries must stay)."""
         return set(self.unsunk).union(*({c.key for c in s.changes.rollups} for s in self.queue))

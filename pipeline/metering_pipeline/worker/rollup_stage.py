@@ -64,6 +64,7 @@ class OwnedPartition:
     transactions: asyncio.Lock = field(default_factory=asyncio.Lock)  # alerts and checkpoints share the producer
     alerts: list[Alert] = field(default_factory=list)  # decided, not yet published
     next_offset: int | None = None
+    checkpoint_due: bool = False
     identity_entries: dict[bytes, datetime] = field(default_factory=dict)
     last_eviction: float = 0.0
 
@@ -118,9 +119,12 @@ class RollupStage:
                     for owned in list(self.owned.values()):
                         await self._publish_alerts(owned)
                     if time.monotonic() - last_checkpoint >= self.settings.flush_interval:
-                        for owned in list(self.owned.values()):
-                            self._take_checkpoint(owned)
+                        for owned in self.owned.values():
+                            owned.checkpoint_due = True
                         last_checkpoint = time.monotonic()
+                    for owned in list(self.owned.values()):
+                        if owned.checkpoint_due and not owned.writer.busy:
+                            self._take_checkpoint(owned)
                     self._check_writers()
                     self._apply_backpressure()
             async with self._lock:
@@ -155,6 +159,9 @@ class RollupStage:
             self.stats.lag[f"rollups/{partition}"] = highwater - owned.next_offset
 
     def _take_checkpoint(self, owned: OwnedPartition) -> None:
+        """Due checkpoints wait for the writer to finish the last one, growing meanwhile instead of queueing: under
+        load (or while ClickHouse is down) checkpoints get fewer and larger as writes get slower."""
+        owned.checkpoint_due = False
         checkpoint = owned.state.checkpoint()
         expired = self._expired_identity_entries(owned)
         expired += self._evicted_rollup_entries(owned, checkpoint)
@@ -188,7 +195,7 @@ class RollupStage:
 
     def _apply_backpressure(self) -> None:
         """Stop fetching while the writers hold too many records (ClickHouse slow or down); resume at half."""
-        buffered = sum(owned.writer.buffered for owned in self.owned.values())
+        buffered = sum(owned.writer.buffered + owned.state.pending_records for owned in self.owned.values())
         limit = self.settings.max_buffered_records
         pause = buffered >= limit or (self._paused and buffered >= limit // 2)
         if pause:

@@ -8,14 +8,18 @@ topic from the beginning, so every worker and every CLI call sees the same catal
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
 from pydantic import BaseModel, ValidationError
 
 from metering_pipeline.logs import get_logger
 from metering_pipeline.settings import Settings
+from metering_pipeline.topics import ensure_topics, partitions_of, public_topics
 
 log = get_logger(__name__)
 
@@ -44,9 +48,17 @@ def parse_entry(model: type[Definition], key: bytes | None, value: bytes | None)
     return definition_id, definition
 
 
+PARTITION_CHECK_INTERVAL = 2.0  # seconds between looks for a created topic or added partitions
+
+
 class DefinitionFeed(Generic[Definition]):
-    """Follows a definitions topic into `apply(id, definition | None)`; `ready` once it has read
-    everything the topic held when the feed started."""
+    """Follows every partition of a definitions topic into `apply(id, definition | None)`; `ready` once it
+    has read everything the topic held when the feed started.
+
+    The topic may have any number of partitions (an operator's or the broker's auto-create), may not
+    exist yet, and may gain partitions later: the feed looks at the broker's metadata every
+    `PARTITION_CHECK_INTERVAL` seconds and reads new partitions from their beginning.
+    """
 
     def __init__(self, settings: Settings, topic: str, model: type[Definition],
                  apply: Callable[[str, Definition | None], None]) -> None:
@@ -55,27 +67,71 @@ class DefinitionFeed(Generic[Definition]):
         self.model = model
         self.apply = apply
         self.ready = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self, stopping: asyncio.Event) -> asyncio.Task[None]:
+        self._task = asyncio.create_task(self.run(stopping))
+        return self._task
+
+    async def loaded(self) -> None:
+        """Until `ready`; raises the feed's error instead of waiting forever when it stopped first."""
+        assert self._task is not None, "start() the feed first"
+        ready = asyncio.create_task(self.ready.wait())
+        done, _ = await asyncio.wait({ready, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        if ready not in done:
+            ready.cancel()
+            self._task.result()  # the consumer's error
+            raise RuntimeError(f"the {self.topic} feed stopped before it had loaded")
 
     async def run(self, stopping: asyncio.Event) -> None:
-        consumer = AIOKafkaConsumer(**self.settings.kafka_client_options(), enable_auto_commit=False)
+        # earliest: a topic deleted and re-created under the feed is read again from its start
+        consumer = AIOKafkaConsumer(**self.settings.kafka_client_options(), enable_auto_commit=False,
+                                    auto_offset_reset="earliest")
         await consumer.start()
         try:
-            await consumer.topics()  # loads cluster metadata, so the topic's partitions are known
-            partitions = [TopicPartition(self.topic, p) for p in sorted(consumer.partitions_for_topic(self.topic) or {0})]
-            consumer.assign(partitions)
-            await consumer.seek_to_beginning(*partitions)
-            end = await consumer.end_offsets(partitions)
+            try:
+                following = await self._follow(consumer, frozenset())
+            except KafkaError as error:
+                raise KafkaError(f"cannot read the partitions of {self.topic}: {error!r}") from error
+            end = await consumer.end_offsets(sorted(following)) if following else {}
+            checked = time.monotonic()
             while not stopping.is_set():
-                for messages in (await consumer.getmany(timeout_ms=200)).values():
+                if time.monotonic() - checked >= PARTITION_CHECK_INTERVAL:
+                    checked = time.monotonic()
+                    try:
+                        following = await self._follow(consumer, following)
+                    except KafkaError as error:  # e.g. the broker restarting: keep reading what is known
+                        log.warning("could not look for new partitions", topic=self.topic, error=repr(error))
+                if not following:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stopping.wait(), 0.2)
+                    batches = {}
+                else:
+                    batches = await consumer.getmany(timeout_ms=200)
+                for messages in batches.values():
                     for message in messages:
                         parsed = parse_entry(self.model, message.key, message.value)
                         if parsed is not None:
                             self.apply(*parsed)
-                if not self.ready.is_set() and all([await consumer.position(tp) >= end[tp] for tp in partitions]):
+                if not self.ready.is_set() and all([await consumer.position(tp) >= end[tp] for tp in end]):
                     self.ready.set()
-                    log.info("definitions loaded", topic=self.topic)
+                    log.info("definitions loaded", topic=self.topic, partitions=len(following))
         finally:
             await consumer.stop()
+
+    async def _follow(self, consumer: AIOKafkaConsumer, following: frozenset[TopicPartition]) -> frozenset[TopicPartition]:
+        """Assigns the topic's current partitions: known ones keep their positions, new ones start at the beginning."""
+        current = frozenset(TopicPartition(self.topic, p) for p in await partitions_of(consumer, self.topic) or ())
+        if current == following:
+            return following
+        kept = {tp: await consumer.position(tp) for tp in following & current}
+        consumer.assign(sorted(current))
+        for tp, position in kept.items():
+            consumer.seek(tp, position)
+        if new := current - following:
+            await consumer.seek_to_beginning(*new)
+            log.info("following partitions", topic=self.topic, partitions=sorted(tp.partition for tp in new))
+        return current
 
 
 def feed_into(settings: Settings, topic: str, model: type[Definition], put: Callable[[Definition], object],
@@ -103,14 +159,10 @@ async def read_all(settings: Settings, topic: str, model: type[Definition], time
 
     feed = DefinitionFeed(settings, topic, model, apply)
     stopping = asyncio.Event()
-    task = asyncio.create_task(feed.run(stopping))
+    task = feed.start(stopping)
     try:
         async with asyncio.timeout(timeout):
-            ready = asyncio.create_task(feed.ready.wait())
-            done, _ = await asyncio.wait({ready, task}, return_when=asyncio.FIRST_COMPLETED)
-            if task in done:
-                ready.cancel()
-                task.result()  # surfaces the consumer's error
+            await feed.loaded()
     finally:
         stopping.set()
         await task
@@ -126,6 +178,8 @@ class DefinitionWriter:
         self._producer: AIOKafkaProducer | None = None
 
     async def __aenter__(self) -> DefinitionWriter:
+        # Created compacted if missing: the broker's auto-create would make it with a retention time
+        await ensure_topics(self.settings, [spec for spec in public_topics(self.settings) if spec.name == self.topic])
         self._producer = AIOKafkaProducer(**self.settings.kafka_client_options(), acks="all")
         try:
             await self._producer.start()

@@ -66,16 +66,20 @@ async def publish(settings: Settings, records: list[UsageRecord], progress: Call
 
 
 def wait_until_counted(settings: Settings, seed: int, expected: int, timeout: float = 120) -> int:
-    """Poll ClickHouse until every published record is in usage_records (or time runs out)."""
+    """Poll ClickHouse until every published record is in usage_records and this month's rollups have
+    caught up with them (rollups are written after the records' checkpoint commits), or time runs out."""
     deadline = time.monotonic() + timeout
     counted = 0
     with connect(settings) as client:
         while time.monotonic() < deadline:
-            counted = client.query(
-                "SELECT count() FROM usage_records FINAL WHERE startsWith(id, {prefix:String})",
+            counted, this_month, rolled_up = client.query(
+                "SELECT (SELECT count() FROM usage_records FINAL WHERE startsWith(id, {prefix:String})), "
+                "(SELECT count() FROM usage_records FINAL WHERE timestamp >= toStartOfMonth(now('UTC'))), "
+                "(SELECT sum(record_count) FROM usage_summary WHERE period_type = 'MONTHLY' "
+                "AND period_start = toStartOfMonth(now('UTC')))",
                 parameters={"prefix": f"demo-{seed}-"},
-            ).result_rows[0][0]
-            if counted >= expected:
+            ).result_rows[0]
+            if counted >= expected and rolled_up >= this_month:
                 break
             time.sleep(0.5)
     return counted

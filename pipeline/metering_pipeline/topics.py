@@ -7,12 +7,22 @@ test runs can share one cluster.
 
 from __future__ import annotations
 
+import asyncio
+from collections import defaultdict
 from dataclasses import dataclass, field
 
+from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import (KafkaError, LeaderNotAvailableError, TopicAlreadyExistsError,
+                             UnknownTopicOrPartitionError, for_code)
+from aiokafka.protocol.metadata import MetadataRequest
+from aiokafka.protocol.offset import OffsetRequest
 
+from metering_pipeline.logs import get_logger
 from metering_pipeline.settings import Settings
+
+log = get_logger(__name__)
 
 USAGE_RECORDED = "usage.recorded"
 USAGE_DLQ = "usage.recorded.dlq"
@@ -26,6 +36,7 @@ SUBSCRIPTIONS = "metering.subscriptions"
 
 _COMPACTED = {"cleanup.policy": "compact"}
 _WEEK_MS = str(7 * 24 * 3600 * 1000)
+_LATEST = -1  # ListOffsets' timestamp for "the end offset"
 
 
 @dataclass(frozen=True)
@@ -94,11 +105,15 @@ def internal_topics(settings: Settings) -> list[TopicSpec]:
 
 
 async def ensure_topics(settings: Settings, specs: list[TopicSpec]) -> list[str]:
-    """Create the topics that do not exist yet; returns the names created. Existing topics are left as they are."""
+    """Create the topics that do not exist yet; returns the names created, once they have leaders.
+    Existing topics are left as they are (a warning names those that should be compacted and are not)."""
+    if not specs:
+        return []
     admin = AIOKafkaAdminClient(**settings.kafka_client_options())
     await admin.start()
     try:
         existing = set(await admin.list_topics())
+        await _warn_if_not_compacted(admin, [s for s in specs if s.name in existing and s.config.get("cleanup.policy")])
         missing = [spec for spec in specs if spec.name not in existing]
         if not missing:
             return []
@@ -110,6 +125,78 @@ async def ensure_topics(settings: Settings, specs: list[TopicSpec]) -> list[str]
             if code not in (0, TopicAlreadyExistsError.errno):
                 raise RuntimeError(f"could not create topic {name}: Kafka error code {code}")
             created.append(name)
+        await _until_led(admin, created)
         return created
     finally:
         await admin.close()
+
+
+async def _warn_if_not_compacted(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> None:
+    """A definitions topic that someone else created (an operator, or the broker's auto-create for an
+    early producer) may lack compaction: its definitions would then expire with the retention time."""
+    if not specs:
+        return
+    responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, s.name, {"cleanup.policy": None})
+                                              for s in specs])
+    wanted = {s.name: s.config["cleanup.policy"] for s in specs}
+    for response in responses:
+        for _code, _message, _type, name, entries in response.resources:
+            policy = next((entry[1] for entry in entries if entry[0] == "cleanup.policy"), None)
+            if policy is not None and wanted[name] not in policy.split(","):
+                log.warning("topic is not compacted: its entries expire with its retention time; "
+                            "set cleanup.policy=compact", topic=name, cleanup_policy=policy)
+
+
+async def _until_led(admin: AIOKafkaAdminClient, names: list[str], timeout: float = 30.0) -> None:
+    """Waits until the leader of every partition of the new topics answers for it.
+
+    Metadata names a leader a moment before that broker serves the partition; a producer writing in
+    between gets NotLeaderForPartition warnings and retries. A ListOffsets request that every leader
+    answers without error is the same test the producer's first write would be.
+    """
+    deadline = asyncio.get_running_loop().time() + timeout
+    client = admin._client  # aiokafka has no public call to send one request to a chosen broker
+    while names:
+        described = await admin.describe_topics(names)  # they exist now, so this creates nothing
+        by_leader: dict[int, dict[str, list[tuple[int, int]]]] = defaultdict(lambda: defaultdict(list))
+        for topic in described:
+            for partition in topic["partitions"]:
+                by_leader[partition["leader"]][topic["topic"]].append((partition["partition"], _LATEST))
+        described_all = all(t["error_code"] == 0 and t["partitions"] for t in described) and -1 not in by_leader
+        if described_all and all([await _answers(client, leader, topics) for leader, topics in by_leader.items()]):
+            return
+        if asyncio.get_running_loop().time() >= deadline:
+            raise RuntimeError(f"partitions of {', '.join(names)} still had no serving leader after {timeout:.0f} s")
+        await asyncio.sleep(0.1)
+
+
+async def _answers(client, leader: int, topics: dict[str, list[tuple[int, int]]]) -> bool:
+    response = await client.send(leader, OffsetRequest(-1, 0, list(topics.items())))
+    return all(error_code == 0 for _topic, partitions in response.topics for _p, error_code, *_ in partitions)
+
+
+async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> frozenset[int] | None:
+    """The topic's partition ids as the broker has them now, or None while the topic does not exist.
+
+    A client's cached metadata knows a topic only once something subscribed to or produced to it,
+    so reading partitions from it silently sees none (or stale ones). This asks a broker for the
+    topic alone and without auto-creation: a reader must not create a topic with the broker's
+    defaults (a definitions topic must be compacted). Raises KafkaError when no broker answers or
+    the topic cannot be described (e.g. not authorized).
+    """
+    client = consumer._client  # aiokafka exposes no public call for one topic's metadata without auto-creation
+    node = client.get_random_node()
+    if node is None:
+        raise KafkaError(f"no Kafka broker known to describe topic {topic!r}")
+    response = await client.send(node, MetadataRequest([topic], allow_auto_topic_creation=False))
+    for described in response.to_object()["topics"]:
+        if described["topic"] != topic:
+            continue
+        code = described["error_code"]
+        if code == UnknownTopicOrPartitionError.errno or (code == LeaderNotAvailableError.errno
+                                                          and not described["partitions"]):
+            return None  # absent, or still being created
+        if code not in (0, LeaderNotAvailableError.errno):
+            raise for_code(code)(f"describing topic {topic!r}")
+        return frozenset(p["partition"] for p in described["partitions"])
+    return None

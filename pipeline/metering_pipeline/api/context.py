@@ -66,7 +66,7 @@ class ApiContext:
         feeds = [feed_into(self.settings, topic, models[topic], catalog.put, catalog.delete)
                  for topic, catalog in self._catalogs.items()]
         async with AsyncExitStack() as stack:
-            tasks = [asyncio.create_task(feed.run(stopping)) for feed in feeds]
+            tasks = [feed.start(stopping) for feed in feeds]
 
             async def stop_feeds() -> None:
                 stopping.set()
@@ -78,7 +78,7 @@ class ApiContext:
                 self.writers[topic] = await stack.enter_async_context(DefinitionWriter(self.settings, topic))
             self.clickhouse = stack.enter_context(connect(self.settings))
             for feed in feeds:
-                await feed.ready.wait()
+                await feed.loaded()
             yield self
 
     async def publish(self, catalog: Catalog | MetricCatalog, definition_id: str, definition: BaseModel | None) -> None:

@@ -17,7 +17,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from metering_pipeline.settings import Settings
-from metering_pipeline.topics import Topics
+from metering_pipeline.topics import Topics, partitions_of
 
 
 async def processed_through(settings: Settings, close: datetime, wait: float = 5.0) -> bool:
@@ -54,8 +54,8 @@ class _Group:
         self.group = group
 
     async def end_offsets(self) -> dict[TopicPartition, int]:
-        await self.consumer.topics()
-        partitions = [TopicPartition(self.topic, p) for p in sorted(self.consumer.partitions_for_topic(self.topic) or ())]
+        ids = await partitions_of(self.consumer, self.topic)
+        partitions = [TopicPartition(self.topic, p) for p in sorted(ids or ())]
         return await self.consumer.end_offsets(partitions) if partitions else {}
 
     async def pending(self, targets: dict[TopicPartition, int], counts: Callable[[int], bool]) -> bool:

@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     max_buffered_records: int = Field(
         default=100_000, ge=1, description="Counted records a worker holds while ClickHouse is slow or down; "
                                            "beyond this it pauses consumption (backpressure) until writes catch up")
+    writer_unhealthy_after: float = Field(
+        default=60.0, gt=0, description="Seconds a worker's ClickHouse writer may keep failing (retrying) before "
+                                        "/health answers 503: long enough for a ClickHouse restart, short enough to page")
     kafka_session_timeout: float = Field(
         default=30.0, gt=0, description="Seconds without a heartbeat before a worker's consumers leave their groups "
                                         "(aiokafka's 10 s is easily missed by a busy worker; longer delays failover)")

@@ -1,7 +1,8 @@
 """The wire contract of usage-metering: pydantic v2 models of what travels on its topics.
 
 Producers install only this distribution (`usage-metering-schemas`); the JSON Schema files
-generated from these models ship in `metering_schemas/json/` for non-Python producers.
+generated from these models ship in `metering_schemas/json/` for non-Python producers; the
+events the pipeline emits (`ThresholdAlert`, `UsageAggregated`, `MetricDefined`) are here for consumers.
 """
 
 from metering_schemas.billing import (
@@ -19,6 +20,7 @@ from metering_schemas.billing import (
     TierLine,
 )
 from metering_schemas.dead_letter import DeadLetter, FieldError, RejectReason, SourcePosition
+from metering_schemas.events import MetricDefined, ThresholdAlert, UsageAggregated
 from metering_schemas.metric import AggregationType, MetricDefinition, ResetPeriod
 from metering_schemas.threshold import ThresholdAction, UsageThreshold
 from metering_schemas.usage import PeriodType, UsageRecord, UsageRecordBatch, UsageSummary
@@ -41,10 +43,13 @@ __all__ = [
     "FieldError",
     "RejectReason",
     "SourcePosition",
+    "MetricDefined",
     "MetricDefinition",
     "PeriodType",
     "ResetPeriod",
     "ThresholdAction",
+    "ThresholdAlert",
+    "UsageAggregated",
     "UsageRecord",
     "UsageRecordBatch",
     "UsageSummary",

@@ -7,7 +7,7 @@ from decimal import Decimal
 from enum import Enum
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
 from pydantic.alias_generators import to_camel
 
 
@@ -17,7 +17,9 @@ class WireModel(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, frozen=True)
 
     def to_json(self) -> bytes:
-        return self.model_dump_json(by_alias=True).encode()
+        """camelCase JSON bytes (what `model_dump_json(by_alias=True)` writes, without its decode to str and back:
+        the worker writes one per changed rollup)."""
+        return self.__pydantic_serializer__.to_json(self, by_alias=True)
 
 
 class CaseInsensitiveEnum(str, Enum):
@@ -44,5 +46,23 @@ UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]
 
 # Quantities and money are exact: Decimal(38, 18) in ClickHouse, never a float, never NaN/Infinity.
 Quantity = Annotated[Decimal, Field(allow_inf_nan=False, max_digits=38, decimal_places=18)]
+
+# What the pipeline emits is described as emitted (JSON Schema "serialization" mode): decimals are always strings
+# in Python's notation (`str(Decimal)`: "85.50", "1E+6"), timestamps always UTC with a "Z".
+_DECIMAL_STRING = r"^-?[0-9]+(\.[0-9]+)?(E[+-][0-9]+)?$"
+_UTC_TIMESTAMP = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?Z$"
+
+# Aggregates (rollup totals, the values and limits alerts compare) as ClickHouse's total_quantity
+# Decimal(76, 18) holds them: a sum of many 38-digit quantities outgrows `Quantity`.
+AggregateQuantity = Annotated[
+    Decimal,
+    Field(allow_inf_nan=False, max_digits=76, decimal_places=18),
+    WithJsonSchema({"type": "string", "pattern": _DECIMAL_STRING}, mode="serialization"),
+]
+
+EmittedUtcDatetime = Annotated[
+    UtcDatetime,
+    WithJsonSchema({"type": "string", "format": "date-time", "pattern": _UTC_TIMESTAMP}, mode="serialization"),
+]
 
 Identifier = Annotated[str, Field(min_length=1, max_length=256)]

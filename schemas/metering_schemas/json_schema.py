@@ -8,7 +8,20 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from metering_schemas import DeadLetter, Invoice, Plan, Subscription, MetricDefinition, UsageRecord, UsageRecordBatch, UsageSummary, UsageThreshold
+from metering_schemas import (
+    DeadLetter,
+    Invoice,
+    MetricDefined,
+    MetricDefinition,
+    Plan,
+    Subscription,
+    ThresholdAlert,
+    UsageAggregated,
+    UsageRecord,
+    UsageRecordBatch,
+    UsageSummary,
+    UsageThreshold,
+)
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "json"
 
@@ -23,11 +36,18 @@ CONTRACT: dict[str, type[BaseModel]] = {
     "plan.schema.json": Plan,
     "subscription.schema.json": Subscription,
     "invoice.schema.json": Invoice,
+    "threshold-alert.schema.json": ThresholdAlert,
+    "usage-aggregated.schema.json": UsageAggregated,
+    "metric-defined.schema.json": MetricDefined,
 }
+
+# The pipeline's own events are described as it writes them (decimals always strings, timestamps always "Z",
+# every field present); the other files describe what it accepts.
+EMITTED: frozenset[type[BaseModel]] = frozenset({ThresholdAlert, UsageAggregated, MetricDefined})
 
 
 def render(model: type[BaseModel]) -> str:
-    schema = model.model_json_schema(by_alias=True, mode="validation")
+    schema = model.model_json_schema(by_alias=True, mode="serialization" if model in EMITTED else "validation")
     schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
     return json.dumps(schema, indent=2, sort_keys=True) + "\n"
 

@@ -1,17 +1,21 @@
 """Servers stop mid-stream and come back (ClickHouse, the Kafka broker): the worker holds on
-(bounded memory, retries with backoff, reconnects) and every record ends up in the rollups exactly once."""
+(bounded memory, retries with backoff, reconnects) and every record ends up in the rollups exactly once;
+/health tells a worker whose writes keep failing, and a permanent ClickHouse error stops the worker."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import os
 import random
+import re
 import time
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 from support import (ClickHouseEndpoint, define, metric, publish, read_json, running_api, set_thresholds, threshold,
                      usage)
 
@@ -96,6 +100,89 @@ def test_a_clickhouse_outage_mid_stream_loses_and_doubles_nothing_and_alerts_kee
             assert rows == [("threshold.approaching",), ("threshold.exceeded",)]
     finally:
         endpoint.stop()
+
+
+def _wait_for_health(worker, status: int, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while (answer := worker.health())[0] != status:
+        assert worker.process.poll() is None, f"the worker exited:\n{worker.log_tail()}"
+        assert time.monotonic() < deadline, f"/health still {answer} after {timeout} s"
+        time.sleep(0.2)
+    return answer[1]
+
+
+def test_health_is_503_with_the_failing_writer_while_clickhouse_is_down_longer_than_allowed_and_200_once_back(
+        apache_stack, isolated, unique_name, tmp_path):
+    endpoint = ClickHouseEndpoint(tmp_path / "clickhouse", tmp_path / "clickhouse.log").start()
+    stack = dataclasses.replace(apache_stack, clickhouse_url=endpoint.url)
+    try:
+        with isolated(stack, unique_name, tmp_path) as (settings, new_worker):
+            worker = _worker_counting(settings, new_worker, 1000, METERING_WRITER_UNHEALTHY_AFTER="2")
+            assert worker.health() == (200, {"healthy": True})
+
+            endpoint.stop()
+            stopped = time.monotonic()
+            asyncio.run(publish(settings, _batch(1000, 200)))  # the writer has something to write, and fails
+            body = _wait_for_health(worker, 503, 30)
+            assert time.monotonic() - stopped > 2  # not before METERING_WRITER_UNHEALTHY_AFTER
+            assert body["healthy"] is False
+            assert re.fullmatch(r"checkpoint writer of partition \d+ failing for \d+ s: .*[Cc]onnection refused.*",
+                                body["reason"]), body
+
+            endpoint.start()
+            assert _wait_for_health(worker, 200, 60) == {"healthy": True}
+            _wait_for_records(settings, worker, 1200, 120)
+            time.sleep(2)  # a late duplicate would show up now
+            assert _totals(settings) == (1200, Decimal("120.0"), 1200)
+    finally:
+        endpoint.stop()
+
+
+async def _committed(settings) -> dict:
+    """The rollup stage's committed offsets on the routed topic."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(f"{settings.consumer_group_prefix}-rollups")
+    finally:
+        await admin.close()
+    return {tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == Topics.of(settings).routed}
+
+
+def test_a_permanent_clickhouse_error_stops_the_worker_with_one_error_line_exit_1_and_nothing_committed_past_it(
+        pipeline):
+    settings, new_worker = pipeline
+    worker = _worker_counting(settings, new_worker, 1000)
+    _wait_for_records(settings, worker, 1000, 60)
+    deadline = time.monotonic() + 60
+    while _totals(settings)[2] < 1000:  # the rollups too: the last checkpoint is committed
+        assert time.monotonic() < deadline, worker.log_tail()
+        time.sleep(0.5)
+    committed = asyncio.run(_committed(settings))
+    assert committed
+
+    with connect(settings) as client:  # the worker's inserts now fail with 60 UNKNOWN_TABLE, which no retry fixes
+        client.command("RENAME TABLE usage_records TO usage_records_parked")
+    asyncio.run(publish(settings, _batch(1000, 500)))
+    assert worker.process.wait(timeout=60) == 1, worker.log_tail()
+
+    # (Faust's console spinner may prefix the line with terminal control characters.)
+    failed = [json.loads(line[line.index("{"):]) for line in worker.log_path.read_text().splitlines()
+              if "stage failed" in line]
+    assert len(failed) == 1, failed
+    [line] = failed
+    assert line["level"] == "error" and line["stage"] == "rollups"
+    assert "UNKNOWN_TABLE" in line["error"] and "while trying to write usage_records" in line["error"], line["error"]
+    assert '"what": "write usage_records"' not in worker.log_path.read_text()  # not retried
+    assert asyncio.run(_committed(settings)) == committed  # the offsets did not move past what was written
+
+    with connect(settings) as client:
+        client.command("RENAME TABLE usage_records_parked TO usage_records")
+    replacement = new_worker().start()
+    replacement.wait_healthy()
+    _wait_for_records(settings, replacement, 1500, 120)
+    time.sleep(2)  # a late duplicate would show up now
+    assert _totals(settings) == (1500, Decimal("150.0"), 1500)
 
 
 def test_a_broker_restart_mid_stream_loses_and_doubles_nothing(private_apache_stack, isolated, unique_name, tmp_path):

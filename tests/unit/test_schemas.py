@@ -1,14 +1,33 @@
-"""The wire contract: how producers' JSON is read, and that the shipped JSON Schema files are current."""
+"""The wire contract: how producers' JSON is read, what the pipeline emits, and that the shipped JSON Schema
+files are current."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+import json
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
+import jsonschema
 import pytest
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from metering_schemas import AggregationType, MetricDefinition, ResetPeriod, UsageRecord, UsageRecordBatch
+from metering_pipeline.usage.aggregation import Aggregate
+from metering_pipeline.usage.rollups import Rollup, RollupChange
+from metering_pipeline.usage.thresholds import EXCEEDED, Alert
+from metering_pipeline.worker.rollup_stage import _aggregated_event
+from metering_schemas import (
+    AggregationType,
+    MetricDefined,
+    MetricDefinition,
+    PeriodType,
+    ResetPeriod,
+    ThresholdAction,
+    ThresholdAlert,
+    UsageAggregated,
+    UsageRecord,
+    UsageRecordBatch,
+    UsageThreshold,
+)
 from metering_schemas.json_schema import CONTRACT, SCHEMA_DIR, render
 
 RECORD = {"metricKey": "api_calls", "subjectType": "org", "subjectId": "org-123"}
@@ -80,3 +99,82 @@ def test_batch_requires_at_least_one_record():
 def test_shipped_json_schema_files_match_the_models(file_name):
     shipped = (SCHEMA_DIR / file_name).read_text()
     assert shipped == render(CONTRACT[file_name]), "run: python -m metering_schemas.json_schema"
+
+
+# The events exactly as the worker wrote them with hand-built dicts before they had models: consumers depend on
+# every name and format, so the models must read and write these bytes unchanged.
+ALERT = (b'{"id":"t1/org:org-1/MONTHLY/2026-11-01T00:00:00Z/threshold.exceeded@100","type":"threshold.exceeded",'
+         b'"thresholdId":"t1","metricKey":"tokens","subjectType":"org","subjectId":"org-1","threshold":"100",'
+         b'"value":"100.000000000000000001","periodType":"MONTHLY","periodStart":"2026-11-01T00:00:00Z",'
+         b'"periodEnd":"2026-12-01T00:00:00Z","action":"BLOCK","notifyEmails":["ops@example.com"],'
+         b'"occurredAt":"2026-11-24T12:30:00.123456Z"}')
+AGGREGATED = (b'{"type":"usage.aggregated","metricKey":"tokens","subjectType":"org","subjectId":"org-1",'
+              b'"periodType":"HOURLY","periodStart":"2026-11-24T10:00:00Z","periodEnd":"2026-11-24T11:00:00Z",'
+              b'"totalQuantity":"3.75","recordCount":2,"version":41}')
+DEFINED = (b'{"id":"metric.defined:org-1:tokens:7","type":"metric.defined","occurredAt":"2026-11-24T12:30:00Z",'
+           b'"metric":{"id":"org-1:tokens","key":"tokens","name":"Tokens","description":"","unit":"",'
+           b'"aggregationType":"SUM","resetPeriod":"MONTHLY","orgId":"org-1"}}')
+EVENTS = [(ThresholdAlert, ALERT, "threshold-alert.schema.json"), (UsageAggregated, AGGREGATED, "usage-aggregated.schema.json"),
+          (MetricDefined, DEFINED, "metric-defined.schema.json")]
+BIG = "1234567890123456789012345678901234567890123456789012345678.123456789012345678"  # Decimal(76, 18) at its limit
+
+
+def schema_of(file_name: str) -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(json.loads((SCHEMA_DIR / file_name).read_text()))
+
+
+@pytest.mark.parametrize(("model", "wire", "file_name"), EVENTS, ids=lambda v: getattr(v, "__name__", None))
+def test_emitted_events_round_trip_byte_for_byte_and_match_their_schema_files(model: type[BaseModel], wire: bytes,
+                                                                               file_name: str):
+    event = model.model_validate_json(wire)
+    assert event.to_json() == wire
+    schema_of(file_name).validate(json.loads(wire))
+
+
+def test_emitted_event_schemas_require_every_field_and_decimal_strings():
+    alert = json.loads(ALERT)
+    schema = schema_of("threshold-alert.schema.json")
+    assert not list(schema.iter_errors(alert))
+    assert list(schema.iter_errors({**alert, "value": 100.5})), "a JSON number is not what the worker emits"
+    assert list(schema.iter_errors({**alert, "occurredAt": "2026-11-24T13:30:00+01:00"})), "timestamps end in Z"
+    assert list(schema.iter_errors({**alert, "type": "usage.aggregated"}))
+    assert list(schema.iter_errors({k: v for k, v in alert.items() if k != "notifyEmails"}))
+    aggregated = json.loads(AGGREGATED)
+    assert list(schema_of("usage-aggregated.schema.json").iter_errors({k: v for k, v in aggregated.items() if k != "type"}))
+
+
+def test_aggregates_hold_what_clickhouse_decimal_76_18_holds():
+    aggregated = UsageAggregated.model_validate_json(AGGREGATED.replace(b'"3.75"', f'"{BIG}"'.encode()))
+    assert aggregated.total_quantity == Decimal(BIG)
+    assert json.loads(aggregated.to_json())["totalQuantity"] == BIG  # 58 + 18 digits, every one kept
+    schema_of("usage-aggregated.schema.json").validate(json.loads(aggregated.to_json()))
+    alert = ThresholdAlert.model_validate({**json.loads(ALERT), "value": BIG, "threshold": BIG[:-1]})
+    assert (str(alert.value), str(alert.threshold)) == (BIG, BIG[:-1])
+    for refused in ("1" + BIG, BIG + "9", "NaN"):  # 59 digits before the point, 19 after it, not a number
+        with pytest.raises(ValidationError):
+            UsageAggregated.model_validate({**json.loads(AGGREGATED), "totalQuantity": refused})
+
+
+def test_event_timestamps_are_written_in_utc_with_z():
+    east = timezone(timedelta(hours=2))
+    defined = MetricDefined(id="metric.defined:m:0", occurred_at=datetime(2026, 11, 24, 14, 30, tzinfo=east),
+                            metric=MetricDefinition(id="m", key="m", name="m", aggregation_type=AggregationType.COUNT))
+    assert json.loads(defined.to_json())["occurredAt"] == "2026-11-24T12:30:00Z"
+    aggregated = UsageAggregated.model_validate({**json.loads(AGGREGATED), "periodStart": "2026-11-24T10:00:00",
+                                                 "periodEnd": "2026-11-24T12:00:00+01:00"})
+    written = json.loads(aggregated.to_json())
+    assert (written["periodStart"], written["periodEnd"]) == ("2026-11-24T10:00:00Z", "2026-11-24T11:00:00Z")
+
+
+def test_the_worker_builds_the_events_it_always_wrote():
+    limit = UsageThreshold(id="t1", metric_key="tokens", subject_type="org", subject_id="*", threshold=Decimal(100),
+                           action=ThresholdAction.BLOCK, notify_emails=["ops@example.com"])
+    alert = Alert(EXCEEDED, limit, "org", "org-1", Decimal("100.000000000000000001"), ResetPeriod.MONTHLY,
+                  datetime(2026, 11, 1, tzinfo=timezone.utc), datetime(2026, 11, 24, 12, 30, 0, 123456, tzinfo=timezone.utc))
+    assert alert.to_event().to_json() == ALERT
+    aggregate = Aggregate()
+    aggregate.add(Decimal("1.5"))
+    aggregate.add(Decimal("2.25"))
+    change = RollupChange(("tokens", "org", "org-1", PeriodType.HOURLY, datetime(2026, 11, 24, 10, tzinfo=timezone.utc)),
+                          Rollup(AggregationType.SUM, aggregate, 41, "tokens"))
+    assert _aggregated_event(change) == AGGREGATED

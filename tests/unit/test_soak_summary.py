@@ -15,6 +15,7 @@ from metering_pipeline.bench.soak_summary import (
     warmup_seconds,
 )
 from metering_pipeline.bench.workload import Expected
+from metering_pipeline.worker.stats import WorkerStats
 
 MINUTES_30 = 1800.0
 
@@ -127,6 +128,16 @@ def test_metrics_text_parsing() -> None:
     assert counter(text, "metering_records_counted_total") == 12345
     assert counter(text, "metering_alerts_total") == 7
     assert counter(text, "metering_flushes_total") == 0
+    assert lag_by_stage(text) == {"router": 7, "rollups": 10}
+
+
+def test_metrics_parsing_reads_what_the_worker_exposes() -> None:
+    stats = WorkerStats()
+    stats.counted, stats.alerts = 12345, 7
+    stats.lag.update({"router/0": 3, "router/1": 4, "rollups/0": 10})
+    text = stats.prometheus().decode()
+    assert counter(text, "metering_records_counted_total") == 12345
+    assert counter(text, "metering_alerts_total") == 7
     assert lag_by_stage(text) == {"router": 7, "rollups": 10}
 
 

@@ -61,7 +61,7 @@ def test_each_alert_fires_once_per_window_with_a_deterministic_id():
     assert [a.id for a in again] == [a.id for a in first]  # the same crossing replayed has the same ids
     december = watch.evaluate(limit(), ("org", "o"), ResetPeriod.MONTHLY, datetime(2026, 12, 1, tzinfo=UTC), Decimal(90), NOW)
     assert [a.type for a in december] == [APPROACHING] and december[0].id != first[0].id
-    event = first[1].to_event()
+    event = first[1].to_event().model_dump(mode="json", by_alias=True)  # as published
     assert (event["periodStart"], event["periodEnd"], event["value"], event["threshold"]) == (
         "2026-11-01T00:00:00Z", "2026-12-01T00:00:00Z", "120", "100")
     assert watch.evaluate(limit(action=ThresholdAction.NONE, threshold_id="quiet"), ("org", "o"), ResetPeriod.MONTHLY,

@@ -8,12 +8,14 @@ from aiokafka.errors import KafkaError
 from clickhouse_connect.driver.exceptions import OperationalError
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from metering_pipeline.api import billing, metrics, subjects, thresholds, usage
 from metering_pipeline.api.context import ApiContext, lifespan
 from metering_pipeline.api.errors import ApiError, on_api_error, on_unavailable, on_validation_error
 from metering_pipeline.api.keys import KeyRing
+from metering_pipeline.api.request_metrics import RequestMetrics, RequestMetricsMiddleware
 from metering_pipeline.settings import Settings
 
 DASHBOARD = Path(__file__).resolve().parent / "ui" / "index.html"
@@ -39,6 +41,8 @@ keys have `read` and/or `write` scopes and may be limited to one org.
 def create_app(settings: Settings) -> FastAPI:
     context = ApiContext(settings, KeyRing(settings.api_keys_file))
     app = FastAPI(title="usage-metering", version="0.1.0", description=DESCRIPTION, lifespan=lifespan(context))
+    request_metrics = RequestMetrics()
+    app.add_middleware(RequestMetricsMiddleware, metrics=request_metrics)
     app.add_exception_handler(ApiError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(KafkaError, on_unavailable)
@@ -54,5 +58,10 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/health", tags=["operations"], summary="Liveness: the API has loaded the catalogs")
     async def health() -> dict[str, bool]:
         return {"healthy": True}
+
+    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics: requests by route and status, the process",
+             response_class=PlainTextResponse)
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(request_metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -41,4 +41,11 @@ def worker(web_port: int, flush_interval: float | None, processing_guarantee: st
         raise click.UsageError(field_errors(error)) from None
     prepare(settings)
     app = create_app(settings, web_port)
-    Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()
+    try:
+        Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()
+    except SystemExit as exit_:
+        # A failed stage stops the worker with SIGTERM, after which mode exits 0 like after any SIGTERM:
+        # a supervisor must see the failure.
+        if not exit_.code and app.pipeline.failure is not None:
+            raise SystemExit(1) from None
+        raise

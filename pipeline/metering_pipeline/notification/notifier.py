@@ -17,7 +17,7 @@ from aiokafka import AIOKafkaConsumer
 from metering_pipeline.logs import get_logger
 from metering_pipeline.notification.messages import alert_email
 from metering_pipeline.notification.smtp import SmtpSender
-from metering_pipeline.retry import RetriesExhausted, until_success
+from metering_pipeline.retry import RetriesExhausted, any_error, until_success
 from metering_pipeline.settings import Settings
 from metering_pipeline.topics import Topics
 from metering_pipeline.warehouse.deliveries import FAILED, SENT, DeliveryLog
@@ -78,7 +78,9 @@ class Notifier:
             await self.sender.send(alert_email(alert, address, self.settings.smtp_from))
 
         try:
-            await until_success(send, f"e-mail {alert['id']} to {address}", max_attempts=self.settings.notify_max_attempts)
+            # Every SMTP failure gets the attempts (a refused address may be a full mailbox); then it is recorded failed.
+            await until_success(send, f"e-mail {alert['id']} to {address}", max_attempts=self.settings.notify_max_attempts,
+                                transient=any_error)
         except RetriesExhausted as gave_up:
             self.failed += 1
             log.error("alert e-mail failed", alert_id=alert["id"], email=address, attempts=gave_up.attempts, error=str(gave_up.error))

@@ -17,7 +17,7 @@ from decimal import Decimal
 from metering_pipeline.usage.metrics import MetricCatalog
 from metering_pipeline.usage.periods import period_end, period_start
 from metering_pipeline.usage.rollups import LIFETIME, PartitionRollups, Rollup, RollupKey
-from metering_schemas import PeriodType, ResetPeriod, ThresholdAction, UsageThreshold
+from metering_schemas import PeriodType, ResetPeriod, ThresholdAction, ThresholdAlert, UsageThreshold
 
 APPROACHING = "threshold.approaching"
 EXCEEDED = "threshold.exceeded"
@@ -76,6 +76,9 @@ class Alert:
     period: ResetPeriod
     window_start: datetime
     occurred_at: datetime
+    # Epoch seconds the crossing usage was published at (for the alert-latency metric; not part of the event);
+    # None when a threshold change fired it.
+    usage_published_at: float | None = None
 
     @property
     def id(self) -> str:
@@ -87,23 +90,24 @@ class Alert:
     def window_end(self) -> datetime:
         return period_end(self.period, self.window_start)
 
-    def to_event(self) -> dict[str, object]:
-        return {
-            "id": self.id,
-            "type": self.type,
-            "thresholdId": self.threshold.id,
-            "metricKey": self.threshold.metric_key,
-            "subjectType": self.subject_type,
-            "subjectId": self.subject_id,
-            "threshold": str(self.threshold.threshold),
-            "value": str(self.value),
-            "periodType": self.period.value,
-            "periodStart": _iso(self.window_start),
-            "periodEnd": _iso(self.window_end),
-            "action": self.threshold.action.value,
-            "notifyEmails": list(self.threshold.notify_emails),
-            "occurredAt": _iso(self.occurred_at),
-        }
+    def to_event(self) -> ThresholdAlert:
+        """The event as published (validated: alerts are rare, and what goes out must match the contract)."""
+        return ThresholdAlert(
+            id=self.id,
+            type=self.type,
+            threshold_id=self.threshold.id,
+            metric_key=self.threshold.metric_key,
+            subject_type=self.subject_type,
+            subject_id=self.subject_id,
+            threshold=self.threshold.threshold,
+            value=self.value,
+            period_type=self.period,
+            period_start=self.window_start,
+            period_end=self.window_end,
+            action=self.threshold.action,
+            notify_emails=list(self.threshold.notify_emails),
+            occurred_at=self.occurred_at,
+        )
 
 
 def _iso(at: datetime) -> str:

@@ -75,7 +75,7 @@ class ClickHouseSink:
         await self._insert("usage_rollups", rows, _ROLLUP_COLUMNS)
 
     async def write_alerts(self, events: Sequence[dict[str, object]]) -> None:
-        """Alerts as published on the alerts topic (`Alert.to_event`)."""
+        """Alerts as read from the alerts topic (parsed `ThresholdAlert` JSON, camelCase keys)."""
         if not events:
             return
         await self._insert("threshold_events", [[event.get(field) for field in _ALERT_FIELDS] for event in events],

@@ -3,7 +3,7 @@
 A stage of its own, so that alerting never waits for the warehouse: the rollup stage publishes
 alerts to Kafka, and this copies them at least once (rows are keyed by the alert's id, so a
 copy written twice is one event). While ClickHouse is down it retries and falls behind; the
-alerts topic holds what it has not copied yet.
+alerts topic holds what it has not copied yet. A permanent ClickHouse error stops the stage.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import CommitFailedError
 
 from metering_pipeline.logs import get_logger
-from metering_pipeline.retry import until_success
+from metering_pipeline.retry import FailingStreak, until_success
 from metering_pipeline.settings import Settings
 from metering_pipeline.topics import Topics
 from metering_pipeline.warehouse.sink import ClickHouseSink
@@ -27,6 +27,7 @@ class AlertArchive:
     def __init__(self, settings: Settings, sink: ClickHouseSink) -> None:
         self.settings = settings
         self.sink = sink
+        self.failing = FailingStreak()  # threshold_events writes retrying since (for /health)
         self.consumer = AIOKafkaConsumer(
             Topics.of(settings).alerts,
             **settings.kafka_client_options(),
@@ -45,7 +46,8 @@ class AlertArchive:
                 events = [event for messages in batches.values() for message in messages
                           if (event := _event(message)) is not None]
                 if events:
-                    await until_success(lambda: self.sink.write_alerts(events), "write threshold_events")
+                    await until_success(lambda: self.sink.write_alerts(events), "write threshold_events",
+                                        streak=self.failing)
                 if batches:
                     try:
                         await self.consumer.commit()

@@ -8,14 +8,19 @@ batches: Faust's per-message path is what bounds a plain agent (see shared notes
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
+import time
 
 import faust
 from aiokafka import AIOKafkaProducer
 from mode import Service
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from metering_pipeline.definitions import feed_into
 from metering_pipeline.logs import get_logger
+from metering_pipeline.retry import FailingStreak
 from metering_pipeline.settings import Settings
 from metering_pipeline.topics import Topics, ensure_topics, internal_topics, public_topics
 from metering_pipeline.usage.metrics import MetricCatalog
@@ -27,6 +32,7 @@ from metering_pipeline.worker.entitlements import FORWARDED_HEADER, SERVED_BY_HE
 from metering_pipeline.warehouse import mirrors
 from metering_pipeline.worker.alert_archive import AlertArchive
 from metering_pipeline.worker.definition_mirror import DefinitionMirror, MetricAnnouncer
+from metering_pipeline.worker.health import failing_writer
 from metering_pipeline.worker.rollup_stage import RollupStage
 from metering_pipeline.worker.router_stage import RouterStage
 from metering_pipeline.worker.stats import WorkerStats
@@ -48,6 +54,7 @@ class Pipeline:
         self.started = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
         self.healthy = False
+        self.failure: tuple[str, BaseException] | None = None  # the stage that stopped the worker, and why
 
     async def start(self) -> None:
         self.sink = ClickHouseSink(connect(self.settings))
@@ -69,10 +76,12 @@ class Pipeline:
         rollups = RollupStage(self.settings, self.sink, self.stats, self.catalog, self.book,
                               client_id=member_client_id(f"{self.settings.consumer_group_prefix}-rollups", self.url))
         self.entitlements = Entitlements(self.settings, rollups, self.url)
+        self.rollups = rollups
+        self.alert_archive = AlertArchive(self.settings, self.sink)
         self.tasks += [
             asyncio.create_task(self._guard("rollups", rollups.run(self.stopping))),
             asyncio.create_task(self._guard("router", RouterStage(self.settings, self.catalog, self.stats).run(self.stopping))),
-            asyncio.create_task(self._guard("alert archive", AlertArchive(self.settings, self.sink).run(self.stopping))),
+            asyncio.create_task(self._guard("alert archive", self.alert_archive.run(self.stopping))),
         ]
         self.healthy = True
         self.started.set()
@@ -83,18 +92,41 @@ class Pipeline:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         await self.events_producer.stop()
 
+    def health_problem(self) -> str | None:
+        """Why this worker must not count as healthy (starting, a stage failed, a ClickHouse writer failing for
+        longer than `writer_unhealthy_after`), or None."""
+        if self.failure is not None:
+            stage, error = self.failure
+            return f"stage {stage} failed: {_described(error)}"
+        if not self.healthy:
+            return "starting"
+        writers: list[tuple[str, FailingStreak]] = [
+            (f"checkpoint writer of partition {partition}", owned.writer.failing)
+            for partition, owned in sorted(self.rollups.owned.items())
+        ]
+        writers.append(("alert archive", self.alert_archive.failing))
+        return failing_writer(writers, self.settings.writer_unhealthy_after, time.monotonic())
+
+    def fail(self, stage: str, error: BaseException) -> None:
+        """A stage that cannot go on takes the process down (exit status 1, see `metering worker`): a supervisor
+        restarts it and it resumes from its last commit. One error line: the first failure is the cause."""
+        self.healthy = False
+        if self.failure is None:
+            self.failure = (stage, error)
+            log.error("stage failed; stopping the worker", stage=stage, error=_described(error), exc_info=error)
+            os.kill(os.getpid(), signal.SIGTERM)
+
     async def _guard(self, name: str, work) -> None:
-        """A stage that fails takes the process down: a supervisor restarts it and it resumes from its last commit."""
         try:
             await work
-        except Exception:
-            log.exception("stage failed; stopping the worker", stage=name)
-            self.healthy = False
-            import os
-            import signal
-
-            os.kill(os.getpid(), signal.SIGTERM)
+        except Exception as error:
+            self.fail(name, error)
             raise
+
+
+def _described(error: BaseException) -> str:
+    """The error in one line, with what it interrupted (`retry.until_success` notes it)."""
+    return "; ".join([f"{type(error).__name__}: {error}", *getattr(error, "__notes__", ())])[:2000]
 
 
 def prepare(settings: Settings) -> None:
@@ -126,7 +158,11 @@ def create_app(settings: Settings, web_port: int) -> faust.App:
         await pipeline.started.wait()
         async for event in stream.events():
             message = event.message
-            await pipeline.mirrors[message.topic].mirror_entry(message.key, message.value, message.offset)
+            try:
+                await pipeline.mirrors[message.topic].mirror_entry(message.key, message.value, message.offset)
+            except Exception as error:  # e.g. a permanent ClickHouse error: like a stage's, it stops the worker
+                pipeline.fail("definition mirror", error)
+                return
 
     @app.service
     class PipelineService(Service):
@@ -138,7 +174,11 @@ def create_app(settings: Settings, web_port: int) -> faust.App:
 
     @app.page("/health")
     async def health(web, request):
-        return web.json({"healthy": pipeline.healthy}, status=200 if pipeline.healthy else 503)
+        """200 {"healthy": true}, or 503 {"healthy": false, "reason": ...} (see `Pipeline.health_problem`)."""
+        problem = pipeline.health_problem()
+        if problem is None:
+            return web.json({"healthy": True})
+        return web.json({"healthy": False, "reason": problem}, status=503)
 
     @app.page("/v1/subjects/{subject_type}/{subject_id}/metrics/{metric_key}")
     async def entitlement(web, request, subject_type: str, subject_id: str, metric_key: str):
@@ -151,7 +191,8 @@ def create_app(settings: Settings, web_port: int) -> faust.App:
 
     @app.page("/metrics")
     async def metrics(web, request):
-        return web.text(pipeline.stats.prometheus(), content_type="text/plain; version=0.0.4")
+        # In a header: aiohttp refuses a content_type argument with a charset, and CONTENT_TYPE_LATEST has one.
+        return web.bytes(pipeline.stats.prometheus(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app.pipeline = pipeline  # type: ignore[attr-defined]
     return app

@@ -6,7 +6,9 @@ the checkpoint's Kafka transaction (changelog, events, consumer offset), then wr
 changed rollups. So a ClickHouse outage holds up only the writer: the loop keeps consuming
 and alerting until `max_buffered_records` wait in the writer's queue, then pauses its
 partitions (backpressure) instead of growing without bound. A crash loses only checkpoints
-that were not committed, and those are replayed from the committed offset.
+that were not committed, and those are replayed from the committed offset. Only transient
+write errors are retried (`failing` says since when, for /health); a permanent one fails the
+writer before its commit, and the stage stops the process.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from metering_pipeline.retry import until_success
+from metering_pipeline.retry import FailingStreak, until_success
 from metering_pipeline.usage.rollups import Checkpoint, RollupChange, RollupKey
 from metering_pipeline.warehouse.sink import ClickHouseSink
 from metering_pipeline.worker.stats import WorkerStats
@@ -59,6 +61,7 @@ class PartitionWriter:
         self.queue: deque[Snapshot] = deque()
         self.unsunk: dict[RollupKey, RollupChange] = {}  # committed, not yet in ClickHouse
         self.buffered = 0  # counted records in the queue
+        self.failing = FailingStreak()  # ClickHouse writes retrying since (for /health); cleared by a write that succeeds
         self._task: asyncio.Task[None] | None = None
 
     def submit(self, snapshot: Snapshot) -> None:
@@ -99,6 +102,7 @@ class PartitionWriter:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        self.failure()  # seen: when another writer's failure stopped the stage, this one's is not "never retrieved"
 
     def _kick(self) -> None:
         if self._task is None or (self._task.done() and self.failure() is None):  # a failure stays for the stage to see
@@ -111,17 +115,18 @@ class PartitionWriter:
                 snapshot = merged(list(self.queue))
                 started = time.monotonic()
                 # Records before the commit: a replay of this checkpoint rewrites the same rows.
-                await until_success(lambda: self.sink.write_records(snapshot.changes.records), "write usage_records")
+                await until_success(lambda: self.sink.write_records(snapshot.changes.records), "write usage_records",
+                                    streak=self.failing)
                 await self.commit(snapshot)
                 for _ in range(taken):
                     self.queue.popleft()
                 self.buffered -= snapshot.records
                 self.unsunk.update((c.key, c) for c in snapshot.changes.rollups if c.reported)
                 self.stats.flushes += 1
-                self.stats.flush_seconds.append(time.monotonic() - started)
+                self.stats.flush_seconds.observe(time.monotonic() - started)
             if self.unsunk:
                 changes = list(self.unsunk.values())
-                await until_success(lambda: self.sink.write_rollups(changes), "write usage_rollups")
+                await until_success(lambda: self.sink.write_rollups(changes), "write usage_rollups", streak=self.failing)
                 for change in changes:
                     if self.unsunk.get(change.key) is change:  # not replaced by a newer value meanwhile
                         del self.unsunk[change.key]

@@ -10,14 +10,13 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Generic
 
-import orjson
 from aiokafka import AIOKafkaProducer
 
 from metering_pipeline.definitions import parse_entry
 from metering_pipeline.retry import until_success
 from metering_pipeline.warehouse.mirrors import D, Mirror
 from metering_pipeline.warehouse.sink import ClickHouseSink
-from metering_schemas import MetricDefinition
+from metering_schemas import MetricDefined, MetricDefinition
 
 
 class DefinitionMirror(Generic[D]):
@@ -52,11 +51,7 @@ class MetricAnnouncer(DefinitionMirror[MetricDefinition]):
         parsed = await super().mirror_entry(key, value, offset)
         if parsed is not None and parsed[1] is not None:
             definition_id, definition = parsed
-            event = {
-                "id": f"metric.defined:{definition_id}:{offset}",
-                "type": "metric.defined",
-                "occurredAt": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
-                "metric": orjson.loads(definition.to_json()),
-            }
-            await self.producer.send_and_wait(self.events_topic, orjson.dumps(event), key=definition_id.encode())
+            event = MetricDefined(id=f"metric.defined:{definition_id}:{offset}", occurred_at=datetime.now(timezone.utc),
+                                  metric=definition)
+            await self.producer.send_and_wait(self.events_topic, event.to_json(), key=definition_id.encode())
         return parsed

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +54,15 @@ class WorkerProcess:
                 pass
             time.sleep(0.25)
         raise TimeoutError(f"worker not healthy after {timeout}s; its log ends with:\n{self.log_tail()}")
+
+    def health(self) -> tuple[int, dict]:
+        """/health's status and body: 200 {"healthy": true}, or 503 with the reason."""
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            with error:
+                return error.code, json.loads(error.read())
 
     def metrics(self) -> str:
         with urllib.request.urlopen(f"{self.url}/metrics", timeout=2) as response:

@@ -71,6 +71,8 @@ class RouterStage:
         by_partition: dict[int, list[AcceptedRecord]] = defaultdict(list)
         sends = []
         offsets = {}
+        # Record age and alert latency are measured from the oldest message of the poll (one header per routed message).
+        published = routing.published_headers(min(m.timestamp for messages in batches.values() for m in messages))
         for tp, messages in batches.items():
             for kafka_message in messages:
                 message = Message(
@@ -92,7 +94,8 @@ class RouterStage:
                 self.stats.lag[f"router/{tp.partition}"] = highwater - messages[-1].offset - 1
         for partition, records in by_partition.items():
             for chunk in routing.batches(records):
-                sends.append(await self.producer.send(self.topics.routed, routing.encode(chunk), partition=partition))
+                sends.append(await self.producer.send(self.topics.routed, routing.encode(chunk), partition=partition,
+                                                      headers=published))
         await asyncio.gather(*sends)
         await self._commit(offsets)
 

@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from decimal import Decimal
 
 import orjson
+from aiokafka.structs import ConsumerRecord
 
 from metering_pipeline.usage.intake import AcceptedRecord
 from metering_pipeline.usage.rollups import CountedRecord
@@ -54,6 +55,25 @@ def encode(records: Iterable[AcceptedRecord]) -> bytes:
         ]
         for r in records
     ])
+
+
+# Kafka time (epoch ms) of the oldest usage.recorded message routed in the same router poll as a routed
+# message's records: what the rollup stage measures record age and alert latency from. A header, so the
+# routed message's own time (and with it time-based retention) stays the router's.
+PUBLISHED_HEADER = "metering-published-ms"
+
+
+def published_headers(oldest_ms: int) -> list[tuple[str, bytes]]:
+    return [(PUBLISHED_HEADER, str(oldest_ms).encode())]
+
+
+def published_at(message: ConsumerRecord) -> float:
+    """Epoch seconds of the oldest usage message routed with `message` (a routed ConsumerRecord); its own
+    Kafka time when it was routed before the header existed."""
+    for key, value in message.headers:
+        if key == PUBLISHED_HEADER:
+            return int(value) / 1000
+    return message.timestamp / 1000
 
 
 def decode(value: bytes, offset: int) -> list[CountedRecord]:

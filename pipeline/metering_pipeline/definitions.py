@@ -100,8 +100,9 @@ class DefinitionFeed(Generic[Definition]):
                     checked = time.monotonic()
                     try:
                         following = await self._follow(consumer, following)
-                    except KafkaError as error:  # e.g. the broker restarting: keep reading what is known
-                        log.warning("could not look for new partitions", topic=self.topic, error=repr(error))
+                    except KafkaError as error:  # keep reading what is known; a broker outage is logged once (logs.KafkaRetries)
+                        (log.debug if error.retriable else log.warning)(
+                            "could not look for new partitions", topic=self.topic, error=repr(error))
                 if not following:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stopping.wait(), 0.2)

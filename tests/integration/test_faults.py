@@ -192,6 +192,7 @@ def test_a_broker_restart_mid_stream_loses_and_doubles_nothing(private_apache_st
         worker = _worker_counting(settings, new_worker, 3000)
         assert client.post("/v1/usage", json=_api_record("api-before")).status_code == 202
 
+        log_before_outage = worker.log_path.stat().st_size
         assert stack.kafka.stop()
         time.sleep(OUTAGE_SECONDS / 2)
         assert worker.process.poll() is None, "the worker died while the broker was down"
@@ -205,6 +206,20 @@ def test_a_broker_restart_mid_stream_loses_and_doubles_nothing(private_apache_st
         _wait_for_records(settings, worker, 5002, 180)
         time.sleep(2)  # a late duplicate would show up now
         assert _totals(settings) == (5002, Decimal("500.0") + 2, 5002)
+
+        # The outage is told in a few lines, not thousands of retried errors; "back" once the retries stopped.
+        deadline = time.monotonic() + 30
+        while "Kafka reachable again" not in (said := _log_since(worker, log_before_outage)) and time.monotonic() < deadline:
+            time.sleep(1)
+        loud = [line for line in said.splitlines() if re.search(r'\[(WARNING|ERROR|CRITICAL)\]|"level": "(warning|error|critical)"', line)]
+        assert len(loud) < 10, "\n".join(loud[:40])
+        assert [line for line in loud if "Kafka unreachable" in line] and [line for line in loud if "Kafka reachable again" in line]
+
+
+def _log_since(worker, offset: int) -> str:
+    with worker.log_path.open("rb") as log:
+        log.seek(offset)
+        return log.read().decode(errors="replace")
 
 
 def _api_record(record_id: str) -> dict:

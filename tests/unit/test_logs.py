@@ -1,20 +1,56 @@
-"""Log levels mean something: error lines are for what needs a person."""
+"""Log levels mean something: error lines are for what needs a person, and a broker outage is two lines."""
 
 from __future__ import annotations
 
 import logging
+import time
 
-from aiokafka.errors import GroupAuthorizationFailedError, GroupCoordinatorNotAvailableError
+from aiokafka.errors import (GroupAuthorizationFailedError, GroupCoordinatorNotAvailableError, KafkaConnectionError,
+                             SaslAuthenticationFailed)
+from structlog.testing import capture_logs
 
-from metering_pipeline.logs import RetriedIsWarning
+from metering_pipeline.logs import KafkaRetries
 
 
-def test_a_retried_kafka_coordinator_error_is_logged_as_a_warning_and_a_final_one_as_an_error():
-    def level(error: Exception) -> str:
-        record = logging.LogRecord("aiokafka.consumer.group_coordinator", logging.ERROR, __file__, 1,
-                                   "Group Coordinator Request failed: %s", (error,), None)
-        assert RetriedIsWarning().filter(record)
-        return record.levelname
+def record(message: str, *args: object, level: int = logging.ERROR,
+           logger: str = "aiokafka.consumer.group_coordinator") -> logging.LogRecord:
+    return logging.LogRecord(logger, level, __file__, 1, message, args, None)
 
-    assert level(GroupCoordinatorNotAvailableError()) == "WARNING"
-    assert level(GroupAuthorizationFailedError()) == "ERROR"
+
+def test_a_retried_kafka_coordinator_error_is_one_warning_a_minute_and_a_final_one_an_error():
+    retries = KafkaRetries()
+    retried = record("Group Coordinator Request failed: %s", GroupCoordinatorNotAvailableError())
+    assert retries.filter(retried) and retried.levelname == "WARNING"
+    assert not retries.filter(record("Group Coordinator Request failed: %s", GroupCoordinatorNotAvailableError()))
+    for _ in range(2):  # never hushed
+        final = record("Group Coordinator Request failed: %s", GroupAuthorizationFailedError())
+        assert retries.filter(final) and final.levelname == "ERROR"
+    refused = record('Unable connect to "%s:%s": %s', "localhost", 9094, SaslAuthenticationFailed("bad password"), logger="aiokafka")
+    assert retries.filter(refused) and refused.levelname == "ERROR" and retries.unreachable_since is None
+    bug = record("Unexpected error in sender routine", logger="aiokafka.producer.sender")
+    assert retries.filter(bug) and bug.levelname == "ERROR"
+
+
+def test_an_unreachable_broker_is_one_warning_when_it_goes_and_one_when_it_is_back():
+    retries = KafkaRetries(quiet=0.2)
+    outage = [
+        record("Unable connect to node with id %s: %s", 1, OSError(111, "Connect call failed"), logger="aiokafka"),
+        record("Unable to update metadata from %s", [1], logger="aiokafka"),
+        record("Failed fetch messages from %s: %s", 1, KafkaConnectionError("closed"), logger="aiokafka.consumer.fetcher"),
+        record("Heartbeat session expired - marking coordinator dead"),
+        record("Marking the coordinator dead (node %s)for group %s.", 1, "g", level=logging.WARNING),
+    ]
+    with capture_logs() as said:
+        assert [retries.filter(r) for r in outage * 100] == [False] * 500
+        assert [e["event"] for e in said] == ["Kafka unreachable; its clients retry until it is back"]
+        assert "Connect call failed" in said[0]["error"]
+        time.sleep(0.3)
+        retries.notice_recovery()
+        retries.notice_recovery()
+    assert [e["event"] for e in said[1:]] == ["Kafka reachable again"]
+    assert said[1]["retries_not_logged"] == 500 and said[1]["log_level"] == "warning"
+    assert 0 <= said[1]["unreachable_seconds"] < 1
+    # After recovery, a retried error is a warning again (rate-limited as before the outage).
+    moved = record("Heartbeat failed for group %s: coordinator (node %s) is either not started or not valid", "g", 1,
+                   level=logging.WARNING)
+    assert retries.filter(moved)

@@ -16,6 +16,7 @@ from clickhouse_connect.driver.client import Client
 from fastapi import FastAPI
 from pydantic import BaseModel
 
+from metering_pipeline import logs
 from metering_pipeline.api.keys import KeyRing
 from metering_pipeline.definitions import DefinitionWriter, feed_into
 from metering_pipeline.producer import UsageProducer
@@ -73,6 +74,8 @@ class ApiContext:
                 await asyncio.gather(*tasks, return_exceptions=True)
 
             stack.push_async_callback(stop_feeds)
+            outage_watch = asyncio.create_task(logs.KAFKA_RETRIES.watch())
+            stack.callback(outage_watch.cancel)
             self.producer = await stack.enter_async_context(UsageProducer(self.settings))
             for topic in self._catalogs:
                 self.writers[topic] = await stack.enter_async_context(DefinitionWriter(self.settings, topic))

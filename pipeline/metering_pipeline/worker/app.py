@@ -19,6 +19,7 @@ from mode import Service
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from metering_pipeline.definitions import feed_into
+from metering_pipeline import logs
 from metering_pipeline.logs import get_logger
 from metering_pipeline.retry import FailingStreak
 from metering_pipeline.settings import Settings
@@ -57,6 +58,7 @@ class Pipeline:
         self.failure: tuple[str, BaseException] | None = None  # the stage that stopped the worker, and why
 
     async def start(self) -> None:
+        self.outage_watch = asyncio.create_task(logs.KAFKA_RETRIES.watch())
         self.sink = ClickHouseSink(connect(self.settings))
         self.events_producer = AIOKafkaProducer(**self.settings.kafka_client_options(), acks="all")
         await self.events_producer.start()
@@ -91,6 +93,7 @@ class Pipeline:
         self.stopping.set()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         await self.events_producer.stop()
+        self.outage_watch.cancel()
 
     def health_problem(self) -> str | None:
         """Why this worker must not count as healthy (starting, a stage failed, a ClickHouse writer failing for

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 
@@ -50,7 +50,16 @@ EVICTION_INTERVAL = 60.0  # seconds
 MAX_BATCH_BYTES = 900_000  # under the broker's default message.max.bytes (1 MiB)
 SETTLE_ON_REVOKE = 10.0  # seconds a revoked partition's writer may take; after that the next owner replays
 SETTLE_ON_STOP = 30.0
-_FENCED = (ProducerFenced, InvalidProducerEpoch, IllegalOperation, CommitFailedError)
+
+
+class ProducerDied(KafkaError):
+    """The producer's background sender stopped with an error: every send and transaction of that producer would
+    then wait forever. aiokafka lets it die on some connection errors during a broker restart (aio-libs/aiokafka#907)."""
+
+
+# The partition's producer can no longer commit for it: the partition is released, and a new owner (often this
+# worker again, with a new producer) continues from the last commit.
+_RELEASE = (ProducerFenced, InvalidProducerEpoch, IllegalOperation, CommitFailedError, ProducerDied)
 _PERIOD_LENGTH = [ResetPeriod.HOURLY, ResetPeriod.DAILY, ResetPeriod.MONTHLY, ResetPeriod.NEVER]
 
 
@@ -187,19 +196,20 @@ class RollupStage:
             owned.writer.submit(Snapshot(owned.next_offset, checkpoint, expired))
 
     def _check_writers(self) -> None:
-        """A writer fenced by another worker (this one was slow to notice a rebalance) releases its partition:
-        its uncommitted checkpoints are dropped, never written, and the new owner continues from the last
-        commit. Any other failure stops the stage (the process restarts and replays)."""
+        """A writer fenced by another worker (this one was slow to notice a rebalance), or whose producer died,
+        releases its partition: its uncommitted checkpoints are dropped, never written, and the new owner
+        continues from the last commit. Any other failure stops the stage (the process restarts and replays)."""
         for owned in list(self.owned.values()):
             error = owned.writer.failure()
             if error is None:
                 continue
-            if not isinstance(error, _FENCED):
+            if not isinstance(error, _RELEASE):
                 raise error
             self._release(owned, error)
 
     def _release(self, owned: OwnedPartition, error: BaseException) -> None:
-        log.warning("partition taken over by another worker; releasing it", partition=owned.partition, error=str(error))
+        why = "its producer died" if isinstance(error, ProducerDied) else "taken over by another worker"
+        log.warning(f"partition {why}; releasing it", partition=owned.partition, error=str(error))
         self.owned.pop(owned.partition, None)
         asyncio.create_task(self._close(owned))
         if TopicPartition(self.topic, owned.partition) in self.consumer.assignment():
@@ -243,7 +253,7 @@ class RollupStage:
 
         try:
             await self._in_transaction(owned, produce)
-        except _FENCED as error:
+        except _RELEASE as error:
             self._release(owned, error)
             return
         self.stats.alerts += len(alerts)
@@ -255,21 +265,24 @@ class RollupStage:
     async def _in_transaction(self, owned: OwnedPartition, produce, offset: int | None = None) -> None:
         """Produce with p's producer, atomically with p's consumer offset when one is given."""
         async with owned.transactions:
-            producer = owned.producer
-            batches = PartitionBatches(producer)
-            offsets = {} if offset is None else {TopicPartition(self.topic, owned.partition): offset}
-            if self.transactional:
-                async with producer.transaction():
-                    await produce(batches)
-                    await batches.flush()
-                    if offsets:
-                        await producer.send_offsets_to_transaction(offsets, self.group_id)
-            else:
+            await _unless_producer_died(owned.producer, self._produce_and_commit(owned, produce, offset))
+
+    async def _produce_and_commit(self, owned: OwnedPartition, produce, offset: int | None) -> None:
+        producer = owned.producer
+        batches = PartitionBatches(producer)
+        offsets = {} if offset is None else {TopicPartition(self.topic, owned.partition): offset}
+        if self.transactional:
+            async with producer.transaction():
                 await produce(batches)
                 await batches.flush()
-                await producer.flush()
                 if offsets:
-                    await self.consumer.commit(offsets)
+                    await producer.send_offsets_to_transaction(offsets, self.group_id)
+        else:
+            await produce(batches)
+            await batches.flush()
+            await producer.flush()
+            if offsets:
+                await self.consumer.commit(offsets)
 
     async def _commit(self, owned: OwnedPartition, snapshot: Snapshot) -> None:
         checkpoint, partition = snapshot.changes, owned.partition
@@ -424,6 +437,23 @@ class _Listener(ConsumerRebalanceListener):
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         await self.stage.assign(tp.partition for tp in assigned)
+
+
+async def _unless_producer_died(producer: AIOKafkaProducer, work: Awaitable[None]) -> None:
+    """Awaits `work`, or raises ProducerDied as soon as the producer's sender task has ended (then `work`,
+    waiting on that producer, could never finish)."""
+    sender = producer._sender.sender_task  # aiokafka keeps the sender private; its task is what we must watch
+    task = asyncio.ensure_future(work)
+    try:
+        await asyncio.wait({task, sender}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not task.done():
+        task.cancel()  # a cancelled transaction's abort would wait on the dead sender too: left to end with the producer
+        cause = None if sender.cancelled() else sender.exception()
+        raise ProducerDied(f"the partition's Kafka producer stopped: {cause!r}") from cause
+    task.result()
 
 
 def _subject_key(change: RollupChange) -> bytes:

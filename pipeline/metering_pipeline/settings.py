@@ -104,6 +104,11 @@ class Settings(BaseSettings):
     clickhouse_cluster: str | None = Field(default=None, description="Run migrations ON CLUSTER with Replicated engines")
     clickhouse_verify_tls: bool = True
     clickhouse_ca_cert: Path | None = None
+    clickhouse_connect_timeout: float = Field(
+        default=5.0, gt=0, description="Seconds to open a connection to ClickHouse; also how long a starting worker "
+                                       "tries its migrations before it starts without ClickHouse")
+    clickhouse_request_timeout: float = Field(
+        default=60.0, gt=0, description="Seconds a ClickHouse request may go without a byte of answer")
 
     # Local stack (development, demo, tests, benchmarks)
     stack_broker: BrokerKind | None = Field(
@@ -172,6 +177,8 @@ class Settings(BaseSettings):
             "interface": url.scheme or "http",
             "username": self.clickhouse_user,
             "password": self.clickhouse_password.get_secret_value(),
+            "connect_timeout": self.clickhouse_connect_timeout,
+            "send_receive_timeout": self.clickhouse_request_timeout,
         }
         if secure:
             options["verify"] = self.clickhouse_verify_tls

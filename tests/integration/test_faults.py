@@ -10,7 +10,9 @@ import json
 import os
 import random
 import re
+import signal
 import time
+import urllib.request
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
@@ -98,6 +100,39 @@ def test_a_clickhouse_outage_mid_stream_loses_and_doubles_nothing_and_alerts_kee
             with connect(settings) as client:  # the alerts reached the warehouse too, once each
                 rows = client.query("SELECT type FROM threshold_events FINAL ORDER BY type").result_rows
             assert rows == [("threshold.approaching",), ("threshold.exceeded",)]
+    finally:
+        endpoint.stop()
+
+
+def test_a_worker_started_while_clickhouse_hangs_consumes_alerts_and_serves_and_is_exact_once_it_answers(
+        apache_stack, isolated, unique_name, tmp_path):
+    """A supervisor restarting a worker during a ClickHouse outage must not silence alerts: the new worker
+    starts without ClickHouse (a SIGSTOPped endpoint: it accepts connections and never answers)."""
+    endpoint = ClickHouseEndpoint(tmp_path / "clickhouse", tmp_path / "clickhouse.log").start()
+    stack = dataclasses.replace(apache_stack, clickhouse_url=endpoint.url)
+    try:
+        with isolated(stack, unique_name, tmp_path) as (settings, new_worker):
+            asyncio.run(define(settings, metric("tokens", "SUM")))
+            asyncio.run(set_thresholds(settings, threshold("cap", "tokens", "org:loud", "5", action="BLOCK")))
+            os.kill(endpoint.process.pid, signal.SIGSTOP)
+            try:
+                worker = new_worker().start()
+                worker.wait_healthy(timeout=90)
+                published = time.monotonic()
+                asyncio.run(publish(settings, [usage("loud-1", "tokens", "org:loud", "10"), *_batch(0, 500)]))
+                alerts = asyncio.run(read_json(settings.kafka_bootstrap, Topics.of(settings).alerts, 2, timeout=30))
+                assert sorted(a["type"] for a in alerts) == ["threshold.approaching", "threshold.exceeded"]
+                assert time.monotonic() - published < 15, "alerts wait for nothing but Kafka"
+                with urllib.request.urlopen(f"{worker.url}/v1/subjects/org/loud/metrics/tokens", timeout=10) as answer:
+                    checked = json.loads(answer.read())
+                assert (checked["value"], checked["blocked"]) == ("10", True)
+                assert "ClickHouse does not answer" in worker.log_path.read_text()
+                assert endpoint.process.poll() is None  # still hanging all along
+            finally:
+                os.kill(endpoint.process.pid, signal.SIGCONT)
+            _wait_for_records(settings, worker, 501, 240)
+            time.sleep(2)  # a late duplicate would show up now
+            assert _totals(settings) == (501, Decimal("0.1") * 500 + 10, 501)
     finally:
         endpoint.stop()
 

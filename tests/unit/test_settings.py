@@ -37,6 +37,7 @@ def test_clickhouse_url_and_credentials_become_client_options(monkeypatch):
     monkeypatch.setenv("METERING_CLICKHOUSE_URL", "https://ch.example.com:8443")
     monkeypatch.setenv("METERING_CLICKHOUSE_USER", "metering")
     monkeypatch.setenv("METERING_CLICKHOUSE_PASSWORD", "pw")
+    monkeypatch.setenv("METERING_CLICKHOUSE_REQUEST_TIMEOUT", "30")
     options = Settings().clickhouse_client_options()
     assert options == {
         "host": "ch.example.com",
@@ -45,6 +46,8 @@ def test_clickhouse_url_and_credentials_become_client_options(monkeypatch):
         "username": "metering",
         "password": "pw",
         "verify": True,
+        "connect_timeout": 5.0,  # every client has explicit timeouts (clickhouse-connect's default waits 300 s)
+        "send_receive_timeout": 30.0,
     }
 
 

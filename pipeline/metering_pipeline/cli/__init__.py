@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ssl
 from urllib.parse import urlsplit
 
 import click
@@ -35,7 +34,9 @@ class _Main(click.Group):
             return super().invoke(ctx)
         except ClickHouseError as error:
             where = urlsplit(ctx.obj.clickhouse_url) if ctx.obj else None  # never the URL's user:password part
-            untrusted = _certificate_error(error)
+            from metering_pipeline.warehouse.errors import untrusted_certificate
+
+            untrusted = untrusted_certificate(error)
             cause = (f"its TLS certificate is not trusted ({untrusted.verify_message}); "
                      f"set METERING_CLICKHOUSE_CA_CERT to the CA that signed it") if untrusted is not None else str(error)
             raise click.ClickException(f"ClickHouse at {where.hostname}:{where.port or ''}: {cause}" if where
@@ -47,18 +48,6 @@ class _Main(click.Group):
             raise click.ClickException(explained or f"Kafka at {ctx.obj.kafka_bootstrap if ctx.obj else '?'}: {error}") from None
         except KafkaError as error:
             raise click.ClickException(f"Kafka at {ctx.obj.kafka_bootstrap if ctx.obj else '?'}: {error}") from None
-
-
-def _certificate_error(error: BaseException) -> ssl.SSLCertVerificationError | None:
-    """The certificate verification failure behind a client error (clickhouse-connect wraps urllib3's), if any."""
-    seen: set[int] = set()
-    cause: BaseException | None = error
-    while cause is not None and id(cause) not in seen:
-        if isinstance(cause, ssl.SSLCertVerificationError):
-            return cause
-        seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
-    return None
 
 
 @click.group(cls=_Main)

@@ -19,10 +19,14 @@ def quote_identifier(name: str) -> str:
     return f"`{name}`"
 
 
-def connect(settings: Settings, *, database: str | None = None) -> Client:
-    """A client bound to `database` (default: the product's database)."""
+def connect(settings: Settings, *, database: str | None = None, timeout: float | None = None) -> Client:
+    """A client bound to `database` (default: the product's database); `timeout` replaces the request timeout
+    (for a quick look whether ClickHouse answers at all)."""
+    options = settings.clickhouse_client_options()
+    if timeout is not None:
+        options["send_receive_timeout"] = timeout
     return clickhouse_connect.get_client(
-        **settings.clickhouse_client_options(),
+        **options,
         database=settings.clickhouse_database if database is None else database,
         autogenerate_session_id=False,  # sessions serialize requests; the product needs none
     )

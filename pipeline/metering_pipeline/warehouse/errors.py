@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import ssl
 
 from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 
@@ -46,9 +47,24 @@ TRANSIENT_CODES: frozenset[int] = frozenset({
 _HTTP_STATUS = re.compile(r"HTTP driver received HTTP status (\d{3})")
 
 
+def untrusted_certificate(error: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate verification failure behind a client error (clickhouse-connect wraps urllib3's), if any."""
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
 def is_transient(error: BaseException) -> bool:
     """True when retrying the same write later can succeed; False for bugs and permanent server errors
-    (unknown table or column, wrong type, refused credentials, ...), which must stop the writer."""
+    (unknown table or column, wrong type, refused credentials, an untrusted certificate, ...), which must
+    stop the writer."""
+    if untrusted_certificate(error) is not None:
+        return False
     if isinstance(error, (OSError, TimeoutError, asyncio.TimeoutError)):  # ConnectionError is an OSError
         return True
     if not isinstance(error, DatabaseError):

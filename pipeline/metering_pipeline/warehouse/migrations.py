@@ -69,13 +69,14 @@ def applied_versions(client: Client) -> set[int]:
     return {row[0] for row in client.query("SELECT DISTINCT version FROM schema_migrations").result_rows}
 
 
-def migrate(settings: Settings, directory: Path | None = None) -> list[Migration]:
-    """Create the database if needed and apply pending migrations; returns those applied."""
+def migrate(settings: Settings, directory: Path | None = None, timeout: float | None = None) -> list[Migration]:
+    """Create the database if needed and apply pending migrations; returns those applied. Every statement is
+    idempotent, so several processes may migrate at once, and one cut off by `timeout` can be run again."""
     cluster = settings.clickhouse_cluster
-    with connect(settings, database="default") as admin:
+    with connect(settings, database="default", timeout=timeout) as admin:
         admin.command(render(f"CREATE DATABASE IF NOT EXISTS {quote_identifier(settings.clickhouse_database)} {{on_cluster}}", cluster))
     applied: list[Migration] = []
-    with connect(settings) as client:
+    with connect(settings, timeout=timeout) as client:
         client.command(render(_LEDGER_DDL, cluster))
         done = applied_versions(client)
         for migration in load(directory or clickhouse_migrations_dir()):

@@ -15,7 +15,10 @@ from decimal import Decimal
 import orjson
 from clickhouse_connect.driver.client import Client
 
+from metering_pipeline.settings import Settings
 from metering_pipeline.usage.rollups import CountedRecord, RollupChange
+from metering_pipeline.warehouse.client import connect
+from metering_pipeline.warehouse.migrations import migrate
 from metering_pipeline.warehouse.mirrors import D, Mirror
 from metering_pipeline.warehouse.queries import ALERT_COLUMNS, naive_utc
 
@@ -38,18 +41,30 @@ def _exact(value: object) -> str:
 
 
 class ClickHouseSink:
-    """Thin adapter: blocking clickhouse-connect calls run in a thread so the event loop keeps consuming."""
+    """Thin adapter: blocking clickhouse-connect calls run in a thread so the event loop keeps consuming.
 
-    def __init__(self, client: Client) -> None:
-        self.client = client
+    It connects, and applies the migrations, on its first write rather than when it is made: a worker
+    starts, consumes and alerts while ClickHouse is down or hanging, and its writes wait (retried by
+    their callers) until ClickHouse answers.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._client: Client | None = None
         self._lock = asyncio.Lock()  # one client, one request at a time
+
+    def _open(self) -> Client:
+        migrate(self.settings)
+        return connect(self.settings)
 
     async def _insert(self, table: str, rows: list[list[object]], columns: list[str]) -> None:
         """Rows go as JSONCompactEachRow rendered by orjson (decimals as exact strings): several times
         cheaper in Python than clickhouse-connect's column-by-column Native encoding."""
         body = b"\n".join(orjson.dumps(row, default=_exact) for row in rows)
         async with self._lock:
-            await asyncio.to_thread(self.client.raw_insert, table, columns, body, _INSERT_SETTINGS, "JSONCompactEachRow")
+            if self._client is None:
+                self._client = await asyncio.to_thread(self._open)
+            await asyncio.to_thread(self._client.raw_insert, table, columns, body, _INSERT_SETTINGS, "JSONCompactEachRow")
 
     async def write_records(self, records: Sequence[CountedRecord]) -> None:
         if not records:

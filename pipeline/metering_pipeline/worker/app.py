@@ -18,14 +18,14 @@ from aiokafka import AIOKafkaProducer
 from mode import Service
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from metering_pipeline.definitions import feed_into
 from metering_pipeline import logs
+from metering_pipeline.definitions import feed_into
 from metering_pipeline.logs import get_logger
 from metering_pipeline.retry import FailingStreak
 from metering_pipeline.settings import Settings
 from metering_pipeline.topics import Topics, ensure_topics, internal_topics, public_topics
 from metering_pipeline.usage.metrics import MetricCatalog
-from metering_pipeline.warehouse.client import connect
+from metering_pipeline.warehouse.errors import is_transient
 from metering_pipeline.warehouse.migrations import migrate
 from metering_pipeline.warehouse.sink import ClickHouseSink
 from metering_pipeline.usage.thresholds import ThresholdBook
@@ -59,7 +59,7 @@ class Pipeline:
 
     async def start(self) -> None:
         self.outage_watch = asyncio.create_task(logs.KAFKA_RETRIES.watch())
-        self.sink = ClickHouseSink(connect(self.settings))
+        self.sink = ClickHouseSink(self.settings)
         self.events_producer = AIOKafkaProducer(**self.settings.kafka_client_options(), acks="all")
         await self.events_producer.start()
         topics = Topics.of(self.settings)
@@ -133,9 +133,18 @@ def _described(error: BaseException) -> str:
 
 
 def prepare(settings: Settings) -> None:
-    """Before the worker joins its groups: the warehouse schema and every topic it reads or writes exist."""
-    migrate(settings)
+    """Before the worker joins its groups: every topic it reads or writes exists, and the warehouse schema does
+    if ClickHouse answers within its connect timeout. A ClickHouse that is down or hanging does not keep the
+    worker from consuming and alerting: its sink applies the migrations once ClickHouse answers. Refused
+    credentials or an untrusted certificate end the start here, in one line."""
     asyncio.run(ensure_topics(settings, public_topics(settings) + internal_topics(settings)))
+    try:
+        migrate(settings, timeout=settings.clickhouse_connect_timeout)
+    except Exception as error:
+        if not is_transient(error):
+            raise
+        log.warning("ClickHouse does not answer; the worker starts without it and applies migrations once it does",
+                    error=str(error)[:300])
 
 
 def create_app(settings: Settings, web_port: int) -> faust.App:

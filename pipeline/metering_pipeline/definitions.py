@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Generic, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -148,8 +149,10 @@ def feed_into(settings: Settings, topic: str, model: type[Definition], put: Call
     return DefinitionFeed(settings, topic, model, apply)
 
 
-async def read_all(settings: Settings, topic: str, model: type[Definition], timeout: float = 30) -> dict[str, Definition]:
-    """The topic's current definitions by id (a replay up to the end offsets at call time)."""
+@asynccontextmanager
+async def followed(settings: Settings, topic: str,
+                   model: type[Definition]) -> AsyncIterator[tuple[DefinitionFeed[Definition], dict[str, Definition]]]:
+    """A running feed of `topic` into a dict by id, stopped when the block ends."""
     found: dict[str, Definition] = {}
 
     def apply(definition_id: str, definition: Definition | None) -> None:
@@ -162,11 +165,17 @@ async def read_all(settings: Settings, topic: str, model: type[Definition], time
     stopping = asyncio.Event()
     task = feed.start(stopping)
     try:
-        async with asyncio.timeout(timeout):
-            await feed.loaded()
+        yield feed, found
     finally:
         stopping.set()
         await task
+
+
+async def read_all(settings: Settings, topic: str, model: type[Definition], timeout: float = 30) -> dict[str, Definition]:
+    """The topic's current definitions by id (a replay up to the end offsets at call time)."""
+    async with followed(settings, topic, model) as (feed, found):
+        async with asyncio.timeout(timeout):
+            await feed.loaded()
     return found
 
 

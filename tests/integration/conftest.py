@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from support import PARTITIONS, WorkerProcess, settings_env
+from support import PARTITIONS, ClickHouseEndpoint, WorkerProcess, settings_env
 
 from metering_pipeline.settings import Settings
 from metering_pipeline.topics import ensure_topics, internal_topics, public_topics
@@ -59,6 +60,19 @@ def module_pipeline(apache_stack, request, tmp_path_factory):
     name = f"m_{request.module.__name__.rsplit('.', 1)[-1]}_{os.urandom(3).hex()}"
     with isolated_pipeline(apache_stack, name, tmp_path_factory.mktemp(name)) as running:
         yield running
+
+
+@pytest.fixture
+def private_clickhouse_pipeline(apache_stack, unique_name, tmp_path):
+    """(endpoint, settings, new_worker): a pipeline whose ClickHouse endpoint is this test's own, so that the
+    test can stop, hang or restart it (it must be answering again when the test ends)."""
+    endpoint = ClickHouseEndpoint(tmp_path / "clickhouse", tmp_path / "clickhouse.log").start()
+    try:
+        stack = dataclasses.replace(apache_stack, clickhouse_url=endpoint.url)
+        with isolated_pipeline(stack, unique_name, tmp_path) as (settings, new_worker):
+            yield endpoint, settings, new_worker
+    finally:
+        endpoint.stop()
 
 
 @pytest.fixture

@@ -11,8 +11,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
@@ -25,7 +23,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from support import create_topics, metric, publish, read_json, running_api, settings_env, threshold, usage
 
 from metering_pipeline.billing.settlement import processed_through
-from metering_pipeline.definitions import DefinitionFeed, DefinitionWriter, read_all
+from metering_pipeline.definitions import DefinitionWriter, followed, read_all
 from metering_pipeline.settings import Settings
 from metering_pipeline.topics import Topics, ensure_topics, partitions_of, public_topics
 from metering_pipeline.warehouse.client import connect
@@ -63,27 +61,6 @@ async def auto_create(settings: Settings, topic: str) -> None:
         await producer.stop()
 
 
-@asynccontextmanager
-async def following(settings: Settings, topic: str) -> AsyncIterator[tuple[DefinitionFeed, dict[str, MetricDefinition]]]:
-    """A running feed of `topic` into a dict, in this event loop."""
-    found: dict[str, MetricDefinition] = {}
-
-    def apply(definition_id: str, definition: MetricDefinition | None) -> None:
-        if definition is None:
-            found.pop(definition_id, None)
-        else:
-            found[definition_id] = definition
-
-    feed = DefinitionFeed(settings, topic, MetricDefinition, apply)
-    stopping = asyncio.Event()
-    task = feed.start(stopping)
-    try:
-        yield feed, found
-    finally:
-        stopping.set()
-        await task
-
-
 async def eventually_holds(found: dict, ids: list[str], timeout: float = 15) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not set(ids) <= set(found):
@@ -103,7 +80,7 @@ async def test_a_feed_loads_and_follows_every_partition_of_an_existing_topic(apa
     assert await partition_count(settings, topic) == partitions
     before = await put_on_every_partition(settings, topic, partitions, "before-")
 
-    async with following(settings, topic) as (feed, found):
+    async with followed(settings, topic, MetricDefinition) as (feed, found):
         async with asyncio.timeout(15):
             await feed.loaded()
         assert sorted(found) == sorted(before), "everything the topic held is loaded before `ready`"
@@ -115,7 +92,7 @@ async def test_a_feed_loads_and_follows_every_partition_of_an_existing_topic(apa
 async def test_a_feed_of_a_topic_created_later_by_a_producer_reads_it_and_creates_nothing(apache_stack, unique_name):
     settings = apache_stack.settings()
     topic = f"{unique_name}.metering.metrics"
-    async with following(settings, topic) as (feed, found):
+    async with followed(settings, topic, MetricDefinition) as (feed, found):
         async with asyncio.timeout(15):
             await feed.loaded()  # an absent topic holds nothing: ready at once
         assert found == {}
@@ -138,7 +115,7 @@ async def test_a_feed_reads_partitions_added_while_it_runs_from_their_start(apac
     topic = f"{unique_name}.metering.metrics"
     await create_topics(settings.kafka_bootstrap, [topic], partitions=1)
     first = await put_on_every_partition(settings, topic, 1, "first-")
-    async with following(settings, topic) as (feed, found):
+    async with followed(settings, topic, MetricDefinition) as (feed, found):
         await feed.loaded()
         admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
         await admin.start()

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import os
 import random
@@ -18,7 +17,7 @@ from decimal import Decimal
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
-from support import (ClickHouseEndpoint, define, metric, publish, read_json, running_api, set_thresholds, threshold,
+from support import (define, metric, publish, read_json, running_api, set_thresholds, threshold,
                      usage)
 
 from metering_pipeline.bench.measure import rss_bytes
@@ -66,75 +65,61 @@ def _worker_counting(settings, new_worker, first_records: int, **overrides: str)
     return worker
 
 
-def test_a_clickhouse_outage_mid_stream_loses_and_doubles_nothing_and_alerts_keep_flowing(
-        apache_stack, isolated, unique_name, tmp_path):
-    endpoint = ClickHouseEndpoint(tmp_path / "clickhouse", tmp_path / "clickhouse.log").start()
-    stack = dataclasses.replace(apache_stack, clickhouse_url=endpoint.url)
+def test_a_clickhouse_outage_mid_stream_loses_and_doubles_nothing_and_alerts_keep_flowing(private_clickhouse_pipeline):
+    endpoint, settings, new_worker = private_clickhouse_pipeline
+    asyncio.run(set_thresholds(settings, threshold("cap", "tokens", "org:loud", "5")))
+    worker = _worker_counting(settings, new_worker, 2000, METERING_MAX_BUFFERED_RECORDS=str(BUFFERED_RECORDS))
+
+    endpoint.stop()
+    rss_before = _rss_mb(worker.process.pid)
+    started = time.monotonic()
+    asyncio.run(publish(settings, [usage("loud-1", "tokens", "org:loud", "10")]))
+    alerts = asyncio.run(read_json(settings.kafka_bootstrap, Topics.of(settings).alerts, 2, timeout=15))
+    assert {a["type"] for a in alerts} == {"threshold.approaching", "threshold.exceeded"}
+    assert time.monotonic() - started < OUTAGE_SECONDS  # they came while ClickHouse was still down
+    sent = 2000
+    while time.monotonic() - started < OUTAGE_SECONDS:  # usage keeps arriving while ClickHouse is down
+        asyncio.run(publish(settings, _batch(sent, 500)))
+        sent += 500
+        time.sleep(1)
+    assert worker.process.poll() is None, "the worker died while ClickHouse was down"
+    rss_grown = _rss_mb(worker.process.pid) - rss_before
+    assert rss_grown < 150, f"RSS grew by {rss_grown:.0f} MB during the outage"
+    assert "pausing consumption" in worker.log_path.read_text()  # backpressure, not an unbounded buffer
+
+    endpoint.start()
+    _wait_for_records(settings, worker, sent + 1, 180)
+    time.sleep(2)  # a late duplicate would show up now
+    assert _totals(settings) == (sent + 1, Decimal("0.1") * sent + 10, sent + 1)
+    assert "retrying" in worker.log_path.read_text()  # the sink did fail and retry, the outage was real
+    with connect(settings) as client:  # the alerts reached the warehouse too, once each
+        rows = client.query("SELECT type FROM threshold_events FINAL ORDER BY type").result_rows
+    assert rows == [("threshold.approaching",), ("threshold.exceeded",)]
+
+
+def test_a_worker_started_while_clickhouse_hangs_consumes_alerts_and_serves_and_is_exact_once_it_answers(private_clickhouse_pipeline):
+    endpoint, settings, new_worker = private_clickhouse_pipeline
+    asyncio.run(define(settings, metric("tokens", "SUM")))
+    asyncio.run(set_thresholds(settings, threshold("cap", "tokens", "org:loud", "5", action="BLOCK")))
+    os.kill(endpoint.process.pid, signal.SIGSTOP)
     try:
-        with isolated(stack, unique_name, tmp_path) as (settings, new_worker):
-            asyncio.run(set_thresholds(settings, threshold("cap", "tokens", "org:loud", "5")))
-            worker = _worker_counting(settings, new_worker, 2000, METERING_MAX_BUFFERED_RECORDS=str(BUFFERED_RECORDS))
-
-            endpoint.stop()
-            rss_before = _rss_mb(worker.process.pid)
-            started = time.monotonic()
-            asyncio.run(publish(settings, [usage("loud-1", "tokens", "org:loud", "10")]))
-            alerts = asyncio.run(read_json(settings.kafka_bootstrap, Topics.of(settings).alerts, 2, timeout=15))
-            assert {a["type"] for a in alerts} == {"threshold.approaching", "threshold.exceeded"}
-            assert time.monotonic() - started < OUTAGE_SECONDS  # they came while ClickHouse was still down
-            sent = 2000
-            while time.monotonic() - started < OUTAGE_SECONDS:  # usage keeps arriving while ClickHouse is down
-                asyncio.run(publish(settings, _batch(sent, 500)))
-                sent += 500
-                time.sleep(1)
-            assert worker.process.poll() is None, "the worker died while ClickHouse was down"
-            rss_grown = _rss_mb(worker.process.pid) - rss_before
-            assert rss_grown < 150, f"RSS grew by {rss_grown:.0f} MB during the outage"
-            assert "pausing consumption" in worker.log_path.read_text()  # backpressure, not an unbounded buffer
-
-            endpoint.start()
-            _wait_for_records(settings, worker, sent + 1, 180)
-            time.sleep(2)  # a late duplicate would show up now
-            assert _totals(settings) == (sent + 1, Decimal("0.1") * sent + 10, sent + 1)
-            assert "retrying" in worker.log_path.read_text()  # the sink did fail and retry, the outage was real
-            with connect(settings) as client:  # the alerts reached the warehouse too, once each
-                rows = client.query("SELECT type FROM threshold_events FINAL ORDER BY type").result_rows
-            assert rows == [("threshold.approaching",), ("threshold.exceeded",)]
+        worker = new_worker().start()
+        worker.wait_healthy(timeout=90)
+        published = time.monotonic()
+        asyncio.run(publish(settings, [usage("loud-1", "tokens", "org:loud", "10"), *_batch(0, 500)]))
+        alerts = asyncio.run(read_json(settings.kafka_bootstrap, Topics.of(settings).alerts, 2, timeout=30))
+        assert sorted(a["type"] for a in alerts) == ["threshold.approaching", "threshold.exceeded"]
+        assert time.monotonic() - published < 15, "alerts wait for nothing but Kafka"
+        with urllib.request.urlopen(f"{worker.url}/v1/subjects/org/loud/metrics/tokens", timeout=10) as answer:
+            checked = json.loads(answer.read())
+        assert (checked["value"], checked["blocked"]) == ("10", True)
+        assert "ClickHouse does not answer" in worker.log_path.read_text()
+        assert endpoint.process.poll() is None  # still hanging all along
     finally:
-        endpoint.stop()
-
-
-def test_a_worker_started_while_clickhouse_hangs_consumes_alerts_and_serves_and_is_exact_once_it_answers(
-        apache_stack, isolated, unique_name, tmp_path):
-    """A supervisor restarting a worker during a ClickHouse outage must not silence alerts: the new worker
-    starts without ClickHouse (a SIGSTOPped endpoint: it accepts connections and never answers)."""
-    endpoint = ClickHouseEndpoint(tmp_path / "clickhouse", tmp_path / "clickhouse.log").start()
-    stack = dataclasses.replace(apache_stack, clickhouse_url=endpoint.url)
-    try:
-        with isolated(stack, unique_name, tmp_path) as (settings, new_worker):
-            asyncio.run(define(settings, metric("tokens", "SUM")))
-            asyncio.run(set_thresholds(settings, threshold("cap", "tokens", "org:loud", "5", action="BLOCK")))
-            os.kill(endpoint.process.pid, signal.SIGSTOP)
-            try:
-                worker = new_worker().start()
-                worker.wait_healthy(timeout=90)
-                published = time.monotonic()
-                asyncio.run(publish(settings, [usage("loud-1", "tokens", "org:loud", "10"), *_batch(0, 500)]))
-                alerts = asyncio.run(read_json(settings.kafka_bootstrap, Topics.of(settings).alerts, 2, timeout=30))
-                assert sorted(a["type"] for a in alerts) == ["threshold.approaching", "threshold.exceeded"]
-                assert time.monotonic() - published < 15, "alerts wait for nothing but Kafka"
-                with urllib.request.urlopen(f"{worker.url}/v1/subjects/org/loud/metrics/tokens", timeout=10) as answer:
-                    checked = json.loads(answer.read())
-                assert (checked["value"], checked["blocked"]) == ("10", True)
-                assert "ClickHouse does not answer" in worker.log_path.read_text()
-                assert endpoint.process.poll() is None  # still hanging all along
-            finally:
-                os.kill(endpoint.process.pid, signal.SIGCONT)
-            _wait_for_records(settings, worker, 501, 240)
-            time.sleep(2)  # a late duplicate would show up now
-            assert _totals(settings) == (501, Decimal("0.1") * 500 + 10, 501)
-    finally:
-        endpoint.stop()
+        os.kill(endpoint.process.pid, signal.SIGCONT)
+    _wait_for_records(settings, worker, 501, 240)
+    time.sleep(2)  # a late duplicate would show up now
+    assert _totals(settings) == (501, Decimal("0.1") * 500 + 10, 501)
 
 
 def _wait_for_health(worker, status: int, timeout: float) -> dict:
@@ -146,31 +131,25 @@ def _wait_for_health(worker, status: int, timeout: float) -> dict:
     return answer[1]
 
 
-def test_health_is_503_with_the_failing_writer_while_clickhouse_is_down_longer_than_allowed_and_200_once_back(
-        apache_stack, isolated, unique_name, tmp_path):
-    endpoint = ClickHouseEndpoint(tmp_path / "clickhouse", tmp_path / "clickhouse.log").start()
-    stack = dataclasses.replace(apache_stack, clickhouse_url=endpoint.url)
-    try:
-        with isolated(stack, unique_name, tmp_path) as (settings, new_worker):
-            worker = _worker_counting(settings, new_worker, 1000, METERING_WRITER_UNHEALTHY_AFTER="2")
-            assert worker.health() == (200, {"healthy": True})
+def test_health_is_503_with_the_failing_writer_while_clickhouse_is_down_longer_than_allowed_and_200_once_back(private_clickhouse_pipeline):
+    endpoint, settings, new_worker = private_clickhouse_pipeline
+    worker = _worker_counting(settings, new_worker, 1000, METERING_WRITER_UNHEALTHY_AFTER="2")
+    assert worker.health() == (200, {"healthy": True})
 
-            endpoint.stop()
-            stopped = time.monotonic()
-            asyncio.run(publish(settings, _batch(1000, 200)))  # the writer has something to write, and fails
-            body = _wait_for_health(worker, 503, 30)
-            assert time.monotonic() - stopped > 2  # not before METERING_WRITER_UNHEALTHY_AFTER
-            assert body["healthy"] is False
-            assert re.fullmatch(r"checkpoint writer of partition \d+ failing for \d+ s: .*[Cc]onnection refused.*",
-                                body["reason"]), body
+    endpoint.stop()
+    stopped = time.monotonic()
+    asyncio.run(publish(settings, _batch(1000, 200)))  # the writer has something to write, and fails
+    body = _wait_for_health(worker, 503, 30)
+    assert time.monotonic() - stopped > 2  # not before METERING_WRITER_UNHEALTHY_AFTER
+    assert body["healthy"] is False
+    assert re.fullmatch(r"checkpoint writer of partition \d+ failing for \d+ s: .*[Cc]onnection refused.*",
+                        body["reason"]), body
 
-            endpoint.start()
-            assert _wait_for_health(worker, 200, 60) == {"healthy": True}
-            _wait_for_records(settings, worker, 1200, 120)
-            time.sleep(2)  # a late duplicate would show up now
-            assert _totals(settings) == (1200, Decimal("120.0"), 1200)
-    finally:
-        endpoint.stop()
+    endpoint.start()
+    assert _wait_for_health(worker, 200, 60) == {"healthy": True}
+    _wait_for_records(settings, worker, 1200, 120)
+    time.sleep(2)  # a late duplicate would show up now
+    assert _totals(settings) == (1200, Decimal("120.0"), 1200)
 
 
 async def _committed(settings) -> dict:

@@ -4,14 +4,13 @@ counters equal to what was published, histograms that were observed, gauges, pro
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 import urllib.request
 from collections.abc import Callable
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support import (ClickHouseEndpoint, PARTITIONS, define, metric, publish, read_json, running_api, set_thresholds,
+from support import (PARTITIONS, define, metric, publish, read_json, running_api, set_thresholds,
                      threshold, usage)
 
 from metering_pipeline.topics import Topics
@@ -88,30 +87,24 @@ async def test_worker_metrics_count_what_was_published_and_time_flushes_alerts_a
     assert scrape.value("process_resident_memory_bytes") > 0
 
 
-def test_writer_failing_buffered_and_paused_gauges_follow_a_clickhouse_outage(apache_stack, isolated, unique_name,
-                                                                              tmp_path):
-    endpoint = ClickHouseEndpoint(tmp_path / "clickhouse", tmp_path / "clickhouse.log").start()
-    stack = dataclasses.replace(apache_stack, clickhouse_url=endpoint.url)
-    try:
-        with isolated(stack, unique_name, tmp_path) as (settings, new_worker):
-            asyncio.run(define(settings, metric("tokens", "SUM")))
-            worker = new_worker(METERING_MAX_BUFFERED_RECORDS="300").start()
-            worker.wait_healthy()
-            calm = scrape_until(worker.url, lambda s: s.value("metering_owned_partitions") == PARTITIONS)
-            assert calm.value("metering_writer_failing") == calm.value("metering_paused_partitions") == 0
+def test_writer_failing_buffered_and_paused_gauges_follow_a_clickhouse_outage(private_clickhouse_pipeline):
+    endpoint, settings, new_worker = private_clickhouse_pipeline
+    asyncio.run(define(settings, metric("tokens", "SUM")))
+    worker = new_worker(METERING_MAX_BUFFERED_RECORDS="300").start()
+    worker.wait_healthy()
+    calm = scrape_until(worker.url, lambda s: s.value("metering_owned_partitions") == PARTITIONS)
+    assert calm.value("metering_writer_failing") == calm.value("metering_paused_partitions") == 0
 
-            endpoint.stop()
-            asyncio.run(publish(settings, [usage(f"r{n}", "tokens", f"org:o{n % 50}") for n in range(1000)]))
-            down = scrape_until(worker.url, lambda s: s.value("metering_writer_failing") == 1
-                                and s.value("metering_paused_partitions") > 0)
-            assert down.value("metering_buffered_records") >= 300
+    endpoint.stop()
+    asyncio.run(publish(settings, [usage(f"r{n}", "tokens", f"org:o{n % 50}") for n in range(1000)]))
+    down = scrape_until(worker.url, lambda s: s.value("metering_writer_failing") == 1
+                        and s.value("metering_paused_partitions") > 0)
+    assert down.value("metering_buffered_records") >= 300
 
-            endpoint.start()
-            scrape_until(worker.url, lambda s: s.value("metering_records_counted_total") == 1000
-                         and s.value("metering_buffered_records") == 0 and s.value("metering_writer_failing") == 0
-                         and s.value("metering_paused_partitions") == 0, timeout=120)
-    finally:
-        endpoint.stop()
+    endpoint.start()
+    scrape_until(worker.url, lambda s: s.value("metering_records_counted_total") == 1000
+                 and s.value("metering_buffered_records") == 0 and s.value("metering_writer_failing") == 0
+                 and s.value("metering_paused_partitions") == 0, timeout=120)
 
 
 def test_api_metrics_count_requests_by_route_template_and_status(pipeline, tmp_path):

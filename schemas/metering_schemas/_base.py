@@ -52,8 +52,9 @@ Quantity = Annotated[Decimal, Field(allow_inf_nan=False, max_digits=38, decimal_
 _DECIMAL_STRING = r"^-?[0-9]+(\.[0-9]+)?(E[+-][0-9]+)?$"
 _UTC_TIMESTAMP = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?Z$"
 
-# Aggregates (rollup totals, the values and limits alerts compare) as ClickHouse's total_quantity
-# Decimal(76, 18) holds them: a sum of many 38-digit quantities outgrows `Quantity`.
+# Aggregates as ClickHouse's total_quantity Decimal(76, 18) holds them: a sum of many 38-digit quantities
+# outgrows `Quantity`. Every model carrying one uses this type (summaries, usage.aggregated, the values and limits
+# alerts compare, invoice lines' units), so what a rollup holds can always be read, billed and emitted.
 AggregateQuantity = Annotated[
     Decimal,
     Field(allow_inf_nan=False, max_digits=76, decimal_places=18),

@@ -8,11 +8,20 @@ from typing import Annotated
 
 from pydantic import Field, field_validator, model_validator
 
-from metering_schemas._base import CaseInsensitiveEnum, Identifier, Quantity, UtcDatetime, WireModel
+from metering_schemas._base import AggregateQuantity, CaseInsensitiveEnum, Identifier, Quantity, UtcDatetime, WireModel
 from metering_schemas.currency import EXPONENTS
 
 # Prices may be finer than the currency's minor unit (0.0001 USD per call); amounts are rounded once, per line.
 Money = Annotated[Decimal, Field(ge=0, allow_inf_nan=False, max_digits=38, decimal_places=18)]
+
+# What an invoice can state and store: amounts rounded to the currency's minor unit (at most 4 places, CLF), with at
+# most 58 digits before the point, as the invoices table's `subtotal` Decimal(76, 18) holds them. Units can reach
+# 58 digits and prices 20, so a product can be larger: billing refuses such an invoice (`amount_too_large`)
+# rather than store it inexactly.
+AMOUNT_WHOLE_DIGITS = 58
+AMOUNT_PLACES = max(EXPONENTS.values())
+Amount = Annotated[Decimal, Field(allow_inf_nan=False, max_digits=AMOUNT_WHOLE_DIGITS + AMOUNT_PLACES,
+                                  decimal_places=AMOUNT_PLACES)]
 
 
 class PricingModel(CaseInsensitiveEnum):
@@ -129,10 +138,10 @@ class TierLine(WireModel):
     tier: int = Field(ge=1)
     from_units: Quantity = Field(description="Exclusive lower bound")
     up_to: Quantity | None
-    units: Quantity
+    units: AggregateQuantity
     unit_price: Money
     flat_fee: Money
-    amount: Decimal = Field(description="Unrounded")
+    amount: Decimal = Field(description="Unrounded: exactly units x unitPrice + flatFee")
 
 
 class InvoiceLine(WireModel):
@@ -142,13 +151,15 @@ class InvoiceLine(WireModel):
     model: PricingModel | None = None
     starts_at: UtcDatetime
     ends_at: UtcDatetime
-    quantity: Quantity = Decimal(0)
-    included_units: Quantity = Decimal(0)
-    billable_units: Quantity = Decimal(0)
+    quantity: AggregateQuantity = Field(default=Decimal(0), description="The metric's aggregate over the segment "
+                                                                       "(up to 76 digits with 18 after the point)")
+    included_units: AggregateQuantity = Decimal(0)
+    billable_units: AggregateQuantity = Decimal(0)
     tiers: list[TierLine] = Field(default_factory=list)
     packages: int | None = None
     adjustment: str | None = Field(default=None, description='"minimum_charge" or "maximum_charge" when one applied')
-    amount: Decimal = Field(description="Rounded once, half-even, to the currency's minor unit")
+    amount: Amount = Field(description="Rounded once, half-even, to the currency's minor unit; "
+                                       f"at most {AMOUNT_WHOLE_DIGITS} digits before the point")
 
 
 class PlanUse(WireModel):
@@ -172,5 +183,5 @@ class Invoice(WireModel):
     currency: str | None
     plans: list[PlanUse]
     lines: list[InvoiceLine]
-    subtotal: Decimal
+    subtotal: Amount = Field(description=f"The sum of the rounded lines; at most {AMOUNT_WHOLE_DIGITS} digits before the point")
     computed_at: UtcDatetime

@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import Field
 
-from metering_schemas._base import CaseInsensitiveEnum, Identifier, Quantity, UtcDatetime, WireModel
+from metering_schemas._base import AggregateQuantity, CaseInsensitiveEnum, Identifier, Quantity, UtcDatetime, WireModel
 
 
 class UsageRecord(WireModel):
@@ -48,5 +48,6 @@ class UsageSummary(WireModel):
     period_type: PeriodType
     period_start: UtcDatetime
     period_end: UtcDatetime
-    total_quantity: Quantity
+    total_quantity: AggregateQuantity = Field(description="The metric's aggregationType over the period: up to 76 digits "
+                                                          "with 18 after the point (usage_summary's Decimal(76, 18))")
     record_count: int = Field(ge=0)

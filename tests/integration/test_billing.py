@@ -5,6 +5,9 @@ CLI) for a closed period with a plan change, its reproducibility, and the dashbo
 from __future__ import annotations
 
 import asyncio
+import csv
+import decimal
+import io
 import json
 import os
 import subprocess
@@ -16,10 +19,11 @@ from pathlib import Path
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from support import running_api, settings_env
 
 from metering_pipeline.topics import Topics
+from metering_pipeline.warehouse.client import connect
 
 pytestmark = pytest.mark.integration
 
@@ -99,7 +103,7 @@ def billing(module_pipeline, tmp_path_factory):
     worker.wait_healthy()
     with running_api(settings, tmp_path_factory.mktemp("billing-api"), BILLING_ENV) as api:
         admin = api.client()
-        for key, aggregation in (("api_calls", "SUM"), ("storage_gb", "MAX")):
+        for key, aggregation in (("api_calls", "SUM"), ("storage_gb", "MAX"), ("tokens", "SUM")):
             assert admin.post("/v1/metrics", json={"key": key, "name": key, "aggregationType": aggregation,
                                                    "resetPeriod": "MONTHLY"}).status_code == 201
         yield api
@@ -201,6 +205,120 @@ def test_invoice_of_a_closed_period_with_a_plan_change_is_exact_final_and_reprod
     assert (current["status"], current["subtotal"]) == ("OPEN", "64.00")
     assert billing.client("org1").get("/v1/subjects/org/acme/invoice", params={"period": PERIOD}).status_code == 403
     assert admin.get("/v1/subjects/org/acme/invoice", params={"period": "2026-13"}).status_code == 422
+
+
+# Issue 13: eleven records within the contract (38 digits, 18 after the point) whose month sums to 40 digits.
+ELEVEN = ["99999999999999999999.999999999999999999"] * 10 + ["12345000000000000000.000000000000000013"]
+OVER_38 = "1012345000000000000000.000000000000000003"
+BIG_PLANS = {  # one subject each, all billing the same eleven records
+    "bigco": {"key": "big-tokens", "name": "Tokens", "currency": "USD", "prices": [
+        {"metricKey": "tokens", "model": "PER_UNIT", "unitPrice": "1e-18", "includedUnits": "2e-18"}]},
+    "hugeco": {"key": "huge-tokens", "name": "Dear tokens", "currency": "USD", "prices": [
+        {"metricKey": "tokens", "model": "PER_UNIT", "unitPrice": "99999999999999999999"}]},
+    "overco": {"key": "over-tokens", "name": "Atomic packages", "currency": "USD", "prices": [  # 10^18 packages a unit
+        {"metricKey": "tokens", "model": "PACKAGE", "packageSize": "1e-18", "packagePrice": "99999999999999999999"}]},
+}
+
+
+async def aggregated_until(settings, subject_id: str, done, timeout: float = 60) -> list[dict]:
+    """The subject's usage.aggregated events (from the topic's start, as committed) until `done(events)`."""
+    consumer = AIOKafkaConsumer(Topics.of(settings).usage_aggregated, bootstrap_servers=settings.kafka_bootstrap,
+                                auto_offset_reset="earliest", isolation_level="read_committed")
+    await consumer.start()
+    found: list[dict] = []
+    try:
+        async with asyncio.timeout(timeout):
+            while not done(found):
+                for messages in (await consumer.getmany(timeout_ms=500)).values():
+                    found.extend(e for m in messages if (e := json.loads(m.value))["subjectId"] == subject_id)
+    finally:
+        await consumer.stop()
+    return found
+
+
+def test_a_month_of_usage_over_38_digits_is_summarized_exported_emitted_and_invoiced_exactly(billing):
+    admin, settings = billing.client(), billing.settings
+    for subject_id, plan in BIG_PLANS.items():
+        assert admin.post("/v1/plans", json=plan).status_code == 201
+        assert admin.post("/v1/subscriptions", json={"id": f"s-{subject_id}", "subjectType": "org", "subjectId": subject_id,
+                                                     "planKey": plan["key"], "startAt": iso(PERIOD_START)}).status_code == 201
+    first = PERIOD_END - timedelta(hours=20)
+    records = [({**usage(f"t{i}", "tokens", quantity, first + timedelta(minutes=i)), "subjectId": subject_id},
+                first + timedelta(minutes=i)) for subject_id in BIG_PLANS for i, quantity in enumerate(ELEVEN)]
+    asyncio.run(publish_at(settings, records))
+    exact = decimal.Context(prec=100, traps=[decimal.Inexact])
+    assert exact.add(exact.multiply(Decimal(ELEVEN[0]), 10), Decimal(ELEVEN[-1])) == Decimal(OVER_38)
+
+    def summary(subject_id: str) -> dict:
+        found = admin.get("/v1/usage/summary", params={"metricKey": "tokens", "subjectType": "org", "subjectId": subject_id,
+                                                      "periodType": "MONTHLY", "periodStart": iso(PERIOD_START)})
+        assert found.status_code == 200, found.text
+        return found.json()["summaries"][0]
+
+    for subject_id in BIG_PLANS:
+        assert wait_for(lambda: summary(subject_id)["recordCount"] == 11), summary(subject_id)
+        assert summary(subject_id)["totalQuantity"] == OVER_38
+
+    # The usage.aggregated event of the month carries the total digit for digit.
+    events = asyncio.run(aggregated_until(settings, "bigco", lambda found: any(
+        e["periodType"] == "MONTHLY" and e["recordCount"] == 11 for e in found)))
+    [monthly_event] = [e for e in events if e["periodType"] == "MONTHLY" and e["recordCount"] == 11][-1:]
+    assert (monthly_event["metricKey"], monthly_event["totalQuantity"]) == ("tokens", OVER_38)
+
+    # The export has each record exactly; they add up to the summary's total.
+    window = {"subjectType": "org", "subjectId": "bigco", "metricKey": "tokens", "from": iso(PERIOD_START), "to": iso(PERIOD_END)}
+    lines = admin.get("/v1/usage/export", params={**window, "format": "jsonl"})
+    assert lines.status_code == 200, lines.text
+    exported = [json.loads(line) for line in lines.text.splitlines()]
+    rows = list(csv.DictReader(io.StringIO(admin.get("/v1/usage/export", params={**window, "format": "csv"}).text)))
+    for found in (exported, rows):
+        assert sorted(Decimal(r["quantity"]) for r in found) == sorted(Decimal(q) for q in ELEVEN)
+        total = Decimal(0)
+        for r in found:
+            total = exact.add(total, Decimal(r["quantity"]))
+        assert total == Decimal(OVER_38)
+
+    # The invoice: 1012345000000000000000.000000000000000001 billable × 1e-18 = 1012.345…0001 → 1012.35.
+    response = admin.get("/v1/subjects/org/bigco/invoice", params={"period": PERIOD})
+    assert response.status_code == 200, response.text
+    invoice = response.json()
+    [line] = invoice["lines"]
+    assert (invoice["status"], line["quantity"], line["includedUnits"], line["billableUnits"], line["amount"],
+            invoice["subtotal"]) == ("FINAL", OVER_38, "2E-18", "1012345000000000000000.000000000000000001", "1012.35",
+                                     "1012.35")
+    # 1012345000000000000000.000000000000000003 × 99999999999999999999 = …000299.999999999999999997 → …000300.00:
+    # 42 digits before the point, stored exactly.
+    huge = admin.get("/v1/subjects/org/hugeco/invoice", params={"period": PERIOD}).json()
+    assert (huge["status"], huge["subtotal"]) == ("FINAL", "101234499999999999998987655000000000000300.00")
+    # 10^39 packages × 10^20 is past the 58 digits an invoice amount has: refused with a code, nothing stored.
+    over = admin.get("/v1/subjects/org/overco/invoice", params={"period": PERIOD})
+    assert (over.status_code, over.json()["error"]) == (409, "amount_too_large"), over.text
+    assert "58 digits" in over.json()["message"]
+    with connect(settings) as client:
+        stored = client.query("SELECT subject_id, subtotal, body FROM invoices WHERE subject_type = 'org' AND "
+                              "period = {period:String} AND subject_id IN {ids:Array(String)} ORDER BY subject_id",
+                              parameters={"period": PERIOD, "ids": list(BIG_PLANS)}).result_rows
+    assert [(subject_id, subtotal) for subject_id, subtotal, _ in stored] == [
+        ("bigco", Decimal("1012.35")), ("hugeco", Decimal("101234499999999999998987655000000000000300"))]
+    assert json.loads(stored[0][2]) == invoice  # the stored body is what the API served (and serves from now on)
+    assert admin.get("/v1/subjects/org/bigco/invoice", params={"period": PERIOD}).json() == invoice
+
+    # The CLI's --json outputs carry the same digits.
+    env = {**os.environ, **settings_env(settings), **BILLING_ENV}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "metering_pipeline.cli", *args], env=env, capture_output=True,
+                              text=True, timeout=120)
+
+    shown = cli("invoice", "org:bigco", "--period", PERIOD, "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout) == invoice
+    refused = cli("invoice", "org:overco", "--period", PERIOD, "--json")
+    assert refused.returncode == 2 and "amount_too_large" in refused.stderr, refused.stderr
+    summed = cli("summary", "--metric", "tokens", "--subject", "org:bigco", "--period", "MONTHLY",
+                 "--from", PERIOD_START.strftime("%Y-%m-%d"), "--to", PERIOD_END.strftime("%Y-%m-%d"), "--json")
+    assert summed.returncode == 0, summed.stderr
+    assert [(s["totalQuantity"], s["recordCount"]) for s in map(json.loads, summed.stdout.splitlines())] == [(OVER_38, 11)]
 
 
 def test_dashboard_shows_usage_thresholds_alerts_and_invoice_in_a_real_browser(billing, tmp_path):

@@ -54,6 +54,7 @@ def test_usage_flows_over_sasl_ssl_only_and_the_password_never_shows(secured_sta
                                                           "timestamp": hour.isoformat()})
                 assert accepted.status_code == 202, accepted.text
             api_health = client.get("/health").text
+            api_metrics = client.get("/metrics").text
 
         deadline = time.monotonic() + 40
         with connect(settings) as clickhouse:
@@ -92,5 +93,6 @@ def test_usage_flows_over_sasl_ssl_only_and_the_password_never_shows(secured_sta
             "status": status.stdout + status.stderr, "worker log": worker.log_tail(10**7),
             "refused worker log": refused_worker.log_tail(10**7), "worker /metrics": metrics_text,
             "api log": (tmp_path / "api.log").read_text(errors="replace"), "api /health": api_health,
+            "api /metrics": api_metrics,
         }
         assert [name for name, text in outputs.items() if password in text] == []

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
+import jsonschema
 import pytest
 
 from metering_pipeline.billing.invoice import BillingError, billing_period, price, segments, status
-from metering_schemas import InvoiceStatus, LineType, Plan, Subscription
+from metering_schemas import Invoice, InvoiceStatus, LineType, Plan, Subscription
+from metering_schemas.json_schema import SCHEMA_DIR
 
 D = Decimal
 UTC = timezone.utc
@@ -96,3 +99,49 @@ def test_status_is_open_then_settling_then_final():
     assert status(end + lateness - timedelta(seconds=1), end, lateness, settled=True) is InvoiceStatus.SETTLING
     assert status(end + lateness, end, lateness, settled=False) is InvoiceStatus.SETTLING  # records still in flight
     assert status(end + lateness, end, lateness, settled=True) is InvoiceStatus.FINAL
+
+
+# Issue 13: a month of usage over 38 digits (eleven records at the contract's limit, summed in Decimal(76, 18)).
+OVER_38 = D("1012345000000000000000.000000000000000003")
+
+
+def tokens_plan(unit_price: str, **price: str) -> dict[str, Plan]:
+    return {"p": Plan(key="p", name="P", currency="USD", prices=[
+        {"metricKey": "tokens", "model": "PER_UNIT", "unitPrice": unit_price, **price}])}
+
+
+def test_usage_over_38_digits_is_invoiced_exactly_and_reads_back_as_stored():
+    parts = segments(*NOV, [sub("s1", "p", NOV[0])], tokens_plan("1e-18", includedUnits="2e-18"))
+    invoice = price("org", "acme", "2026-11", parts, [{"tokens": OVER_38}], NOW, InvoiceStatus.FINAL, timedelta(0))
+    [line] = invoice.lines
+    assert (line.quantity, line.included_units, line.billable_units) == (
+        OVER_38, D("2e-18"), D("1012345000000000000000.000000000000000001"))
+    assert (line.amount, invoice.subtotal) == (D("1012.35"), D("1012.35"))  # 1012.345…0001, half-even
+    written = json.loads(invoice.to_json())
+    assert (written["lines"][0]["quantity"], written["subtotal"]) == (str(OVER_38), "1012.35")
+    assert Invoice.model_validate_json(invoice.to_json()) == invoice  # how a stored FINAL invoice is read back
+    jsonschema.Draft202012Validator(json.loads((SCHEMA_DIR / "invoice.schema.json").read_text())).validate(written)
+
+
+def test_amounts_up_to_58_digits_are_invoiced_and_larger_ones_refused_with_a_code():
+    parts = segments(*NOV, [sub("s1", "p", NOV[0])], tokens_plan("1"))
+    invoice = price("org", "acme", "2026-11", parts, [{"tokens": D(10) ** 40}], NOW, InvoiceStatus.FINAL, timedelta(0))
+    assert str(invoice.subtotal) == "1" + "0" * 40 + ".00"  # what the invoices table's Decimal(76, 18) stores exactly
+    largest = D("9" * 58 + ".99")
+    assert price("org", "acme", "2026-11", parts, [{"tokens": largest}], NOW, InvoiceStatus.FINAL,
+                 timedelta(0)).subtotal == largest
+
+    with pytest.raises(BillingError, match="tokens line comes to 1" + "0" * 58 + r"\.00") as refused:
+        price("org", "acme", "2026-11", parts, [{"tokens": D(10**58)}], NOW, InvoiceStatus.FINAL, timedelta(0))
+    assert refused.value.code == "amount_too_large"
+    # Each line fits, their sum does not.
+    two = {"p": Plan(key="p", name="P", currency="USD", prices=[
+        {"metricKey": key, "model": "PER_UNIT", "unitPrice": "90000000000000000000"} for key in ("a", "b")])}
+    parts = segments(*NOV, [sub("s1", "p", NOV[0])], two)
+    with pytest.raises(BillingError, match="subtotal") as refused:
+        price("org", "acme", "2026-11", parts, [{"a": D("6e37"), "b": D("6e37")}], NOW, InvoiceStatus.FINAL, timedelta(0))
+    assert refused.value.code == "amount_too_large"
+    # A maximum charge bounds a line whatever the usage.
+    capped = segments(*NOV, [sub("s1", "p", NOV[0])], tokens_plan("1", maximumCharge="1000"))
+    assert price("org", "acme", "2026-11", capped, [{"tokens": D(10) ** 57}], NOW, InvoiceStatus.FINAL,
+                 timedelta(0)).subtotal == D("1000.00")

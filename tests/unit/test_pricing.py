@@ -142,3 +142,37 @@ def test_the_largest_prices_and_quantities_round_without_overflow():
     price = Price(metric_key="tokens", model="PER_UNIT", unit_price="99999999999999999999.99")
     # (10^20 - 1) × (10^20 - 0.01), every digit kept
     assert charge(price, D("99999999999999999999"), "USD").amount == D("9999999999999999999899000000000000000000.01")
+
+
+# Issue 13: eleven 38-digit records of a SUM metric add up to 40 digits, which usage_summary's Decimal(76, 18) holds.
+OVER_38 = D("1012345000000000000000.000000000000000003")
+LARGEST_AGGREGATE = D("9" * 58 + "." + "9" * 18)  # Decimal(76, 18) at its limit
+LARGEST_PRICE = "99999999999999999999.999999999999999999"  # Money, Decimal(38, 18), at its limit
+
+
+def test_an_aggregate_over_38_digits_is_priced_exactly_before_the_one_rounding():
+    price = Price(metric_key="tokens", model="PER_UNIT", unit_price="1e-18", included_units="2e-18")
+    result = charge(price, OVER_38, "USD")
+    assert result.billable_units == D("1012345000000000000000.000000000000000001")
+    # Exactly 1012.345000000000000000000000000000000001: just above the midpoint, so half-even gives .35
+    # (a product cut to 38 digits would be 1012.345, and half-even would give .34).
+    assert result.amount == D("1012.35")
+
+
+# A = 10^58 - 10^-18 and P = 10^20 - 10^-18, so A × P = 10^78 - 10^40 - 10^2 + 10^-36: the expected amounts, rounded
+# to CLF's 4 places, are written out in integers so that no decimal context is involved in the expectation.
+@pytest.mark.parametrize(("price", "amount"), [
+    (Price(metric_key="m", model="PER_UNIT", unit_price=LARGEST_PRICE), D(10**78 - 10**40 - 100)),
+    (Price(metric_key="m", model="PACKAGE", package_size="1e-18", package_price=LARGEST_PRICE),  # (10^76 - 1) packages × P
+     D(10**96 - 10**58 - 10**20)),
+    (Price(metric_key="m", model="TIERED_GRADUATED", tiers=[  # 1 × 0.5 + P, then (A - 1) × P + P
+        {"upTo": "1", "unitPrice": "0.5", "flatFee": LARGEST_PRICE},
+        {"upTo": None, "unitPrice": LARGEST_PRICE, "flatFee": LARGEST_PRICE}]), D(f"{10**78 - 10**40 + 10**20 - 100}.5")),
+    (Price(metric_key="m", model="TIERED_VOLUME", tiers=[  # A × P + P
+        {"upTo": "1", "unitPrice": "0.5"}, {"upTo": None, "unitPrice": LARGEST_PRICE, "flatFee": LARGEST_PRICE}]),
+     D(10**78 - 10**40 + 10**20 - 100)),
+], ids=["per_unit", "package", "graduated", "volume"])
+def test_the_largest_aggregate_at_the_largest_prices_is_exact_in_every_model(price, amount):
+    result = charge(price, LARGEST_AGGREGATE, "CLF")  # 4 places: the finest minor unit
+    assert result.billable_units == LARGEST_AGGREGATE
+    assert result.amount == amount and result.amount.as_tuple().exponent == -4

@@ -17,6 +17,7 @@ from metering_pipeline.usage.thresholds import EXCEEDED, Alert
 from metering_pipeline.worker.rollup_stage import _aggregated_event
 from metering_schemas import (
     AggregationType,
+    InvoiceLine,
     MetricDefined,
     MetricDefinition,
     PeriodType,
@@ -26,6 +27,7 @@ from metering_schemas import (
     UsageAggregated,
     UsageRecord,
     UsageRecordBatch,
+    UsageSummary,
     UsageThreshold,
 )
 from metering_schemas.json_schema import CONTRACT, SCHEMA_DIR, render
@@ -153,6 +155,28 @@ def test_aggregates_hold_what_clickhouse_decimal_76_18_holds():
     for refused in ("1" + BIG, BIG + "9", "NaN"):  # 59 digits before the point, 19 after it, not a number
         with pytest.raises(ValidationError):
             UsageAggregated.model_validate({**json.loads(AGGREGATED), "totalQuantity": refused})
+
+
+def test_summaries_and_invoice_lines_hold_what_clickhouse_decimal_76_18_holds():
+    """What the API, the CLI and stored invoices carry: usage_summary's totals and the units billed from them."""
+    summary = UsageSummary(id="s", metric_key="tokens", subject_type="org", subject_id="org-1", period_type=PeriodType.MONTHLY,
+                           period_start=datetime(2026, 11, 1, tzinfo=timezone.utc),
+                           period_end=datetime(2026, 12, 1, tzinfo=timezone.utc), total_quantity=Decimal(BIG), record_count=11)
+    written = json.loads(summary.to_json())
+    assert written["totalQuantity"] == BIG and UsageSummary.model_validate(written) == summary
+    schema_of("usage-summary.schema.json").validate(written)
+    line = InvoiceLine.model_validate({"type": "USAGE", "planKey": "p", "metricKey": "tokens", "startsAt": "2026-11-01",
+                                       "endsAt": "2026-12-01", "quantity": BIG, "includedUnits": BIG, "billableUnits": "0",
+                                       "amount": "0.00"})
+    assert (str(line.quantity), str(line.included_units)) == (BIG, BIG)
+    for refused in ("1" + BIG, BIG + "9"):
+        with pytest.raises(ValidationError):
+            UsageSummary.model_validate({**written, "totalQuantity": refused})
+        with pytest.raises(ValidationError):
+            InvoiceLine.model_validate({**line.model_dump(by_alias=True), "billableUnits": refused})
+    # A single record keeps the producers' contract.
+    with pytest.raises(ValidationError):
+        UsageRecord.model_validate({**RECORD, "quantity": BIG})
 
 
 def test_event_timestamps_are_written_in_utc_with_z():

@@ -12,9 +12,11 @@ from decimal import Decimal
 from metering_pipeline.billing.pricing import MONEY, charge, round_money
 from metering_pipeline.usage.periods import period_end
 from metering_schemas import Invoice, InvoiceLine, InvoiceStatus, LineType, Plan, PlanUse, ResetPeriod, Subscription
+from metering_schemas.billing import AMOUNT_WHOLE_DIGITS
 
 # Proration is a ratio of seconds; it is rounded once, with its line, to the currency's minor unit.
 _PRORATION = decimal.Context(prec=60, rounding=decimal.ROUND_HALF_EVEN)
+_AMOUNT_LIMIT = Decimal(10) ** AMOUNT_WHOLE_DIGITS
 
 
 class BillingError(ValueError):
@@ -95,15 +97,17 @@ def price(subject_type: str, subject_id: str, period: str, parts: Sequence[Segme
         for metric_price in plan.prices:
             quantity = quantities.get(metric_price.metric_key, Decimal(0))
             charged = charge(metric_price, quantity, plan.currency)
+            amount = _storable(charged.amount, f"plan {plan.key}'s {metric_price.metric_key} line")
             lines.append(InvoiceLine(
                 type=LineType.USAGE, plan_key=plan.key, metric_key=metric_price.metric_key, model=metric_price.model,
                 starts_at=part.start, ends_at=part.end, quantity=quantity, included_units=metric_price.included_units,
                 billable_units=charged.billable_units, tiers=list(charged.tiers), packages=charged.packages,
-                adjustment=charged.adjustment, amount=charged.amount,
+                adjustment=charged.adjustment, amount=amount,
             ))
     subtotal = Decimal(0) if currency is None else round_money(Decimal(0), currency)
     for line in lines:
         subtotal = MONEY.add(subtotal, line.amount)
+    _storable(subtotal, "the subtotal")
     return Invoice(
         subject_type=subject_type, subject_id=subject_id, period=period, period_start=start, period_end=end,
         status=invoice_status, closes_at=end + allowed_lateness, currency=currency,
@@ -111,3 +115,13 @@ def price(subject_type: str, subject_id: str, period: str, parts: Sequence[Segme
                        starts_at=p.start, ends_at=p.end) for p in parts],
         lines=lines, subtotal=subtotal, computed_at=now,
     )
+
+
+def _storable(amount: Decimal, what: str) -> Decimal:
+    """An amount the Invoice model and the invoices table hold exactly; a larger one is a clear refusal (the API's
+    409 `amount_too_large`), not a validation error deep in the model (a 500) or a failed insert."""
+    if amount.copy_abs() >= _AMOUNT_LIMIT:  # copy_abs: abs() would round to the context's 28 digits
+        raise BillingError("amount_too_large", f"{what} comes to {amount}, over the {AMOUNT_WHOLE_DIGITS} digits before "
+                                               "the point an invoice amount can have; bound it with the price's "
+                                               "maximumCharge")
+    return amount

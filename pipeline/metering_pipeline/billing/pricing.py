@@ -10,9 +10,12 @@ from decimal import Decimal
 from metering_schemas import Price, PriceTier, PricingModel, TierLine
 from metering_schemas.currency import minor_unit
 
-# Prices × quantities stay exact (38 + 38 digits); rounding happens only in `round_money`, once per line.
-MONEY = decimal.Context(prec=80, traps=[decimal.Inexact, decimal.InvalidOperation, decimal.Overflow])
-_ROUNDING = decimal.Context(prec=100, rounding=decimal.ROUND_HALF_EVEN, traps=[decimal.InvalidOperation, decimal.Overflow])
+# Prices × quantities stay exact; rounding happens only in `round_money`, once per line. An aggregate has up to
+# 58 + 18 digits and a price 20 + 18, so a tier's units × unitPrice + flatFee has at most 78 + 36, a PACKAGE line's
+# packages (up to 10^76 blocks of 1e-18) × packagePrice at most 96 + 18, and 100 tiers add 2 more: 120 digits are
+# enough for every line, and the traps make any rounding here an error instead of a wrong amount.
+MONEY = decimal.Context(prec=120, traps=[decimal.Inexact, decimal.InvalidOperation, decimal.Overflow])
+_ROUNDING = decimal.Context(prec=MONEY.prec, rounding=decimal.ROUND_HALF_EVEN, traps=[decimal.InvalidOperation, decimal.Overflow])
 _ZERO = Decimal(0)
 
 

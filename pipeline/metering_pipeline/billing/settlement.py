@@ -67,13 +67,15 @@ class _Group:
         if not targets:
             return False
         committed = await self.admin.list_consumer_group_offsets(self.group, partitions=list(targets))
-        self.consumer.assign(list(targets))
-        remaining = set()
-        for tp, target in targets.items():
-            position = committed[tp].offset if tp in committed and committed[tp].offset >= 0 else 0
-            if position < target:
-                self.consumer.seek(tp, position)
-                remaining.add(tp)
+        starts = {tp: committed[tp].offset if tp in committed and committed[tp].offset >= 0 else 0 for tp in targets}
+        remaining = {tp for tp, target in targets.items() if starts[tp] < target}
+        if not remaining:
+            return False
+        # Only partitions with a position of their own: an assigned partition left without one makes aiokafka's
+        # fetcher wait for a committed offset this group-less consumer never gets, and consumer.stop() then hangs.
+        self.consumer.assign(sorted(remaining))
+        for tp in remaining:
+            self.consumer.seek(tp, starts[tp])
         idle_rounds = 0
         while remaining and idle_rounds < 3:  # three empty fetches: only transaction markers are left
             batches = await self.consumer.getmany(*remaining, timeout_ms=300)

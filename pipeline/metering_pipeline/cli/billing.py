@@ -215,7 +215,7 @@ def invoice(settings: Settings, subject: str, period: str, as_json: bool) -> Non
         try:
             result = asyncio.run(invoice_for(settings, query, plans, subscriptions.values(), subject_type, subject_id, period))
         except BillingError as error:
-            raise click.UsageError(str(error)) from None
+            raise click.UsageError(f"{error.code}: {error}") from None  # the code the API answers with
     click.echo(result.to_json() if as_json else render_invoice(result))
 
 

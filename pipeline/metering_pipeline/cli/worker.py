@@ -24,9 +24,11 @@ def worker(web_port: int, flush_interval: float | None, processing_guarantee: st
     from faust.worker import Worker
 
     from metering_pipeline import logs
+    from metering_pipeline.worker import garbage
     from metering_pipeline.worker.app import create_app, prepare
 
     logs.configure({"crit": "CRITICAL", "warn": "WARNING"}.get(loglevel, loglevel.upper()))
+    garbage.tune()
 
     overrides = {
         "flush_interval": flush_interval,

@@ -32,6 +32,7 @@ from metering_pipeline.usage.thresholds import ThresholdBook
 from metering_pipeline.worker.entitlements import FORWARDED_HEADER, SERVED_BY_HEADER, Entitlements, member_client_id
 from metering_pipeline.warehouse import mirrors
 from metering_pipeline.worker.alert_archive import AlertArchive
+from metering_pipeline.worker import garbage
 from metering_pipeline.worker.definition_mirror import DefinitionMirror, MetricAnnouncer
 from metering_pipeline.worker.health import failing_writer
 from metering_pipeline.worker.rollup_stage import RollupStage
@@ -87,6 +88,7 @@ class Pipeline:
         ]
         self.healthy = True
         self.started.set()
+        garbage.freeze_survivors()  # the framework, clients and catalogs: alive for as long as the process
         log.info("worker started", guarantee=self.settings.processing_guarantee)
 
     async def stop(self) -> None:

@@ -38,7 +38,7 @@ from metering_pipeline.usage.metrics import MetricCatalog
 from metering_pipeline.usage.rollups import Checkpoint, CountedRecord, PartitionRollups, RollupChange, RollupKey
 from metering_pipeline.usage.thresholds import Alert, PartitionThresholds, ThresholdBook
 from metering_pipeline.warehouse.sink import ClickHouseSink
-from metering_pipeline.worker import changelog, routing
+from metering_pipeline.worker import changelog, garbage, routing
 from metering_pipeline.worker.batches import PartitionBatches
 from metering_pipeline.worker.checkpoints import PartitionWriter, Snapshot
 from metering_pipeline.worker.stats import RollupGauges, WorkerStats
@@ -379,6 +379,7 @@ class RollupStage:
                 owned.writer.resink([RollupChange(key, rollup.frozen()) for key, rollup in restored.rollups.items()])
                 log.info("partition assigned", stage="rollups", partition=partition,
                          rollups=len(restored.rollups), identities=len(restored.identities))
+            garbage.freeze_survivors()
 
     def _own(self, partition: int, state: PartitionRollups, thresholds: PartitionThresholds, producer: AIOKafkaProducer,
              identity_entries: dict[bytes, datetime]) -> OwnedPartition:

@@ -337,7 +337,9 @@ def test_dashboard_shows_usage_thresholds_alerts_and_invoice_in_a_real_browser(b
         (usage("n1", "api_calls", "60", now), now),
         (usage("n2", "api_calls", "60", now), now),
     ]))
-    status = wait_for(lambda: (s := admin.get("/v1/subjects/org/acme/status").json()["metrics"]) and s[0]["blocked"] and s)
+    # Alerts (behind "blocked") reach ClickHouse before the rollups (behind "value"), which follow the checkpoint.
+    status = wait_for(lambda: (s := admin.get("/v1/subjects/org/acme/status").json()["metrics"]) and s[0]["blocked"]
+                      and s[0]["value"] == "120" and s)
     assert status and status[0]["value"] == "120" and status[0]["thresholds"][0]["status"] == "exceeded"
     alerts = wait_for(lambda: len(admin.get("/v1/subjects/org/acme/alerts").json()["alerts"]) == 2)
     assert alerts

@@ -78,7 +78,7 @@ class KafkaRetries(logging.Filter):
         now = time.monotonic()
         self.notice_recovery(now)
         message = record.msg if isinstance(record.msg, str) else ""
-        errors = [arg for arg in record.args or () if isinstance(arg, BaseException)] if isinstance(record.args, tuple) else []
+        errors = [arg for arg in record.args if isinstance(arg, BaseException)] if isinstance(record.args, tuple) else []
         if any(isinstance(error, KafkaError) and not error.retriable for error in errors):
             return True  # e.g. refused credentials, not authorized: for a person
         unreachable = (any(isinstance(error, _UNREACHABLE) for error in errors)

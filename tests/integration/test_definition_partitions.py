@@ -245,7 +245,7 @@ async def test_definitions_topics_are_created_compacted_by_writers_and_an_uncomp
         (topics.thresholds, "delete")]
 
 
-async def test_settlement_sees_unprocessed_usage_on_every_partition(pipeline):
+async def test_settlement_sees_unrouted_usage_on_a_topic_its_client_never_read(pipeline):
     """Invoices turn FINAL on `processed_through`: it must find the partitions of usage.recorded from the broker,
     not from a client cache that knows no topic yet (which read as 'nothing pending')."""
     settings, new_worker = pipeline

@@ -31,8 +31,8 @@ from metering_pipeline.warehouse.sink import ClickHouseSink
 from metering_pipeline.usage.thresholds import ThresholdBook
 from metering_pipeline.worker.entitlements import FORWARDED_HEADER, SERVED_BY_HEADER, Entitlements, member_client_id
 from metering_pipeline.warehouse import mirrors
-from metering_pipeline.worker.alert_archive import AlertArchive
 from metering_pipeline.worker import garbage
+from metering_pipeline.worker.alert_archive import AlertArchive
 from metering_pipeline.worker.definition_mirror import DefinitionMirror, MetricAnnouncer
 from metering_pipeline.worker.health import failing_writer
 from metering_pipeline.worker.rollup_stage import RollupStage

@@ -16,6 +16,7 @@ from typing import Generic, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
+from aiokafka.structs import RecordMetadata
 from pydantic import BaseModel, ValidationError
 
 from metering_pipeline.logs import get_logger
@@ -69,6 +70,17 @@ class DefinitionFeed(Generic[Definition]):
         self.apply = apply
         self.ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._applied_to: dict[int, int] = {}  # partition -> next offset to apply
+
+    async def has_applied(self, partition: int, offset: int, timeout: float) -> bool:
+        """Waits until the entry at `offset` of `partition` is applied (a writer reading back its own write in
+        topic order, so an older entry applied later cannot undo it); False after `timeout` seconds."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self._applied_to.get(partition, 0) <= offset:
+            if asyncio.get_running_loop().time() >= deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
 
     def start(self, stopping: asyncio.Event) -> asyncio.Task[None]:
         self._task = asyncio.create_task(self.run(stopping))
@@ -110,11 +122,12 @@ class DefinitionFeed(Generic[Definition]):
                     batches = {}
                 else:
                     batches = await consumer.getmany(timeout_ms=200)
-                for messages in batches.values():
+                for tp, messages in batches.items():
                     for message in messages:
                         parsed = parse_entry(self.model, message.key, message.value)
                         if parsed is not None:
                             self.apply(*parsed)
+                    self._applied_to[tp.partition] = messages[-1].offset + 1
                 if not self.ready.is_set() and all([await consumer.position(tp) >= end[tp] for tp in end]):
                     self.ready.set()
                     log.info("definitions loaded", topic=self.topic, partitions=len(following))
@@ -202,11 +215,11 @@ class DefinitionWriter:
         assert self._producer is not None
         await self._producer.stop()
 
-    async def put(self, definition_id: str, definition: BaseModel) -> None:
+    async def put(self, definition_id: str, definition: BaseModel) -> RecordMetadata:
         assert self._producer is not None
-        await self._producer.send_and_wait(self.topic, definition.model_dump_json(by_alias=True).encode(),
-                                           key=definition_id.encode())
+        return await self._producer.send_and_wait(self.topic, definition.model_dump_json(by_alias=True).encode(),
+                                                  key=definition_id.encode())
 
-    async def delete(self, definition_id: str) -> None:
+    async def delete(self, definition_id: str) -> RecordMetadata:
         assert self._producer is not None
-        await self._producer.send_and_wait(self.topic, None, key=definition_id.encode())
+        return await self._producer.send_and_wait(self.topic, None, key=definition_id.encode())

@@ -18,7 +18,8 @@ from pydantic import BaseModel
 
 from metering_pipeline import logs
 from metering_pipeline.api.keys import KeyRing
-from metering_pipeline.definitions import DefinitionWriter, feed_into
+from metering_pipeline.definitions import DefinitionFeed, DefinitionWriter, feed_into
+from metering_pipeline.logs import get_logger
 from metering_pipeline.producer import UsageProducer
 from metering_pipeline.settings import Settings
 from metering_pipeline.topics import Topics
@@ -26,6 +27,10 @@ from metering_pipeline.usage.metrics import MetricCatalog
 from metering_pipeline.warehouse.client import connect
 from metering_pipeline.warehouse.mirrors import D
 from metering_schemas import MetricDefinition, Plan, Subscription, UsageThreshold
+
+log = get_logger(__name__)
+
+READ_BACK_TIMEOUT = 10.0  # seconds a write waits for the API's own feed to read it back
 
 
 class Catalog(dict[str, D]):
@@ -55,6 +60,7 @@ class ApiContext:
     clickhouse: Client | None = None
     clickhouse_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _catalogs: dict[str, Catalog | MetricCatalog] = field(default_factory=dict, init=False)  # by topic
+    _feeds: dict[str, DefinitionFeed] = field(default_factory=dict, init=False)  # by topic
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[ApiContext]:
@@ -64,8 +70,9 @@ class ApiContext:
                           topics.subscriptions: self.subscriptions}
         models = {topics.metrics: MetricDefinition, topics.thresholds: UsageThreshold, topics.plans: Plan,
                   topics.subscriptions: Subscription}
-        feeds = [feed_into(self.settings, topic, models[topic], catalog.put, catalog.delete)
-                 for topic, catalog in self._catalogs.items()]
+        self._feeds = {topic: feed_into(self.settings, topic, models[topic], catalog.put, catalog.delete)
+                       for topic, catalog in self._catalogs.items()}
+        feeds = list(self._feeds.values())
         async with AsyncExitStack() as stack:
             tasks = [feed.start(stopping) for feed in feeds]
 
@@ -85,13 +92,18 @@ class ApiContext:
             yield self
 
     async def publish(self, catalog: Catalog | MetricCatalog, definition_id: str, definition: BaseModel | None) -> None:
-        """Through the catalog's topic first (acknowledged), then into the catalog so the caller reads its own write."""
+        """Through the catalog's topic (acknowledged), then read back by the catalog's feed, so the caller reads its
+        own write and the catalog takes every entry in topic order (applying this one here while the feed still had
+        an older entry of the same id to apply would let that older entry undo it)."""
         topic = next(topic for topic, known in self._catalogs.items() if known is catalog)
+        writer = self.writers[topic]
+        written = await (writer.delete(definition_id) if definition is None else writer.put(definition_id, definition))
+        if await self._feeds[topic].has_applied(written.partition, written.offset, READ_BACK_TIMEOUT):
+            return
+        log.warning("definitions feed behind its topic; applying the write here", topic=topic, id=definition_id)
         if definition is None:
-            await self.writers[topic].delete(definition_id)
             catalog.delete(definition_id)
         else:
-            await self.writers[topic].put(definition_id, definition)
             catalog.put(definition)  # type: ignore[arg-type]
 
     async def query(self, function, *args, **kwargs):

@@ -32,7 +32,7 @@ class CaseInsensitiveEnum(str, Enum):
         return None
 
 
-def _as_utc(value: datetime) -> datetime:
+def as_utc(value: datetime) -> datetime:
     """A timestamp without an offset is read as UTC, so periods never depend on a server's zone."""
     if value.tzinfo is None:
         return value.replace(tzinfo=timezone.utc)
@@ -42,7 +42,7 @@ def _as_utc(value: datetime) -> datetime:
         raise ValueError("timestamp is out of range once converted to UTC") from None
 
 
-UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]
+UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]
 
 # Quantities and money are exact: Decimal(38, 18) in ClickHouse, never a float, never NaN/Infinity.
 Quantity = Annotated[Decimal, Field(allow_inf_nan=False, max_digits=38, decimal_places=18)]

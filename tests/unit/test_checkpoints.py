@@ -14,35 +14,36 @@ from metering_schemas import AggregationType, PeriodType
 AT = datetime(2026, 11, 24, 10, 15, tzinfo=timezone.utc)
 
 
-def counted(record_id: str, quantity: str, offset: int) -> CountedRecord:
-    return CountedRecord(("org", "o", record_id), "tokens", "tokens", AggregationType.SUM, Decimal(quantity), AT, "{}", offset)
+def counted(record_id: str, quantity: str) -> CountedRecord:
+    return CountedRecord("org", "o", record_id, "tokens", "tokens", AggregationType.SUM, Decimal(quantity),
+                         int(AT.timestamp() * 1000), "{}")
 
 
 def _hourly(snapshot: Snapshot) -> Decimal:
     [change] = [c for c in snapshot.changes.rollups if c.key[3] is PeriodType.HOURLY]
-    return change.rollup.total()
+    return change.total()
 
 
 def test_a_checkpoint_keeps_its_values_while_later_records_change_the_state():
     state = PartitionRollups(timedelta(hours=24))
-    state.apply([counted("a", "1.5", 0)], AT)
+    state.apply([counted("a", "1.5")], 0, AT)
     first = Snapshot(1, state.checkpoint(), [])
-    state.apply([counted("b", "2", 1)], AT)
+    state.apply([counted("b", "2")], 1, AT)
     assert _hourly(first) == Decimal("1.5")  # not 3.5: the writer commits what offset 1 covers
     assert _hourly(Snapshot(2, state.checkpoint(), [])) == Decimal("3.5")
 
 
 def test_merged_checkpoints_carry_every_record_and_identity_the_latest_rollups_and_the_last_offset():
     state = PartitionRollups(timedelta(hours=24))
-    state.apply([counted("a", "1", 0)], AT)
+    state.apply([counted("a", "1")], 0, AT)
     first = Snapshot(1, state.checkpoint(), [b"d|old.0"])
-    state.apply([counted("b", "2", 1), counted("a", "1", 2)], AT)  # a second "a" is a duplicate
+    state.apply([counted("b", "2"), counted("a", "1")], 2, AT)  # a second "a" is a duplicate
     second = Snapshot(3, state.checkpoint(), [b"r|evicted"])
 
     both = merged([first, second])
 
     assert both.offset == 3
-    assert [r.identity[2] for r in both.changes.records] == ["a", "b"]
+    assert [r.record_id for r in both.changes.records] == ["a", "b"]
     assert [identity[2] for identity, _ in both.changes.identities] == ["a", "b"]
     assert both.expired == [b"d|old.0", b"r|evicted"]
     assert len(both.changes.rollups) == len(second.changes.rollups) == 4  # hour, day, month, all time: once each
@@ -84,7 +85,7 @@ def test_the_writer_commits_after_the_records_merges_what_queued_up_meanwhile_an
         state = PartitionRollups(timedelta(hours=24))
         sink.down = True
         for offset, record_id in enumerate("abc"):  # three checkpoints while ClickHouse is down
-            state.apply([counted(record_id, "1", offset)], AT)
+            state.apply([counted(record_id, "1")], offset, AT)
             writer.submit(Snapshot(offset + 1, state.checkpoint(), []))
             await asyncio.sleep(0.05)
         assert log == [] and writer.buffered == 3
@@ -96,10 +97,10 @@ def test_the_writer_commits_after_the_records_merges_what_queued_up_meanwhile_an
         assert writer.buffered == 0 and writer.unsettled_keys() == set()
 
         fail_commit = True
-        state.apply([counted("d", "1", 3)], AT)
+        state.apply([counted("d", "1")], 3, AT)
         writer.submit(Snapshot(4, state.checkpoint(), []))
         assert not await writer.settle(5)
-        state.apply([counted("e", "1", 4)], AT)
+        state.apply([counted("e", "1")], 4, AT)
         writer.submit(Snapshot(5, state.checkpoint(), []))  # does not hide the failure by starting over
         assert isinstance(writer.failure(), RuntimeError) and writer.buffered == 2
 

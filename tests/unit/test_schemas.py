@@ -200,5 +200,30 @@ def test_the_worker_builds_the_events_it_always_wrote():
     aggregate.add(Decimal("1.5"))
     aggregate.add(Decimal("2.25"))
     change = RollupChange(("tokens", "org", "org-1", PeriodType.HOURLY, datetime(2026, 11, 24, 10, tzinfo=timezone.utc)),
-                          Rollup(AggregationType.SUM, aggregate, 41, "tokens"))
+                          AggregationType.SUM, aggregate.count, aggregate.sum, aggregate.min, aggregate.max, 41, "tokens")
     assert _aggregated_event(change) == AGGREGATED
+
+
+@pytest.mark.parametrize("aggregation", list(AggregationType))
+@pytest.mark.parametrize("period, start", [
+    (PeriodType.HOURLY, datetime(2026, 11, 24, 23, tzinfo=timezone.utc)),
+    (PeriodType.DAILY, datetime(2026, 12, 31, tzinfo=timezone.utc)),
+    (PeriodType.MONTHLY, datetime(2026, 12, 1, tzinfo=timezone.utc)),
+    (PeriodType.MONTHLY, datetime(1970, 1, 1, tzinfo=timezone.utc)),
+])
+@pytest.mark.parametrize("quantities", [
+    ["1"], ["0"], ["-0"], ["85.50", "0.5"], ["1E+3", "2"], ["-7.000000000000000001", "3"],
+    ["12345678901234567890.123456789012345678"] * 3, ["99999999999999999999.999999999999999999"] * 1000,
+])
+def test_usage_aggregated_is_built_byte_for_byte_as_the_model_writes_it(aggregation, period, start, quantities):
+    """The worker builds the event without the model (hot path); the model is the contract."""
+    aggregate = Aggregate()
+    for quantity in quantities:
+        aggregate.add(Decimal(quantity))
+    rollup = Rollup(aggregation, aggregate.count, aggregate.sum, aggregate.min, aggregate.max, len(quantities) * 1_000_003,
+                    "m-1")
+    change = RollupChange.of(("m.key", "org", "ö-1 \"quoted\"", period, start), rollup)
+    model = UsageAggregated(metric_key="m.key", subject_type="org", subject_id="ö-1 \"quoted\"", period_type=period,
+                            period_start=start, period_end=change.period_end, total_quantity=rollup.total(),
+                            record_count=aggregate.count, version=rollup.version)
+    assert _aggregated_event(change) == model.to_json()

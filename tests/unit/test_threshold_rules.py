@@ -90,7 +90,9 @@ def partition(reset: ResetPeriod) -> tuple[PartitionRollups, ThresholdBook, Part
 
 
 def record(n: int, quantity: str, at: datetime) -> CountedRecord:
-    return CountedRecord(("org", "o", f"r{n}"), "tokens", "tokens", AggregationType.SUM, Decimal(quantity), at, "{}", n)
+    """Record r{n}; tests apply records at routed offsets that grow with n."""
+    return CountedRecord("org", "o", f"r{n}", "tokens", "tokens", AggregationType.SUM, Decimal(quantity),
+                         int(at.timestamp() * 1000), "{}")
 
 
 def test_records_are_checked_against_the_metrics_reset_window_only():
@@ -98,10 +100,10 @@ def test_records_are_checked_against_the_metrics_reset_window_only():
     book.put(limit(value="12"))
     thresholds.after_threshold_changes(NOW)
     touched: set = set()
-    rollups.apply([record(1, "6", NOW - timedelta(days=1)), record(2, "6", NOW)], NOW, touched)
+    rollups.apply([record(1, "6", NOW - timedelta(days=1)), record(2, "6", NOW)], 2, NOW, touched)
     assert thresholds.after_records(touched, NOW) == []  # 6 a day (< 9.6), though 12 this month and all time
     touched.clear()
-    rollups.apply([record(3, "5", NOW)], NOW, touched)
+    rollups.apply([record(3, "5", NOW)], 3, NOW, touched)
     [alert] = thresholds.after_records(touched, NOW)
     assert (alert.type, alert.value, alert.period, alert.window_start) == (APPROACHING, Decimal(11), ResetPeriod.DAILY,
                                                                            datetime(2026, 11, 24, tzinfo=UTC))
@@ -112,18 +114,18 @@ def test_never_resetting_metrics_use_the_all_time_total():
     book.put(limit(value="10"))
     thresholds.after_threshold_changes(NOW)
     touched: set = set()
-    rollups.apply([record(1, "6", NOW - timedelta(days=30)), record(2, "6", NOW)], NOW, touched)
+    rollups.apply([record(1, "6", NOW - timedelta(days=30)), record(2, "6", NOW)], 2, NOW, touched)
     assert [(a.type, a.value) for a in thresholds.after_records(touched, NOW)] == [(APPROACHING, 12), (EXCEEDED, 12)]
 
 
 def test_a_new_threshold_applies_to_usage_already_recorded_and_a_deleted_one_stops():
     rollups, book, thresholds = partition(ResetPeriod.MONTHLY)
-    rollups.apply([record(1, "95", NOW)], NOW)
+    rollups.apply([record(1, "95", NOW)], 1, NOW)
     book.put(limit(value="100", action=ThresholdAction.BLOCK))
     assert [a.type for a in thresholds.after_threshold_changes(NOW)] == [APPROACHING]
     assert thresholds.status("tokens", ("org", "o"), NOW).blocked is False
     touched: set = set()
-    rollups.apply([record(2, "10", NOW)], NOW, touched)
+    rollups.apply([record(2, "10", NOW)], 2, NOW, touched)
     assert [a.type for a in thresholds.after_records(touched, NOW)] == [EXCEEDED]
     status = thresholds.status("tokens", ("org", "o"), NOW)
     assert (status.value, status.blocked, status.to_json()["status"]) == (Decimal(105), True, "exceeded")
@@ -133,7 +135,7 @@ def test_a_new_threshold_applies_to_usage_already_recorded_and_a_deleted_one_sto
     book.delete("t")
     thresholds.after_threshold_changes(NOW)
     touched.clear()
-    rollups.apply([record(3, "500", NOW)], NOW, touched)
+    rollups.apply([record(3, "500", NOW)], 3, NOW, touched)
     assert thresholds.after_records(touched, NOW) == [] and thresholds.status("tokens", ("org", "o"), NOW).limits == []
 
 

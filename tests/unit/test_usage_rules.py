@@ -96,9 +96,9 @@ def read(value: bytes | None, *definitions: MetricDefinition):
 
 def test_quantities_keep_every_digit_and_default_to_one_with_the_message_time():
     accepted, rejected = read(b'{"metricKey":"tokens","subjectType":"org","subjectId":"o","quantity":12345678901234567890.123456789012345678}')
-    assert rejected == [] and str(accepted[0].record.quantity) == "12345678901234567890.123456789012345678"
+    assert rejected == [] and str(accepted[0].quantity) == "12345678901234567890.123456789012345678"
     [plain], _ = read(b'{"metricKey":"tokens","subjectType":"org","subjectId":"o"}')
-    assert plain.record.quantity == 1 and plain.timestamp == NOW
+    assert plain.quantity == 1 and plain.timestamp == NOW
     assert plain.dedup_id == "@usage.recorded/2/7"  # no id: counted once per Kafka position
 
 
@@ -197,23 +197,24 @@ def test_a_duplicate_is_dropped_within_the_window_and_counted_after_it():
     assert window.first_sighting(("org", "o", "r1"), NOW + timedelta(hours=2))
 
 
-def counted(record_id: str, quantity: str, at: datetime, offset: int) -> CountedRecord:
-    return CountedRecord(("org", "o", record_id), "tokens", "tokens", AggregationType.SUM, Decimal(quantity), at, "{}", offset)
+def counted(record_id: str, quantity: str, at: datetime) -> CountedRecord:
+    return CountedRecord("org", "o", record_id, "tokens", "tokens", AggregationType.SUM, Decimal(quantity),
+                         int(at.timestamp() * 1000), "{}")
 
 
 def test_rollups_count_each_record_once_in_hour_day_month_and_all_time_and_restore_exactly():
     state = PartitionRollups(timedelta(hours=24))
     touched: set = set()
-    assert state.apply([counted("a", "1.5", NOW, 1), counted("a", "1.5", NOW, 2), counted("b", "2", NOW - timedelta(days=40), 3)],
-                       NOW, touched) == (2, 1)
+    assert state.apply([counted("a", "1.5", NOW), counted("a", "1.5", NOW), counted("b", "2", NOW - timedelta(days=40))],
+                       3, NOW, touched) == (2, 1)
     assert len(touched) == 7  # a: hour, day, month, all time; b: its own hour, day, month (all time shared)
     lifetime = state.rollups[("tokens", "org", "o", LIFETIME, datetime(1970, 1, 1, tzinfo=UTC))]
     assert lifetime.total() == Decimal("3.5") and lifetime.version == 3
     checkpoint = state.checkpoint()
     assert len(checkpoint.records) == 2 and {c.key for c in checkpoint.rollups} == touched
     restored = PartitionRollups(timedelta(hours=24))
-    restored.restore([(c.key, c.rollup) for c in checkpoint.rollups], checkpoint.identities)
-    assert restored.apply([counted("a", "1.5", NOW, 4)], NOW) == (0, 1)  # the restored window still knows "a"
+    restored.restore([(c.key, c.rollup()) for c in checkpoint.rollups], checkpoint.identities)
+    assert restored.apply([counted("a", "1.5", NOW)], 4, NOW) == (0, 1)  # the restored window still knows "a"
     # b's hour and day (Oct 15) ended before the horizon (Oct 20); its month runs to Nov 1 and stays.
     evicted = restored.evict_before(NOW - timedelta(days=35))
     assert {key[3] for key in evicted} == {PeriodType.HOURLY, PeriodType.DAILY}
@@ -222,12 +223,13 @@ def test_rollups_count_each_record_once_in_hour_day_month_and_all_time_and_resto
 def test_records_for_periods_already_closed_are_refused_not_counted_into_fresh_rollups():
     state = PartitionRollups(timedelta(hours=24))
     horizon = NOW - timedelta(days=2)
-    old, fresh = counted("old", "5", horizon - timedelta(hours=1, seconds=1), 1), counted("new", "1", horizon, 2)
-    assert state.apply([old, fresh], NOW, None, closed_before=horizon) == (1, 0)
+    old, fresh = counted("old", "5", horizon - timedelta(hours=1, seconds=1)), counted("new", "1", horizon)
+    border = counted("border", "1", horizon - timedelta(hours=1))  # its hour ends exactly at the horizon: still open
+    assert state.apply([old, fresh, border], 2, NOW, None, closed_before=horizon) == (2, 0)
     checkpoint = state.checkpoint()
-    assert checkpoint.closed == [old] and [r.identity[2] for r in checkpoint.records] == ["new"]
+    assert checkpoint.closed == [(2, old)] and [r.record_id for r in checkpoint.records] == ["new", "border"]
     lifetime = state.rollups[("tokens", "org", "o", LIFETIME, datetime(1970, 1, 1, tzinfo=UTC))]
-    assert lifetime.total() == Decimal(1)  # nothing of "old" was counted
+    assert lifetime.total() == Decimal(2)  # nothing of "old" was counted
     assert state.checkpoint().closed == []
 
 

@@ -26,10 +26,18 @@ from metering_pipeline.settings import Settings, seconds_or_iso_duration
 @click.option("--soak-dedup-window", default=None,
               help="The soak worker's METERING_DEDUP_WINDOW (ISO 8601 duration or seconds). [default: a quarter "
                    "of the soak, so identities expire before the second half whose RSS slope is judged]")
+@click.option("--hot-path", is_flag=True,
+              help="Instead of the phases: the worker's per-record steps in this process, without Kafka or ClickHouse "
+                   "(µs of CPU per record per step); --records sets how many [default: 200,000].")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --hot-path: records per usage.recorded message.")
 @click.pass_context
 def bench(ctx: click.Context, quick: bool, records: int | None, output: Path, soak: bool, soak_minutes: float,
-          soak_rate: float | None, soak_dedup_window: str | None) -> None:
+          soak_rate: float | None, soak_dedup_window: str | None, hot_path: bool, batch: int) -> None:
     """Publish a workload, then measure the baseline consumer and the worker side by side on the local stack."""
+    if hot_path:
+        _hot_path(records, batch)
+        return
     from metering_pipeline.bench.runner import Plan, render, run, write
     from metering_pipeline.cli.stack import stack_up
     from metering_pipeline.stack.local import LocalStack
@@ -76,3 +84,20 @@ def _soak(settings: Settings, args: SoakArgs, output: Path) -> None:
     click.echo("written to " + ", ".join(str(path) for path in paths.values()))
     if result["failure"] or not result["totals_exact"]:
         raise click.ClickException(result["failure"] or "the ClickHouse totals differ from the published records")
+
+
+def _hot_path(records: int | None, batch: int) -> None:
+    from metering_pipeline import tables
+    from metering_pipeline.bench.hot_path import HotPathPlan, run_hot_path
+
+    plan = HotPathPlan(**({"records": records} if records else {}), batch=batch)
+    click.echo(f"{plan.records:,} records, {plan.subjects:,} subjects, {batch} per message, a checkpoint every "
+               f"{plan.checkpoint_every:,} records ...", err=True)
+    steps, mismatches = run_hot_path(plan)
+    rows = [(step.name, f"{step.cpu_seconds:.2f}", f"{step.per_record(plan.records):.2f}") for step in steps]
+    total = sum(step.cpu_seconds for step in steps)
+    rows.append(("total", f"{total:.2f}", f"{total / plan.records * 1e6:.2f}"))
+    click.echo(tables.render(["step", "CPU s", "µs per record"], rows))
+    click.echo(f"monthly totals: {'exact' if mismatches == 0 else f'{mismatches} wrong'}")
+    if mismatches:
+        raise click.ClickException("the rolled-up totals differ from the workload's")

@@ -45,17 +45,22 @@ class Aggregate:
 
     def total(self, aggregation: AggregationType) -> Decimal:
         """The UsageSummary's totalQuantity for a metric of this aggregation type."""
-        if aggregation is AggregationType.COUNT:
-            return Decimal(self.count)
-        if aggregation is AggregationType.SUM:
-            return self.sum
-        if not self.count:
-            return Decimal(0)
-        if aggregation is AggregationType.AVG:
-            return _AVG.divide(self.sum, Decimal(self.count)).quantize(AVG_PLACES, context=_AVG)
-        if aggregation is AggregationType.MAX:
-            return self.max  # type: ignore[return-value]
-        return self.min  # type: ignore[return-value]
+        return total(aggregation, self.count, self.sum, self.min, self.max)
+
+
+def total(aggregation: AggregationType, count: int, sum_: Decimal, low: Decimal | None, high: Decimal | None) -> Decimal:
+    """totalQuantity from the running state (count, sum, min, max) a metric of any aggregation type keeps."""
+    if aggregation is AggregationType.COUNT:
+        return Decimal(count)
+    if aggregation is AggregationType.SUM:
+        return sum_
+    if not count:
+        return Decimal(0)
+    if aggregation is AggregationType.AVG:
+        return _AVG.divide(sum_, Decimal(count)).quantize(AVG_PLACES, context=_AVG)
+    if aggregation is AggregationType.MAX:
+        return high  # type: ignore[return-value]
+    return low  # type: ignore[return-value]
 
 
 def plain(value: Decimal) -> Decimal:

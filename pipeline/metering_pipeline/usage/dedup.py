@@ -8,7 +8,7 @@ drops whole buckets instead of scanning every identity.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 
 RecordIdentity = tuple[str, str, str]  # (subject_type, subject_id, record id)
@@ -28,17 +28,30 @@ class DedupWindow:
 
     def first_sighting(self, identity: RecordIdentity, at: datetime) -> bool:
         """True (and remembered) the first time `identity` is offered within the window."""
-        if identity in self._seen:
-            return False
+        return self.admitter(at)(identity)
+
+    def admitter(self, at: datetime) -> Callable[[RecordIdentity], bool]:
+        """`first_sighting` for many identities seen at the same time (one routed message): the bucket is found once."""
         bucket = _bucket(at)
-        self._seen[identity] = bucket
-        self._buckets.setdefault(bucket, []).append(identity)
-        return True
+        seen = self._seen
+        entries = self._buckets.setdefault(bucket, [])
+
+        def admit(identity: RecordIdentity) -> bool:
+            if identity in seen:
+                return False
+            seen[identity] = bucket
+            entries.append(identity)
+            return True
+
+        return admit
 
     def remember(self, entries: Iterable[tuple[RecordIdentity, datetime]]) -> None:
         """Restore identities seen before a restart."""
+        seen, buckets = self._seen, self._buckets
         for identity, at in entries:
-            self.first_sighting(identity, at)
+            if identity not in seen:
+                bucket = seen[identity] = _bucket(at)
+                buckets.setdefault(bucket, []).append(identity)
 
     def expire(self, now: datetime) -> int:
         """Forget identities seen more than `window` before `now`; returns how many."""

@@ -3,6 +3,9 @@
 Numbers are parsed as Decimal straight from the JSON text (jiter's decimal mode), so a
 quantity like 0.12345678901234567 is never squeezed through a binary float. A batch message
 is checked record by record: one bad record goes to the DLQ, the others count.
+
+Most records take a typed fast path (record_decoder); the pydantic model reads every record that path cannot vouch
+for, and explains every refusal, so what is accepted or dead-lettered does not depend on which path read it.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import jiter
@@ -19,6 +23,7 @@ import orjson
 from pydantic import ValidationError
 
 from metering_pipeline.usage.metrics import MetricCatalog, record_org
+from metering_pipeline.usage.record_decoder import DecodedRecord, decode_message, parse_record
 from metering_schemas import DeadLetter, FieldError, MetricDefinition, RejectReason, SourcePosition, UsageRecord
 
 
@@ -58,10 +63,16 @@ class Message:
 
 @dataclass(slots=True)  # not frozen: cheaper to build, and one is built per record
 class AcceptedRecord:
-    """A valid record with its dedup id, timestamp and stored metadata settled, and the metric that governs it."""
+    """A valid record with its dedup id, timestamp and stored metadata settled, and the metric that governs it.
+
+    Plain fields, not a UsageRecord: the fast path builds no model per record.
+    """
 
     dedup_id: str
-    record: UsageRecord
+    subject_type: str
+    subject_id: str
+    metric_key: str
+    quantity: Decimal
     timestamp: datetime
     metric: MetricDefinition
     offset: int
@@ -69,6 +80,35 @@ class AcceptedRecord:
 
 
 def read_message(message: Message, catalog: MetricCatalog, rules: IntakeRules) -> tuple[list[AcceptedRecord], list[DeadLetter]]:
+    """The message's accepted records and dead letters, in record order: what `read_message_by_model` returns, faster.
+
+    Records the decoder decides and the rules accept are built here; any other batch record, and any other message as
+    a whole, is read by the model, which words the dead letter.
+    """
+    value = message.value or b""
+    decoded = decode_message(value) if len(value) <= rules.max_message_bytes else None
+    if decoded is None:
+        return read_message_by_model(message, catalog, rules)
+    if isinstance(decoded, DecodedRecord):
+        outcome = _settle(message, None, decoded, catalog, rules)
+        return ([outcome], []) if isinstance(outcome, AcceptedRecord) else read_message_by_model(message, catalog, rules)
+    accepted: list[AcceptedRecord] = []
+    rejected: list[DeadLetter] = []
+    for index, record in enumerate(decoded.records):
+        outcome = None if record is None else _settle(message, index, record, catalog, rules)
+        if not isinstance(outcome, AcceptedRecord):
+            try:
+                raw = parse_record(decoded.texts[index])
+            except ValueError:  # not JSON after all: the model's path dead-letters the whole message
+                return read_message_by_model(message, catalog, rules)
+            outcome = _read_record(message, index, raw, catalog, rules)
+        (accepted if isinstance(outcome, AcceptedRecord) else rejected).append(outcome)
+    return accepted, rejected
+
+
+def read_message_by_model(message: Message, catalog: MetricCatalog,
+                          rules: IntakeRules) -> tuple[list[AcceptedRecord], list[DeadLetter]]:
+    """Every record through jiter and the pydantic model: the reference `read_message` agrees with, and its fallback."""
     accepted: list[AcceptedRecord] = []
     rejected: list[DeadLetter] = []
     value = message.value or b""
@@ -79,9 +119,6 @@ def read_message(message: Message, catalog: MetricCatalog, rules: IntakeRules) -
     except ValueError as error:
         return [], [_whole_message(message, RejectReason.INVALID_JSON, f"not valid JSON: {error}")]
     for index, raw in _records_of(document):
-        if raw is None:
-            rejected.append(_whole_message(message, RejectReason.INVALID_RECORD, _ENVELOPE_HINT))
-            continue
         outcome = _read_record(message, index, raw, catalog, rules)
         (accepted if isinstance(outcome, AcceptedRecord) else rejected).append(outcome)
     return accepted, rejected
@@ -107,32 +144,52 @@ def _records_of(document: Any) -> Iterator[tuple[int | None, Any]]:
 def _read_record(
     message: Message, index: int | None, raw: Any, catalog: MetricCatalog, rules: IntakeRules
 ) -> AcceptedRecord | DeadLetter:
+    if raw is None:  # a wrong envelope, or a null in a batch: refused as the whole message
+        return _whole_message(message, RejectReason.INVALID_RECORD, _ENVELOPE_HINT)
     try:
         record = UsageRecord.model_validate(raw)
     except ValidationError as error:
         return _rejection(message, index, raw, RejectReason.INVALID_RECORD, _summary(error), _field_errors(error))
+    settled = _settle(message, index, record, catalog, rules)
+    return settled if isinstance(settled, AcceptedRecord) else _rejection(message, index, raw, settled.reason, settled.message)
+
+
+def _settle(message: Message, index: int | None, record: UsageRecord | DecodedRecord, catalog: MetricCatalog,
+            rules: IntakeRules) -> AcceptedRecord | Refusal:
+    """A valid record, from the model or the fast path, accepted with its dedup id, timestamp, metric and stored
+    metadata settled, or why the rules refuse it."""
     timestamp = record.timestamp or message.timestamp
-    verdict = judge(record, timestamp, message.timestamp, catalog, rules)
-    if isinstance(verdict, Refusal):
-        return _rejection(message, index, raw, verdict.reason, verdict.message)
-    metric = verdict
-    metadata = stored_metadata(record, rules)
+    metric = judge_fields(record.metric_key, record.subject_type, record.subject_id, record.metadata, timestamp,
+                          message.timestamp, catalog, rules)
+    if isinstance(metric, Refusal):
+        return metric
+    metadata = stored_metadata_of(record.metadata, rules)
     if isinstance(metadata, Refusal):
-        return _rejection(message, index, raw, metadata.reason, metadata.message)
-    position = f"{message.topic}/{message.partition}/{message.offset}" + ("" if index is None else f"/{index}")
-    dedup_id = record.id if record.id is not None else f"@{position}"
-    return AcceptedRecord(dedup_id, record, timestamp, metric, message.offset, metadata)
+        return metadata
+    dedup_id = record.id if record.id is not None else _position(message, index)
+    return AcceptedRecord(dedup_id, record.subject_type, record.subject_id, record.metric_key, record.quantity, timestamp,
+                          metric, message.offset, metadata)
+
+
+def _position(message: Message, index: int | None) -> str:
+    """The dedup id of a record without one: it counts once per Kafka position."""
+    return f"@{message.topic}/{message.partition}/{message.offset}" + ("" if index is None else f"/{index}")
 
 
 def stored_metadata(record: UsageRecord, rules: IntakeRules) -> str | Refusal:
     """The record's metadata as the JSON text that is stored, or why it cannot be (shared by the worker and the API)."""
-    metadata = metadata_json(record.metadata)
-    if metadata is None:
+    return stored_metadata_of(record.metadata, rules)
+
+
+def stored_metadata_of(metadata: dict[str, Any], rules: IntakeRules) -> str | Refusal:
+    """`stored_metadata` from the metadata alone (the fast path has no model)."""
+    text = metadata_json(metadata)
+    if text is None:
         return Refusal(RejectReason.INVALID_RECORD, "metadata cannot be stored as JSON (nested too deeply)")
-    size = len(metadata) if metadata.isascii() else len(metadata.encode())
+    size = len(text) if text.isascii() else len(text.encode())
     if size > rules.max_metadata_bytes:
         return Refusal(RejectReason.TOO_LARGE, f"metadata of {size} bytes as JSON exceeds {rules.max_metadata_bytes}")
-    return metadata
+    return text
 
 
 def metadata_json(metadata: dict[str, Any]) -> str | None:
@@ -161,16 +218,23 @@ class Refusal:
 def judge(record: UsageRecord, timestamp: datetime, received_at: datetime, catalog: MetricCatalog,
           rules: IntakeRules) -> MetricDefinition | Refusal:
     """The metric that governs a valid record, or why it is refused (shared by the worker and the API)."""
+    return judge_fields(record.metric_key, record.subject_type, record.subject_id, record.metadata, timestamp, received_at,
+                        catalog, rules)
+
+
+def judge_fields(metric_key: str, subject_type: str, subject_id: str, metadata: dict[str, Any], timestamp: datetime,
+                 received_at: datetime, catalog: MetricCatalog, rules: IntakeRules) -> MetricDefinition | Refusal:
+    """`judge` from a record's fields (the fast path has no model)."""
     if timestamp < received_at - rules.allowed_lateness:
         return Refusal(RejectReason.TOO_LATE,
                        f"timestamp {timestamp.isoformat()} is more than {rules.allowed_lateness} before the message time")
     if timestamp > received_at + rules.future_skew:
         return Refusal(RejectReason.FUTURE_TIMESTAMP,
                        f"timestamp {timestamp.isoformat()} is more than {rules.future_skew} after the message time")
-    metric = catalog.resolve(record.metric_key, record_org(record.subject_type, record.subject_id, record.metadata))
+    metric = catalog.resolve(metric_key, record_org(subject_type, subject_id, metadata))
     if metric is None:
         return Refusal(RejectReason.UNKNOWN_METRIC,
-                       f"no metric definition with key {record.metric_key!r} for this record's org or globally")
+                       f"no metric definition with key {metric_key!r} for this record's org or globally")
     return metric
 
 

@@ -23,6 +23,7 @@ def period_start(period: PeriodType | ResetPeriod, at: datetime) -> datetime:
     return EPOCH
 
 
+@lru_cache(maxsize=8192)  # every changed rollup asks, for few distinct periods
 def period_end(period: PeriodType | ResetPeriod, start: datetime) -> datetime:
     """Exclusive end of the period that starts at `start`."""
     if period.value == "HOURLY":

@@ -4,16 +4,24 @@ The state of one partition of the subject-routed stream. It changes only through
 remembers what changed since the last checkpoint, and can be rebuilt from the checkpoints
 it produced, so a restarted worker continues exactly where the last committed checkpoint
 left it.
+
+`apply` is the hot path of the rollup stage (four rollups per record): records arrive as
+msgspec structs straight from the routed message, periods come from a per-hour cache, and the
+sums are added in place under the exact decimal context rather than through a method per rollup.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+import decimal
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
+from functools import lru_cache
+from typing import NamedTuple
 
-from metering_pipeline.usage.aggregation import Aggregate
+import msgspec
+
+from metering_pipeline.usage.aggregation import EXACT, Aggregate, total
 from metering_pipeline.usage.dedup import DedupWindow, RecordIdentity
 from metering_pipeline.usage.periods import EPOCH, period_end, rollup_starts
 from metering_schemas import AggregationType, PeriodType, ResetPeriod
@@ -23,42 +31,82 @@ from metering_schemas import AggregationType, PeriodType, ResetPeriod
 # start EPOCH) that thresholds of NEVER-resetting metrics are evaluated against.
 RollupKey = tuple[str, str, str, PeriodType | ResetPeriod, datetime]
 LIFETIME = ResetPeriod.NEVER
-_HOUR = timedelta(hours=1)
+_HOUR_MS = 3_600_000
+_ZERO = Decimal(0)
+# Members' values by dictionary: an enum's `.value` (and orjson's enum support) costs more, once per written rollup.
+WIRE_NAME: dict[PeriodType | ResetPeriod | AggregationType, str] = {
+    member: member.value for member in (*PeriodType, *ResetPeriod, *AggregationType)}
 
 
-@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs several times more, per record
-class CountedRecord:
-    """A record as the rollup stage sees it (already validated and routed by subject)."""
+class CountedRecord(msgspec.Struct, array_like=True, gc=False):
+    """A record as the rollup stage sees it: validated, its metric resolved, routed by subject.
 
-    identity: RecordIdentity
+    Also the routed topic's record layout (see `worker.routing`): fields are only ever appended.
+    """
+
+    subject_type: str
+    subject_id: str
+    record_id: str  # the record's id, or its deterministic source position when it had none
     metric_key: str
     metric_id: str
     aggregation: AggregationType
     quantity: Decimal
-    timestamp: datetime
+    timestamp_ms: int  # epoch milliseconds, UTC
     metadata_json: str
-    offset: int  # position in the routed partition: the version of the rollups it changes
+
+    @property
+    def identity(self) -> RecordIdentity:
+        return self.subject_type, self.subject_id, self.record_id
+
+    @property
+    def timestamp(self) -> datetime:
+        return datetime.fromtimestamp(self.timestamp_ms / 1000, tz=timezone.utc)
 
 
-@dataclass(slots=True)
-class Rollup:
+class Rollup(Aggregate):
+    """A period's running aggregate and what it is about; one object per rollup (a million of them at 1M keys)."""
+
+    __slots__ = ("aggregation", "version", "metric_id")
+
+    def __init__(self, aggregation: AggregationType, count: int = 0, sum: Decimal = _ZERO,  # noqa: A002 - as Aggregate
+                 min: Decimal | None = None, max: Decimal | None = None, version: int = -1,  # noqa: A002
+                 metric_id: str | None = None) -> None:
+        self.count, self.sum, self.min, self.max = count, sum, min, max
+        self.aggregation = aggregation
+        self.version = version
+        self.metric_id = metric_id  # the definition that governs it (thresholds read its resetPeriod)
+
+    def total(self) -> Decimal:  # type: ignore[override]
+        return total(self.aggregation, self.count, self.sum, self.min, self.max)
+
+    def __repr__(self) -> str:
+        return (f"Rollup({self.aggregation.value}, count={self.count}, sum={self.sum}, min={self.min}, max={self.max}, "
+                f"version={self.version}, metric_id={self.metric_id!r})")
+
+
+class RollupChange(NamedTuple):
+    """A rollup's value as of a checkpoint: one flat tuple, so later records do not change it (checkpoints are
+    written after the stream moves on) and freezing one costs a tuple, not copies of objects."""
+
+    key: RollupKey
     aggregation: AggregationType
-    aggregate: Aggregate = field(default_factory=Aggregate)
-    version: int = -1
-    metric_id: str | None = None  # the definition that governs it (thresholds read its resetPeriod)
+    count: int
+    sum: Decimal
+    min: Decimal | None
+    max: Decimal | None
+    version: int
+    metric_id: str | None
+
+    @classmethod
+    def of(cls, key: RollupKey, rollup: Rollup) -> RollupChange:
+        return _make_change((key, rollup.aggregation, rollup.count, rollup.sum, rollup.min, rollup.max, rollup.version,
+                             rollup.metric_id))
 
     def total(self) -> Decimal:
-        return self.aggregate.total(self.aggregation)
+        return total(self.aggregation, self.count, self.sum, self.min, self.max)
 
-    def frozen(self) -> Rollup:
-        """A copy that later records do not change (checkpoints are written after the stream moves on)."""
-        return Rollup(self.aggregation, replace(self.aggregate), self.version, self.metric_id)
-
-
-@dataclass(frozen=True)
-class RollupChange:
-    key: RollupKey
-    rollup: Rollup
+    def rollup(self) -> Rollup:
+        return Rollup(self.aggregation, self.count, self.sum, self.min, self.max, self.version, self.metric_id)
 
     @property
     def period_end(self) -> datetime:
@@ -70,62 +118,92 @@ class RollupChange:
         return self.key[3] is not LIFETIME
 
 
-@dataclass(frozen=True)
-class Checkpoint:
+_make_change = RollupChange._make  # tuple.__new__ in C, not the generated __new__ in Python
+
+
+class Checkpoint(NamedTuple):
     """What changed since the previous checkpoint: rewritten rollups, new records, new identities."""
 
     rollups: list[RollupChange]
     records: list[CountedRecord]
     identities: list[tuple[RecordIdentity, datetime]]
-    closed: list[CountedRecord] = field(default_factory=list)  # refused: their periods were already evicted
+    closed: list[tuple[int, CountedRecord]]  # (routed offset, record) refused: their periods were already evicted
 
     def is_empty(self) -> bool:
         return not (self.rollups or self.records or self.closed)
+
+
+@lru_cache(maxsize=4096)
+def _periods_of_hour(hour: int) -> tuple[tuple[PeriodType | ResetPeriod, datetime], ...]:
+    """Hour, day, month and all time of an epoch hour; records cluster in few hours, so this is a cache hit."""
+    return (*rollup_starts(EPOCH + timedelta(hours=hour)), (LIFETIME, EPOCH))
+
+
+def _first_open_hour(closed_before: datetime | None) -> int:
+    """The first epoch hour that ends at or after `closed_before`: records of earlier hours are refused."""
+    if closed_before is None:
+        return -(2**62)
+    micros = (closed_before - EPOCH) // timedelta(microseconds=1)
+    return -(-micros // (_HOUR_MS * 1000)) - 1
 
 
 class PartitionRollups:
     def __init__(self, dedup_window: timedelta) -> None:
         self.dedup = DedupWindow(dedup_window)
         self.rollups: dict[RollupKey, Rollup] = {}
-        self._changed: set[RollupKey] = set()
+        self._changed: dict[RollupKey, Rollup] = {}  # since the last checkpoint
         self._records: list[CountedRecord] = []
         self._identities: list[tuple[RecordIdentity, datetime]] = []
-        self._closed: list[CountedRecord] = []
+        self._closed: list[tuple[int, CountedRecord]] = []
 
-    def apply(self, records: Iterable[CountedRecord], seen_at: datetime, touched: set[RollupKey] | None = None,
-              closed_before: datetime | None = None) -> tuple[int, int]:
-        """Count each new record once in each of its periods; returns (counted, duplicates).
+    def apply(self, records: Sequence[CountedRecord], offset: int, seen_at: datetime,
+              touched: set[RollupKey] | None = None, closed_before: datetime | None = None) -> tuple[int, int]:
+        """Count each new record of one routed message (at `offset`) once in each of its periods; returns
+        (counted, duplicates).
 
         The keys of the rollups it changes are added to `touched` (for threshold checks). A record whose
         hour ended before `closed_before` (the eviction horizon) is refused into the checkpoint's `closed`:
         its rollups may have left memory, and counting it into a fresh one would overwrite the final
         total in ClickHouse with a smaller one.
         """
+        changed: dict[RollupKey, Rollup] = {}
+        first_open_hour = _first_open_hour(closed_before)
+        admit = self.dedup.admitter(seen_at)
+        rollups = self.rollups
         counted = duplicates = 0
-        for record in records:
-            starts = rollup_starts(record.timestamp)  # hour first: it closes first
-            if closed_before is not None and starts[0][1] + _HOUR < closed_before:
-                self._closed.append(record)
-                continue
-            if not self.dedup.first_sighting(record.identity, seen_at):
-                duplicates += 1
-                continue
-            counted += 1
-            self._records.append(record)
-            self._identities.append((record.identity, seen_at))
-            subject_type, subject_id, _ = record.identity
-            for period, start in (*starts, (LIFETIME, EPOCH)):
-                key = (record.metric_key, subject_type, subject_id, period, start)
-                rollup = self.rollups.get(key)
-                if rollup is None:
-                    rollup = self.rollups[key] = Rollup(record.aggregation)
-                rollup.aggregation = record.aggregation
-                rollup.metric_id = record.metric_id
-                rollup.aggregate.add(record.quantity)
-                rollup.version = max(rollup.version, record.offset)
-                self._changed.add(key)
-                if touched is not None:
-                    touched.add(key)
+        with decimal.localcontext(EXACT):  # `+` below is exact or raises
+            for record in records:
+                hour = record.timestamp_ms // _HOUR_MS
+                if hour < first_open_hour:
+                    self._closed.append((offset, record))
+                    continue
+                subject_type, subject_id = record.subject_type, record.subject_id
+                if not admit((subject_type, subject_id, record.record_id)):
+                    duplicates += 1
+                    continue
+                counted += 1
+                self._records.append(record)
+                quantity, metric_key, metric_id = record.quantity, record.metric_key, record.metric_id
+                for period, start in _periods_of_hour(hour):
+                    key = (metric_key, subject_type, subject_id, period, start)
+                    rollup = rollups.get(key)
+                    if rollup is None:
+                        rollup = rollups[key] = Rollup(record.aggregation)
+                    rollup.aggregation = record.aggregation
+                    rollup.metric_id = metric_id
+                    rollup.count += 1
+                    rollup.sum += quantity
+                    if rollup.min is None or quantity < rollup.min:
+                        rollup.min = quantity
+                    if rollup.max is None or quantity > rollup.max:
+                        rollup.max = quantity
+                    if offset > rollup.version:
+                        rollup.version = offset
+                    changed[key] = rollup
+        self._identities += [(record.identity, seen_at) for record in self._records[len(self._records) - counted:]]  # this call's
+        self._changed.update(changed)
+        if touched is not None:
+            touched.update(changed)
         return counted, duplicates
 
     @property
@@ -135,10 +213,11 @@ class PartitionRollups:
 
     def checkpoint(self) -> Checkpoint:
         """Hand over everything changed since the last checkpoint (as of now) and start a new one."""
-        changes = [RollupChange(key, self.rollups[key].frozen()) for key in self._changed]
+        changes = [_make_change((key, r.aggregation, r.count, r.sum, r.min, r.max, r.version, r.metric_id))
+                   for key, r in self._changed.items()]
         checkpoint = Checkpoint(changes, self._records, self._identities, self._closed)
         self._closed = []
-        self._changed = set()
+        self._changed = {}
         self._records = []
         self._identities = []
         return checkpoint

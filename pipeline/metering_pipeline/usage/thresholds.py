@@ -241,6 +241,8 @@ class PartitionThresholds:
 
     def after_records(self, touched: Iterable[RollupKey], now: datetime) -> list[Alert]:
         alerts: list[Alert] = []
+        if not self.book:  # no threshold at all: nothing to look up per touched rollup
+            return alerts
         for key in touched:
             metric_key, subject_type, subject_id, period, start = key
             thresholds = self.book.matching(metric_key, subject_type, subject_id)

@@ -10,31 +10,39 @@ topics get the producer's default partitioner, so consumers see the usual key â†
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 
 
 class PartitionBatches:
-    def __init__(self, producer: AIOKafkaProducer) -> None:
+    def __init__(self, producer: AIOKafkaProducer, keys: KeyPartitions | None = None) -> None:
         self.producer = producer
         self._open: dict[tuple[str, int], object] = {}
         self._partitions: dict[str, list[int]] = {}
-        self._partitioner = DefaultPartitioner()
+        self._keys = KeyPartitions() if keys is None else keys
         self.acks: list[asyncio.Future] = []
 
     async def add(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None) -> None:
-        if partition is None:
-            partition = await self._partition_for(topic, key)
-        slot = (topic, partition)
-        batch = self._open.get(slot)
-        if batch is None:
-            batch = self._open[slot] = self.producer.create_batch()
-        if batch.append(timestamp=None, key=key, value=value) is None:  # full: submit it and start another
-            await self._submit(slot)
-            batch = self._open[slot] = self.producer.create_batch()
-            if batch.append(timestamp=None, key=key, value=value) is None:
-                raise ValueError(f"a message of {len(value or b'')} bytes does not fit in a batch for {topic}")
+        await self.add_all(topic, ((key, value),), partition)
+
+    async def add_all(self, topic: str, entries: Iterable[tuple[bytes | None, bytes | None]],
+                      partition: int | None = None) -> None:
+        """Append every (key, value) to `partition`, or to its key's partition; awaits only to submit a full batch
+        (a checkpoint adds tens of thousands of entries: one coroutine per entry would cost more than the entry)."""
+        partitions = None if partition is not None else await self._partitions_of(topic)
+        chosen = self._keys.partition
+        for key, value in entries:
+            slot = (topic, partition if partitions is None else chosen(key, partitions))
+            batch = self._open.get(slot)
+            if batch is None:
+                batch = self._open[slot] = self.producer.create_batch()
+            if batch.append(timestamp=None, key=key, value=value) is None:  # full: submit it and start another
+                await self._submit(slot)
+                batch = self._open[slot] = self.producer.create_batch()
+                if batch.append(timestamp=None, key=key, value=value) is None:
+                    raise ValueError(f"a message of {len(value or b'')} bytes does not fit in a batch for {topic}")
 
     async def flush(self) -> list[asyncio.Future]:
         """Submit every open batch; returns the futures of everything added since the last flush."""
@@ -48,8 +56,30 @@ class PartitionBatches:
         batch.close()
         self.acks.append(await self.producer.send_batch(batch, slot[0], partition=slot[1]))
 
-    async def _partition_for(self, topic: str, key: bytes | None) -> int:
+    async def _partitions_of(self, topic: str) -> list[int]:
         partitions = self._partitions.get(topic)
         if partitions is None:
             partitions = self._partitions[topic] = sorted(await self.producer.partitions_for(topic))
-        return self._partitioner(key, partitions, partitions)
+        return partitions
+
+
+class KeyPartitions:
+    """The default partitioner's choice, remembered per key: its murmur2 runs in Python (microseconds per key) and a
+    checkpoint sends one event per changed rollup, for the same subjects again and again."""
+
+    LIMIT = 200_000  # keys remembered; then it starts over
+
+    def __init__(self) -> None:
+        self._partitioner = DefaultPartitioner()
+        self._chosen: dict[tuple[bytes, int], int] = {}
+
+    def partition(self, key: bytes | None, partitions: list[int]) -> int:
+        if key is None:
+            return self._partitioner(key, partitions, partitions)
+        slot = (key, len(partitions))  # a topic that grows gets new choices
+        chosen = self._chosen.get(slot)
+        if chosen is None:
+            if len(self._chosen) >= self.LIMIT:
+                self._chosen.clear()
+            chosen = self._chosen[slot] = self._partitioner(key, partitions, partitions)
+        return chosen

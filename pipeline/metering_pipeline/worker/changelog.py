@@ -12,13 +12,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import lru_cache
 from decimal import Decimal
 
 import orjson
 
-from metering_pipeline.usage.aggregation import Aggregate
 from metering_pipeline.usage.dedup import RecordIdentity
-from metering_pipeline.usage.rollups import LIFETIME, Rollup, RollupChange, RollupKey
+from metering_pipeline.usage.rollups import LIFETIME, WIRE_NAME, Rollup, RollupChange, RollupKey
 from metering_pipeline.usage.thresholds import Marker, MarkerKey
 from metering_schemas import AggregationType, PeriodType, ResetPeriod
 
@@ -28,18 +28,22 @@ MARKER_PREFIX = b"a|"  # threshold alert markers
 
 
 def rollup_entry(change: RollupChange) -> tuple[bytes, bytes]:
-    aggregate = change.rollup.aggregate
     value = orjson.dumps([
-        change.rollup.aggregation.value, aggregate.count, str(aggregate.sum),
-        None if aggregate.min is None else str(aggregate.min), None if aggregate.max is None else str(aggregate.max),
-        change.rollup.version, change.rollup.metric_id,
+        WIRE_NAME[change.aggregation], change.count, str(change.sum),
+        None if change.min is None else str(change.min), None if change.max is None else str(change.max),
+        change.version, change.metric_id,
     ])
     return rollup_tombstone(change.key), value
 
 
 def rollup_tombstone(key: RollupKey) -> bytes:
     metric_key, subject_type, subject_id, period, start = key
-    return ROLLUP_PREFIX + orjson.dumps([metric_key, subject_type, subject_id, period.value, int(start.timestamp())])
+    return ROLLUP_PREFIX + orjson.dumps([metric_key, subject_type, subject_id, WIRE_NAME[period], _epoch_seconds(start)])
+
+
+@lru_cache(maxsize=8192)  # period starts repeat across a checkpoint's entries
+def _epoch_seconds(at: datetime) -> int:
+    return int(at.timestamp())
 
 
 def marker_entry(key: MarkerKey, marker: Marker | None) -> tuple[bytes, bytes | None]:
@@ -64,9 +68,10 @@ IDENTITIES_PER_ENTRY = 5_000  # keeps each entry far below Kafka's message size 
 
 def identities_entries(checkpoint_id: int, identities: list[tuple[RecordIdentity, datetime]]) -> list[tuple[bytes, bytes]]:
     """One checkpoint's new identities, in entries of at most IDENTITIES_PER_ENTRY."""
+    seconds = {at: int(at.timestamp()) for at in {at for _, at in identities}}  # a few distinct times (one per poll)
     return [
         (IDENTITIES_PREFIX + f"{checkpoint_id}.{n}".encode(),
-         orjson.dumps([[*identity, int(at.timestamp())] for identity, at in identities[start:start + IDENTITIES_PER_ENTRY]]))
+         orjson.dumps([[*identity, seconds[at]] for identity, at in identities[start:start + IDENTITIES_PER_ENTRY]]))
         for n, start in enumerate(range(0, len(identities), IDENTITIES_PER_ENTRY))
     ]
 
@@ -92,8 +97,9 @@ def restore(entries: Iterable[tuple[bytes, bytes | None]]) -> RestoredState:
                 rollups.pop(rollup_key, None)
                 continue
             aggregation, count, total, low, high, version, *rest = orjson.loads(value)
-            aggregate = Aggregate(count, Decimal(total), None if low is None else Decimal(low), None if high is None else Decimal(high))
-            rollups[rollup_key] = Rollup(AggregationType(aggregation), aggregate, version, rest[0] if rest else None)
+            rollups[rollup_key] = Rollup(AggregationType(aggregation), count, Decimal(total),
+                                         None if low is None else Decimal(low), None if high is None else Decimal(high),
+                                         version, rest[0] if rest else None)
         elif key.startswith(MARKER_PREFIX):
             threshold_id, subject_type, subject_id, start = orjson.loads(key[len(MARKER_PREFIX):])
             marker_key = (threshold_id, subject_type, subject_id, _utc(start))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from functools import lru_cache
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
@@ -35,14 +36,14 @@ from metering_pipeline.logs import get_logger
 from metering_pipeline.settings import Settings
 from metering_pipeline.topics import Topics
 from metering_pipeline.usage.metrics import MetricCatalog
-from metering_pipeline.usage.rollups import Checkpoint, CountedRecord, PartitionRollups, RollupChange, RollupKey
+from metering_pipeline.usage.rollups import WIRE_NAME, Checkpoint, CountedRecord, PartitionRollups, RollupChange, RollupKey
 from metering_pipeline.usage.thresholds import Alert, PartitionThresholds, ThresholdBook
 from metering_pipeline.warehouse.sink import ClickHouseSink
 from metering_pipeline.worker import changelog, garbage, routing
-from metering_pipeline.worker.batches import PartitionBatches
+from metering_pipeline.worker.batches import KeyPartitions, PartitionBatches
 from metering_pipeline.worker.checkpoints import PartitionWriter, Snapshot
 from metering_pipeline.worker.stats import RollupGauges, WorkerStats
-from metering_schemas import DeadLetter, RejectReason, ResetPeriod, SourcePosition, UsageAggregated
+from metering_schemas import DeadLetter, RejectReason, ResetPeriod, SourcePosition
 
 log = get_logger(__name__)
 
@@ -95,6 +96,7 @@ class RollupStage:
         self._rejoin = False
         self._paused = False
         self._lock = asyncio.Lock()
+        self._key_partitions = KeyPartitions()  # of usage.aggregated and alert keys, shared by the partitions' producers
         self.consumer = AIOKafkaConsumer(
             **settings.kafka_client_options(),
             group_id=self.group_id,
@@ -173,7 +175,7 @@ class RollupStage:
         closed_before = self._eviction_horizon(now)
         oldest = now.timestamp()  # publish time of the batch's oldest usage (a clock ahead of this one counts as now)
         for message in messages:
-            counted, duplicates = owned.state.apply(routing.decode(message.value, message.offset), now, touched,
+            counted, duplicates = owned.state.apply(routing.decode(message.value), message.offset, now, touched,
                                                     closed_before)
             self.stats.counted += counted
             self.stats.duplicates += duplicates
@@ -269,7 +271,7 @@ class RollupStage:
 
     async def _produce_and_commit(self, owned: OwnedPartition, produce, offset: int | None) -> None:
         producer = owned.producer
-        batches = PartitionBatches(producer)
+        batches = PartitionBatches(producer, self._key_partitions)
         offsets = {} if offset is None else {TopicPartition(self.topic, owned.partition): offset}
         if self.transactional:
             async with producer.transaction():
@@ -288,21 +290,21 @@ class RollupStage:
         checkpoint, partition = snapshot.changes, owned.partition
 
         async def produce(batches: PartitionBatches) -> None:
-            for change in checkpoint.rollups:
-                key, value = changelog.rollup_entry(change)
-                await batches.add(self.changelog_topic, key, value, partition)
-                if change.reported:
-                    await batches.add(self.topics.usage_aggregated, _subject_key(change), _aggregated_event(change))
+            rollups = checkpoint.rollups
+            await batches.add_all(self.changelog_topic, map(changelog.rollup_entry, rollups), partition)
+            await batches.add_all(self.topics.usage_aggregated,
+                                  ((_subject_key(change), _aggregated_event(change)) for change in rollups if change.reported))
             if checkpoint.identities:
                 newest = max(at for _, at in checkpoint.identities)
-                for key, value in changelog.identities_entries(snapshot.offset, checkpoint.identities):
-                    owned.identity_entries[key] = newest
-                    await batches.add(self.changelog_topic, key, value, partition)
-            for key in snapshot.expired:
-                await batches.add(self.changelog_topic, key, None, partition)
-            for record in checkpoint.closed:
-                await batches.add(self.topics.dead_letters, f"{record.identity[0]}:{record.identity[1]}".encode(),
-                                  self._closed_dead_letter(record, partition).to_json())
+                entries = changelog.identities_entries(snapshot.offset, checkpoint.identities)
+                owned.identity_entries.update((key, newest) for key, _ in entries)
+                await batches.add_all(self.changelog_topic, entries, partition)
+            await batches.add_all(self.changelog_topic, ((key, None) for key in snapshot.expired), partition)
+            if checkpoint.closed:
+                await batches.add_all(self.topics.dead_letters, (
+                    (f"{record.subject_type}:{record.subject_id}".encode(),
+                     self._closed_dead_letter(offset, record, partition).to_json())
+                    for offset, record in checkpoint.closed))
 
         await self._in_transaction(owned, produce, snapshot.offset)
 
@@ -334,16 +336,17 @@ class RollupStage:
             del owned.identity_entries[key]
         return expired
 
-    def _closed_dead_letter(self, record: CountedRecord, partition: int) -> DeadLetter:
+    def _closed_dead_letter(self, offset: int, record: CountedRecord, partition: int) -> DeadLetter:
         horizon = self._eviction_horizon(datetime.now(timezone.utc))
+        timestamp = record.timestamp
         return DeadLetter(
             reason=RejectReason.TOO_LATE,
-            message=(f"timestamp {record.timestamp.isoformat()} is in a period that closed (before {horizon.isoformat()}: "
+            message=(f"timestamp {timestamp.isoformat()} is in a period that closed (before {horizon.isoformat()}: "
                      f"now - allowed lateness {self.settings.allowed_lateness} - 1h) before the worker processed it"),
-            source=SourcePosition(topic=self.topic, partition=partition, offset=record.offset),
-            record={"id": record.identity[2], "metricKey": record.metric_key, "subjectType": record.identity[0],
-                    "subjectId": record.identity[1], "quantity": str(record.quantity),
-                    "timestamp": record.timestamp.isoformat(), "metadata": orjson.loads(record.metadata_json or "{}")},
+            source=SourcePosition(topic=self.topic, partition=partition, offset=offset),
+            record={"id": record.record_id, "metricKey": record.metric_key, "subjectType": record.subject_type,
+                    "subjectId": record.subject_id, "quantity": str(record.quantity),
+                    "timestamp": timestamp.isoformat(), "metadata": orjson.loads(record.metadata_json or "{}")},
             occurred_at=datetime.now(timezone.utc),
         )
 
@@ -376,7 +379,7 @@ class RollupStage:
                 thresholds = PartitionThresholds(state, self.book, self.catalog, self.settings.threshold_approaching_fraction)
                 thresholds.watch.restore(restored.markers.items())
                 owned = self._own(partition, state, thresholds, producer, restored.identity_entries)
-                owned.writer.resink([RollupChange(key, rollup.frozen()) for key, rollup in restored.rollups.items()])
+                owned.writer.resink([RollupChange.of(key, rollup) for key, rollup in restored.rollups.items()])
                 log.info("partition assigned", stage="rollups", partition=partition,
                          rollups=len(restored.rollups), identities=len(restored.identities))
             garbage.freeze_survivors()
@@ -464,19 +467,20 @@ def _subject_key(change: RollupChange) -> bytes:
 def _aggregated_event(change: RollupChange) -> bytes:
     """The seed's usage.aggregated event: the UsageSummary as it now stands.
 
-    Built validated, like every emitted event, although this is the hot path (one per changed rollup per
-    checkpoint): `model_construct` is slower than validation here, and the few microseconds the model adds
-    over a hand-built dict are small beside the worker's cost per record.
+    The bytes `UsageAggregated(...).to_json()` writes, built without the model: this is the hot path (one per
+    changed rollup per checkpoint) and validation adds nothing to values the rollups already hold exactly
+    (tests/unit/test_schemas.py holds the two byte-equal over many values; the integration tests check every
+    emitted event against the JSON Schema file).
     """
     metric_key, subject_type, subject_id, period, start = change.key
-    return UsageAggregated(
-        metric_key=metric_key,
-        subject_type=subject_type,
-        subject_id=subject_id,
-        period_type=period,
-        period_start=start,
-        period_end=change.period_end,
-        total_quantity=change.rollup.total(),
-        record_count=change.rollup.aggregate.count,
-        version=change.rollup.version,
-    ).to_json()
+    return orjson.dumps({
+        "type": "usage.aggregated", "metricKey": metric_key, "subjectType": subject_type, "subjectId": subject_id,
+        "periodType": WIRE_NAME[period], "periodStart": _zulu(start), "periodEnd": _zulu(change.period_end),
+        "totalQuantity": str(change.total()), "recordCount": change.count, "version": change.version,
+    })
+
+
+@lru_cache(maxsize=8192)
+def _zulu(at: datetime) -> str:
+    """A UTC period bound as pydantic writes it (`…Z`, fractions only when there are some)."""
+    return at.isoformat().replace("+00:00", "Z")

@@ -84,7 +84,7 @@ class RouterStage:
                 self.stats.records_in += len(accepted) + len(rejected)
                 self.stats.accepted += len(accepted)
                 for record in accepted:
-                    by_partition[routing.subject_partition(record.record.subject_type, record.record.subject_id, partitions)].append(record)
+                    by_partition[routing.subject_partition(record.subject_type, record.subject_id, partitions)].append(record)
                 for dead_letter in rejected:
                     self.stats.dead_letters[dead_letter.reason.value] += 1
                     sends.append(await self.producer.send(self.topics.dead_letters, dead_letter.to_json(), key=kafka_message.key))

@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
-from datetime import datetime, timezone
-from decimal import Decimal
+from datetime import timedelta
 
-import orjson
+import msgspec
 from aiokafka.structs import ConsumerRecord
 
 from metering_pipeline.usage.intake import AcceptedRecord
+from metering_pipeline.usage.periods import EPOCH
 from metering_pipeline.usage.rollups import CountedRecord
-from metering_schemas import AggregationType
-
-
-_AGGREGATIONS = {a.value: a for a in AggregationType}
 
 
 def subject_partition(subject_type: str, subject_id: str, partitions: int) -> int:
@@ -46,13 +42,19 @@ def batches(records: Sequence[AcceptedRecord]) -> Iterator[Sequence[AcceptedReco
         yield records[start:]
 
 
+# A routed message is this version byte and a MessagePack array of `CountedRecord` arrays. Version 1 was a
+# JSON array of the same arrays (first byte `[`): a worker still reads those left on the topic by an older one.
+ROUTED_V2 = b"\x02"
+_MILLISECOND = timedelta(milliseconds=1)  # integer arithmetic: a float's `timestamp() * 1000` can lose one
+_encoder = msgspec.msgpack.Encoder()
+_decode_v2 = msgspec.msgpack.Decoder(list[CountedRecord]).decode
+_decode_v1 = msgspec.json.Decoder(list[CountedRecord]).decode
+
+
 def encode(records: Iterable[AcceptedRecord]) -> bytes:
-    return orjson.dumps([
-        [
-            r.record.subject_type, r.record.subject_id, r.dedup_id, r.record.metric_key, r.metric.id,
-            r.metric.aggregation_type.value, str(r.record.quantity), int(r.timestamp.timestamp() * 1000),
-            r.metadata_json,
-        ]
+    return ROUTED_V2 + _encoder.encode([
+        CountedRecord(r.subject_type, r.subject_id, r.dedup_id, r.metric_key, r.metric.id, r.metric.aggregation_type,
+                      r.quantity, (r.timestamp - EPOCH) // _MILLISECOND, r.metadata_json)
         for r in records
     ])
 
@@ -76,17 +78,9 @@ def published_at(message: ConsumerRecord) -> float:
     return message.timestamp / 1000
 
 
-def decode(value: bytes, offset: int) -> list[CountedRecord]:
-    return [
-        CountedRecord(
-            identity=(subject_type, subject_id, record_id),
-            metric_key=metric_key,
-            metric_id=metric_id,
-            aggregation=_AGGREGATIONS[aggregation],
-            quantity=Decimal(quantity),
-            timestamp=datetime.fromtimestamp(ts_ms / 1000, tz=timezone.utc),
-            metadata_json=metadata,
-            offset=offset,
-        )
-        for subject_type, subject_id, record_id, metric_key, metric_id, aggregation, quantity, ts_ms, metadata in orjson.loads(value)
-    ]
+def decode(value: bytes) -> list[CountedRecord]:
+    if value[:1] == ROUTED_V2:
+        return _decode_v2(memoryview(value)[1:])
+    if value[:1] == b"[":
+        return _decode_v1(value)
+    raise ValueError(f"routed message of an unknown encoding (first byte {value[:1]!r})")

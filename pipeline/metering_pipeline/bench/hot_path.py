@@ -1,0 +1,121 @@
+"""`metering bench --hot-path`: the worker's per-record steps without Kafka or ClickHouse, µs of CPU per record.
+
+The workload goes through the steps a poll at a time, as in the worker (garbage collector set as
+the worker sets it, outputs made and dropped): read (decode and admit every message), route (encode
+routed batches), decode the routed batches, roll up (de-duplicate, hour/day/month/all time), and at
+every checkpoint its outputs (changelog entries, `usage.aggregated` events, ClickHouse rows). Each
+step's CPU time is summed, so the next person sees where a record's time goes without a stack; the
+monthly totals are checked against the workload's independently computed ones.
+"""
+
+from __future__ import annotations
+
+import time
+from itertools import chain
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import TypeVar
+
+from metering_pipeline.bench.workload import METRICS, Expected, Workload
+from metering_pipeline.usage.intake import IntakeRules, Message, read_message
+from metering_pipeline.usage.metrics import MetricCatalog
+from metering_pipeline.usage.rollups import Checkpoint, PartitionRollups
+from metering_pipeline.warehouse.sink import records_body, rollups_body
+from metering_pipeline.worker import changelog, garbage, routing
+from metering_pipeline.worker.rollup_stage import _aggregated_event
+from metering_schemas import AggregationType, MetricDefinition, PeriodType, ResetPeriod
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class HotPathPlan:
+    records: int = 200_000
+    subjects: int = 10_000
+    batch: int = 1  # records per usage.recorded message
+    checkpoint_every: int = 20_000  # records per checkpoint (what one flush interval holds at 20k records/s)
+
+
+@dataclass
+class Step:
+    name: str
+    cpu_seconds: float
+
+    def per_record(self, records: int) -> float:
+        return self.cpu_seconds / records * 1e6
+
+
+def run_hot_path(plan: HotPathPlan) -> tuple[list[Step], int]:
+    """The steps' CPU time and the number of monthly totals that differ from the workload's."""
+    garbage.tune()
+    expected = Expected()
+    workload = Workload.recent(plan.records, plan.subjects)
+    received = datetime.now(timezone.utc)
+    messages = [Message("usage.recorded", 0, offset, received, key, value)
+                for offset, (key, value) in enumerate(workload.messages(plan.batch, expected))]
+    catalog = MetricCatalog({key: MetricDefinition(id=key, key=key, name=key, aggregation_type=AggregationType(kind),
+                                                   reset_period=ResetPeriod.MONTHLY) for key, kind in METRICS})
+    rules = IntakeRules()
+    state = PartitionRollups(timedelta(hours=24))
+    clock = _Clock()
+    garbage.freeze_survivors()
+    pending = 0
+    per_poll = max(1, POLL_RECORDS // plan.batch)
+    for offset, start in enumerate(range(0, len(messages), per_poll)):
+        poll = messages[start:start + per_poll]
+        accepted = clock.time(READ, lambda: [r for message in poll for r in read_message(message, catalog, rules)[0]])  # noqa: B023
+        routed = clock.time(ROUTE, lambda: [routing.encode(batch) for batch in routing.batches(accepted)])  # noqa: B023
+        decoded = clock.time(DECODE, lambda: [routing.decode(value) for value in routed])  # noqa: B023
+        clock.time(ROLL_UP, lambda: [state.apply(records, offset, received, set()) for records in decoded])  # noqa: B023
+        pending += len(accepted)
+        if pending >= plan.checkpoint_every or start + per_poll >= len(messages):
+            pending = 0
+            _write(clock, clock.time(CHECKPOINT, state.checkpoint), offset)
+    return [Step(name, clock.spent[name]) for name in STEPS], _mismatches(state, expected)
+
+
+POLL_RECORDS = 2_000  # records per simulated poll
+READ, ROUTE, DECODE, ROLL_UP, CHECKPOINT = ("read: decode, validate, resolve the metric", "route: encode routed batches",
+                                            "decode routed batches", "roll up: dedup, hour/day/month/all time",
+                                            "checkpoint: freeze changed rollups")
+CHANGELOG, EVENTS, RECORD_ROWS, ROLLUP_ROWS = ("changelog entries (rollups, identities)", "usage.aggregated events",
+                                               "ClickHouse rows: usage_records", "ClickHouse rows: usage_rollups")
+STEPS = (READ, ROUTE, DECODE, ROLL_UP, CHECKPOINT, CHANGELOG, EVENTS, RECORD_ROWS, ROLLUP_ROWS)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.spent = dict.fromkeys(STEPS, 0.0)
+
+    def time(self, step: str, work: Callable[[], T]) -> T:
+        started = time.process_time()
+        result = work()
+        self.spent[step] += time.process_time() - started
+        return result
+
+
+def _write(clock: _Clock, checkpoint: Checkpoint, checkpoint_id: int) -> None:
+    """What the writer makes of a checkpoint. Kafka entries are copied into a buffer and dropped, as a producer's
+    batch builder does; ClickHouse bodies are built whole, as the sink does."""
+    reported = [change for change in checkpoint.rollups if change.reported]
+    clock.time(CHANGELOG, lambda: _buffered(chain(
+        (value for change in checkpoint.rollups for value in changelog.rollup_entry(change)),
+        (value for entry in changelog.identities_entries(checkpoint_id, checkpoint.identities) for value in entry))))
+    clock.time(EVENTS, lambda: _buffered(_aggregated_event(change) for change in reported))
+    clock.time(RECORD_ROWS, lambda: records_body(checkpoint.records))
+    clock.time(ROLLUP_ROWS, lambda: rollups_body(reported))
+
+
+def _buffered(values: Iterable[bytes]) -> int:
+    buffer = bytearray()
+    for value in values:
+        buffer += value
+    return len(buffer)
+
+
+def _mismatches(state: PartitionRollups, expected: Expected) -> int:
+    kinds = dict(METRICS)
+    actual = {(key[0], key[2]): rollup.total() for key, rollup in state.rollups.items() if key[3] is PeriodType.MONTHLY}
+    wanted = {key: expected.total(key[0], key[1], kinds[key[0]]) for key in expected.count}
+    return sum(1 for key in wanted.keys() | actual.keys() if wanted.get(key) != actual.get(key))

@@ -1,0 +1,89 @@
+"""The worker's own encodings: routed batches (version 2 MessagePack, version 1 JSON still read) and changelog
+entries round-trip exactly, including what an older worker left on the topics."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from decimal import Decimal
+
+import orjson
+import pytest
+from hypothesis import given, strategies as st
+
+from metering_pipeline.usage.intake import AcceptedRecord
+from metering_pipeline.usage.rollups import LIFETIME, CountedRecord, Rollup, RollupChange
+from metering_pipeline.worker import changelog, routing
+from metering_schemas import AggregationType, MetricDefinition, PeriodType, ResetPeriod
+
+UTC = timezone.utc
+TOKENS = MetricDefinition(id="tokens-v2", key="tokens", name="t", aggregation_type=AggregationType.MAX,
+                          reset_period=ResetPeriod.MONTHLY)
+BIG = "-12345678901234567890.123456789012345678"
+
+
+def accepted(quantity: str, at: datetime, subject_id: str = "ö-1", metadata: str = '{"region":"eu"}') -> AcceptedRecord:
+    return AcceptedRecord("r-1", "org", subject_id, "tokens", Decimal(quantity), at, TOKENS, 7, metadata)
+
+
+def test_routed_batches_round_trip_exactly():
+    at = datetime(2026, 11, 24, 10, 15, 30, 123000, tzinfo=UTC)
+    records = [accepted(BIG, at), accepted("1E+3", at, "o\u2028\"x\""), accepted("0.000000000000000001", at, metadata="{}")]
+    value = routing.encode(records)
+    assert value[:1] == routing.ROUTED_V2
+    decoded = routing.decode(value)
+    assert [(r.subject_type, r.subject_id, r.record_id, r.metric_key, r.metric_id, r.aggregation, r.metadata_json)
+            for r in decoded] == [("org", a.subject_id, "r-1", "tokens", "tokens-v2", AggregationType.MAX, a.metadata_json)
+                                  for a in records]
+    assert [str(r.quantity) for r in decoded] == [BIG, "1E+3", "1E-18"]
+    assert all(r.timestamp == at for r in decoded)
+
+
+@given(st.decimals(allow_nan=False, allow_infinity=False, places=18, min_value=Decimal("-1e20"), max_value=Decimal("1e20")),
+       st.integers(min_value=0, max_value=4102444800000))
+def test_any_quantity_and_millisecond_travels_unchanged(quantity, ms):
+    at = datetime.fromtimestamp(ms / 1000, tz=UTC)
+    [record] = routing.decode(routing.encode([accepted(str(quantity), at)]))
+    assert record.quantity == quantity and str(record.quantity) == str(quantity) and record.timestamp_ms == ms
+
+
+def test_version_1_json_batches_left_by_an_older_worker_still_decode():
+    at_ms = 1_764_000_000_123
+    legacy = orjson.dumps([["org", "o", "r-1", "tokens", "tokens-v2", "SUM", BIG, at_ms, '{"a":1}']])
+    [record] = routing.decode(legacy)
+    assert record == CountedRecord("org", "o", "r-1", "tokens", "tokens-v2", AggregationType.SUM, Decimal(BIG), at_ms,
+                                   '{"a":1}')
+
+
+def test_an_unknown_routed_encoding_is_refused_loudly():
+    with pytest.raises(ValueError, match="unknown encoding"):
+        routing.decode(b"\x07whatever")
+
+
+def test_changelog_rollup_entries_restore_the_same_rollups_and_tombstones_delete_them():
+    hour = ("tokens", "org", "ö \"1\"", PeriodType.HOURLY, datetime(2026, 11, 24, 10, tzinfo=UTC))
+    lifetime = ("tokens", "org", "o", LIFETIME, datetime(1970, 1, 1, tzinfo=UTC))
+    big = Rollup(AggregationType.SUM, 3, Decimal("1" * 58 + ".5"), Decimal(BIG), Decimal("7"), 41, "tokens-v2")
+    empty = Rollup(AggregationType.COUNT, version=0)
+    entries = [changelog.rollup_entry(RollupChange.of(hour, big)), changelog.rollup_entry(RollupChange.of(lifetime, empty))]
+    restored = changelog.restore(entries).rollups
+    assert {key: (r.aggregation, r.count, r.sum, r.min, r.max, r.version, r.metric_id) for key, r in restored.items()} == {
+        hour: (AggregationType.SUM, 3, big.sum, big.min, big.max, 41, "tokens-v2"),
+        lifetime: (AggregationType.COUNT, 0, Decimal(0), None, None, 0, None),
+    }
+    assert changelog.restore([*entries, (changelog.rollup_tombstone(hour), None)]).rollups.keys() == {lifetime}
+
+
+def test_changelog_entries_written_before_rollups_named_their_metric_still_restore():
+    key = changelog.rollup_tombstone(("tokens", "org", "o", PeriodType.DAILY, datetime(2026, 11, 24, tzinfo=UTC)))
+    [rollup] = changelog.restore([(key, b'["AVG",2,"3","1","2",9]')]).rollups.values()
+    assert (rollup.total(), rollup.version, rollup.metric_id) == (Decimal("1.5"), 9, None)
+
+
+def test_identity_entries_round_trip_with_their_times():
+    seen = datetime(2026, 11, 24, 10, 0, 30, tzinfo=UTC)
+    identities = [(("org", "o", f"r{n}"), seen) for n in range(changelog.IDENTITIES_PER_ENTRY + 3)]
+    entries = changelog.identities_entries(12, identities)
+    assert [len(orjson.loads(value)) for _, value in entries] == [changelog.IDENTITIES_PER_ENTRY, 3]
+    restored = changelog.restore(entries)
+    assert restored.identities == identities
+    assert set(restored.identity_entries.values()) == {seen}

@@ -305,6 +305,17 @@ def test_bytes_msgspec_skips_unchecked_are_still_invalid_json() -> None:
     assert len(accepted) == 1
 
 
+def test_nesting_deeper_than_msgspec_recurses_is_the_models_to_refuse_not_a_crash() -> None:
+    """msgspec raises RecursionError (not a DecodeError) on very deep input: found by the poison test, where it
+    stopped the worker."""
+    deep = "[" * 5000 + "]" * 5000
+    for value in (deep.encode(), record(metadata='{"a":' + deep + "}"),
+                  b'{"records":[' + record() + b"," + record(metadata='{"a":' + deep + "}") + b"]}"):
+        assert decode_message(value) is None or isinstance(decode_message(value), DecodedBatch)
+        accepted, rejected = assert_same_as_model(value)
+        assert rejected and all(letter.reason is RejectReason.INVALID_JSON for letter in rejected)
+
+
 def test_refusals_of_the_rules_are_worded_by_the_model() -> None:
     for value, reason in ((record(timestamp='"2026-10-01T00:00:00Z"'), RejectReason.TOO_LATE),
                           (record(timestamp='"2026-11-24T12:06:00Z"'), RejectReason.FUTURE_TIMESTAMP),

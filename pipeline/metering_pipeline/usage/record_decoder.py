@@ -104,7 +104,7 @@ def decode_message(value: bytes) -> DecodedRecord | DecodedBatch | None:
     to read (invalid JSON, not an object, an unusual envelope, a single record not decided here)."""
     try:
         wire = _decode_wire(value)
-    except msgspec.DecodeError:  # ValidationError included: anything msgspec finds odd is the model's to judge
+    except (msgspec.DecodeError, RecursionError):  # ValidationError included; deep nesting too: the model's to judge
         return None
     texts = wire.records
     if texts is UNSET:
@@ -122,7 +122,7 @@ def parse_record(text: msgspec.Raw) -> Any:
 def _decided_text(text: msgspec.Raw) -> DecodedRecord | None:
     try:
         wire = _decode_wire(text)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return None
     return None if wire.records is not UNSET else _decided(wire, _BATCH_METADATA)
 

@@ -12,6 +12,7 @@ from hypothesis import given, strategies as st
 
 from metering_pipeline.usage.intake import AcceptedRecord
 from metering_pipeline.usage.rollups import LIFETIME, CountedRecord, Rollup, RollupChange
+from metering_pipeline.warehouse.sink import records_body
 from metering_pipeline.worker import changelog, routing
 from metering_schemas import AggregationType, MetricDefinition, PeriodType, ResetPeriod
 
@@ -87,3 +88,11 @@ def test_identity_entries_round_trip_with_their_times():
     restored = changelog.restore(entries)
     assert restored.identities == identities
     assert set(restored.identity_entries.values()) == {seen}
+
+
+@given(st.integers(min_value=-2_208_988_800_000, max_value=4_102_444_800_000))
+def test_usage_records_times_are_written_as_clickhouse_datetime64_text_of_the_same_millisecond(ms):
+    record = CountedRecord("org", "o", "r", "tokens", "tokens", AggregationType.SUM, Decimal(1), ms, "{}")
+    [*_, times, _quantities, _metadata, _metric] = orjson.loads(records_body([record]))
+    assert datetime.fromisoformat(times[0]).replace(tzinfo=UTC) == record.timestamp
+    assert len(times[0]) == len("2026-11-24 10:15:30.123")

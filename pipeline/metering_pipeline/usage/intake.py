@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 import jiter
 import orjson
@@ -40,9 +40,8 @@ class IntakeRules:
 EVIDENCE_BYTES = 64 * 1024  # of a large rejected message kept in its dead letter
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
-    """What intake needs of a consumed Kafka message."""
+class Message(NamedTuple):
+    """What intake needs of a consumed Kafka message (a tuple: the router makes one per message)."""
 
     topic: str
     partition: int

@@ -170,6 +170,7 @@ class PartitionRollups:
         first_open_hour = _first_open_hour(closed_before)
         admit = self.dedup.admitter(seen_at)
         rollups = self.rollups
+        keep_record, keep_identity = self._records.append, self._identities.append
         counted = duplicates = 0
         with decimal.localcontext(EXACT):  # `+` below is exact or raises
             for record in records:
@@ -178,11 +179,13 @@ class PartitionRollups:
                     self._closed.append((offset, record))
                     continue
                 subject_type, subject_id = record.subject_type, record.subject_id
-                if not admit((subject_type, subject_id, record.record_id)):
+                identity = (subject_type, subject_id, record.record_id)
+                if not admit(identity):
                     duplicates += 1
                     continue
                 counted += 1
-                self._records.append(record)
+                keep_record(record)
+                keep_identity((identity, seen_at))
                 quantity, metric_key, metric_id = record.quantity, record.metric_key, record.metric_id
                 for period, start in _periods_of_hour(hour):
                     key = (metric_key, subject_type, subject_id, period, start)
@@ -200,7 +203,6 @@ class PartitionRollups:
                     if offset > rollup.version:
                         rollup.version = offset
                     changed[key] = rollup
-        self._identities += [(record.identity, seen_at) for record in self._records[len(self._records) - counted:]]  # this call's
         self._changed.update(changed)
         if touched is not None:
             touched.update(changed)

@@ -63,35 +63,37 @@ class RouterStage:
             await self.consumer.stop()
             await self.producer.stop()
 
-    async def _routed_partitions(self) -> int:
-        partitions = await self.producer.partitions_for(self.topics.routed)
-        return len(partitions)
+    async def _routed_partitions(self) -> routing.SubjectPartitions:
+        return routing.SubjectPartitions(len(await self.producer.partitions_for(self.topics.routed)))
 
-    async def _route(self, batches: dict, partitions: int) -> None:
+    async def _route(self, batches: dict, partitions: routing.SubjectPartitions) -> None:
         by_partition: dict[int, list[AcceptedRecord]] = defaultdict(list)
         sends = []
         offsets = {}
         # Record age and alert latency are measured from the oldest message of the poll (one header per routed message).
         published = routing.published_headers(min(m.timestamp for messages in batches.values() for m in messages))
+        times: dict[int, datetime] = {}  # a poll's messages share few distinct milliseconds
+        accepted_count = rejected_count = 0
         for tp, messages in batches.items():
             for kafka_message in messages:
-                message = Message(
-                    tp.topic, tp.partition, kafka_message.offset,
-                    datetime.fromtimestamp(kafka_message.timestamp / 1000, tz=timezone.utc),
-                    kafka_message.key, kafka_message.value,
-                )
+                at = times.get(kafka_message.timestamp)
+                if at is None:
+                    at = times[kafka_message.timestamp] = datetime.fromtimestamp(kafka_message.timestamp / 1000, tz=timezone.utc)
+                message = Message(tp.topic, tp.partition, kafka_message.offset, at, kafka_message.key, kafka_message.value)
                 accepted, rejected = read_message(message, self.catalog, self.rules)
-                self.stats.records_in += len(accepted) + len(rejected)
-                self.stats.accepted += len(accepted)
+                accepted_count += len(accepted)
                 for record in accepted:
-                    by_partition[routing.subject_partition(record.subject_type, record.subject_id, partitions)].append(record)
+                    by_partition[partitions.of(record.subject_type, record.subject_id)].append(record)
                 for dead_letter in rejected:
+                    rejected_count += 1
                     self.stats.dead_letters[dead_letter.reason.value] += 1
                     sends.append(await self.producer.send(self.topics.dead_letters, dead_letter.to_json(), key=kafka_message.key))
             offsets[TopicPartition(tp.topic, tp.partition)] = messages[-1].offset + 1
             highwater = self.consumer.highwater(tp)
             if highwater is not None:
                 self.stats.lag[f"router/{tp.partition}"] = highwater - messages[-1].offset - 1
+        self.stats.records_in += accepted_count + rejected_count
+        self.stats.accepted += accepted_count
         for partition, records in by_partition.items():
             for chunk in routing.batches(records):
                 sends.append(await self.producer.send(self.topics.routed, routing.encode(chunk), partition=partition,

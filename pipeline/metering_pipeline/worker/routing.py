@@ -24,6 +24,25 @@ def subject_partition(subject_type: str, subject_id: str, partitions: int) -> in
     return zlib.crc32(f"{subject_type}:{subject_id}".encode()) % partitions
 
 
+class SubjectPartitions:
+    """`subject_partition` remembered per subject for one partition count: the router asks once per record."""
+
+    LIMIT = 500_000  # subjects remembered; then it starts over
+
+    def __init__(self, partitions: int) -> None:
+        self.partitions = partitions
+        self._chosen: dict[tuple[str, str], int] = {}
+
+    def of(self, subject_type: str, subject_id: str) -> int:
+        subject = (subject_type, subject_id)
+        chosen = self._chosen.get(subject)
+        if chosen is None:
+            if len(self._chosen) >= self.LIMIT:
+                self._chosen.clear()
+            chosen = self._chosen[subject] = subject_partition(subject_type, subject_id, self.partitions)
+        return chosen
+
+
 ROUTED_BATCH = 2_000  # records per routed message
 ROUTED_BATCH_BYTES = 512 * 1024  # and about this many bytes, far under Kafka's default 1 MiB message size
 _RECORD_OVERHEAD = 200  # bytes of a routed record besides its metadata, generously

@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import msgspec
 
-from metering_pipeline.usage.aggregation import EXACT, Aggregate, total
+from metering_pipeline.usage.aggregation import EXACT, total
 from metering_pipeline.usage.dedup import DedupWindow, RecordIdentity
 from metering_pipeline.usage.periods import EPOCH, period_end, rollup_starts
 from metering_schemas import AggregationType, PeriodType, ResetPeriod
@@ -63,25 +63,21 @@ class CountedRecord(msgspec.Struct, array_like=True, gc=False):
         return datetime.fromtimestamp(self.timestamp_ms / 1000, tz=timezone.utc)
 
 
-class Rollup(Aggregate):
-    """A period's running aggregate and what it is about; one object per rollup (a million of them at 1M keys)."""
+class Rollup(msgspec.Struct, gc=False):
+    """A period's running aggregate (count, sum, min, max: what every aggregation type is computed from) and what it is
+    about. One per rollup, four per (metric, subject), so it is kept small: a struct without the cyclic collector's
+    header (it refers to no container, so it can be in no cycle)."""
 
-    __slots__ = ("aggregation", "version", "metric_id")
+    aggregation: AggregationType
+    count: int = 0
+    sum: Decimal = _ZERO
+    min: Decimal | None = None
+    max: Decimal | None = None
+    version: int = -1
+    metric_id: str | None = None  # the definition that governs it (thresholds read its resetPeriod)
 
-    def __init__(self, aggregation: AggregationType, count: int = 0, sum: Decimal = _ZERO,  # noqa: A002 - as Aggregate
-                 min: Decimal | None = None, max: Decimal | None = None, version: int = -1,  # noqa: A002
-                 metric_id: str | None = None) -> None:
-        self.count, self.sum, self.min, self.max = count, sum, min, max
-        self.aggregation = aggregation
-        self.version = version
-        self.metric_id = metric_id  # the definition that governs it (thresholds read its resetPeriod)
-
-    def total(self) -> Decimal:  # type: ignore[override]
+    def total(self) -> Decimal:
         return total(self.aggregation, self.count, self.sum, self.min, self.max)
-
-    def __repr__(self) -> str:
-        return (f"Rollup({self.aggregation.value}, count={self.count}, sum={self.sum}, min={self.min}, max={self.max}, "
-                f"version={self.version}, metric_id={self.metric_id!r})")
 
 
 class RollupChange(NamedTuple):
@@ -190,8 +186,10 @@ class PartitionRollups:
                 for period, start in _periods_of_hour(hour):
                     key = (metric_key, subject_type, subject_id, period, start)
                     rollup = rollups.get(key)
-                    if rollup is None:
-                        rollup = rollups[key] = Rollup(record.aggregation)
+                    if rollup is None:  # its first record: the quantity object itself is sum, min and max (no copy)
+                        rollups[key] = changed[key] = Rollup(record.aggregation, 1, quantity, quantity, quantity, offset,
+                                                             metric_id)
+                        continue
                     rollup.aggregation = record.aggregation
                     rollup.metric_id = metric_id
                     rollup.count += 1

@@ -199,8 +199,9 @@ def test_the_worker_builds_the_events_it_always_wrote():
     aggregate = Aggregate()
     aggregate.add(Decimal("1.5"))
     aggregate.add(Decimal("2.25"))
-    change = RollupChange(("tokens", "org", "org-1", PeriodType.HOURLY, datetime(2026, 11, 24, 10, tzinfo=timezone.utc)),
-                          AggregationType.SUM, aggregate.count, aggregate.sum, aggregate.min, aggregate.max, 41, "tokens")
+    change = RollupChange.of(("tokens", "org", "org-1", PeriodType.HOURLY, datetime(2026, 11, 24, 10, tzinfo=timezone.utc)),
+                             Rollup(AggregationType.SUM, aggregate.count, aggregate.sum, aggregate.min, aggregate.max, 41,
+                                    "tokens"))
     assert _aggregated_event(change) == AGGREGATED
 
 

@@ -92,14 +92,15 @@ class RollupChange(NamedTuple):
     max: Decimal | None
     version: int
     metric_id: str | None
+    total_text: str  # totalQuantity, exact: computed once for the event and the ClickHouse row (AVG divides)
 
     @classmethod
     def of(cls, key: RollupKey, rollup: Rollup) -> RollupChange:
         return _make_change((key, rollup.aggregation, rollup.count, rollup.sum, rollup.min, rollup.max, rollup.version,
-                             rollup.metric_id))
+                             rollup.metric_id, str(rollup.total())))
 
     def total(self) -> Decimal:
-        return total(self.aggregation, self.count, self.sum, self.min, self.max)
+        return Decimal(self.total_text)
 
     def rollup(self) -> Rollup:
         return Rollup(self.aggregation, self.count, self.sum, self.min, self.max, self.version, self.metric_id)
@@ -213,7 +214,8 @@ class PartitionRollups:
 
     def checkpoint(self) -> Checkpoint:
         """Hand over everything changed since the last checkpoint (as of now) and start a new one."""
-        changes = [_make_change((key, r.aggregation, r.count, r.sum, r.min, r.max, r.version, r.metric_id))
+        changes = [_make_change((key, r.aggregation, r.count, r.sum, r.min, r.max, r.version, r.metric_id,
+                                 str(total(r.aggregation, r.count, r.sum, r.min, r.max))))
                    for key, r in self._changed.items()]
         checkpoint = Checkpoint(changes, self._records, self._identities, self._closed)
         self._closed = []

@@ -116,7 +116,7 @@ def rollups_body(changes: Sequence[RollupChange]) -> bytes:
     return orjson.dumps([
         [key[0] for key in keys], [key[1] for key in keys], [key[2] for key in keys], [WIRE_NAME[key[3]] for key in keys],
         [_naive_utc(key[4]) for key in keys], [_naive_utc(change.period_end) for change in changes],
-        [WIRE_NAME[change.aggregation] for change in changes], [str(change.total()) for change in changes],
+        [WIRE_NAME[change.aggregation] for change in changes], [change.total_text for change in changes],
         [change.count for change in changes], [str(change.sum) for change in changes],
         [None if change.min is None else str(change.min) for change in changes],
         [None if change.max is None else str(change.max) for change in changes],

@@ -476,7 +476,7 @@ def _aggregated_event(change: RollupChange) -> bytes:
     return orjson.dumps({
         "type": "usage.aggregated", "metricKey": metric_key, "subjectType": subject_type, "subjectId": subject_id,
         "periodType": WIRE_NAME[period], "periodStart": _zulu(start), "periodEnd": _zulu(change.period_end),
-        "totalQuantity": str(change.total()), "recordCount": change.count, "version": change.version,
+        "totalQuantity": change.total_text, "recordCount": change.count, "version": change.version,
     })
 
 

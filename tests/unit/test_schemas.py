@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 from metering_pipeline.usage.aggregation import Aggregate
 from metering_pipeline.usage.rollups import Rollup, RollupChange
 from metering_pipeline.usage.thresholds import EXCEEDED, Alert
-from metering_pipeline.worker.rollup_stage import _aggregated_event
+from metering_pipeline.worker.rollup_stage import aggregated_event
 from metering_schemas import (
     AggregationType,
     InvoiceLine,
@@ -202,7 +202,7 @@ def test_the_worker_builds_the_events_it_always_wrote():
     change = RollupChange.of(("tokens", "org", "org-1", PeriodType.HOURLY, datetime(2026, 11, 24, 10, tzinfo=timezone.utc)),
                              Rollup(AggregationType.SUM, aggregate.count, aggregate.sum, aggregate.min, aggregate.max, 41,
                                     "tokens"))
-    assert _aggregated_event(change) == AGGREGATED
+    assert aggregated_event(change) == AGGREGATED
 
 
 @pytest.mark.parametrize("aggregation", list(AggregationType))
@@ -227,4 +227,4 @@ def test_usage_aggregated_is_built_byte_for_byte_as_the_model_writes_it(aggregat
     model = UsageAggregated(metric_key="m.key", subject_type="org", subject_id="ö-1 \"quoted\"", period_type=period,
                             period_start=start, period_end=change.period_end, total_quantity=rollup.total(),
                             record_count=aggregate.count, version=rollup.version)
-    assert _aggregated_event(change) == model.to_json()
+    assert aggregated_event(change) == model.to_json()

@@ -17,6 +17,7 @@ from metering_pipeline.usage.intake import EVIDENCE_BYTES, IntakeRules, Message,
 from metering_pipeline.usage.metrics import MetricCatalog
 from metering_pipeline.usage.periods import period_bounds, rollup_starts
 from metering_pipeline.usage.rollups import LIFETIME, CountedRecord, PartitionRollups
+from metering_pipeline.worker import changelog
 from metering_schemas import AggregationType, MetricDefinition, PeriodType, RejectReason, ResetPeriod
 
 UTC = timezone.utc
@@ -213,7 +214,7 @@ def test_rollups_count_each_record_once_in_hour_day_month_and_all_time_and_resto
     checkpoint = state.checkpoint()
     assert len(checkpoint.records) == 2 and {c.key for c in checkpoint.rollups} == touched
     restored = PartitionRollups(timedelta(hours=24))
-    restored.restore([(c.key, c.rollup()) for c in checkpoint.rollups], checkpoint.identities)
+    restored.restore(changelog.restore(map(changelog.rollup_entry, checkpoint.rollups)).rollups.items(), checkpoint.identities)
     assert restored.apply([counted("a", "1.5", NOW)], 4, NOW) == (0, 1)  # the restored window still knows "a"
     # b's hour and day (Oct 15) ended before the horizon (Oct 20); its month runs to Nov 1 and stays.
     evicted = restored.evict_before(NOW - timedelta(days=35))

@@ -23,7 +23,7 @@ from metering_pipeline.usage.metrics import MetricCatalog
 from metering_pipeline.usage.rollups import Checkpoint, PartitionRollups
 from metering_pipeline.warehouse.sink import records_body, rollups_body
 from metering_pipeline.worker import changelog, garbage, routing
-from metering_pipeline.worker.rollup_stage import _aggregated_event
+from metering_pipeline.worker.rollup_stage import aggregated_event
 from metering_schemas import AggregationType, MetricDefinition, PeriodType, ResetPeriod
 
 T = TypeVar("T")
@@ -102,7 +102,7 @@ def _write(clock: _Clock, checkpoint: Checkpoint, checkpoint_id: int) -> None:
     clock.time(CHANGELOG, lambda: _buffered(chain(
         (value for change in checkpoint.rollups for value in changelog.rollup_entry(change)),
         (value for entry in changelog.identities_entries(checkpoint_id, checkpoint.identities) for value in entry))))
-    clock.time(EVENTS, lambda: _buffered(_aggregated_event(change) for change in reported))
+    clock.time(EVENTS, lambda: _buffered(aggregated_event(change) for change in reported))
     clock.time(RECORD_ROWS, lambda: records_body(checkpoint.records))
     clock.time(ROLLUP_ROWS, lambda: rollups_body(reported))
 

@@ -42,11 +42,11 @@ def period_bounds(period: PeriodType | ResetPeriod, at: datetime) -> tuple[datet
 
 def rollup_starts(at: datetime) -> tuple[tuple[PeriodType, datetime], ...]:
     """Every rollup period a record at `at` counts in: its hour, its day and its month."""
-    return _starts_of_hour(int(at.timestamp() // 3600))
+    return starts_of_hour(int(at.timestamp() // 3600))
 
 
 @lru_cache(maxsize=4096)
-def _starts_of_hour(hour: int) -> tuple[tuple[PeriodType, datetime], ...]:
+def starts_of_hour(hour: int) -> tuple[tuple[PeriodType, datetime], ...]:
     """Records cluster in few hours: the per-record bucketing is a cache hit."""
     at = EPOCH + timedelta(hours=hour)
     return tuple((period, period_start(period, at)) for period in PeriodType)

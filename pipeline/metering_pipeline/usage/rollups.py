@@ -23,7 +23,7 @@ import msgspec
 
 from metering_pipeline.usage.aggregation import EXACT, total
 from metering_pipeline.usage.dedup import DedupWindow, RecordIdentity
-from metering_pipeline.usage.periods import EPOCH, period_end, rollup_starts
+from metering_pipeline.usage.periods import EPOCH, period_end, starts_of_hour
 from metering_schemas import AggregationType, PeriodType, ResetPeriod
 
 # metric_key, subject_type, subject_id, period, start. Besides the hourly, daily and monthly
@@ -53,10 +53,6 @@ class CountedRecord(msgspec.Struct, array_like=True, gc=False):
     quantity: Decimal
     timestamp_ms: int  # epoch milliseconds, UTC
     metadata_json: str
-
-    @property
-    def identity(self) -> RecordIdentity:
-        return self.subject_type, self.subject_id, self.record_id
 
     @property
     def timestamp(self) -> datetime:
@@ -99,12 +95,6 @@ class RollupChange(NamedTuple):
         return _make_change((key, rollup.aggregation, rollup.count, rollup.sum, rollup.min, rollup.max, rollup.version,
                              rollup.metric_id, str(rollup.total())))
 
-    def total(self) -> Decimal:
-        return Decimal(self.total_text)
-
-    def rollup(self) -> Rollup:
-        return Rollup(self.aggregation, self.count, self.sum, self.min, self.max, self.version, self.metric_id)
-
     @property
     def period_end(self) -> datetime:
         return period_end(self.key[3], self.key[4])
@@ -133,7 +123,7 @@ class Checkpoint(NamedTuple):
 @lru_cache(maxsize=4096)
 def _periods_of_hour(hour: int) -> tuple[tuple[PeriodType | ResetPeriod, datetime], ...]:
     """Hour, day, month and all time of an epoch hour; records cluster in few hours, so this is a cache hit."""
-    return (*rollup_starts(EPOCH + timedelta(hours=hour)), (LIFETIME, EPOCH))
+    return (*starts_of_hour(hour), (LIFETIME, EPOCH))
 
 
 def _first_open_hour(closed_before: datetime | None) -> int:

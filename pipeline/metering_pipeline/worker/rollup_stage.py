@@ -293,7 +293,7 @@ class RollupStage:
             rollups = checkpoint.rollups
             await batches.add_all(self.changelog_topic, map(changelog.rollup_entry, rollups), partition)
             await batches.add_all(self.topics.usage_aggregated,
-                                  ((_subject_key(change), _aggregated_event(change)) for change in rollups if change.reported))
+                                  ((_subject_key(change), aggregated_event(change)) for change in rollups if change.reported))
             if checkpoint.identities:
                 newest = max(at for _, at in checkpoint.identities)
                 entries = changelog.identities_entries(snapshot.offset, checkpoint.identities)
@@ -464,7 +464,7 @@ def _subject_key(change: RollupChange) -> bytes:
     return f"{change.key[1]}:{change.key[2]}".encode()
 
 
-def _aggregated_event(change: RollupChange) -> bytes:
+def aggregated_event(change: RollupChange) -> bytes:
     """The seed's usage.aggregated event: the UsageSummary as it now stands.
 
     The bytes `UsageAggregated(...).to_json()` writes, built without the model: this is the hot path (one per

@@ -8,8 +8,9 @@ tables as they were.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable, Sequence
 from functools import lru_cache
-from collections.abc import Sequence
+from typing import Generic, TypeVar
 from datetime import datetime, timezone
 from decimal import Decimal
 
@@ -40,6 +41,54 @@ _ROWS = "JSONCompactEachRow"
 _naive_utc = lru_cache(maxsize=8192)(naive_utc)  # period bounds repeat across a checkpoint's rows
 
 
+T = TypeVar("T")
+
+
+class GroupInsert(Generic[T]):
+    """Rows for one table from many writers, sent as one insert: rows offered while an insert is in flight go out
+    together in the next one (group commit).
+
+    Every partition's writer writes its own checkpoints; one insert per partition per checkpoint would queue a dozen
+    small inserts each second behind the sink's single connection (each costs ClickHouse about as much as a big one),
+    and usage_summary would fall behind by the length of the queue. Each writer still awaits its own rows: `write`
+    returns once they are in ClickHouse, or raises what the insert that carried them raised (the writer retries them).
+    """
+
+    def __init__(self, insert: Callable[[list[T]], Awaitable[None]]) -> None:
+        self._insert = insert
+        self._rows: list[T] = []
+        self._waiting: list[asyncio.Future[None]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def write(self, rows: Sequence[T]) -> None:
+        done = asyncio.get_running_loop().create_future()
+        self._rows.extend(rows)
+        self._waiting.append(done)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._drain())
+        await done
+
+    async def _drain(self) -> None:
+        while self._waiting:
+            rows, waiting = self._rows, self._waiting
+            self._rows, self._waiting = [], []
+            try:
+                await self._insert(rows)
+            except asyncio.CancelledError:
+                for done in (*waiting, *self._waiting):
+                    done.cancel()
+                self._rows, self._waiting = [], []
+                raise
+            except Exception as error:  # noqa: BLE001 - handed to each writer whose rows it carried
+                for done in waiting:
+                    if not done.done():
+                        done.set_exception(error)
+            else:
+                for done in waiting:
+                    if not done.done():
+                        done.set_result(None)
+
+
 def _exact(value: object) -> str:
     if isinstance(value, Decimal):
         return str(value)
@@ -58,6 +107,10 @@ class ClickHouseSink:
         self.settings = settings
         self._client: Client | None = None
         self._lock = asyncio.Lock()  # one client, one request at a time
+        self._records = GroupInsert[CountedRecord](
+            lambda records: self._insert("usage_records", records_body(records), _RECORD_COLUMNS, _COLUMNS))
+        self._rollups = GroupInsert[RollupChange](
+            lambda changes: self._insert("usage_rollups", rollups_body(changes), _ROLLUP_COLUMNS, _COLUMNS))
 
     def _open(self) -> Client:
         migrate(self.settings)
@@ -71,11 +124,11 @@ class ClickHouseSink:
 
     async def write_records(self, records: Sequence[CountedRecord]) -> None:
         if records:
-            await self._insert("usage_records", records_body(records), _RECORD_COLUMNS, _COLUMNS)
+            await self._records.write(records)
 
     async def write_rollups(self, changes: Sequence[RollupChange]) -> None:
         if changes:
-            await self._insert("usage_rollups", rollups_body(changes), _ROLLUP_COLUMNS, _COLUMNS)
+            await self._rollups.write(changes)
 
     async def write_alerts(self, events: Sequence[dict[str, object]]) -> None:
         """Alerts as read from the alerts topic (parsed `ThresholdAlert` JSON, camelCase keys)."""

@@ -142,8 +142,7 @@ class RollupStage:
                 async with self._lock:
                     for tp, messages in batches.items():
                         self._apply(tp.partition, messages)
-                    for owned in list(self.owned.values()):
-                        await self._publish_alerts(owned)
+                    await self._publish_all_alerts()
                     if time.monotonic() - last_checkpoint >= self.settings.flush_interval:
                         for owned in self.owned.values():
                             owned.checkpoint_due = True
@@ -236,6 +235,11 @@ class RollupStage:
             self.consumer.resume(*self.consumer.assignment())
             log.info("resuming consumption", buffered_records=buffered)
         self._paused = pause
+
+    async def _publish_all_alerts(self) -> None:
+        """Every partition's alerts at once: each partition has a producer (and transaction) of its own, and one
+        transaction after another would make the last partition's alerts wait for all the others'."""
+        await asyncio.gather(*(self._publish_alerts(owned) for owned in list(self.owned.values())))
 
     async def _publish_alerts(self, owned: OwnedPartition) -> None:
         """Alerts go out at once, with the markers that stop a replay from firing them again."""

@@ -3,7 +3,7 @@ entries round-trip exactly, including what an older worker left on the topics.""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 import orjson
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from metering_pipeline.usage.intake import AcceptedRecord
-from metering_pipeline.usage.rollups import LIFETIME, CountedRecord, Rollup, RollupChange
+from metering_pipeline.usage.rollups import LIFETIME, CountedRecord, PartitionRollups, Rollup, RollupChange
 from metering_pipeline.warehouse.sink import records_body
 from metering_pipeline.worker import changelog, routing
 from metering_schemas import AggregationType, MetricDefinition, PeriodType, ResetPeriod
@@ -96,3 +96,20 @@ def test_usage_records_times_are_written_as_clickhouse_datetime64_text_of_the_sa
     [*_, times, _quantities, _metadata, _metric] = orjson.loads(records_body([record]))
     assert datetime.fromisoformat(times[0]).replace(tzinfo=UTC) == record.timestamp
     assert len(times[0]) == len("2026-11-24 10:15:30.123")
+
+
+@pytest.mark.parametrize("aggregation", list(AggregationType))
+@pytest.mark.parametrize("quantities", [[], ["7.50"], ["7.50", "7.50"], ["3", "-1E+2", BIG, "0.5"], ["2", "2.0", "1E+1"]])
+def test_a_frozen_rollup_writes_the_texts_of_its_values_and_total(aggregation: AggregationType, quantities: list[str]):
+    """The texts are shared where the values are the same object (a rollup of one record): never a wrong one."""
+    at = datetime(2026, 11, 24, 10, tzinfo=UTC)
+    state = PartitionRollups(timedelta(hours=1))
+    records = [CountedRecord("org", "o", f"r{n}", "m", "m", aggregation, Decimal(q), int(at.timestamp() * 1000), "{}")
+               for n, q in enumerate(quantities)]
+    state.apply(records, 0, at)
+    rollups = state.rollups.items() if quantities else [(("m", "org", "o", LIFETIME, at), Rollup(aggregation))]
+    for key, rollup in rollups:
+        change = RollupChange.of(key, rollup)
+        assert (change.sum_text, change.min_text, change.max_text, change.total_text) == (
+            str(rollup.sum), None if rollup.min is None else str(rollup.min),
+            None if rollup.max is None else str(rollup.max), str(rollup.total()))

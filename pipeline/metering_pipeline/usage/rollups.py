@@ -77,23 +77,23 @@ class Rollup(msgspec.Struct, gc=False):
 
 
 class RollupChange(NamedTuple):
-    """A rollup's value as of a checkpoint: one flat tuple, so later records do not change it (checkpoints are
-    written after the stream moves on) and freezing one costs a tuple, not copies of objects."""
+    """A rollup's value as of a checkpoint, as the changelog, usage.aggregated and ClickHouse write it: one flat tuple
+    of exact decimal texts, so later records do not change it (checkpoints are written after the stream moves on), and
+    each value is turned into text once, not once per output (a Decimal's `str` is most of what a row costs)."""
 
     key: RollupKey
     aggregation: AggregationType
     count: int
-    sum: Decimal
-    min: Decimal | None
-    max: Decimal | None
+    sum_text: str
+    min_text: str | None
+    max_text: str | None
     version: int
     metric_id: str | None
-    total_text: str  # totalQuantity, exact: computed once for the event and the ClickHouse row (AVG divides)
+    total_text: str  # totalQuantity, exact (AVG divides)
 
     @classmethod
     def of(cls, key: RollupKey, rollup: Rollup) -> RollupChange:
-        return _make_change((key, rollup.aggregation, rollup.count, rollup.sum, rollup.min, rollup.max, rollup.version,
-                             rollup.metric_id, str(rollup.total())))
+        return _freeze(key, rollup)
 
     @property
     def period_end(self) -> datetime:
@@ -106,6 +106,31 @@ class RollupChange(NamedTuple):
 
 
 _make_change = RollupChange._make  # tuple.__new__ in C, not the generated __new__ in Python
+
+
+_SUM, _MIN, _MAX, _COUNT = AggregationType.SUM, AggregationType.MIN, AggregationType.MAX, AggregationType.COUNT
+
+
+def _freeze(key: RollupKey, rollup: Rollup) -> RollupChange:
+    """Texts shared where the values are the same object: a rollup of one record holds its quantity as sum, min and
+    max (most rollups of a checkpoint, when records spread over many subjects), and the total is one of them unless
+    the metric averages or counts."""
+    sum_, low, high, aggregation = rollup.sum, rollup.min, rollup.max, rollup.aggregation
+    sum_text = str(sum_)
+    min_text = sum_text if low is sum_ else None if low is None else str(low)
+    max_text = min_text if high is low else sum_text if high is sum_ else None if high is None else str(high)
+    if aggregation is _SUM:
+        total_text = sum_text
+    elif aggregation is _COUNT:
+        total_text = str(rollup.count)
+    elif aggregation is _MAX and rollup.count:
+        total_text = max_text  # type: ignore[assignment]
+    elif aggregation is _MIN and rollup.count:
+        total_text = min_text  # type: ignore[assignment]
+    else:
+        total_text = str(total(aggregation, rollup.count, sum_, low, high))
+    return _make_change((key, aggregation, rollup.count, sum_text, min_text, max_text, rollup.version,
+                         rollup.metric_id, total_text))
 
 
 class Checkpoint(NamedTuple):
@@ -204,9 +229,7 @@ class PartitionRollups:
 
     def checkpoint(self) -> Checkpoint:
         """Hand over everything changed since the last checkpoint (as of now) and start a new one."""
-        changes = [_make_change((key, r.aggregation, r.count, r.sum, r.min, r.max, r.version, r.metric_id,
-                                 str(total(r.aggregation, r.count, r.sum, r.min, r.max))))
-                   for key, r in self._changed.items()]
+        changes = [_freeze(key, rollup) for key, rollup in self._changed.items()]
         checkpoint = Checkpoint(changes, self._records, self._identities, self._closed)
         self._closed = []
         self._changed = {}

@@ -170,9 +170,8 @@ def rollups_body(changes: Sequence[RollupChange]) -> bytes:
         [key[0] for key in keys], [key[1] for key in keys], [key[2] for key in keys], [WIRE_NAME[key[3]] for key in keys],
         [_naive_utc(key[4]) for key in keys], [_naive_utc(change.period_end) for change in changes],
         [WIRE_NAME[change.aggregation] for change in changes], [change.total_text for change in changes],
-        [change.count for change in changes], [str(change.sum) for change in changes],
-        [None if change.min is None else str(change.min) for change in changes],
-        [None if change.max is None else str(change.max) for change in changes],
+        [change.count for change in changes], [change.sum_text for change in changes],
+        [change.min_text for change in changes], [change.max_text for change in changes],
         [change.version for change in changes],
     ])
 

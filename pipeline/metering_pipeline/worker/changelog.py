@@ -28,11 +28,8 @@ MARKER_PREFIX = b"a|"  # threshold alert markers
 
 
 def rollup_entry(change: RollupChange) -> tuple[bytes, bytes]:
-    value = orjson.dumps([
-        WIRE_NAME[change.aggregation], change.count, str(change.sum),
-        None if change.min is None else str(change.min), None if change.max is None else str(change.max),
-        change.version, change.metric_id,
-    ])
+    value = orjson.dumps([WIRE_NAME[change.aggregation], change.count, change.sum_text, change.min_text,
+                          change.max_text, change.version, change.metric_id])
     return rollup_tombstone(change.key), value
 
 

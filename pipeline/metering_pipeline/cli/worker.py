@@ -44,7 +44,11 @@ def worker(web_port: int, flush_interval: float | None, processing_guarantee: st
     prepare(settings)
     app = create_app(settings, web_port)
     try:
-        Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()
+        worker_ = Worker(app, loglevel=loglevel, quiet=True)
+        # Faust's terminal spinner, at --loglevel warn or above, lowers the root logger to DEBUG so that it can spin
+        # on every record: each of aiokafka's debug lines (several per fetch and produce) was then built and handled.
+        worker_.spinner = None
+        worker_.execute_from_commandline()
     except SystemExit as exit_:
         # A failed stage stops the worker with SIGTERM, after which mode exits 0 like after any SIGTERM:
         # a supervisor must see the failure.

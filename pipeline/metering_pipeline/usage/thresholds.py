@@ -28,17 +28,18 @@ MarkerKey = tuple[str, str, str, datetime]  # threshold id, subject_type, subjec
 
 
 class ThresholdBook:
-    """The thresholds in force, indexed by (metric key, subject type) for the per-record lookup."""
+    """The thresholds in force, indexed by (metric key, subject type, subject id or `*`) for the per-record lookup:
+    platforms give each customer a limit of their own, so a lookup must not scan the other customers' thresholds."""
 
     def __init__(self) -> None:
         self._by_id: dict[str, UsageThreshold] = {}
-        self._index: dict[tuple[str, str], dict[str, UsageThreshold]] = {}
+        self._index: dict[tuple[str, str, str], dict[str, UsageThreshold]] = {}
         self.changes: list[str] = []  # ids in the order they changed; partitions catch up through it
 
     def put(self, threshold: UsageThreshold) -> None:
         self._unindex(threshold.id)
         self._by_id[threshold.id] = threshold
-        self._index.setdefault((threshold.metric_key, threshold.subject_type), {})[threshold.id] = threshold
+        self._index.setdefault(_slot(threshold), {})[threshold.id] = threshold
         self.changes.append(threshold.id)
 
     def delete(self, threshold_id: str) -> None:
@@ -49,19 +50,29 @@ class ThresholdBook:
     def _unindex(self, threshold_id: str) -> None:
         previous = self._by_id.get(threshold_id)
         if previous is not None:
-            self._index.get((previous.metric_key, previous.subject_type), {}).pop(threshold_id, None)
+            slot = self._index.get(_slot(previous))
+            if slot is not None:
+                slot.pop(threshold_id, None)
+                if not slot:
+                    del self._index[_slot(previous)]
 
     def get(self, threshold_id: str) -> UsageThreshold | None:
         return self._by_id.get(threshold_id)
 
     def matching(self, metric_key: str, subject_type: str, subject_id: str) -> list[UsageThreshold]:
-        candidates = self._index.get((metric_key, subject_type))
-        if not candidates:
-            return []
-        return [t for t in candidates.values() if t.subject_id in (subject_id, WILDCARD)]
+        """The subject's own thresholds, then those of every subject of its type."""
+        own = self._index.get((metric_key, subject_type, subject_id))
+        every = self._index.get((metric_key, subject_type, WILDCARD)) if subject_id != WILDCARD else None
+        if every is None:
+            return list(own.values()) if own else []
+        return [*own.values(), *every.values()] if own else list(every.values())
 
     def __len__(self) -> int:
         return len(self._by_id)
+
+
+def _slot(threshold: UsageThreshold) -> tuple[str, str, str]:
+    return threshold.metric_key, threshold.subject_type, threshold.subject_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,21 +275,34 @@ class PartitionThresholds:
         changed = dict.fromkeys(self.book.changes[self.seen_changes:])
         self.seen_changes = len(self.book.changes)
         alerts: list[Alert] = []
+        in_force: list[UsageThreshold] = []
         for threshold_id in changed:
             threshold = self.book.get(threshold_id)
             if threshold is None:
                 self.watch.forget(threshold_id)
                 continue
             self.watch.rearm(threshold, lambda subject, start, t=threshold: self._value(t.metric_key, subject, start))
-            subjects = {(key[1], key[2]) for key in self.rollups.rollups
-                        if key[0] == threshold.metric_key and key[1] == threshold.subject_type
-                        and threshold.subject_id in (key[2], WILDCARD)}
+            in_force.append(threshold)
+        subjects_of = self._subjects_of({(t.metric_key, t.subject_type) for t in in_force})
+        for threshold in in_force:
+            subjects = [subject for subject in subjects_of.get((threshold.metric_key, threshold.subject_type), ())
+                        if threshold.subject_id in (subject[1], WILDCARD)]
             for subject in subjects:
                 window = self.current_window(threshold.metric_key, subject, now)
                 if window is not None:
                     reset, start, rollup = window
                     alerts += self.watch.evaluate(threshold, subject, reset, start, rollup.total(), now)
         return alerts
+
+    def _subjects_of(self, metrics: set[tuple[str, str]]) -> dict[tuple[str, str], set[Subject]]:
+        """The subjects with rollups, per (metric key, subject type) asked for: one pass over the state however many
+        thresholds changed (a restart brings every threshold in at once, onto a million rollups)."""
+        found: dict[tuple[str, str], set[Subject]] = {}
+        if metrics:
+            for metric_key, subject_type, subject_id, _period, _start in self.rollups.rollups:
+                if (metric_key, subject_type) in metrics:
+                    found.setdefault((metric_key, subject_type), set()).add((subject_type, subject_id))
+        return found
 
     def _value(self, metric_key: str, subject: Subject, window_start: datetime) -> Decimal | None:
         found = self.window_rollup(metric_key, subject, window_start)

@@ -51,22 +51,34 @@ class RouterStage:
         )
 
     async def run(self, stopping: asyncio.Event) -> None:
+        """Routes one poll while the previous one is acknowledged and committed (at most one in flight, committed in
+        order): waiting for the broker's acks before reading on left the router idle for a round trip per poll."""
         await self.producer.start()
         await self.consumer.start()
+        in_flight: asyncio.Task[None] | None = None
         try:
             partitions = await self._routed_partitions()
             while not stopping.is_set():
                 batches = await self.consumer.getmany(timeout_ms=100, max_records=self.settings.max_poll_records)
                 if batches:
-                    await self._route(batches, partitions)
+                    sends, offsets = await self._route(batches, partitions)
+                    if in_flight is not None:
+                        await in_flight
+                    in_flight = asyncio.create_task(self._acknowledge(sends, offsets))
+            if in_flight is not None:
+                await in_flight
         finally:
+            if in_flight is not None and not in_flight.done():
+                in_flight.cancel()
             await self.consumer.stop()
             await self.producer.stop()
 
     async def _routed_partitions(self) -> routing.SubjectPartitions:
         return routing.SubjectPartitions(len(await self.producer.partitions_for(self.topics.routed)))
 
-    async def _route(self, batches: dict, partitions: routing.SubjectPartitions) -> None:
+    async def _route(self, batches: dict, partitions: routing.SubjectPartitions) -> tuple[list[asyncio.Future], dict]:
+        """Sends the poll's routed batches and dead letters; returns their acknowledgements and the offsets to commit
+        once they are all acknowledged."""
         by_partition: dict[int, list[AcceptedRecord]] = defaultdict(list)
         sends = []
         offsets = {}
@@ -98,6 +110,9 @@ class RouterStage:
             for chunk in routing.batches(records):
                 sends.append(await self.producer.send(self.topics.routed, routing.encode(chunk), partition=partition,
                                                       headers=published))
+        return sends, offsets
+
+    async def _acknowledge(self, sends: list[asyncio.Future], offsets: dict[TopicPartition, int]) -> None:
         await asyncio.gather(*sends)
         await self._commit(offsets)
 

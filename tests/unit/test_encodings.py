@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
+import msgspec
 import orjson
 import pytest
 from hypothesis import given, strategies as st
@@ -53,6 +54,14 @@ def test_version_1_json_batches_left_by_an_older_worker_still_decode():
     [record] = routing.decode(legacy)
     assert record == CountedRecord("org", "o", "r-1", "tokens", "tokens-v2", AggregationType.SUM, Decimal(BIG), at_ms,
                                    '{"a":1}')
+    assert record.all_time  # an older worker kept an all-time rollup for every metric
+
+
+def test_version_2_batches_routed_before_records_said_whether_they_count_all_time_still_do():
+    older = routing.ROUTED_V2 + msgspec.msgpack.encode([["org", "o", "r-1", "tokens", "tokens-v2", "SUM", "1.5",
+                                                         1_764_000_000_123, "{}"]])
+    [record] = routing.decode(older)
+    assert record.all_time and record.quantity == Decimal("1.5")
 
 
 def test_an_unknown_routed_encoding_is_refused_loudly():
@@ -113,3 +122,16 @@ def test_a_frozen_rollup_writes_the_texts_of_its_values_and_total(aggregation: A
         assert (change.sum_text, change.min_text, change.max_text, change.total_text) == (
             str(rollup.sum), None if rollup.min is None else str(rollup.min),
             None if rollup.max is None else str(rollup.max), str(rollup.total()))
+
+
+@pytest.mark.parametrize("reset_period", list(ResetPeriod))
+def test_a_routed_record_counts_all_time_only_for_a_metric_that_never_resets(reset_period: ResetPeriod):
+    at = datetime(2026, 11, 24, 10, 15, tzinfo=UTC)
+    metric = TOKENS.model_copy(update={"reset_period": reset_period})
+    record = AcceptedRecord("r-1", "org", "o", "tokens", Decimal(1), at, metric, 7, "{}")
+    [routed] = routing.decode(routing.encode([record]))
+    assert routed.all_time is (reset_period is ResetPeriod.NEVER)
+    state = PartitionRollups(timedelta(hours=1))
+    state.apply([routed], 0, at)
+    assert sorted(str(key[3].value) for key in state.rollups) == sorted(
+        ["DAILY", "HOURLY", "MONTHLY", *(["NEVER"] if reset_period is ResetPeriod.NEVER else [])])

@@ -5,7 +5,7 @@ remembers what changed since the last checkpoint, and can be rebuilt from the ch
 it produced, so a restarted worker continues exactly where the last committed checkpoint
 left it.
 
-`apply` is the hot path of the rollup stage (four rollups per record): records arrive as
+`apply` is the hot path of the rollup stage (three or four rollups per record): records arrive as
 msgspec structs straight from the routed message, periods come from a per-hour cache, and the
 sums are added in place under the exact decimal context rather than through a method per rollup.
 """
@@ -13,6 +13,7 @@ sums are added in place under the exact decimal context rather than through a me
 from __future__ import annotations
 
 import decimal
+from sys import intern
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -27,8 +28,9 @@ from metering_pipeline.usage.periods import EPOCH, period_end, starts_of_hour
 from metering_schemas import AggregationType, PeriodType, ResetPeriod
 
 # metric_key, subject_type, subject_id, period, start. Besides the hourly, daily and monthly
-# rollups that reach ClickHouse, each metric and subject has an all-time one (ResetPeriod.NEVER,
-# start EPOCH) that thresholds of NEVER-resetting metrics are evaluated against.
+# rollups that reach ClickHouse, each subject of a metric whose resetPeriod is NEVER has an all-time
+# one (ResetPeriod.NEVER, start EPOCH) that its thresholds are evaluated against. Only those: an
+# all-time rollup never leaves memory, so one per subject of every metric would grow without bound.
 RollupKey = tuple[str, str, str, PeriodType | ResetPeriod, datetime]
 LIFETIME = ResetPeriod.NEVER
 _HOUR_MS = 3_600_000
@@ -53,6 +55,9 @@ class CountedRecord(msgspec.Struct, array_like=True, gc=False):
     quantity: Decimal
     timestamp_ms: int  # epoch milliseconds, UTC
     metadata_json: str
+    # Counted into an all-time rollup too (its metric never resets). True when absent: routed by an older worker,
+    # which kept an all-time rollup for every metric.
+    all_time: bool = True
 
     @property
     def timestamp(self) -> datetime:
@@ -61,7 +66,7 @@ class CountedRecord(msgspec.Struct, array_like=True, gc=False):
 
 class Rollup(msgspec.Struct, gc=False):
     """A period's running aggregate (count, sum, min, max: what every aggregation type is computed from) and what it is
-    about. One per rollup, four per (metric, subject), so it is kept small: a struct without the cyclic collector's
+    about. One per rollup, three or four per (metric, subject), so it is kept small: a struct without the cyclic collector's
     header (it refers to no container, so it can be in no cycle)."""
 
     aggregation: AggregationType
@@ -151,6 +156,9 @@ def _periods_of_hour(hour: int) -> tuple[tuple[PeriodType | ResetPeriod, datetim
     return (*starts_of_hour(hour), (LIFETIME, EPOCH))
 
 
+_reported_periods_of_hour = starts_of_hour  # hour, day and month (cached alike)
+
+
 def _first_open_hour(closed_before: datetime | None) -> int:
     """The first epoch hour that ends at or after `closed_before`: records of earlier hours are refused."""
     if closed_before is None:
@@ -190,7 +198,9 @@ class PartitionRollups:
                 if hour < first_open_hour:
                     self._closed.append((offset, record))
                     continue
-                subject_type, subject_id = record.subject_type, record.subject_id
+                # One string object per subject, however many records, metrics and rollups name it (decoding makes
+                # one per record): at a million keys the copies cost more memory than the rollups.
+                subject_type, subject_id = intern(record.subject_type), intern(record.subject_id)
                 identity = (subject_type, subject_id, record.record_id)
                 if not admit(identity):
                     duplicates += 1
@@ -199,12 +209,13 @@ class PartitionRollups:
                 keep_record(record)
                 keep_identity((identity, seen_at))
                 quantity, metric_key, metric_id = record.quantity, record.metric_key, record.metric_id
-                for period, start in _periods_of_hour(hour):
+                for period, start in (_periods_of_hour if record.all_time else _reported_periods_of_hour)(hour):
                     key = (metric_key, subject_type, subject_id, period, start)
                     rollup = rollups.get(key)
                     if rollup is None:  # its first record: the quantity object itself is sum, min and max (no copy)
+                        key = (intern(metric_key), subject_type, subject_id, period, start)
                         rollups[key] = changed[key] = Rollup(record.aggregation, 1, quantity, quantity, quantity, offset,
-                                                             metric_id)
+                                                             intern(metric_id))
                         continue
                     rollup.aggregation = record.aggregation
                     rollup.metric_id = metric_id

@@ -12,9 +12,11 @@ changelog, which reproduces the same rows; ClickHouse is never ahead of committe
 rollups, and a restart re-sinks every restored rollup, so it is never behind for long either.
 
 Alerts do not wait for checkpoints or ClickHouse: as soon as records cross a threshold, a
-transaction of the same producer publishes the alerts with the markers that say they fired
-(so a replay of the records does not fire them again); `alert_archive` copies them into
-ClickHouse. On tansu (no transactions) `processing_guarantee=at_least_once` commits offsets
+transaction of p's alert producer (a second transactional id naming p, so that an alert never
+waits for a checkpoint's transaction to end) publishes the alerts with the markers that say they
+fired, so a replay of the records does not fire them again; the loop takes its next checkpoint
+only after that transaction, so no committed offset passes an alert that is not out. `alert_archive`
+copies them into ClickHouse. On tansu (no transactions) `processing_guarantee=at_least_once` commits offsets
 after the changelog is written instead.
 """
 
@@ -69,9 +71,9 @@ class OwnedPartition:
     partition: int
     state: PartitionRollups
     thresholds: PartitionThresholds
-    producer: AIOKafkaProducer
+    producer: AIOKafkaProducer  # checkpoints: changelog, usage.aggregated and the consumer offset
+    alert_producer: AIOKafkaProducer  # alerts and their markers
     writer: PartitionWriter
-    transactions: asyncio.Lock = field(default_factory=asyncio.Lock)  # alerts and checkpoints share the producer
     alerts: list[Alert] = field(default_factory=list)  # decided, not yet published
     next_offset: int | None = None
     checkpoint_due: bool = False
@@ -162,6 +164,7 @@ class RollupStage:
             for owned in list(self.owned.values()):
                 await owned.writer.stop()
                 await owned.producer.stop()
+                await owned.alert_producer.stop()
             self.owned.clear()
             await self.consumer.stop()
 
@@ -219,8 +222,9 @@ class RollupStage:
     @staticmethod
     async def _close(owned: OwnedPartition) -> None:
         await owned.writer.stop()
-        with contextlib.suppress(KafkaError):
-            await owned.producer.stop()
+        for producer in (owned.producer, owned.alert_producer):
+            with contextlib.suppress(KafkaError):
+                await producer.stop()
 
     def _apply_backpressure(self) -> None:
         """Stop fetching while the writers hold too many records (ClickHouse slow or down); resume at half."""
@@ -258,7 +262,7 @@ class RollupStage:
                                   alert.to_event().to_json())
 
         try:
-            await self._in_transaction(owned, produce)
+            await self._in_transaction(owned.alert_producer, owned.partition, produce)
         except _RELEASE as error:
             self._release(owned, error)
             return
@@ -268,15 +272,14 @@ class RollupStage:
             if alert.usage_published_at is not None:
                 self.stats.alert_latency_seconds.observe(committed - alert.usage_published_at)
 
-    async def _in_transaction(self, owned: OwnedPartition, produce, offset: int | None = None) -> None:
-        """Produce with p's producer, atomically with p's consumer offset when one is given."""
-        async with owned.transactions:
-            await _unless_producer_died(owned.producer, self._produce_and_commit(owned, produce, offset))
+    async def _in_transaction(self, producer: AIOKafkaProducer, partition: int, produce,
+                              offset: int | None = None) -> None:
+        """Produce with one of p's producers, atomically with p's consumer offset when one is given."""
+        await _unless_producer_died(producer, self._produce_and_commit(producer, partition, produce, offset))
 
-    async def _produce_and_commit(self, owned: OwnedPartition, produce, offset: int | None) -> None:
-        producer = owned.producer
+    async def _produce_and_commit(self, producer: AIOKafkaProducer, partition: int, produce, offset: int | None) -> None:
         batches = PartitionBatches(producer, self._key_partitions)
-        offsets = {} if offset is None else {TopicPartition(self.topic, owned.partition): offset}
+        offsets = {} if offset is None else {TopicPartition(self.topic, partition): offset}
         if self.transactional:
             async with producer.transaction():
                 await produce(batches)
@@ -310,7 +313,7 @@ class RollupStage:
                      self._closed_dead_letter(offset, record, partition).to_json())
                     for offset, record in checkpoint.closed))
 
-        await self._in_transaction(owned, produce, snapshot.offset)
+        await self._in_transaction(owned.producer, partition, produce, snapshot.offset)
 
     def _evicted_rollup_entries(self, owned: OwnedPartition, checkpoint: Checkpoint) -> list[bytes]:
         """Once a minute: rollups past the allowed lateness leave memory and the changelog (they can no longer
@@ -359,22 +362,11 @@ class RollupStage:
             for partition in partitions:
                 if partition in self.owned:
                     continue
-                producer = AIOKafkaProducer(
-                    **self.settings.kafka_client_options(),
-                    acks="all",
-                    linger_ms=5,
-                    max_batch_size=MAX_BATCH_BYTES,
-                    transactional_id=f"{self.group_id}-{self.topic}-{partition}" if self.transactional else None,
-                    enable_idempotence=self.transactional,
-                )
+                producer = await self._start_producer(f"{self.group_id}-{self.topic}-{partition}")
                 try:
-                    await producer.start()
-                except KafkaError as error:
-                    if self.transactional:
-                        raise RuntimeError(
-                            "this broker refused a transactional producer (tansu does); run with "
-                            "METERING_PROCESSING_GUARANTEE=at_least_once, or use Apache Kafka for exactly-once"
-                        ) from error
+                    alert_producer = await self._start_producer(f"{self.group_id}-{self.topic}-{partition}-alerts")
+                except BaseException:
+                    await producer.stop()
                     raise
                 restored = await self._restore(partition)
                 state = PartitionRollups(self.settings.dedup_window)
@@ -382,18 +374,39 @@ class RollupStage:
                 # seen_changes starts at 0: every threshold in force is checked against the restored state.
                 thresholds = PartitionThresholds(state, self.book, self.catalog, self.settings.threshold_approaching_fraction)
                 thresholds.watch.restore(restored.markers.items())
-                owned = self._own(partition, state, thresholds, producer, restored.identity_entries)
+                owned = self._own(partition, state, thresholds, (producer, alert_producer), restored.identity_entries)
                 owned.writer.resink([RollupChange.of(key, rollup) for key, rollup in restored.rollups.items()])
                 log.info("partition assigned", stage="rollups", partition=partition,
                          rollups=len(restored.rollups), identities=len(restored.identities))
             garbage.freeze_survivors()
 
-    def _own(self, partition: int, state: PartitionRollups, thresholds: PartitionThresholds, producer: AIOKafkaProducer,
-             identity_entries: dict[bytes, datetime]) -> OwnedPartition:
+    async def _start_producer(self, transactional_id: str) -> AIOKafkaProducer:
+        """A producer of one partition's; its transactional id fences the one a previous owner of it still has."""
+        producer = AIOKafkaProducer(
+            **self.settings.kafka_client_options(),
+            acks="all",
+            linger_ms=5,
+            max_batch_size=MAX_BATCH_BYTES,
+            transactional_id=transactional_id if self.transactional else None,
+            enable_idempotence=self.transactional,
+        )
+        try:
+            await producer.start()
+        except KafkaError as error:
+            if self.transactional:
+                raise RuntimeError(
+                    "this broker refused a transactional producer (tansu does); run with "
+                    "METERING_PROCESSING_GUARANTEE=at_least_once, or use Apache Kafka for exactly-once"
+                ) from error
+            raise
+        return producer
+
+    def _own(self, partition: int, state: PartitionRollups, thresholds: PartitionThresholds,
+             producers: tuple[AIOKafkaProducer, AIOKafkaProducer], identity_entries: dict[bytes, datetime]) -> OwnedPartition:
         async def commit(snapshot: Snapshot) -> None:
             await self._commit(owned, snapshot)
 
-        owned = OwnedPartition(partition, state, thresholds, producer, PartitionWriter(self.sink, commit, self.stats),
+        owned = OwnedPartition(partition, state, thresholds, *producers, PartitionWriter(self.sink, commit, self.stats),
                                identity_entries=identity_entries)
         self.owned[partition] = owned
         return owned

@@ -2,10 +2,11 @@
 
 The workload goes through the steps a poll at a time, as in the worker (garbage collector set as
 the worker sets it, outputs made and dropped): read (decode and admit every message), route (encode
-routed batches), decode the routed batches, roll up (de-duplicate, hour/day/month/all time), and at
-every checkpoint its outputs (changelog entries, `usage.aggregated` events, ClickHouse rows). Each
-step's CPU time is summed, so the next person sees where a record's time goes without a stack; the
-monthly totals are checked against the workload's independently computed ones.
+routed batches), decode the routed batches, roll up (de-duplicate; hour, day and month, and all time
+for metrics that never reset), and at every checkpoint its outputs (changelog entries,
+`usage.aggregated` events, ClickHouse rows). Each step's CPU time is summed, so the next person sees
+where a record's time goes without a stack; the monthly totals are checked against the workload's
+independently computed ones.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def run_hot_path(plan: HotPathPlan) -> tuple[list[Step], int]:
 
 POLL_RECORDS = 2_000  # records per simulated poll
 READ, ROUTE, DECODE, ROLL_UP, CHECKPOINT = ("read: decode, validate, resolve the metric", "route: encode routed batches",
-                                            "decode routed batches", "roll up: dedup, hour/day/month/all time",
+                                            "decode routed batches", "roll up: dedup, hour/day/month rollups",
                                             "checkpoint: freeze changed rollups")
 CHANGELOG, EVENTS, RECORD_ROWS, ROLLUP_ROWS = ("changelog entries (rollups, identities)", "usage.aggregated events",
                                                "ClickHouse rows: usage_records", "ClickHouse rows: usage_rollups")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import sys
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal, Inexact
 
@@ -263,3 +264,20 @@ def test_timestamps_that_overflow_when_converted_to_utc_are_refused_as_invalid_r
     assert letter.reason is RejectReason.INVALID_RECORD and "out of range" in letter.message
     _, [late] = read(b'{"metricKey":"tokens","subjectType":"org","subjectId":"o","timestamp":"9999-12-31T23:59:59-01:00"}')
     assert late.reason is RejectReason.INVALID_RECORD
+
+
+def test_rollups_hold_one_string_per_metric_and_subject_however_many_records_name_them():
+    def fresh(text: str) -> str:  # a new object with the same text, as decoding each record makes one
+        return "".join([text[:1], text[1:]])
+
+    at_ms = int(NOW.timestamp() * 1000)
+    records = [CountedRecord(fresh("org"), fresh("o-1"), f"r{n}", fresh("tokens"), fresh("tokens-v2"),
+                             AggregationType.SUM, Decimal(n + 1), at_ms, "{}") for n in range(3)]
+    assert records[0].metric_id is not records[1].metric_id
+    state = PartitionRollups(timedelta(hours=24))
+    state.apply(records, 0, NOW)
+    rollups = state.rollups
+    assert len(rollups) == 4 and all(rollup.count == 3 for rollup in rollups.values())
+    # The one interned object, not the copy of whichever record came last.
+    assert all(rollup.metric_id is sys.intern(fresh("tokens-v2")) for rollup in rollups.values())
+    assert all(key[0] is sys.intern(fresh("tokens")) and key[2] is sys.intern(fresh("o-1")) for key in rollups)

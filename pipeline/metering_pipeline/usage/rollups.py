@@ -156,9 +156,6 @@ def _periods_of_hour(hour: int) -> tuple[tuple[PeriodType | ResetPeriod, datetim
     return (*starts_of_hour(hour), (LIFETIME, EPOCH))
 
 
-_reported_periods_of_hour = starts_of_hour  # hour, day and month (cached alike)
-
-
 def _first_open_hour(closed_before: datetime | None) -> int:
     """The first epoch hour that ends at or after `closed_before`: records of earlier hours are refused."""
     if closed_before is None:
@@ -198,8 +195,9 @@ class PartitionRollups:
                 if hour < first_open_hour:
                     self._closed.append((offset, record))
                     continue
-                # One string object per subject, however many records, metrics and rollups name it (decoding makes
-                # one per record): at a million keys the copies cost more memory than the rollups.
+                # One string object per subject and metric, however many records and rollups name it (decoding makes
+                # one per record, and an update stores the record's metric id): at a million keys the copies cost
+                # more memory than the rollups.
                 subject_type, subject_id = intern(record.subject_type), intern(record.subject_id)
                 identity = (subject_type, subject_id, record.record_id)
                 if not admit(identity):
@@ -208,14 +206,13 @@ class PartitionRollups:
                 counted += 1
                 keep_record(record)
                 keep_identity((identity, seen_at))
-                quantity, metric_key, metric_id = record.quantity, record.metric_key, record.metric_id
-                for period, start in (_periods_of_hour if record.all_time else _reported_periods_of_hour)(hour):
+                quantity, metric_key, metric_id = record.quantity, intern(record.metric_key), intern(record.metric_id)
+                for period, start in _periods_of_hour(hour) if record.all_time else starts_of_hour(hour):
                     key = (metric_key, subject_type, subject_id, period, start)
                     rollup = rollups.get(key)
                     if rollup is None:  # its first record: the quantity object itself is sum, min and max (no copy)
-                        key = (intern(metric_key), subject_type, subject_id, period, start)
                         rollups[key] = changed[key] = Rollup(record.aggregation, 1, quantity, quantity, quantity, offset,
-                                                             intern(metric_id))
+                                                             metric_id)
                         continue
                     rollup.aggregation = record.aggregation
                     rollup.metric_id = metric_id

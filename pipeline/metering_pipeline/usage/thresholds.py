@@ -50,11 +50,12 @@ class ThresholdBook:
     def _unindex(self, threshold_id: str) -> None:
         previous = self._by_id.get(threshold_id)
         if previous is not None:
-            slot = self._index.get(_slot(previous))
+            where = _slot(previous)
+            slot = self._index.get(where)
             if slot is not None:
                 slot.pop(threshold_id, None)
                 if not slot:
-                    del self._index[_slot(previous)]
+                    del self._index[where]
 
     def get(self, threshold_id: str) -> UsageThreshold | None:
         return self._by_id.get(threshold_id)

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from metering_pipeline.usage.intake import AcceptedRecord
+from metering_pipeline.usage.periods import EPOCH
 from metering_pipeline.usage.rollups import LIFETIME, CountedRecord, PartitionRollups, Rollup, RollupChange
 from metering_pipeline.warehouse.sink import records_body
 from metering_pipeline.worker import changelog, routing
@@ -23,8 +24,10 @@ TOKENS = MetricDefinition(id="tokens-v2", key="tokens", name="t", aggregation_ty
 BIG = "-12345678901234567890.123456789012345678"
 
 
-def accepted(quantity: str, at: datetime, subject_id: str = "ö-1", metadata: str = '{"region":"eu"}') -> AcceptedRecord:
-    return AcceptedRecord("r-1", "org", subject_id, "tokens", Decimal(quantity), at, TOKENS, 7, metadata)
+def accepted(quantity: str, at: datetime, subject_id: str = "ö-1", metadata: str = '{"region":"eu"}',
+             metric: MetricDefinition = TOKENS) -> AcceptedRecord:
+    return AcceptedRecord("org", subject_id, "r-1", "tokens", metric.id, metric.aggregation_type, quantity,
+                          (at - EPOCH) // timedelta(milliseconds=1), metadata, metric.reset_period is ResetPeriod.NEVER)
 
 
 def test_routed_batches_round_trip_exactly():
@@ -128,10 +131,16 @@ def test_a_frozen_rollup_writes_the_texts_of_its_values_and_total(aggregation: A
 def test_a_routed_record_counts_all_time_only_for_a_metric_that_never_resets(reset_period: ResetPeriod):
     at = datetime(2026, 11, 24, 10, 15, tzinfo=UTC)
     metric = TOKENS.model_copy(update={"reset_period": reset_period})
-    record = AcceptedRecord("r-1", "org", "o", "tokens", Decimal(1), at, metric, 7, "{}")
+    record = accepted("1", at, metric=metric)
     [routed] = routing.decode(routing.encode([record]))
     assert routed.all_time is (reset_period is ResetPeriod.NEVER)
     state = PartitionRollups(timedelta(hours=1))
     state.apply([routed], 0, at)
     assert sorted(str(key[3].value) for key in state.rollups) == sorted(
         ["DAILY", "HOURLY", "MONTHLY", *(["NEVER"] if reset_period is ResetPeriod.NEVER else [])])
+
+
+def test_an_accepted_record_has_the_routed_layout_the_rollup_stage_decodes():
+    """The router encodes AcceptedRecord as it is and the rollup stage decodes CountedRecord: same fields, same
+    order (a field added to one and not the other would shift every field after it)."""
+    assert AcceptedRecord.__struct_fields__ == CountedRecord.__struct_fields__

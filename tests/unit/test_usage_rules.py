@@ -100,8 +100,8 @@ def test_quantities_keep_every_digit_and_default_to_one_with_the_message_time():
     accepted, rejected = read(b'{"metricKey":"tokens","subjectType":"org","subjectId":"o","quantity":12345678901234567890.123456789012345678}')
     assert rejected == [] and str(accepted[0].quantity) == "12345678901234567890.123456789012345678"
     [plain], _ = read(b'{"metricKey":"tokens","subjectType":"org","subjectId":"o"}')
-    assert plain.quantity == 1 and plain.timestamp == NOW
-    assert plain.dedup_id == "@usage.recorded/2/7"  # no id: counted once per Kafka position
+    assert Decimal(plain.quantity) == 1 and plain.timestamp == NOW
+    assert plain.record_id == "@usage.recorded/2/7"  # no id: counted once per Kafka position
 
 
 @pytest.mark.parametrize(("value", "reason"), [
@@ -131,7 +131,7 @@ def test_one_bad_record_in_a_batch_is_rejected_alone():
                          {"id": "b", "metricKey": "tokens", "subjectType": "org"},
                          {"metricKey": "tokens", "subjectType": "org", "subjectId": "o", "quantity": "2.5"}]}
     accepted, [letter] = read(orjson.dumps(batch))
-    assert [a.dedup_id for a in accepted] == ["a", "@usage.recorded/2/7/2"]
+    assert [a.record_id for a in accepted] == ["a", "@usage.recorded/2/7/2"]
     assert (letter.reason, letter.index, letter.record["id"]) == (RejectReason.INVALID_RECORD, 1, "b")
 
 
@@ -178,7 +178,7 @@ def test_an_orgs_own_definition_overrides_the_global_one_for_its_subjects():
     assert both.resolve("tokens", "org-2") is TOKENS
     [user], _ = read_message(message(b'{"metricKey":"tokens","subjectType":"user","subjectId":"u","metadata":{"orgId":"org-1"}}'),
                              both, IntakeRules())
-    assert user.metric is TOKENS_ORG1
+    assert (user.metric_id, user.aggregation) == (TOKENS_ORG1.id, TOKENS_ORG1.aggregation_type)
     both.delete("org-1:tokens")
     assert both.resolve("tokens", "org-1") is TOKENS
 

@@ -13,18 +13,20 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from decimal import Decimal
-from typing import Any, NamedTuple
+from typing import Any
 
 import jiter
+import msgspec
 import orjson
 from pydantic import ValidationError
 
 from metering_pipeline.usage.metrics import MetricCatalog, record_org
+from metering_pipeline.usage.periods import EPOCH
 from metering_pipeline.usage.record_decoder import DecodedRecord, decode_message, parse_record
-from metering_schemas import DeadLetter, FieldError, MetricDefinition, RejectReason, SourcePosition, UsageRecord
+from metering_schemas import (AggregationType, DeadLetter, FieldError, MetricDefinition, RejectReason, ResetPeriod,
+                              SourcePosition, UsageRecord)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,13 +37,26 @@ class IntakeRules:
     # A counted record travels on in a routed batch and is stored in ClickHouse: its metadata must stay well under
     # Kafka's default 1 MiB message size (the routed batches are cut at ROUTED_BATCH_BYTES).
     max_metadata_bytes: int = 256 * 1024
+    _windows: dict[datetime, tuple[datetime, datetime]] = field(default_factory=dict, init=False, repr=False,
+                                                                compare=False, hash=False)
+
+    def window(self, received_at: datetime) -> tuple[datetime, datetime]:
+        """The earliest and latest timestamp a record received at `received_at` may have. Remembered per receive
+        time: a poll's messages share few distinct milliseconds, and the arithmetic costs more than the lookup."""
+        window = self._windows.get(received_at)
+        if window is None:
+            if len(self._windows) >= 4096:
+                self._windows.clear()
+            window = self._windows[received_at] = (received_at - self.allowed_lateness, received_at + self.future_skew)
+        return window
 
 
 EVIDENCE_BYTES = 64 * 1024  # of a large rejected message kept in its dead letter
 
 
-class Message(NamedTuple):
-    """What intake needs of a consumed Kafka message (a tuple: the router makes one per message)."""
+class Message(msgspec.Struct, gc=False):
+    """What intake needs of a consumed Kafka message (a struct: the router makes one per message, and a NamedTuple's
+    constructor runs in Python)."""
 
     topic: str
     partition: int
@@ -60,22 +75,28 @@ class Message(NamedTuple):
         return SourcePosition(topic=self.topic, partition=self.partition, offset=self.offset, timestamp=self.timestamp, key=key)
 
 
-@dataclass(slots=True)  # not frozen: cheaper to build, and one is built per record
-class AcceptedRecord:
-    """A valid record with its dedup id, timestamp and stored metadata settled, and the metric that governs it.
+class AcceptedRecord(msgspec.Struct, array_like=True, gc=False):
+    """A valid record with its dedup id, timestamp and stored metadata settled, and the metric that governs it
+    resolved: the routed topic's record layout, which the rollup stage decodes as `CountedRecord` (the two must
+    keep the same fields in the same order; see `worker.routing`).
 
-    Plain fields, not a UsageRecord: the fast path builds no model per record.
+    Plain values, not a UsageRecord: the fast path builds no model and no Decimal per record.
     """
 
-    dedup_id: str
     subject_type: str
     subject_id: str
+    record_id: str  # the record's id, or its deterministic source position when it had none
     metric_key: str
-    quantity: Decimal
-    timestamp: datetime
-    metric: MetricDefinition
-    offset: int
+    metric_id: str
+    aggregation: AggregationType
+    quantity: str  # exact decimal text: Decimal(quantity) is the model's value, exponent and sign included
+    timestamp_ms: int  # epoch milliseconds, UTC
     metadata_json: str
+    all_time: bool  # counted into an all-time rollup too: its metric never resets
+
+    @property
+    def timestamp(self) -> datetime:
+        return EPOCH + self.timestamp_ms * _MILLISECOND
 
 
 def read_message(message: Message, catalog: MetricCatalog, rules: IntakeRules) -> tuple[list[AcceptedRecord], list[DeadLetter]]:
@@ -166,8 +187,14 @@ def _settle(message: Message, index: int | None, record: UsageRecord | DecodedRe
     if isinstance(metadata, Refusal):
         return metadata
     dedup_id = record.id if record.id is not None else _position(message, index)
-    return AcceptedRecord(dedup_id, record.subject_type, record.subject_id, record.metric_key, record.quantity, timestamp,
-                          metric, message.offset, metadata)
+    quantity = record.quantity if isinstance(record, DecodedRecord) else str(record.quantity)
+    return AcceptedRecord(record.subject_type, record.subject_id, dedup_id, record.metric_key, metric.id,
+                          metric.aggregation_type, quantity, (timestamp - EPOCH) // _MILLISECOND, metadata,
+                          metric.reset_period is _NEVER)
+
+
+_MILLISECOND = timedelta(milliseconds=1)  # integer arithmetic: a float's `timestamp() * 1000` can lose one
+_NEVER = ResetPeriod.NEVER
 
 
 def _position(message: Message, index: int | None) -> str:
@@ -182,6 +209,8 @@ def stored_metadata(record: UsageRecord, rules: IntakeRules) -> str | Refusal:
 
 def stored_metadata_of(metadata: dict[str, Any], rules: IntakeRules) -> str | Refusal:
     """`stored_metadata` from the metadata alone (the fast path has no model)."""
+    if not metadata:
+        return "{}"
     text = metadata_json(metadata)
     if text is None:
         return Refusal(RejectReason.INVALID_RECORD, "metadata cannot be stored as JSON (nested too deeply)")
@@ -224,10 +253,11 @@ def judge(record: UsageRecord, timestamp: datetime, received_at: datetime, catal
 def judge_fields(metric_key: str, subject_type: str, subject_id: str, metadata: dict[str, Any], timestamp: datetime,
                  received_at: datetime, catalog: MetricCatalog, rules: IntakeRules) -> MetricDefinition | Refusal:
     """`judge` from a record's fields (the fast path has no model)."""
-    if timestamp < received_at - rules.allowed_lateness:
+    earliest, latest = rules.window(received_at)
+    if timestamp < earliest:
         return Refusal(RejectReason.TOO_LATE,
                        f"timestamp {timestamp.isoformat()} is more than {rules.allowed_lateness} before the message time")
-    if timestamp > received_at + rules.future_skew:
+    if timestamp > latest:
         return Refusal(RejectReason.FUTURE_TIMESTAMP,
                        f"timestamp {timestamp.isoformat()} is more than {rules.future_skew} after the message time")
     metric = catalog.resolve(metric_key, record_org(subject_type, subject_id, metadata))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from decimal import Decimal
 from typing import Annotated, Any
 
 import jiter
@@ -52,7 +51,6 @@ _QUANTITY = re.compile(rb'(-?(?:0|[1-9][0-9]{0,19})(?:\.[0-9]{1,18})?)|"(-?(?:0|
 # YYYY-MM-DDTHH:MM:SS[.ffffff][Z|±HH:MM] with ranges the model's parser also accepts (it refuses +05:60, 24:00, :60).
 _TIMESTAMP = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,6})?"
                         r"(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])?")
-_ONE = Decimal(1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +84,7 @@ class DecodedRecord:
     metric_key: str
     subject_type: str
     subject_id: str
-    quantity: Decimal
+    quantity: str  # exact decimal text: Decimal(quantity) is the model's value, exponent and sign included
     timestamp: datetime | None
     metadata: dict[str, Any]
 
@@ -155,17 +153,18 @@ def _decided(wire: _Wire, metadata_place: _Place) -> DecodedRecord | None:
                          timestamp, metadata)
 
 
-def _quantity(raw: msgspec.Raw) -> Decimal | None:
+def _quantity(raw: msgspec.Raw) -> str | None:
+    """The quantity's text, not a Decimal: the router only passes it on, and the rollup stage decodes it."""
     if not raw:
-        return _ONE
+        return "1"
     match = _QUANTITY.fullmatch(raw)
     if match is None:
         return None
     number = match[1]
     if number is None:
-        return Decimal(match[2].decode())
+        return match[2].decode()
     # The model gets a JSON integer as a Python int and a fraction as Decimal(text): the same except for -0.
-    return Decimal(number.decode()) if number != b"-0" else Decimal(0)
+    return number.decode() if number != b"-0" else "0"
 
 
 def _timestamp(text: str) -> datetime | None:

@@ -86,16 +86,18 @@ class RouterStage:
         published = routing.published_headers(min(m.timestamp for messages in batches.values() for m in messages))
         times: dict[int, datetime] = {}  # a poll's messages share few distinct milliseconds
         accepted_count = rejected_count = 0
+        catalog, rules, assign = self.catalog, self.rules, partitions.of
         for tp, messages in batches.items():
+            topic, source_partition = tp.topic, tp.partition
             for kafka_message in messages:
                 at = times.get(kafka_message.timestamp)
                 if at is None:
                     at = times[kafka_message.timestamp] = datetime.fromtimestamp(kafka_message.timestamp / 1000, tz=timezone.utc)
-                message = Message(tp.topic, tp.partition, kafka_message.offset, at, kafka_message.key, kafka_message.value)
-                accepted, rejected = read_message(message, self.catalog, self.rules)
+                message = Message(topic, source_partition, kafka_message.offset, at, kafka_message.key, kafka_message.value)
+                accepted, rejected = read_message(message, catalog, rules)
                 accepted_count += len(accepted)
                 for record in accepted:
-                    by_partition[partitions.of(record.subject_type, record.subject_id)].append(record)
+                    by_partition[assign(record.subject_type, record.subject_id)].append(record)
                 for dead_letter in rejected:
                     rejected_count += 1
                     self.stats.dead_letters[dead_letter.reason.value] += 1

@@ -9,16 +9,13 @@ per-message cost once per batch rather than once per record.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
-from datetime import timedelta
+from collections.abc import Iterator, Sequence
 
 import msgspec
 from aiokafka.structs import ConsumerRecord
 
 from metering_pipeline.usage.intake import AcceptedRecord
-from metering_pipeline.usage.periods import EPOCH
 from metering_pipeline.usage.rollups import CountedRecord
-from metering_schemas import ResetPeriod
 
 
 def subject_partition(subject_type: str, subject_id: str, partitions: int) -> int:
@@ -65,20 +62,14 @@ def batches(records: Sequence[AcceptedRecord]) -> Iterator[Sequence[AcceptedReco
 # A routed message is this version byte and a MessagePack array of `CountedRecord` arrays. Version 1 was a
 # JSON array of the same arrays (first byte `[`): a worker still reads those left on the topic by an older one.
 ROUTED_V2 = b"\x02"
-_MILLISECOND = timedelta(milliseconds=1)  # integer arithmetic: a float's `timestamp() * 1000` can lose one
-_NEVER = ResetPeriod.NEVER
 _encoder = msgspec.msgpack.Encoder()
 _decode_v2 = msgspec.msgpack.Decoder(list[CountedRecord]).decode
 _decode_v1 = msgspec.json.Decoder(list[CountedRecord]).decode
 
 
-def encode(records: Iterable[AcceptedRecord]) -> bytes:
-    return ROUTED_V2 + _encoder.encode([
-        CountedRecord(r.subject_type, r.subject_id, r.dedup_id, r.metric_key, r.metric.id, r.metric.aggregation_type,
-                      r.quantity, (r.timestamp - EPOCH) // _MILLISECOND, r.metadata_json,
-                      r.metric.reset_period is _NEVER)
-        for r in records
-    ])
+def encode(records: Sequence[AcceptedRecord]) -> bytes:
+    """Accepted records travel as they are: their layout is CountedRecord's, the quantity as its exact text."""
+    return ROUTED_V2 + _encoder.encode(records)
 
 
 # Kafka time (epoch ms) of the oldest usage.recorded message routed in the same router poll as a routed

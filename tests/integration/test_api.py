@@ -16,6 +16,8 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings as hypothesis_settings
 from support import FIXED_SEED, running_api
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def api(module_pipeline, tmp_path_factory):

@@ -8,12 +8,15 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 from click.testing import CliRunner
+import pytest
 from support import settings_env
 
 from metering_pipeline.cli import main
 from metering_pipeline.warehouse.client import connect
 from metering_pipeline.warehouse.queries import usage_summaries
 from metering_schemas import PeriodType
+
+pytestmark = pytest.mark.integration
 
 
 def cli(settings, *args: str, stdin: str | None = None):

@@ -11,6 +11,8 @@ from clickhouse_connect.driver.exceptions import DatabaseError
 from metering_pipeline.warehouse.client import connect
 from metering_pipeline.warehouse.migrations import applied_versions, migrate
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture
 def client(apache_stack, unique_name):

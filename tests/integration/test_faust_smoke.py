@@ -11,7 +11,10 @@ import sys
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+import pytest
 from support import create_topics
+
+pytestmark = pytest.mark.integration
 
 APP = Path(__file__).with_name("faust_smoke_app.py")
 

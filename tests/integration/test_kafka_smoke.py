@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+import pytest
 from support import create_topics
+
+pytestmark = pytest.mark.integration
 
 
 async def test_produce_consume_round_trip_keeps_keys_values_and_order(any_stack, unique_name):

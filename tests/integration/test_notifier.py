@@ -13,9 +13,12 @@ import sys
 import time
 
 from aiosmtpd.controller import Controller
+import pytest
 from support import define, free_port, metric, publish, set_thresholds, settings_env, threshold, usage
 
 from metering_pipeline.warehouse.client import connect
+
+pytestmark = pytest.mark.integration
 
 
 class Inbox:

@@ -13,6 +13,8 @@ import urllib.request
 import pytest
 from support import free_port
 
+pytestmark = pytest.mark.integration
+
 
 def metering(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(

@@ -22,6 +22,8 @@ from metering_pipeline.cli import main
 from metering_pipeline.topics import Topics
 from metering_pipeline.warehouse.client import connect
 
+pytestmark = pytest.mark.integration
+
 
 class AlertReader:
     """Reads metering.alerts from the start, remembering its position between calls."""

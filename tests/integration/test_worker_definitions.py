@@ -6,10 +6,13 @@ import asyncio
 import time
 
 import orjson
+import pytest
 from support import define, metric, publish, read_json
 
 from metering_pipeline.topics import Topics
 from metering_pipeline.warehouse.client import connect
+
+pytestmark = pytest.mark.integration
 
 
 def mirrored(settings, metric_id: str, timeout: float = 60) -> tuple:

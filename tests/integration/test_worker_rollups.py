@@ -14,11 +14,14 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 import orjson
+import pytest
 from support import PARTITIONS, WorkerProcess, define, metric, publish, read_json
 
 from metering_pipeline.bench.soak_summary import counter
 from metering_pipeline.topics import Topics
 from metering_pipeline.warehouse.client import connect
+
+pytestmark = pytest.mark.integration
 
 
 def expected_rollups(records: list[dict], aggregation_of) -> dict[tuple, tuple[Decimal, int]]:

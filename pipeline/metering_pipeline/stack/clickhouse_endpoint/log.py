@@ -1,0 +1,7 @@
+"""The endpoint's one logger, shared by its modules so every line keeps the package's name."""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("metering_pipeline.stack.clickhouse_endpoint")

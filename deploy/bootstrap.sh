@@ -35,5 +35,6 @@ done
 
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ./schemas -e '.[test]'
+# The product with its test extras, and the development distribution (the local stack, bench, demo: deploy/dev).
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ./schemas -e '.[test]' -e ./deploy/dev
 echo "bootstrap: ready ($(.venv/bin/python --version), $(command -v java >/dev/null && echo 'Apache Kafka' || echo 'tansu') broker)"

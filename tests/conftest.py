@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from metering_pipeline.settings import Settings
-from metering_pipeline.stack.local import LocalStack, StackConfig
+from metering_dev.stack.local import LocalStack, StackConfig
 from support import free_port
 
 

@@ -23,7 +23,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from metering_pipeline.api.keys import KeyRing
 from metering_pipeline.topics import Topics
-from metering_pipeline.worker.process import WorkerProcess, free_port
+from metering_dev.worker_process import WorkerProcess, free_port
 
 __all__ = [
     "FIXED_SEED", "PARTITIONS", "ClickHouseEndpoint", "WorkerProcess", "create_topics", "define", "delete_threshold", "free_port", "metric", "publish",
@@ -191,7 +191,7 @@ class ClickHouseEndpoint:
 
     def start(self) -> ClickHouseEndpoint:
         with self.log.open("ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "metering_pipeline.stack.clickhouse_endpoint",
+            self.process = subprocess.Popen([sys.executable, "-m", "metering_dev.clickhouse_endpoint",
                                              "--port", str(self.port), "--data-dir", str(self.data_dir),
                                              "--log-level", "WARNING", *self.credentials], stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60

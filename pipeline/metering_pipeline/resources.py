@@ -7,9 +7,5 @@ from pathlib import Path
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
 
-def kafka_pom() -> Path:
-    return _PACKAGE_DIR / "stack" / "kafka-pom.xml"
-
-
 def clickhouse_migrations_dir() -> Path:
     return _PACKAGE_DIR / "warehouse" / "migrations"

@@ -84,7 +84,7 @@ def _ping(port: int) -> bool:
 
 
 def start_endpoint(data_dir: Path, *extra_args: str) -> Endpoint:
-    """Start `python -m metering_pipeline.stack.clickhouse_endpoint` and wait until /ping answers."""
+    """Start `python -m metering_dev.clickhouse_endpoint` and wait until /ping answers."""
     port = _free_port()
     log_file = data_dir.parent / f"{data_dir.name}-{port}.log"
     python_path = [str(ROOT / "pipeline"), str(ROOT / "schemas"), os.environ.get("PYTHONPATH", "")]
@@ -92,7 +92,7 @@ def start_endpoint(data_dir: Path, *extra_args: str) -> Endpoint:
     command = [
         sys.executable,
         "-m",
-        "metering_pipeline.stack.clickhouse_endpoint",
+        "metering_dev.clickhouse_endpoint",
         "--host",
         "127.0.0.1",
         "--port",

@@ -20,7 +20,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from support import (define, metric, publish, read_json, running_api, set_thresholds, threshold,
                      usage)
 
-from metering_pipeline.bench.measure import rss_bytes
+from metering_dev.bench.measure import rss_bytes
 from metering_pipeline.billing.settlement import processed_through
 from metering_pipeline.topics import Topics
 from metering_pipeline.warehouse.client import connect

@@ -17,7 +17,7 @@ import orjson
 import pytest
 from support import PARTITIONS, WorkerProcess, define, metric, publish, read_json
 
-from metering_pipeline.bench.soak_summary import counter
+from metering_dev.bench.soak_summary import counter
 from metering_pipeline.topics import Topics
 from metering_pipeline.warehouse.client import connect
 

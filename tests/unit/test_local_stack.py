@@ -10,9 +10,9 @@ import stat
 
 import pytest
 
-from metering_pipeline.stack.apache_kafka import SaslListener, ScramUser, new_cluster_id, write_config
-from metering_pipeline.stack.certificates import ensure_server_certificate
-from metering_pipeline.stack.local import LocalStack, StackConfig, StackError, StackState
+from metering_dev.stack.apache_kafka import SaslListener, ScramUser, new_cluster_id, write_config
+from metering_dev.stack.certificates import ensure_server_certificate
+from metering_dev.stack.local import LocalStack, StackConfig, StackError, StackState
 
 
 def test_kraft_cluster_ids_never_look_like_an_option():

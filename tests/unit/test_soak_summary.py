@@ -9,12 +9,12 @@ from decimal import Decimal
 
 import pytest
 
-from metering_pipeline.bench.soak import SoakPlan, expected_alerts, soak_thresholds
-from metering_pipeline.bench.soak_summary import (
+from metering_dev.bench.soak import SoakPlan, expected_alerts, soak_thresholds
+from metering_dev.bench.soak_summary import (
     Sample, count_error_lines, counter, is_error_line, lag_by_stage, samples_csv, slope_per_second, summarise,
     warmup_seconds,
 )
-from metering_pipeline.bench.workload import Expected
+from metering_dev.bench.workload import Expected
 from metering_pipeline.worker.stats import WorkerStats
 
 MINUTES_30 = 1800.0

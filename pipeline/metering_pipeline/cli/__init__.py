@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from importlib.metadata import entry_points
 from urllib.parse import urlsplit
 
 import click
@@ -10,13 +11,11 @@ from pydantic import ValidationError
 
 from metering_pipeline import logs, tables
 from metering_pipeline.cli.api import api, api_key
-from metering_pipeline.cli.bench import bench
 from metering_pipeline.cli.billing import invoice, plan, subscription
 from metering_pipeline.cli.check import check
 from metering_pipeline.cli.metric import metric
 from metering_pipeline.cli.notifier import notifier
 from metering_pipeline.cli.produce import produce
-from metering_pipeline.cli.stack import stack, stack_up
 from metering_pipeline.cli.summary import summary
 from metering_pipeline.cli.threshold import threshold
 from metering_pipeline.cli.worker import worker
@@ -70,7 +69,6 @@ def _settings_errors(error: ValidationError) -> str:
         for e in error.errors())
 
 
-main.add_command(stack)
 main.add_command(worker)
 main.add_command(summary)
 main.add_command(metric)
@@ -80,10 +78,13 @@ main.add_command(check)
 main.add_command(notifier)
 main.add_command(api)
 main.add_command(api_key)
-main.add_command(bench)
 main.add_command(plan)
 main.add_command(subscription)
 main.add_command(invoice)
+# `metering stack`, `bench` and `demo`: development commands, registered by the development distribution (deploy/dev)
+# when it is installed, as in a checkout after deploy/bootstrap.sh; the product alone does not ship them.
+for _command in entry_points(group="metering.commands"):
+    main.add_command(_command.load(), _command.name)
 
 
 @main.command()
@@ -107,39 +108,3 @@ def create_topics(settings: Settings) -> None:
 
     created = asyncio.run(ensure_topics(settings, public_topics(settings)))
     click.echo(f"created: {', '.join(created)}" if created else "all topics exist")
-
-
-@main.command()
-@click.option("--records", type=int, default=20_000, show_default=True, help="Synthetic usage records to publish.")
-@click.pass_context
-def demo(ctx: click.Context, records: int) -> None:
-    """Stack up, define metrics, run a worker, publish synthetic usage, print the rollups from ClickHouse."""
-    import time
-
-    from metering_pipeline import demo as run
-    from metering_pipeline.stack.local import LocalStack
-    from metering_pipeline.worker.app import prepare
-
-    settings: Settings = ctx.obj
-    ctx.invoke(stack_up)
-    state = LocalStack(settings.stack_dir).state()
-    if state is not None and state.broker == "tansu":  # no producer ids or transactions there
-        settings = settings.model_copy(update={"processing_guarantee": "at_least_once"})
-    prepare(settings)
-    asyncio.run(run.define_metrics(settings, run.DEMO_METRICS))
-    click.echo(f"defined metrics: {', '.join(m.key for m in run.DEMO_METRICS)}; starting a worker...")
-    worker = run.start_worker(settings, settings.stack_dir / "logs" / "demo-worker.log")
-    try:
-        seed = int(time.time())
-        sample = run.sample_records(records, seed)
-        with click.progressbar(length=len(sample), label="publishing usage.recorded") as bar:
-            asyncio.run(run.publish(settings, sample, bar.update))
-        counted = run.wait_until_counted(settings, seed, len(sample))
-        click.echo(f"{counted} of {len(sample)} records rolled up; this month's rollups in ClickHouse (usage_summary):")
-        rows = [(metric, subject, tables.decimal_text(total), count) for metric, subject, total, count in run.monthly_rollups(settings)]
-        click.echo(tables.render(["metric", "subject", "total", "records"], rows))
-        click.echo("Query it yourself: metering summary --metric llm_tokens --subject org:org-1 --period HOURLY")
-    except KeyboardInterrupt:
-        click.echo("interrupted; stopping the worker")
-    finally:
-        worker.stop()

@@ -15,9 +15,9 @@ from pathlib import Path
 from aiokafka.admin import AIOKafkaAdminClient
 
 from metering_pipeline import tables
-from metering_pipeline.bench import phases
-from metering_pipeline.bench.phases import Result
-from metering_pipeline.bench.workload import Workload
+from metering_dev.bench import phases
+from metering_dev.bench.phases import Result
+from metering_dev.bench.workload import Workload
 from metering_pipeline.settings import Settings
 from metering_pipeline.warehouse.client import connect
 

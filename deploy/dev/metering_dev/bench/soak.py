@@ -24,17 +24,17 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from metering_pipeline import tables
-from metering_pipeline.bench import phases
-from metering_pipeline.bench.measure import rss_bytes
-from metering_pipeline.bench.soak_summary import (
+from metering_dev.bench import phases
+from metering_dev.bench.measure import rss_bytes
+from metering_dev.bench.soak_summary import (
     Sample, count_error_lines, counter, is_error_line, lag_by_stage, samples_csv, summarise, warmup_seconds,
 )
-from metering_pipeline.bench.workload import Expected, Workload
+from metering_dev.bench.workload import Expected, Workload
 from metering_pipeline.settings import Settings
 from metering_pipeline.topics import Topics, ensure_topics, internal_topics
 from metering_pipeline.warehouse.client import connect
 from metering_pipeline.warehouse.migrations import migrate
-from metering_pipeline.worker.process import WorkerProcess
+from metering_dev.worker_process import WorkerProcess
 
 # Mean quantity of a workload record: quantities are (n * 7919 + seed) % 100000 / 100, spread evenly.
 _MEAN_QUANTITY = Decimal(500)
@@ -436,7 +436,7 @@ def render(result: dict) -> str:
 
 def write_outputs(result: dict, samples: list[Sample], output: Path) -> dict[str, Path]:
     """bench-soak.json, .csv and .png beside the run's --output (bench.json -> bench-soak.*)."""
-    from metering_pipeline.bench.chart import render_soak_chart
+    from metering_dev.bench.chart import render_soak_chart
 
     output.parent.mkdir(parents=True, exist_ok=True)
     paths = {ext: output.with_name(f"{output.stem}-soak.{ext}") for ext in ("json", "csv", "png")}

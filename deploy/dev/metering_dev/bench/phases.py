@@ -13,13 +13,13 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 
-from metering_pipeline.bench.measure import cpu_seconds, peak_rss_bytes, percentile
-from metering_pipeline.bench.workload import METRICS, Expected, Workload
+from metering_dev.bench.measure import cpu_seconds, peak_rss_bytes, percentile
+from metering_dev.bench.workload import METRICS, Expected, Workload
 from metering_pipeline.settings import Settings
 from metering_pipeline.topics import Topics, ensure_topics, internal_topics, public_topics
 from metering_pipeline.warehouse.client import connect
 from metering_pipeline.warehouse.migrations import migrate
-from metering_pipeline.worker.process import WorkerProcess
+from metering_dev.worker_process import WorkerProcess
 
 
 @dataclass

@@ -13,10 +13,10 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from metering_pipeline.stack.clickhouse_endpoint.auth import Authenticator
-from metering_pipeline.stack.clickhouse_endpoint.engine import Engine
-from metering_pipeline.stack.clickhouse_endpoint.handler import ClickHouseHTTPServer
-from metering_pipeline.stack.clickhouse_endpoint.log import log
+from metering_dev.clickhouse_endpoint.auth import Authenticator
+from metering_dev.clickhouse_endpoint.engine import Engine
+from metering_dev.clickhouse_endpoint.handler import ClickHouseHTTPServer
+from metering_dev.clickhouse_endpoint.log import log
 
 
 def server_tls_context(cert_file: str | Path, key_file: str | Path) -> ssl.SSLContext:
@@ -77,7 +77,7 @@ def _install_stop_signals(server: ThreadingHTTPServer) -> Callable[[], None]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m metering_pipeline.stack.clickhouse_endpoint",
+        prog="python -m metering_dev.clickhouse_endpoint",
         description="Serve the embedded ClickHouse engine (chdb) on ClickHouse's HTTP interface.",
     )
     parser.add_argument("--host", default="127.0.0.1")

@@ -8,7 +8,7 @@ import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from metering_pipeline.stack.clickhouse_endpoint.errors import AUTHENTICATION_FAILED, ClickHouseError
+from metering_dev.clickhouse_endpoint.errors import AUTHENTICATION_FAILED, ClickHouseError
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from typing import Any
 import lz4.frame
 import zstandard
 
-from metering_pipeline.stack.clickhouse_endpoint.errors import CANNOT_DECOMPRESS, NOT_IMPLEMENTED, ClickHouseError
+from metering_dev.clickhouse_endpoint.errors import CANNOT_DECOMPRESS, NOT_IMPLEMENTED, ClickHouseError
 
 HTTP_COMPRESSION_LEVEL = 3
 

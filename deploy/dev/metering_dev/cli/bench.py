@@ -38,9 +38,9 @@ def bench(ctx: click.Context, quick: bool, records: int | None, output: Path, so
     if hot_path:
         _hot_path(records, batch)
         return
-    from metering_pipeline.bench.runner import Plan, render, run, write
-    from metering_pipeline.cli.stack import stack_up
-    from metering_pipeline.stack.local import LocalStack
+    from metering_dev.bench.runner import Plan, render, run, write
+    from metering_dev.cli.stack import stack_up
+    from metering_dev.stack.local import LocalStack
 
     settings: Settings = ctx.obj
     dedup_window = _duration(soak_dedup_window) if soak_dedup_window else None  # bad input fails before the stack starts
@@ -75,7 +75,7 @@ def _duration(text: str) -> timedelta:
 
 
 def _soak(settings: Settings, args: SoakArgs, output: Path) -> None:
-    from metering_pipeline.bench.soak import SoakPlan, render, run_soak, write_outputs
+    from metering_dev.bench.soak import SoakPlan, render, run_soak, write_outputs
 
     plan = SoakPlan(minutes=args.minutes, rate=args.rate, dedup_window=args.dedup_window)
     result, samples = run_soak(settings, plan, settings.stack_dir / "logs" / "bench", lambda text: click.echo(text, err=True))
@@ -88,7 +88,7 @@ def _soak(settings: Settings, args: SoakArgs, output: Path) -> None:
 
 def _hot_path(records: int | None, batch: int) -> None:
     from metering_pipeline import tables
-    from metering_pipeline.bench.hot_path import HotPathPlan, run_hot_path
+    from metering_dev.bench.hot_path import HotPathPlan, run_hot_path
 
     plan = HotPathPlan(**({"records": records} if records else {}), batch=batch)
     click.echo(f"{plan.records:,} records, {plan.subjects:,} subjects, {batch} per message, a checkpoint every "

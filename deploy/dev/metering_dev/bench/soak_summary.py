@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, fields
 
 import orjson
 
-from metering_pipeline.bench.measure import percentile
+from metering_dev.bench.measure import percentile
 
 # RSS growing by more than this over 10 minutes of the second half counts as "growing". Python's
 # allocator and the GC move RSS by a few MB between samples; a leak of one object per record at

@@ -10,13 +10,13 @@ from email import policy
 from email.parser import BytesParser
 from urllib.parse import parse_qsl
 
-from metering_pipeline.stack.clickhouse_endpoint.errors import (
+from metering_dev.clickhouse_endpoint.errors import (
     BAD_ARGUMENTS,
     INVALID_SESSION_TIMEOUT,
     NOT_IMPLEMENTED,
     ClickHouseError,
 )
-from metering_pipeline.stack.clickhouse_endpoint.log import log
+from metering_dev.clickhouse_endpoint.log import log
 
 DEFAULT_SESSION_TIMEOUT_S = 60
 MAX_SESSION_TIMEOUT_S = 3600

@@ -11,7 +11,7 @@ a handle that lives as long as the session (temporary tables, `SET`), and its pe
 URL settings are undone afterwards. chdb hosts one engine per process and its calls are
 serialized with one lock; the HTTP layer is threaded.
 
-    python -m metering_pipeline.stack.clickhouse_endpoint --port 8123 --data-dir DIR
+    python -m metering_dev.clickhouse_endpoint --port 8123 --data-dir DIR
         [--user U --password P] [--tls-cert CHAIN.pem --tls-key KEY.pem]   # HTTPS, like ClickHouse's https_port
 
 The modules, each readable alone (later ones build on earlier ones, never the reverse):

@@ -6,7 +6,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from metering_pipeline.stack.clickhouse_endpoint.errors import SYNTAX_ERROR, ClickHouseError
+from metering_dev.clickhouse_endpoint.errors import SYNTAX_ERROR, ClickHouseError
 
 
 _TOKEN_RE = re.compile(

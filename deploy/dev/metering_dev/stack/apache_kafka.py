@@ -16,8 +16,10 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from metering_pipeline.resources import kafka_pom
-from metering_pipeline.stack.certificates import ServerCertificate
+from metering_dev.stack.certificates import ServerCertificate
+
+# deploy/kafka/pom.xml, symlinked beside this module.
+KAFKA_POM = Path(__file__).resolve().parent / "kafka-pom.xml"
 
 _COMPLETE_MARKER = ".complete"
 
@@ -39,7 +41,7 @@ def resolve_jars(cache_dir: Path, version: str) -> Path:
         raise KafkaUnavailable("Apache Kafka needs java and mvn on PATH; use --broker tansu without them")
     jar_dir.mkdir(parents=True, exist_ok=True)
     command = [
-        "mvn", "-q", "-B", "-f", str(kafka_pom()),
+        "mvn", "-q", "-B", "-f", str(KAFKA_POM),
         "dependency:copy-dependencies",
         f"-Dkafka.version={version}",
         f"-DoutputDirectory={jar_dir}",

@@ -22,7 +22,7 @@ VALIDITY = datetime.timedelta(days=825)
 
 
 class CertificatesUnavailable(RuntimeError):
-    """The `cryptography` package is missing (it comes with the `local` extra)."""
+    """The `cryptography` package is missing (a dependency of the development distribution, deploy/dev)."""
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def ensure_server_certificate(directory: Path, hosts: tuple[str, ...] = ("localh
         from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
     except ImportError as error:
         raise CertificatesUnavailable(
-            "generating TLS certificates needs the `cryptography` package: pip install 'usage-metering[local]'"
+            "generating TLS certificates needs the `cryptography` package: pip install ./deploy/dev (deploy/bootstrap.sh does)"
         ) from error
 
     directory.mkdir(parents=True, exist_ok=True)

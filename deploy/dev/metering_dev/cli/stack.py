@@ -9,7 +9,7 @@ import click
 
 from metering_pipeline import tables
 from metering_pipeline.settings import Settings
-from metering_pipeline.stack.local import LocalStack, StackConfig, StackError, default_broker
+from metering_dev.stack.local import LocalStack, StackConfig, StackError, default_broker
 
 
 def _data_dir_option(function):

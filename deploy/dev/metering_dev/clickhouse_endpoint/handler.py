@@ -14,16 +14,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
-from metering_pipeline.stack.clickhouse_endpoint.auth import Authenticator
-from metering_pipeline.stack.clickhouse_endpoint.compression import (
+from metering_dev.clickhouse_endpoint.auth import Authenticator
+from metering_dev.clickhouse_endpoint.compression import (
     choose_response_encoding,
     decode_request_body,
     encode_response_body,
 )
-from metering_pipeline.stack.clickhouse_endpoint.engine import Engine, QueryOutcome
-from metering_pipeline.stack.clickhouse_endpoint.errors import BAD_ARGUMENTS, STD_EXCEPTION, ClickHouseError
-from metering_pipeline.stack.clickhouse_endpoint.log import log
-from metering_pipeline.stack.clickhouse_endpoint.query_request import (
+from metering_dev.clickhouse_endpoint.engine import Engine, QueryOutcome
+from metering_dev.clickhouse_endpoint.errors import BAD_ARGUMENTS, STD_EXCEPTION, ClickHouseError
+from metering_dev.clickhouse_endpoint.log import log
+from metering_dev.clickhouse_endpoint.query_request import (
     QueryRequest,
     build_query_request,
     parse_multipart,

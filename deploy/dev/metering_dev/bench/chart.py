@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from metering_pipeline.bench.soak_summary import Sample
+from metering_dev.bench.soak_summary import Sample
 
 
 def render_soak_chart(samples: Sequence[Sample], path: Path, title: str, warmup_s: float) -> None:

@@ -17,9 +17,9 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from metering_pipeline.stack import apache_kafka, tansu
-from metering_pipeline.stack.certificates import CertificatesUnavailable, ServerCertificate, ensure_server_certificate, write_private
-from metering_pipeline.stack.processes import ManagedProcess
+from metering_dev.stack import apache_kafka, tansu
+from metering_dev.stack.certificates import CertificatesUnavailable, ServerCertificate, ensure_server_certificate, write_private
+from metering_dev.stack.processes import ManagedProcess
 
 KAFKA = "kafka"
 CLICKHOUSE = "clickhouse"
@@ -261,7 +261,7 @@ class LocalStack:
 
 def _clickhouse_command(config: StackConfig, certificate: ServerCertificate | None) -> list[str]:
     command = [
-        sys.executable, "-m", "metering_pipeline.stack.clickhouse_endpoint",
+        sys.executable, "-m", "metering_dev.clickhouse_endpoint",
         "--host", "127.0.0.1",
         "--port", str(config.clickhouse_port),
         "--data-dir", str(config.data_dir.expanduser().resolve() / CLICKHOUSE),

@@ -15,16 +15,16 @@ from typing import Any, Protocol
 
 from chdb import session as chdb_session
 
-from metering_pipeline.stack.clickhouse_endpoint.errors import (
+from metering_dev.clickhouse_endpoint.errors import (
     BAD_ARGUMENTS,
     SESSION_NOT_FOUND,
     STD_EXCEPTION,
     UNKNOWN_FORMAT,
     ClickHouseError,
 )
-from metering_pipeline.stack.clickhouse_endpoint.log import log
-from metering_pipeline.stack.clickhouse_endpoint.query_request import TRANSPORT_SETTINGS, QueryRequest
-from metering_pipeline.stack.clickhouse_endpoint.sql import Statement, analyze
+from metering_dev.clickhouse_endpoint.log import log
+from metering_dev.clickhouse_endpoint.query_request import TRANSPORT_SETTINGS, QueryRequest
+from metering_dev.clickhouse_endpoint.sql import Statement, analyze
 
 # chdb reads these `fmt` names itself (pandas, pyarrow); ClickHouse has no such formats.
 CHDB_PYTHON_FORMATS = frozenset({"dataframe", "arrowtable", "datastore", "debug"})

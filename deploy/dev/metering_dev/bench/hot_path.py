@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import TypeVar
 
-from metering_pipeline.bench.workload import METRICS, Expected, Workload
+from metering_dev.bench.workload import METRICS, Expected, Workload
 from metering_pipeline.usage.intake import IntakeRules, Message, read_message
 from metering_pipeline.usage.metrics import MetricCatalog
 from metering_pipeline.usage.rollups import Checkpoint, PartitionRollups

@@ -1,6 +1,0 @@
-"""`python -m metering_pipeline.stack.clickhouse_endpoint --port 8123 --data-dir DIR`: see `server.main`."""
-
-from metering_pipeline.stack.clickhouse_endpoint.server import main
-
-if __name__ == "__main__":
-    main()

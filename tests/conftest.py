@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from metering_pipeline.settings import Settings
+from metering_dev.settings import StackSettings
 from metering_dev.stack.local import LocalStack, StackConfig
 from support import free_port
 
@@ -65,7 +66,7 @@ def _start_stack(broker: str, data_dir: Path) -> tuple[LocalStack, RunningStack]
 
 
 def _start_stack_with_config(broker: str, data_dir: Path) -> tuple[LocalStack, StackConfig, RunningStack]:
-    settings = Settings()
+    settings = StackSettings()
     config = StackConfig(
         data_dir=data_dir,
         broker=broker,
@@ -116,7 +117,7 @@ def secured_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningS
     """Apache Kafka with an extra SASL_SSL listener (SCRAM-SHA-512) and ClickHouse over HTTPS only, both with
     the certificate `metering stack up --sasl-port N --clickhouse-tls` generates. `kafka_bootstrap` is the
     PLAINTEXT listener (for set-up); `over_sasl()` gives the SASL_SSL-only view."""
-    settings = Settings()
+    settings = StackSettings()
     data_dir = tmp_path_factory.mktemp("stack-secured")
     config = StackConfig(data_dir=data_dir, broker="apache", kafka_port=free_port(), clickhouse_port=free_port(),
                          kafka_version=settings.kafka_version, kafka_heap="384m", cache_dir=settings.cache_dir,

@@ -1,6 +1,6 @@
 """One typed settings object for the whole product, read from ``METERING_*`` env vars.
 
-Every adapter (Kafka producers/consumers, Faust, ClickHouse clients, the local stack)
+Every adapter (Kafka producers/consumers, Faust, ClickHouse clients)
 takes its connection details from here, so a deployment configures them in one place.
 """
 
@@ -17,15 +17,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 KafkaSecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
-BrokerKind = Literal["apache", "tansu"]
 
 
 def _default_home() -> Path:
     return Path.home() / ".local" / "share" / "metering"
-
-
-def _default_cache() -> Path:
-    return Path.home() / ".cache" / "metering"
 
 
 def seconds_or_iso_duration(value: object) -> object:
@@ -109,15 +104,6 @@ class Settings(BaseSettings):
                                        "tries its migrations before it starts without ClickHouse")
     clickhouse_request_timeout: float = Field(
         default=60.0, gt=0, description="Seconds a ClickHouse request may go without a byte of answer")
-
-    # Local stack (development, demo, tests, benchmarks)
-    stack_broker: BrokerKind | None = Field(
-        default=None, description="Broker for `metering stack up`; default apache where java and mvn exist, else tansu."
-    )
-    stack_dir: Path = Field(default_factory=lambda: _default_home() / "stack")
-    cache_dir: Path = Field(default_factory=_default_cache)
-    kafka_version: str = "4.1.1"
-    stack_kafka_heap: str = "512m"
 
     @model_validator(mode="after")
     def _sasl_needs_a_sasl_protocol(self) -> Settings:

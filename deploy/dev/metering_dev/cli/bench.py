@@ -9,6 +9,7 @@ from typing import NamedTuple
 import click
 from pydantic import TypeAdapter, ValidationError
 
+from metering_dev.settings import StackSettings
 from metering_pipeline.settings import Settings, seconds_or_iso_duration
 
 
@@ -43,18 +44,20 @@ def bench(ctx: click.Context, quick: bool, records: int | None, output: Path, so
     from metering_dev.stack.local import LocalStack
 
     settings: Settings = ctx.obj
+    stack_dir = StackSettings().stack_dir
+    log_dir = stack_dir / "logs" / "bench"
     dedup_window = _duration(soak_dedup_window) if soak_dedup_window else None  # bad input fails before the stack starts
     ctx.invoke(stack_up)
-    state = LocalStack(settings.stack_dir).state()
+    state = LocalStack(stack_dir).state()
     if state is not None and state.broker == "tansu":
         settings = settings.model_copy(update={"processing_guarantee": "at_least_once"})
     if soak:
-        _soak(settings, SoakArgs(soak_minutes, soak_rate, dedup_window), output)
+        _soak(settings, SoakArgs(soak_minutes, soak_rate, dedup_window), output, log_dir)
         return
     plan = Plan.quick() if quick else Plan()
     if records:
         plan = Plan(**{**plan.__dict__, "records": records})
-    summary = run(settings, plan, settings.stack_dir / "logs" / "bench", lambda text: click.echo(text, err=True))
+    summary = run(settings, plan, log_dir, lambda text: click.echo(text, err=True))
     write(summary, output)
     click.echo(render(summary))
     click.echo(f"written to {output}")
@@ -74,11 +77,11 @@ def _duration(text: str) -> timedelta:
         raise click.BadParameter(f"{text!r} is not an ISO 8601 duration or seconds", param_hint="--soak-dedup-window") from None
 
 
-def _soak(settings: Settings, args: SoakArgs, output: Path) -> None:
+def _soak(settings: Settings, args: SoakArgs, output: Path, log_dir: Path) -> None:
     from metering_dev.bench.soak import SoakPlan, render, run_soak, write_outputs
 
     plan = SoakPlan(minutes=args.minutes, rate=args.rate, dedup_window=args.dedup_window)
-    result, samples = run_soak(settings, plan, settings.stack_dir / "logs" / "bench", lambda text: click.echo(text, err=True))
+    result, samples = run_soak(settings, plan, log_dir, lambda text: click.echo(text, err=True))
     paths = write_outputs(result, samples, output)
     click.echo(render(result))
     click.echo("written to " + ", ".join(str(path) for path in paths.values()))

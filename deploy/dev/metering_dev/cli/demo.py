@@ -8,6 +8,7 @@ import time
 import click
 
 from metering_pipeline import tables
+from metering_dev.settings import StackSettings
 from metering_pipeline.settings import Settings
 from metering_dev.cli.stack import stack_up
 
@@ -22,14 +23,15 @@ def demo(ctx: click.Context, records: int) -> None:
     from metering_pipeline.worker.app import prepare
 
     settings: Settings = ctx.obj
+    stack_dir = StackSettings().stack_dir
     ctx.invoke(stack_up)
-    state = LocalStack(settings.stack_dir).state()
+    state = LocalStack(stack_dir).state()
     if state is not None and state.broker == "tansu":  # no producer ids or transactions there
         settings = settings.model_copy(update={"processing_guarantee": "at_least_once"})
     prepare(settings)
     asyncio.run(run.define_metrics(settings, run.DEMO_METRICS))
     click.echo(f"defined metrics: {', '.join(m.key for m in run.DEMO_METRICS)}; starting a worker...")
-    worker = run.start_worker(settings, settings.stack_dir / "logs" / "demo-worker.log")
+    worker = run.start_worker(settings, stack_dir / "logs" / "demo-worker.log")
     try:
         seed = int(time.time())
         sample = run.sample_records(records, seed)

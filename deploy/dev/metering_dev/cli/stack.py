@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from metering_pipeline import tables
-from metering_pipeline.settings import Settings
+from metering_dev.settings import StackSettings
 from metering_dev.stack.local import LocalStack, StackConfig, StackError, default_broker
 
 
@@ -39,10 +39,10 @@ def stack() -> None:
 @click.option("--clickhouse-tls", is_flag=True, default=False,
               help="Serve ClickHouse over HTTPS with the data dir's generated certificate (clients trust DATA_DIR/tls/ca.pem).")
 @_data_dir_option
-@click.pass_obj
-def stack_up(settings: Settings, broker: str | None, kafka_port: int, clickhouse_port: int, data_dir: Path | None,
+def stack_up(broker: str | None, kafka_port: int, clickhouse_port: int, data_dir: Path | None,
              sasl_port: int | None = None, clickhouse_tls: bool = False) -> None:
     """Start the stack (idempotent) and wait until Kafka and ClickHouse answer."""
+    settings = StackSettings()
     config = StackConfig(
         data_dir=data_dir or settings.stack_dir,
         broker=broker or settings.stack_broker or default_broker(),
@@ -70,19 +70,17 @@ def stack_up(settings: Settings, broker: str | None, kafka_port: int, clickhouse
 
 @stack.command("down")
 @_data_dir_option
-@click.pass_obj
-def stack_down(settings: Settings, data_dir: Path | None) -> None:
+def stack_down(data_dir: Path | None) -> None:
     """Stop the servers this data dir started (and nothing else)."""
-    stopped = LocalStack(data_dir or settings.stack_dir).down()
+    stopped = LocalStack(data_dir or StackSettings().stack_dir).down()
     click.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
 
 
 @stack.command("status")
 @_data_dir_option
-@click.pass_obj
-def stack_status(settings: Settings, data_dir: Path | None) -> None:
+def stack_status(data_dir: Path | None) -> None:
     """Tell what runs, where, and where its log is; exits 1 unless everything runs."""
-    local = LocalStack(data_dir or settings.stack_dir)
+    local = LocalStack(data_dir or StackSettings().stack_dir)
     services = local.status()
     rows = [(s.name, "running" if s.running else "stopped", s.pid or "-", s.address, s.log_file) for s in services]
     click.echo(tables.render(["service", "state", "pid", "address", "log"], rows))

@@ -86,6 +86,7 @@ def catalog(*definitions: MetricDefinition) -> MetricCatalog:
 TOKENS = MetricDefinition(id="tokens", key="tokens", name="t", aggregation_type=AggregationType.SUM)
 TOKENS_ORG1 = MetricDefinition(id="org-1:tokens", key="tokens", name="t", aggregation_type=AggregationType.MAX, org_id="org-1")
 NOW = datetime(2026, 11, 24, 12, tzinfo=UTC)
+NOW_MS = 1_795_521_600_000  # NOW in epoch milliseconds, as accepted records carry it
 
 
 def message(value: bytes | None, offset: int = 7) -> Message:
@@ -100,7 +101,7 @@ def test_quantities_keep_every_digit_and_default_to_one_with_the_message_time():
     accepted, rejected = read(b'{"metricKey":"tokens","subjectType":"org","subjectId":"o","quantity":12345678901234567890.123456789012345678}')
     assert rejected == [] and str(accepted[0].quantity) == "12345678901234567890.123456789012345678"
     [plain], _ = read(b'{"metricKey":"tokens","subjectType":"org","subjectId":"o"}')
-    assert Decimal(plain.quantity) == 1 and plain.timestamp == NOW
+    assert Decimal(plain.quantity) == 1 and plain.timestamp_ms == NOW_MS
     assert plain.record_id == "@usage.recorded/2/7"  # no id: counted once per Kafka position
 
 
@@ -138,7 +139,7 @@ def test_one_bad_record_in_a_batch_is_rejected_alone():
 def test_epoch_seconds_and_milliseconds_are_timestamps():
     for stamp in (1795521600, 1795521600000):  # 2026-11-24T12:00:00Z
         [record], _ = read(orjson.dumps({"metricKey": "tokens", "subjectType": "org", "subjectId": "o", "timestamp": stamp}))
-        assert record.timestamp == NOW
+        assert record.timestamp_ms == NOW_MS
 
 
 def _record(metadata: str, record_id: str = "r", quantity: str = "1") -> bytes:

@@ -52,6 +52,8 @@ class IntakeRules:
 
 
 EVIDENCE_BYTES = 64 * 1024  # of a large rejected message kept in its dead letter
+_MILLISECOND = timedelta(milliseconds=1)  # integer arithmetic: a float's `timestamp() * 1000` can lose one
+_NEVER = ResetPeriod.NEVER
 
 
 class Message(msgspec.Struct, gc=False):
@@ -93,10 +95,6 @@ class AcceptedRecord(msgspec.Struct, array_like=True, gc=False):
     timestamp_ms: int  # epoch milliseconds, UTC
     metadata_json: str
     all_time: bool  # counted into an all-time rollup too: its metric never resets
-
-    @property
-    def timestamp(self) -> datetime:
-        return EPOCH + self.timestamp_ms * _MILLISECOND
 
 
 def read_message(message: Message, catalog: MetricCatalog, rules: IntakeRules) -> tuple[list[AcceptedRecord], list[DeadLetter]]:
@@ -192,9 +190,6 @@ def _settle(message: Message, index: int | None, record: UsageRecord | DecodedRe
                           metric.aggregation_type, quantity, (timestamp - EPOCH) // _MILLISECOND, metadata,
                           metric.reset_period is _NEVER)
 
-
-_MILLISECOND = timedelta(milliseconds=1)  # integer arithmetic: a float's `timestamp() * 1000` can lose one
-_NEVER = ResetPeriod.NEVER
 
 
 def _position(message: Message, index: int | None) -> str:

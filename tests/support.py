@@ -23,6 +23,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from metering_pipeline.api.keys import KeyRing
 from metering_pipeline.topics import Topics
+from metering_dev import worker_process
 from metering_dev.worker_process import WorkerProcess, free_port
 
 __all__ = [
@@ -38,28 +39,8 @@ FIXED_SEED = os.environ.get("METERING_FUZZ_RANDOM") != "1"
 
 def settings_env(settings) -> dict[str, str]:
     """The METERING_* variables that make a worker or CLI process use these (isolated) settings."""
-    return {
-        "METERING_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "METERING_CLICKHOUSE_URL": settings.clickhouse_url,
-        "METERING_TOPIC_PREFIX": settings.topic_prefix,
-        "METERING_CONSUMER_GROUP_PREFIX": settings.consumer_group_prefix,
-        "METERING_CLICKHOUSE_DATABASE": settings.clickhouse_database,
-        "METERING_CLICKHOUSE_USER": settings.clickhouse_user,
-        "METERING_CLICKHOUSE_PASSWORD": settings.clickhouse_password.get_secret_value(),
-        "METERING_USAGE_PARTITIONS": str(settings.usage_partitions),
-        "METERING_FLUSH_INTERVAL": str(settings.flush_interval),
-        # Killed workers leave their groups within seconds, so the fault tests stay short.
-        "METERING_KAFKA_SESSION_TIMEOUT": "10",
-        "METERING_KAFKA_SECURITY_PROTOCOL": settings.kafka_security_protocol,
-        **{name: str(value) for name, value in (
-            ("METERING_KAFKA_SASL_MECHANISM", settings.kafka_sasl_mechanism),
-            ("METERING_KAFKA_SASL_USERNAME", settings.kafka_sasl_username),
-            ("METERING_KAFKA_SASL_PASSWORD",
-             settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else None),
-            ("METERING_KAFKA_SSL_CAFILE", settings.kafka_ssl_cafile),
-            ("METERING_CLICKHOUSE_CA_CERT", settings.clickhouse_ca_cert),
-        ) if value is not None},
-    }
+    # Killed workers leave their groups within seconds, so the fault tests stay short.
+    return worker_process.settings_env(settings) | {"METERING_KAFKA_SESSION_TIMEOUT": "10"}
 
 
 async def create_topics(bootstrap: str, names: list[str], partitions: int = 3) -> None:

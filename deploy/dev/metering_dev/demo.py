@@ -18,7 +18,7 @@ from metering_pipeline.producer import UsageProducer
 from metering_pipeline.settings import Settings
 from metering_pipeline.topics import Topics
 from metering_pipeline.warehouse.client import connect
-from metering_dev.worker_process import WorkerProcess
+from metering_dev.worker_process import WorkerProcess, settings_env
 from metering_schemas import AggregationType, MetricDefinition, ResetPeriod, UsageRecord
 
 DEMO_METRICS = [
@@ -96,11 +96,6 @@ def monthly_rollups(settings: Settings) -> list[tuple]:
 
 
 def start_worker(settings: Settings, log_path: Path) -> WorkerProcess:
-    env = {
-        "METERING_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "METERING_CLICKHOUSE_URL": settings.clickhouse_url,
-        "METERING_PROCESSING_GUARANTEE": settings.processing_guarantee,
-    }
-    worker = WorkerProcess(env, log_path).start()
+    worker = WorkerProcess(settings_env(settings), log_path).start()
     worker.wait_healthy()
     return worker

@@ -14,6 +14,36 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from metering_pipeline.settings import Settings
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The METERING_* variables that make a worker (or CLI) process use these settings: how it reaches Kafka and
+    ClickHouse, credentials and certificates included, and what it is isolated by (topic and group prefixes,
+    database)."""
+    optional = (
+        ("METERING_KAFKA_SASL_MECHANISM", settings.kafka_sasl_mechanism),
+        ("METERING_KAFKA_SASL_USERNAME", settings.kafka_sasl_username),
+        ("METERING_KAFKA_SASL_PASSWORD", settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password
+         else None),
+        ("METERING_KAFKA_SSL_CAFILE", settings.kafka_ssl_cafile),
+        ("METERING_CLICKHOUSE_CA_CERT", settings.clickhouse_ca_cert),
+    )
+    return {
+        "METERING_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "METERING_KAFKA_SECURITY_PROTOCOL": settings.kafka_security_protocol,
+        "METERING_CLICKHOUSE_URL": settings.clickhouse_url,
+        "METERING_CLICKHOUSE_USER": settings.clickhouse_user,
+        "METERING_CLICKHOUSE_PASSWORD": settings.clickhouse_password.get_secret_value(),
+        "METERING_TOPIC_PREFIX": settings.topic_prefix,
+        "METERING_CONSUMER_GROUP_PREFIX": settings.consumer_group_prefix,
+        "METERING_CLICKHOUSE_DATABASE": settings.clickhouse_database,
+        "METERING_USAGE_PARTITIONS": str(settings.usage_partitions),
+        "METERING_PROCESSING_GUARANTEE": settings.processing_guarantee,
+        "METERING_FLUSH_INTERVAL": str(settings.flush_interval),
+        **{name: str(value) for name, value in optional if value is not None},
+    }
+
 
 def free_port() -> int:
     with socket.socket() as sock:

@@ -19,7 +19,7 @@ from metering_pipeline.settings import Settings
 from metering_pipeline.topics import Topics, ensure_topics, internal_topics, public_topics
 from metering_pipeline.warehouse.client import connect
 from metering_pipeline.warehouse.migrations import migrate
-from metering_dev.worker_process import WorkerProcess
+from metering_dev.worker_process import WorkerProcess, settings_env
 
 
 @dataclass
@@ -40,19 +40,6 @@ class Result:
 def isolated(settings: Settings, prefix: str, group: str) -> Settings:
     return settings.model_copy(update={"topic_prefix": prefix, "consumer_group_prefix": group,
                                        "clickhouse_database": group.replace("-", "_")})
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    return {
-        "METERING_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "METERING_CLICKHOUSE_URL": settings.clickhouse_url,
-        "METERING_TOPIC_PREFIX": settings.topic_prefix,
-        "METERING_CONSUMER_GROUP_PREFIX": settings.consumer_group_prefix,
-        "METERING_CLICKHOUSE_DATABASE": settings.clickhouse_database,
-        "METERING_USAGE_PARTITIONS": str(settings.usage_partitions),
-        "METERING_PROCESSING_GUARANTEE": settings.processing_guarantee,
-        "METERING_FLUSH_INTERVAL": str(settings.flush_interval),
-    }
 
 
 async def prepare_input(settings: Settings, workload: Workload, batch: int, thresholds: list[dict] | None = None) -> Expected:

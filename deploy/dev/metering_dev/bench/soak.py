@@ -34,7 +34,7 @@ from metering_pipeline.settings import Settings
 from metering_pipeline.topics import Topics, ensure_topics, internal_topics
 from metering_pipeline.warehouse.client import connect
 from metering_pipeline.warehouse.migrations import migrate
-from metering_dev.worker_process import WorkerProcess
+from metering_dev.worker_process import WorkerProcess, settings_env
 
 # Mean quantity of a workload record: quantities are (n * 7919 + seed) % 100000 / 100, spread evenly.
 _MEAN_QUANTITY = Decimal(500)
@@ -257,7 +257,7 @@ async def _soak(settings: Settings, plan: SoakPlan, rate: float, log_path: Path,
     await phases.prepare_input(settings, Workload.recent(0, 1), 1, thresholds)  # metric definitions and thresholds
     migrate(settings)
     await ensure_topics(settings, internal_topics(settings))
-    env = phases.settings_env(settings) | {
+    env = settings_env(settings) | {
         "METERING_DEDUP_WINDOW": f"PT{plan.effective_dedup_window().total_seconds():.0f}S"}
     worker = WorkerProcess(env, log_path).start()
     total = int(rate * plan.seconds)

@@ -10,6 +10,7 @@ from pydantic import Field, field_validator, model_validator
 
 from metering_schemas._base import AggregateQuantity, CaseInsensitiveEnum, Identifier, Quantity, UtcDatetime, WireModel
 from metering_schemas.currency import EXPONENTS
+from metering_schemas.metric import DimensionName, DimensionValue
 
 # Prices may be finer than the currency's minor unit (0.0001 USD per call); amounts are rounded once, per line.
 Money = Annotated[Decimal, Field(ge=0, allow_inf_nan=False, max_digits=38, decimal_places=18)]
@@ -56,6 +57,9 @@ class Price(WireModel):
     included_units: Quantity = Field(default=Decimal(0), ge=0, description="Free units before the model applies")
     minimum_charge: Money | None = None
     maximum_charge: Money | None = None
+    dimensions: dict[DimensionName, DimensionValue] = Field(
+        default_factory=dict, description="Prices only the usage whose dimension values are these (some or all of the "
+                                          "metric's groupBy dimensions); empty: all of the metric's usage")
 
     @model_validator(mode="after")
     def _complete_for_its_model(self) -> Price:
@@ -98,9 +102,9 @@ class Plan(WireModel):
 
     @model_validator(mode="after")
     def _one_price_per_metric(self) -> Plan:
-        keys = [price.metric_key for price in self.prices]
+        keys = [(price.metric_key, tuple(sorted(price.dimensions.items()))) for price in self.prices]
         if len(keys) != len(set(keys)):
-            raise ValueError("a plan has at most one price per metric key")
+            raise ValueError("a plan has at most one price per metric key and dimensions")
         return self
 
 
@@ -148,6 +152,7 @@ class InvoiceLine(WireModel):
     type: LineType
     plan_key: Identifier
     metric_key: Identifier | None = None
+    dimensions: dict[str, str] = Field(default_factory=dict, description="The price's dimensions: the usage it priced")
     model: PricingModel | None = None
     starts_at: UtcDatetime
     ends_at: UtcDatetime

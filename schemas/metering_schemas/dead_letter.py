@@ -17,6 +17,7 @@ class RejectReason(str, Enum):
     TOO_LATE = "too_late"  # older than the allowed lateness
     FUTURE_TIMESTAMP = "future_timestamp"  # more than the allowed skew ahead of the message time
     TOO_LARGE = "too_large"  # over the message size limit
+    CARDINALITY_LIMIT = "cardinality_limit"  # a new distinct value or dimension combination past the worker's bound
 
 
 class FieldError(WireModel):

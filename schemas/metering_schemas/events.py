@@ -44,6 +44,8 @@ class ThresholdAlert(Event):
     action: ThresholdAction = Field(description="BLOCK: the subject is blocked for the metric (entitlement checks)")
     notify_emails: list[str]
     occurred_at: EmittedUtcDatetime = Field(description="When the worker decided it")
+    dimensions: dict[str, str] = Field(default_factory=dict, description="The dimension row it was evaluated on "
+                                                                         "(the threshold's dimensions); empty: the total")
 
 
 class UsageAggregated(Event):
@@ -61,6 +63,7 @@ class UsageAggregated(Event):
     record_count: int = Field(ge=0)
     version: int = Field(ge=0, description="Grows with every change of the rollup: a greater version supersedes, "
                                            "the same version is the same state")
+    dimensions: dict[str, str] = Field(default_factory=dict, description="The dimension row's values; empty: the total row")
 
 
 class MetricDefined(Event):

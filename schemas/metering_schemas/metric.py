@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Annotated
+
+from pydantic import Field, model_validator
 
 from metering_schemas._base import CaseInsensitiveEnum, Identifier, WireModel
 
@@ -13,6 +15,8 @@ class AggregationType(CaseInsensitiveEnum):
     AVG = "AVG"
     MAX = "MAX"
     MIN = "MIN"
+    UNIQUE_COUNT = "UNIQUE_COUNT"  # distinct values found at valueProperty, compared as strings
+    LATEST = "LATEST"  # the quantity of the record with the latest timestamp (on a tie, the greatest id)
 
 
 class ResetPeriod(CaseInsensitiveEnum):
@@ -20,6 +24,15 @@ class ResetPeriod(CaseInsensitiveEnum):
     HOURLY = "HOURLY"
     DAILY = "DAILY"
     MONTHLY = "MONTHLY"
+
+
+QUANTITY_PATH = "$.quantity"
+MAX_GROUP_BY = 10
+# `$.quantity`, or a path into the record's metadata: `$.metadata.model`, `$.metadata.usage.tokens`.
+RecordPath = Annotated[str, Field(pattern=r"^\$\.(quantity|metadata(\.[^.\s]+)+)$", max_length=512)]
+MetadataPath = Annotated[str, Field(pattern=r"^\$\.metadata(\.[^.\s]+)+$", max_length=512)]
+DimensionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]+$", min_length=1, max_length=64)]
+DimensionValue = Annotated[str, Field(max_length=1024)]
 
 
 class MetricDefinition(WireModel):
@@ -33,3 +46,19 @@ class MetricDefinition(WireModel):
     aggregation_type: AggregationType
     reset_period: ResetPeriod = ResetPeriod.NEVER
     org_id: Identifier | None = Field(default=None, description="Organization scope; null = global")
+    value_property: RecordPath | None = Field(
+        default=None, description='Where the quantity is read: "$.quantity" (null: the default) or "$.metadata.<name>..."; '
+                                  "for UNIQUE_COUNT, the value whose distinct strings are counted; ignored for COUNT")
+    group_by: dict[DimensionName, MetadataPath] = Field(
+        default_factory=dict, max_length=MAX_GROUP_BY,
+        description="Dimensions: name -> metadata path. usage_summary then also has a row per combination of their values")
+    filter: dict[RecordPath, list[DimensionValue]] = Field(
+        default_factory=dict, description="A record counts only when the value at every path is one of the listed strings")
+
+    @model_validator(mode="after")
+    def _readable(self) -> MetricDefinition:
+        if self.aggregation_type is AggregationType.UNIQUE_COUNT and self.value_property is None:
+            raise ValueError("UNIQUE_COUNT needs valueProperty: the value whose distinct strings are counted")
+        if any(not values for values in self.filter.values()):
+            raise ValueError("every filter path needs at least one value")
+        return self

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from metering_schemas._base import CaseInsensitiveEnum, Identifier, Quantity, WireModel
+from metering_schemas.metric import DimensionName, DimensionValue
 
 
 class ThresholdAction(CaseInsensitiveEnum):
@@ -24,3 +25,6 @@ class UsageThreshold(WireModel):
     action: ThresholdAction = ThresholdAction.ALERT
     notify_emails: list[str] = Field(default_factory=list)
     org_id: Identifier | None = Field(default=None, description="Organization that owns it (set by org-scoped API keys)")
+    dimensions: dict[DimensionName, DimensionValue] = Field(
+        default_factory=dict, description="Every groupBy dimension of the metric with a value: the threshold watches that "
+                                          "dimension row instead of the total (empty: the total)")

@@ -51,3 +51,4 @@ class UsageSummary(WireModel):
     total_quantity: AggregateQuantity = Field(description="The metric's aggregationType over the period: up to 76 digits "
                                                           "with 18 after the point (usage_summary's Decimal(76, 18))")
     record_count: int = Field(ge=0)
+    dimensions: dict[str, str] = Field(default_factory=dict, description="The dimension row's values; empty: the total row")

@@ -64,6 +64,13 @@ class Settings(BaseSettings):
                                   "default http://<hostname>:<web port>"
     )
     max_poll_records: int = Field(default=20_000, ge=1)
+    max_dimension_combinations: int = Field(
+        default=1_000, ge=1, description="Dimension rows a grouped metric may have per subject and period; a record "
+                                         "with a new combination past it is dead-lettered cardinality_limit")
+    max_distinct_values: int = Field(
+        default=100_000, ge=1, description="Distinct values a UNIQUE_COUNT rollup may hold (per subject, period and "
+                                           "dimension row); a record with a new value past it is dead-lettered "
+                                           "cardinality_limit")
     max_buffered_records: int = Field(
         default=100_000, ge=1, description="Counted records a worker holds while ClickHouse is slow or down; "
                                            "beyond this it pauses consumption (backpressure) until writes catch up")

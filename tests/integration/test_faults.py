@@ -12,9 +12,11 @@ import re
 import signal
 import time
 import urllib.request
+from collections import defaultdict
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
+import orjson
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from support import (define, metric, publish, read_json, running_api, set_thresholds, threshold,
@@ -38,9 +40,11 @@ def _rss_mb(pid: int) -> float:
 
 
 def _totals(settings) -> tuple[int, Decimal, int]:
+    """The `tokens` metric's records: how many are stored, their sum, and how many its monthly total rows count."""
     with connect(settings) as client:
-        records = client.query("SELECT count(), sum(quantity) FROM usage_records FINAL").result_rows[0]
-        [[monthly]] = client.query("SELECT sum(record_count) FROM usage_summary WHERE period_type = 'MONTHLY'").result_rows
+        records = client.query("SELECT count(), sum(quantity) FROM usage_records FINAL WHERE metric_key = 'tokens'").result_rows[0]
+        [[monthly]] = client.query("SELECT sum(record_count) FROM usage_summary WHERE metric_key = 'tokens' "
+                                   "AND period_type = 'MONTHLY' AND empty(dimensions)").result_rows
     return records[0], records[1], monthly
 
 
@@ -240,21 +244,86 @@ def _api_record(record_id: str) -> dict:
     return {"id": record_id, "metricKey": "tokens", "subjectType": "org", "subjectId": "api", "quantity": "1"}
 
 
+# The storm's load also carries a metric of each kind that reads the payload: their state (distinct values, the latest
+# value with its timestamp and id, per-dimension rollups) must move between workers exactly too.
+PAYLOAD_METRICS = (
+    {**metric("model_tokens", "SUM"), "valueProperty": "$.metadata.tokens",
+     "groupBy": {"model": "$.metadata.model", "region": "$.metadata.region"}},
+    {**metric("users", "UNIQUE_COUNT"), "valueProperty": "$.metadata.user", "groupBy": {"model": "$.metadata.model"}},
+    metric("gauge", "LATEST"),
+    {**metric("eu_tokens", "SUM"), "valueProperty": "$.metadata.tokens", "filter": {"$.metadata.region": ["eu"]}},
+)
+GROUPS = {d["key"]: tuple(d.get("groupBy", ())) for d in PAYLOAD_METRICS}
+
+
+def _payload_record(rng: random.Random, n: int, now: datetime) -> dict:
+    metric_key = rng.choice(sorted(GROUPS))
+    if metric_key == "gauge":  # whole minutes within half an hour: the latest timestamp is often shared (greatest id wins)
+        at = now - timedelta(minutes=rng.randint(0, 30))
+    else:  # over two days: hours and days of their own
+        at = now - timedelta(milliseconds=rng.randint(0, 2 * 86_400_000))
+    metadata: dict = {"user": f"u{rng.randint(1, 20)}",
+                      "tokens": rng.choice([rng.randint(1, 5000), f"{rng.randint(0, 99)}.{rng.randint(0, 10**18 - 1):018d}"])}
+    for name, values in (("model", ["a", "b", "c", None, "missing"]), ("region", ["eu", "us", None, "missing"])):
+        if (value := rng.choice(values)) != "missing":
+            metadata[name] = value
+    return {"id": f"x{n}", "metricKey": metric_key, "subjectType": "org", "subjectId": f"p{rng.randint(1, 8)}",
+            "quantity": str(rng.randint(1, 1000)), "timestamp": at.isoformat(), "metadata": metadata}
+
+
+def _payload_expected(records: list[dict]) -> dict[tuple, tuple[Decimal, int]]:
+    """(metric, subject, period, start, dimensions) -> (total_quantity, record_count), from first principles: a total
+    row ({}) per period, and for a grouped metric a row per combination of its dimensions' values ("" when missing)."""
+    members: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        metadata = r["metadata"]
+        if r["metricKey"] == "eu_tokens" and metadata.get("region") != "eu":
+            continue  # filtered out
+        dimensions = tuple(sorted((name, metadata.get(name) or "") for name in GROUPS[r["metricKey"]]))
+        at = datetime.fromisoformat(r["timestamp"]).astimezone(timezone.utc).replace(tzinfo=None)
+        hour = at.replace(minute=0, second=0, microsecond=0)
+        for period, start in (("HOURLY", hour), ("DAILY", hour.replace(hour=0)), ("MONTHLY", hour.replace(day=1, hour=0))):
+            for dims in {(), dimensions}:
+                members[(r["metricKey"], r["subjectId"], period, start, dims)].append(r)
+    expected = {}
+    for key, rows in members.items():
+        if key[0] == "users":
+            total = Decimal(len({m["metadata"]["user"] for m in rows}))
+        elif key[0] == "gauge":
+            total = Decimal(max(rows, key=lambda m: (datetime.fromisoformat(m["timestamp"]), m["id"]))["quantity"])
+        else:
+            total = sum((Decimal(str(m["metadata"]["tokens"])) for m in rows), Decimal(0))
+        expected[key] = (total, len(rows))
+    return expected
+
+
+def _payload_summary(settings) -> dict[tuple, tuple[Decimal, int]]:
+    with connect(settings) as client:
+        rows = client.query("SELECT metric_key, subject_id, period_type, period_start, dimensions, total_quantity, "
+                            "record_count FROM usage_summary WHERE metric_key != 'tokens'").result_rows
+    return {(m, s, p, start, tuple(sorted(d.items()))): (Decimal(total), count) for m, s, p, start, d, total, count in rows}
+
+
 def test_a_rebalance_storm_under_steady_load_loses_and_doubles_nothing(pipeline):
     settings, new_worker = pipeline
-    asyncio.run(define(settings, metric("tokens", "SUM")))
+    asyncio.run(define(settings, metric("tokens", "SUM"), *PAYLOAD_METRICS))
     asyncio.run(set_thresholds(settings, threshold("cap", "tokens", "org:*", "5")))  # every subject crosses it
     alive = [new_worker().start() for _ in range(3)]
     for worker in alive:
         worker.wait_healthy()
     rng = random.Random(5)
+    load, now, payload = random.Random(15), datetime.now(timezone.utc).replace(microsecond=0), []
 
     async def storm() -> int:
         sent = 0
         started = time.monotonic()
         next_change = started + 10
         while time.monotonic() - started < STORM_SECONDS:
-            await publish(settings, _batch(sent, 100))  # ~200 records/s across 50 subjects
+            fresh = [_payload_record(load, len(payload) + n, now) for n in range(20)]
+            retries = load.sample(payload, min(2, len(payload)))  # the same records again: never counted twice
+            payload.extend(fresh)
+            messages = [(f"org:{r['subjectId']}".encode(), orjson.dumps(r), None) for r in fresh + retries]
+            await publish(settings, _batch(sent, 100) + messages)  # ~200 records/s across 50 subjects, and ~40 of the others
             sent += 100
             await asyncio.sleep(0.5)
             if time.monotonic() >= next_change:
@@ -275,10 +344,19 @@ def test_a_rebalance_storm_under_steady_load_loses_and_doubles_nothing(pipeline)
     # transaction markers; every record's time is before a close a day from now).
     assert asyncio.run(processed_through(settings, datetime.now(timezone.utc) + timedelta(days=1), wait=120))
     caught_up = time.monotonic() - caught_up
-    print(f"storm: {sent} records in {STORM_SECONDS:.0f} s; totals complete {time.monotonic() - stormed:.1f} s and "
+    print(f"storm: {sent} + {len(payload)} records in {STORM_SECONDS:.0f} s; totals complete {time.monotonic() - stormed:.1f} s and "
           f"lag zero {caught_up:.1f} s after it")
     time.sleep(2)
     assert _totals(settings) == (sent, Decimal("0.1") * sent, sent)
+    expected, deadline = _payload_expected(payload), time.monotonic() + 60
+    while (actual := _payload_summary(settings)) != expected:  # their rollups are written with the last checkpoints
+        if time.monotonic() > deadline:
+            wrong = {k: (v, actual.get(k)) for k, v in expected.items() if actual.get(k) != v}
+            extra = [k for k in actual if k not in expected]
+            raise AssertionError(f"usage_summary of {len(payload)} payload records differs: {len(wrong)} rows wrong or "
+                                 f"missing, e.g. {list(wrong.items())[:3]}; {len(extra)} extra, e.g. {extra[:3]}")
+        time.sleep(0.5)
+    assert sum(1 for k in expected if k[4]) > 100  # many dimension rows, not only totals
     with connect(settings) as client:
         [[events, distinct]] = client.query("SELECT count(), uniqExact(id) FROM threshold_events FINAL").result_rows
     assert events == distinct == 100  # approaching and exceeded once for each of the 50 subjects

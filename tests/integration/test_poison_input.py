@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 from collections import Counter
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 import pytest
@@ -17,6 +19,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
 from support import FIXED_SEED, define, metric
 
+from metering_dev.bench.soak_summary import counter
 from metering_pipeline.topics import Topics
 from metering_pipeline.warehouse.client import connect
 
@@ -47,6 +50,17 @@ _metadata = st.one_of(
     st.integers(min_value=10_000, max_value=800_000).map(lambda size: {"blob": "x" * size}),
     st.just("not an object"),
 )
+
+
+# Metrics that read the payload (valueProperty, groupBy through a nested path, distinct values, the latest value): any
+# JSON where they read must be counted or dead-lettered like the rest.
+PAYLOAD_METRICS = (
+    {**metric("m_value", "SUM"), "valueProperty": "$.metadata.v", "groupBy": {"g": "$.metadata.g", "h": "$.metadata.h.i"}},
+    {**metric("m_unique", "UNIQUE_COUNT"), "valueProperty": "$.metadata.v", "groupBy": {"g": "$.metadata.g"}},
+    {**metric("m_latest", "LATEST"), "valueProperty": "$.metadata.v"},
+)
+_payload = st.fixed_dictionaries({}, optional={
+    "v": _json | _quantities, "g": _json, "h": _json | st.fixed_dictionaries({"i": _json}), "other": _json})
 
 
 MAX_SENT_BYTES = 1_000_000  # Kafka's default limit; the 10 MB case has a test of its own on a topic that takes it
@@ -83,7 +97,7 @@ def messages(draw, tag: str) -> list[bytes]:
     """A mix of arbitrary bytes, arbitrary JSON, near-valid records, batches of them, and invalid UTF-8."""
     out: list[bytes] = []
     for i in range(draw(st.integers(min_value=15, max_value=30))):
-        kind = draw(st.sampled_from(["bytes", "json", "record", "batch", "utf8", "deep"]))
+        kind = draw(st.sampled_from(["bytes", "json", "record", "batch", "utf8", "deep", "payload"]))
         if kind == "bytes":
             out.append(draw(st.binary(max_size=200)))
         elif kind == "json":
@@ -96,6 +110,11 @@ def messages(draw, tag: str) -> list[bytes]:
             while len(batch := encode({"records": records})) > MAX_SENT_BYTES:  # big metadata: fewer records
                 records.pop()
             out.append(batch)
+        elif kind == "payload":  # anything where a payload-reading metric reads
+            record = draw(near_valid(f"{tag}-{i}", tag)) if draw(st.booleans()) else \
+                {"id": f"{tag}-{i}", "subjectType": "org", "subjectId": tag, "quantity": "1"}
+            record |= {"metricKey": draw(st.sampled_from([d["key"] for d in PAYLOAD_METRICS])), "metadata": draw(_payload)}
+            out.append(encode(record))
         elif kind == "deep":  # metadata nested thousands of levels deep
             depth = draw(st.integers(min_value=100, max_value=5000))
             head = encode({"id": f"{tag}-{i}", "metricKey": "m", "subjectType": "org", "subjectId": tag})[:-1]
@@ -169,7 +188,7 @@ def _expected_units(value: bytes) -> int:
 
 def test_every_poison_message_is_counted_or_dead_lettered_and_the_worker_keeps_going(pipeline):
     settings, new_worker = pipeline
-    asyncio.run(define(settings, metric("m", "SUM")))
+    asyncio.run(define(settings, metric("m", "SUM"), *PAYLOAD_METRICS))
     worker = new_worker().start()
     worker.wait_healthy()
     examples = iter(range(1000))
@@ -280,3 +299,118 @@ def test_sql_shaped_and_control_character_identifiers_round_trip_intact(pipeline
             [summary] = summaries
             assert (summary.subject_id, summary.total_quantity, summary.record_count) == (record["subjectId"], Decimal("1.5"), 1)
         assert client.query("SELECT count() FROM usage_records").result_rows[0][0] == len(records)  # the table is still there
+
+
+# Meters that read the payload (issue 15): what they read is poison too. Each metric below reads one kind of path.
+TOKENS = {**metric("tokens", "SUM"), "valueProperty": "$.metadata.tokens", "groupBy": {"model": "$.metadata.model"}}
+USERS = {**metric("users", "UNIQUE_COUNT"), "valueProperty": "$.metadata.user"}
+LEVEL = {**metric("level", "LATEST"), "valueProperty": "$.metadata.level"}
+EU_TOKENS = {**metric("eu_tokens", "SUM"), "valueProperty": "$.metadata.tokens", "filter": {"$.metadata.region": ["eu"]}}
+_PERIODS = ("HOURLY", "DAILY", "MONTHLY")
+
+
+def test_payloads_a_meter_cannot_read_are_dead_lettered_naming_the_path_and_filtered_records_are_neither(pipeline):
+    settings, new_worker = pipeline
+    asyncio.run(define(settings, TOKENS, USERS, LEVEL, EU_TOKENS))
+    worker = new_worker().start()
+    worker.wait_healthy()
+    # Every record in one hour (the previous one), so each period holds the same rows.
+    at = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0) - timedelta(minutes=50)
+
+    def record(record_id: str, metric_key: str, metadata: dict, second: int = 0) -> dict:
+        return {"id": record_id, "metricKey": metric_key, "subjectType": "org", "subjectId": "payload", "quantity": "1",
+                "timestamp": (at + timedelta(seconds=second)).isoformat(), "metadata": metadata}
+
+    good = [
+        record("t-int", "tokens", {"model": "a", "tokens": 5}),
+        record("t-text", "tokens", {"model": "a", "tokens": "2.5"}),
+        record("t-fraction", "tokens", {"model": 7, "tokens": 1.25}),  # a number's dimension value is its JSON text
+        record("t-no-model", "tokens", {"tokens": 3}),  # missing or null: the dimension value ""
+        record("t-null-model", "tokens", {"model": None, "tokens": "0.000000000000000001"}),
+        record("t-bool-model", "tokens", {"model": True, "tokens": 10}),
+        record("u-alice", "users", {"user": "alice"}),
+        record("u-alice-again", "users", {"user": "alice"}),
+        record("u-int", "users", {"user": 42}),
+        record("u-text", "users", {"user": "42"}),  # compared as strings: the same value as 42
+        record("u-bool", "users", {"user": True}),
+        record("l-first", "level", {"level": 5}, second=1),
+        record("l-last", "level", {"level": "7.5"}, second=2),
+        record("e-eu", "eu_tokens", {"region": "eu", "tokens": 4}),
+        record("e-eu-text", "eu_tokens", {"region": "eu", "tokens": "0.5"}),
+    ]
+    filtered = [
+        record("f-us", "eu_tokens", {"region": "us", "tokens": 100}),
+        record("f-no-region", "eu_tokens", {"tokens": 100}),
+        record("f-upper", "eu_tokens", {"region": "EU", "tokens": 100}),  # values compare exactly
+        record("f-us-no-tokens", "eu_tokens", {"region": "us"}),  # left out before anything is read: not poison
+    ]
+    # (record, the path its dead letter must name, a word it must say too)
+    poison = [
+        (record("p-missing", "tokens", {"model": "a"}), "$.metadata.tokens", ""),
+        (record("p-null", "tokens", {"model": "a", "tokens": None}), "$.metadata.tokens", ""),
+        (record("p-abc", "tokens", {"model": "a", "tokens": "abc"}), "$.metadata.tokens", ""),
+        (record("p-empty", "tokens", {"model": "a", "tokens": ""}), "$.metadata.tokens", ""),
+        (record("p-huge", "tokens", {"model": "a", "tokens": "1e400"}), "$.metadata.tokens", ""),
+        (record("p-true", "tokens", {"model": "a", "tokens": True}), "$.metadata.tokens", ""),
+        (record("p-object", "tokens", {"model": "a", "tokens": {"n": 1}}), "$.metadata.tokens", ""),
+        (record("p-array", "tokens", {"model": "a", "tokens": [1]}), "$.metadata.tokens", ""),
+        (record("p-model-object", "tokens", {"model": {"name": "a"}, "tokens": 1}), "$.metadata.model", "object"),
+        (record("p-model-array", "tokens", {"model": ["a"], "tokens": 1}), "$.metadata.model", "array"),
+        (record("p-no-user", "users", {"name": "alice"}), "$.metadata.user", ""),
+        (record("p-null-user", "users", {"user": None}), "$.metadata.user", ""),
+        (record("p-user-object", "users", {"user": {"id": 1}}), "$.metadata.user", "object"),
+        (record("p-user-array", "users", {"user": []}), "$.metadata.user", "array"),
+        # Later than every good level: LATEST must not take it (nor its quantity of 1).
+        (record("p-no-level", "level", {}, second=3), "$.metadata.level", ""),
+        (record("p-level-text", "level", {"level": "high"}, second=4), "$.metadata.level", ""),
+        (record("p-eu-no-tokens", "eu_tokens", {"region": "eu"}), "$.metadata.tokens", ""),
+    ]
+    # Interleaved, and read both alone and inside {"records": [...]} batches (the batch's good records count).
+    mixed = [*good, *filtered, *(r for r, _, _ in poison)]
+    random.Random(15).shuffle(mixed)
+    batched = mixed[1::2]
+    values = [encode(r) for r in mixed[::2]] + [encode({"records": batched[n:n + 3]}) for n in range(0, len(batched), 3)]
+    sent = asyncio.run(_send(settings, values))
+    assert sorted(_ids_in(values)) == sorted(r["id"] for r in mixed)
+    # A sentinel per partition after them: once all are counted, everything before them was processed.
+    sentinels = [record(f"s-{p}", "tokens", {"model": "a", "tokens": 1}) for p in range(settings.usage_partitions)]
+    asyncio.run(_send(settings, [encode(s) for s in sentinels], partitions=list(range(settings.usage_partitions))))
+
+    # From first principles: (metric, dimensions) -> (total_quantity, record_count), the same in every period.
+    expected = {
+        ("tokens", ()): (Decimal("21.750000000000000001") + len(sentinels), 6 + len(sentinels)),
+        ("tokens", (("model", "a"),)): (Decimal("7.5") + len(sentinels), 2 + len(sentinels)),
+        ("tokens", (("model", "7"),)): (Decimal("1.25"), 1),
+        ("tokens", (("model", ""),)): (Decimal("3.000000000000000001"), 2),
+        ("tokens", (("model", "true"),)): (Decimal(10), 1),
+        ("users", ()): (Decimal(3), 5),  # alice, 42, true
+        ("level", ()): (Decimal("7.5"), 2),
+        ("eu_tokens", ()): (Decimal("4.5"), 2),
+    }
+    deadline = time.monotonic() + 90
+    while (actual := _payload_summary(settings)) != {(p, *k): v for p in _PERIODS for k, v in expected.items()}:
+        assert worker.process.poll() is None, f"the worker died:\n{worker.log_tail()}"
+        assert time.monotonic() < deadline, f"usage_summary {actual}\n{worker.log_tail()}"
+        time.sleep(0.5)
+    assert _counted(settings, "payload") == Counter({r["id"]: 1 for r in good + sentinels})
+
+    letters = asyncio.run(_dead_letters(settings, set(sent), len(poison), timeout=60))
+    assert sorted(letter["record"]["id"] for letter in letters) == sorted(r["id"] for r, _, _ in poison)  # once each
+    reasons = {letter["record"]["id"]: (letter["reason"], letter["message"]) for letter in letters}
+    for r, path, word in poison:
+        reason, message = reasons[r["id"]]
+        assert reason == "invalid_record" and path in message and word in message, (r, reason, message)
+    assert counter(worker.metrics(), "metering_records_filtered_total") == len(filtered)
+    assert worker.process.poll() is None
+
+
+def _ids_in(values: list[bytes]) -> list[str]:
+    documents = [json.loads(v) for v in values]
+    return [r["id"] for d in documents for r in d.get("records", [d])]
+
+
+def _payload_summary(settings) -> dict[tuple, tuple[Decimal, int]]:
+    with connect(settings) as client:
+        rows = client.query("SELECT period_type, metric_key, dimensions, total_quantity, record_count FROM usage_summary "
+                            "WHERE subject_id = 'payload'").result_rows
+    return {(p, m, tuple(sorted(d.items()))): (Decimal(total), count) for p, m, d, total, count in rows}

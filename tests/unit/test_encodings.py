@@ -13,6 +13,7 @@ from hypothesis import given, strategies as st
 
 from metering_pipeline.usage.intake import AcceptedRecord
 from metering_pipeline.usage.periods import EPOCH
+from metering_pipeline.usage.aggregation import MERGEABLE
 from metering_pipeline.usage.rollups import LIFETIME, CountedRecord, PartitionRollups, Rollup, RollupChange
 from metering_pipeline.warehouse.sink import records_body
 from metering_pipeline.worker import changelog, routing
@@ -67,14 +68,38 @@ def test_version_2_batches_routed_before_records_said_whether_they_count_all_tim
     assert record.all_time and record.quantity == Decimal("1.5")
 
 
+def test_what_a_metric_read_from_the_payload_travels_with_the_record_and_older_batches_have_none():
+    at = datetime(2026, 11, 24, 10, 15, 30, 123000, tzinfo=UTC)
+    grouped = msgspec.structs.replace(accepted("2.50", at), dimensions=(("model", "gpt-4"), ("region", "")),
+                                      distinct="user-ö")
+    [record] = routing.decode(routing.encode([grouped]))
+    assert (record.dimensions, record.distinct, str(record.quantity)) == ((("model", "gpt-4"), ("region", "")), "user-ö", "2.50")
+    older = routing.ROUTED_V2 + msgspec.msgpack.encode([["org", "o", "r-1", "tokens", "tokens-v2", "SUM", "1.5",
+                                                         1_764_000_000_123, "{}", False]])
+    [record] = routing.decode(older)
+    assert (record.dimensions, record.distinct) == ((), None)
+
+
+def test_routed_batches_are_cut_by_what_the_records_carry_dimensions_and_distinct_values_included():
+    at = datetime(2026, 11, 24, 10, tzinfo=UTC)
+    value = "x" * 100_000
+    plain = [accepted("1", at, metadata="{}") for _ in range(10)]
+    assert [len(batch) for batch in routing.batches(plain)] == [10]
+    heavy = [msgspec.structs.replace(accepted("1", at, metadata="{}"), dimensions=(("d", value),), distinct=value)
+             for _ in range(10)]
+    cut = list(routing.batches(heavy))
+    assert len(cut) > 1 and sum(map(len, cut)) == 10
+    assert all(len(routing.encode(batch)) <= routing.ROUTED_BATCH_BYTES for batch in cut)
+
+
 def test_an_unknown_routed_encoding_is_refused_loudly():
     with pytest.raises(ValueError, match="unknown encoding"):
         routing.decode(b"\x07whatever")
 
 
 def test_changelog_rollup_entries_restore_the_same_rollups_and_tombstones_delete_them():
-    hour = ("tokens", "org", "ö \"1\"", PeriodType.HOURLY, datetime(2026, 11, 24, 10, tzinfo=UTC))
-    lifetime = ("tokens", "org", "o", LIFETIME, datetime(1970, 1, 1, tzinfo=UTC))
+    hour = ("tokens", "org", "ö \"1\"", PeriodType.HOURLY, datetime(2026, 11, 24, 10, tzinfo=UTC), ())
+    lifetime = ("tokens", "org", "o", LIFETIME, datetime(1970, 1, 1, tzinfo=UTC), ())
     big = Rollup(AggregationType.SUM, 3, Decimal("1" * 58 + ".5"), Decimal(BIG), Decimal("7"), 41, "tokens-v2")
     empty = Rollup(AggregationType.COUNT, version=0)
     entries = [changelog.rollup_entry(RollupChange.of(hour, big)), changelog.rollup_entry(RollupChange.of(lifetime, empty))]
@@ -87,7 +112,7 @@ def test_changelog_rollup_entries_restore_the_same_rollups_and_tombstones_delete
 
 
 def test_changelog_entries_written_before_rollups_named_their_metric_still_restore():
-    key = changelog.rollup_tombstone(("tokens", "org", "o", PeriodType.DAILY, datetime(2026, 11, 24, tzinfo=UTC)))
+    key = changelog.rollup_tombstone(("tokens", "org", "o", PeriodType.DAILY, datetime(2026, 11, 24, tzinfo=UTC), ()))
     [rollup] = changelog.restore([(key, b'["AVG",2,"3","1","2",9]')]).rollups.values()
     assert (rollup.total(), rollup.version, rollup.metric_id) == (Decimal("1.5"), 9, None)
 
@@ -105,12 +130,12 @@ def test_identity_entries_round_trip_with_their_times():
 @given(st.integers(min_value=-2_208_988_800_000, max_value=4_102_444_800_000))
 def test_usage_records_times_are_written_as_clickhouse_datetime64_text_of_the_same_millisecond(ms):
     record = CountedRecord("org", "o", "r", "tokens", "tokens", AggregationType.SUM, Decimal(1), ms, "{}")
-    [*_, times, _quantities, _metadata, _metric] = orjson.loads(records_body([record]))
+    [*_, times, _quantities, _metadata, _metric, _dimensions, _distinct] = orjson.loads(records_body([record]))
     assert datetime.fromisoformat(times[0]).replace(tzinfo=UTC) == record.timestamp
     assert len(times[0]) == len("2026-11-24 10:15:30.123")
 
 
-@pytest.mark.parametrize("aggregation", list(AggregationType))
+@pytest.mark.parametrize("aggregation", MERGEABLE)
 @pytest.mark.parametrize("quantities", [[], ["7.50"], ["7.50", "7.50"], ["3", "-1E+2", BIG, "0.5"], ["2", "2.0", "1E+1"]])
 def test_a_frozen_rollup_writes_the_texts_of_its_values_and_total(aggregation: AggregationType, quantities: list[str]):
     """The texts are shared where the values are the same object (a rollup of one record): never a wrong one."""
@@ -119,7 +144,7 @@ def test_a_frozen_rollup_writes_the_texts_of_its_values_and_total(aggregation: A
     records = [CountedRecord("org", "o", f"r{n}", "m", "m", aggregation, Decimal(q), int(at.timestamp() * 1000), "{}")
                for n, q in enumerate(quantities)]
     state.apply(records, 0, at)
-    rollups = state.rollups.items() if quantities else [(("m", "org", "o", LIFETIME, at), Rollup(aggregation))]
+    rollups = state.rollups.items() if quantities else [(("m", "org", "o", LIFETIME, at, ()), Rollup(aggregation))]
     for key, rollup in rollups:
         change = RollupChange.of(key, rollup)
         assert (change.sum_text, change.min_text, change.max_text, change.total_text) == (

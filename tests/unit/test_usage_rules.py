@@ -12,7 +12,7 @@ import orjson
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from metering_pipeline.usage.aggregation import Aggregate
+from metering_pipeline.usage.aggregation import MERGEABLE, Aggregate
 from metering_pipeline.usage.dedup import DedupWindow
 from metering_pipeline.usage.intake import EVIDENCE_BYTES, IntakeRules, Message, read_message
 from metering_pipeline.usage.metrics import MetricCatalog
@@ -74,7 +74,7 @@ def test_aggregates_merge_to_the_same_result_however_records_are_split(quantitie
         whole.add(quantity)
         (left if n < cut else right).add(quantity)
     right.merge(left)
-    for aggregation in AggregationType:
+    for aggregation in MERGEABLE:
         assert right.total(aggregation) == whole.total(aggregation)
     assert whole.total(AggregationType.SUM) == sum(quantities, Decimal(0))
 
@@ -94,7 +94,10 @@ def message(value: bytes | None, offset: int = 7) -> Message:
 
 
 def read(value: bytes | None, *definitions: MetricDefinition):
-    return read_message(message(value), catalog(*(definitions or (TOKENS,))), IntakeRules())
+    """(accepted, rejected) of a message none of whose records a filter leaves out."""
+    intake = read_message(message(value), catalog(*(definitions or (TOKENS,))), IntakeRules())
+    assert intake.filtered == 0
+    return intake.accepted, intake.rejected
 
 
 def test_quantities_keep_every_digit_and_default_to_one_with_the_message_time():
@@ -123,7 +126,7 @@ def test_each_bad_input_is_dead_lettered_with_its_reason(value, reason):
 
 def test_a_message_over_the_size_limit_is_refused_whole_with_its_bytes():
     value = b'{"metricKey":"tokens","subjectType":"org","subjectId":"o","metadata":{"x":"' + b"y" * 100 + b'"}}'
-    _, [letter] = read_message(message(value), catalog(TOKENS), IntakeRules(max_message_bytes=64))
+    _, [letter] = read_message(message(value), catalog(TOKENS), IntakeRules(max_message_bytes=64))[:2]
     assert letter.reason is RejectReason.TOO_LARGE and base64.b64decode(letter.original_value_base64) == value
 
 
@@ -150,11 +153,11 @@ def _record(metadata: str, record_id: str = "r", quantity: str = "1") -> bytes:
 def test_metadata_over_its_limit_is_refused_as_too_large_and_at_the_limit_accepted():
     rules = IntakeRules(max_metadata_bytes=1000)
     fits = "y" * (1000 - len('{"x":""}'))
-    [accepted], [] = read_message(message(_record(fits)), catalog(TOKENS), rules)
+    [accepted], [] = read_message(message(_record(fits)), catalog(TOKENS), rules)[:2]
     assert len(accepted.metadata_json) == 1000
-    [], [letter] = read_message(message(_record(fits + "y")), catalog(TOKENS), rules)
+    [], [letter] = read_message(message(_record(fits + "y")), catalog(TOKENS), rules)[:2]
     assert letter.reason is RejectReason.TOO_LARGE and "metadata of 1001 bytes" in letter.message
-    [], [letter] = read_message(message(_record("é" * 500)), catalog(TOKENS), rules)  # counted in UTF-8 bytes
+    [], [letter] = read_message(message(_record("é" * 500)), catalog(TOKENS), rules)[:2]  # counted in UTF-8 bytes
     assert letter.reason is RejectReason.TOO_LARGE
 
 
@@ -178,7 +181,7 @@ def test_an_orgs_own_definition_overrides_the_global_one_for_its_subjects():
     assert both.resolve("tokens", "org-1") is TOKENS_ORG1
     assert both.resolve("tokens", "org-2") is TOKENS
     [user], _ = read_message(message(b'{"metricKey":"tokens","subjectType":"user","subjectId":"u","metadata":{"orgId":"org-1"}}'),
-                             both, IntakeRules())
+                             both, IntakeRules())[:2]
     assert (user.metric_id, user.aggregation) == (TOKENS_ORG1.id, TOKENS_ORG1.aggregation_type)
     both.delete("org-1:tokens")
     assert both.resolve("tokens", "org-1") is TOKENS
@@ -211,7 +214,7 @@ def test_rollups_count_each_record_once_in_hour_day_month_and_all_time_and_resto
     assert state.apply([counted("a", "1.5", NOW), counted("a", "1.5", NOW), counted("b", "2", NOW - timedelta(days=40))],
                        3, NOW, touched) == (2, 1)
     assert len(touched) == 7  # a: hour, day, month, all time; b: its own hour, day, month (all time shared)
-    lifetime = state.rollups[("tokens", "org", "o", LIFETIME, datetime(1970, 1, 1, tzinfo=UTC))]
+    lifetime = state.rollups[("tokens", "org", "o", LIFETIME, datetime(1970, 1, 1, tzinfo=UTC), ())]
     assert lifetime.total() == Decimal("3.5") and lifetime.version == 3
     checkpoint = state.checkpoint()
     assert len(checkpoint.records) == 2 and {c.key for c in checkpoint.rollups} == touched
@@ -220,7 +223,7 @@ def test_rollups_count_each_record_once_in_hour_day_month_and_all_time_and_resto
     assert restored.apply([counted("a", "1.5", NOW)], 4, NOW) == (0, 1)  # the restored window still knows "a"
     # b's hour and day (Oct 15) ended before the horizon (Oct 20); its month runs to Nov 1 and stays.
     evicted = restored.evict_before(NOW - timedelta(days=35))
-    assert {key[3] for key in evicted} == {PeriodType.HOURLY, PeriodType.DAILY}
+    assert {key[3] for key, _ in evicted} == {PeriodType.HOURLY, PeriodType.DAILY}
 
 
 def test_records_for_periods_already_closed_are_refused_not_counted_into_fresh_rollups():
@@ -231,7 +234,7 @@ def test_records_for_periods_already_closed_are_refused_not_counted_into_fresh_r
     assert state.apply([old, fresh, border], 2, NOW, None, closed_before=horizon) == (2, 0)
     checkpoint = state.checkpoint()
     assert checkpoint.closed == [(2, old)] and [r.record_id for r in checkpoint.records] == ["new", "border"]
-    lifetime = state.rollups[("tokens", "org", "o", LIFETIME, datetime(1970, 1, 1, tzinfo=UTC))]
+    lifetime = state.rollups[("tokens", "org", "o", LIFETIME, datetime(1970, 1, 1, tzinfo=UTC), ())]
     assert lifetime.total() == Decimal(2)  # nothing of "old" was counted
     assert state.checkpoint().closed == []
 

@@ -18,6 +18,9 @@ EXACT = decimal.Context(prec=76, traps=[decimal.Inexact, decimal.InvalidOperatio
 # AVG is the one value that is not exact by nature: it is rounded once, half-even, to 18 places.
 AVG_PLACES = Decimal("1e-18")
 _AVG = decimal.Context(prec=100, rounding=decimal.ROUND_HALF_EVEN)
+# The types computed from (count, sum, min, max): rows of them merge exactly (hours into a month, dimension rows into
+# a total). UNIQUE_COUNT and LATEST need their records' values (distinct strings; the latest time and id).
+MERGEABLE = (AggregationType.COUNT, AggregationType.SUM, AggregationType.AVG, AggregationType.MAX, AggregationType.MIN)
 
 
 @dataclass(slots=True)
@@ -60,7 +63,9 @@ def total(aggregation: AggregationType, count: int, sum_: Decimal, low: Decimal 
         return _AVG.divide(sum_, Decimal(count)).quantize(AVG_PLACES, context=_AVG)
     if aggregation is AggregationType.MAX:
         return high  # type: ignore[return-value]
-    return low  # type: ignore[return-value]
+    if aggregation is AggregationType.MIN:
+        return low  # type: ignore[return-value]
+    raise ValueError(f"{aggregation.value} is not computed from count, sum, min and max: it needs its records' values")
 
 
 def plain(value: Decimal) -> Decimal:

@@ -15,13 +15,14 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import jiter
 import msgspec
 import orjson
 from pydantic import ValidationError
 
+from metering_pipeline.usage.meter import TOTAL, Dimensions, UnreadableRecord
 from metering_pipeline.usage.metrics import MetricCatalog, record_org
 from metering_pipeline.usage.periods import EPOCH
 from metering_pipeline.usage.record_decoder import DecodedRecord, decode_message, parse_record
@@ -95,13 +96,31 @@ class AcceptedRecord(msgspec.Struct, array_like=True, gc=False):
     timestamp_ms: int  # epoch milliseconds, UTC
     metadata_json: str
     all_time: bool  # counted into an all-time rollup too: its metric never resets
+    dimensions: Dimensions = TOTAL  # a grouped metric's dimension values, sorted by name
+    distinct: str | None = None  # UNIQUE_COUNT: the string form of the value at valueProperty
 
 
-def read_message(message: Message, catalog: MetricCatalog, rules: IntakeRules) -> tuple[list[AcceptedRecord], list[DeadLetter]]:
-    """The message's accepted records and dead letters, in record order: what `read_message_by_model` returns, faster.
+class Filtered:
+    """A valid record its metric's filter leaves out: neither counted nor dead-lettered, only counted as filtered."""
 
-    Records the decoder decides and the rules accept are built here; any other batch record, and any other message as
-    a whole, is read by the model, which words the dead letter.
+
+FILTERED = Filtered()
+_new_tuple = tuple.__new__
+
+
+class Intake(NamedTuple):
+    """A message's records: accepted (in record order), dead-lettered, and how many the metrics' filters left out."""
+
+    accepted: list[AcceptedRecord]
+    rejected: list[DeadLetter]
+    filtered: int = 0
+
+
+def read_message(message: Message, catalog: MetricCatalog, rules: IntakeRules) -> Intake:
+    """What `read_message_by_model` returns, faster.
+
+    Records the decoder decides and the rules accept (or filter out) are settled here; any other batch record, and
+    any other message as a whole, is read by the model, which words the dead letter.
     """
     value = message.value or b""
     decoded = decode_message(value) if len(value) <= rules.max_message_bytes else None
@@ -109,37 +128,47 @@ def read_message(message: Message, catalog: MetricCatalog, rules: IntakeRules) -
         return read_message_by_model(message, catalog, rules)
     if isinstance(decoded, DecodedRecord):
         outcome = _settle(message, None, decoded, catalog, rules)
-        return ([outcome], []) if isinstance(outcome, AcceptedRecord) else read_message_by_model(message, catalog, rules)
+        if isinstance(outcome, AcceptedRecord):  # most messages: built in C, not by the NamedTuple's __new__
+            return _new_tuple(Intake, ([outcome], [], 0))  # type: ignore[return-value]
+        return Intake([], [], 1) if outcome is FILTERED else read_message_by_model(message, catalog, rules)
     accepted: list[AcceptedRecord] = []
     rejected: list[DeadLetter] = []
+    filtered = 0
     for index, record in enumerate(decoded.records):
         outcome = None if record is None else _settle(message, index, record, catalog, rules)
-        if not isinstance(outcome, AcceptedRecord):
+        if outcome is None or isinstance(outcome, Refusal):  # the model words why
             try:
                 raw = parse_record(decoded.texts[index])
             except ValueError:  # not JSON after all: the model's path dead-letters the whole message
                 return read_message_by_model(message, catalog, rules)
             outcome = _read_record(message, index, raw, catalog, rules)
-        (accepted if isinstance(outcome, AcceptedRecord) else rejected).append(outcome)
-    return accepted, rejected
+        if outcome is FILTERED:
+            filtered += 1
+        else:
+            (accepted if isinstance(outcome, AcceptedRecord) else rejected).append(outcome)  # type: ignore[arg-type]
+    return Intake(accepted, rejected, filtered)
 
 
-def read_message_by_model(message: Message, catalog: MetricCatalog,
-                          rules: IntakeRules) -> tuple[list[AcceptedRecord], list[DeadLetter]]:
+def read_message_by_model(message: Message, catalog: MetricCatalog, rules: IntakeRules) -> Intake:
     """Every record through jiter and the pydantic model: the reference `read_message` agrees with, and its fallback."""
     accepted: list[AcceptedRecord] = []
     rejected: list[DeadLetter] = []
+    filtered = 0
     value = message.value or b""
     if len(value) > rules.max_message_bytes:
-        return [], [_whole_message(message, RejectReason.TOO_LARGE, f"message of {len(value)} bytes exceeds {rules.max_message_bytes}")]
+        return Intake([], [_whole_message(message, RejectReason.TOO_LARGE,
+                                          f"message of {len(value)} bytes exceeds {rules.max_message_bytes}")])
     try:
         document = jiter.from_json(value, float_mode="decimal", allow_inf_nan=False, cache_mode="keys")
     except ValueError as error:
-        return [], [_whole_message(message, RejectReason.INVALID_JSON, f"not valid JSON: {error}")]
+        return Intake([], [_whole_message(message, RejectReason.INVALID_JSON, f"not valid JSON: {error}")])
     for index, raw in _records_of(document):
         outcome = _read_record(message, index, raw, catalog, rules)
-        (accepted if isinstance(outcome, AcceptedRecord) else rejected).append(outcome)
-    return accepted, rejected
+        if outcome is FILTERED:
+            filtered += 1
+        else:
+            (accepted if isinstance(outcome, AcceptedRecord) else rejected).append(outcome)  # type: ignore[arg-type]
+    return Intake(accepted, rejected, filtered)
 
 
 _ENVELOPE_HINT = 'expected a UsageRecord object or {"records": [UsageRecord, ...]} with at least one record'
@@ -161,7 +190,7 @@ def _records_of(document: Any) -> Iterator[tuple[int | None, Any]]:
 
 def _read_record(
     message: Message, index: int | None, raw: Any, catalog: MetricCatalog, rules: IntakeRules
-) -> AcceptedRecord | DeadLetter:
+) -> AcceptedRecord | DeadLetter | Filtered:
     if raw is None:  # a wrong envelope, or a null in a batch: refused as the whole message
         return _whole_message(message, RejectReason.INVALID_RECORD, _ENVELOPE_HINT)
     try:
@@ -169,13 +198,15 @@ def _read_record(
     except ValidationError as error:
         return _rejection(message, index, raw, RejectReason.INVALID_RECORD, _summary(error), _field_errors(error))
     settled = _settle(message, index, record, catalog, rules)
-    return settled if isinstance(settled, AcceptedRecord) else _rejection(message, index, raw, settled.reason, settled.message)
+    if isinstance(settled, Refusal):
+        return _rejection(message, index, raw, settled.reason, settled.message)
+    return settled
 
 
 def _settle(message: Message, index: int | None, record: UsageRecord | DecodedRecord, catalog: MetricCatalog,
-            rules: IntakeRules) -> AcceptedRecord | Refusal:
-    """A valid record, from the model or the fast path, accepted with its dedup id, timestamp, metric and stored
-    metadata settled, or why the rules refuse it."""
+            rules: IntakeRules) -> AcceptedRecord | Refusal | Filtered:
+    """A valid record, from the model or the fast path, accepted with its dedup id, timestamp, metric, stored
+    metadata and what its metric reads from it settled; or why the rules refuse it; or FILTERED."""
     timestamp = record.timestamp or message.timestamp
     metric = judge_fields(record.metric_key, record.subject_type, record.subject_id, record.metadata, timestamp,
                           message.timestamp, catalog, rules)
@@ -186,9 +217,20 @@ def _settle(message: Message, index: int | None, record: UsageRecord | DecodedRe
         return metadata
     dedup_id = record.id if record.id is not None else _position(message, index)
     quantity = record.quantity if isinstance(record, DecodedRecord) else str(record.quantity)
+    reader = catalog.readers.get(metric.id)
+    if reader is None:  # the metric reads only `quantity`
+        return AcceptedRecord(record.subject_type, record.subject_id, dedup_id, record.metric_key, metric.id,
+                              metric.aggregation_type, quantity, (timestamp - EPOCH) // _MILLISECOND, metadata,
+                              metric.reset_period is _NEVER)
+    try:
+        reading = reader.read(quantity, record.metadata)
+    except UnreadableRecord as error:
+        return Refusal(RejectReason.INVALID_RECORD, str(error))
+    if reading is None:
+        return FILTERED
     return AcceptedRecord(record.subject_type, record.subject_id, dedup_id, record.metric_key, metric.id,
-                          metric.aggregation_type, quantity, (timestamp - EPOCH) // _MILLISECOND, metadata,
-                          metric.reset_period is _NEVER)
+                          metric.aggregation_type, reading.quantity, (timestamp - EPOCH) // _MILLISECOND, metadata,
+                          metric.reset_period is _NEVER, reading.dimensions, reading.distinct)
 
 
 
@@ -260,6 +302,19 @@ def judge_fields(metric_key: str, subject_type: str, subject_id: str, metadata: 
         return Refusal(RejectReason.UNKNOWN_METRIC,
                        f"no metric definition with key {metric_key!r} for this record's org or globally")
     return metric
+
+
+def unreadable_payload(record: UsageRecord, metric: MetricDefinition, catalog: MetricCatalog) -> Refusal | None:
+    """Why the worker would dead-letter a valid record for what its metric reads from it (the API refuses such a
+    record at once instead). A record the metric's filter leaves out is not refused: it is simply not counted."""
+    reader = catalog.readers.get(metric.id)
+    if reader is None:
+        return None
+    try:
+        reader.read(str(record.quantity), record.metadata)
+    except UnreadableRecord as error:
+        return Refusal(RejectReason.INVALID_RECORD, str(error))
+    return None
 
 
 def _summary(error: ValidationError) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from metering_pipeline.usage.meter import MeterReader, reads_payload
 from metering_schemas import MetricDefinition
 
 
@@ -22,6 +23,8 @@ class MetricCatalog:
     def __init__(self, definitions: Mapping[str, MetricDefinition] | None = None) -> None:
         self._by_id: dict[str, MetricDefinition] = {}
         self._by_key: dict[tuple[str, str | None], MetricDefinition] = {}
+        # Only metrics that read more than `quantity` have one: the router asks per record, and a miss is cheap.
+        self.readers: dict[str, MeterReader] = {}
         for definition in (definitions or {}).values():
             self.put(definition)
 
@@ -32,10 +35,15 @@ class MetricCatalog:
             self._by_key.pop((previous.key, previous.org_id), None)
         self._by_id[definition.id] = definition
         self._by_key[(definition.key, definition.org_id)] = definition
+        if reads_payload(definition):
+            self.readers[definition.id] = MeterReader(definition)
+        else:
+            self.readers.pop(definition.id, None)
         return previous
 
     def delete(self, definition_id: str) -> MetricDefinition | None:
         previous = self._by_id.pop(definition_id, None)
+        self.readers.pop(definition_id, None)
         if previous is not None and self._by_key.get((previous.key, previous.org_id)) is previous:
             del self._by_key[(previous.key, previous.org_id)]
         return previous

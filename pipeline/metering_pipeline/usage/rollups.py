@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import decimal
 from sys import intern
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from functools import lru_cache
@@ -24,14 +25,17 @@ import msgspec
 
 from metering_pipeline.usage.aggregation import EXACT, total
 from metering_pipeline.usage.dedup import DedupWindow, RecordIdentity
+from metering_pipeline.usage.meter import TOTAL, Dimensions
 from metering_pipeline.usage.periods import EPOCH, period_end, starts_of_hour
 from metering_schemas import AggregationType, PeriodType, ResetPeriod
 
-# metric_key, subject_type, subject_id, period, start. Besides the hourly, daily and monthly
+# metric_key, subject_type, subject_id, period, start, dimensions. Besides the hourly, daily and monthly
 # rollups that reach ClickHouse, each subject of a metric whose resetPeriod is NEVER has an all-time
 # one (ResetPeriod.NEVER, start EPOCH) that its thresholds are evaluated against. Only those: an
 # all-time rollup never leaves memory, so one per subject of every metric would grow without bound.
-RollupKey = tuple[str, str, str, PeriodType | ResetPeriod, datetime]
+# `dimensions` is TOTAL (()) for the total row of every metric; a grouped metric also has a row per combination of
+# its dimension values.
+RollupKey = tuple[str, str, str, PeriodType | ResetPeriod, datetime, Dimensions]
 LIFETIME = ResetPeriod.NEVER
 _HOUR_MS = 3_600_000
 _ZERO = Decimal(0)
@@ -58,6 +62,8 @@ class CountedRecord(msgspec.Struct, array_like=True, gc=False):
     # Counted into an all-time rollup too (its metric never resets). True when absent: routed by an older worker,
     # which kept an all-time rollup for every metric.
     all_time: bool = True
+    dimensions: Dimensions = TOTAL  # a grouped metric's dimension values, sorted by name
+    distinct: str | None = None  # UNIQUE_COUNT: the string form of the value at valueProperty
 
     @property
     def timestamp(self) -> datetime:
@@ -81,6 +87,32 @@ class Rollup(msgspec.Struct, gc=False):
         return total(self.aggregation, self.count, self.sum, self.min, self.max)
 
 
+class ValuesRollup(Rollup, gc=False):
+    """A UNIQUE_COUNT or LATEST metric's rollup: also what a running (count, sum, min, max) cannot hold, the distinct
+    values of its records (one set per rollup: a day's count is counted over the day, not added up from its hours)
+    and the quantity of its latest record with that record's time and id (which decide between records of the same
+    time, whatever order they arrive in).
+
+    It keeps both for the rest of its period whatever the metric's aggregationType becomes, so that the changelog,
+    which holds them too, restores exactly what it held. A set of strings can be in no cycle, hence gc=False."""
+
+    values: set[str] = msgspec.field(default_factory=set)
+    latest: Decimal | None = None
+    latest_ms: int = -(2**62)
+    latest_id: str = ""
+
+    def offer(self, quantity: Decimal, timestamp_ms: int, record_id: str) -> None:
+        if (timestamp_ms, record_id) > (self.latest_ms, self.latest_id):
+            self.latest, self.latest_ms, self.latest_id = quantity, timestamp_ms, record_id
+
+    def total(self) -> Decimal:
+        if self.aggregation is _UNIQUE:
+            return Decimal(len(self.values))
+        if self.aggregation is _LATEST:
+            return _ZERO if self.latest is None else self.latest
+        return super().total()
+
+
 class RollupChange(NamedTuple):
     """A rollup's value as of a checkpoint, as the changelog, usage.aggregated and ClickHouse write it: one flat tuple
     of exact decimal texts, so later records do not change it (checkpoints are written after the stream moves on), and
@@ -95,6 +127,7 @@ class RollupChange(NamedTuple):
     version: int
     metric_id: str | None
     total_text: str  # totalQuantity, exact (AVG divides)
+    latest: tuple[str, int, str] | None = None  # the latest record's quantity, time (epoch ms) and id, once it has one
 
     @classmethod
     def of(cls, key: RollupKey, rollup: Rollup) -> RollupChange:
@@ -114,6 +147,7 @@ _make_change = RollupChange._make  # tuple.__new__ in C, not the generated __new
 
 
 _SUM, _MIN, _MAX, _COUNT = AggregationType.SUM, AggregationType.MIN, AggregationType.MAX, AggregationType.COUNT
+_LATEST, _UNIQUE = AggregationType.LATEST, AggregationType.UNIQUE_COUNT
 
 
 def _freeze(key: RollupKey, rollup: Rollup) -> RollupChange:
@@ -133,9 +167,13 @@ def _freeze(key: RollupKey, rollup: Rollup) -> RollupChange:
     elif aggregation is _MIN and rollup.count:
         total_text = min_text  # type: ignore[assignment]
     else:
-        total_text = str(total(aggregation, rollup.count, sum_, low, high))
+        total_text = str(rollup.total())
+    if type(rollup) is ValuesRollup and rollup.latest is not None:
+        latest = total_text if aggregation is _LATEST else str(rollup.latest)
+        return _make_change((key, aggregation, rollup.count, sum_text, min_text, max_text, rollup.version,
+                             rollup.metric_id, total_text, (latest, rollup.latest_ms, rollup.latest_id)))
     return _make_change((key, aggregation, rollup.count, sum_text, min_text, max_text, rollup.version,
-                         rollup.metric_id, total_text))
+                         rollup.metric_id, total_text, None))
 
 
 class Checkpoint(NamedTuple):
@@ -145,9 +183,11 @@ class Checkpoint(NamedTuple):
     records: list[CountedRecord]
     identities: list[tuple[RecordIdentity, datetime]]
     closed: list[tuple[int, CountedRecord]]  # (routed offset, record) refused: their periods were already evicted
+    distinct: list[tuple[RollupKey, str]] = []  # values new to their UNIQUE_COUNT rollups (never mutated)
+    limited: list[tuple[int, CountedRecord, str]] = []  # (routed offset, record, why) refused at a cardinality bound
 
     def is_empty(self) -> bool:
-        return not (self.rollups or self.records or self.closed)
+        return not (self.rollups or self.records or self.closed or self.limited)
 
 
 @lru_cache(maxsize=4096)
@@ -164,14 +204,28 @@ def _first_open_hour(closed_before: datetime | None) -> int:
     return -(-micros // (_HOUR_MS * 1000)) - 1
 
 
+@dataclass(frozen=True, slots=True)
+class CardinalityLimits:
+    """Bounds on the state that grows with the payload: each costs memory for as long as its period is open. A record
+    that would pass one is refused (dead-lettered `cardinality_limit`, its rollups untouched), never half counted."""
+
+    combinations: int = 1_000  # dimension rows per (metric, subject, period)
+    distinct_values: int = 100_000  # values per UNIQUE_COUNT rollup
+
+
 class PartitionRollups:
-    def __init__(self, dedup_window: timedelta) -> None:
+    def __init__(self, dedup_window: timedelta, limits: CardinalityLimits = CardinalityLimits()) -> None:
         self.dedup = DedupWindow(dedup_window)
+        self.limits = limits
         self.rollups: dict[RollupKey, Rollup] = {}
         self._changed: dict[RollupKey, Rollup] = {}  # since the last checkpoint
         self._records: list[CountedRecord] = []
         self._identities: list[tuple[RecordIdentity, datetime]] = []
         self._closed: list[tuple[int, CountedRecord]] = []
+        self._distinct: list[tuple[RollupKey, str]] = []
+        self._limited: list[tuple[int, CountedRecord, str]] = []
+        self._combinations: dict[RollupKey, int] = {}  # dimension rows per total row's key
+        self._dimensions: dict[Dimensions, Dimensions] = {}  # one tuple object per combination, shared by its rows
 
     def apply(self, records: Sequence[CountedRecord], offset: int, seen_at: datetime,
               touched: set[RollupKey] | None = None, closed_before: datetime | None = None) -> tuple[int, int]:
@@ -185,7 +239,8 @@ class PartitionRollups:
         """
         changed: dict[RollupKey, Rollup] = {}
         first_open_hour = _first_open_hour(closed_before)
-        admit = self.dedup.admitter(seen_at)
+        dedup = self.dedup
+        admit = dedup.admitter(seen_at)
         rollups = self.rollups
         keep_record, keep_identity = self._records.append, self._identities.append
         counted = duplicates = 0
@@ -200,6 +255,13 @@ class PartitionRollups:
                 # more memory than the rollups.
                 subject_type, subject_id = intern(record.subject_type), intern(record.subject_id)
                 identity = (subject_type, subject_id, record.record_id)
+                # Records that read the payload (dimensions, distinct values, latest values) take the longer way.
+                payload = record.dimensions or record.distinct is not None or record.aggregation is _LATEST
+                if payload and identity not in dedup:  # a duplicate is dropped as one, whatever it carries
+                    refusal = self._over_limit(record, intern(record.metric_key), subject_type, subject_id, hour)
+                    if refusal is not None:
+                        self._limited.append((offset, record, refusal))
+                        continue
                 if not admit(identity):
                     duplicates += 1
                     continue
@@ -207,8 +269,11 @@ class PartitionRollups:
                 keep_record(record)
                 keep_identity((identity, seen_at))
                 quantity, metric_key, metric_id = record.quantity, intern(record.metric_key), intern(record.metric_id)
+                if payload:
+                    self._fold_payload(record, metric_key, metric_id, subject_type, subject_id, hour, offset, changed)
+                    continue
                 for period, start in _periods_of_hour(hour) if record.all_time else starts_of_hour(hour):
-                    key = (metric_key, subject_type, subject_id, period, start)
+                    key = (metric_key, subject_type, subject_id, period, start, TOTAL)
                     rollup = rollups.get(key)
                     if rollup is None:  # its first record: the quantity object itself is sum, min and max (no copy)
                         rollups[key] = changed[key] = Rollup(record.aggregation, 1, quantity, quantity, quantity, offset,
@@ -230,6 +295,70 @@ class PartitionRollups:
             touched.update(changed)
         return counted, duplicates
 
+    def _rows_of(self, record: CountedRecord, metric_key: str, subject_type: str, subject_id: str,
+                 hour: int) -> Iterator[tuple[RollupKey, RollupKey]]:
+        """(row key, its total row's key) of every rollup a record counts in: per period, the total row and, for a
+        grouped metric, its combination's row."""
+        dimensions = record.dimensions
+        if dimensions:
+            dimensions = self._dimensions.setdefault(dimensions, dimensions)
+        for period, start in _periods_of_hour(hour) if record.all_time else starts_of_hour(hour):
+            total_key = (metric_key, subject_type, subject_id, period, start, TOTAL)
+            yield total_key, total_key
+            if dimensions:
+                yield (metric_key, subject_type, subject_id, period, start, dimensions), total_key
+
+    def _over_limit(self, record: CountedRecord, metric_key: str, subject_type: str, subject_id: str,
+                    hour: int) -> str | None:
+        """Why counting the record would pass a cardinality bound, checked before anything changes."""
+        rollups, limits, distinct = self.rollups, self.limits, record.distinct
+        for key, total_key in self._rows_of(record, metric_key, subject_type, subject_id, hour):
+            rollup = rollups.get(key)
+            if rollup is None and key is not total_key and self._combinations.get(total_key, 0) >= limits.combinations:
+                return (f"{metric_key} already has {limits.combinations} dimension combinations for "
+                        f"{subject_type}:{subject_id} in the {WIRE_NAME[key[3]]} period from {key[4].isoformat()} "
+                        f"(METERING_MAX_DIMENSION_COMBINATIONS)")
+            if (distinct is not None and isinstance(rollup, ValuesRollup) and distinct not in rollup.values
+                    and len(rollup.values) >= limits.distinct_values):
+                return (f"{metric_key} already counts {limits.distinct_values} distinct values for "
+                        f"{subject_type}:{subject_id} in the {WIRE_NAME[key[3]]} period from {key[4].isoformat()} "
+                        f"(METERING_MAX_DISTINCT_VALUES)")
+        return None
+
+    def _fold_payload(self, record: CountedRecord, metric_key: str, metric_id: str, subject_type: str, subject_id: str,
+                      hour: int, offset: int, changed: dict[RollupKey, Rollup]) -> None:
+        """`apply` for a record of a grouped, UNIQUE_COUNT or LATEST metric (under the exact context)."""
+        quantity, aggregation = record.quantity, record.aggregation
+        distinct = None if record.distinct is None else intern(record.distinct)
+        latest = aggregation is _LATEST
+        kind = ValuesRollup if latest or aggregation is _UNIQUE else Rollup
+        rollups = self.rollups
+        for key, total_key in self._rows_of(record, metric_key, subject_type, subject_id, hour):
+            rollup = rollups.get(key)
+            if rollup is None:
+                rollup = rollups[key] = kind(aggregation, 1, quantity, quantity, quantity, offset, metric_id)
+                if key is not total_key:
+                    self._combinations[total_key] = self._combinations.get(total_key, 0) + 1
+            else:
+                if not isinstance(rollup, kind):  # the metric became UNIQUE_COUNT or LATEST within the period
+                    rollup = rollups[key] = _converted(rollup)
+                rollup.aggregation = aggregation
+                rollup.metric_id = metric_id
+                rollup.count += 1
+                rollup.sum += quantity
+                if rollup.min is None or quantity < rollup.min:
+                    rollup.min = quantity
+                if rollup.max is None or quantity > rollup.max:
+                    rollup.max = quantity
+                if offset > rollup.version:
+                    rollup.version = offset
+            if distinct is not None and distinct not in rollup.values:  # type: ignore[attr-defined]
+                rollup.values.add(distinct)  # type: ignore[attr-defined]
+                self._distinct.append((key, distinct))
+            elif latest:
+                rollup.offer(quantity, record.timestamp_ms, record.record_id)  # type: ignore[attr-defined]
+            changed[key] = rollup
+
     @property
     def pending_records(self) -> int:
         """Counted since the last checkpoint."""
@@ -238,22 +367,45 @@ class PartitionRollups:
     def checkpoint(self) -> Checkpoint:
         """Hand over everything changed since the last checkpoint (as of now) and start a new one."""
         changes = [_freeze(key, rollup) for key, rollup in self._changed.items()]
-        checkpoint = Checkpoint(changes, self._records, self._identities, self._closed)
+        checkpoint = Checkpoint(changes, self._records, self._identities, self._closed, self._distinct, self._limited)
         self._closed = []
         self._changed = {}
         self._records = []
         self._identities = []
+        self._distinct = []
+        self._limited = []
         return checkpoint
 
     def restore(self, rollups: Iterable[tuple[RollupKey, Rollup]], identities: Iterable[tuple[RecordIdentity, datetime]]) -> None:
         """Rebuild from committed checkpoints (later entries for a key replace earlier ones)."""
         for key, rollup in rollups:
+            dimensions = key[5]
+            if dimensions:
+                dimensions = self._dimensions.setdefault(dimensions, dimensions)
+                key = (*key[:5], dimensions)
+                if key not in self.rollups:
+                    total_key = (*key[:5], TOTAL)
+                    self._combinations[total_key] = self._combinations.get(total_key, 0) + 1
             self.rollups[key] = rollup
         self.dedup.remember(identities)
 
-    def evict_before(self, horizon: datetime) -> list[RollupKey]:
+    def evict_before(self, horizon: datetime) -> list[tuple[RollupKey, Rollup]]:
         """Drop rollups whose period ended before `horizon` (past the allowed lateness): no record can change them now."""
-        stale = [key for key in self.rollups if period_end(key[3], key[4]) < horizon and key not in self._changed]
-        for key in stale:
+        stale = [(key, rollup) for key, rollup in self.rollups.items()
+                 if period_end(key[3], key[4]) < horizon and key not in self._changed]
+        for key, _ in stale:
             del self.rollups[key]
+            if key[5]:
+                total_key = (*key[:5], TOTAL)
+                left = self._combinations.get(total_key, 0) - 1
+                if left > 0:
+                    self._combinations[total_key] = left
+                else:
+                    self._combinations.pop(total_key, None)
         return stale
+
+
+def _converted(rollup: Rollup) -> ValuesRollup:
+    """A rollup that starts keeping values, its running state kept (its distinct values and latest value start empty)."""
+    return ValuesRollup(rollup.aggregation, rollup.count, rollup.sum, rollup.min, rollup.max, rollup.version,
+                        rollup.metric_id)

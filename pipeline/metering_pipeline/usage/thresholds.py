@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 
+from metering_pipeline.usage.meter import TOTAL, Dimensions
 from metering_pipeline.usage.metrics import MetricCatalog
 from metering_pipeline.usage.periods import period_end, period_start
 from metering_pipeline.usage.rollups import LIFETIME, PartitionRollups, Rollup, RollupKey
@@ -28,12 +29,13 @@ MarkerKey = tuple[str, str, str, datetime]  # threshold id, subject_type, subjec
 
 
 class ThresholdBook:
-    """The thresholds in force, indexed by (metric key, subject type, subject id or `*`) for the per-record lookup:
-    platforms give each customer a limit of their own, so a lookup must not scan the other customers' thresholds."""
+    """The thresholds in force, indexed by (metric key, subject type, subject id or `*`, dimensions) for the lookup
+    per changed rollup: platforms give each customer a limit of their own, so a lookup must not scan the other
+    customers' thresholds."""
 
     def __init__(self) -> None:
         self._by_id: dict[str, UsageThreshold] = {}
-        self._index: dict[tuple[str, str, str], dict[str, UsageThreshold]] = {}
+        self._index: dict[tuple[str, str, str, Dimensions], dict[str, UsageThreshold]] = {}
         self.changes: list[str] = []  # ids in the order they changed; partitions catch up through it
 
     def put(self, threshold: UsageThreshold) -> None:
@@ -60,10 +62,12 @@ class ThresholdBook:
     def get(self, threshold_id: str) -> UsageThreshold | None:
         return self._by_id.get(threshold_id)
 
-    def matching(self, metric_key: str, subject_type: str, subject_id: str) -> list[UsageThreshold]:
-        """The subject's own thresholds, then those of every subject of its type."""
-        own = self._index.get((metric_key, subject_type, subject_id))
-        every = self._index.get((metric_key, subject_type, WILDCARD)) if subject_id != WILDCARD else None
+    def matching(self, metric_key: str, subject_type: str, subject_id: str,
+                 dimensions: Dimensions = TOTAL) -> list[UsageThreshold]:
+        """The subject's own thresholds on that row (the total, or one dimension row), then those of every subject of
+        its type."""
+        own = self._index.get((metric_key, subject_type, subject_id, dimensions))
+        every = self._index.get((metric_key, subject_type, WILDCARD, dimensions)) if subject_id != WILDCARD else None
         if every is None:
             return list(own.values()) if own else []
         return [*own.values(), *every.values()] if own else list(every.values())
@@ -72,8 +76,13 @@ class ThresholdBook:
         return len(self._by_id)
 
 
-def _slot(threshold: UsageThreshold) -> tuple[str, str, str]:
-    return threshold.metric_key, threshold.subject_type, threshold.subject_id
+def _slot(threshold: UsageThreshold) -> tuple[str, str, str, Dimensions]:
+    return threshold.metric_key, threshold.subject_type, threshold.subject_id, dimensions_of(threshold)
+
+
+def dimensions_of(threshold: UsageThreshold) -> Dimensions:
+    """The row a threshold watches, as rollup keys name it."""
+    return tuple(sorted(threshold.dimensions.items()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +128,7 @@ class Alert:
             action=self.threshold.action,
             notify_emails=list(self.threshold.notify_emails),
             occurred_at=self.occurred_at,
+            dimensions=dict(self.threshold.dimensions),
         )
 
 
@@ -236,17 +246,19 @@ class PartitionThresholds:
         definition = self.catalog.get(rollup.metric_id) if rollup.metric_id else None
         return None if definition is None else definition.reset_period
 
-    def window_rollup(self, metric_key: str, subject: Subject, window_start: datetime) -> tuple[ResetPeriod, Rollup] | None:
+    def window_rollup(self, metric_key: str, subject: Subject, window_start: datetime,
+                      dimensions: Dimensions = TOTAL) -> tuple[ResetPeriod, Rollup] | None:
         for period in (LIFETIME, *PeriodType):
-            rollup = self.rollups.rollups.get((metric_key, *subject, period, window_start))
+            rollup = self.rollups.rollups.get((metric_key, *subject, period, window_start, dimensions))
             if rollup is not None and (reset := self.window_period(rollup)) is not None and reset.value == period.value:
                 return reset, rollup
         return None
 
-    def current_window(self, metric_key: str, subject: Subject, now: datetime) -> tuple[ResetPeriod, datetime, Rollup] | None:
+    def current_window(self, metric_key: str, subject: Subject, now: datetime,
+                       dimensions: Dimensions = TOTAL) -> tuple[ResetPeriod, datetime, Rollup] | None:
         for period in (LIFETIME, *PeriodType):
             start = period_start(period, now)
-            found = self.window_rollup(metric_key, subject, start)
+            found = self.window_rollup(metric_key, subject, start, dimensions)
             if found is not None and found[0].value == period.value:
                 return found[0], start, found[1]
         return None
@@ -256,8 +268,8 @@ class PartitionThresholds:
         if not self.book:  # no threshold at all: nothing to look up per touched rollup
             return alerts
         for key in touched:
-            metric_key, subject_type, subject_id, period, start = key
-            thresholds = self.book.matching(metric_key, subject_type, subject_id)
+            metric_key, subject_type, subject_id, period, start, dimensions = key
+            thresholds = self.book.matching(metric_key, subject_type, subject_id, dimensions)
             if not thresholds:
                 continue
             rollup = self.rollups.rollups[key]
@@ -282,14 +294,14 @@ class PartitionThresholds:
             if threshold is None:
                 self.watch.forget(threshold_id)
                 continue
-            self.watch.rearm(threshold, lambda subject, start, t=threshold: self._value(t.metric_key, subject, start))
+            self.watch.rearm(threshold, lambda subject, start, t=threshold: self._value(t, subject, start))
             in_force.append(threshold)
         subjects_of = self._subjects_of({(t.metric_key, t.subject_type) for t in in_force})
         for threshold in in_force:
             subjects = [subject for subject in subjects_of.get((threshold.metric_key, threshold.subject_type), ())
                         if threshold.subject_id in (subject[1], WILDCARD)]
             for subject in subjects:
-                window = self.current_window(threshold.metric_key, subject, now)
+                window = self.current_window(threshold.metric_key, subject, now, dimensions_of(threshold))
                 if window is not None:
                     reset, start, rollup = window
                     alerts += self.watch.evaluate(threshold, subject, reset, start, rollup.total(), now)
@@ -300,13 +312,13 @@ class PartitionThresholds:
         thresholds changed (a restart brings every threshold in at once, onto a million rollups)."""
         found: dict[tuple[str, str], set[Subject]] = {}
         if metrics:
-            for metric_key, subject_type, subject_id, _period, _start in self.rollups.rollups:
+            for metric_key, subject_type, subject_id, _period, _start, _dimensions in self.rollups.rollups:
                 if (metric_key, subject_type) in metrics:
                     found.setdefault((metric_key, subject_type), set()).add((subject_type, subject_id))
         return found
 
-    def _value(self, metric_key: str, subject: Subject, window_start: datetime) -> Decimal | None:
-        found = self.window_rollup(metric_key, subject, window_start)
+    def _value(self, threshold: UsageThreshold, subject: Subject, window_start: datetime) -> Decimal | None:
+        found = self.window_rollup(threshold.metric_key, subject, window_start, dimensions_of(threshold))
         return None if found is None else found[1].total()
 
     def status(self, metric_key: str, subject: Subject, now: datetime) -> SubjectStatus:

@@ -38,8 +38,10 @@ class Mirror(Generic[D]):
 
 METRICS: Mirror[MetricDefinition] = Mirror(
     MetricDefinition, "metric_definitions",
-    ("id", "key", "name", "description", "unit", "aggregation_type", "reset_period", "org_id"),
-    lambda d: [d.id, d.key, d.name, d.description, d.unit, d.aggregation_type.value, d.reset_period.value, d.org_id],
+    ("id", "key", "name", "description", "unit", "aggregation_type", "reset_period", "org_id", "value_property",
+     "group_by", "filter"),
+    lambda d: [d.id, d.key, d.name, d.description, d.unit, d.aggregation_type.value, d.reset_period.value, d.org_id,
+               d.value_property, orjson.dumps(d.group_by).decode(), orjson.dumps(d.filter).decode()],
 )
 
 PLANS: Mirror[Plan] = Mirror(

@@ -18,21 +18,24 @@ import orjson
 from clickhouse_connect.driver.client import Client
 
 from metering_pipeline.settings import Settings
+from metering_pipeline.usage.meter import Dimensions
 from metering_pipeline.usage.rollups import WIRE_NAME, CountedRecord, RollupChange
 from metering_pipeline.warehouse.client import connect
 from metering_pipeline.warehouse.migrations import migrate
 from metering_pipeline.warehouse.mirrors import D, Mirror
 from metering_pipeline.warehouse.queries import ALERT_COLUMNS, naive_utc
 
-_RECORD_COLUMNS = ["subject_type", "subject_id", "metric_key", "id", "timestamp", "quantity", "metadata", "metric_id"]
+_RECORD_COLUMNS = ["subject_type", "subject_id", "metric_key", "id", "timestamp", "quantity", "metadata", "metric_id",
+                   "dimensions", "distinct_value"]
 _ROLLUP_COLUMNS = [
     "metric_key", "subject_type", "subject_id", "period_type", "period_start", "period_end", "aggregation_type",
-    "total_quantity", "record_count", "sum_quantity", "min_quantity", "max_quantity", "version",
+    "total_quantity", "record_count", "sum_quantity", "min_quantity", "max_quantity", "version", "dimensions",
 ]
 
 
 _ALERT_FIELDS = ("id", "type", "thresholdId", "metricKey", "subjectType", "subjectId", "threshold", "value",
-                 "periodType", "periodStart", "periodEnd", "action", "notifyEmails", "occurredAt")  # as ALERT_COLUMNS
+                 "periodType", "periodStart", "periodEnd", "action", "notifyEmails", "occurredAt", "dimensions")  # as ALERT_COLUMNS
+_ALERT_DEFAULTS = {"dimensions": {}}  # of fields added since: alerts written before them lack them
 _INSERT_SETTINGS = {"date_time_input_format": "best_effort"}  # RFC 3339 timestamps with offsets
 _COLUMNS = "JSONCompactColumns"  # the hot tables (see records_body)
 _ROWS = "JSONCompactEachRow"
@@ -134,7 +137,8 @@ class ClickHouseSink:
         """Alerts as read from the alerts topic (parsed `ThresholdAlert` JSON, camelCase keys)."""
         if not events:
             return
-        await self._insert("threshold_events", _body([[event.get(field) for field in _ALERT_FIELDS] for event in events]),
+        await self._insert("threshold_events", _body([[event.get(field, _ALERT_DEFAULTS.get(field)) for field in _ALERT_FIELDS]
+                                                      for event in events]),
                            list(ALERT_COLUMNS))
 
     async def write_definition(self, mirror: Mirror[D], definition_id: str, definition: D | None, version: int) -> None:
@@ -150,7 +154,19 @@ def records_body(records: Sequence[CountedRecord]) -> bytes:
         [r.subject_type for r in records], [r.subject_id for r in records], [r.metric_key for r in records],
         [r.record_id for r in records], [_datetime64(r.timestamp_ms) for r in records], [str(r.quantity) for r in records],
         [r.metadata_json for r in records], [r.metric_id for r in records],
+        [dimension_map(r.dimensions) if r.dimensions else TOTAL_ROW for r in records],
+        [r.distinct or "" for r in records],
     ])
+
+
+TOTAL_ROW: dict[str, str] = {}  # rendered, never changed
+
+
+@lru_cache(maxsize=65536)  # one dict per combination, shared by its records and rows
+def dimension_map(dimensions: Dimensions) -> dict[str, str]:
+    """A row's `dimensions` Map as JSON renders it ({} for a total row): callers on the hot path test for the total
+    row first, which is cheaper than the cache lookup."""
+    return dict(dimensions)
 
 
 def _datetime64(epoch_ms: int) -> str:
@@ -172,7 +188,7 @@ def rollups_body(changes: Sequence[RollupChange]) -> bytes:
         [WIRE_NAME[change.aggregation] for change in changes], [change.total_text for change in changes],
         [change.count for change in changes], [change.sum_text for change in changes],
         [change.min_text for change in changes], [change.max_text for change in changes],
-        [change.version for change in changes],
+        [change.version for change in changes], [dimension_map(key[5]) if key[5] else TOTAL_ROW for key in keys],
     ])
 
 

@@ -9,7 +9,7 @@ threshold markers are keyed by threshold, subject and window.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -18,24 +18,50 @@ from decimal import Decimal
 import orjson
 
 from metering_pipeline.usage.dedup import RecordIdentity
-from metering_pipeline.usage.rollups import LIFETIME, WIRE_NAME, Rollup, RollupChange, RollupKey
+from metering_pipeline.usage.meter import Dimensions
+from metering_pipeline.usage.rollups import LIFETIME, WIRE_NAME, Rollup, RollupChange, RollupKey, ValuesRollup
 from metering_pipeline.usage.thresholds import Marker, MarkerKey
 from metering_schemas import AggregationType, PeriodType, ResetPeriod
 
 ROLLUP_PREFIX = b"r|"
 IDENTITIES_PREFIX = b"d|"
 MARKER_PREFIX = b"a|"  # threshold alert markers
+_KEEPING_VALUES = (AggregationType.UNIQUE_COUNT, AggregationType.LATEST)
+DISTINCT_PREFIX = b"u|"  # one entry per value of a UNIQUE_COUNT rollup: a checkpoint writes only the new ones
+_PRESENT = b"1"
 
 
 def rollup_entry(change: RollupChange) -> tuple[bytes, bytes]:
-    value = orjson.dumps([WIRE_NAME[change.aggregation], change.count, change.sum_text, change.min_text,
-                          change.max_text, change.version, change.metric_id])
-    return rollup_tombstone(change.key), value
+    fields = [WIRE_NAME[change.aggregation], change.count, change.sum_text, change.min_text, change.max_text,
+              change.version, change.metric_id]
+    if change.latest is not None:
+        fields += [change.latest[1], change.latest[2], change.latest[0]]
+    return rollup_tombstone(change.key), orjson.dumps(fields)
 
 
 def rollup_tombstone(key: RollupKey) -> bytes:
-    metric_key, subject_type, subject_id, period, start = key
+    """A rollup's changelog key: a total row's as it always was, a dimension row's with its pairs after."""
+    metric_key, subject_type, subject_id, period, start, dimensions = key
+    if dimensions:
+        return ROLLUP_PREFIX + orjson.dumps([metric_key, subject_type, subject_id, WIRE_NAME[period],
+                                             _epoch_seconds(start), dimensions])
     return ROLLUP_PREFIX + orjson.dumps([metric_key, subject_type, subject_id, WIRE_NAME[period], _epoch_seconds(start)])
+
+
+def distinct_entry(key: RollupKey, value: str) -> bytes:
+    metric_key, subject_type, subject_id, period, start, dimensions = key
+    return DISTINCT_PREFIX + orjson.dumps([metric_key, subject_type, subject_id, WIRE_NAME[period],
+                                           _epoch_seconds(start), dimensions, value])
+
+
+def distinct_entries(distinct: Iterable[tuple[RollupKey, str]]) -> Iterator[tuple[bytes, bytes]]:
+    return ((distinct_entry(key, value), _PRESENT) for key, value in distinct)
+
+
+def evicted_entries(key: RollupKey, rollup: Rollup) -> list[bytes]:
+    """Changelog keys to tombstone when a rollup leaves memory: its own, and its distinct values'."""
+    values = rollup.values if isinstance(rollup, ValuesRollup) else ()
+    return [rollup_tombstone(key), *(distinct_entry(key, value) for value in values)]
 
 
 @lru_cache(maxsize=8192)  # period starts repeat across a checkpoint's entries
@@ -50,6 +76,24 @@ def marker_entry(key: MarkerKey, marker: Marker | None) -> tuple[bytes, bytes | 
     if marker is None:
         return entry_key, None
     return entry_key, orjson.dumps([str(marker.limit), marker.approaching, marker.exceeded])
+
+
+def _rollup_key(fields: list) -> RollupKey:
+    metric_key, subject_type, subject_id, period, start, *dimensions = fields
+    pairs: Dimensions = tuple((name, value) for name, value in dimensions[0]) if dimensions else ()
+    return metric_key, subject_type, subject_id, _period(period), _utc(start), pairs
+
+
+def _rollup(fields: list) -> Rollup:
+    aggregation, count, total, low, high, version, *rest = fields
+    state = (AggregationType(aggregation), count, Decimal(total), None if low is None else Decimal(low),
+             None if high is None else Decimal(high), version, rest[0] if rest else None)
+    if len(rest) == 4:  # a rollup that has had a LATEST record: its time, id and quantity
+        latest_ms, latest_id, latest = rest[1:]
+        return ValuesRollup(*state, set(), Decimal(latest), latest_ms, latest_id)
+    if state[0] in _KEEPING_VALUES:
+        return ValuesRollup(*state)
+    return Rollup(*state)
 
 
 def _period(value: str) -> PeriodType | ResetPeriod:
@@ -86,17 +130,21 @@ def restore(entries: Iterable[tuple[bytes, bytes | None]]) -> RestoredState:
     rollups: dict[RollupKey, Rollup] = {}
     markers: dict[MarkerKey, Marker] = {}
     identity_lists: dict[bytes, list[tuple[RecordIdentity, datetime]]] = {}
+    distinct: dict[RollupKey, set[str]] = {}
     for key, value in entries:
         if key.startswith(ROLLUP_PREFIX):
-            metric_key, subject_type, subject_id, period, start = orjson.loads(key[len(ROLLUP_PREFIX):])
-            rollup_key = (metric_key, subject_type, subject_id, _period(period), _utc(start))
+            rollup_key = _rollup_key(orjson.loads(key[len(ROLLUP_PREFIX):]))
             if value is None:
                 rollups.pop(rollup_key, None)
                 continue
-            aggregation, count, total, low, high, version, *rest = orjson.loads(value)
-            rollups[rollup_key] = Rollup(AggregationType(aggregation), count, Decimal(total),
-                                         None if low is None else Decimal(low), None if high is None else Decimal(high),
-                                         version, rest[0] if rest else None)
+            rollups[rollup_key] = _rollup(orjson.loads(value))
+        elif key.startswith(DISTINCT_PREFIX):
+            *fields, dimensions, found = orjson.loads(key[len(DISTINCT_PREFIX):])
+            rollup_key = _rollup_key([*fields, dimensions])
+            if value is None:
+                distinct.get(rollup_key, set()).discard(found)
+            else:
+                distinct.setdefault(rollup_key, set()).add(found)
         elif key.startswith(MARKER_PREFIX):
             threshold_id, subject_type, subject_id, start = orjson.loads(key[len(MARKER_PREFIX):])
             marker_key = (threshold_id, subject_type, subject_id, _utc(start))
@@ -113,6 +161,13 @@ def restore(entries: Iterable[tuple[bytes, bytes | None]]) -> RestoredState:
                 ((subject_type, subject_id, record_id), _utc(at))
                 for subject_type, subject_id, record_id, at in orjson.loads(value)
             ]
+    for rollup_key, values in distinct.items():
+        rollup = rollups.get(rollup_key)
+        if rollup is not None:
+            if not isinstance(rollup, ValuesRollup):  # a metric that counted distinct values and since stopped
+                rollup = rollups[rollup_key] = ValuesRollup(rollup.aggregation, rollup.count, rollup.sum, rollup.min,
+                                                            rollup.max, rollup.version, rollup.metric_id)
+            rollup.values = values
     identities = [entry for entries_ in identity_lists.values() for entry in entries_]
     newest = {key: max(at for _, at in entries_) for key, entries_ in identity_lists.items() if entries_}
     return RestoredState(rollups, identities, newest, markers)

@@ -49,6 +49,8 @@ def merged(snapshots: list[Snapshot]) -> Snapshot:
         [record for snapshot in snapshots for record in snapshot.changes.records],
         [identity for snapshot in snapshots for identity in snapshot.changes.identities],
         [record for snapshot in snapshots for record in snapshot.changes.closed],
+        [value for snapshot in snapshots for value in snapshot.changes.distinct],
+        [record for snapshot in snapshots for record in snapshot.changes.limited],
     )
     return Snapshot(snapshots[-1].offset, changes, [key for snapshot in snapshots for key in snapshot.expired])
 

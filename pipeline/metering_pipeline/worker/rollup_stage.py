@@ -38,9 +38,9 @@ from metering_pipeline.logs import get_logger
 from metering_pipeline.settings import Settings
 from metering_pipeline.topics import Topics
 from metering_pipeline.usage.metrics import MetricCatalog
-from metering_pipeline.usage.rollups import WIRE_NAME, Checkpoint, CountedRecord, PartitionRollups, RollupChange, RollupKey
+from metering_pipeline.usage.rollups import WIRE_NAME, CardinalityLimits, Checkpoint, CountedRecord, PartitionRollups, RollupChange, RollupKey
 from metering_pipeline.usage.thresholds import Alert, PartitionThresholds, ThresholdBook
-from metering_pipeline.warehouse.sink import ClickHouseSink
+from metering_pipeline.warehouse.sink import TOTAL_ROW, ClickHouseSink, dimension_map
 from metering_pipeline.worker import changelog, garbage, routing
 from metering_pipeline.worker.batches import KeyPartitions, PartitionBatches
 from metering_pipeline.worker.checkpoints import PartitionWriter, Snapshot
@@ -95,6 +95,7 @@ class RollupStage:
         self.changelog_topic = self.topics.rollup_changelog
         self.transactional = settings.processing_guarantee == "exactly_once"
         self.owned: dict[int, OwnedPartition] = {}
+        self.limits = CardinalityLimits(settings.max_dimension_combinations, settings.max_distinct_values)
         self._rejoin = False
         self._paused = False
         self._lock = asyncio.Lock()
@@ -299,6 +300,8 @@ class RollupStage:
         async def produce(batches: PartitionBatches) -> None:
             rollups = checkpoint.rollups
             await batches.add_all(self.changelog_topic, map(changelog.rollup_entry, rollups), partition)
+            if checkpoint.distinct:
+                await batches.add_all(self.changelog_topic, changelog.distinct_entries(checkpoint.distinct), partition)
             await batches.add_all(self.topics.usage_aggregated,
                                   ((_subject_key(change), aggregated_event(change)) for change in rollups if change.reported))
             if checkpoint.identities:
@@ -307,13 +310,17 @@ class RollupStage:
                 owned.identity_entries.update((key, newest) for key, _ in entries)
                 await batches.add_all(self.changelog_topic, entries, partition)
             await batches.add_all(self.changelog_topic, ((key, None) for key in snapshot.expired), partition)
-            if checkpoint.closed:
+            letters = [*(self._closed_dead_letter(offset, record, partition) for offset, record in checkpoint.closed),
+                       *(self._dead_letter(RejectReason.CARDINALITY_LIMIT, why, offset, record, partition)
+                         for offset, record, why in checkpoint.limited)]
+            if letters:
                 await batches.add_all(self.topics.dead_letters, (
-                    (f"{record.subject_type}:{record.subject_id}".encode(),
-                     self._closed_dead_letter(offset, record, partition).to_json())
-                    for offset, record in checkpoint.closed))
+                    (f"{letter.record['subjectType']}:{letter.record['subjectId']}".encode(), letter.to_json())
+                    for letter in letters))
 
         await self._in_transaction(owned.producer, partition, produce, snapshot.offset)
+        self.stats.dead_letters[RejectReason.TOO_LATE.value] += len(checkpoint.closed)
+        self.stats.dead_letters[RejectReason.CARDINALITY_LIMIT.value] += len(checkpoint.limited)
 
     def _evicted_rollup_entries(self, owned: OwnedPartition, checkpoint: Checkpoint) -> list[bytes]:
         """Once a minute: rollups past the allowed lateness leave memory and the changelog (they can no longer
@@ -324,7 +331,8 @@ class RollupStage:
         horizon = self._eviction_horizon(datetime.now(timezone.utc))
         owned.thresholds.watch.evict_before(horizon, self._threshold_period)
         unsettled = owned.writer.unsettled_keys().union(change.key for change in checkpoint.rollups)
-        return [changelog.rollup_tombstone(key) for key in owned.state.evict_before(horizon) if key not in unsettled]
+        return [entry for key, rollup in owned.state.evict_before(horizon) if key not in unsettled
+                for entry in changelog.evicted_entries(key, rollup)]
 
     def _eviction_horizon(self, now: datetime) -> datetime:
         """Rollups of periods that ended before this are final (and leave memory); records for them are refused."""
@@ -345,11 +353,18 @@ class RollupStage:
 
     def _closed_dead_letter(self, offset: int, record: CountedRecord, partition: int) -> DeadLetter:
         horizon = self._eviction_horizon(datetime.now(timezone.utc))
+        return self._dead_letter(
+            RejectReason.TOO_LATE,
+            f"timestamp {record.timestamp.isoformat()} is in a period that closed (before {horizon.isoformat()}: "
+            f"now - allowed lateness {self.settings.allowed_lateness} - 1h) before the worker processed it",
+            offset, record, partition)
+
+    def _dead_letter(self, reason: RejectReason, why: str, offset: int, record: CountedRecord, partition: int) -> DeadLetter:
+        """A routed record the rollup stage refuses, as routed (its quantity is the one its metric read)."""
         timestamp = record.timestamp
         return DeadLetter(
-            reason=RejectReason.TOO_LATE,
-            message=(f"timestamp {timestamp.isoformat()} is in a period that closed (before {horizon.isoformat()}: "
-                     f"now - allowed lateness {self.settings.allowed_lateness} - 1h) before the worker processed it"),
+            reason=reason,
+            message=why,
             source=SourcePosition(topic=self.topic, partition=partition, offset=offset),
             record={"id": record.record_id, "metricKey": record.metric_key, "subjectType": record.subject_type,
                     "subjectId": record.subject_id, "quantity": str(record.quantity),
@@ -369,7 +384,7 @@ class RollupStage:
                     await producer.stop()
                     raise
                 restored = await self._restore(partition)
-                state = PartitionRollups(self.settings.dedup_window)
+                state = PartitionRollups(self.settings.dedup_window, self.limits)
                 state.restore(restored.rollups.items(), restored.identities)
                 # seen_changes starts at 0: every threshold in force is checked against the restored state.
                 thresholds = PartitionThresholds(state, self.book, self.catalog, self.settings.threshold_approaching_fraction)
@@ -489,11 +504,12 @@ def aggregated_event(change: RollupChange) -> bytes:
     (tests/unit/test_schemas.py holds the two byte-equal over many values; the integration tests check every
     emitted event against the JSON Schema file).
     """
-    metric_key, subject_type, subject_id, period, start = change.key
+    metric_key, subject_type, subject_id, period, start, dimensions = change.key
     return orjson.dumps({
         "type": "usage.aggregated", "metricKey": metric_key, "subjectType": subject_type, "subjectId": subject_id,
         "periodType": WIRE_NAME[period], "periodStart": _zulu(start), "periodEnd": _zulu(change.period_end),
         "totalQuantity": change.total_text, "recordCount": change.count, "version": change.version,
+        "dimensions": dimension_map(dimensions) if dimensions else TOTAL_ROW,
     })
 
 

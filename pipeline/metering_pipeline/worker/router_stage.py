@@ -85,7 +85,7 @@ class RouterStage:
         # Record age and alert latency are measured from the oldest message of the poll (one header per routed message).
         published = routing.published_headers(min(m.timestamp for messages in batches.values() for m in messages))
         times: dict[int, datetime] = {}  # a poll's messages share few distinct milliseconds
-        accepted_count = rejected_count = 0
+        accepted_count = rejected_count = filtered_count = 0
         catalog, rules, assign = self.catalog, self.rules, partitions.of
         for tp, messages in batches.items():
             topic, source_partition = tp.topic, tp.partition
@@ -94,8 +94,9 @@ class RouterStage:
                 if at is None:
                     at = times[kafka_message.timestamp] = datetime.fromtimestamp(kafka_message.timestamp / 1000, tz=timezone.utc)
                 message = Message(topic, source_partition, kafka_message.offset, at, kafka_message.key, kafka_message.value)
-                accepted, rejected = read_message(message, catalog, rules)
+                accepted, rejected, filtered = read_message(message, catalog, rules)
                 accepted_count += len(accepted)
+                filtered_count += filtered
                 for record in accepted:
                     by_partition[assign(record.subject_type, record.subject_id)].append(record)
                 for dead_letter in rejected:
@@ -106,8 +107,9 @@ class RouterStage:
             highwater = self.consumer.highwater(tp)
             if highwater is not None:
                 self.stats.lag[f"router/{tp.partition}"] = highwater - messages[-1].offset - 1
-        self.stats.records_in += accepted_count + rejected_count
+        self.stats.records_in += accepted_count + rejected_count + filtered_count
         self.stats.accepted += accepted_count
+        self.stats.filtered += filtered_count
         for partition, records in by_partition.items():
             for chunk in routing.batches(records):
                 sends.append(await self.producer.send(self.topics.routed, routing.encode(chunk), partition=partition,

@@ -50,13 +50,23 @@ def batches(records: Sequence[AcceptedRecord]) -> Iterator[Sequence[AcceptedReco
     """Consecutive runs of at most ROUTED_BATCH records and about ROUTED_BATCH_BYTES (metadata can be 256 KiB)."""
     start = size = 0
     for end, record in enumerate(records):
-        grown = size + len(record.metadata_json) + _RECORD_OVERHEAD
+        own = len(record.metadata_json) + _RECORD_OVERHEAD
+        if record.dimensions or record.distinct is not None:
+            own += _read_size(record)
+        grown = size + own
         if end > start and (end - start >= ROUTED_BATCH or grown > ROUTED_BATCH_BYTES):
             yield records[start:end]
-            start, grown = end, len(record.metadata_json) + _RECORD_OVERHEAD
+            start, grown = end, own
         size = grown
     if start < len(records):
         yield records[start:]
+
+
+def _read_size(record: AcceptedRecord) -> int:
+    """What a record's metric read from its payload adds to a routed message besides its metadata: dimension values
+    and a distinct value are copies of metadata, as long as it again at worst."""
+    size = sum(len(name) + len(value) + 4 for name, value in record.dimensions)
+    return size + (0 if record.distinct is None else len(record.distinct))
 
 
 # A routed message is this version byte and a MessagePack array of `CountedRecord` arrays. Version 1 was a

@@ -40,6 +40,7 @@ class WorkerStats:
     def __init__(self) -> None:
         self.records_in = 0  # records read from usage.recorded (batch elements counted one by one)
         self.accepted = 0  # passed intake and were routed
+        self.filtered = 0  # valid records their metric's filter left out (neither counted nor dead-lettered)
         self.counted = 0  # new records folded into rollups
         self.duplicates = 0  # records whose identity was seen within the dedup window
         self.dead_letters: Counter[str] = Counter()  # by reason
@@ -81,6 +82,8 @@ class _Collector:
                                   value=stats.records_in)
         yield CounterMetricFamily("metering_records_accepted", "Records that passed intake and were routed.",
                                   value=stats.accepted)
+        yield CounterMetricFamily("metering_records_filtered", "Valid records their metric's filter left out: neither "
+                                  "counted nor dead-lettered.", value=stats.filtered)
         yield CounterMetricFamily("metering_records_counted", "New records folded into rollups.", value=stats.counted)
         yield CounterMetricFamily("metering_records_duplicate", "Records whose identity was seen within the dedup window.",
                                   value=stats.duplicates)

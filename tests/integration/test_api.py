@@ -58,7 +58,8 @@ def test_metric_commands_and_queries(api):
     created = define(admin, "api_calls", "count", resetPeriod="monthly", unit="calls")
     assert created.status_code == 201
     assert created.json() == {"id": "api_calls", "key": "api_calls", "name": "api_calls", "description": "", "unit": "calls",
-                              "aggregationType": "COUNT", "resetPeriod": "MONTHLY", "orgId": None}
+                              "aggregationType": "COUNT", "resetPeriod": "MONTHLY", "orgId": None,
+                              "valueProperty": None, "groupBy": {}, "filter": {}}
     assert define(admin, "api_calls").status_code == 409
     invalid = define(admin, "bad", "median")
     assert invalid.status_code == 422
@@ -143,6 +144,28 @@ def test_invalid_usage_is_refused_whole_with_field_level_errors(api):
                       headers={"Content-Type": "application/json"}).status_code == 422
     time.sleep(3)  # nothing from the refused requests was published, not even the valid first record
     assert monthly_total(admin, "calls", "org:refusals", 0, timeout=0) == (Decimal(0), 0)
+
+
+def test_usage_its_metric_cannot_read_is_refused_at_once_naming_the_path(api):
+    admin = api.client()
+    assert define(admin, "model_tokens", "SUM", valueProperty="$.metadata.usage.tokens",
+                  groupBy={"model": "$.metadata.model"}, filter={"$.metadata.env": ["prod"]}).status_code == 201
+    good = {"metricKey": "model_tokens", "subjectType": "org", "subjectId": "payloads",
+            "metadata": {"env": "prod", "model": "a", "usage": {"tokens": "2.5"}}}
+    cases = {
+        "no tokens": ({**good, "metadata": {"env": "prod", "model": "a"}}, "$.metadata.usage.tokens"),
+        "tokens not a number": ({**good, "metadata": {"env": "prod", "usage": {"tokens": "many"}}}, "$.metadata.usage.tokens"),
+        "model an object": ({**good, "metadata": {"env": "prod", "model": {"x": 1}, "usage": {"tokens": 1}}}, "$.metadata.model"),
+    }
+    for name, (record, path) in cases.items():
+        response = admin.post("/v1/usage/batch", json={"records": [good, record]})
+        assert response.status_code == 422, (name, response.text)
+        [error] = response.json()["errors"]
+        assert error["field"] == "body.records.1" and "invalid_record" in error["message"] and path in error["message"], name
+    # A record the filter leaves out is valid: accepted, and not counted.
+    assert admin.post("/v1/usage", json={**good, "id": "staging", "metadata": {"env": "staging"}}).status_code == 202
+    assert admin.post("/v1/usage", json={**good, "id": "counted"}).status_code == 202
+    assert monthly_total(admin, "model_tokens", "org:payloads", 1) == (Decimal("2.5"), 1)
 
 
 def test_an_org_key_sees_and_changes_only_its_org(api):

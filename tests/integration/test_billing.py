@@ -1,6 +1,7 @@
 """Billing end to end through the real broker, a worker and the ClickHouse endpoint: plans and
 subscriptions over the API, records published with their Kafka times, the invoice preview (API and
-CLI) for a closed period with a plan change, its reproducibility, and the dashboard in headless Chromium."""
+CLI) for a closed period with a plan change, its reproducibility, prices per dimension value, UNIQUE_COUNT and
+LATEST over parts of a month, and the dashboard in headless Chromium."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from pathlib import Path
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from support import running_api, settings_env
+from support import define, headless_chromium, running_api, settings_env
 
 from metering_pipeline.topics import Topics
 from metering_pipeline.warehouse.client import connect
@@ -321,9 +322,180 @@ def test_a_month_of_usage_over_38_digits_is_summarized_exported_emitted_and_invo
     assert [(s["totalQuantity"], s["recordCount"]) for s in map(json.loads, summed.stdout.splitlines())] == [(OVER_38, 11)]
 
 
+# Issue 15: prices per dimension value, and UNIQUE_COUNT / LATEST billed over part of a month.
+def defined(billing, *definitions: dict) -> None:
+    """Metric definitions published on the metrics topic (as `metering metric define` does), once the API serves
+    them and a worker has mirrored them (its catalog routes with them then)."""
+    asyncio.run(define(billing.settings, *({"id": d["key"], "name": d["key"], "resetPeriod": "MONTHLY", **d}
+                                           for d in definitions)))
+    admin = billing.client()
+    with connect(billing.settings) as client:
+        for d in definitions:
+            assert wait_for(lambda: admin.get(f"/v1/metrics/{d['key']}").status_code == 200), d["key"]
+            assert wait_for(lambda: client.query("SELECT count() FROM metric_definitions FINAL WHERE id = {id:String}",
+                                                 parameters={"id": d["key"]}).result_rows[0][0] > 0), d["key"]
+    time.sleep(1)  # every worker's catalog has them
+
+
+def monthly_rows(settings, metric: str, subject_id: str) -> dict[tuple[tuple[str, str], ...], tuple[Decimal, int]]:
+    """usage_summary's MONTHLY rows of the billed month: dimensions (sorted pairs; () is the total row) → (total, records)."""
+    with connect(settings) as client:
+        rows = client.query(
+            "SELECT dimensions, total_quantity, record_count FROM usage_summary WHERE metric_key = {metric:String} "
+            "AND subject_type = 'org' AND subject_id = {subject_id:String} AND period_type = 'MONTHLY' "
+            "AND period_start = {start:DateTime}",
+            parameters={"metric": metric, "subject_id": subject_id, "start": PERIOD_START.replace(tzinfo=None)}).result_rows
+    return {tuple(sorted(dimensions.items())): (total, count) for dimensions, total, count in rows}
+
+
+def hourly_totals_added(settings, metric: str, subject_id: str, start: datetime, end: datetime) -> Decimal:
+    """What adding up the total rows of the hours in [start, end) gives (what billing must not do for UNIQUE_COUNT)."""
+    with connect(settings) as client:
+        return client.query(
+            "SELECT sum(total_quantity) FROM usage_summary WHERE metric_key = {metric:String} AND subject_type = 'org' "
+            "AND subject_id = {subject_id:String} AND period_type = 'HOURLY' AND empty(dimensions) "
+            "AND period_start >= {start:DateTime} AND period_start < {end:DateTime}",
+            parameters={"metric": metric, "subject_id": subject_id, "start": start.replace(tzinfo=None),
+                        "end": end.replace(tzinfo=None)}).result_rows[0][0]
+
+
+def event(record_id: str, metric: str, subject_id: str, at: datetime, **metadata: object) -> tuple[dict, datetime]:
+    """A record with metadata, sent at its own time."""
+    return {**usage(record_id, metric, "1", at), "subjectId": subject_id, "metadata": metadata}, at
+
+
+def usage_lines(invoice: dict) -> list[tuple]:
+    return [(line["planKey"], line["metricKey"], line["dimensions"], line["quantity"], line["billableUnits"],
+             line["amount"]) for line in invoice["lines"] if line["type"] == "USAGE"]
+
+
+PER_MODEL = {"key": "per-model", "name": "Tokens per model", "currency": "USD", "prices": [
+    {"metricKey": "llm_tokens", "model": "PER_UNIT", "unitPrice": "0.001"},  # every token, beside the per-model lines
+    {"metricKey": "llm_tokens", "model": "PER_UNIT", "unitPrice": "0.03", "dimensions": {"model": "gpt-4"}},
+    {"metricKey": "llm_tokens", "model": "PER_UNIT", "unitPrice": "0.002", "includedUnits": "100",
+     "dimensions": {"model": "gpt-3.5"}},
+]}
+
+
+def test_an_invoice_priced_per_dimension_has_a_line_per_model_with_its_units_and_amount(billing):
+    admin, settings = billing.client(), billing.settings
+    defined(billing, {"key": "llm_tokens", "aggregationType": "SUM", "valueProperty": "$.metadata.tokens",
+                      "groupBy": {"model": "$.metadata.model", "region": "$.metadata.region"}})
+    # A price can only name the metric's groupBy dimensions: another name would bill nothing, silently.
+    typo = admin.post("/v1/plans", json={**PER_MODEL, "key": "per-modle", "prices": [
+        {"metricKey": "llm_tokens", "model": "PER_UNIT", "unitPrice": "1", "dimensions": {"modle": "gpt-4"}}]})
+    assert (typo.status_code, typo.json()["error"], typo.json()["errors"][0]["field"]) == (
+        422, "unknown_dimension", "body.prices.0.dimensions.modle"), typo.text
+    created = admin.post("/v1/plans", json=PER_MODEL)
+    assert created.status_code == 201, created.text
+    assert [p["dimensions"] for p in created.json()["prices"]] == [{}, {"model": "gpt-4"}, {"model": "gpt-3.5"}]
+    assert admin.post("/v1/subscriptions", json={"id": "s-llmco", "subjectType": "org", "subjectId": "llmco",
+                                                 "planKey": "per-model", "startAt": iso(PERIOD_START)}).status_code == 201
+
+    at = PERIOD_END - timedelta(days=2)
+    records = [  # the filter on model alone takes both regions' rows (and the row without a region)
+        event("m1", "llm_tokens", "llmco", at, model="gpt-4", region="eu", tokens=1000),
+        event("m2", "llm_tokens", "llmco", at + timedelta(hours=3), model="gpt-4", region="us", tokens="500.5"),
+        event("m3", "llm_tokens", "llmco", at + timedelta(hours=3, minutes=5), model="gpt-3.5", region="eu", tokens=300),
+        event("m4", "llm_tokens", "llmco", at + timedelta(days=1), model="gpt-3.5", tokens=200),
+    ]
+    asyncio.run(publish_at(settings, records + records[:1]))  # and a retry of the first
+    assert wait_for(lambda: monthly_rows(settings, "llm_tokens", "llmco").get(()) == (Decimal("2000.5"), 4)), \
+        monthly_rows(settings, "llm_tokens", "llmco")
+    # The worker wrote the total row and a row per (model, region): billing must read each record once.
+    assert wait_for(lambda: len(monthly_rows(settings, "llm_tokens", "llmco")) == 5)
+    assert monthly_rows(settings, "llm_tokens", "llmco") == {
+        (): (Decimal("2000.5"), 4),
+        (("model", "gpt-4"), ("region", "eu")): (Decimal(1000), 1), (("model", "gpt-4"), ("region", "us")): (Decimal("500.5"), 1),
+        (("model", "gpt-3.5"), ("region", "eu")): (Decimal(300), 1), (("model", "gpt-3.5"), ("region", "")): (Decimal(200), 1),
+    }
+
+    response = admin.get("/v1/subjects/org/llmco/invoice", params={"period": PERIOD})
+    assert response.status_code == 200, response.text
+    invoice = response.json()
+    assert invoice["status"] == "FINAL"
+    assert usage_lines(invoice) == [
+        ("per-model", "llm_tokens", {}, "2000.5", "2000.5", "2.00"),                       # 2.0005 → half-even 2.00
+        ("per-model", "llm_tokens", {"model": "gpt-4"}, "1500.5", "1500.5", "45.02"),      # 45.015 → 45.02
+        ("per-model", "llm_tokens", {"model": "gpt-3.5"}, "500", "400", "0.80"),           # 100 included
+    ]
+    assert invoice["subtotal"] == "47.82"
+
+    env = {**os.environ, **settings_env(settings), **BILLING_ENV}
+    shown = subprocess.run([sys.executable, "-m", "metering_pipeline.cli", "invoice", "org:llmco", "--period", PERIOD],
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert "llm_tokens (model=gpt-4)" in shown.stdout and "llm_tokens (model=gpt-3.5)" in shown.stdout
+    as_json = subprocess.run([sys.executable, "-m", "metering_pipeline.cli", "invoice", "org:llmco", "--period", PERIOD,
+                              "--json"], env=env, capture_output=True, text=True, timeout=120)
+    assert json.loads(as_json.stdout) == invoice  # the stored FINAL invoice, dimensions included
+
+
+SEATS_BASIC = {"key": "seats-basic", "name": "Seats basic", "currency": "USD", "prices": [
+    {"metricKey": "active_users", "model": "PER_UNIT", "unitPrice": "5"},
+    {"metricKey": "seats", "model": "PER_UNIT", "unitPrice": "1"},
+]}
+SEATS_PRO = {"key": "seats-pro", "name": "Seats pro", "currency": "USD", "prices": [
+    {"metricKey": "active_users", "model": "PER_UNIT", "unitPrice": "4"},
+    {"metricKey": "active_users", "model": "PER_UNIT", "unitPrice": "10", "dimensions": {"tier": "pro"}},
+    {"metricKey": "seats", "model": "PER_UNIT", "unitPrice": "2"},
+]}
+
+
+def test_unique_count_and_latest_are_billed_exactly_over_each_part_of_a_month(billing):
+    admin, settings = billing.client(), billing.settings
+    defined(billing, {"key": "active_users", "aggregationType": "UNIQUE_COUNT", "valueProperty": "$.metadata.user",
+                      "groupBy": {"tier": "$.metadata.tier"}},
+            {"key": "seats", "aggregationType": "LATEST", "valueProperty": "$.metadata.seats"})
+    switch = PERIOD_END - timedelta(days=3)  # the subject moves from seats-basic to seats-pro
+    for plan in (SEATS_BASIC, SEATS_PRO):
+        assert admin.post("/v1/plans", json=plan).status_code == 201
+    assert admin.post("/v1/subscriptions", json={"id": "s-mau-1", "subjectType": "org", "subjectId": "mauco",
+                                                 "planKey": "seats-basic", "startAt": iso(PERIOD_START),
+                                                 "endAt": iso(switch)}).status_code == 201
+    assert admin.post("/v1/subscriptions", json={"id": "s-mau-2", "subjectType": "org", "subjectId": "mauco",
+                                                 "planKey": "seats-pro", "startAt": iso(switch)}).status_code == 201
+    hour = timedelta(hours=1)
+    records = [
+        # Before the switch: alice (in two hours) and bob; seats set to 40, then 50.
+        event("u1", "active_users", "mauco", switch - 20 * hour, user="alice", tier="pro"),
+        event("u2", "active_users", "mauco", switch - 5 * hour, user="bob", tier="free"),
+        event("u3", "active_users", "mauco", switch - 1 * hour, user="alice", tier="pro"),
+        event("g1", "seats", "mauco", switch - 10 * hour, seats=40),
+        event("g2", "seats", "mauco", switch - 2 * hour, seats=50),
+        # After: alice again in two hours of two days, carol (free) and dave (pro); seats 10, then 12 and 7 at the
+        # same instant: the greatest id (g5) is the latest.
+        event("u4", "active_users", "mauco", switch + 2 * hour, user="alice", tier="pro"),
+        event("u5", "active_users", "mauco", switch + 26 * hour, user="alice", tier="pro"),
+        event("u6", "active_users", "mauco", switch + 5 * hour, user="carol", tier="free"),
+        event("u7", "active_users", "mauco", switch + 30 * hour, user="dave", tier="pro"),
+        event("g3", "seats", "mauco", switch + 3 * hour, seats=10),
+        event("g5", "seats", "mauco", switch + 40 * hour, seats=7),
+        event("g4", "seats", "mauco", switch + 40 * hour, seats=12),
+    ]
+    asyncio.run(publish_at(settings, records))
+    assert wait_for(lambda: monthly_rows(settings, "active_users", "mauco").get(()) == (Decimal(4), 7)), \
+        monthly_rows(settings, "active_users", "mauco")
+    assert wait_for(lambda: monthly_rows(settings, "seats", "mauco").get(()) == (Decimal(7), 5)), \
+        monthly_rows(settings, "seats", "mauco")
+    # What the rows alone would bill after the switch: the hours' distinct counts added up (alice twice).
+    assert hourly_totals_added(settings, "active_users", "mauco", switch, PERIOD_END) == Decimal(4)
+
+    response = admin.get("/v1/subjects/org/mauco/invoice", params={"period": PERIOD})
+    assert response.status_code == 200, response.text
+    invoice = response.json()
+    assert invoice["status"] == "FINAL"
+    assert usage_lines(invoice) == [
+        ("seats-basic", "active_users", {}, "2", "2", "10.00"),               # alice, bob
+        ("seats-basic", "seats", {}, "50", "50", "50.00"),                   # the latest before the switch, not the month's 7
+        ("seats-pro", "active_users", {}, "3", "3", "12.00"),                # alice, carol, dave: not the hours' 4
+        ("seats-pro", "active_users", {"tier": "pro"}, "2", "2", "20.00"),   # alice, dave
+        ("seats-pro", "seats", {}, "7", "7", "14.00"),                       # 12 and 7 at one instant: id g5 > g4
+    ]
+    assert invoice["subtotal"] == "106.00"
+
+
 def test_dashboard_shows_usage_thresholds_alerts_and_invoice_in_a_real_browser(billing, tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
@@ -346,14 +518,7 @@ def test_dashboard_shows_usage_thresholds_alerts_and_invoice_in_a_real_browser(b
     period = now.strftime("%Y-%m")
     expected_subtotal = admin.get("/v1/subjects/org/acme/invoice", params={"period": period}).json()["subtotal"]
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1400,1000", f"--user-data-dir={tmp_path / 'chromium'}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
-    try:
+    with headless_chromium(tmp_path / "chromium") as driver:
         driver.get(f"{billing.url}/ui?subject=org:acme&period={period}")
         driver.find_element(By.ID, "api-key").send_keys(billing.keys["reader"])
         Select(driver.find_element(By.ID, "period-type")).select_by_value("HOURLY")
@@ -372,5 +537,3 @@ def test_dashboard_shows_usage_thresholds_alerts_and_invoice_in_a_real_browser(b
         screenshot = tmp_path / "dashboard.png"
         assert driver.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 10_000
         print(f"dashboard screenshot: {screenshot}")
-    finally:
-        driver.quit()

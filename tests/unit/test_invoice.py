@@ -10,6 +10,8 @@ import jsonschema
 import pytest
 
 from metering_pipeline.billing.invoice import BillingError, billing_period, price, segments, status
+from metering_pipeline.billing.selection import Selection
+from metering_pipeline.cli.billing import render_invoice
 from metering_schemas import Invoice, InvoiceStatus, LineType, Plan, Subscription
 from metering_schemas.json_schema import SCHEMA_DIR
 
@@ -22,6 +24,11 @@ NOW = datetime(2026, 11, 20, tzinfo=UTC)
 def plan(key: str, currency: str = "USD", flat_fee: str | None = "30", unit_price: str = "0.01") -> Plan:
     return Plan(key=key, name=key.title(), currency=currency, flat_fee=flat_fee,
                 prices=[{"metricKey": "api_calls", "model": "PER_UNIT", "unitPrice": unit_price}])
+
+
+def totals(**quantities: Decimal) -> dict[Selection, Decimal]:
+    """A segment's usage: each metric's total."""
+    return {Selection.total(key): quantity for key, quantity in quantities.items()}
 
 
 def sub(sid: str, plan_key: str, start: datetime, end: datetime | None = None) -> Subscription:
@@ -48,7 +55,7 @@ def test_a_plan_change_mid_period_bills_each_part_on_its_plan_with_prorated_flat
     plans = {"basic": plan("basic", flat_fee="30", unit_price="0.01"), "pro": plan("pro", flat_fee="90", unit_price="0.005")}
     parts = segments(*NOV, [sub("s2", "pro", switch), sub("s1", "basic", datetime(2026, 10, 1, tzinfo=UTC), switch)], plans)
     assert [(p.plan.key, p.start, p.end) for p in parts] == [("basic", NOV[0], switch), ("pro", switch, NOV[1])]
-    invoice = price("org", "acme", "2026-11", parts, [{"api_calls": D(1000)}, {"api_calls": D(3001)}], NOW,
+    invoice = price("org", "acme", "2026-11", parts, [totals(api_calls=D(1000)), totals(api_calls=D(3001))], NOW,
                     InvoiceStatus.OPEN, timedelta(days=1))
     amounts = [(line.plan_key, line.type, line.amount) for line in invoice.lines]
     assert amounts == [
@@ -69,13 +76,13 @@ def test_proration_rounds_once_per_line():
 @pytest.mark.parametrize(("currency", "subtotal"), [("JPY", D("1235")), ("USD", D("1234.57")), ("BHD", D("1234.568"))])
 def test_the_subtotal_is_the_sum_of_lines_rounded_to_the_currency(currency, subtotal):
     parts = segments(*NOV, [sub("s1", "p", NOV[0])], {"p": plan("p", currency=currency, flat_fee=None, unit_price="1.2345678")})
-    invoice = price("org", "acme", "2026-11", parts, [{"api_calls": D(1000)}], NOW, InvoiceStatus.OPEN, timedelta(0))
+    invoice = price("org", "acme", "2026-11", parts, [totals(api_calls=D(1000))], NOW, InvoiceStatus.OPEN, timedelta(0))
     assert (invoice.currency, invoice.subtotal) == (currency, subtotal)
 
 
 def test_metrics_without_usage_still_get_a_line_and_unpriced_metrics_none():
     parts = segments(*NOV, [sub("s1", "p", NOV[0])], {"p": plan("p", flat_fee=None)})
-    invoice = price("org", "acme", "2026-11", parts, [{"storage_gb": D(5)}], NOW, InvoiceStatus.OPEN, timedelta(0))
+    invoice = price("org", "acme", "2026-11", parts, [totals(storage_gb=D(5))], NOW, InvoiceStatus.OPEN, timedelta(0))
     assert [(line.metric_key, line.quantity, line.amount) for line in invoice.lines] == [("api_calls", D(0), D("0.00"))]
 
 
@@ -112,7 +119,7 @@ def tokens_plan(unit_price: str, **price: str) -> dict[str, Plan]:
 
 def test_usage_over_38_digits_is_invoiced_exactly_and_reads_back_as_stored():
     parts = segments(*NOV, [sub("s1", "p", NOV[0])], tokens_plan("1e-18", includedUnits="2e-18"))
-    invoice = price("org", "acme", "2026-11", parts, [{"tokens": OVER_38}], NOW, InvoiceStatus.FINAL, timedelta(0))
+    invoice = price("org", "acme", "2026-11", parts, [totals(tokens=OVER_38)], NOW, InvoiceStatus.FINAL, timedelta(0))
     [line] = invoice.lines
     assert (line.quantity, line.included_units, line.billable_units) == (
         OVER_38, D("2e-18"), D("1012345000000000000000.000000000000000001"))
@@ -125,23 +132,70 @@ def test_usage_over_38_digits_is_invoiced_exactly_and_reads_back_as_stored():
 
 def test_amounts_up_to_58_digits_are_invoiced_and_larger_ones_refused_with_a_code():
     parts = segments(*NOV, [sub("s1", "p", NOV[0])], tokens_plan("1"))
-    invoice = price("org", "acme", "2026-11", parts, [{"tokens": D(10) ** 40}], NOW, InvoiceStatus.FINAL, timedelta(0))
+    invoice = price("org", "acme", "2026-11", parts, [totals(tokens=D(10) ** 40)], NOW, InvoiceStatus.FINAL, timedelta(0))
     assert str(invoice.subtotal) == "1" + "0" * 40 + ".00"  # what the invoices table's Decimal(76, 18) stores exactly
     largest = D("9" * 58 + ".99")
-    assert price("org", "acme", "2026-11", parts, [{"tokens": largest}], NOW, InvoiceStatus.FINAL,
+    assert price("org", "acme", "2026-11", parts, [totals(tokens=largest)], NOW, InvoiceStatus.FINAL,
                  timedelta(0)).subtotal == largest
 
     with pytest.raises(BillingError, match="tokens line comes to 1" + "0" * 58 + r"\.00") as refused:
-        price("org", "acme", "2026-11", parts, [{"tokens": D(10**58)}], NOW, InvoiceStatus.FINAL, timedelta(0))
+        price("org", "acme", "2026-11", parts, [totals(tokens=D(10**58))], NOW, InvoiceStatus.FINAL, timedelta(0))
     assert refused.value.code == "amount_too_large"
     # Each line fits, their sum does not.
     two = {"p": Plan(key="p", name="P", currency="USD", prices=[
         {"metricKey": key, "model": "PER_UNIT", "unitPrice": "90000000000000000000"} for key in ("a", "b")])}
     parts = segments(*NOV, [sub("s1", "p", NOV[0])], two)
     with pytest.raises(BillingError, match="subtotal") as refused:
-        price("org", "acme", "2026-11", parts, [{"a": D("6e37"), "b": D("6e37")}], NOW, InvoiceStatus.FINAL, timedelta(0))
+        price("org", "acme", "2026-11", parts, [totals(a=D("6e37"), b=D("6e37"))], NOW, InvoiceStatus.FINAL, timedelta(0))
     assert refused.value.code == "amount_too_large"
     # A maximum charge bounds a line whatever the usage.
     capped = segments(*NOV, [sub("s1", "p", NOV[0])], tokens_plan("1", maximumCharge="1000"))
-    assert price("org", "acme", "2026-11", capped, [{"tokens": D(10) ** 57}], NOW, InvoiceStatus.FINAL,
+    assert price("org", "acme", "2026-11", capped, [totals(tokens=D(10) ** 57)], NOW, InvoiceStatus.FINAL,
                  timedelta(0)).subtotal == D("1000.00")
+
+
+# Issue 15: prices per dimension value.
+def tokens_by_model() -> dict[str, Plan]:
+    return {"p": Plan(key="p", name="P", currency="USD", prices=[
+        {"metricKey": "tokens", "model": "PER_UNIT", "unitPrice": "0.001"},  # every token, whatever the model
+        {"metricKey": "tokens", "model": "PER_UNIT", "unitPrice": "0.03", "dimensions": {"model": "gpt-4"}},
+        {"metricKey": "tokens", "model": "PER_UNIT", "unitPrice": "0.002", "includedUnits": "100",
+         "dimensions": {"model": "gpt-3.5", "region": "eu"}},
+        {"metricKey": "tokens", "model": "PER_UNIT", "unitPrice": "1", "dimensions": {"model": "unused"}},
+    ])}
+
+
+def test_each_price_is_its_own_line_over_the_usage_it_selects_named_by_its_dimensions():
+    parts = segments(*NOV, [sub("s1", "p", NOV[0])], tokens_by_model())
+    usage = {Selection("tokens"): D(1500), Selection("tokens", (("model", "gpt-4"),)): D(1000),
+             Selection("tokens", (("model", "gpt-3.5"), ("region", "eu"))): D(500)}
+    invoice = price("org", "acme", "2026-11", parts, [usage], NOW, InvoiceStatus.OPEN, timedelta(0))
+    assert [(line.metric_key, line.dimensions, line.quantity, line.billable_units, line.amount) for line in invoice.lines] == [
+        ("tokens", {}, D(1500), D(1500), D("1.50")),                 # the total: priced too, beside the per-model lines
+        ("tokens", {"model": "gpt-4"}, D(1000), D(1000), D("30.00")),
+        ("tokens", {"model": "gpt-3.5", "region": "eu"}, D(500), D(400), D("0.80")),  # its own included units
+        ("tokens", {"model": "unused"}, D(0), D(0), D("0.00")),      # no usage with that value: a zero line
+    ]
+    assert invoice.subtotal == D("32.30")
+    written = json.loads(invoice.to_json())
+    assert [line["dimensions"] for line in written["lines"]] == [{}, {"model": "gpt-4"}, {"model": "gpt-3.5", "region": "eu"},
+                                                                 {"model": "unused"}]
+    assert Invoice.model_validate_json(invoice.to_json()) == invoice
+    jsonschema.Draft202012Validator(json.loads((SCHEMA_DIR / "invoice.schema.json").read_text())).validate(written)
+
+
+def test_the_cli_names_a_priced_dimension_line_by_its_dimensions():
+    parts = segments(*NOV, [sub("s1", "p", NOV[0])], tokens_by_model())
+    invoice = price("org", "acme", "2026-11", parts, [{Selection("tokens", (("model", "gpt-4"),)): D(1000)}], NOW,
+                    InvoiceStatus.OPEN, timedelta(0))
+    table = render_invoice(invoice)
+    assert "tokens (model=gpt-4)" in table and "tokens (model=gpt-3.5, region=eu)" in table
+    assert "30.00" in table
+
+
+def test_a_dimension_line_too_large_is_refused_naming_its_dimensions():
+    parts = segments(*NOV, [sub("s1", "p", NOV[0])], tokens_by_model())
+    with pytest.raises(BillingError, match=r"plan p's tokens \(model=unused\) line comes to") as refused:
+        price("org", "acme", "2026-11", parts, [{Selection("tokens", (("model", "unused"),)): D(10) ** 58}], NOW,
+              InvoiceStatus.OPEN, timedelta(0))
+    assert refused.value.code == "amount_too_large"

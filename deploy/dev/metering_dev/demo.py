@@ -76,7 +76,7 @@ def wait_until_counted(settings: Settings, seed: int, expected: int, timeout: fl
                 "SELECT (SELECT count() FROM usage_records FINAL WHERE startsWith(id, {prefix:String})), "
                 "(SELECT count() FROM usage_records FINAL WHERE timestamp >= toStartOfMonth(now('UTC'))), "
                 "(SELECT sum(record_count) FROM usage_summary WHERE period_type = 'MONTHLY' "
-                "AND period_start = toStartOfMonth(now('UTC')))",
+                "AND period_start = toStartOfMonth(now('UTC')) AND empty(dimensions))",  # total rows: dimension rows repeat them
                 parameters={"prefix": f"demo-{seed}-"},
             ).result_rows[0]
             if counted >= expected and rolled_up >= this_month:
@@ -89,7 +89,7 @@ def monthly_rollups(settings: Settings) -> list[tuple]:
     with connect(settings) as client:
         return client.query(
             "SELECT metric_key, subject_type || ':' || subject_id, total_quantity, record_count FROM usage_summary "
-            "WHERE period_type = {period:String} AND period_start = toStartOfMonth(now('UTC')) "
+            "WHERE period_type = {period:String} AND period_start = toStartOfMonth(now('UTC')) AND empty(dimensions) "
             "ORDER BY metric_key, subject_id",
             parameters={"period": "MONTHLY"},
         ).result_rows

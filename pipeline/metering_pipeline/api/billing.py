@@ -86,11 +86,19 @@ def _owned_plan(key: str, who: Caller, context: ApiContext) -> Plan:
 def _plan_fields(key: str, body: PlanBody, who: Caller, context: ApiContext) -> dict:
     org = body.org_id if body.org_id is not None else who.org_id
     who.require_org(org, "a global plan" if org is None else f"org {org!r}")
-    known = {d.key for d in context.metrics.definitions()}
-    unknown = [(i, p.metric_key) for i, p in enumerate(body.prices) if p.metric_key not in known]
+    dimensions: dict[str, set[str]] = {}  # metric key -> the groupBy names of its definitions (global and per org)
+    for definition in context.metrics.definitions():
+        dimensions.setdefault(definition.key, set()).update(definition.group_by)
+    unknown = [(i, p.metric_key) for i, p in enumerate(body.prices) if p.metric_key not in dimensions]
     if unknown:  # a typo would bill nothing, silently
         raise ApiError(422, "unknown_metric", f"no metric {unknown[0][1]!r}",
                        [FieldProblem(field=f"body.prices.{i}.metricKey", message="no such metric") for i, _ in unknown])
+    ungrouped = [(i, p.metric_key, name) for i, p in enumerate(body.prices) for name in p.dimensions
+                 if name not in dimensions[p.metric_key]]
+    if ungrouped:  # likewise: no usage has a dimension the metric is not grouped by
+        raise ApiError(422, "unknown_dimension", f"metric {ungrouped[0][1]!r} has no groupBy dimension {ungrouped[0][2]!r}",
+                       [FieldProblem(field=f"body.prices.{i}.dimensions.{name}",
+                                     message=f"not a groupBy dimension of {key!r}") for i, key, name in ungrouped])
     return body.model_dump(by_alias=True) | {"key": key, "orgId": org}
 
 

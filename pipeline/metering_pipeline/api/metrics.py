@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Depends, Query, Request, Response
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from metering_pipeline.api.context import ApiContext
 from metering_pipeline.api.decimal_json import DecimalJSONRoute
-from metering_pipeline.api.errors import ERROR_RESPONSES, ApiError
+from metering_pipeline.api.errors import ERROR_RESPONSES, ApiError, invalid
 from metering_pipeline.api.security import Caller, reader, writer
 from metering_schemas import AggregationType, MetricDefinition, ResetPeriod
+from metering_schemas.metric import MAX_GROUP_BY, DimensionName, DimensionValue, MetadataPath, RecordPath
 from metering_schemas._base import Identifier, WireModel
 
 router = APIRouter(prefix="/v1/metrics", tags=["metrics"], route_class=DecimalJSONRoute, responses=ERROR_RESPONSES)
@@ -28,16 +31,29 @@ class MetricInput(WireModel):
     aggregation_type: AggregationType
     reset_period: ResetPeriod = ResetPeriod.NEVER
     org_id: Identifier | None = None
+    value_property: RecordPath | None = Field(
+        default=None, description='Where the quantity is read: "$.quantity" (the default) or "$.metadata.<name>..."; '
+                                  "required for UNIQUE_COUNT (the value whose distinct strings are counted)")
+    group_by: dict[DimensionName, MetadataPath] = Field(
+        default_factory=dict, max_length=MAX_GROUP_BY,
+        description='Dimensions, name -> metadata path, e.g. {"model": "$.metadata.model"}')
+    filter: dict[RecordPath, list[DimensionValue]] = Field(
+        default_factory=dict, description='Count only records whose value at every path is one of these, '
+                                          'e.g. {"$.metadata.region": ["eu", "us"]}')
 
 
 class MetricChange(WireModel):
-    """metric.update: the fields to change (key and org stay)."""
+    """metric.update: the fields to change (key and org stay). A new valueProperty, groupBy or filter applies to
+    the records processed after it."""
 
     name: str | None = Field(default=None, min_length=1, max_length=256)
     description: str | None = None
     unit: str | None = None
     aggregation_type: AggregationType | None = None
     reset_period: ResetPeriod | None = None
+    value_property: RecordPath | None = None
+    group_by: dict[DimensionName, MetadataPath] | None = Field(default=None, max_length=MAX_GROUP_BY)
+    filter: dict[RecordPath, list[DimensionValue]] | None = None
 
 
 class MetricList(WireModel):
@@ -46,6 +62,14 @@ class MetricList(WireModel):
 
 def _context(request: Request) -> ApiContext:
     return request.app.state.context
+
+
+def _definition(fields: dict[str, Any]) -> MetricDefinition:
+    """The definition, with its rules across fields checked (UNIQUE_COUNT needs valueProperty, ...): 422 if broken."""
+    try:
+        return MetricDefinition.model_validate(fields)
+    except ValidationError as error:
+        raise invalid(error.errors(include_url=False), ("body",)) from None
 
 
 def _scoped(key: str, org_id: str | None, who: Caller, context: ApiContext) -> MetricDefinition:
@@ -62,9 +86,7 @@ def _scoped(key: str, org_id: str | None, who: Caller, context: ApiContext) -> M
 async def define_metric(body: MetricInput, request: Request, who: Caller = Depends(writer)) -> MetricDefinition:
     org = body.org_id if body.org_id is not None else who.org_id
     who.require_org(org, "a global metric" if org is None else f"org {org!r}")
-    definition = MetricDefinition(id=body.id or (f"{org}:{body.key}" if org else body.key), key=body.key, name=body.name,
-                                  description=body.description, unit=body.unit, aggregation_type=body.aggregation_type,
-                                  reset_period=body.reset_period, org_id=org)
+    definition = _definition(body.model_dump() | {"id": body.id or (f"{org}:{body.key}" if org else body.key), "org_id": org})
     context = _context(request)
     if context.metrics.get(definition.id) is not None:
         raise ApiError(409, "conflict", f"metric id {definition.id!r} exists; use PUT /v1/metrics/{body.key}")
@@ -82,7 +104,7 @@ async def update_metric(key: str, body: MetricChange, request: Request, org_id: 
     changes = body.model_dump(exclude_none=True)
     if not changes:
         raise ApiError(422, "validation_error", "give at least one field to change")
-    updated = current.model_copy(update=changes)
+    updated = _definition(current.model_dump() | changes)
     await context.publish(context.metrics, updated.id, updated)
     return updated
 

@@ -11,8 +11,10 @@ from metering_pipeline.api.context import ApiContext
 from metering_pipeline.api.decimal_json import DecimalJSONRoute
 from metering_pipeline.api.errors import ERROR_RESPONSES, ApiError, FieldProblem
 from metering_pipeline.api.security import Caller, reader, writer
+from metering_pipeline.warehouse.grouping import threshold_dimensions_problem
 from metering_schemas import ThresholdAction, UsageThreshold
 from metering_schemas._base import Identifier, Quantity, WireModel
+from metering_schemas.metric import DimensionName, DimensionValue
 
 router = APIRouter(prefix="/v1/thresholds", tags=["thresholds"], route_class=DecimalJSONRoute, responses=ERROR_RESPONSES)
 
@@ -28,6 +30,9 @@ class ThresholdInput(WireModel):
     action: ThresholdAction = ThresholdAction.ALERT
     notify_emails: list[str] = Field(default_factory=list, max_length=50)
     org_id: Identifier | None = None
+    dimensions: dict[DimensionName, DimensionValue] = Field(
+        default_factory=dict, description="Every groupBy dimension of the metric with a value: the threshold watches "
+                                          "that dimension row (empty: the metric's total)")
 
 
 class ThresholdChange(WireModel):
@@ -63,12 +68,18 @@ async def create_threshold(body: ThresholdInput, request: Request, who: Caller =
             raise ApiError(403, "forbidden_org", "an org-scoped key cannot set thresholds on every subject of a type")
         if body.subject_type == "org" and body.subject_id != who.org_id:
             raise ApiError(403, "forbidden_org", f"subject org:{body.subject_id} is not org {who.org_id!r}")
-    if context.metrics.resolve(body.metric_key, org) is None and not any(d.key == body.metric_key for d in context.metrics.definitions()):
+    resolved = context.metrics.resolve(body.metric_key, org)
+    candidates = [resolved] if resolved is not None else [d for d in context.metrics.definitions() if d.key == body.metric_key]
+    if not candidates:
         raise ApiError(422, "unknown_metric", f"no metric {body.metric_key!r}",
                        [FieldProblem(field="body.metricKey", message="no such metric")])
+    problem = threshold_dimensions_problem(body.dimensions, candidates)
+    if problem is not None:
+        raise ApiError(422, "invalid_dimensions", problem, [FieldProblem(field="body.dimensions", message=problem)])
     threshold = UsageThreshold(id=body.id or f"thr-{uuid.uuid4().hex[:12]}", metric_key=body.metric_key,
                                subject_type=body.subject_type, subject_id=body.subject_id, threshold=body.threshold,
-                               action=body.action, notify_emails=body.notify_emails, org_id=org)
+                               action=body.action, notify_emails=body.notify_emails, org_id=org,
+                               dimensions=body.dimensions)
     if threshold.id in context.thresholds:
         raise ApiError(409, "conflict", f"threshold {threshold.id!r} exists; use PUT /v1/thresholds/{threshold.id}")
     await context.publish(context.thresholds, threshold.id, threshold)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -19,12 +20,13 @@ from metering_pipeline.api.context import ApiContext
 from metering_pipeline.api.decimal_json import DecimalJSONRoute
 from metering_pipeline.api.errors import ERROR_RESPONSES, ApiError, FieldProblem
 from metering_pipeline.api.security import Caller, reader, writer
-from metering_pipeline.usage.intake import IntakeRules, Refusal, judge, stored_metadata
+from metering_pipeline.usage.intake import IntakeRules, Refusal, judge, stored_metadata, unreadable_payload
 from metering_pipeline.usage.metrics import record_org
 from metering_pipeline.usage.periods import END_OF_TIME, EPOCH, period_end, period_start
 from metering_pipeline.warehouse.client import connect
+from metering_pipeline.warehouse.grouping import FILTER_PARAMETER, DimensionError, DimensionQuery, check_names, filters_from_query, summary_id
 from metering_pipeline.warehouse.queries import EXPORT_FORMATS, RecordFilter, open_usage_export, usage_records_page, usage_summaries
-from metering_schemas import PeriodType, UsageRecord, UsageSummary
+from metering_schemas import MetricDefinition, PeriodType, UsageRecord, UsageSummary
 from metering_schemas._base import Identifier, UtcDatetime, WireModel
 
 router = APIRouter(prefix="/v1/usage", tags=["usage"], route_class=DecimalJSONRoute, responses=ERROR_RESPONSES)
@@ -75,7 +77,7 @@ def _admit(records: list[UsageRecord], who: Caller, context: ApiContext, idempot
                 raise ApiError(403, "forbidden_org", f"{where}: subject {record.subject_type}:{record.subject_id} is not in org {who.org_id!r}")
         verdict = judge(record, record.timestamp or now, now, context.metrics, rules)
         if not isinstance(verdict, Refusal):
-            verdict = stored_metadata(record, rules)
+            verdict = unreadable_payload(record, verdict, context.metrics) or stored_metadata(record, rules)
         if isinstance(verdict, Refusal):
             problems.append(FieldProblem(field=where, message=f"{verdict.reason.value}: {verdict.message}"))
             continue
@@ -173,7 +175,55 @@ async def get_usage(request: Request, subject_type: Identifier = Query(alias="su
     return RecordPage(records=records, next_cursor=next_cursor)
 
 
-@router.get("/summary", response_model=SummaryList, summary="usage.getSummary")
+# OpenMeter's deep-object filter (`filterGroupBy[model]=gpt-4`), declared for OpenAPI; read from the raw query string.
+_FILTER_GROUP_BY_DOC = {"parameters": [{
+    "name": FILTER_PARAMETER, "in": "query", "required": False, "style": "deepObject", "explode": True,
+    "description": "Only usage whose dimension has this value, one value per dimension: "
+                   "`filterGroupBy[model]=gpt-4&filterGroupBy[region]=eu` (names: the metric's groupBy dimensions)",
+    "schema": {"type": "object", "additionalProperties": {"type": "string", "maxLength": 1024}},
+}]}
+
+GroupByQuery = Query(default=[], alias="groupBy", max_length=10,
+                     description="Dimension names (repeatable: `groupBy=model&groupBy=region`): one summary per period "
+                                 "and combination of their values, which its `dimensions` carry")
+
+
+def _dimension_problem(error: DimensionError) -> ApiError:
+    return ApiError(422, error.code, str(error), [FieldProblem(field=f"query.{error.field}", message=str(error))])
+
+
+def _dimension_query(request: Request, group_by: list[str]) -> DimensionQuery:
+    """groupBy and filterGroupBy as given, checked for shape (names are checked against the metric later)."""
+    try:
+        check_names(group_by)
+        return DimensionQuery.of(group_by, filters_from_query(request.query_params.multi_items()))
+    except DimensionError as error:
+        raise _dimension_problem(error) from None
+
+
+def _metric_for(context: ApiContext, metric_key: str, org: str | None) -> MetricDefinition | None:
+    """The definition that governs the subject's records: its org's, else the global one, else the only one."""
+    found = context.metrics.resolve(metric_key, org)
+    if found is None:
+        same_key = [d for d in context.metrics.definitions() if d.key == metric_key]
+        found = same_key[0] if len(same_key) == 1 else None
+    return found
+
+
+def _checked(query: DimensionQuery, definition: MetricDefinition | None, metric_key: str) -> None:
+    """Dimension names must be the metric's groupBy names (422 `unknown_dimension`, or `unknown_metric`)."""
+    if query.is_total:
+        return
+    if definition is None:
+        raise ApiError(422, "unknown_metric", f"no metric {metric_key!r}: its dimensions are not known",
+                       [FieldProblem(field="query.metricKey", message="no such metric")])
+    try:
+        query.check(definition.group_by, metric_key)
+    except DimensionError as error:
+        raise _dimension_problem(error) from None
+
+
+@router.get("/summary", response_model=SummaryList, summary="usage.getSummary", openapi_extra=_FILTER_GROUP_BY_DOC)
 async def get_summary(request: Request, metric_key: Identifier = Query(alias="metricKey", min_length=1, max_length=256),
                       subject_type: Identifier = Query(alias="subjectType", min_length=1, max_length=256), subject_id: Identifier = Query(alias="subjectId", min_length=1, max_length=256),
                       period_type: PeriodType = Query(default=PeriodType.MONTHLY, alias="periodType"),
@@ -181,10 +231,18 @@ async def get_summary(request: Request, metric_key: Identifier = Query(alias="me
                                                                   description="One period (the seed's getUsageSummary)"),
                       start: datetime | None = Query(default=None, alias="from"),
                       end: datetime | None = Query(default=None, alias="to"),
+                      group_by: list[str] = GroupByQuery,
                       who: Caller = Depends(reader)) -> SummaryList:
-    """Rollups of one metric for one subject: the period containing `periodStart`, or every period in [from, to)."""
+    """Rollups of one metric for one subject: the period containing `periodStart`, or every period in [from, to).
+
+    By default the total rows; with `groupBy` and/or `filterGroupBy`, the usage split by (or restricted to) values
+    of the metric's dimensions, each summary's `dimensions` saying which (exact for every aggregation type)."""
+    context = _context(request)
+    dimensions = _dimension_query(request, group_by)
     if who.org_id is not None and subject_type == "org" and subject_id != who.org_id:
         raise ApiError(403, "forbidden_org", f"this key acts for org {who.org_id!r} only")
+    definition = _metric_for(context, metric_key, subject_id if subject_type == "org" else who.org_id)
+    _checked(dimensions, definition, metric_key)
     if period_start_at is not None:
         first = period_start(period_type, _storable("periodStart", period_start_at))
         last = period_end(period_type, first)
@@ -192,24 +250,28 @@ async def get_summary(request: Request, metric_key: Identifier = Query(alias="me
         first, last = _range(start, end)
     if who.org_id is not None and subject_type != "org":
         # The subject's org is known only from its records' metadata: it must have one in this org.
-        owned = await _context(request).query(usage_records_page, RecordFilter(
+        owned = await context.query(usage_records_page, RecordFilter(
             datetime(1970, 1, 1, tzinfo=timezone.utc), datetime(2106, 1, 1, tzinfo=timezone.utc),
             subject_type, subject_id, None, who.org_id), None, 1)
         if not owned:
             return SummaryList(summaries=[])
-    summaries = await _context(request).query(usage_summaries, metric_key, subject_type, subject_id, period_type, first, last)
-    if period_start_at is not None and not summaries:
-        summaries = [UsageSummary(id=f"{metric_key}:{subject_type}:{subject_id}:{period_type.value}:{first.isoformat()}",
+    aggregation = definition.aggregation_type if definition is not None else None
+    summaries = await context.query(usage_summaries, metric_key, subject_type, subject_id, period_type, first, last,
+                                    dimensions, aggregation)
+    if period_start_at is not None and not summaries and not dimensions.group_by:
+        # The period has no usage (of those dimension values): zero, as the seed's getUsageSummary answers.
+        labels = dimensions.labels(())
+        summaries = [UsageSummary(id=summary_id(metric_key, subject_type, subject_id, period_type.value, first, labels),
                                   metric_key=metric_key, subject_type=subject_type, subject_id=subject_id,
                                   period_type=period_type, period_start=first, period_end=last,
-                                  total_quantity=Decimal(0), record_count=0)]
+                                  total_quantity=Decimal(0), record_count=0, dimensions=labels)]
     return SummaryList(summaries=summaries)
 
 
 _MEDIA_TYPES = {"csv": "text/csv", "jsonl": "application/x-ndjson", "parquet": "application/vnd.apache.parquet"}
 
 
-@router.get("/export", summary="usage.export", response_class=StreamingResponse,
+@router.get("/export", summary="usage.export", response_class=StreamingResponse, openapi_extra=_FILTER_GROUP_BY_DOC,
             responses={200: {"content": {m: {} for m in _MEDIA_TYPES.values()}, "description": "The records, streamed"}})
 async def export_usage(request: Request, export_format: Literal["csv", "jsonl", "parquet"] = Query(default="csv", alias="format"),
                        start: datetime | None = Query(default=None, alias="from"), end: datetime | None = Query(default=None, alias="to"),
@@ -217,8 +279,13 @@ async def export_usage(request: Request, export_format: Literal["csv", "jsonl", 
                        subject_id: Identifier | None = Query(default=None, alias="subjectId", min_length=1, max_length=256),
                        metric_key: Identifier | None = Query(default=None, alias="metricKey", min_length=1, max_length=256),
                        who: Caller = Depends(reader)) -> StreamingResponse:
-    """Usage records of a time range, optionally one subject or metric, as CSV, JSON lines or Parquet."""
-    selection = _selection(who, start, end, subject_type, subject_id, metric_key)
+    """Usage records of a time range, optionally one subject or metric, as CSV, JSON lines or Parquet; with
+    `filterGroupBy[name]=value`, only the records with those dimension values. Each row ends with its `dimensions`."""
+    dimensions = _dimension_query(request, [])
+    if metric_key is not None and dimensions.filters:
+        _checked(dimensions, _metric_for(_context(request), metric_key, who.org_id), metric_key)
+    selection = dataclasses.replace(_selection(who, start, end, subject_type, subject_id, metric_key),
+                                    dimensions=dimensions.filters)
     assert export_format in EXPORT_FORMATS
     client = connect(_context(request).settings)  # its own connection: a long stream must not hold the shared one
     try:

@@ -10,6 +10,7 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 from metering_pipeline.billing.pricing import MONEY, charge, round_money
+from metering_pipeline.billing.selection import Selection
 from metering_pipeline.usage.periods import period_end
 from metering_schemas import Invoice, InvoiceLine, InvoiceStatus, LineType, Plan, PlanUse, ResetPeriod, Subscription
 from metering_schemas.billing import AMOUNT_WHOLE_DIGITS
@@ -80,10 +81,12 @@ def status(now: datetime, end: datetime, allowed_lateness: timedelta, settled: b
 
 
 def price(subject_type: str, subject_id: str, period: str, parts: Sequence[Segment],
-          usage: Sequence[Mapping[str, Decimal]], now: datetime, invoice_status: InvoiceStatus,
+          usage: Sequence[Mapping[Selection, Decimal]], now: datetime, invoice_status: InvoiceStatus,
           allowed_lateness: timedelta) -> Invoice:
-    """The invoice: per segment a prorated flat-fee line and one line per priced metric (usage[i] holds
-    segment i's billed quantity per metric key); each line rounded once; subtotal = sum of rounded lines."""
+    """The invoice: per segment a prorated flat-fee line and one line per price, in the plan's order (usage[i] holds
+    segment i's quantity per `Selection.of(price)`: the metric's total, or the usage with the price's dimension
+    values). Each price is its own line over the usage it selects, so a metric priced with and without dimensions
+    is billed on both lines. Each line rounded once; subtotal = sum of rounded lines."""
     start, end = billing_period(period)
     currency = parts[0].plan.currency if parts else None
     lines: list[InvoiceLine] = []
@@ -95,11 +98,13 @@ def price(subject_type: str, subject_id: str, period: str, parts: Sequence[Segme
             lines.append(InvoiceLine(type=LineType.FLAT_FEE, plan_key=plan.key, starts_at=part.start, ends_at=part.end,
                                      amount=round_money(_PRORATION.multiply(plan.flat_fee, share), plan.currency)))
         for metric_price in plan.prices:
-            quantity = quantities.get(metric_price.metric_key, Decimal(0))
+            selection = Selection.of(metric_price)
+            quantity = quantities.get(selection, Decimal(0))
             charged = charge(metric_price, quantity, plan.currency)
-            amount = _storable(charged.amount, f"plan {plan.key}'s {metric_price.metric_key} line")
+            amount = _storable(charged.amount, f"plan {plan.key}'s {selection.label()} line")
             lines.append(InvoiceLine(
-                type=LineType.USAGE, plan_key=plan.key, metric_key=metric_price.metric_key, model=metric_price.model,
+                type=LineType.USAGE, plan_key=plan.key, metric_key=metric_price.metric_key,
+                dimensions=dict(metric_price.dimensions), model=metric_price.model,
                 starts_at=part.start, ends_at=part.end, quantity=quantity, included_units=metric_price.included_units,
                 billable_units=charged.billable_units, tiers=list(charged.tiers), packages=charged.packages,
                 adjustment=charged.adjustment, amount=amount,

@@ -7,9 +7,10 @@ from datetime import datetime, timezone
 from typing import Any
 
 from metering_pipeline.billing.invoice import billing_period, price, segments, status
+from metering_pipeline.billing.selection import Selection
 from metering_pipeline.billing.settlement import processed_through
 from metering_pipeline.settings import Settings
-from metering_pipeline.warehouse.invoices import billed_quantities, store_invoice, stored_invoice
+from metering_pipeline.warehouse.invoices import priced_quantities, store_invoice, stored_invoice
 from metering_schemas import Invoice, InvoiceStatus, Plan, Subscription
 
 Query = Callable[..., Awaitable[Any]]  # runs fn(clickhouse_client, *args) without blocking the event loop
@@ -28,7 +29,8 @@ async def invoice_for(settings: Settings, query: Query, plans: Mapping[str, Plan
     invoice_status = status(now, end, settings.allowed_lateness, settled)
     parts = segments(start, end, (s for s in subscriptions if (s.subject_type, s.subject_id) == (subject_type, subject_id)),
                      plans)
-    usage = [await query(billed_quantities, subject_type, subject_id, part.start, part.end) for part in parts]
+    usage = [await query(priced_quantities, subject_type, subject_id, part.start, part.end,
+                         [Selection.of(p) for p in part.plan.prices]) for part in parts]
     invoice = price(subject_type, subject_id, period, parts, usage, now, invoice_status, settings.allowed_lateness)
     if invoice_status is InvoiceStatus.FINAL and parts:  # nothing to bill is not worth keeping
         await query(store_invoice, invoice)

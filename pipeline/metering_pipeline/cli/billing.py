@@ -17,6 +17,7 @@ import click
 from pydantic import ValidationError
 
 from metering_pipeline import tables
+from metering_pipeline.billing.selection import line_label
 from metering_pipeline.cli import catalog
 from metering_pipeline.cli.params import field_errors, utc
 from metering_pipeline.cli.params import subject as parse_subject
@@ -43,7 +44,7 @@ def _validated(model: type[Plan] | type[Subscription], fields: dict[str, Any]) -
 def _show_plans(plans: list[Plan]) -> str:
     rows = []
     for plan in sorted(plans, key=lambda p: p.key):
-        prices = ", ".join(f"{p.metric_key} {p.model.value}" for p in plan.prices)
+        prices = ", ".join(f"{line_label(p.metric_key, p.dimensions)} {p.model.value}" for p in plan.prices)
         rows.append((plan.key, plan.name, plan.currency, tables.decimal_text(plan.flat_fee) if plan.flat_fee else "",
                      prices, plan.org_id or ""))
     return tables.render(["key", "name", "currency", "flat fee", "prices", "org"], rows)
@@ -225,7 +226,7 @@ def render_invoice(result: Invoice) -> str:
               f"{result.currency or 'no plan'}")
     rows = []
     for line in result.lines:
-        what = line.metric_key or "flat fee"
+        what = line_label(line.metric_key, line.dimensions) if line.metric_key else "flat fee"
         detail = line.model.value if line.model else ""
         if line.tiers:
             detail += " " + "; ".join(f"t{t.tier}: {tables.decimal_text(t.units)} × {tables.decimal_text(t.unit_price)}"

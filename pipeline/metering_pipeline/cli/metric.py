@@ -47,11 +47,52 @@ def _find(known: dict[str, MetricDefinition], ref: str) -> MetricDefinition:
 
 
 def _show(definitions: list[MetricDefinition]) -> str:
+    headers = ["id", "key", "name", "unit", "aggregation", "reset", "org"]
+    # The payload columns only when a definition reads the payload, so the seed's table stays as it was.
+    payload = any(d.value_property or d.group_by or d.filter for d in definitions)
     return tables.render(
-        ["id", "key", "name", "unit", "aggregation", "reset", "org"],
-        [(d.id, d.key, d.name, d.unit, d.aggregation_type.value, d.reset_period.value, d.org_id or "(global)")
+        [*headers, "value", "group by", "filter"] if payload else headers,
+        [(d.id, d.key, d.name, d.unit, d.aggregation_type.value, d.reset_period.value, d.org_id or "(global)",
+          *((d.value_property or "", " ".join(f"{k}={v}" for k, v in d.group_by.items()),
+             " ".join(f"{k}={','.join(v)}" for k, v in d.filter.items())) if payload else ()))
          for d in sorted(definitions, key=lambda d: (d.key, d.org_id or ""))],
     )
+
+
+def _group_by(items: tuple[str, ...]) -> dict[str, str]:
+    """`--group-by NAME=PATH` options → {name: path}."""
+    found: dict[str, str] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise click.BadParameter(f"expected NAME=PATH, e.g. model='$.metadata.model' (got {item!r})", param_hint="'--group-by'")
+        if name in found:
+            raise click.BadParameter(f"dimension {name!r} is given twice", param_hint="'--group-by'")
+        found[name] = path
+    return found
+
+
+def _filter(items: tuple[str, ...]) -> dict[str, list[str]]:
+    """`--filter PATH=VALUE[,VALUE...]` options → {path: values}; a path given again adds its values."""
+    found: dict[str, list[str]] = {}
+    for item in items:
+        path, sep, values = item.partition("=")
+        if not sep or not path:
+            raise click.BadParameter(f"expected PATH=VALUE[,VALUE...], e.g. '$.metadata.region=eu,us' (got {item!r})",
+                                     param_hint="'--filter'")
+        found.setdefault(path, []).extend(v for v in values.split(",") if v not in found.get(path, []))
+    return found
+
+
+_PAYLOAD_HELP = {
+    "value_property": "Where the quantity is read: '$.quantity' (the default) or '$.metadata.NAME[.NAME...]', e.g. "
+                      "'$.metadata.tokens'. Required for UNIQUE_COUNT (the value whose distinct strings are counted); "
+                      "ignored for COUNT.",
+    "group_by": "A dimension, NAME=PATH (repeatable, at most 10), e.g. --group-by model='$.metadata.model': usage is "
+                "also rolled up per combination of the dimensions' values.",
+    "filter": "Count only records whose value at PATH is one of the values, PATH=VALUE[,VALUE...] (repeatable; every "
+              "path must match; a path given again adds values), e.g. --filter '$.metadata.region=eu,us'.",
+}
 
 
 _aggregations = click.Choice([a.value for a in AggregationType], case_sensitive=False)
@@ -72,14 +113,26 @@ def metric() -> None:
 @click.option("--description", default="")
 @click.option("--org-id", default=None, help="Scope to one organization (overrides a global metric of the same key).")
 @click.option("--id", "definition_id", default=None, help="[default: the key, or ORG:KEY with --org-id]")
+@click.option("--value-property", default=None, metavar="PATH", help=_PAYLOAD_HELP["value_property"])
+@click.option("--group-by", "group_by", multiple=True, metavar="NAME=PATH", help=_PAYLOAD_HELP["group_by"])
+@click.option("--filter", "filters", multiple=True, metavar="PATH=VALUES", help=_PAYLOAD_HELP["filter"])
 @click.pass_obj
 def define(settings: Settings, key: str, name: str, aggregation: str, reset_period: str, unit: str, description: str,
-           org_id: str | None, definition_id: str | None) -> None:
-    """metric.define: a new metric (refused if the id exists; use update)."""
+           org_id: str | None, definition_id: str | None, value_property: str | None, group_by: tuple[str, ...],
+           filters: tuple[str, ...]) -> None:
+    """metric.define: a new metric (refused if the id exists; use update).
+
+    \b
+    e.g. tokens per model, read from the payload, EU and US only:
+      metering metric define --key llm_tokens --name Tokens --aggregation SUM \\
+        --value-property '$.metadata.tokens' --group-by model='$.metadata.model' \\
+        --filter '$.metadata.region=eu,us'
+    """
     definition = _validated({
         "id": definition_id or (f"{org_id}:{key}" if org_id else key), "key": key, "name": name,
         "aggregationType": aggregation, "resetPeriod": reset_period, "unit": unit,
-        "description": description, "orgId": org_id,
+        "description": description, "orgId": org_id, "valueProperty": value_property,
+        "groupBy": _group_by(group_by), "filter": _filter(filters),
     })
     known = _catalog(settings)
     if definition.id in known:
@@ -98,12 +151,23 @@ def define(settings: Settings, key: str, name: str, aggregation: str, reset_peri
 @click.option("--reset-period", type=_resets, default=None)
 @click.option("--unit", default=None)
 @click.option("--description", default=None)
+@click.option("--value-property", default=None, metavar="PATH", help=_PAYLOAD_HELP["value_property"])
+@click.option("--group-by", "group_by", multiple=True, metavar="NAME=PATH", help="Replaces the dimensions. " + _PAYLOAD_HELP["group_by"])
+@click.option("--clear-group-by", is_flag=True, help="No dimensions any more.")
+@click.option("--filter", "filters", multiple=True, metavar="PATH=VALUES", help="Replaces the filter. " + _PAYLOAD_HELP["filter"])
+@click.option("--clear-filter", is_flag=True, help="Count every record again.")
 @click.pass_obj
-def update(settings: Settings, ref: str, **changes: str | None) -> None:
-    """metric.update: change an existing metric, by id or key (the key and org stay)."""
+def update(settings: Settings, ref: str, group_by: tuple[str, ...], clear_group_by: bool, filters: tuple[str, ...],
+           clear_filter: bool, **changes: str | None) -> None:
+    """metric.update: change an existing metric, by id or key (the key and org stay). A new value property, group by
+    or filter applies to the records processed after it."""
     current = _find(_catalog(settings), ref)
-    wire_names = {"aggregation": "aggregationType", "reset_period": "resetPeriod"}
+    wire_names = {"aggregation": "aggregationType", "reset_period": "resetPeriod", "value_property": "valueProperty"}
     fields = current.model_dump(by_alias=True) | {wire_names.get(k, k): v for k, v in changes.items() if v is not None}
+    if group_by or clear_group_by:
+        fields["groupBy"] = _group_by(group_by)
+    if filters or clear_filter:
+        fields["filter"] = _filter(filters)
     definition = _validated(fields)
     if definition == current:
         raise click.UsageError("nothing to change: give at least one option")

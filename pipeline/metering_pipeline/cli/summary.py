@@ -10,7 +10,26 @@ from metering_pipeline import tables
 from metering_pipeline.cli.params import subject as parse_subject
 from metering_pipeline.cli.params import utc
 from metering_pipeline.settings import Settings
-from metering_schemas import PeriodType
+from metering_pipeline.warehouse.grouping import DimensionError, DimensionQuery, check_names, pairs_from_options
+from metering_schemas import MetricDefinition, PeriodType
+
+
+def _definition(settings: Settings, metric_key: str, org: str | None) -> MetricDefinition:
+    """The definition the subject's records are counted by (its org's, else the global one, else the only one), read
+    from the metrics topic: its groupBy names the dimensions a query may use."""
+    from metering_pipeline.cli import catalog
+    from metering_pipeline.topics import Topics
+    from metering_pipeline.usage.metrics import MetricCatalog
+
+    known = catalog.read(settings, Topics.of(settings).metrics, MetricDefinition)
+    found = MetricCatalog(known).resolve(metric_key, org)
+    if found is None:
+        same_key = [d for d in known.values() if d.key == metric_key]
+        if len(same_key) != 1:
+            raise click.UsageError(f"no metric {metric_key!r}" if not same_key else
+                                   f"metric {metric_key!r} has {len(same_key)} org-scoped definitions; query an org: subject")
+        found = same_key[0]
+    return found
 
 
 @click.command()
@@ -19,25 +38,49 @@ from metering_schemas import PeriodType
 @click.option("--period", type=click.Choice([p.value for p in PeriodType], case_sensitive=False), default="DAILY", show_default=True)
 @click.option("--from", "start", type=click.DateTime(), default=None, help="First period start (UTC). [default: 30 days ago]")
 @click.option("--to", "end", type=click.DateTime(), default=None, help="Periods starting before this (UTC). [default: now + 1 day]")
+@click.option("--group-by", "group_by", multiple=True, metavar="NAME",
+              help="Split by a groupBy dimension of the metric (repeatable): one row per period and combination of values.")
+@click.option("--filter-group-by", "filters", multiple=True, metavar="NAME=VALUE",
+              help="Only usage whose dimension NAME is VALUE (repeatable, one value per dimension), e.g. model=gpt-4.")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines (the seed's UsageSummary) instead of a table.")
 @click.pass_obj
 def summary(settings: Settings, metric_key: str, subject: str, period: str, start: datetime | None,
-            end: datetime | None, as_json: bool) -> None:
-    """Print a subject's usage summary per period (the seed's usage.getSummary)."""
+            end: datetime | None, group_by: tuple[str, ...], filters: tuple[str, ...], as_json: bool) -> None:
+    """Print a subject's usage summary per period (the seed's usage.getSummary).
+
+    Without --group-by/--filter-group-by: the metric's total per period. With them (dimension names of the metric's
+    groupBy), the usage split by or restricted to those dimension values, exact for every aggregation type.
+    """
     from metering_pipeline.warehouse.client import connect
     from metering_pipeline.warehouse.queries import usage_summaries
 
     subject_type, subject_id = parse_subject(subject)
+    try:
+        check_names(group_by)
+        dimensions = DimensionQuery.of(group_by, pairs_from_options(filters, "--filter-group-by"))
+    except DimensionError as error:
+        raise click.UsageError(str(error)) from None
+    aggregation = None
+    if not dimensions.is_total:
+        definition = _definition(settings, metric_key, subject_id if subject_type == "org" else None)
+        try:
+            dimensions.check(definition.group_by, metric_key)
+        except DimensionError as error:
+            raise click.UsageError(str(error)) from None
+        aggregation = definition.aggregation_type
     now = datetime.now(timezone.utc)
     with connect(settings) as client:
         rows = usage_summaries(client, metric_key, subject_type, subject_id, PeriodType(period.upper()),
-                               utc(start) or now - timedelta(days=30), utc(end) or now + timedelta(days=1))
+                               utc(start) or now - timedelta(days=30), utc(end) or now + timedelta(days=1),
+                               dimensions, aggregation)
     if as_json:
         for row in rows:
             click.echo(row.to_json())
         return
+    names = dimensions.names()
     click.echo(tables.render(
-        ["period start (UTC)", "period end", "total", "records"],
+        ["period start (UTC)", "period end", *names, "total", "records"],
         [(r.period_start.strftime("%Y-%m-%d %H:%M"), r.period_end.strftime("%Y-%m-%d %H:%M"),
-          tables.decimal_text(r.total_quantity), r.record_count) for r in rows],
+          *(r.dimensions.get(name, "") for name in names), tables.decimal_text(r.total_quantity), r.record_count)
+         for r in rows],
     ))

@@ -17,6 +17,8 @@ from metering_pipeline.cli import catalog
 from metering_pipeline.cli.params import field_errors, subject as parse_subject
 from metering_pipeline.settings import Settings
 from metering_pipeline.topics import Topics
+from metering_pipeline.usage.metrics import MetricCatalog
+from metering_pipeline.warehouse.grouping import DimensionError, pairs_from_options, threshold_dimensions_problem
 from metering_schemas import MetricDefinition, ThresholdAction, UsageThreshold
 
 
@@ -37,10 +39,13 @@ def _put(settings: Settings, threshold: UsageThreshold) -> None:
 
 
 def _show(thresholds: list[UsageThreshold]) -> str:
+    headers = ["id", "metric", "subject", "threshold", "action", "notify"]
+    grouped = any(t.dimensions for t in thresholds)  # the column only when a threshold watches a dimension row
     return tables.render(
-        ["id", "metric", "subject", "threshold", "action", "notify"],
+        [*headers, "dimensions"] if grouped else headers,
         [(t.id, t.metric_key, f"{t.subject_type}:{t.subject_id}", tables.decimal_text(t.threshold), t.action.value,
-          ", ".join(t.notify_emails)) for t in sorted(thresholds, key=lambda t: (t.metric_key, t.subject_type, t.subject_id, t.id))],
+          ", ".join(t.notify_emails), *([",".join(f"{k}={v}" for k, v in sorted(t.dimensions.items()))] if grouped else []))
+         for t in sorted(thresholds, key=lambda t: (t.metric_key, t.subject_type, t.subject_id, t.id))],
     )
 
 
@@ -59,18 +64,33 @@ def threshold() -> None:
 @click.option("--action", type=_actions, default="ALERT", show_default=True)
 @click.option("--notify", "emails", multiple=True, help="E-mail address to notify (repeatable).")
 @click.option("--id", "threshold_id", default=None, help="[default: thr-<random>]")
+@click.option("--dimension", "dimensions", multiple=True, metavar="NAME=VALUE",
+              help="Watch the metric's dimension row instead of its total: one per groupBy dimension of the metric, "
+                   "all of them (repeatable), e.g. --dimension model=gpt-4 --dimension region=eu.")
 @click.pass_obj
 def create(settings: Settings, metric_key: str, subject: str, limit: str, action: str, emails: tuple[str, ...],
-           threshold_id: str | None) -> None:
+           threshold_id: str | None, dimensions: tuple[str, ...]) -> None:
     """threshold.create"""
     subject_type, subject_id = parse_subject(subject)
+    try:
+        named = pairs_from_options(dimensions, "--dimension")
+    except DimensionError as error:
+        raise click.BadParameter(str(error), param_hint="'--dimension'") from None
     new = _validated({"id": threshold_id or f"thr-{uuid.uuid4().hex[:12]}", "metricKey": metric_key,
                       "subjectType": subject_type, "subjectId": subject_id, "threshold": limit, "action": action,
-                      "notifyEmails": list(emails)})
+                      "notifyEmails": list(emails), "dimensions": named})
     if new.id in _thresholds(settings):
         raise click.UsageError(f"threshold {new.id!r} exists; use `metering threshold update`")
-    if not any(d.key == metric_key for d in catalog.read(settings, Topics.of(settings).metrics, MetricDefinition).values()):
+    known = catalog.read(settings, Topics.of(settings).metrics, MetricDefinition)
+    resolved = MetricCatalog(known).resolve(metric_key, subject_id if subject_type == "org" else None)
+    candidates = [resolved] if resolved is not None else [d for d in known.values() if d.key == metric_key]
+    if not candidates:
+        if new.dimensions:
+            raise click.UsageError(f"no metric {metric_key!r} is defined: its groupBy dimensions are unknown; define it first")
         click.echo(f"warning: no metric {metric_key!r} is defined yet; the threshold applies once it is", err=True)
+    problem = threshold_dimensions_problem(new.dimensions, candidates)
+    if problem is not None:
+        raise click.BadParameter(problem, param_hint="'--dimension'")
     _put(settings, new)
 
 

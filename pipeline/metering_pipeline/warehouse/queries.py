@@ -11,8 +11,10 @@ import orjson
 from clickhouse_connect.driver.client import Client
 
 from metering_pipeline.usage.aggregation import plain
-from metering_schemas import PeriodType, UsageRecord, UsageSummary
+from metering_pipeline.warehouse.grouping import DimensionQuery, DimensionRow, Group, group_rows, summary_id
+from metering_schemas import AggregationType, PeriodType, UsageRecord, UsageSummary
 
+# Only the total rows (`dimensions = {}`): a grouped metric's dimension rows are beside them, not part of them.
 _SUMMARY_SQL = """
 SELECT metric_key, subject_type, subject_id, period_type, period_start, period_end, total_quantity, record_count
 FROM usage_summary
@@ -22,7 +24,49 @@ WHERE metric_key = {metric_key:String}
   AND period_type = {period_type:String}
   AND period_start >= {start:DateTime}
   AND period_start < {end:DateTime}
+  AND empty(dimensions)
 ORDER BY period_start
+"""
+
+# A dimension row matches a filter when its map holds the name with that value (names and values are bound as
+# arrays, never spliced into the SQL).
+_DIMENSIONS_MATCH = ("arrayAll((name, value) -> mapContains(dimensions, name) AND dimensions[name] = value, "
+                     "{filter_names:Array(String)}, {filter_values:Array(String)})")
+
+# The dimension rows with the state they were computed from, so that rows of a subset of dimensions merge exactly.
+_DIMENSION_ROWS_SQL = f"""
+SELECT period_start, period_end, aggregation_type, dimensions, total_quantity, record_count, sum_quantity,
+       min_quantity, max_quantity
+FROM usage_rollups FINAL
+WHERE metric_key = {{metric_key:String}}
+  AND subject_type = {{subject_type:String}}
+  AND subject_id = {{subject_id:String}}
+  AND period_type = {{period_type:String}}
+  AND period_start >= {{start:DateTime}}
+  AND period_start < {{end:DateTime}}
+  AND NOT empty(dimensions)
+  AND {_DIMENSIONS_MATCH}
+ORDER BY period_start
+"""
+
+# Each record's period, as the worker buckets it (UTC hours, days, calendar months).
+_PERIOD_OF = {PeriodType.HOURLY: "toStartOfHour(timestamp)", PeriodType.DAILY: "toStartOfDay(timestamp)",
+              PeriodType.MONTHLY: "toStartOfMonth(timestamp)"}
+
+# UNIQUE_COUNT and LATEST of the groups whose rows cannot be added: from the records the worker counted, each once
+# (FINAL), per period [period_start, period_end) and groupBy values.
+_DIMENSION_RECORDS_SQL = """
+SELECT toDateTime({period_of}, 'UTC') AS period, arrayMap(name -> dimensions[name], {{group_by:Array(String)}}) AS key,
+       uniqExact(distinct_value), argMax(quantity, (timestamp, id))
+FROM usage_records FINAL
+WHERE subject_type = {{subject_type:String}}
+  AND subject_id = {{subject_id:String}}
+  AND metric_key = {{metric_key:String}}
+  AND timestamp >= {{start:DateTime64(3)}}
+  AND timestamp < {{end:DateTime64(3)}}
+  AND NOT empty(dimensions)
+  AND {match}
+GROUP BY period, key
 """
 
 
@@ -34,24 +78,75 @@ def usage_summaries(
     period_type: PeriodType,
     start: datetime,
     end: datetime,
+    dimensions: DimensionQuery = DimensionQuery(),
+    aggregation: AggregationType | None = None,
 ) -> list[UsageSummary]:
-    """The seed's getUsageSummary over a range: one summary per period starting in [start, end)."""
-    result = client.query(_SUMMARY_SQL, parameters={
+    """The seed's getSummary over a range: one summary per period starting in [start, end) — the total rows, or
+    with `dimensions` one per period and combination of the groupBy values among the rows its filters match.
+
+    `aggregation` is the metric's type as defined now; rows carry the type they were computed with, which wins
+    (the definition's decides only between rows of a period that straddles a change of type).
+    """
+    parameters = {
         "metric_key": metric_key,
         "subject_type": subject_type,
         "subject_id": subject_id,
         "period_type": period_type.value,
         "start": naive_utc(start),
         "end": naive_utc(end),
-    })
-    return [
-        UsageSummary(
-            id=f"{metric}:{stype}:{sid}:{period}:{pstart.isoformat()}",
-            metric_key=metric, subject_type=stype, subject_id=sid, period_type=period,
-            period_start=pstart, period_end=pend, total_quantity=plain(total), record_count=count,
-        )
-        for metric, stype, sid, period, pstart, pend, total, count in result.result_rows
+    }
+    if dimensions.is_total:
+        result = client.query(_SUMMARY_SQL, parameters=parameters)
+        return [
+            UsageSummary(
+                id=f"{metric}:{stype}:{sid}:{period}:{pstart.isoformat()}",
+                metric_key=metric, subject_type=stype, subject_id=sid, period_type=period,
+                period_start=pstart, period_end=pend, total_quantity=plain(total), record_count=count,
+            )
+            for metric, stype, sid, period, pstart, pend, total, count in result.result_rows
+        ]
+    match = {"filter_names": dimensions.filter_names(), "filter_values": dimensions.filter_values()}
+    rows = [
+        DimensionRow(_utc(pstart), _utc(pend), AggregationType(kind), dict(dims), total, count, sum_, low, high)
+        for pstart, pend, kind, dims, total, count, sum_, low, high
+        in client.query(_DIMENSION_ROWS_SQL, parameters=parameters | match).result_rows
     ]
+    groups = group_rows(rows, dimensions)
+    from_records = _records_values(client, [g for g in groups if g.needs_records(aggregation)], dimensions, period_type,
+                                   parameters, match)
+    summaries = []
+    for group in groups:
+        kind = group.aggregation(aggregation)
+        if group.needs_records(aggregation):
+            distinct, latest = from_records.get((group.period_start, group.values), (0, Decimal(0)))
+            value = Decimal(distinct) if kind is AggregationType.UNIQUE_COUNT else plain(latest)
+        else:
+            value = group.merged_total(aggregation)
+        labels = dimensions.labels(group.values)
+        summaries.append(UsageSummary(
+            id=summary_id(metric_key, subject_type, subject_id, period_type.value, group.period_start, labels),
+            metric_key=metric_key, subject_type=subject_type, subject_id=subject_id, period_type=period_type,
+            period_start=group.period_start, period_end=group.period_end, total_quantity=value,
+            record_count=group.record_count(), dimensions=labels))
+    return summaries
+
+
+def _records_values(client: Client, groups: list[Group], dimensions: DimensionQuery, period_type: PeriodType,
+                    parameters: dict[str, object], match: dict[str, object]
+                    ) -> dict[tuple[datetime, tuple[str, ...]], tuple[int, Decimal]]:
+    """(distinct values, latest quantity) per (period start, groupBy values), over the records of those groups."""
+    if not groups:
+        return {}
+    first = min(g.period_start for g in groups)
+    last = max(g.period_end for g in groups)
+    sql = _DIMENSION_RECORDS_SQL.format(period_of=_PERIOD_OF[period_type], match=_DIMENSIONS_MATCH)
+    result = client.query(sql, parameters=parameters | match | {
+        "start": naive_utc(first), "end": naive_utc(last), "group_by": list(dimensions.group_by)})
+    return {(_utc(period), tuple(key)): (int(distinct), latest) for period, key, distinct, latest in result.result_rows}
+
+
+def _utc(at: datetime) -> datetime:
+    return at.replace(tzinfo=timezone.utc) if at.tzinfo is None else at.astimezone(timezone.utc)
 
 
 @dataclass(frozen=True)
@@ -64,6 +159,8 @@ class RecordFilter:
     subject_id: str | None = None
     metric_key: str | None = None
     org_id: str | None = None  # the record's org: the subject itself for `org` subjects, else metadata.orgId
+    # (name, value) pairs every record must have among its dimensions (usage_records.dimensions; {} when ungrouped)
+    dimensions: tuple[tuple[str, str], ...] = ()
 
     def where(self) -> tuple[str, dict[str, object]]:
         clauses = ["timestamp >= {start:DateTime64(3)}", "timestamp < {end:DateTime64(3)}"]
@@ -76,6 +173,9 @@ class RecordFilter:
         if self.org_id is not None:
             clauses.append("if(subject_type = 'org', subject_id, JSONExtractString(metadata, 'orgId')) = {org_id:String}")
             parameters["org_id"] = self.org_id
+        if self.dimensions:
+            clauses.append(_DIMENSIONS_MATCH)
+            parameters |= {"filter_names": [n for n, _ in self.dimensions], "filter_values": [v for _, v in self.dimensions]}
         return " AND ".join(clauses), parameters
 
 
@@ -104,13 +204,17 @@ EXPORT_FORMATS = {"csv": "CSVWithNames", "jsonl": "JSONEachRow", "parquet": "Par
 def open_usage_export(client: Client, selection: RecordFilter, export_format: str) -> Iterator[bytes]:
     """usage.export: ClickHouse renders the format and its bytes stream through in chunks, never all in memory.
 
-    The query runs (and fails, if it does) before this returns; iterating reads the stream and closes it.
+    The last column, `dimensions`, is the record's dimension values: a JSON object in JSON lines, its JSON text in
+    CSV and Parquet (like `metadata`). The query runs (and fails, if it does) before this returns; iterating reads
+    the stream and closes it.
     """
     where, parameters = selection.where()
+    dimensions = "dims" if export_format == "jsonl" else "toJSONString(dims)"
     query = (
         "SELECT id, metric_key AS metricKey, subject_type AS subjectType, subject_id AS subjectId, "
-        "toString(quantity) AS quantity, formatDateTime(at, '%Y-%m-%dT%H:%i:%S.%fZ', 'UTC') AS timestamp, metadata "
-        "FROM (SELECT id, metric_key, subject_type, subject_id, quantity, timestamp AS at, metadata "
+        "toString(quantity) AS quantity, formatDateTime(at, '%Y-%m-%dT%H:%i:%S.%fZ', 'UTC') AS timestamp, metadata, "
+        f"{dimensions} AS dimensions "
+        "FROM (SELECT id, metric_key, subject_type, subject_id, quantity, timestamp AS at, metadata, dimensions AS dims "
         f"FROM usage_records FINAL WHERE {where} ORDER BY timestamp, id)"
     )
     stream = client.raw_stream(query, parameters=parameters, fmt=EXPORT_FORMATS[export_format])
@@ -130,8 +234,10 @@ def naive_utc(at: datetime) -> datetime:
 
 
 def subjects_with_usage(client: Client, subject_type: str | None, search: str | None, limit: int) -> list[tuple[str, str]]:
-    """(subject type, subject id) pairs that have monthly rollups, for pickers; most recently active first."""
-    clauses, parameters = ["period_type = 'MONTHLY'"], {"limit": limit}
+    """(subject type, subject id) pairs that have monthly rollups, for pickers; most recently active first.
+
+    Total rows only: a grouped metric's dimension rows name the same subjects and would only cost reading them."""
+    clauses, parameters = ["period_type = 'MONTHLY'", "empty(dimensions)"], {"limit": limit}
     if subject_type is not None:
         clauses.append("subject_type = {subject_type:String}")
         parameters["subject_type"] = subject_type
@@ -147,7 +253,7 @@ def subjects_with_usage(client: Client, subject_type: str | None, search: str | 
 
 # The columns of threshold_events, in the order the sink writes them.
 ALERT_COLUMNS = ("id", "type", "threshold_id", "metric_key", "subject_type", "subject_id", "threshold", "value",
-                 "period_type", "period_start", "period_end", "action", "notify_emails", "occurred_at")
+                 "period_type", "period_start", "period_end", "action", "notify_emails", "occurred_at", "dimensions")
 
 
 def recent_alerts(client: Client, subject_type: str, subject_id: str, limit: int) -> list[dict[str, object]]:

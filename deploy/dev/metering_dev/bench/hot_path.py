@@ -7,21 +7,27 @@ for metrics that never reset), and at every checkpoint its outputs (changelog en
 `usage.aggregated` events, ClickHouse rows). Each step's CPU time is summed, so the next person sees
 where a record's time goes without a stack; the monthly totals are checked against the workload's
 independently computed ones.
+
+`state_costs` measures what the rollup state holds per distinct value of a UNIQUE_COUNT metric and per
+dimension combination of a grouped metric (tracemalloc, in this process); `metering bench` prints it.
 """
 
 from __future__ import annotations
 
+import gc
 import time
+import tracemalloc
 from itertools import chain
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from decimal import Decimal
 from typing import TypeVar
 
 from metering_dev.bench.workload import METRICS, Expected, Workload
 from metering_pipeline.usage.intake import IntakeRules, Message, read_message
 from metering_pipeline.usage.metrics import MetricCatalog
-from metering_pipeline.usage.rollups import Checkpoint, PartitionRollups
+from metering_pipeline.usage.rollups import CardinalityLimits, Checkpoint, CountedRecord, PartitionRollups
 from metering_pipeline.warehouse.sink import records_body, rollups_body
 from metering_pipeline.worker import changelog, garbage, routing
 from metering_pipeline.worker.rollup_stage import aggregated_event
@@ -65,7 +71,7 @@ def run_hot_path(plan: HotPathPlan) -> tuple[list[Step], int]:
     per_poll = max(1, POLL_RECORDS // plan.batch)
     for offset, start in enumerate(range(0, len(messages), per_poll)):
         poll = messages[start:start + per_poll]
-        accepted = clock.time(READ, lambda: [r for message in poll for r in read_message(message, catalog, rules)[0]])  # noqa: B023
+        accepted = clock.time(READ, lambda: [r for message in poll for r in read_message(message, catalog, rules).accepted])  # noqa: B023
         routed = clock.time(ROUTE, lambda: [routing.encode(batch) for batch in routing.batches(accepted)])  # noqa: B023
         decoded = clock.time(DECODE, lambda: [routing.decode(value) for value in routed])  # noqa: B023
         clock.time(ROLL_UP, lambda: [state.apply(records, offset, received, set()) for records in decoded])  # noqa: B023
@@ -120,3 +126,81 @@ def _mismatches(state: PartitionRollups, expected: Expected) -> int:
     actual = {(key[0], key[2]): rollup.total() for key, rollup in state.rollups.items() if key[3] is PeriodType.MONTHLY}
     wanted = {key: expected.total(key[0], key[1], kinds[key[0]]) for key in expected.count}
     return sum(1 for key in wanted.keys() | actual.keys() if wanted.get(key) != actual.get(key))
+
+
+# What one more distinct value or dimension combination costs the rollup state (issue 15: "state per distinct value and
+# per dimension combination is bounded and documented ... measure it in the bench").
+
+def state_costs(distinct_values: tuple[int, ...] = (20_000, 50_000), subjects: int = 200) -> dict[str, dict[str, float]]:
+    """Bytes of rollup state (tracemalloc: Python objects, not allocator slack) that one more distinct value of a
+    UNIQUE_COUNT metric, and one more (model, region) combination of a grouped SUM metric, leave in a partition's
+    PartitionRollups once their checkpoint is written; each is the difference between the same number of records
+    with all values (combinations) different and with one value (combination), so the records' own state (dedup
+    identities, total rows) cancels out.
+
+    Distinct values: n records of one subject in one hour, each value new to the hour's, the day's and the month's
+    set (three set entries, the value's string and its interning), for each n of `distinct_values`: a set's table
+    grows in steps (×4, above 50,000 values ×2), so the cost per value depends on where the set is between two steps
+    (20,000 is just past one, 50,000 near the next). Combinations: `subjects` subjects × 100 records in one hour,
+    each subject seeing all 10 × 10 combinations (99 more than with one); each adds a row to the hour, the day and
+    the month (a key tuple, a rollup and a dict slot each)."""
+    costs: dict[str, dict[str, float]] = {}
+    for n in distinct_values:
+        held = (_state_bytes(lambda i: _unique_record(i, f"user-{i:08d}"), n)
+                - _state_bytes(lambda i: _unique_record(i, f"user-{0:08d}"), n))
+        costs[f"distinct_value@{n}"] = {"bytes": held / n, "values": n}
+    added = subjects * 99
+    held = (_state_bytes(lambda i: _grouped_record(i, subjects, i // subjects % 100), subjects * 100)
+            - _state_bytes(lambda i: _grouped_record(i, subjects, 0), subjects * 100))
+    costs["dimension_combination"] = {"bytes": held / added, "per_row": held / added / 3, "combinations": added}
+    return costs
+
+
+def render_state_costs(costs: dict[str, dict[str, float]]) -> str:
+    values = [cost for key, cost in costs.items() if key.startswith("distinct_value@")]
+    combination = costs["dimension_combination"]
+    return ("rollup state (tracemalloc): "
+            + " / ".join(f"{cost['bytes']:,.0f}" for cost in values) + " bytes per distinct value of a UNIQUE_COUNT "
+            "metric at " + " / ".join(f"{cost['values']:,.0f}" for cost in values) + " values (new to its hour, day and "
+            f"month: three set entries and the value's string); {combination['bytes']:,.0f} bytes per dimension "
+            f"combination (a row in its hour, day and month, {combination['per_row']:,.0f} per row; "
+            f"{combination['combinations']:,.0f} combinations)")
+
+
+_HOUR_START_MS = (int(time.time()) // 3600 - 1) * 3_600_000  # the previous whole hour: one hour, day and month
+
+
+def _unique_record(n: int, value: str) -> CountedRecord:
+    return CountedRecord("org", "s0", f"r{n}", "active_users", "active_users", AggregationType.UNIQUE_COUNT,
+                         Decimal(1), _HOUR_START_MS + n % 3_600_000, "{}", False, (), value)
+
+
+def _grouped_record(n: int, subjects: int, combination: int) -> CountedRecord:
+    dimensions = (("model", f"model-{combination // 10}"), ("region", f"region-{combination % 10}"))
+    return CountedRecord("org", f"s{n % subjects}", f"r{n}", "tokens", "tokens", AggregationType.SUM,
+                         Decimal(n % 4000 + 1), _HOUR_START_MS + n % 3_600_000, "{}", False, dimensions)
+
+
+def _state_bytes(make: Callable[[int], CountedRecord], records: int) -> int:
+    """Traced bytes a PartitionRollups holds after `records` records (made while tracing, then dropped) and a checkpoint."""
+    warm = PartitionRollups(timedelta(hours=24))  # caches (periods of the hour) filled before tracing
+    warm.apply([make(records + 1)], 0, datetime.now(timezone.utc))
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        state = PartitionRollups(timedelta(hours=24), CardinalityLimits(combinations=1_000, distinct_values=records + 1))
+        seen_at = datetime.now(timezone.utc)
+        for start in range(0, records, POLL_RECORDS):
+            batch = [make(n) for n in range(start, min(records, start + POLL_RECORDS))]
+            state.apply(batch, start, seen_at)
+        del batch
+        checkpoint = state.checkpoint()
+        assert not checkpoint.limited, checkpoint.limited[:1]
+        del checkpoint
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    del state
+    return held

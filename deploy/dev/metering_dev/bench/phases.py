@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 
 from metering_dev.bench.measure import cpu_seconds, peak_rss_bytes, percentile
-from metering_dev.bench.workload import METRICS, Expected, Workload
+from metering_dev.bench.workload import DIMENSION_METRICS, METRICS, DimensionExpected, DimensionWorkload, Expected, Workload
 from metering_pipeline.settings import Settings
 from metering_pipeline.topics import Topics, ensure_topics, internal_topics, public_topics
 from metering_pipeline.warehouse.client import connect
@@ -42,22 +42,22 @@ def isolated(settings: Settings, prefix: str, group: str) -> Settings:
                                        "clickhouse_database": group.replace("-", "_")})
 
 
-async def prepare_input(settings: Settings, workload: Workload, batch: int, thresholds: list[dict] | None = None) -> Expected:
+async def prepare_input(settings: Settings, workload: Workload | DimensionWorkload, batch: int,
+                        thresholds: list[dict] | None = None) -> Expected | DimensionExpected:
     """Topics, metric definitions (and thresholds), then every record of the workload published."""
     await ensure_topics(settings, public_topics(settings))
     topics = Topics.of(settings)
-    expected = Expected()
+    expected = workload.expectation()
     producer = AIOKafkaProducer(**settings.kafka_client_options(), acks="all", linger_ms=20, max_batch_size=1 << 20,
                                 compression_type="lz4", enable_idempotence=settings.processing_guarantee == "exactly_once")
     await producer.start()
     try:
-        for key, aggregation in METRICS:
-            definition = {"id": key, "key": key, "name": key, "aggregationType": aggregation, "resetPeriod": "MONTHLY"}
-            await producer.send_and_wait(topics.metrics, orjson.dumps(definition), key=key.encode())
+        for definition in workload.definitions():
+            await producer.send_and_wait(topics.metrics, orjson.dumps(definition), key=definition["id"].encode())
         for threshold in thresholds or []:
             await producer.send_and_wait(topics.thresholds, orjson.dumps(threshold), key=threshold["id"].encode())
         pending = []
-        for key, value in workload.messages(batch, expected):
+        for key, value in workload.messages(batch, expected):  # type: ignore[arg-type]
             pending.append(await producer.send(topics.usage_recorded, value, key=key))
             if len(pending) >= 20_000:
                 await asyncio.gather(*pending)
@@ -92,18 +92,43 @@ async def baseline(settings: Settings, records: int, label: str) -> Result:
 
 
 def summarised_records(settings: Settings) -> int:
+    """Records counted so far: the monthly total rows' counts (a grouped metric's dimension rows count them again)."""
     with connect(settings) as client:
-        return int(client.query("SELECT sum(record_count) FROM usage_summary WHERE period_type = 'MONTHLY'").result_rows[0][0] or 0)
+        return int(client.query("SELECT sum(record_count) FROM usage_summary "
+                                "WHERE period_type = 'MONTHLY' AND empty(dimensions)").result_rows[0][0] or 0)
 
 
-def check_totals(settings: Settings, expected: Expected) -> int:
+def check_totals(settings: Settings, expected: Expected | DimensionExpected) -> int:
     """Monthly totals in ClickHouse against the independently computed ones; returns the number of mismatches."""
+    if isinstance(expected, DimensionExpected):
+        return check_dimension_totals(settings, expected)
     aggregation = dict(METRICS)
     with connect(settings) as client:
         rows = client.query("SELECT metric_key, subject_id, total_quantity, record_count FROM usage_summary "
-                            "WHERE period_type = 'MONTHLY'").result_rows
+                            "WHERE period_type = 'MONTHLY' AND empty(dimensions)").result_rows
     actual = {(metric, subject): (Decimal(total), count) for metric, subject, total, count in rows}
     wanted = {key: (expected.total(key[0], key[1], aggregation[key[0]]), expected.count[key]) for key in expected.count}
+    return sum(1 for key in wanted.keys() | actual.keys() if wanted.get(key) != actual.get(key))
+
+
+def check_dimension_totals(settings: Settings, expected: DimensionExpected) -> int:
+    """The dimensions phase: every monthly row (total rows and the grouped metric's row per combination) and the
+    UNIQUE_COUNT metric's hourly and daily total rows, against the ones computed from the records; returns the
+    number of rows that differ (missing or extra rows included)."""
+    with connect(settings) as client:
+        monthly = client.query("SELECT metric_key, subject_id, dimensions, total_quantity, record_count "
+                               "FROM usage_summary WHERE period_type = 'MONTHLY'").result_rows
+        periods = client.query("SELECT metric_key, subject_id, toString(period_type), toUnixTimestamp(period_start), "
+                               "total_quantity, record_count FROM usage_summary "
+                               "WHERE period_type IN ('HOURLY', 'DAILY') AND empty(dimensions) "
+                               "AND metric_key = {metric:String}",
+                               parameters={"metric": DIMENSION_METRICS[1]["key"]}).result_rows
+    actual: dict[tuple, tuple[Decimal, int]] = {
+        (metric, subject, tuple(sorted(dimensions.items()))): (Decimal(total), count)
+        for metric, subject, dimensions, total, count in monthly}
+    actual.update({(metric, subject, period, int(start)): (Decimal(total), count)
+                   for metric, subject, period, start, total, count in periods})
+    wanted: dict[tuple, tuple[Decimal, int]] = {**expected.monthly, **expected.periods}
     return sum(1 for key in wanted.keys() | actual.keys() if wanted.get(key) != actual.get(key))
 
 

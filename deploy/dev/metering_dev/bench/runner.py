@@ -17,9 +17,13 @@ from aiokafka.admin import AIOKafkaAdminClient
 from metering_pipeline import tables
 from metering_dev.bench import phases
 from metering_dev.bench.phases import Result
-from metering_dev.bench.workload import Workload
+from metering_dev.bench.hot_path import render_state_costs, state_costs
+from metering_dev.bench.workload import DimensionWorkload, Workload
 from metering_pipeline.settings import Settings
 from metering_pipeline.warehouse.client import connect
+
+
+PHASES = ("baselines", "workers", "dimensions", "state", "memory", "latency")
 
 
 @dataclass(frozen=True)
@@ -30,10 +34,18 @@ class Plan:
     memory_keys: int = 1_000_000
     latency_seconds: float = 20.0
     latency_subjects: int = 200
+    dimension_subjects: int = 1_000  # the dimensions phase: subjects, each with up to 100 (model, region) rows
+    dimension_users: int = 10_000  # distinct values of its UNIQUE_COUNT metric across all subjects
+    phases: tuple[str, ...] = PHASES  # which to run (all by default)
 
     @classmethod
     def quick(cls) -> Plan:
-        return cls(records=60_000, subjects=2_000, memory_keys=50_000, latency_seconds=8.0, latency_subjects=50)
+        return cls(records=60_000, subjects=2_000, memory_keys=50_000, latency_seconds=8.0, latency_subjects=50,
+                   dimension_subjects=200, dimension_users=2_000)
+
+
+DIMENSIONS_PHASE = "worker ×1, dimensions (2×10) + UNIQUE_COUNT"
+DIMENSIONS_BASELINE = "baseline, single-record messages with dimensions"
 
 
 def run(settings: Settings, plan: Plan, log_dir: Path, say: Callable[[str], None]) -> dict:
@@ -42,6 +54,8 @@ def run(settings: Settings, plan: Plan, log_dir: Path, say: Callable[[str], None
     results: list[Result] = []
     mismatches: dict[str, int] = {}
     databases: list[str] = []
+    baselines: dict[str, float] = {}
+    state: dict[str, dict[str, float]] = {}
 
     def scoped(kind: str, group: str) -> Settings:
         isolated = phases.isolated(settings, f"{run_id}-{kind}.", f"{run_id}-{group}")
@@ -57,51 +71,87 @@ def run(settings: Settings, plan: Plan, log_dir: Path, say: Callable[[str], None
             mismatches[label] = phases.check_totals(isolated, expected)
         result.phase = label
         results.append(result)
-        say(f"  {result.rate:,.0f} records/s")
+        say(f"  {result.rate:,.0f} records/s" + ("" if expected is None else
+                                                 f", totals {_verdict(mismatches[label])}"))
         return result
 
+    one: Result | None = None
     try:
         workload = Workload.recent(plan.records, plan.subjects)
-        say(f"publishing {plan.records:,} single-record messages and {plan.records:,} records in batches of {plan.batch} ...")
-        single_input = scoped("single", "input-single")
-        batch_input = scoped("batch", "input-batch")
-        expected = asyncio.run(phases.prepare_input(single_input, workload, 1))
-        asyncio.run(phases.prepare_input(batch_input, workload, plan.batch))
+        if {"baselines", "workers"} & set(plan.phases):
+            say(f"publishing {plan.records:,} single-record messages and {plan.records:,} records in batches of {plan.batch} ...")
+            single_input = scoped("single", "input-single")
+            batch_input = scoped("batch", "input-batch")
+            expected = asyncio.run(phases.prepare_input(single_input, workload, 1))
+            asyncio.run(phases.prepare_input(batch_input, workload, plan.batch))
 
-        say("baseline: plain aiokafka consumer, orjson + Decimal sums per (metric, subject, hour) ...")
-        base_single = asyncio.run(phases.baseline(single_input, plan.records, "baseline, single-record messages"))
-        base_batch = asyncio.run(phases.baseline(batch_input, plan.records, f"baseline, batches of {plan.batch}"))
-        results += [base_single, base_batch]
+        if "baselines" in plan.phases:
+            say("baseline: plain aiokafka consumer, orjson + Decimal sums per (metric, subject, hour) ...")
+            base_single = asyncio.run(phases.baseline(single_input, plan.records, "baseline, single-record messages"))
+            base_batch = asyncio.run(phases.baseline(batch_input, plan.records, f"baseline, batches of {plan.batch}"))
+            results += [base_single, base_batch]
+            baselines |= {"single": base_single.rate, "batch": base_batch.rate}
 
-        one = workers("worker ×1, single-record messages", "single", "w1-single", 1, plan.records, expected)
-        workers(f"worker ×1, batches of {plan.batch}", "batch", "w1-batch", 1, plan.records, expected)
-        workers("worker ×2, single-record messages", "single", "w2-single", 2, plan.records, expected)
+        if "workers" in plan.phases:
+            one = workers("worker ×1, single-record messages", "single", "w1-single", 1, plan.records, expected)
+            workers(f"worker ×1, batches of {plan.batch}", "batch", "w1-batch", 1, plan.records, expected)
+            workers("worker ×2, single-record messages", "single", "w2-single", 2, plan.records, expected)
 
-        memory = Workload(plan.memory_keys, plan.memory_keys // 5, workload.start, seed=2, spread_hours=0)
-        say(f"memory: {plan.memory_keys:,} active (metric, subject) keys ...")
-        memory_settings = scoped("memory", "memory")
-        asyncio.run(phases.prepare_input(memory_settings, memory, plan.batch))
-        workers(f"worker ×1, {plan.memory_keys:,} active keys", "memory", "memory", 1, plan.memory_keys, None)
+        if "dimensions" in plan.phases:
+            dims = DimensionWorkload.recent(plan.records, plan.dimension_subjects, plan.dimension_users)
+            say(f"dimensions: publishing {plan.records:,} single-record messages ({plan.dimension_subjects:,} subjects; "
+                f"tokens SUM of $.metadata.tokens by model × region, 10 × 10; active users UNIQUE_COUNT of "
+                f"{plan.dimension_users:,} users) ...")
+            dims_input = scoped("dims", "input-dims")
+            dims_expected = asyncio.run(phases.prepare_input(dims_input, dims, 1))
+            base_dims = asyncio.run(phases.baseline(dims_input, plan.records, DIMENSIONS_BASELINE))
+            results.append(base_dims)
+            baselines["dimensions"] = base_dims.rate
+            workers(DIMENSIONS_PHASE, "dims", "w1-dims", 1, plan.records, dims_expected)
 
-        rate = max(1000.0, one.rate * 0.5)
-        say(f"alert latency and freshness: {rate:,.0f} records/s for {plan.latency_seconds:.0f} s ...")
-        results.append(asyncio.run(phases.alert_latency(scoped("latency", "latency"), rate, plan.latency_seconds,
-                                                        plan.latency_subjects, log_dir)))
+        if "state" in plan.phases:
+            say("state per distinct value and per dimension combination (in this process, tracemalloc) ...")
+            state = state_costs()
+
+        if "memory" in plan.phases:
+            memory = Workload(plan.memory_keys, plan.memory_keys // 5, workload.start, seed=2, spread_hours=0)
+            say(f"memory: {plan.memory_keys:,} active (metric, subject) keys ...")
+            memory_settings = scoped("memory", "memory")
+            asyncio.run(phases.prepare_input(memory_settings, memory, plan.batch))
+            workers(f"worker ×1, {plan.memory_keys:,} active keys", "memory", "memory", 1, plan.memory_keys, None)
+
+        if "latency" in plan.phases:
+            rate = max(1000.0, one.rate * 0.5) if one is not None else 1000.0
+            say(f"alert latency and freshness: {rate:,.0f} records/s for {plan.latency_seconds:.0f} s ...")
+            results.append(asyncio.run(phases.alert_latency(scoped("latency", "latency"), rate, plan.latency_seconds,
+                                                            plan.latency_subjects, log_dir)))
     finally:
         _drop(settings, databases)
         asyncio.run(_delete_topics(settings, f"{run_id}-"))
 
-    return report(results, mismatches, base_single, base_batch)
+    return report(results, mismatches, baselines, state)
 
 
-def report(results: list[Result], mismatches: dict[str, int], base_single: Result, base_batch: Result) -> dict:
+def report(results: list[Result], mismatches: dict[str, int], baselines: dict[str, float],
+           state: dict[str, dict[str, float]] | None = None) -> dict:
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "results": [asdict(r) | {"records_per_s": r.rate} for r in results],
         "total_mismatches": mismatches,
-        "baselines": {"single": base_single.rate, "batch": base_batch.rate},
+        "baselines": baselines,
+        "state_bytes": state or {},
     }
+
+
+def _verdict(mismatches: int) -> str:
+    return "exact" if mismatches == 0 else f"{mismatches} wrong"
+
+
+def _baseline_of(phase: str, baselines: dict[str, float]) -> float | None:
+    if "dimensions" in phase:
+        return baselines.get("dimensions")
+    return baselines.get("batch") if "batch" in phase else baselines.get("single")
 
 
 def render(summary: dict) -> str:
@@ -110,12 +160,11 @@ def render(summary: dict) -> str:
     for r in summary["results"]:
         if "latency" in r["phase"]:
             continue
-        baseline = base["batch"] if "batch" in r["phase"] else base["single"]
+        baseline = _baseline_of(r["phase"], base)
         rows.append((r["phase"], f"{r['records']:,}", f"{r['seconds']:.1f}", f"{r['records_per_s']:,.0f}",
                      f"{r['records_per_s'] / baseline:.2f}" if baseline else "", f"{r['cpu_seconds']:.1f}",
                      "" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:,.0f}",
-                     "" if r["phase"] not in summary["total_mismatches"] else
-                     ("exact" if summary["total_mismatches"][r["phase"]] == 0 else f"{summary['total_mismatches'][r['phase']]} wrong")))
+                     "" if r["phase"] not in summary["total_mismatches"] else _verdict(summary["total_mismatches"][r["phase"]])))
     table = tables.render(["phase", "records", "seconds", "records/s", "× baseline", "CPU s", "peak RSS MB", "totals"], rows)
     latency = next((r for r in summary["results"] if "latency" in r["phase"]), None)
     if latency:
@@ -123,6 +172,8 @@ def render(summary: dict) -> str:
         table += (f"\n\nalert latency at {e['rate']:,.0f} records/s: p50 {e['latency_p50_s'] * 1000:,.0f} ms, "
                   f"p99 {e['latency_p99_s'] * 1000:,.0f} ms ({e['alerts_received']} of {e['alerts_expected']} alerts); "
                   f"usage_summary freshness p50 {e['freshness_p50_s']:.2f} s, p99 {e['freshness_p99_s']:.2f} s")
+    if summary.get("state_bytes"):
+        table += "\n\n" + render_state_costs(summary["state_bytes"])
     table += f"\n{summary['machine']['cores']} cores, Python {summary['machine']['python']}, {summary['date']}"
     return table
 

@@ -9,6 +9,7 @@ from typing import NamedTuple
 import click
 from pydantic import TypeAdapter, ValidationError
 
+from metering_dev.bench.runner import PHASES
 from metering_dev.settings import StackSettings
 from metering_pipeline.settings import Settings, seconds_or_iso_duration
 
@@ -32,9 +33,12 @@ from metering_pipeline.settings import Settings, seconds_or_iso_duration
                    "(µs of CPU per record per step); --records sets how many [default: 200,000].")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
               help="With --hot-path: records per usage.recorded message.")
+@click.option("--phase", "phase_names", multiple=True, type=click.Choice(PHASES),
+              help="Run only these phases (repeatable). [default: all, in order]")
 @click.pass_context
 def bench(ctx: click.Context, quick: bool, records: int | None, output: Path, soak: bool, soak_minutes: float,
-          soak_rate: float | None, soak_dedup_window: str | None, hot_path: bool, batch: int) -> None:
+          soak_rate: float | None, soak_dedup_window: str | None, hot_path: bool, batch: int,
+          phase_names: tuple[str, ...]) -> None:
     """Publish a workload, then measure the baseline consumer and the worker side by side on the local stack."""
     if hot_path:
         _hot_path(records, batch)
@@ -57,6 +61,8 @@ def bench(ctx: click.Context, quick: bool, records: int | None, output: Path, so
     plan = Plan.quick() if quick else Plan()
     if records:
         plan = Plan(**{**plan.__dict__, "records": records})
+    if phase_names:
+        plan = Plan(**{**plan.__dict__, "phases": tuple(name for name in PHASES if name in phase_names)})
     summary = run(settings, plan, log_dir, lambda text: click.echo(text, err=True))
     write(summary, output)
     click.echo(render(summary))
@@ -91,7 +97,7 @@ def _soak(settings: Settings, args: SoakArgs, output: Path, log_dir: Path) -> No
 
 def _hot_path(records: int | None, batch: int) -> None:
     from metering_pipeline import tables
-    from metering_dev.bench.hot_path import HotPathPlan, run_hot_path
+    from metering_dev.bench.hot_path import HotPathPlan, render_state_costs, run_hot_path, state_costs
 
     plan = HotPathPlan(**({"records": records} if records else {}), batch=batch)
     click.echo(f"{plan.records:,} records, {plan.subjects:,} subjects, {batch} per message, a checkpoint every "
@@ -102,5 +108,6 @@ def _hot_path(records: int | None, batch: int) -> None:
     rows.append(("total", f"{total:.2f}", f"{total / plan.records * 1e6:.2f}"))
     click.echo(tables.render(["step", "CPU s", "µs per record"], rows))
     click.echo(f"monthly totals: {'exact' if mismatches == 0 else f'{mismatches} wrong'}")
+    click.echo(render_state_costs(state_costs()))
     if mismatches:
         raise click.ClickException("the rolled-up totals differ from the workload's")

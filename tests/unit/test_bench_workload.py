@@ -156,6 +156,6 @@ def test_the_report_compares_the_dimensions_phase_with_its_own_baseline() -> Non
 @pytest.mark.filterwarnings("ignore::ResourceWarning")
 def test_state_costs_are_positive_at_a_small_size() -> None:
     costs = state_costs((2_000,), 20)
-    assert 50 < costs["distinct_value@2000"]["bytes"] < 2_000
+    assert 50 < costs["distinct_value@2000"]["bytes"] < 5_000  # a set's table grows in steps: small sizes vary
     assert 100 < costs["dimension_combination"]["bytes"] < 5_000
     assert "bytes per distinct value" in render_state_costs(costs)

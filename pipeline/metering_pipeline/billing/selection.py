@@ -8,12 +8,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
-from metering_pipeline.usage.aggregation import Aggregate, plain
+from metering_pipeline.usage.aggregation import FROM_RECORDS, Aggregate, plain
 from metering_schemas import AggregationType, Price
 
-# Aggregations whose value over several hours (or over a subset of a metric's dimension rows) is not a merge of the
-# rows' (count, sum, min, max): distinct values are counted, and the latest value taken, over the usage records.
-FROM_RECORDS = frozenset({AggregationType.UNIQUE_COUNT, AggregationType.LATEST})
 _HOUR = timedelta(hours=1)
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 

@@ -21,6 +21,7 @@ _AVG = decimal.Context(prec=100, rounding=decimal.ROUND_HALF_EVEN)
 # The types computed from (count, sum, min, max): rows of them merge exactly (hours into a month, dimension rows into
 # a total). UNIQUE_COUNT and LATEST need their records' values (distinct strings; the latest time and id).
 MERGEABLE = (AggregationType.COUNT, AggregationType.SUM, AggregationType.AVG, AggregationType.MAX, AggregationType.MIN)
+FROM_RECORDS = frozenset({AggregationType.UNIQUE_COUNT, AggregationType.LATEST})  # over several rows: from the records
 
 
 @dataclass(slots=True)

@@ -100,6 +100,11 @@ class DecodedBatch:
 def decode_message(value: bytes) -> DecodedRecord | DecodedBatch | None:
     """A single-record message's record or a batch message's records; None when the whole message is for the model
     to read (invalid JSON, not an object, an unusual envelope, a single record not decided here)."""
+    if not value.isascii():  # msgspec does not check UTF-8 in what it skips (a duplicate key's value): jiter does
+        try:
+            value.decode()
+        except UnicodeDecodeError:
+            return None
     try:
         wire = _decode_wire(value)
     except (msgspec.DecodeError, RecursionError):  # ValidationError included; deep nesting too: the model's to judge

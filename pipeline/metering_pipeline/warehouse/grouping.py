@@ -17,7 +17,7 @@ from datetime import datetime
 from decimal import Decimal
 from urllib.parse import quote
 
-from metering_pipeline.usage.aggregation import Aggregate, plain, total
+from metering_pipeline.usage.aggregation import FROM_RECORDS, Aggregate, plain, total
 from metering_schemas import AggregationType, MetricDefinition
 from metering_schemas.metric import MAX_GROUP_BY
 
@@ -25,8 +25,6 @@ FILTER_PARAMETER = "filterGroupBy"  # OpenMeter's name: `filterGroupBy[model]=gp
 _DEEP_KEY = re.compile(r"^filterGroupBy\[([^\[\]]*)\]$")
 _NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")  # metering_schemas.metric.DimensionName
 MAX_VALUE_LENGTH = 1024  # metering_schemas.metric.DimensionValue
-# Not addable: a group of more than one row of these is computed from the records.
-FROM_RECORDS = frozenset({AggregationType.UNIQUE_COUNT, AggregationType.LATEST})
 
 
 class DimensionError(ValueError):

@@ -17,6 +17,7 @@ from decimal import Decimal
 
 import orjson
 
+from metering_pipeline.usage.aggregation import FROM_RECORDS
 from metering_pipeline.usage.dedup import RecordIdentity
 from metering_pipeline.usage.meter import Dimensions
 from metering_pipeline.usage.rollups import LIFETIME, WIRE_NAME, Rollup, RollupChange, RollupKey, ValuesRollup
@@ -26,7 +27,6 @@ from metering_schemas import AggregationType, PeriodType, ResetPeriod
 ROLLUP_PREFIX = b"r|"
 IDENTITIES_PREFIX = b"d|"
 MARKER_PREFIX = b"a|"  # threshold alert markers
-_KEEPING_VALUES = (AggregationType.UNIQUE_COUNT, AggregationType.LATEST)
 DISTINCT_PREFIX = b"u|"  # one entry per value of a UNIQUE_COUNT rollup: a checkpoint writes only the new ones
 _PRESENT = b"1"
 
@@ -91,7 +91,7 @@ def _rollup(fields: list) -> Rollup:
     if len(rest) == 4:  # a rollup that has had a LATEST record: its time, id and quantity
         latest_ms, latest_id, latest = rest[1:]
         return ValuesRollup(*state, set(), Decimal(latest), latest_ms, latest_id)
-    if state[0] in _KEEPING_VALUES:
+    if state[0] in FROM_RECORDS:  # a rollup of theirs keeps its records' values
         return ValuesRollup(*state)
     return Rollup(*state)
 

@@ -362,6 +362,7 @@ def test_cli_defines_metrics_that_read_the_payload_and_thresholds_on_a_dimension
 
 
 def test_dashboard_splits_a_metric_by_a_dimension_in_a_real_browser(api, tmp_path):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
@@ -384,8 +385,14 @@ def test_dashboard_splits_a_metric_by_a_dimension_in_a_real_browser(api, tmp_pat
                 for r in split.find_elements(By.CSS_SELECTOR, "tbody tr")}
         assert rows == {"gpt-4": "7", "mini": "2"}
         Select(split.find_element(By.TAG_NAME, "select")).select_by_value("region")
-        WebDriverWait(driver, 10).until(lambda d: split.get_attribute("data-dimension") == "region" and
-                                        {r.get_attribute("data-value") for r in split.find_elements(By.CSS_SELECTOR, "tbody tr")} == {"eu", "us"})
+
+        def split_by_region(d) -> bool:  # the split is drawn again: look it up afresh each time
+            found = d.find_element(By.CSS_SELECTOR, '.chart[data-metric="dim_sum"] .split')
+            return found.get_attribute("data-dimension") == "region" and {
+                r.get_attribute("data-value") for r in found.find_elements(By.CSS_SELECTOR, "tbody tr")} == {"eu", "us"}
+
+        WebDriverWait(driver, 10, ignored_exceptions=(StaleElementReferenceException,)).until(split_by_region)
+        split = driver.find_element(By.CSS_SELECTOR, '.chart[data-metric="dim_sum"] .split')
         by_region = {r.get_attribute("data-value"): r.find_element(By.CSS_SELECTOR, "td.total").text
                      for r in split.find_elements(By.CSS_SELECTOR, "tbody tr")}
         assert by_region == {"eu": "5", "us": "4"}

@@ -31,8 +31,11 @@ MAX_GROUP_BY = 10
 # `$.quantity`, or a path into the record's metadata: `$.metadata.model`, `$.metadata.usage.tokens`.
 RecordPath = Annotated[str, Field(pattern=r"^\$\.(quantity|metadata(\.[^.\s]+)+)$", max_length=512)]
 MetadataPath = Annotated[str, Field(pattern=r"^\$\.metadata(\.[^.\s]+)+$", max_length=512)]
-DimensionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]+$", min_length=1, max_length=64)]
-DimensionValue = Annotated[str, Field(max_length=1024)]
+DIMENSION_NAME_PATTERN = r"^[A-Za-z0-9_.:-]+$"
+MAX_DIMENSION_NAME = 64  # characters
+MAX_DIMENSION_VALUE = 1024  # characters
+DimensionName = Annotated[str, Field(pattern=DIMENSION_NAME_PATTERN, min_length=1, max_length=MAX_DIMENSION_NAME)]
+DimensionValue = Annotated[str, Field(max_length=MAX_DIMENSION_VALUE)]
 
 
 class MetricDefinition(WireModel):

@@ -217,20 +217,19 @@ def _settle(message: Message, index: int | None, record: UsageRecord | DecodedRe
         return metadata
     dedup_id = record.id if record.id is not None else _position(message, index)
     quantity = record.quantity if isinstance(record, DecodedRecord) else str(record.quantity)
+    dimensions, distinct = TOTAL, None
     reader = catalog.readers.get(metric.id)
-    if reader is None:  # the metric reads only `quantity`
-        return AcceptedRecord(record.subject_type, record.subject_id, dedup_id, record.metric_key, metric.id,
-                              metric.aggregation_type, quantity, (timestamp - EPOCH) // _MILLISECOND, metadata,
-                              metric.reset_period is _NEVER)
-    try:
-        reading = reader.read(quantity, record.metadata)
-    except UnreadableRecord as error:
-        return Refusal(RejectReason.INVALID_RECORD, str(error))
-    if reading is None:
-        return FILTERED
+    if reader is not None:  # the metric reads more than `quantity`
+        try:
+            reading = reader.read(quantity, record.metadata)
+        except UnreadableRecord as error:
+            return Refusal(RejectReason.INVALID_RECORD, str(error))
+        if reading is None:
+            return FILTERED
+        quantity, dimensions, distinct = reading
     return AcceptedRecord(record.subject_type, record.subject_id, dedup_id, record.metric_key, metric.id,
-                          metric.aggregation_type, reading.quantity, (timestamp - EPOCH) // _MILLISECOND, metadata,
-                          metric.reset_period is _NEVER, reading.dimensions, reading.distinct)
+                          metric.aggregation_type, quantity, (timestamp - EPOCH) // _MILLISECOND, metadata,
+                          metric.reset_period is _NEVER, dimensions, distinct)
 
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import decimal
 from sys import intern
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -256,21 +256,24 @@ class PartitionRollups:
                 subject_type, subject_id = intern(record.subject_type), intern(record.subject_id)
                 identity = (subject_type, subject_id, record.record_id)
                 # Records that read the payload (dimensions, distinct values, latest values) take the longer way.
-                payload = record.dimensions or record.distinct is not None or record.aggregation is _LATEST
-                if payload and identity not in dedup:  # a duplicate is dropped as one, whatever it carries
-                    refusal = self._over_limit(record, intern(record.metric_key), subject_type, subject_id, hour)
-                    if refusal is not None:
-                        self._limited.append((offset, record, refusal))
-                        continue
+                metric_key = intern(record.metric_key)
+                rows = None
+                if record.dimensions or record.distinct is not None or record.aggregation is _LATEST:
+                    rows = self._rows_of(record, metric_key, subject_type, subject_id, hour)
+                    if identity not in dedup:  # a duplicate is dropped as one, whatever it carries
+                        refusal = self._over_limit(record, rows)
+                        if refusal is not None:
+                            self._limited.append((offset, record, refusal))
+                            continue
                 if not admit(identity):
                     duplicates += 1
                     continue
                 counted += 1
                 keep_record(record)
                 keep_identity((identity, seen_at))
-                quantity, metric_key, metric_id = record.quantity, intern(record.metric_key), intern(record.metric_id)
-                if payload:
-                    self._fold_payload(record, metric_key, metric_id, subject_type, subject_id, hour, offset, changed)
+                quantity, metric_id = record.quantity, intern(record.metric_id)
+                if rows is not None:
+                    self._fold_payload(record, rows, metric_id, offset, changed)
                     continue
                 for period, start in _periods_of_hour(hour) if record.all_time else starts_of_hour(hour):
                     key = (metric_key, subject_type, subject_id, period, start, TOTAL)
@@ -296,44 +299,43 @@ class PartitionRollups:
         return counted, duplicates
 
     def _rows_of(self, record: CountedRecord, metric_key: str, subject_type: str, subject_id: str,
-                 hour: int) -> Iterator[tuple[RollupKey, RollupKey]]:
+                 hour: int) -> list[tuple[RollupKey, RollupKey]]:
         """(row key, its total row's key) of every rollup a record counts in: per period, the total row and, for a
-        grouped metric, its combination's row."""
+        grouped metric, its combination's row. Made once per record: the bounds are checked on them, then folded."""
         dimensions = record.dimensions
+        rows = []
         if dimensions:
             dimensions = self._dimensions.setdefault(dimensions, dimensions)
         for period, start in _periods_of_hour(hour) if record.all_time else starts_of_hour(hour):
             total_key = (metric_key, subject_type, subject_id, period, start, TOTAL)
-            yield total_key, total_key
+            rows.append((total_key, total_key))
             if dimensions:
-                yield (metric_key, subject_type, subject_id, period, start, dimensions), total_key
+                rows.append(((metric_key, subject_type, subject_id, period, start, dimensions), total_key))
+        return rows
 
-    def _over_limit(self, record: CountedRecord, metric_key: str, subject_type: str, subject_id: str,
-                    hour: int) -> str | None:
+    def _over_limit(self, record: CountedRecord, rows: list[tuple[RollupKey, RollupKey]]) -> str | None:
         """Why counting the record would pass a cardinality bound, checked before anything changes."""
         rollups, limits, distinct = self.rollups, self.limits, record.distinct
-        for key, total_key in self._rows_of(record, metric_key, subject_type, subject_id, hour):
+        for key, total_key in rows:
             rollup = rollups.get(key)
             if rollup is None and key is not total_key and self._combinations.get(total_key, 0) >= limits.combinations:
-                return (f"{metric_key} already has {limits.combinations} dimension combinations for "
-                        f"{subject_type}:{subject_id} in the {WIRE_NAME[key[3]]} period from {key[4].isoformat()} "
-                        f"(METERING_MAX_DIMENSION_COMBINATIONS)")
+                return (f"{key[0]} already has {limits.combinations} dimension combinations for {key[1]}:{key[2]} in "
+                        f"the {WIRE_NAME[key[3]]} period from {key[4].isoformat()} (METERING_MAX_DIMENSION_COMBINATIONS)")
             if (distinct is not None and isinstance(rollup, ValuesRollup) and distinct not in rollup.values
                     and len(rollup.values) >= limits.distinct_values):
-                return (f"{metric_key} already counts {limits.distinct_values} distinct values for "
-                        f"{subject_type}:{subject_id} in the {WIRE_NAME[key[3]]} period from {key[4].isoformat()} "
-                        f"(METERING_MAX_DISTINCT_VALUES)")
+                return (f"{key[0]} already counts {limits.distinct_values} distinct values for {key[1]}:{key[2]} in "
+                        f"the {WIRE_NAME[key[3]]} period from {key[4].isoformat()} (METERING_MAX_DISTINCT_VALUES)")
         return None
 
-    def _fold_payload(self, record: CountedRecord, metric_key: str, metric_id: str, subject_type: str, subject_id: str,
-                      hour: int, offset: int, changed: dict[RollupKey, Rollup]) -> None:
+    def _fold_payload(self, record: CountedRecord, rows: list[tuple[RollupKey, RollupKey]], metric_id: str, offset: int,
+                      changed: dict[RollupKey, Rollup]) -> None:
         """`apply` for a record of a grouped, UNIQUE_COUNT or LATEST metric (under the exact context)."""
         quantity, aggregation = record.quantity, record.aggregation
         distinct = None if record.distinct is None else intern(record.distinct)
         latest = aggregation is _LATEST
         kind = ValuesRollup if latest or aggregation is _UNIQUE else Rollup
         rollups = self.rollups
-        for key, total_key in self._rows_of(record, metric_key, subject_type, subject_id, hour):
+        for key, total_key in rows:
             rollup = rollups.get(key)
             if rollup is None:
                 rollup = rollups[key] = kind(aggregation, 1, quantity, quantity, quantity, offset, metric_id)

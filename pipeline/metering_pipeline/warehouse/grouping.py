@@ -19,12 +19,16 @@ from urllib.parse import quote
 
 from metering_pipeline.usage.aggregation import FROM_RECORDS, Aggregate, plain, total
 from metering_schemas import AggregationType, MetricDefinition
-from metering_schemas.metric import MAX_GROUP_BY
+from metering_schemas.metric import DIMENSION_NAME_PATTERN, MAX_DIMENSION_NAME, MAX_DIMENSION_VALUE, MAX_GROUP_BY
 
 FILTER_PARAMETER = "filterGroupBy"  # OpenMeter's name: `filterGroupBy[model]=gpt-4`
 _DEEP_KEY = re.compile(r"^filterGroupBy\[([^\[\]]*)\]$")
-_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")  # metering_schemas.metric.DimensionName
-MAX_VALUE_LENGTH = 1024  # metering_schemas.metric.DimensionValue
+_NAME_CHARACTERS = re.compile(DIMENSION_NAME_PATTERN)
+
+
+def _is_name(text: str) -> bool:
+    """What a metric's groupBy names can be (metering_schemas' DimensionName)."""
+    return len(text) <= MAX_DIMENSION_NAME and _NAME_CHARACTERS.match(text) is not None
 
 
 class DimensionError(ValueError):
@@ -89,7 +93,7 @@ def check_names(group_by: Iterable[str]) -> None:
     """Shape of groupBy names (what a metric's groupBy may hold), before any metric is looked up."""
     names = list(group_by)
     for name in names:
-        if not _NAME.match(name):
+        if not _is_name(name):
             raise DimensionError("groupBy", f"{name!r} is not a dimension name (letters, digits, _ . : -; 1 to 64)")
     if len(set(names)) > MAX_GROUP_BY:
         raise DimensionError("groupBy", f"at most {MAX_GROUP_BY} dimensions")
@@ -118,11 +122,11 @@ def filters_from_query(items: Iterable[tuple[str, str]]) -> dict[str, str]:
         if not key.startswith(FILTER_PARAMETER):
             continue
         match = _DEEP_KEY.match(key)
-        if match is None or not _NAME.match(match.group(1)):
+        if match is None or not _is_name(match.group(1)):
             raise DimensionError(key, f"expected {FILTER_PARAMETER}[<dimension>]=<value>, e.g. {FILTER_PARAMETER}[model]=gpt-4")
         name = match.group(1)
-        if len(value) > MAX_VALUE_LENGTH:
-            raise DimensionError(key, f"a dimension value has at most {MAX_VALUE_LENGTH} characters")
+        if len(value) > MAX_DIMENSION_VALUE:
+            raise DimensionError(key, f"a dimension value has at most {MAX_DIMENSION_VALUE} characters")
         if found.get(name, value) != value:
             raise DimensionError(key, f"one value per dimension ({name!r} is given twice)")
         found[name] = value
@@ -134,7 +138,7 @@ def pairs_from_options(items: Iterable[str], option: str) -> dict[str, str]:
     found: dict[str, str] = {}
     for item in items:
         name, sep, value = item.partition("=")
-        if not sep or not _NAME.match(name):
+        if not sep or not _is_name(name):
             raise DimensionError(option, f"expected NAME=VALUE, e.g. model=gpt-4 (got {item!r})")
         if found.get(name, value) != value:
             raise DimensionError(option, f"one value per dimension ({name!r} is given twice)")

@@ -9,10 +9,11 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 from pathlib import Path
 
@@ -212,3 +213,14 @@ def headless_chromium(profile: Path) -> Iterator[Any]:
         yield driver
     finally:
         driver.quit()
+
+
+def summary_rows(settings, metric_keys: Sequence[str]) -> dict[tuple, tuple[Decimal, int]]:
+    """These metrics' usage_summary: (metric, subject id, period, start, sorted dimension pairs) -> (total, count)."""
+    from metering_pipeline.warehouse.client import connect
+
+    with connect(settings) as client:
+        rows = client.query("SELECT metric_key, subject_id, period_type, period_start, dimensions, total_quantity, "
+                            "record_count FROM usage_summary WHERE metric_key IN {keys:Array(String)}",
+                            parameters={"keys": list(metric_keys)}).result_rows
+    return {(m, s, p, start, tuple(sorted(d.items()))): (Decimal(total), count) for m, s, p, start, d, total, count in rows}

@@ -13,7 +13,7 @@ from decimal import Decimal
 
 import orjson
 import pytest
-from support import define, metric, publish, read_json, set_thresholds, threshold
+from support import define, metric, publish, read_json, set_thresholds, summary_rows, threshold
 
 from metering_dev.bench.soak_summary import counter
 from metering_pipeline.topics import Topics
@@ -79,18 +79,11 @@ def expected_summary(records: list[dict]) -> dict[tuple, tuple[Decimal, int]]:
     return expected
 
 
-def summary(settings) -> dict[tuple, tuple[Decimal, int]]:
-    with connect(settings) as client:
-        rows = client.query("SELECT metric_key, subject_id, period_type, period_start, dimensions, total_quantity, "
-                            "record_count FROM usage_summary").result_rows
-    return {(m, s, p, start, tuple(sorted(d.items()))): (Decimal(total), count) for m, s, p, start, d, total, count in rows}
-
-
 def wait_for(settings, expected: dict, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     actual: dict = {}
     while time.monotonic() < deadline:
-        actual = summary(settings)
+        actual = summary_rows(settings, list(GROUPS))
         if actual == expected:
             return
         time.sleep(0.5)
@@ -157,7 +150,7 @@ def test_sigkill_mid_stream_loses_and_doubles_no_distinct_value_latest_value_or_
     first, second = records[:900], records[900:]
     asyncio.run(publish(settings, _messages(first)))
     deadline = time.monotonic() + 60
-    while sum(count for (_, _, period, _, dims), (_, count) in summary(settings).items()
+    while sum(count for (_, _, period, _, dims), (_, count) in summary_rows(settings, list(GROUPS)).items()
               if period == "MONTHLY" and not dims) < 300:
         assert time.monotonic() < deadline, worker.log_tail()
         time.sleep(0.2)

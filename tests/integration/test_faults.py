@@ -19,7 +19,7 @@ from decimal import Decimal
 import orjson
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
-from support import (define, metric, publish, read_json, running_api, set_thresholds, threshold,
+from support import (define, metric, publish, read_json, running_api, set_thresholds, summary_rows, threshold,
                      usage)
 
 from metering_dev.bench.measure import rss_bytes
@@ -297,13 +297,6 @@ def _payload_expected(records: list[dict]) -> dict[tuple, tuple[Decimal, int]]:
     return expected
 
 
-def _payload_summary(settings) -> dict[tuple, tuple[Decimal, int]]:
-    with connect(settings) as client:
-        rows = client.query("SELECT metric_key, subject_id, period_type, period_start, dimensions, total_quantity, "
-                            "record_count FROM usage_summary WHERE metric_key != 'tokens'").result_rows
-    return {(m, s, p, start, tuple(sorted(d.items()))): (Decimal(total), count) for m, s, p, start, d, total, count in rows}
-
-
 def test_a_rebalance_storm_under_steady_load_loses_and_doubles_nothing(pipeline):
     settings, new_worker = pipeline
     asyncio.run(define(settings, metric("tokens", "SUM"), *PAYLOAD_METRICS))
@@ -349,7 +342,7 @@ def test_a_rebalance_storm_under_steady_load_loses_and_doubles_nothing(pipeline)
     time.sleep(2)
     assert _totals(settings) == (sent, Decimal("0.1") * sent, sent)
     expected, deadline = _payload_expected(payload), time.monotonic() + 60
-    while (actual := _payload_summary(settings)) != expected:  # their rollups are written with the last checkpoints
+    while (actual := summary_rows(settings, list(GROUPS))) != expected:  # their rollups are written with the last checkpoints
         if time.monotonic() > deadline:
             wrong = {k: (v, actual.get(k)) for k, v in expected.items() if actual.get(k) != v}
             extra = [k for k in actual if k not in expected]

@@ -1,8 +1,10 @@
 """Retry with capped exponential backoff, for writes that must eventually succeed (ClickHouse sinks).
 
-Only transient failures are retried (by default `warehouse.errors.is_transient`): anything else is
-a bug or a permanent server error that no amount of waiting fixes, so it is raised at once and
-stops the caller instead of looping while the worker looks healthy.
+Only failures the caller's `transient` rule accepts are retried (ClickHouse writers pass
+`warehouse.errors.is_transient`, an e-mail sender `any_error`): anything else is a bug or a permanent
+error that no amount of waiting fixes, so it is raised at once and stops the caller instead of
+looping while the worker looks healthy. The rule belongs to whoever knows the failures, so this
+module depends on none of them.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from metering_pipeline.logs import get_logger
-from metering_pipeline.warehouse.errors import is_transient
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -53,8 +54,8 @@ class RetriesExhausted(Exception):
         self.error = error
 
 
-async def until_success(action: Callable[[], Awaitable[T]], what: str, first_delay: float = 0.2, max_delay: float = 15.0,
-                        max_attempts: int | None = None, transient: Callable[[BaseException], bool] = is_transient,
+async def until_success(action: Callable[[], Awaitable[T]], what: str, *, transient: Callable[[BaseException], bool],
+                        first_delay: float = 0.2, max_delay: float = 15.0, max_attempts: int | None = None,
                         streak: FailingStreak | None = None) -> T:
     """Keep trying while failures are `transient`: the caller blocks (and so stops consuming) instead of
     dropping or buffering without bound. Any other failure is raised at once, noted with `what`.

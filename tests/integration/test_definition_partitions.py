@@ -22,8 +22,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewPartitions
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from support import create_topics, metric, publish, read_json, running_api, settings_env, threshold, usage
 
-from metering_pipeline.billing.settlement import processed_through
 from metering_pipeline.definitions import DefinitionWriter, followed, read_all
+from metering_pipeline.invoicing.settlement import processed_through
 from metering_pipeline.settings import Settings
 from metering_pipeline.topics import Topics, ensure_topics, partitions_of, public_topics
 from metering_pipeline.warehouse.client import connect

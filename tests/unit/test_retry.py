@@ -83,7 +83,7 @@ class _Flaky:
 def test_a_permanent_error_is_raised_at_once_with_what_was_being_done():
     action = _Flaky(_server_error(60, "UNKNOWN_TABLE", 404))
     with pytest.raises(DatabaseError) as raised:
-        asyncio.run(until_success(action, "write usage_records", first_delay=0.01))
+        asyncio.run(until_success(action, "write usage_records", transient=is_transient, first_delay=0.01))
     assert action.calls == 1
     assert raised.value.code == 60
     assert any("write usage_records" in note for note in raised.value.__notes__)
@@ -98,7 +98,8 @@ def test_transient_errors_are_retried_and_the_streak_says_since_when_until_a_suc
         async def watched() -> str:
             observed.append(streak.since)
             return await action()
-        return await until_success(watched, "write usage_rollups", first_delay=0.01, streak=streak)
+        return await until_success(watched, "write usage_rollups", transient=is_transient, first_delay=0.01,
+                                   streak=streak)
 
     assert asyncio.run(scenario()) == "written"
     assert action.calls == 3
@@ -110,14 +111,14 @@ def test_transient_errors_are_retried_and_the_streak_says_since_when_until_a_suc
 def test_a_transient_error_after_a_permanent_one_is_never_reached():
     action = _Flaky(TypeError("bug"), ConnectionRefusedError())
     with pytest.raises(TypeError):
-        asyncio.run(until_success(action, "write threshold_events", first_delay=0.01))
+        asyncio.run(until_success(action, "write threshold_events", transient=is_transient, first_delay=0.01))
     assert action.calls == 1
 
 
 def test_with_any_error_every_failure_gets_its_attempts_then_gives_up():
     action = _Flaky(RuntimeError("550 mailbox full"), RuntimeError("550 mailbox full"), RuntimeError("550"))
     with pytest.raises(RetriesExhausted) as gave_up:
-        asyncio.run(until_success(action, "e-mail", first_delay=0.01, max_attempts=2, transient=any_error))
+        asyncio.run(until_success(action, "e-mail", transient=any_error, first_delay=0.01, max_attempts=2))
     assert action.calls == 2 and gave_up.value.attempts == 2
 
 

@@ -14,10 +14,10 @@ from metering_pipeline.api.context import ApiContext
 from metering_pipeline.api.decimal_json import DecimalJSONRoute
 from metering_pipeline.api.errors import ERROR_RESPONSES, ApiError
 from metering_pipeline.api.security import Caller, reader
+from metering_pipeline.invoicing.quantities import billed_quantities
 from metering_pipeline.usage.aggregation import plain
 from metering_pipeline.usage.periods import period_bounds
 from metering_pipeline.usage.thresholds import LimitStatus, SubjectStatus, limit_state
-from metering_pipeline.warehouse.invoices import billed_quantities
 from metering_pipeline.warehouse.queries import exceeded_alerts, recent_alerts, subjects_with_usage
 from metering_schemas import ThresholdAction, UsageThreshold
 from metering_schemas._base import WireModel

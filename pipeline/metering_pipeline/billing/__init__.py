@@ -1,6 +1,4 @@
-"""Billing: plans and prices turned into invoice previews from the same rollups reporting uses.
-
-`pricing`, `invoice` and `selection` (which usage a price bills, and from which source) are pure;
-`warehouse.invoices` reads the billed quantities from ClickHouse and `settlement` asks Kafka whether
-the pipeline has processed everything that can still land in a period.
+"""Billing's rules, pure (no I/O) so they are tested without a broker or ClickHouse: `pricing` (pricing models,
+rounding), `invoice` (segments, proration, status) and `selection` (which usage a price bills, and how it is
+measured). `invoicing` applies them to the usage ClickHouse holds.
 """

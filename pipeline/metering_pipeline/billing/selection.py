@@ -1,5 +1,5 @@
 """The usage one price bills: its metric, optionally narrowed to dimension values, and how that usage is measured
-exactly for each aggregation type. Pure: `warehouse.invoices` runs the queries, this decides what they mean."""
+exactly for each aggregation type. Pure: `invoicing.quantities` has the queries run, this decides what they mean."""
 
 from __future__ import annotations
 

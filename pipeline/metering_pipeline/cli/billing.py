@@ -204,7 +204,7 @@ def list_subscriptions(settings: Settings, subject: str | None) -> None:
 def invoice(settings: Settings, subject: str, period: str, as_json: bool) -> None:
     """Invoice preview of SUBJECT (TYPE:ID) for a billing month, from usage_summary's rollups."""
     from metering_pipeline.billing.invoice import BillingError
-    from metering_pipeline.billing.preview import invoice_for
+    from metering_pipeline.invoicing.preview import invoice_for
     from metering_pipeline.warehouse.client import connect
 
     subject_type, subject_id = parse_subject(subject)

@@ -1,5 +1,6 @@
-"""Billing reads and writes in ClickHouse: the billed quantities of a subject over part of a period,
-and FINAL invoices, stored so that a closed period reads the same forever after."""
+"""Billing's reads and writes in ClickHouse: the merged rollups and the usage records behind a subject's bill over
+part of a period, and FINAL invoices, stored so that a closed period reads the same forever after. Rows only: what
+they bill is for the pure `billing` rules to say, so that this package never depends on them."""
 
 from __future__ import annotations
 
@@ -9,8 +10,6 @@ from decimal import Decimal
 
 from clickhouse_connect.driver.client import Client
 
-from metering_pipeline.billing.selection import FROM_RECORDS, RollupRow, Selection, aggregation_of, hour_ceiling, quantity
-from metering_pipeline.usage.aggregation import plain
 from metering_pipeline.warehouse.queries import naive_utc
 from metering_schemas import AggregationType, Invoice
 
@@ -39,50 +38,32 @@ WHERE subject_type = {subject_type:String} AND subject_id = {subject_id:String} 
        AND arrayAll((name, value) -> dimensions[name] = value, {names:Array(String)}, {values:Array(String)})))
 """
 
-
-def priced_quantities(client: Client, subject_type: str, subject_id: str, start: datetime, end: datetime,
-                      selections: Sequence[Selection]) -> dict[Selection, Decimal]:
-    """Each selection's quantity (by its metric's aggregation type) over the hours that start in [start, end)."""
-    if not selections:
-        return {}
-    grouped = sorted({s.metric_key for s in selections if s.dimensions})
-    rows = _rollup_rows(client, subject_type, subject_id, start, end, sorted({s.metric_key for s in selections}), grouped)
-    return {selection: _quantity(client, rows, selection, subject_type, subject_id, start, end)
-            for selection in dict.fromkeys(selections)}
+# metric key, dimensions ({}: the total row), the latest hour's aggregation type, record count, sum, min, max
+MergedRollup = tuple[str, dict[str, str], AggregationType, int, Decimal, Decimal | None, Decimal | None]
 
 
-def billed_quantities(client: Client, subject_type: str, subject_id: str, start: datetime,
-                      end: datetime) -> dict[str, Decimal]:
-    """Each metric's total (by its aggregation type) over the hours that start in [start, end)."""
-    rows = _rollup_rows(client, subject_type, subject_id, start, end, None, [])
-    return {row.metric_key: _quantity(client, rows, Selection.total(row.metric_key), subject_type, subject_id, start, end)
-            for row in rows}
-
-
-def _rollup_rows(client: Client, subject_type: str, subject_id: str, start: datetime, end: datetime,
-                 metrics: list[str] | None, grouped: list[str]) -> list[RollupRow]:
-    """The metrics' total rows (`metrics` None: every metric's), and the `grouped` metrics' dimension rows too."""
+def merged_rollups(client: Client, subject_type: str, subject_id: str, start: datetime, end: datetime,
+                   metrics: list[str] | None, grouped: list[str]) -> list[MergedRollup]:
+    """The metrics' total rows (`metrics` None: every metric's), and the `grouped` metrics' dimension rows too, each
+    merged over the hours that start in [start, end)."""
     result = client.query(_ROLLUPS_SQL, parameters={
         "subject_type": subject_type, "subject_id": subject_id, "start": naive_utc(start), "end": naive_utc(end),
         "every_metric": int(metrics is None), "metrics": metrics or [], "grouped": grouped,
     }).result_rows
-    return [RollupRow(metric, dict(dimensions), AggregationType(aggregation), int(count), total, low, high)
+    return [(metric, dict(dimensions), AggregationType(aggregation), int(count), total, low, high)
             for metric, dimensions, aggregation, count, total, low, high in result]
 
 
-def _quantity(client: Client, rows: list[RollupRow], selection: Selection, subject_type: str, subject_id: str,
-              start: datetime, end: datetime) -> Decimal:
-    aggregation = aggregation_of(rows, selection.metric_key)
-    if aggregation not in FROM_RECORDS:
-        return quantity(rows, selection)
-    names, values = [n for n, _ in selection.dimensions], [v for _, v in selection.dimensions]
+def distinct_and_latest(client: Client, subject_type: str, subject_id: str, metric_key: str, start: datetime,
+                        end: datetime, dimensions: Sequence[tuple[str, str]]) -> tuple[int, Decimal, int]:
+    """Over the metric's usage records with timestamp in [start, end) and these dimension values (none: all of
+    them): the number of distinct values, the latest quantity (meaningless without records) and the record count."""
+    names, values = [n for n, _ in dimensions], [v for _, v in dimensions]
     distinct, latest, count = client.query(_RECORDS_SQL, parameters={
-        "subject_type": subject_type, "subject_id": subject_id, "metric_key": selection.metric_key,
-        "start": naive_utc(hour_ceiling(start)), "end": naive_utc(hour_ceiling(end)), "names": names, "values": values,
+        "subject_type": subject_type, "subject_id": subject_id, "metric_key": metric_key,
+        "start": naive_utc(start), "end": naive_utc(end), "names": names, "values": values,
     }).result_rows[0]
-    if aggregation is AggregationType.UNIQUE_COUNT:
-        return Decimal(int(distinct))
-    return plain(latest) if count else Decimal(0)
+    return int(distinct), latest, int(count)
 
 
 def stored_invoice(client: Client, subject_type: str, subject_id: str, period: str) -> Invoice | None:

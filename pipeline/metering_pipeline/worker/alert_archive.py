@@ -18,6 +18,7 @@ from metering_pipeline.logs import get_logger
 from metering_pipeline.retry import FailingStreak, until_success
 from metering_pipeline.settings import Settings
 from metering_pipeline.topics import Topics
+from metering_pipeline.warehouse.errors import is_transient
 from metering_pipeline.warehouse.sink import ClickHouseSink
 
 log = get_logger(__name__)
@@ -47,7 +48,7 @@ class AlertArchive:
                           if (event := _event(message)) is not None]
                 if events:
                     await until_success(lambda: self.sink.write_alerts(events), "write threshold_events",
-                                        streak=self.failing)
+                                        transient=is_transient, streak=self.failing)
                 if batches:
                     try:
                         await self.consumer.commit()

@@ -14,6 +14,7 @@ from aiokafka import AIOKafkaProducer
 
 from metering_pipeline.definitions import parse_entry
 from metering_pipeline.retry import until_success
+from metering_pipeline.warehouse.errors import is_transient
 from metering_pipeline.warehouse.mirrors import D, Mirror
 from metering_pipeline.warehouse.sink import ClickHouseSink
 from metering_schemas import MetricDefined, MetricDefinition
@@ -34,7 +35,7 @@ class DefinitionMirror(Generic[D]):
         if parsed is not None:
             definition_id, definition = parsed
             await until_success(lambda: self.sink.write_definition(self.mirror, definition_id, definition, offset),
-                                f"write {self.mirror.table}")
+                                f"write {self.mirror.table}", transient=is_transient)
         return parsed
 
 

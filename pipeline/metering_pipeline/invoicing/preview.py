@@ -8,9 +8,10 @@ from typing import Any
 
 from metering_pipeline.billing.invoice import billing_period, price, segments, status
 from metering_pipeline.billing.selection import Selection
-from metering_pipeline.billing.settlement import processed_through
+from metering_pipeline.invoicing.quantities import priced_quantities
+from metering_pipeline.invoicing.settlement import processed_through
 from metering_pipeline.settings import Settings
-from metering_pipeline.warehouse.invoices import priced_quantities, store_invoice, stored_invoice
+from metering_pipeline.warehouse.invoices import store_invoice, stored_invoice
 from metering_schemas import Invoice, InvoiceStatus, Plan, Subscription
 
 Query = Callable[..., Awaitable[Any]]  # runs fn(clickhouse_client, *args) without blocking the event loop

@@ -5,27 +5,32 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import random
 import re
 import signal
+import threading
 import time
 import urllib.request
 from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 import orjson
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
-from support import (define, metric, publish, read_json, running_api, set_thresholds, summary_rows, threshold,
-                     usage)
+from support import (PARTITIONS, define, metric, publish, read_json, running_api, set_thresholds, summary_rows,
+                     threshold, usage)
 
 from metering_dev.bench.measure import rss_bytes
-from metering_pipeline.billing.settlement import processed_through
+from metering_pipeline.invoicing.settlement import processed_through
 from metering_pipeline.topics import Topics
 from metering_pipeline.warehouse.client import connect
+from metering_pipeline.worker.routing import subject_partition
 
 pytestmark = pytest.mark.integration
 
@@ -124,6 +129,95 @@ def test_a_worker_started_while_clickhouse_hangs_consumes_alerts_and_serves_and_
     _wait_for_records(settings, worker, 501, 240)
     time.sleep(2)  # a late duplicate would show up now
     assert _totals(settings) == (501, Decimal("0.1") * 500 + 10, 501)
+
+
+@contextmanager
+def _usage_flowing(settings, first: int) -> Iterator[Callable[[], int]]:
+    """`_batch` records published at about 300/s from record `first` on until the block ends; yields how many so far."""
+    sent, done = [0], threading.Event()
+
+    def flow() -> None:
+        while not done.wait(0.5):
+            asyncio.run(publish(settings, _batch(first + sent[0], 150)))
+            sent[0] += 150
+
+    flowing = threading.Thread(target=flow)
+    flowing.start()
+    try:
+        yield lambda: sent[0]
+    finally:
+        done.set()
+        flowing.join()
+
+
+def _owned_partitions(worker) -> int:
+    [line] = [line for line in worker.metrics().splitlines() if line.startswith("metering_owned_partitions ")]
+    return int(float(line.split()[1]))
+
+
+def _a_subject_per_partition(prefix: str) -> list[str]:
+    """Org subject ids, one routed to each partition: what they bring needs every partition's owner."""
+    found: dict[int, str] = {}
+    for n in itertools.count():
+        found.setdefault(subject_partition("org", f"{prefix}{n}", PARTITIONS), f"{prefix}{n}")
+        if len(found) == PARTITIONS:
+            return sorted(found.values())
+
+
+def test_a_worker_that_replaces_a_killed_one_while_clickhouse_hangs_restores_and_alerts_before_it_answers(private_clickhouse_pipeline):
+    """Two workers with state; ClickHouse hangs; one is SIGKILLed and a successor starts at once. The rebalance that
+    follows (the survivor giving its partitions up, the successor and the survivor restoring them) waits for nothing
+    but the killed worker's session, and the successor alerts and answers from restored state."""
+    endpoint, settings, new_worker = private_clickhouse_pipeline
+    asyncio.run(define(settings, metric("loud", "SUM")))
+    asyncio.run(set_thresholds(settings, threshold("cap", "loud", "org:*", "5", action="BLOCK")))
+    # The killed worker's session is short: the successor gets no partition before it ends, whatever else happens.
+    # The others have the production default: a worker slow to give its partitions up holds the whole group that long.
+    killed = _worker_counting(settings, new_worker, 1000, METERING_KAFKA_SESSION_TIMEOUT="6")
+    survivor = new_worker(METERING_KAFKA_SESSION_TIMEOUT="30").start()
+    survivor.wait_healthy()
+    deadline = time.monotonic() + 60
+    while _owned_partitions(survivor) == 0 or _owned_partitions(killed) == 0:
+        assert time.monotonic() < deadline, survivor.log_tail()
+        time.sleep(0.5)
+    _wait_for_records(settings, killed, 1000, 60)  # every partition has state in the changelog to restore
+    alerted: list[dict] = []
+
+    def alerts_within(seconds: float, wave: str) -> list[str]:
+        """A record over the threshold for a subject on each partition; all their alerts within `seconds`."""
+        subjects = _a_subject_per_partition(wave)
+        asyncio.run(publish(settings, [usage(f"{wave}-record", "loud", f"org:{s}", "10") for s in subjects]))
+        published = time.monotonic()
+        alerted[:] = asyncio.run(read_json(settings.kafka_bootstrap, Topics.of(settings).alerts,
+                                           len(alerted) + 2 * len(subjects), timeout=60))
+        took = time.monotonic() - published
+        assert took < seconds, f"the {wave} wave's alerts took {took:.1f} s"
+        assert endpoint.process.poll() is None  # ClickHouse hangs all along
+        return subjects
+
+    os.kill(endpoint.process.pid, signal.SIGSTOP)
+    try:
+        with _usage_flowing(settings, 1000) as flowed:
+            alerts_within(10, "before")
+            killed.kill()
+            successor = new_worker(METERING_KAFKA_SESSION_TIMEOUT="30").start()
+            alerts_within(20, "during")  # the successor starts, the group rebalances, the partitions are restored
+            subjects = alerts_within(10, "after")
+            successor.wait_healthy(timeout=10)
+        assert sorted((a["subjectId"], a["type"]) for a in alerted) == sorted(
+            (subject, t) for wave in ("before", "during", "after") for subject in _a_subject_per_partition(wave)
+            for t in ("threshold.approaching", "threshold.exceeded"))
+        for worker, subject in itertools.product((successor, survivor), subjects):  # owners answer, the other forwards
+            with urllib.request.urlopen(f"{worker.url}/v1/subjects/org/{subject}/metrics/loud", timeout=10) as answer:
+                checked = json.loads(answer.read())
+            assert (checked["value"], checked["blocked"]) == ("10", True)
+        assert "ClickHouse does not answer" in successor.log_path.read_text()
+    finally:
+        os.kill(endpoint.process.pid, signal.SIGCONT)
+    sent = 1000 + flowed()
+    _wait_for_records(settings, successor, sent, 240)
+    time.sleep(2)  # a late duplicate would show up now
+    assert _totals(settings) == (sent, Decimal("0.1") * sent, sent)
 
 
 def _wait_for_health(worker, status: int, timeout: float) -> dict:

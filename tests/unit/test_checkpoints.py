@@ -105,3 +105,27 @@ def test_the_writer_commits_after_the_records_merges_what_queued_up_meanwhile_an
         assert isinstance(writer.failure(), RuntimeError) and writer.buffered == 2
 
     asyncio.run(scenario())
+
+
+def test_a_partition_handed_over_waits_for_its_commits_but_not_for_clickhouse_to_take_its_rollups():
+    async def scenario() -> None:
+        log: list = []
+        sink = _Sink(log)
+
+        async def hang(changes) -> None:  # ClickHouse took the records, then stopped answering
+            await asyncio.Event().wait()
+
+        async def commit(snapshot: Snapshot) -> None:
+            log.append(("commit", snapshot.offset))
+
+        sink.write_rollups = hang  # type: ignore[method-assign]
+        writer = PartitionWriter(sink, commit, WorkerStats())  # type: ignore[arg-type]
+        state = PartitionRollups(timedelta(hours=24))
+        state.apply([counted("a", "1")], 0, AT)
+        writer.submit(Snapshot(1, state.checkpoint(), []))
+        assert await asyncio.wait_for(writer.settle(30, rollups=False), 1)  # the next owner writes the rollups again
+        assert log == [("records", ["a"]), ("commit", 1)]
+        assert not await writer.settle(0.2)  # with them: abandoned at the timeout
+        assert writer.failure() is None
+
+    asyncio.run(scenario())

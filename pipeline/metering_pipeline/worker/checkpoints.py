@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from metering_pipeline.retry import FailingStreak, until_success
 from metering_pipeline.usage.rollups import Checkpoint, RollupChange, RollupKey
+from metering_pipeline.warehouse.errors import is_transient
 from metering_pipeline.warehouse.sink import ClickHouseSink
 from metering_pipeline.worker.stats import WorkerStats
 
@@ -65,6 +66,7 @@ class PartitionWriter:
         self.buffered = 0  # counted records in the queue
         self.failing = FailingStreak()  # ClickHouse writes retrying since (for /health); cleared by a write that succeeds
         self._task: asyncio.Task[None] | None = None
+        self._progress = asyncio.Event()  # set after each commit and each rollups write: `settle` looks again
 
     def submit(self, snapshot: Snapshot) -> None:
         self.queue.append(snapshot)
@@ -90,14 +92,23 @@ class PartitionWriter:
             return None
         return self._task.exception()
 
-    async def settle(self, timeout: float) -> bool:
-        """Wait until everything submitted is written; False (and the rest abandoned) after `timeout`."""
-        if self._task is None or self._task.done():
-            return not (self.queue or self.unsunk)
-        done, _ = await asyncio.wait({self._task}, timeout=timeout)
-        if not done:
-            await self.stop()
-        return self.failure() is None and not (self.queue or self.unsunk)
+    async def settle(self, timeout: float, rollups: bool = True) -> bool:
+        """Wait until everything submitted is committed and, with `rollups`, its rollups are in ClickHouse; False (and
+        the rest abandoned) after `timeout`. A partition handed to another owner needs only the commits: the next
+        owner restores the committed rollups from the changelog and writes them again itself."""
+        deadline = time.monotonic() + timeout
+        while self._task is not None and not self._task.done() and self._pending(rollups):
+            self._progress.clear()
+            progress = asyncio.ensure_future(self._progress.wait())
+            done, _ = await asyncio.wait({self._task, progress}, timeout=max(0.0, deadline - time.monotonic()))
+            progress.cancel()
+            if not done:
+                await self.stop()
+        return not self._pending(rollups)
+
+    def _pending(self, rollups: bool) -> bool:
+        """What a failed write leaves here too: a checkpoint stays queued until committed, a rollup until written."""
+        return bool(self.queue or (rollups and self.unsunk))
 
     async def stop(self) -> None:
         if self._task is not None and not self._task.done():
@@ -118,7 +129,7 @@ class PartitionWriter:
                 started = time.monotonic()
                 # Records before the commit: a replay of this checkpoint rewrites the same rows.
                 await until_success(lambda: self.sink.write_records(snapshot.changes.records), "write usage_records",
-                                    streak=self.failing)
+                                    transient=is_transient, streak=self.failing)
                 await self.commit(snapshot)
                 for _ in range(taken):
                     self.queue.popleft()
@@ -126,9 +137,12 @@ class PartitionWriter:
                 self.unsunk.update((c.key, c) for c in snapshot.changes.rollups if c.reported)
                 self.stats.flushes += 1
                 self.stats.flush_seconds.observe(time.monotonic() - started)
+                self._progress.set()
             if self.unsunk:
                 changes = list(self.unsunk.values())
-                await until_success(lambda: self.sink.write_rollups(changes), "write usage_rollups", streak=self.failing)
+                await until_success(lambda: self.sink.write_rollups(changes), "write usage_rollups",
+                                    transient=is_transient, streak=self.failing)
                 for change in changes:
                     if self.unsunk.get(change.key) is change:  # not replaced by a newer value meanwhile
                         del self.unsunk[change.key]
+                self._progress.set()

@@ -51,7 +51,9 @@ log = get_logger(__name__)
 
 EVICTION_INTERVAL = 60.0  # seconds
 MAX_BATCH_BYTES = 900_000  # under the broker's default message.max.bytes (1 MiB)
-SETTLE_ON_REVOKE = 10.0  # seconds a revoked partition's writer may take; after that the next owner replays
+# Seconds revoked partitions' writers may take to commit their last checkpoints (which need their records in
+# ClickHouse first); after that the next owners replay from the last commit. Short: the whole group waits meanwhile.
+SETTLE_ON_REVOKE = 2.0
 SETTLE_ON_STOP = 30.0
 
 
@@ -159,8 +161,7 @@ class RollupStage:
                 for owned in list(self.owned.values()):
                     await self._publish_alerts(owned)
                     self._take_checkpoint(owned)
-                for owned in list(self.owned.values()):
-                    await owned.writer.settle(SETTLE_ON_STOP)
+                await asyncio.gather(*(owned.writer.settle(SETTLE_ON_STOP) for owned in list(self.owned.values())))
         finally:
             for owned in list(self.owned.values()):
                 await owned.writer.stop()
@@ -427,22 +428,27 @@ class RollupStage:
         return owned
 
     async def revoke(self, partitions: Iterable[int]) -> None:
+        """The whole group waits until this worker gives its partitions up: they are handed over all at once, and
+        their entitlement checks answered until they are gone."""
         async with self._lock:
-            for partition in partitions:
-                owned = self.owned.get(partition)
-                if owned is None:
-                    continue
-                try:
-                    await self._publish_alerts(owned)
-                    self._take_checkpoint(owned)
-                    if not await owned.writer.settle(SETTLE_ON_REVOKE):
-                        log.warning("checkpoint on revoke not written; the next owner replays", partition=partition,
-                                    error=str(owned.writer.failure() or "timed out"))
-                except Exception as error:  # noqa: BLE001 - the next owner replays from the last commit
-                    log.warning("checkpoint on revoke failed", partition=partition, error=str(error))
-                self.owned.pop(partition, None)
+            revoked = [owned for partition in partitions if (owned := self.owned.get(partition)) is not None]
+            await asyncio.gather(*(self._hand_over(owned) for owned in revoked))
+            for owned in revoked:
+                self.owned.pop(owned.partition, None)
                 await self._close(owned)
-                log.info("partition revoked", stage="rollups", partition=partition)
+                log.info("partition revoked", stage="rollups", partition=owned.partition)
+
+    async def _hand_over(self, owned: OwnedPartition) -> None:
+        """Alerts out, and the last checkpoint committed if its records reach ClickHouse within SETTLE_ON_REVOKE;
+        never a wait for its rollups (the next owner restores them from the changelog and writes them again)."""
+        try:
+            await self._publish_alerts(owned)
+            self._take_checkpoint(owned)
+            if not await owned.writer.settle(SETTLE_ON_REVOKE, rollups=False):
+                log.warning("checkpoint on revoke not written; the next owner replays", partition=owned.partition,
+                            error=str(owned.writer.failure() or "timed out"))
+        except Exception as error:  # noqa: BLE001 - the next owner replays from the last commit
+            log.warning("checkpoint on revoke failed", partition=owned.partition, error=str(error))
 
     async def _restore(self, partition: int) -> changelog.RestoredState:
         """Read partition `partition` of the changelog from its start to its current end."""

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 from metering_pipeline.logs import get_logger
 from metering_pipeline.settings import Settings
 from metering_pipeline.topics import ensure_topics, partitions_of, public_topics
+from metering_schemas.threshold import DROPPED_ADDRESSES
 
 log = get_logger(__name__)
 
@@ -32,7 +33,8 @@ def parse_entry(model: type[Definition], key: bytes | None, value: bytes | None)
     """(id, definition or None for a tombstone), or None when the entry is unusable (logged).
 
     The key is authoritative: a value whose `id` disagrees with its key is stored under the key,
-    because compaction keeps one value per key.
+    because compaction keeps one value per key. An invalid definition is refused whole (logged, not dead-lettered),
+    except bad e-mail addresses of a threshold: the threshold applies without them, and each is logged, never mailed.
     """
     if key is None:
         log.warning("definition without a key ignored", model=model.__name__)
@@ -40,11 +42,15 @@ def parse_entry(model: type[Definition], key: bytes | None, value: bytes | None)
     definition_id = key.decode(errors="replace")
     if value is None:
         return definition_id, None
+    dropped: list[tuple[object, str]] = []
     try:
-        definition = model.model_validate_json(value)
+        definition = model.model_validate_json(value, context={DROPPED_ADDRESSES: dropped})
     except ValidationError as error:
         log.warning("invalid definition ignored", model=model.__name__, id=definition_id, error=str(error))
         return None
+    for address, reason in dropped:
+        log.warning("invalid e-mail address dropped: nothing is sent to it", model=model.__name__, id=definition_id,
+                    address=repr(address)[:300], reason=reason)
     if getattr(definition, "id", definition_id) != definition_id:
         definition = definition.model_copy(update={"id": definition_id})
     return definition_id, definition

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal
 from enum import Enum
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, GetCoreSchemaHandler, GetJsonSchemaHandler, WithJsonSchema
 from pydantic.alias_generators import to_camel
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, PydanticCustomError, core_schema
 
 
 class WireModel(BaseModel):
@@ -44,8 +48,42 @@ def as_utc(value: datetime) -> datetime:
 
 UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]
 
+# A decimal given as a string is written as a JSON number (RFC 8259, section 6), nothing else: Decimal() would also
+# take "1_000", " 1 ", "١٢" (non-ASCII digits), "+1", ".5", "1.", "01" and "NaN". [0-9] is ASCII only (\d is not).
+_JSON_NUMBER = r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?"
+JSON_NUMBER_PATTERN = f"^{_JSON_NUMBER}$"  # as JSON Schema writes it
+_json_number = re.compile(_JSON_NUMBER).fullmatch  # fullmatch: unlike $, it allows no final newline
+
+
+@dataclass(frozen=True, slots=True)
+class JsonNumberText:
+    """Refuses a decimal string that is not in JSON number form, before Decimal() reads it; numbers pass untouched.
+
+    The string branch of the field's JSON Schema gets the same pattern, so the schema files and the OpenAPI say it.
+    """
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        return core_schema.no_info_before_validator_function(_json_number_text, handler(source))
+
+    def __get_pydantic_json_schema__(self, schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        json_schema = handler(schema)
+        if handler.mode == "validation":
+            for branch in json_schema.get("anyOf", ()):
+                if branch.get("type") == "string":
+                    branch["pattern"] = JSON_NUMBER_PATTERN
+        return json_schema
+
+
+def _json_number_text(value: Any) -> Any:
+    if isinstance(value, str) and _json_number(value) is None:
+        # The type pydantic gives any other unreadable decimal ("abc"), so the API's 422 and the dead letters name it alike.
+        raise PydanticCustomError("decimal_parsing",
+                                  'Input should be a JSON number or a string in JSON number form, e.g. "12", "-0.5", "1e3"')
+    return value
+
+
 # Quantities and money are exact: Decimal(38, 18) in ClickHouse, never a float, never NaN/Infinity.
-Quantity = Annotated[Decimal, Field(allow_inf_nan=False, max_digits=38, decimal_places=18)]
+Quantity = Annotated[Decimal, Field(allow_inf_nan=False, max_digits=38, decimal_places=18), JsonNumberText()]
 
 # What the pipeline emits is described as emitted (JSON Schema "serialization" mode): decimals are always strings
 # in Python's notation (`str(Decimal)`: "85.50", "1E+6"), timestamps always UTC with a "Z".
@@ -58,6 +96,7 @@ _UTC_TIMESTAMP = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9
 AggregateQuantity = Annotated[
     Decimal,
     Field(allow_inf_nan=False, max_digits=76, decimal_places=18),
+    JsonNumberText(),
     WithJsonSchema({"type": "string", "pattern": _DECIMAL_STRING}, mode="serialization"),
 ]
 
@@ -66,4 +105,11 @@ EmittedUtcDatetime = Annotated[
     WithJsonSchema({"type": "string", "format": "date-time", "pattern": _UTC_TIMESTAMP}, mode="serialization"),
 ]
 
-Identifier = Annotated[str, Field(min_length=1, max_length=256)]
+MAX_IDENTIFIER = 256  # characters
+Identifier = Annotated[str, Field(min_length=1, max_length=MAX_IDENTIFIER)]
+
+# Free text has a bound too: a definition travels as one Kafka message, which the broker takes only up to its size.
+MAX_NAME = 256  # characters
+MAX_DESCRIPTION = 4096  # characters
+Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME)]
+Description = Annotated[str, Field(max_length=MAX_DESCRIPTION)]

@@ -8,12 +8,13 @@ from typing import Annotated
 
 from pydantic import Field, field_validator, model_validator
 
-from metering_schemas._base import AggregateQuantity, CaseInsensitiveEnum, Identifier, Quantity, UtcDatetime, WireModel
+from metering_schemas._base import (AggregateQuantity, CaseInsensitiveEnum, Description, Identifier, JsonNumberText, Name,
+                                    Quantity, UtcDatetime, WireModel)
 from metering_schemas.currency import EXPONENTS
-from metering_schemas.metric import DimensionName, DimensionValue
+from metering_schemas.metric import DimensionValues
 
 # Prices may be finer than the currency's minor unit (0.0001 USD per call); amounts are rounded once, per line.
-Money = Annotated[Decimal, Field(ge=0, allow_inf_nan=False, max_digits=38, decimal_places=18)]
+Money = Annotated[Decimal, Field(ge=0, allow_inf_nan=False, max_digits=38, decimal_places=18), JsonNumberText()]
 
 # What an invoice can state and store: amounts rounded to the currency's minor unit (at most 4 places, CLF), with at
 # most 58 digits before the point, as the invoices table's `subtotal` Decimal(76, 18) holds them. Units can reach
@@ -22,7 +23,7 @@ Money = Annotated[Decimal, Field(ge=0, allow_inf_nan=False, max_digits=38, decim
 AMOUNT_WHOLE_DIGITS = 58
 AMOUNT_PLACES = max(EXPONENTS.values())
 Amount = Annotated[Decimal, Field(allow_inf_nan=False, max_digits=AMOUNT_WHOLE_DIGITS + AMOUNT_PLACES,
-                                  decimal_places=AMOUNT_PLACES)]
+                                  decimal_places=AMOUNT_PLACES), JsonNumberText()]
 
 
 class PricingModel(CaseInsensitiveEnum):
@@ -57,7 +58,7 @@ class Price(WireModel):
     included_units: Quantity = Field(default=Decimal(0), ge=0, description="Free units before the model applies")
     minimum_charge: Money | None = None
     maximum_charge: Money | None = None
-    dimensions: dict[DimensionName, DimensionValue] = Field(
+    dimensions: DimensionValues = Field(
         default_factory=dict, description="Prices only the usage whose dimension values are these (some or all of the "
                                           "metric's groupBy dimensions); empty: all of the metric's usage")
 
@@ -84,9 +85,9 @@ class Plan(WireModel):
     """Value of the compacted `metering.plans` topic, keyed by `key`."""
 
     key: Identifier = Field(pattern=r"^[A-Za-z0-9_.:-]+$")
-    name: str = Field(min_length=1, max_length=256)
-    description: str = ""
-    currency: str = Field(description="ISO 4217 code, e.g. USD")
+    name: Name
+    description: Description = ""
+    currency: str = Field(max_length=3, description="ISO 4217 code, e.g. USD")
     billing_period: BillingPeriod = BillingPeriod.MONTHLY
     flat_fee: Money | None = Field(default=None, description="Recurring fee per billing period, prorated on plan changes")
     prices: list[Price] = Field(default_factory=list, max_length=200)

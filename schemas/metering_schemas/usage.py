@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import Field
 
@@ -14,7 +14,8 @@ class UsageRecord(WireModel):
     """One usage event on `usage.recorded`.
 
     `id` is the dedup key (without one, a record counts once per Kafka offset); `timestamp`
-    defaults to the Kafka message time; `quantity` defaults to 1 and may be a JSON number or string.
+    defaults to the Kafka message time; `quantity` defaults to 1 and may be a JSON number or a string
+    in JSON number form ("12.5"; not " 12.5", "1_000" nor "01").
     """
 
     id: Identifier | None = None
@@ -32,6 +33,11 @@ class UsageRecordBatch(WireModel):
     records: list[UsageRecord] = Field(min_length=1)
 
 
+# `{metricKey}:{subjectType}:{subjectId}:{periodType}:{periodStart}`, and a dimension row's pairs (or their SHA-256):
+# three Identifiers and more, so longer than one Identifier may be (at most 876 characters).
+SummaryId = Annotated[str, Field(min_length=1, max_length=1024)]
+
+
 class PeriodType(CaseInsensitiveEnum):
     HOURLY = "HOURLY"
     DAILY = "DAILY"
@@ -41,7 +47,7 @@ class PeriodType(CaseInsensitiveEnum):
 class UsageSummary(WireModel):
     """A rollup of one metric for one subject over one period (UTC)."""
 
-    id: Identifier
+    id: SummaryId
     metric_key: Identifier
     subject_type: Identifier
     subject_id: Identifier

@@ -11,6 +11,7 @@ import json
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
+import jiter
 import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -85,6 +86,9 @@ ODD_QUANTITIES = st.one_of(
         '".5"', '"1."', '"+1"', '"00.5"', '"\\u0031"', _text("٣"), _text("１"), '"1.0000000000000000000"',
         "1.0000000000000000000", '"1.0000000000000000001"', '"0.1234567890123456789"', '""', '"abc"', "null", "true",
         "[]", "{}",
+        # Decimal() reads these strings, the JSON number grammar does not (issue 23)
+        '" 1 "', _text("١٢"), '"01"', '"-01"', '"0x10"', '"1e"', '"-"', '"1e+"', '"1\\n"', '"\\t1"', '"1E+3"', '"-0e0"',
+        '"inf"', '"1__0"', '"1_000.5"',
     ]),
     st.integers(min_value=-(10**40), max_value=10**40).map(str),
     st.integers(min_value=-(10**40), max_value=10**40).map(lambda n: f'"{n}"'),
@@ -202,6 +206,38 @@ def test_the_fast_path_gives_exactly_what_the_model_gives(value: bytes) -> None:
     assert_same_as_model(value)
 
 
+def _is_one_json_number(text: str) -> bool:
+    """Whether the text alone is a JSON document holding one number (jiter's word, not the model's pattern)."""
+    if text != text.strip(" \t\r\n"):  # JSON allows whitespace around a document; the number itself has none
+        return False
+    try:
+        value = jiter.from_json(text.encode(), float_mode="decimal", allow_inf_nan=False)
+    except ValueError:
+        return False
+    return isinstance(value, (int, Decimal)) and not isinstance(value, bool)
+
+
+NUMERIC_TEXTS = st.one_of(
+    st.from_regex(r"-?(0|[1-9][0-9]{0,22})(\.[0-9]{1,20})?([eE][+-]?[0-9]{1,2})?", fullmatch=True),
+    st.text(alphabet="0123456789.eE+-_ \t\n١٢٣１xN", max_size=8),
+    st.sampled_from(["1_000", " 1 ", "١٢", "01", "-01", "00", ".5", "1.", "+1", "1e", "1e+", "-", "NaN", "Infinity"]),
+)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(NUMERIC_TEXTS)
+def test_a_quantity_string_is_read_exactly_as_the_json_number_it_spells(text: str) -> None:
+    """The numeric-string grammar is the JSON number grammar, nothing else: a string quantity is accepted when its
+    text, written as a bare JSON number, is a quantity the model accepts, with the same value; any other string is
+    dead-lettered. Fast path and model agree on both forms."""
+    as_string, refused = assert_same_as_model(record(_text(text)))
+    if not _is_one_json_number(text):
+        assert as_string == [] and [letter.reason for letter in refused] == [RejectReason.INVALID_RECORD]
+        return
+    as_number, _ = assert_same_as_model(record(text))
+    assert [Decimal(a.quantity) for a in as_string] == [Decimal(a.quantity) for a in as_number]
+
+
 # --- explicit traps ------------------------------------------------------------------------------------------------
 
 def record(quantity: str | None = None, timestamp: str | None = None, metadata: str | None = None,
@@ -237,13 +273,15 @@ def test_plain_quantities_take_the_fast_path_with_the_models_exact_value(quantit
 
 @pytest.mark.parametrize(("quantity", "accepted_as"), [
     ('"NaN"', None), ('"Infinity"', None), ("1e400", None), ("9" * 39, None), ('"0.1234567890123456789"', None),
-    ('"1_000"', "1000"), ('" 12"', "12"), ('".5"', "0.5"), (_text("٣"), "3"), ('"+1"', "1"), ('"1."', "1"),
-    ("1e3", "1E+3"), ("1E-5", "0.00001"), ('"1.0000000000000000000"', "1.0000000000000000000"),
-    ("9" * 38, None), ("123456789012345678901", None),
+    # strings Decimal() reads but the JSON number grammar does not: refused (issue 23; they were counted before)
+    ('"1_000"', None), ('" 12"', None), ('" 1 "', None), ('".5"', None), (_text("٣"), None), (_text("١٢"), None),
+    ('"+1"', None), ('"1."', None), ('"01"', None),
+    ("1e3", "1E+3"), ("1E-5", "0.00001"), ('"1e3"', "1E+3"), ('"-2.5E-1"', "-0.25"),
+    ('"1.0000000000000000000"', "1.0000000000000000000"), ("9" * 38, None), ("123456789012345678901", None),
 ])
 def test_every_unusual_quantity_is_left_to_the_model(quantity: str, accepted_as: str | None) -> None:
     """msgspec and Decimal() take "NaN", "1_000", " 12", ".5" and non-ASCII digits; the fast path takes none of
-    them, so the model alone decides, as before."""
+    them, so the model alone decides: it takes a string in JSON number form, exponent included, and nothing else."""
     value = record(quantity)
     assert decided(value) is None
     accepted, rejected = assert_same_as_model(value)

@@ -21,6 +21,7 @@ from metering_schemas import (
     MetricDefined,
     MetricDefinition,
     PeriodType,
+    Price,
     ResetPeriod,
     ThresholdAction,
     ThresholdAlert,
@@ -33,6 +34,8 @@ from metering_schemas import (
 from metering_schemas.json_schema import CONTRACT, SCHEMA_DIR, render
 
 RECORD = {"metricKey": "api_calls", "subjectType": "org", "subjectId": "org-123"}
+THRESHOLD = {"id": "t1", "metricKey": "api_calls", "subjectType": "org", "subjectId": "*", "threshold": "100"}
+PRICE = {"metricKey": "api_calls", "model": "PER_UNIT", "unitPrice": "0.02"}
 
 
 def test_quantity_defaults_to_one_and_timestamp_to_none():
@@ -55,6 +58,43 @@ def test_non_finite_non_numeric_or_out_of_range_quantity_is_refused(given):
     with pytest.raises(ValidationError) as error:
         UsageRecord.model_validate({**RECORD, "quantity": given})
     assert error.value.errors()[0]["loc"] == ("quantity",)
+
+
+# Strings Decimal() reads that are not JSON numbers (issue 23): each was accepted (" 1 " as 1, "١٢" as 12) before.
+NOT_JSON_NUMBERS = ["1_000", " 1 ", "١٢", "٣", "１", "01", "-01", "00.5", "+1", ".5", "1.", "-.5", "1e", "1e+", "e3", "-",
+                    "0x10", "1\n", "\t1", "1 000", "1,5", "nan", "Infinity", "1E+3 "]
+JSON_NUMBERS = ["0", "-0", "7", "-12.50", "0.000000000000000001", "1e3", "1E+3", "2.5e-3", "-1E-0", "0e0"]
+
+
+@pytest.mark.parametrize("given", NOT_JSON_NUMBERS)
+def test_a_decimal_string_outside_the_json_number_grammar_is_refused_everywhere(given):
+    """Quantities, thresholds, prices and aggregates all read strings by the JSON number grammar, with one error."""
+    refusals = []
+    for model, fields, field in ((UsageRecord, RECORD, "quantity"), (UsageThreshold, THRESHOLD, "threshold"),
+                                 (Price, PRICE, "unitPrice"), (UsageAggregated, json.loads(AGGREGATED), "totalQuantity")):
+        with pytest.raises(ValidationError) as error:
+            model.model_validate({**fields, field: given})
+        [problem] = error.value.errors()
+        refusals.append((problem["loc"], problem["type"]))
+    assert refusals == [(("quantity",), "decimal_parsing"), (("threshold",), "decimal_parsing"),
+                        (("unitPrice",), "decimal_parsing"), (("totalQuantity",), "decimal_parsing")]
+
+
+@pytest.mark.parametrize("given", JSON_NUMBERS)
+def test_a_decimal_string_in_json_number_form_is_read_as_that_number(given):
+    assert UsageRecord.model_validate({**RECORD, "quantity": given}).quantity == Decimal(given)
+    assert Price.model_validate({**PRICE, "unitPrice": given.lstrip("-")}).unit_price == Decimal(given.lstrip("-"))
+
+
+# Not "1\n": JSON Schema patterns are ECMA 262 regexes, whose $ is the end of the text, but the Python validator uses
+# `re.search`, whose $ also matches before a final newline.
+@pytest.mark.parametrize("given", [text for text in NOT_JSON_NUMBERS if not text.endswith("\n")] + JSON_NUMBERS)
+def test_the_shipped_schema_files_state_the_same_grammar(given):
+    """Non-Python producers validating with the schema files refuse exactly the strings the models refuse."""
+    accepted = given in JSON_NUMBERS
+    assert schema_of("usage-record.schema.json").is_valid({**RECORD, "quantity": given}) is accepted
+    plan = {"key": "basic", "name": "Basic", "currency": "USD", "prices": [{**PRICE, "unitPrice": given.lstrip("-")}]}
+    assert schema_of("plan.schema.json").is_valid(plan) is accepted
 
 
 @pytest.mark.parametrize(

@@ -10,11 +10,13 @@ from pydantic import Field
 from metering_pipeline.api.context import ApiContext
 from metering_pipeline.api.decimal_json import DecimalJSONRoute
 from metering_pipeline.api.errors import ERROR_RESPONSES, ApiError, FieldProblem
+from metering_pipeline.api.links import each, from_body, links
 from metering_pipeline.api.security import Caller, reader, writer
 from metering_pipeline.warehouse.grouping import threshold_dimensions_problem
 from metering_schemas import ThresholdAction, UsageThreshold
 from metering_schemas._base import Identifier, Quantity, WireModel
-from metering_schemas.metric import DimensionName, DimensionValue
+from metering_schemas.metric import DimensionValues
+from metering_schemas.threshold import NotifyEmails
 
 router = APIRouter(prefix="/v1/thresholds", tags=["thresholds"], route_class=DecimalJSONRoute, responses=ERROR_RESPONSES)
 
@@ -28,9 +30,9 @@ class ThresholdInput(WireModel):
     subject_id: Identifier = Field(description='Subject id, or "*" for every subject of the type')
     threshold: Quantity
     action: ThresholdAction = ThresholdAction.ALERT
-    notify_emails: list[str] = Field(default_factory=list, max_length=50)
+    notify_emails: NotifyEmails = Field(default_factory=list)
     org_id: Identifier | None = None
-    dimensions: dict[DimensionName, DimensionValue] = Field(
+    dimensions: DimensionValues = Field(
         default_factory=dict, description="Every groupBy dimension of the metric with a value: the threshold watches "
                                           "that dimension row (empty: the metric's total)")
 
@@ -40,7 +42,7 @@ class ThresholdChange(WireModel):
 
     threshold: Quantity | None = None
     action: ThresholdAction | None = None
-    notify_emails: list[str] | None = Field(default=None, max_length=50)
+    notify_emails: NotifyEmails | None = None
 
 
 class ThresholdList(WireModel):
@@ -58,7 +60,8 @@ def _owned(threshold_id: str, who: Caller, context: ApiContext) -> UsageThreshol
     return found
 
 
-@router.post("", status_code=201, response_model=UsageThreshold, summary="threshold.create")
+@router.post("", status_code=201, response_model=UsageThreshold, summary="threshold.create",
+             responses=links(201, *each(("put", "delete"), "/v1/thresholds/{threshold_id}", from_body(threshold_id="id"))))
 async def create_threshold(body: ThresholdInput, request: Request, who: Caller = Depends(writer)) -> UsageThreshold:
     context = _context(request)
     org = body.org_id if body.org_id is not None else who.org_id

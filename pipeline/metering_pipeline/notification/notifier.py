@@ -5,6 +5,8 @@ which addresses already have this alert (a replay after a crash, or a second not
 after each send it records the outcome; offsets are committed once a batch is fully
 handled. The one gap left: a crash between the SMTP server's acceptance and the log write
 re-sends that single message, with the same Message-ID, so mail systems can drop it.
+An alert's address that is not a valid e-mail address (an alert written before addresses were checked, or by
+another producer) is logged and skipped: nothing is ever sent to it, so nothing reaches an SMTP header unchecked.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from metering_pipeline.retry import RetriesExhausted, any_error, until_success
 from metering_pipeline.settings import Settings
 from metering_pipeline.topics import Topics
 from metering_pipeline.warehouse.deliveries import FAILED, SENT, DeliveryLog
+from metering_pipeline.warehouse.errors import is_transient
+from metering_schemas.threshold import checked_addresses
 
 log = get_logger(__name__)
 
@@ -57,14 +61,22 @@ class Notifier:
     async def handle(self, value: bytes | None) -> None:
         try:
             alert = orjson.loads(value or b"null")
-            addresses = list(dict.fromkeys(alert.get("notifyEmails") or []))
+            emails = alert.get("notifyEmails") or []
+            if not isinstance(emails, list):  # a string would be read as one address per character
+                raise TypeError(f"notifyEmails is a {type(emails).__name__}, not a list")
+            addresses, bad = checked_addresses(emails)
+            addresses = list(dict.fromkeys(addresses))
             alert_id = alert["id"]
         except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError) as error:
             log.error("unreadable alert skipped", error=str(error))
             return
+        for address, reason in bad:
+            log.error("invalid e-mail address skipped: nothing is sent to it", alert_id=alert_id,
+                      address=repr(address)[:300], reason=reason)
         if not addresses:
             return
-        done = await until_success(lambda: self.deliveries.sent(alert_id, addresses), "read notification_deliveries")
+        done = await until_success(lambda: self.deliveries.sent(alert_id, addresses), "read notification_deliveries",
+                                   transient=is_transient)
         for address in addresses:
             if address not in done:
                 await self._deliver(alert, address)
@@ -85,8 +97,9 @@ class Notifier:
             self.failed += 1
             log.error("alert e-mail failed", alert_id=alert["id"], email=address, attempts=gave_up.attempts, error=str(gave_up.error))
             await until_success(lambda: self.deliveries.record(alert["id"], address, FAILED, attempts, str(gave_up.error)[:1000]),
-                                "write notification_deliveries")
+                                "write notification_deliveries", transient=is_transient)
             return
         self.sent += 1
         log.info("alert e-mailed", alert_id=alert["id"], email=address, attempts=attempts)
-        await until_success(lambda: self.deliveries.record(alert["id"], address, SENT, attempts), "write notification_deliveries")
+        await until_success(lambda: self.deliveries.record(alert["id"], address, SENT, attempts), "write notification_deliveries",
+                            transient=is_transient)

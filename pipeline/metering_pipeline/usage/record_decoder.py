@@ -45,8 +45,9 @@ class _Wire(msgspec.Struct, rename="camel", forbid_unknown_fields=True, gc=False
 _decode_wire = msgspec.json.Decoder(_Wire).decode
 
 # A JSON number (group 1) or string (group 2) with at most 20 integer and 18 fractional ASCII digits: always within
-# Quantity's Decimal(38, 18), and Decimal(text) is then exactly the model's value (exponents, "1_000", " 12", ".5",
-# "NaN", non-ASCII digits and big integers are left to the model).
+# Quantity's Decimal(38, 18) and the JSON number form it requires of a string (`JsonNumberText`), and Decimal(text) is
+# then exactly the model's value. Exponents and big integers are left to the model, and so is every string Decimal()
+# reads but the JSON number grammar does not ("1_000", " 12", ".5", "01", "NaN", non-ASCII digits): the model refuses it.
 _QUANTITY = re.compile(rb'(-?(?:0|[1-9][0-9]{0,19})(?:\.[0-9]{1,18})?)|"(-?(?:0|[1-9][0-9]{0,19})(?:\.[0-9]{1,18})?)"')
 # YYYY-MM-DDTHH:MM:SS[.ffffff][Z|±HH:MM] with ranges the model's parser also accepts (it refuses +05:60, 24:00, :60).
 _TIMESTAMP = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,6})?"

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Generic, TypeVar
 
+import jiter
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.structs import RecordMetadata
@@ -44,8 +45,10 @@ def parse_entry(model: type[Definition], key: bytes | None, value: bytes | None)
         return definition_id, None
     dropped: list[tuple[object, str]] = []
     try:
-        definition = model.model_validate_json(value, context={DROPPED_ADDRESSES: dropped})
-    except ValidationError as error:
+        # Decimal mode: a threshold or a price written as a JSON number keeps every digit (pydantic's own JSON
+        # parsing reads numbers as floats first).
+        definition = model.model_validate(jiter.from_json(value, float_mode="decimal"), context={DROPPED_ADDRESSES: dropped})
+    except (ValidationError, ValueError) as error:
         log.warning("invalid definition ignored", model=model.__name__, id=definition_id, error=str(error))
         return None
     for address, reason in dropped:

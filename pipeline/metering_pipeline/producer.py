@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterable, Callable, Iterable, Iterator, Sequence
 
 import jiter
 from aiokafka import AIOKafkaProducer
@@ -22,6 +22,9 @@ from metering_schemas import UsageRecord
 
 MAX_BATCH_RECORDS = 500
 IN_FLIGHT = 2_000  # messages awaited together: bounds memory while keeping the pipe full
+# A batch message is cut at about this many bytes, half Kafka's default 1 MiB message size: a record within intake's
+# limits (256 KiB of metadata) always fits one.
+MAX_MESSAGE_BYTES = 512 * 1024
 
 
 def subject_key(record: UsageRecord) -> bytes:
@@ -33,11 +36,32 @@ def with_id(record: UsageRecord) -> UsageRecord:
     return record if record.id is not None else record.model_copy(update={"id": str(uuid.uuid4())})
 
 
-def batch_message(records: Sequence[UsageRecord]) -> tuple[bytes | None, bytes]:
+def _batch_of(records: Sequence[UsageRecord], encoded: Sequence[bytes]) -> tuple[bytes | None, bytes]:
     """(key, value) of one batch message; keyed by subject only when all records share it."""
     keys = {subject_key(r) for r in records}
-    value = b'{"records":[' + b",".join(r.to_json() for r in records) + b"]}"
-    return (keys.pop() if len(keys) == 1 else None), value
+    return (keys.pop() if len(keys) == 1 else None), b'{"records":[' + b",".join(encoded) + b"]}"
+
+
+def messages_of(records: Iterable[UsageRecord], batch_size: int | None) -> Iterator[tuple[bytes | None, bytes]]:
+    """(key, value) of the messages carrying `records`: one record per message when `batch_size` is None, else batch
+    messages of at most `batch_size` records cut at about MAX_MESSAGE_BYTES, so that records each within intake's
+    limits always travel in messages the broker takes, however many a batch holds."""
+    chunk: list[UsageRecord] = []
+    encoded: list[bytes] = []
+    size = 0
+    for record in records:
+        value = record.to_json()
+        if batch_size is None:
+            yield subject_key(record), value
+            continue
+        if chunk and (len(chunk) >= batch_size or size + len(value) > MAX_MESSAGE_BYTES):
+            yield _batch_of(chunk, encoded)
+            chunk, encoded, size = [], [], 0
+        chunk.append(record)
+        encoded.append(value)
+        size += len(value) + 1
+    if chunk:
+        yield _batch_of(chunk, encoded)
 
 
 class UsageProducer:
@@ -78,10 +102,11 @@ class UsageProducer:
         return record
 
     async def record_batch(self, records: Sequence[UsageRecord], batch_size: int = MAX_BATCH_RECORDS) -> list[UsageRecord]:
-        """`usage.recordBatch`: messages of up to `batch_size` records, all acknowledged on return."""
+        """`usage.recordBatch`: batch messages of up to `batch_size` records, all acknowledged on return. Records
+        over several messages are not published atomically: a failed call may have published some, which a retry
+        with the same record ids counts once."""
         prepared = [self._prepare(r) for r in records]
-        chunks = [prepared[i:i + batch_size] for i in range(0, len(prepared), batch_size)]
-        await self._send_all(batch_message(chunk) for chunk in chunks)
+        await self._send_all(messages_of(prepared, batch_size))
         return prepared
 
     async def publish(self, records: Iterable[UsageRecord] | AsyncIterable[UsageRecord], batch_size: int = 1,
@@ -89,36 +114,22 @@ class UsageProducer:
         """Streams any number of records (one per message, or batches of `batch_size`); returns how many were acknowledged."""
         if batch_size < 1 or batch_size > MAX_BATCH_RECORDS:
             raise ValueError(f"batch_size must be between 1 and {MAX_BATCH_RECORDS}")
+        window = (IN_FLIGHT // batch_size + 1) * batch_size  # records awaited together
+        size = None if batch_size == 1 else batch_size
         sent = 0
-        chunk: list[UsageRecord] = []
-        window: list[tuple[bytes | None, bytes]] = []
-        window_records = 0
-
-        async def flush_window() -> None:
-            nonlocal sent, window, window_records
-            await self._send_all(window)
-            sent += window_records
-            progress(window_records)
-            window, window_records = [], 0
-
+        pending: list[UsageRecord] = []
         async for record in _aiter(records):
-            chunk.append(self._prepare(record))
-            if len(chunk) == batch_size:
-                window.append(self._message(chunk))
-                window_records += len(chunk)
-                chunk = []
-                if len(window) >= IN_FLIGHT // batch_size + 1:
-                    await flush_window()
-        if chunk:
-            window.append(self._message(chunk))
-            window_records += len(chunk)
-        if window:
-            await flush_window()
+            pending.append(self._prepare(record))
+            if len(pending) >= window:
+                await self._send_all(messages_of(pending, size))
+                sent += len(pending)
+                progress(len(pending))
+                pending = []
+        if pending:
+            await self._send_all(messages_of(pending, size))
+            sent += len(pending)
+            progress(len(pending))
         return sent
-
-    @staticmethod
-    def _message(chunk: list[UsageRecord]) -> tuple[bytes | None, bytes]:
-        return (subject_key(chunk[0]), chunk[0].to_json()) if len(chunk) == 1 else batch_message(chunk)
 
     async def _send_all(self, messages: Iterable[tuple[bytes | None, bytes]]) -> None:
         assert self._producer is not None

@@ -97,6 +97,9 @@ class Settings(BaseSettings):
     api_keys_file: Path = Field(default_factory=lambda: _default_home() / "api-keys.jsonl",
                                 description="JSON lines of hashed API keys (`metering api-key create`)")
     api_max_batch_records: int = Field(default=500, ge=1, le=100_000, description="Records per POST /v1/usage/batch")
+    api_max_request_bytes: int = Field(
+        default=16 * 1024 * 1024, ge=1024, description="Bytes of a request body; a larger one is refused with 413 "
+                                                       "before it is read")
 
     # ClickHouse (HTTP interface)
     clickhouse_url: str = "http://localhost:8123"

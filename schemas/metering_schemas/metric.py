@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import Field, model_validator
 
-from metering_schemas._base import CaseInsensitiveEnum, Identifier, WireModel
+from metering_schemas._base import CaseInsensitiveEnum, Description, Identifier, Name, WireModel
 
 
 class AggregationType(CaseInsensitiveEnum):
@@ -36,6 +36,14 @@ MAX_DIMENSION_NAME = 64  # characters
 MAX_DIMENSION_VALUE = 1024  # characters
 DimensionName = Annotated[str, Field(pattern=DIMENSION_NAME_PATTERN, min_length=1, max_length=MAX_DIMENSION_NAME)]
 DimensionValue = Annotated[str, Field(max_length=MAX_DIMENSION_VALUE)]
+# The values a threshold or a price selects: some or all of a metric's groupBy dimensions.
+DimensionValues = Annotated[dict[DimensionName, DimensionValue], Field(max_length=MAX_GROUP_BY)]
+MAX_UNIT = 64  # characters
+Unit = Annotated[str, Field(max_length=MAX_UNIT)]
+MAX_FILTER_PATHS = 10
+MAX_FILTER_VALUES = 100  # per path
+FilterRules = Annotated[dict[RecordPath, Annotated[list[DimensionValue], Field(max_length=MAX_FILTER_VALUES)]],
+                        Field(max_length=MAX_FILTER_PATHS)]
 
 
 class MetricDefinition(WireModel):
@@ -43,9 +51,9 @@ class MetricDefinition(WireModel):
 
     id: Identifier
     key: Identifier = Field(pattern=r"^[A-Za-z0-9_.:-]+$", description="Metric key, e.g. api_calls")
-    name: str = Field(min_length=1, max_length=256)
-    description: str = ""
-    unit: str = ""
+    name: Name
+    description: Description = ""
+    unit: Unit = ""
     aggregation_type: AggregationType
     reset_period: ResetPeriod = ResetPeriod.NEVER
     org_id: Identifier | None = Field(default=None, description="Organization scope; null = global")
@@ -55,7 +63,7 @@ class MetricDefinition(WireModel):
     group_by: dict[DimensionName, MetadataPath] = Field(
         default_factory=dict, max_length=MAX_GROUP_BY,
         description="Dimensions: name -> metadata path. usage_summary then also has a row per combination of their values")
-    filter: dict[RecordPath, list[DimensionValue]] = Field(
+    filter: FilterRules = Field(
         default_factory=dict, description="A record counts only when the value at every path is one of the listed strings")
 
     @model_validator(mode="after")

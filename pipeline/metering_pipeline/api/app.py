@@ -4,19 +4,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError
 from clickhouse_connect.driver.exceptions import OperationalError
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from metering_pipeline.api import billing, metrics, subjects, thresholds, usage
 from metering_pipeline.api.context import ApiContext, lifespan
-from metering_pipeline.api.errors import ApiError, on_api_error, on_unavailable, on_validation_error
+from metering_pipeline.api.errors import (ApiError, on_api_error, on_http_error, on_too_large, on_unavailable,
+                                          on_validation_error)
 from metering_pipeline.api.keys import KeyRing
 from metering_pipeline.api.request_metrics import RequestMetrics, RequestMetricsMiddleware
+from metering_pipeline.api.security import AuthenticateFirst
 from metering_pipeline.settings import Settings
+from metering_pipeline.usage.intake import IntakeRules
+from metering_schemas._base import MAX_DESCRIPTION, MAX_IDENTIFIER, MAX_NAME
+from metering_schemas.metric import (MAX_DIMENSION_NAME, MAX_DIMENSION_VALUE, MAX_FILTER_PATHS, MAX_FILTER_VALUES,
+                                     MAX_GROUP_BY, MAX_UNIT)
+from metering_schemas.threshold import MAX_EMAIL_LENGTH, MAX_NOTIFY_EMAILS
 
 DASHBOARD = Path(__file__).resolve().parent / "ui" / "index.html"
 
@@ -37,15 +45,46 @@ keys have `read` and/or `write` scopes and may be limited to one org.
 | billing: invoice preview | `GET /v1/subjects/{subjectType}/{subjectId}/invoice?period=2026-11` |
 """
 
+_RULES = IntakeRules()
+_DEFAULTS = Settings.model_fields
+LIMITS = f"""
+Every error answer is `{{"error": code, "message": text, "errors": [{{"field", "message"}}]}}`: 400 `invalid_cursor`,
+401 `unauthenticated` (checked before the body is read), 403 `forbidden_scope` / `forbidden_org`, 404 `not_found`,
+405 `method_not_allowed`, 409, 413 `request_too_large` / `batch_too_large` / `message_too_large`, 422
+`validation_error` / `invalid_records` (one entry per field), and 503 `kafka_unavailable` / `clickhouse_unavailable`
+with `Retry-After` (the only answer worth retrying as it is).
+
+| limit | value | past it |
+|---|---|---|
+| request body | {_DEFAULTS['api_max_request_bytes'].default // 2**20} MiB by default (`METERING_API_MAX_REQUEST_BYTES`) | 413 `request_too_large` |
+| records per `POST /v1/usage/batch` | {_DEFAULTS['api_max_batch_records'].default} by default (`METERING_API_MAX_BATCH_RECORDS`); a batch travels in as many Kafka messages as it needs | 413 `batch_too_large` |
+| ids, keys, subject types and ids, `orgId` | 1 to {MAX_IDENTIFIER} characters | 422 |
+| a record's `metadata` | {_RULES.max_metadata_bytes // 1024} KiB as JSON | 422 `too_large` |
+| `quantity`, prices, thresholds | a JSON number, or a string in JSON number form (`"12"`, `"-0.5"`, `"1e3"`); at most 38 digits, 18 after the point | 422 |
+| `name` | 1 to {MAX_NAME} characters | 422 |
+| `description` (metrics, plans) | {MAX_DESCRIPTION} characters | 422 |
+| a metric's `unit` | {MAX_UNIT} characters | 422 |
+| `groupBy` dimensions; a threshold's or price's `dimensions` | {MAX_GROUP_BY}; names 1 to {MAX_DIMENSION_NAME} characters of `A-Za-z0-9_.:-`, values {MAX_DIMENSION_VALUE} characters | 422 |
+| a metric's `filter` | {MAX_FILTER_PATHS} paths of at most 512 characters, {MAX_FILTER_VALUES} values each | 422 |
+| a threshold's `notifyEmails` | {MAX_NOTIFY_EMAILS} addresses, each one valid mailbox of at most {MAX_EMAIL_LENGTH} characters | 422 |
+| a plan's `prices` / a price's `tiers` | 200 / 100 | 422 |
+| `Idempotency-Key` | 200 characters | 422 |
+| a write's Kafka message | what the broker takes (1 MiB by default) | 413 `message_too_large`, nothing published |
+"""
+
 
 def create_app(settings: Settings) -> FastAPI:
     context = ApiContext(settings, KeyRing(settings.api_keys_file))
-    app = FastAPI(title="usage-metering", version="0.1.0", description=DESCRIPTION, lifespan=lifespan(context))
+    app = FastAPI(title="usage-metering", version="0.1.0", description=DESCRIPTION + LIMITS, lifespan=lifespan(context))
     request_metrics = RequestMetrics()
-    app.add_middleware(RequestMetricsMiddleware, metrics=request_metrics)
+    app.add_middleware(AuthenticateFirst, keys=context.keys, max_body_bytes=settings.api_max_request_bytes)
+    app.add_middleware(RequestMetricsMiddleware, metrics=request_metrics)  # the outer one: counts refusals too
     app.add_exception_handler(ApiError, on_api_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(KafkaError, on_unavailable)
+    for too_large in (MessageSizeTooLargeError, RecordTooLargeError, RecordListTooLargeError):
+        app.add_exception_handler(too_large, on_too_large)
     app.add_exception_handler(OperationalError, on_unavailable)  # clickhouse-connect: the server cannot be reached
     for router in (metrics.router, usage.router, thresholds.router, billing.router, subjects.router):
         app.include_router(router)

@@ -10,11 +10,12 @@ from pydantic import Field, ValidationError
 from metering_pipeline.api.context import ApiContext
 from metering_pipeline.api.decimal_json import DecimalJSONRoute
 from metering_pipeline.api.errors import ERROR_RESPONSES, ApiError, FieldProblem, invalid
+from metering_pipeline.api.links import each, from_body, links
 from metering_pipeline.api.security import Caller, reader, writer
 from metering_pipeline.billing.invoice import BillingError
-from metering_pipeline.billing.preview import invoice_for
+from metering_pipeline.invoicing.preview import invoice_for
 from metering_schemas import BillingPeriod, Invoice, Plan, Price, Subscription
-from metering_schemas._base import Identifier, UtcDatetime, WireModel
+from metering_schemas._base import Description, Identifier, Name, UtcDatetime, WireModel
 from metering_schemas.billing import Money
 
 router = APIRouter(tags=["billing"], route_class=DecimalJSONRoute, responses=ERROR_RESPONSES)
@@ -23,9 +24,9 @@ router = APIRouter(tags=["billing"], route_class=DecimalJSONRoute, responses=ERR
 class PlanBody(WireModel):
     """A plan without its key (PUT /v1/plans/{key} replaces the whole plan)."""
 
-    name: str = Field(min_length=1, max_length=256)
-    description: str = ""
-    currency: str
+    name: Name
+    description: Description = ""
+    currency: str = Field(max_length=3, description="ISO 4217 code, e.g. USD")
     billing_period: BillingPeriod = BillingPeriod.MONTHLY
     flat_fee: Money | None = None
     prices: list[Price] = Field(default_factory=list, max_length=200)
@@ -102,7 +103,8 @@ def _plan_fields(key: str, body: PlanBody, who: Caller, context: ApiContext) -> 
     return body.model_dump(by_alias=True) | {"key": key, "orgId": org}
 
 
-@router.post("/v1/plans", status_code=201, response_model=Plan, summary="plan.create")
+@router.post("/v1/plans", status_code=201, response_model=Plan, summary="plan.create",
+             responses=links(201, *each(("get", "put", "delete"), "/v1/plans/{key}", from_body(key="key"))))
 async def create_plan(body: PlanInput, request: Request, who: Caller = Depends(writer)) -> Plan:
     context = _context(request)
     if body.key in context.plans:
@@ -163,7 +165,10 @@ async def _put_subscription(context: ApiContext, who: Caller, fields: dict) -> S
     return subscription
 
 
-@router.post("/v1/subscriptions", status_code=201, response_model=Subscription, summary="subscription.create")
+@router.post("/v1/subscriptions", status_code=201, response_model=Subscription, summary="subscription.create",
+             responses=links(201, *each(("put", "delete"), "/v1/subscriptions/{subscription_id}", from_body(subscription_id="id")),
+                             ("get", "/v1/subjects/{subject_type}/{subject_id}/invoice",
+                              from_body(subject_type="subjectType", subject_id="subjectId"))))
 async def create_subscription(body: SubscriptionInput, request: Request, who: Caller = Depends(writer)) -> Subscription:
     context = _context(request)
     org = body.org_id if body.org_id is not None else who.org_id

@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from aiokafka.errors import KafkaError
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from metering_pipeline.logs import get_logger
 
@@ -51,13 +53,29 @@ def invalid(errors: Sequence[Mapping[str, Any]], prefix: tuple[Any, ...] = ()) -
 
 async def on_unavailable(request: Request, error: Exception) -> JSONResponse:
     """Kafka or ClickHouse could not be reached: 503, so clients retry (records were not published)."""
-    from aiokafka.errors import KafkaError
-
     server = "kafka" if isinstance(error, KafkaError) else "clickhouse"
     log.warning("server unavailable", server=server, path=request.url.path, error=str(error)[:300])
     body = ErrorBody(error=f"{server}_unavailable", message=f"{'Kafka' if server == 'kafka' else 'ClickHouse'} is "
                                                              f"unavailable; retry later ({type(error).__name__})")
     return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "5"})
+
+
+async def on_too_large(request: Request, error: Exception) -> JSONResponse:
+    """A message the producer or the broker refuses for its size will never be taken: 413, not "retry later"."""
+    log.warning("message too large for Kafka", path=request.url.path, error=str(error)[:300])
+    body = ErrorBody(error="message_too_large", message="the request makes a Kafka message larger than the broker "
+                                                        f"takes; nothing was published ({type(error).__name__})")
+    return JSONResponse(body.model_dump(), status_code=413)
+
+
+# Starlette's own answers (no such route, a method the route does not have), in the documented shape.
+_HTTP_ERRORS = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+async def on_http_error(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, StarletteHTTPException)
+    body = ErrorBody(error=_HTTP_ERRORS.get(error.status_code, "http_error"), message=str(error.detail))
+    return JSONResponse(body.model_dump(), status_code=error.status_code, headers=error.headers)
 
 
 async def on_validation_error(request: Request, error: Exception) -> JSONResponse:
@@ -70,6 +88,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": description}
     for status, description in {
         400: "Malformed request", 401: "Missing or unknown API key", 403: "The key's scope or org does not allow it",
-        404: "Not found", 409: "Already exists", 422: "Invalid input", 503: "Kafka or ClickHouse unavailable",
+        404: "Not found", 409: "Already exists",
+        413: "Too large: the request body (`request_too_large`) or a Kafka message it makes (`message_too_large`)",
+        422: "Invalid input", 503: "Kafka or ClickHouse unavailable",
     }.items()
 }

@@ -10,10 +10,11 @@ from pydantic import Field, ValidationError
 from metering_pipeline.api.context import ApiContext
 from metering_pipeline.api.decimal_json import DecimalJSONRoute
 from metering_pipeline.api.errors import ERROR_RESPONSES, ApiError, invalid
+from metering_pipeline.api.links import each, from_body, links
 from metering_pipeline.api.security import Caller, reader, writer
 from metering_schemas import AggregationType, MetricDefinition, ResetPeriod
-from metering_schemas.metric import MAX_GROUP_BY, DimensionName, DimensionValue, MetadataPath, RecordPath
-from metering_schemas._base import Identifier, WireModel
+from metering_schemas.metric import MAX_GROUP_BY, DimensionName, FilterRules, MetadataPath, RecordPath, Unit
+from metering_schemas._base import Description, Identifier, Name, WireModel
 
 router = APIRouter(prefix="/v1/metrics", tags=["metrics"], route_class=DecimalJSONRoute, responses=ERROR_RESPONSES)
 
@@ -25,9 +26,9 @@ class MetricInput(WireModel):
 
     id: Identifier | None = None
     key: Identifier = Field(pattern=r"^[A-Za-z0-9_.:-]+$")
-    name: str = Field(min_length=1, max_length=256)
-    description: str = ""
-    unit: str = ""
+    name: Name
+    description: Description = ""
+    unit: Unit = ""
     aggregation_type: AggregationType
     reset_period: ResetPeriod = ResetPeriod.NEVER
     org_id: Identifier | None = None
@@ -37,7 +38,7 @@ class MetricInput(WireModel):
     group_by: dict[DimensionName, MetadataPath] = Field(
         default_factory=dict, max_length=MAX_GROUP_BY,
         description='Dimensions, name -> metadata path, e.g. {"model": "$.metadata.model"}')
-    filter: dict[RecordPath, list[DimensionValue]] = Field(
+    filter: FilterRules = Field(
         default_factory=dict, description='Count only records whose value at every path is one of these, '
                                           'e.g. {"$.metadata.region": ["eu", "us"]}')
 
@@ -46,14 +47,14 @@ class MetricChange(WireModel):
     """metric.update: the fields to change (key and org stay). A new valueProperty, groupBy or filter applies to
     the records processed after it."""
 
-    name: str | None = Field(default=None, min_length=1, max_length=256)
-    description: str | None = None
-    unit: str | None = None
+    name: Name | None = None
+    description: Description | None = None
+    unit: Unit | None = None
     aggregation_type: AggregationType | None = None
     reset_period: ResetPeriod | None = None
     value_property: RecordPath | None = None
     group_by: dict[DimensionName, MetadataPath] | None = Field(default=None, max_length=MAX_GROUP_BY)
-    filter: dict[RecordPath, list[DimensionValue]] | None = None
+    filter: FilterRules | None = None
 
 
 class MetricList(WireModel):
@@ -82,7 +83,8 @@ def _scoped(key: str, org_id: str | None, who: Caller, context: ApiContext) -> M
     return found
 
 
-@router.post("", status_code=201, response_model=MetricDefinition, summary="metric.define")
+@router.post("", status_code=201, response_model=MetricDefinition, summary="metric.define",
+             responses=links(201, *each(("get", "put", "delete"), "/v1/metrics/{key}", from_body(key="key"))))
 async def define_metric(body: MetricInput, request: Request, who: Caller = Depends(writer)) -> MetricDefinition:
     org = body.org_id if body.org_id is not None else who.org_id
     who.require_org(org, "a global metric" if org is None else f"org {org!r}")

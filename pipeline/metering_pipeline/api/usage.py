@@ -19,6 +19,7 @@ from pydantic import Field
 from metering_pipeline.api.context import ApiContext
 from metering_pipeline.api.decimal_json import DecimalJSONRoute
 from metering_pipeline.api.errors import ERROR_RESPONSES, ApiError, FieldProblem
+from metering_pipeline.api.links import from_body, links
 from metering_pipeline.api.security import Caller, reader, writer
 from metering_pipeline.usage.intake import IntakeRules, Refusal, judge, stored_metadata, unreadable_payload
 from metering_pipeline.usage.metrics import record_org
@@ -27,7 +28,7 @@ from metering_pipeline.warehouse.client import connect
 from metering_pipeline.warehouse.grouping import FILTER_PARAMETER, DimensionError, DimensionQuery, check_names, filters_from_query, summary_id
 from metering_pipeline.warehouse.queries import EXPORT_FORMATS, RecordFilter, open_usage_export, usage_records_page, usage_summaries
 from metering_schemas import MetricDefinition, PeriodType, UsageRecord, UsageSummary
-from metering_schemas._base import Identifier, UtcDatetime, WireModel
+from metering_schemas._base import Identifier, UtcDatetime, WireModel, as_utc
 
 router = APIRouter(prefix="/v1/usage", tags=["usage"], route_class=DecimalJSONRoute, responses=ERROR_RESPONSES)
 
@@ -90,7 +91,15 @@ def _admit(records: list[UsageRecord], who: Caller, context: ApiContext, idempot
     return admitted
 
 
-@router.post("", status_code=202, response_model=Accepted, summary="usage.record")
+# What a client reads after recording usage: the subject's records, its summary, its status against thresholds.
+_RECORDED = links(202, ("get", "/v1/usage", from_body(subjectType="records/0/subjectType", subjectId="records/0/subjectId")),
+                  ("get", "/v1/usage/summary", from_body(metricKey="records/0/metricKey", subjectType="records/0/subjectType",
+                                                         subjectId="records/0/subjectId")),
+                  ("get", "/v1/subjects/{subject_type}/{subject_id}/status",
+                   from_body(subject_type="records/0/subjectType", subject_id="records/0/subjectId")))
+
+
+@router.post("", status_code=202, response_model=Accepted, summary="usage.record", responses=_RECORDED)
 async def record_usage(body: UsageRecord, request: Request, idempotency_key: str | None = IdempotencyKey,
                        who: Caller = Depends(writer)) -> Accepted:
     context = _context(request)
@@ -100,7 +109,7 @@ async def record_usage(body: UsageRecord, request: Request, idempotency_key: str
     return Accepted(records=admitted)
 
 
-@router.post("/batch", status_code=202, response_model=Accepted, summary="usage.recordBatch")
+@router.post("/batch", status_code=202, response_model=Accepted, summary="usage.recordBatch", responses=_RECORDED)
 async def record_usage_batch(body: RecordBatch, request: Request, idempotency_key: str | None = IdempotencyKey,
                              who: Caller = Depends(writer)) -> Accepted:
     context = _context(request)
@@ -152,11 +161,16 @@ def _cursor(after: tuple[datetime, str]) -> str:
 
 
 def _read_cursor(cursor: str) -> tuple[datetime, str]:
+    """A cursor is opaque to clients, so anything but what `_cursor` wrote (a time ClickHouse can hold and an id)
+    is the client's mistake: 400, never a failure further down."""
     try:
         timestamp, record_id = orjson.loads(base64.urlsafe_b64decode(cursor.encode()))
-        return datetime.fromisoformat(timestamp), str(record_id)
+        after = as_utc(datetime.fromisoformat(timestamp))
     except (ValueError, TypeError, orjson.JSONDecodeError):
-        raise ApiError(400, "invalid_cursor", "cursor is not one this API returned") from None
+        after, record_id = None, None
+    if after is None or not isinstance(record_id, str) or not _EARLIEST <= after < _LATEST:
+        raise ApiError(400, "invalid_cursor", "cursor is not one this API returned")
+    return after, record_id
 
 
 @router.get("", response_model=RecordPage, summary="usage.get")

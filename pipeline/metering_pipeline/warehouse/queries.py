@@ -99,7 +99,7 @@ def usage_summaries(
         result = client.query(_SUMMARY_SQL, parameters=parameters)
         return [
             UsageSummary(
-                id=f"{metric}:{stype}:{sid}:{period}:{pstart.isoformat()}",
+                id=summary_id(metric, stype, sid, period, pstart, {}),
                 metric_key=metric, subject_type=stype, subject_id=sid, period_type=period,
                 period_start=pstart, period_end=pend, total_quantity=plain(total), record_count=count,
             )

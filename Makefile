@@ -7,9 +7,13 @@ bootstrap:
 demo: bootstrap
 	.venv/bin/metering demo
 
-# The manual first (a broken link, anchor or nav entry fails it; the site goes to the ignored .site/), then pytest.
+# The manual first (a broken link, anchor or nav entry fails it; the site goes to the ignored .site/), then the
+# static checks (settings in pyproject.toml), then pytest. ruff covers the three distributions but not yet tests/,
+# which is being restructured: it will be formatted and linted after that lands.
 test: bootstrap
 	NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --site-dir .site
+	.venv/bin/ruff check pipeline schemas deploy
+	.venv/bin/ruff format --check pipeline schemas deploy
 	.venv/bin/python -m pytest
 
 # The fault tests at full length (a 60 s ClickHouse outage, a 2-minute rebalance storm); about 6 minutes.

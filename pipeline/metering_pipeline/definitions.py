@@ -30,7 +30,9 @@ log = get_logger(__name__)
 Definition = TypeVar("Definition", bound=BaseModel)
 
 
-def parse_entry(model: type[Definition], key: bytes | None, value: bytes | None) -> tuple[str, Definition | None] | None:
+def parse_entry(
+    model: type[Definition], key: bytes | None, value: bytes | None
+) -> tuple[str, Definition | None] | None:
     """(id, definition or None for a tombstone), or None when the entry is unusable (logged).
 
     The key is authoritative: a value whose `id` disagrees with its key is stored under the key,
@@ -47,13 +49,20 @@ def parse_entry(model: type[Definition], key: bytes | None, value: bytes | None)
     try:
         # Decimal mode: a threshold or a price written as a JSON number keeps every digit (pydantic's own JSON
         # parsing reads numbers as floats first).
-        definition = model.model_validate(jiter.from_json(value, float_mode="decimal"), context={DROPPED_ADDRESSES: dropped})
+        definition = model.model_validate(
+            jiter.from_json(value, float_mode="decimal"), context={DROPPED_ADDRESSES: dropped}
+        )
     except (ValidationError, ValueError) as error:
         log.warning("invalid definition ignored", model=model.__name__, id=definition_id, error=str(error))
         return None
     for address, reason in dropped:
-        log.warning("invalid e-mail address dropped: nothing is sent to it", model=model.__name__, id=definition_id,
-                    address=repr(address)[:300], reason=reason)
+        log.warning(
+            "invalid e-mail address dropped: nothing is sent to it",
+            model=model.__name__,
+            id=definition_id,
+            address=repr(address)[:300],
+            reason=reason,
+        )
     if getattr(definition, "id", definition_id) != definition_id:
         definition = definition.model_copy(update={"id": definition_id})
     return definition_id, definition
@@ -71,8 +80,9 @@ class DefinitionFeed(Generic[Definition]):
     `PARTITION_CHECK_INTERVAL` seconds and reads new partitions from their beginning.
     """
 
-    def __init__(self, settings: Settings, topic: str, model: type[Definition],
-                 apply: Callable[[str, Definition | None], None]) -> None:
+    def __init__(
+        self, settings: Settings, topic: str, model: type[Definition], apply: Callable[[str, Definition | None], None]
+    ) -> None:
         self.settings = settings
         self.topic = topic
         self.model = model
@@ -107,8 +117,9 @@ class DefinitionFeed(Generic[Definition]):
 
     async def run(self, stopping: asyncio.Event) -> None:
         # earliest: a topic deleted and re-created under the feed is read again from its start
-        consumer = AIOKafkaConsumer(**self.settings.kafka_client_options(), enable_auto_commit=False,
-                                    auto_offset_reset="earliest")
+        consumer = AIOKafkaConsumer(
+            **self.settings.kafka_client_options(), enable_auto_commit=False, auto_offset_reset="earliest"
+        )
         await consumer.start()
         try:
             try:
@@ -122,9 +133,12 @@ class DefinitionFeed(Generic[Definition]):
                     checked = time.monotonic()
                     try:
                         following = await self._follow(consumer, following)
-                    except KafkaError as error:  # keep reading what is known; a broker outage is logged once (logs.KafkaRetries)
+                    except (
+                        KafkaError
+                    ) as error:  # keep reading what is known; a broker outage is logged once (logs.KafkaRetries)
                         (log.debug if error.retriable else log.warning)(
-                            "could not look for new partitions", topic=self.topic, error=repr(error))
+                            "could not look for new partitions", topic=self.topic, error=repr(error)
+                        )
                 if not following:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stopping.wait(), 0.2)
@@ -143,7 +157,9 @@ class DefinitionFeed(Generic[Definition]):
         finally:
             await consumer.stop()
 
-    async def _follow(self, consumer: AIOKafkaConsumer, following: frozenset[TopicPartition]) -> frozenset[TopicPartition]:
+    async def _follow(
+        self, consumer: AIOKafkaConsumer, following: frozenset[TopicPartition]
+    ) -> frozenset[TopicPartition]:
         """Assigns the topic's current partitions: known ones keep their positions, new ones start at the beginning."""
         current = frozenset(TopicPartition(self.topic, p) for p in await partitions_of(consumer, self.topic) or ())
         if current == following:
@@ -158,8 +174,13 @@ class DefinitionFeed(Generic[Definition]):
         return current
 
 
-def feed_into(settings: Settings, topic: str, model: type[Definition], put: Callable[[Definition], object],
-              delete: Callable[[str], object]) -> DefinitionFeed[Definition]:
+def feed_into(
+    settings: Settings,
+    topic: str,
+    model: type[Definition],
+    put: Callable[[Definition], object],
+    delete: Callable[[str], object],
+) -> DefinitionFeed[Definition]:
     """A feed that keeps a catalog (anything with put(definition) and delete(id)) equal to the topic."""
 
     def apply(definition_id: str, definition: Definition | None) -> None:
@@ -172,8 +193,9 @@ def feed_into(settings: Settings, topic: str, model: type[Definition], put: Call
 
 
 @asynccontextmanager
-async def followed(settings: Settings, topic: str,
-                   model: type[Definition]) -> AsyncIterator[tuple[DefinitionFeed[Definition], dict[str, Definition]]]:
+async def followed(
+    settings: Settings, topic: str, model: type[Definition]
+) -> AsyncIterator[tuple[DefinitionFeed[Definition], dict[str, Definition]]]:
     """A running feed of `topic` into a dict by id, stopped when the block ends."""
     found: dict[str, Definition] = {}
 
@@ -193,7 +215,9 @@ async def followed(settings: Settings, topic: str,
         await task
 
 
-async def read_all(settings: Settings, topic: str, model: type[Definition], timeout: float = 30) -> dict[str, Definition]:
+async def read_all(
+    settings: Settings, topic: str, model: type[Definition], timeout: float = 30
+) -> dict[str, Definition]:
     """The topic's current definitions by id (a replay up to the end offsets at call time)."""
     async with followed(settings, topic, model) as (feed, found):
         async with asyncio.timeout(timeout):
@@ -226,8 +250,9 @@ class DefinitionWriter:
 
     async def put(self, definition_id: str, definition: BaseModel) -> RecordMetadata:
         assert self._producer is not None
-        return await self._producer.send_and_wait(self.topic, definition.model_dump_json(by_alias=True).encode(),
-                                                  key=definition_id.encode())
+        return await self._producer.send_and_wait(
+            self.topic, definition.model_dump_json(by_alias=True).encode(), key=definition_id.encode()
+        )
 
     async def delete(self, definition_id: str) -> RecordMetadata:
         assert self._producer is not None

@@ -44,24 +44,32 @@ def describe(settings: Settings, error: BaseException | None) -> str | None:
     host, port = first_bootstrap_server(settings)
     where = f"Kafka at {host}:{port}"
     if isinstance(error, SaslAuthenticationFailed):
-        return (f"{where} refused the credentials of user {settings.kafka_sasl_username!r} "
-                f"({settings.kafka_sasl_mechanism}): {error}; check METERING_KAFKA_SASL_USERNAME and "
-                f"METERING_KAFKA_SASL_PASSWORD")
+        return (
+            f"{where} refused the credentials of user {settings.kafka_sasl_username!r} "
+            f"({settings.kafka_sasl_mechanism}): {error}; check METERING_KAFKA_SASL_USERNAME and "
+            f"METERING_KAFKA_SASL_PASSWORD"
+        )
     if isinstance(error, UnsupportedSaslMechanismError):
         return f"{where} does not accept SASL mechanism {settings.kafka_sasl_mechanism}: {error}"
     if isinstance(error, ssl.SSLCertVerificationError):
-        return (f"{where}: its TLS certificate is not trusted ({error.verify_message}); "
-                f"set METERING_KAFKA_SSL_CAFILE to the CA that signed it")
+        return (
+            f"{where}: its TLS certificate is not trusted ({error.verify_message}); "
+            f"set METERING_KAFKA_SSL_CAFILE to the CA that signed it"
+        )
     if isinstance(error, ssl.SSLError):
         return f"{where}: TLS handshake failed ({error}); is METERING_KAFKA_SECURITY_PROTOCOL right for this listener?"
     if isinstance(error, ConnectionRefusedError):
         return f"{where}: connection refused (nothing listens there)"
     if isinstance(error, KafkaConnectionError):
-        return (f"{where}: the connection was closed during the handshake ({error}); "
-                f"is METERING_KAFKA_SECURITY_PROTOCOL ({settings.kafka_security_protocol}) right for this listener?")
+        return (
+            f"{where}: the connection was closed during the handshake ({error}); "
+            f"is METERING_KAFKA_SECURITY_PROTOCOL ({settings.kafka_security_protocol}) right for this listener?"
+        )
     if isinstance(error, TimeoutError):
-        return (f"{where}: no answer within {PROBE_TIMEOUT:.0f} s; "
-                f"is METERING_KAFKA_SECURITY_PROTOCOL ({settings.kafka_security_protocol}) right for this listener?")
+        return (
+            f"{where}: no answer within {PROBE_TIMEOUT:.0f} s; "
+            f"is METERING_KAFKA_SECURITY_PROTOCOL ({settings.kafka_security_protocol}) right for this listener?"
+        )
     return None
 
 

@@ -27,7 +27,9 @@ def configure(level: str = "INFO", json_output: bool | None = None) -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
-    logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True)
+    logging.basicConfig(
+        level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True
+    )
     for name in AIOKAFKA_LOGGERS:
         logger = logging.getLogger(name)
         if KAFKA_RETRIES not in logger.filters:
@@ -35,16 +37,36 @@ def configure(level: str = "INFO", json_output: bool | None = None) -> None:
 
 
 # Every aiokafka module that logs the errors it retries (the client's own logger is plain "aiokafka").
-AIOKAFKA_LOGGERS = ("aiokafka", "aiokafka.conn", "aiokafka.cluster", "aiokafka.consumer.consumer",
-                    "aiokafka.consumer.fetcher", "aiokafka.consumer.group_coordinator", "aiokafka.producer.producer",
-                    "aiokafka.producer.sender")
+AIOKAFKA_LOGGERS = (
+    "aiokafka",
+    "aiokafka.conn",
+    "aiokafka.cluster",
+    "aiokafka.consumer.consumer",
+    "aiokafka.consumer.fetcher",
+    "aiokafka.consumer.group_coordinator",
+    "aiokafka.producer.producer",
+    "aiokafka.producer.sender",
+)
 # aiokafka messages (their format strings' starts) about requests it retries by itself.
 _RETRIED_MESSAGES = (
-    "Unable connect to", "Unable to request metadata", "Unable to update metadata", "Failed fetch messages",
-    "Failed fetch offsets", "Group Coordinator Request failed", "FindCoordinator Request failed",
-    "Heartbeat send request failed", "Heartbeat session expired", "Heartbeat failed for group", "Marking the coordinator dead",
-    "Error sending", "Got error produce response", "Cannot send", "Could not send", "OffsetCommit failed before join",
-    "Topic %s is not available during auto-create", "Topic %s not found in cluster metadata",
+    "Unable connect to",
+    "Unable to request metadata",
+    "Unable to update metadata",
+    "Failed fetch messages",
+    "Failed fetch offsets",
+    "Group Coordinator Request failed",
+    "FindCoordinator Request failed",
+    "Heartbeat send request failed",
+    "Heartbeat session expired",
+    "Heartbeat failed for group",
+    "Marking the coordinator dead",
+    "Error sending",
+    "Got error produce response",
+    "Cannot send",
+    "Could not send",
+    "OffsetCommit failed before join",
+    "Topic %s is not available during auto-create",
+    "Topic %s not found in cluster metadata",
 )
 _UNREACHABLE = (KafkaConnectionError, NodeNotReadyError, RequestTimedOutError, ConnectionError, TimeoutError)
 
@@ -78,20 +100,31 @@ class KafkaRetries(logging.Filter):
         now = time.monotonic()
         self.notice_recovery(now)
         message = record.msg if isinstance(record.msg, str) else ""
-        errors = [arg for arg in record.args if isinstance(arg, BaseException)] if isinstance(record.args, tuple) else []
+        errors = (
+            [arg for arg in record.args if isinstance(arg, BaseException)] if isinstance(record.args, tuple) else []
+        )
         if any(isinstance(error, KafkaError) and not error.retriable for error in errors):
             return True  # e.g. refused credentials, not authorized: for a person
-        unreachable = (any(isinstance(error, _UNREACHABLE) for error in errors)
-                       or message.startswith(("Unable connect to", "Unable to update metadata")))
-        if not (unreachable or any(getattr(error, "retriable", False) for error in errors)
-                or message.startswith(_RETRIED_MESSAGES)):
+        unreachable = any(isinstance(error, _UNREACHABLE) for error in errors) or message.startswith(
+            ("Unable connect to", "Unable to update metadata")
+        )
+        if not (
+            unreachable
+            or any(getattr(error, "retriable", False) for error in errors)
+            or message.startswith(_RETRIED_MESSAGES)
+        ):
             return True
         if unreachable:
             if self.unreachable_since is None:
                 self.unreachable_since = now
-                self._log.warning("Kafka unreachable; its clients retry until it is back", error=record.getMessage()[:300])
+                self._log.warning(
+                    "Kafka unreachable; its clients retry until it is back", error=record.getMessage()[:300]
+                )
             self.last_unreachable = now
-        if self.unreachable_since is not None or now - self._last_said.get((record.name, record.msg), -self.every) < self.every:
+        if (
+            self.unreachable_since is not None
+            or now - self._last_said.get((record.name, record.msg), -self.every) < self.every
+        ):
             self.hushed += 1
             return False
         self._last_said[(record.name, record.msg)] = now
@@ -103,8 +136,11 @@ class KafkaRetries(logging.Filter):
         record and by `watch`)."""
         now = time.monotonic() if now is None else now
         if self.unreachable_since is not None and now - self.last_unreachable >= self.quiet:
-            self._log.warning("Kafka reachable again", unreachable_seconds=round(self.last_unreachable - self.unreachable_since, 1),
-                              retries_not_logged=self.hushed)
+            self._log.warning(
+                "Kafka reachable again",
+                unreachable_seconds=round(self.last_unreachable - self.unreachable_since, 1),
+                retries_not_logged=self.hushed,
+            )
             self.unreachable_since, self.hushed = None, 0
 
     async def watch(self) -> None:

@@ -101,7 +101,9 @@ class UsageProducer:
         await self._producer.send_and_wait(self.topic, record.to_json(), key=subject_key(record))
         return record
 
-    async def record_batch(self, records: Sequence[UsageRecord], batch_size: int = MAX_BATCH_RECORDS) -> list[UsageRecord]:
+    async def record_batch(
+        self, records: Sequence[UsageRecord], batch_size: int = MAX_BATCH_RECORDS
+    ) -> list[UsageRecord]:
         """`usage.recordBatch`: batch messages of up to `batch_size` records, all acknowledged on return. Records
         over several messages are not published atomically: a failed call may have published some, which a retry
         with the same record ids counts once."""
@@ -109,9 +111,14 @@ class UsageProducer:
         await self._send_all(messages_of(prepared, batch_size))
         return prepared
 
-    async def publish(self, records: Iterable[UsageRecord] | AsyncIterable[UsageRecord], batch_size: int = 1,
-                      progress: Callable[[int], None] = lambda sent: None) -> int:
-        """Streams any number of records (one per message, or batches of `batch_size`); returns how many were acknowledged."""
+    async def publish(
+        self,
+        records: Iterable[UsageRecord] | AsyncIterable[UsageRecord],
+        batch_size: int = 1,
+        progress: Callable[[int], None] = lambda sent: None,
+    ) -> int:
+        """Streams any number of records (one per message, or batches of `batch_size`); returns how many were
+        acknowledged."""
         if batch_size < 1 or batch_size > MAX_BATCH_RECORDS:
             raise ValueError(f"batch_size must be between 1 and {MAX_BATCH_RECORDS}")
         window = (IN_FLIGHT // batch_size + 1) * batch_size  # records awaited together

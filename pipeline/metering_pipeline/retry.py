@@ -54,9 +54,16 @@ class RetriesExhausted(Exception):
         self.error = error
 
 
-async def until_success(action: Callable[[], Awaitable[T]], what: str, *, transient: Callable[[BaseException], bool],
-                        first_delay: float = 0.2, max_delay: float = 15.0, max_attempts: int | None = None,
-                        streak: FailingStreak | None = None) -> T:
+async def until_success(
+    action: Callable[[], Awaitable[T]],
+    what: str,
+    *,
+    transient: Callable[[BaseException], bool],
+    first_delay: float = 0.2,
+    max_delay: float = 15.0,
+    max_attempts: int | None = None,
+    streak: FailingStreak | None = None,
+) -> T:
     """Keep trying while failures are `transient`: the caller blocks (and so stops consuming) instead of
     dropping or buffering without bound. Any other failure is raised at once, noted with `what`.
 

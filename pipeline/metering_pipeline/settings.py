@@ -24,7 +24,8 @@ def _default_home() -> Path:
 
 
 def seconds_or_iso_duration(value: object) -> object:
-    """`300` or `300.5` (seconds) as well as `PT5M`, for a timedelta field: pydantic alone misreads a bare number string."""
+    """`300` or `300.5` (seconds) as well as `PT5M`, for a timedelta field: pydantic alone misreads a bare number
+    string."""
     if isinstance(value, str):
         try:
             return float(value)
@@ -45,14 +46,20 @@ class Settings(BaseSettings):
     kafka_ssl_cafile: Path | None = None
     kafka_ssl_certfile: Path | None = None
     kafka_ssl_keyfile: Path | None = None
-    usage_partitions: int = Field(default=12, ge=1, description="Partitions of the usage topics when the product creates them")
+    usage_partitions: int = Field(
+        default=12, ge=1, description="Partitions of the usage topics when the product creates them"
+    )
     replication_factor: int = Field(default=1, ge=1, description="Replication factor of topics the product creates")
 
     # Worker
     flush_interval: float = Field(default=1.0, gt=0, description="Seconds between checkpoints (ClickHouse freshness)")
-    allowed_lateness: timedelta = Field(default=timedelta(days=35), description="Older records go to the DLQ as too_late")
+    allowed_lateness: timedelta = Field(
+        default=timedelta(days=35), description="Older records go to the DLQ as too_late"
+    )
     future_skew: timedelta = Field(default=timedelta(minutes=5), description="Records further ahead go to the DLQ")
-    dedup_window: timedelta = Field(default=timedelta(hours=24), description="A record id seen within it is not counted again")
+    dedup_window: timedelta = Field(
+        default=timedelta(hours=24), description="A record id seen within it is not counted again"
+    )
     processing_guarantee: Literal["exactly_once", "at_least_once"] = Field(
         default="exactly_once", description="exactly_once needs Kafka transactions (Apache Kafka; not tansu)"
     )
@@ -60,69 +67,103 @@ class Settings(BaseSettings):
         default=Decimal("0.8"), gt=0, lt=1, description="threshold.approaching fires at this fraction of the threshold"
     )
     worker_url: str | None = Field(
-        default=None, description="How other workers reach this one's web server (entitlement routing); "
-                                  "default http://<hostname>:<web port>"
+        default=None,
+        description="How other workers reach this one's web server (entitlement routing); "
+        "default http://<hostname>:<web port>",
     )
     max_poll_records: int = Field(default=20_000, ge=1)
     max_dimension_combinations: int = Field(
-        default=1_000, ge=1, description="Dimension rows a grouped metric may have per subject and period; a record "
-                                         "with a new combination past it is dead-lettered cardinality_limit")
+        default=1_000,
+        ge=1,
+        description="Dimension rows a grouped metric may have per subject and period; a record "
+        "with a new combination past it is dead-lettered cardinality_limit",
+    )
     max_distinct_values: int = Field(
-        default=100_000, ge=1, description="Distinct values a UNIQUE_COUNT rollup may hold (per subject, period and "
-                                           "dimension row); a record with a new value past it is dead-lettered "
-                                           "cardinality_limit")
+        default=100_000,
+        ge=1,
+        description="Distinct values a UNIQUE_COUNT rollup may hold (per subject, period and "
+        "dimension row); a record with a new value past it is dead-lettered "
+        "cardinality_limit",
+    )
     max_buffered_records: int = Field(
-        default=100_000, ge=1, description="Counted records a worker holds while ClickHouse is slow or down; "
-                                           "beyond this it pauses consumption (backpressure) until writes catch up")
+        default=100_000,
+        ge=1,
+        description="Counted records a worker holds while ClickHouse is slow or down; "
+        "beyond this it pauses consumption (backpressure) until writes catch up",
+    )
     writer_unhealthy_after: float = Field(
-        default=60.0, gt=0, description="Seconds a worker's ClickHouse writer may keep failing (retrying) before "
-                                        "/health answers 503: long enough for a ClickHouse restart, short enough to page")
+        default=60.0,
+        gt=0,
+        description="Seconds a worker's ClickHouse writer may keep failing (retrying) before "
+        "/health answers 503: long enough for a ClickHouse restart, short enough to page",
+    )
     kafka_session_timeout: float = Field(
-        default=30.0, gt=0, description="Seconds without a heartbeat before a worker's consumers leave their groups "
-                                        "(aiokafka's 10 s is easily missed by a busy worker; longer delays failover)")
-    consumer_group_prefix: str = Field(default="metering", description="Prefix of the worker's consumer groups and transactional ids")
+        default=30.0,
+        gt=0,
+        description="Seconds without a heartbeat before a worker's consumers leave their groups "
+        "(aiokafka's 10 s is easily missed by a busy worker; longer delays failover)",
+    )
+    consumer_group_prefix: str = Field(
+        default="metering", description="Prefix of the worker's consumer groups and transactional ids"
+    )
     topic_prefix: str = Field(default="", description="Prefix of every topic name (default none: the documented names)")
 
     # SMTP (threshold alert e-mails, `metering notifier`)
     smtp_host: str = "localhost"
     smtp_port: int = 25
-    smtp_security: Literal["none", "starttls", "tls"] = Field(default="none", description="starttls upgrades; tls connects over TLS")
+    smtp_security: Literal["none", "starttls", "tls"] = Field(
+        default="none", description="starttls upgrades; tls connects over TLS"
+    )
     smtp_username: str | None = None
     smtp_password: SecretStr | None = None
     smtp_from: str = "metering@localhost"
     smtp_timeout: float = Field(default=10.0, gt=0)
-    notify_max_attempts: int = Field(default=8, ge=1, description="Sends per (alert, address) before it is recorded as failed")
+    notify_max_attempts: int = Field(
+        default=8, ge=1, description="Sends per (alert, address) before it is recorded as failed"
+    )
 
     # HTTP API (`metering api`)
-    api_keys_file: Path = Field(default_factory=lambda: _default_home() / "api-keys.jsonl",
-                                description="JSON lines of hashed API keys (`metering api-key create`)")
+    api_keys_file: Path = Field(
+        default_factory=lambda: _default_home() / "api-keys.jsonl",
+        description="JSON lines of hashed API keys (`metering api-key create`)",
+    )
     api_max_batch_records: int = Field(default=500, ge=1, le=100_000, description="Records per POST /v1/usage/batch")
     api_max_request_bytes: int = Field(
-        default=16 * 1024 * 1024, ge=1024, description="Bytes of a request body; a larger one is refused with 413 "
-                                                       "before it is read")
+        default=16 * 1024 * 1024,
+        ge=1024,
+        description="Bytes of a request body; a larger one is refused with 413 before it is read",
+    )
 
     # ClickHouse (HTTP interface)
     clickhouse_url: str = "http://localhost:8123"
     clickhouse_user: str = "default"
     clickhouse_password: SecretStr = SecretStr("")
     clickhouse_database: str = "metering"
-    clickhouse_cluster: str | None = Field(default=None, description="Run migrations ON CLUSTER with Replicated engines")
+    clickhouse_cluster: str | None = Field(
+        default=None, description="Run migrations ON CLUSTER with Replicated engines"
+    )
     clickhouse_verify_tls: bool = True
     clickhouse_ca_cert: Path | None = None
     clickhouse_connect_timeout: float = Field(
-        default=5.0, gt=0, description="Seconds to open a connection to ClickHouse; also how long a starting worker "
-                                       "tries its migrations before it starts without ClickHouse")
+        default=5.0,
+        gt=0,
+        description="Seconds to open a connection to ClickHouse; also how long a starting worker "
+        "tries its migrations before it starts without ClickHouse",
+    )
     clickhouse_request_timeout: float = Field(
-        default=60.0, gt=0, description="Seconds a ClickHouse request may go without a byte of answer")
+        default=60.0, gt=0, description="Seconds a ClickHouse request may go without a byte of answer"
+    )
 
     @model_validator(mode="after")
     def _sasl_needs_a_sasl_protocol(self) -> Settings:
         """aiokafka ignores a mechanism under PLAINTEXT/SSL while Faust would use it: refuse the ambiguity."""
         sasl_protocol = self.kafka_security_protocol.startswith("SASL_")
         if (self.kafka_sasl_mechanism is not None) != sasl_protocol:
-            raise ValueError("METERING_KAFKA_SASL_MECHANISM needs METERING_KAFKA_SECURITY_PROTOCOL SASL_SSL or "
-                             "SASL_PLAINTEXT, and those need a mechanism (got "
-                             f"{self.kafka_sasl_mechanism or 'no mechanism'} with {self.kafka_security_protocol})")
+            raise ValueError(
+                "METERING_KAFKA_SASL_MECHANISM needs METERING_KAFKA_SECURITY_PROTOCOL SASL_SSL or "
+                "SASL_PLAINTEXT, and those need a mechanism (got "
+                f"{self.kafka_sasl_mechanism or 'no mechanism'} with {self.kafka_security_protocol})"
+            )
         return self
 
     @field_validator("allowed_lateness", "dedup_window", mode="before")

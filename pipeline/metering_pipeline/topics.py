@@ -14,8 +14,13 @@ from dataclasses import dataclass, field
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import (KafkaError, LeaderNotAvailableError, TopicAlreadyExistsError,
-                             UnknownTopicOrPartitionError, for_code)
+from aiokafka.errors import (
+    KafkaError,
+    LeaderNotAvailableError,
+    TopicAlreadyExistsError,
+    UnknownTopicOrPartitionError,
+    for_code,
+)
 from aiokafka.protocol.metadata import MetadataRequest
 from aiokafka.protocol.offset import OffsetRequest
 
@@ -117,8 +122,15 @@ async def ensure_topics(settings: Settings, specs: list[TopicSpec]) -> list[str]
         missing = [spec for spec in specs if spec.name not in existing]
         if not missing:
             return []
-        new = [NewTopic(s.name, num_partitions=s.partitions, replication_factor=settings.replication_factor,
-                        topic_configs=s.config) for s in missing]
+        new = [
+            NewTopic(
+                s.name,
+                num_partitions=s.partitions,
+                replication_factor=settings.replication_factor,
+                topic_configs=s.config,
+            )
+            for s in missing
+        ]
         response = await admin.create_topics(new)
         created = []
         for name, code, *_ in response.topic_errors:
@@ -136,15 +148,19 @@ async def _warn_if_not_compacted(admin: AIOKafkaAdminClient, specs: list[TopicSp
     early producer) may lack compaction: its definitions would then expire with the retention time."""
     if not specs:
         return
-    responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, s.name, {"cleanup.policy": None})
-                                              for s in specs])
+    responses = await admin.describe_configs(
+        [ConfigResource(ConfigResourceType.TOPIC, s.name, {"cleanup.policy": None}) for s in specs]
+    )
     wanted = {s.name: s.config["cleanup.policy"] for s in specs}
     for response in responses:
         for _code, _message, _type, name, entries in response.resources:
             policy = next((entry[1] for entry in entries if entry[0] == "cleanup.policy"), None)
             if policy is not None and wanted[name] not in policy.split(","):
-                log.warning("topic is not compacted: its entries expire with its retention time; "
-                            "set cleanup.policy=compact", topic=name, cleanup_policy=policy)
+                log.warning(
+                    "topic is not compacted: its entries expire with its retention time; set cleanup.policy=compact",
+                    topic=name,
+                    cleanup_policy=policy,
+                )
 
 
 async def _until_led(admin: AIOKafkaAdminClient, names: list[str], timeout: float = 30.0) -> None:
@@ -193,8 +209,9 @@ async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> frozenset[int
         if described["topic"] != topic:
             continue
         code = described["error_code"]
-        if code == UnknownTopicOrPartitionError.errno or (code == LeaderNotAvailableError.errno
-                                                          and not described["partitions"]):
+        if code == UnknownTopicOrPartitionError.errno or (
+            code == LeaderNotAvailableError.errno and not described["partitions"]
+        ):
             return None  # absent, or still being created
         if code not in (0, LeaderNotAvailableError.errno):
             raise for_code(code)(f"describing topic {topic!r}")

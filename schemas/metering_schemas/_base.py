@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from enum import Enum
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, GetCoreSchemaHandler, GetJsonSchemaHandler, WithJsonSchema
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
+    WithJsonSchema,
+)
 from pydantic.alias_generators import to_camel
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, PydanticCustomError, core_schema
@@ -39,9 +47,9 @@ class CaseInsensitiveEnum(str, Enum):
 def as_utc(value: datetime) -> datetime:
     """A timestamp without an offset is read as UTC, so periods never depend on a server's zone."""
     if value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
+        return value.replace(tzinfo=UTC)
     try:
-        return value.astimezone(timezone.utc)
+        return value.astimezone(UTC)
     except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00: a ValueError makes it a field error, not a crash
         raise ValueError("timestamp is out of range once converted to UTC") from None
 
@@ -76,9 +84,11 @@ class JsonNumberText:
 
 def _json_number_text(value: Any) -> Any:
     if isinstance(value, str) and _json_number(value) is None:
-        # The type pydantic gives any other unreadable decimal ("abc"), so the API's 422 and the dead letters name it alike.
-        raise PydanticCustomError("decimal_parsing",
-                                  'Input should be a JSON number or a string in JSON number form, e.g. "12", "-0.5", "1e3"')
+        # The type pydantic gives any other unreadable decimal ("abc"), so the API's 422 and the dead letters name it
+        # alike.
+        raise PydanticCustomError(
+            "decimal_parsing", 'Input should be a JSON number or a string in JSON number form, e.g. "12", "-0.5", "1e3"'
+        )
     return value
 
 

@@ -8,8 +8,17 @@ from typing import Annotated
 
 from pydantic import Field, field_validator, model_validator
 
-from metering_schemas._base import (AggregateQuantity, CaseInsensitiveEnum, Description, Identifier, JsonNumberText, Name,
-                                    Quantity, UtcDatetime, WireModel)
+from metering_schemas._base import (
+    AggregateQuantity,
+    CaseInsensitiveEnum,
+    Description,
+    Identifier,
+    JsonNumberText,
+    Name,
+    Quantity,
+    UtcDatetime,
+    WireModel,
+)
 from metering_schemas.currency import EXPONENTS
 from metering_schemas.metric import DimensionValues
 
@@ -22,8 +31,11 @@ Money = Annotated[Decimal, Field(ge=0, allow_inf_nan=False, max_digits=38, decim
 # rather than store it inexactly.
 AMOUNT_WHOLE_DIGITS = 58
 AMOUNT_PLACES = max(EXPONENTS.values())
-Amount = Annotated[Decimal, Field(allow_inf_nan=False, max_digits=AMOUNT_WHOLE_DIGITS + AMOUNT_PLACES,
-                                  decimal_places=AMOUNT_PLACES), JsonNumberText()]
+Amount = Annotated[
+    Decimal,
+    Field(allow_inf_nan=False, max_digits=AMOUNT_WHOLE_DIGITS + AMOUNT_PLACES, decimal_places=AMOUNT_PLACES),
+    JsonNumberText(),
+]
 
 
 class PricingModel(CaseInsensitiveEnum):
@@ -51,16 +63,21 @@ class Price(WireModel):
     metric_key: Identifier
     model: PricingModel
     unit_price: Money | None = Field(default=None, description="PER_UNIT")
-    tiers: list[PriceTier] = Field(default_factory=list, max_length=100,
-                                   description="TIERED_GRADUATED / TIERED_VOLUME, ascending by upTo, the last open-ended")
+    tiers: list[PriceTier] = Field(
+        default_factory=list,
+        max_length=100,
+        description="TIERED_GRADUATED / TIERED_VOLUME, ascending by upTo, the last open-ended",
+    )
     package_size: Quantity | None = Field(default=None, gt=0, description="PACKAGE: units per block")
     package_price: Money | None = Field(default=None, description="PACKAGE: price per started block")
     included_units: Quantity = Field(default=Decimal(0), ge=0, description="Free units before the model applies")
     minimum_charge: Money | None = None
     maximum_charge: Money | None = None
     dimensions: DimensionValues = Field(
-        default_factory=dict, description="Prices only the usage whose dimension values are these (some or all of the "
-                                          "metric's groupBy dimensions); empty: all of the metric's usage")
+        default_factory=dict,
+        description="Prices only the usage whose dimension values are these (some or all of the "
+        "metric's groupBy dimensions); empty: all of the metric's usage",
+    )
 
     @model_validator(mode="after")
     def _complete_for_its_model(self) -> Price:
@@ -74,9 +91,15 @@ class Price(WireModel):
             bounds = [tier.up_to for tier in self.tiers]
             if bounds[-1] is not None or any(bound is None for bound in bounds[:-1]):
                 raise ValueError("only the last tier is open-ended (upTo null), and it must be")
-            if any(b <= a for a, b in zip(bounds[:-2], bounds[1:-1])) or (bounds[0] is not None and bounds[0] <= 0):  # type: ignore[operator]
+            if any(b <= a for a, b in zip(bounds[:-2], bounds[1:-1], strict=True)) or (
+                bounds[0] is not None and bounds[0] <= 0
+            ):  # type: ignore[operator]
                 raise ValueError("tiers' upTo must be positive and strictly ascending")
-        if self.minimum_charge is not None and self.maximum_charge is not None and self.minimum_charge > self.maximum_charge:
+        if (
+            self.minimum_charge is not None
+            and self.maximum_charge is not None
+            and self.minimum_charge > self.maximum_charge
+        ):
             raise ValueError("minimumCharge is above maximumCharge")
         return self
 
@@ -89,7 +112,9 @@ class Plan(WireModel):
     description: Description = ""
     currency: str = Field(max_length=3, description="ISO 4217 code, e.g. USD")
     billing_period: BillingPeriod = BillingPeriod.MONTHLY
-    flat_fee: Money | None = Field(default=None, description="Recurring fee per billing period, prorated on plan changes")
+    flat_fee: Money | None = Field(
+        default=None, description="Recurring fee per billing period, prorated on plan changes"
+    )
     prices: list[Price] = Field(default_factory=list, max_length=200)
     org_id: Identifier | None = Field(default=None, description="Organization that owns it; null = global")
 
@@ -157,15 +182,19 @@ class InvoiceLine(WireModel):
     model: PricingModel | None = None
     starts_at: UtcDatetime
     ends_at: UtcDatetime
-    quantity: AggregateQuantity = Field(default=Decimal(0), description="The metric's aggregate over the segment "
-                                                                       "(up to 76 digits with 18 after the point)")
+    quantity: AggregateQuantity = Field(
+        default=Decimal(0),
+        description="The metric's aggregate over the segment (up to 76 digits with 18 after the point)",
+    )
     included_units: AggregateQuantity = Decimal(0)
     billable_units: AggregateQuantity = Decimal(0)
     tiers: list[TierLine] = Field(default_factory=list)
     packages: int | None = None
     adjustment: str | None = Field(default=None, description='"minimum_charge" or "maximum_charge" when one applied')
-    amount: Amount = Field(description="Rounded once, half-even, to the currency's minor unit; "
-                                       f"at most {AMOUNT_WHOLE_DIGITS} digits before the point")
+    amount: Amount = Field(
+        description="Rounded once, half-even, to the currency's minor unit; "
+        f"at most {AMOUNT_WHOLE_DIGITS} digits before the point"
+    )
 
 
 class PlanUse(WireModel):
@@ -185,9 +214,13 @@ class Invoice(WireModel):
     period_start: UtcDatetime
     period_end: UtcDatetime
     status: InvoiceStatus
-    closes_at: UtcDatetime = Field(description="When late records can no longer change it: periodEnd + allowed lateness")
+    closes_at: UtcDatetime = Field(
+        description="When late records can no longer change it: periodEnd + allowed lateness"
+    )
     currency: str | None
     plans: list[PlanUse]
     lines: list[InvoiceLine]
-    subtotal: Amount = Field(description=f"The sum of the rounded lines; at most {AMOUNT_WHOLE_DIGITS} digits before the point")
+    subtotal: Amount = Field(
+        description=f"The sum of the rounded lines; at most {AMOUNT_WHOLE_DIGITS} digits before the point"
+    )
     computed_at: UtcDatetime

@@ -46,6 +46,8 @@ class DeadLetter(WireModel):
     )
     original_size: int | None = Field(default=None, description="Size in bytes of the rejected message")
     truncated: bool = Field(
-        default=False, description="The evidence was cut to keep the dead letter within Kafka's message size: "
-                                   "original_value_base64 holds only the message's first 64 KiB and record is omitted")
+        default=False,
+        description="The evidence was cut to keep the dead letter within Kafka's message size: "
+        "original_value_base64 holds only the message's first 64 KiB and record is omitted",
+    )
     occurred_at: UtcDatetime

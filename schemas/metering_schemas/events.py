@@ -27,29 +27,35 @@ class Event(WireModel):
 class ThresholdAlert(Event):
     """A threshold crossed in one window: the value of `metering.alerts`, keyed `"{subjectType}:{subjectId}"`."""
 
-    id: str = Field(min_length=1, description="Deterministic: threshold, subject, window, type and limit; "
-                                              "de-duplicate by it")
+    id: str = Field(
+        min_length=1, description="Deterministic: threshold, subject, window, type and limit; de-duplicate by it"
+    )
     type: Literal["threshold.approaching", "threshold.exceeded"] = Field(
-        description="approaching: value >= fraction (default 0.8) x threshold; exceeded: value > threshold")
+        description="approaching: value >= fraction (default 0.8) x threshold; exceeded: value > threshold"
+    )
     threshold_id: Identifier
     metric_key: Identifier
     subject_type: Identifier
     subject_id: Identifier = Field(description='The subject whose usage crossed it (never "*")')
     threshold: AggregateQuantity = Field(description="The limit in force when it fired (exact decimal string)")
-    value: AggregateQuantity = Field(description="The metric's aggregate over the window when it fired "
-                                                 "(exact decimal string, up to 76 digits with 18 after the point)")
+    value: AggregateQuantity = Field(
+        description="The metric's aggregate over the window when it fired "
+        "(exact decimal string, up to 76 digits with 18 after the point)"
+    )
     period_type: ResetPeriod = Field(description="The window: the metric's resetPeriod (NEVER: all time)")
     period_start: EmittedUtcDatetime
     period_end: EmittedUtcDatetime = Field(description="Exclusive; 2106-01-01T00:00:00Z for NEVER")
     action: ThresholdAction = Field(description="BLOCK: the subject is blocked for the metric (entitlement checks)")
     notify_emails: list[str]
     occurred_at: EmittedUtcDatetime = Field(description="When the worker decided it")
-    dimensions: dict[str, str] = Field(default_factory=dict, description="The dimension row it was evaluated on "
-                                                                         "(the threshold's dimensions); empty: the total")
+    dimensions: dict[str, str] = Field(
+        default_factory=dict,
+        description="The dimension row it was evaluated on (the threshold's dimensions); empty: the total",
+    )
 
 
 class UsageAggregated(Event):
-    """A rollup as it stands after a checkpoint: the value of `usage.aggregated`, keyed `"{subjectType}:{subjectId}"`."""
+    """A rollup as it stands after a checkpoint: the value of `usage.aggregated`, keyed `"{subjectType}:{subjectId}"`."""  # noqa: E501 - the model's JSON Schema description, one line
 
     type: Literal["usage.aggregated"] = "usage.aggregated"
     metric_key: Identifier
@@ -58,12 +64,19 @@ class UsageAggregated(Event):
     period_type: PeriodType
     period_start: EmittedUtcDatetime
     period_end: EmittedUtcDatetime = Field(description="Exclusive")
-    total_quantity: AggregateQuantity = Field(description="The metric's aggregationType over the period, as in usage_summary "
-                                                          "(exact decimal string, up to 76 digits with 18 after the point)")
+    total_quantity: AggregateQuantity = Field(
+        description="The metric's aggregationType over the period, as in usage_summary "
+        "(exact decimal string, up to 76 digits with 18 after the point)"
+    )
     record_count: int = Field(ge=0)
-    version: int = Field(ge=0, description="Grows with every change of the rollup: a greater version supersedes, "
-                                           "the same version is the same state")
-    dimensions: dict[str, str] = Field(default_factory=dict, description="The dimension row's values; empty: the total row")
+    version: int = Field(
+        ge=0,
+        description="Grows with every change of the rollup: a greater version supersedes, "
+        "the same version is the same state",
+    )
+    dimensions: dict[str, str] = Field(
+        default_factory=dict, description="The dimension row's values; empty: the total row"
+    )
 
 
 class MetricDefined(Event):

@@ -1,4 +1,5 @@
-"""Generate the JSON Schema files in `metering_schemas/json/` from the models (`python -m metering_schemas.json_schema`)."""
+"""Generate the JSON Schema files in `metering_schemas/json/` from the models
+(`python -m metering_schemas.json_schema`)."""
 
 from __future__ import annotations
 

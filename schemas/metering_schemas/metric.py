@@ -42,8 +42,10 @@ MAX_UNIT = 64  # characters
 Unit = Annotated[str, Field(max_length=MAX_UNIT)]
 MAX_FILTER_PATHS = 10
 MAX_FILTER_VALUES = 100  # per path
-FilterRules = Annotated[dict[RecordPath, Annotated[list[DimensionValue], Field(max_length=MAX_FILTER_VALUES)]],
-                        Field(max_length=MAX_FILTER_PATHS)]
+FilterRules = Annotated[
+    dict[RecordPath, Annotated[list[DimensionValue], Field(max_length=MAX_FILTER_VALUES)]],
+    Field(max_length=MAX_FILTER_PATHS),
+]
 
 
 class MetricDefinition(WireModel):
@@ -58,13 +60,20 @@ class MetricDefinition(WireModel):
     reset_period: ResetPeriod = ResetPeriod.NEVER
     org_id: Identifier | None = Field(default=None, description="Organization scope; null = global")
     value_property: RecordPath | None = Field(
-        default=None, description='Where the quantity is read: "$.quantity" (null: the default) or "$.metadata.<name>..."; '
-                                  "for UNIQUE_COUNT, the value whose distinct strings are counted; ignored for COUNT")
+        default=None,
+        description='Where the quantity is read: "$.quantity" (null: the default) or "$.metadata.<name>..."; '
+        "for UNIQUE_COUNT, the value whose distinct strings are counted; ignored for COUNT",
+    )
     group_by: dict[DimensionName, MetadataPath] = Field(
-        default_factory=dict, max_length=MAX_GROUP_BY,
-        description="Dimensions: name -> metadata path. usage_summary then also has a row per combination of their values")
+        default_factory=dict,
+        max_length=MAX_GROUP_BY,
+        description="Dimensions: name -> metadata path. usage_summary then also has a row per combination of "
+        "their values",
+    )
     filter: FilterRules = Field(
-        default_factory=dict, description="A record counts only when the value at every path is one of the listed strings")
+        default_factory=dict,
+        description="A record counts only when the value at every path is one of the listed strings",
+    )
 
     @model_validator(mode="after")
     def _readable(self) -> MetricDefinition:

@@ -5,8 +5,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Annotated, Any
 
-from pydantic import (EmailStr, Field, TypeAdapter, ValidationError, ValidationInfo, ValidatorFunctionWrapHandler,
-                      field_validator)
+from pydantic import (
+    EmailStr,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+)
 
 from metering_schemas._base import CaseInsensitiveEnum, Identifier, Quantity, WireModel
 from metering_schemas.metric import DimensionValues
@@ -53,15 +60,20 @@ class UsageThreshold(WireModel):
     threshold: Quantity
     action: ThresholdAction = ThresholdAction.ALERT
     notify_emails: NotifyEmails = Field(default_factory=list)
-    org_id: Identifier | None = Field(default=None, description="Organization that owns it (set by org-scoped API keys)")
+    org_id: Identifier | None = Field(
+        default=None, description="Organization that owns it (set by org-scoped API keys)"
+    )
     dimensions: DimensionValues = Field(
-        default_factory=dict, description="Every groupBy dimension of the metric with a value: the threshold watches that "
-                                          "dimension row instead of the total (empty: the total)")
+        default_factory=dict,
+        description="Every groupBy dimension of the metric with a value: the threshold watches that "
+        "dimension row instead of the total (empty: the total)",
+    )
 
     @field_validator("notify_emails", mode="wrap")
     @classmethod
-    def _without_bad_addresses_when_read(cls, value: Any, handler: ValidatorFunctionWrapHandler,
-                                         info: ValidationInfo) -> list[str]:
+    def _without_bad_addresses_when_read(
+        cls, value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo
+    ) -> list[str]:
         """A threshold already on the topic keeps its limit and action (a BLOCK still blocks) when an address of it is
         bad, e.g. one written before addresses were checked: its readers drop the address and report it (context
         DROPPED_ADDRESSES). Without that context (the API, the CLI) a bad address refuses the threshold."""

@@ -54,7 +54,11 @@ class UsageSummary(WireModel):
     period_type: PeriodType
     period_start: UtcDatetime
     period_end: UtcDatetime
-    total_quantity: AggregateQuantity = Field(description="The metric's aggregationType over the period: up to 76 digits "
-                                                          "with 18 after the point (usage_summary's Decimal(76, 18))")
+    total_quantity: AggregateQuantity = Field(
+        description="The metric's aggregationType over the period: up to 76 digits "
+        "with 18 after the point (usage_summary's Decimal(76, 18))"
+    )
     record_count: int = Field(ge=0)
-    dimensions: dict[str, str] = Field(default_factory=dict, description="The dimension row's values; empty: the total row")
+    dimensions: dict[str, str] = Field(
+        default_factory=dict, description="The dimension row's values; empty: the total row"
+    )

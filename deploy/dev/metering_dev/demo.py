@@ -9,32 +9,50 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
+from metering_dev.worker_process import WorkerProcess, settings_env
 from metering_pipeline.definitions import DefinitionWriter
 from metering_pipeline.producer import UsageProducer
 from metering_pipeline.settings import Settings
 from metering_pipeline.topics import Topics
 from metering_pipeline.warehouse.client import connect
-from metering_dev.worker_process import WorkerProcess, settings_env
 from metering_schemas import AggregationType, MetricDefinition, ResetPeriod, UsageRecord
 
 DEMO_METRICS = [
-    MetricDefinition(id="api_calls", key="api_calls", name="API calls", unit="calls",
-                     aggregation_type=AggregationType.COUNT, reset_period=ResetPeriod.MONTHLY),
-    MetricDefinition(id="llm_tokens", key="llm_tokens", name="LLM tokens", unit="tokens",
-                     aggregation_type=AggregationType.SUM, reset_period=ResetPeriod.MONTHLY),
-    MetricDefinition(id="storage_gb", key="storage_gb", name="Storage (peak)", unit="GB",
-                     aggregation_type=AggregationType.MAX, reset_period=ResetPeriod.DAILY),
+    MetricDefinition(
+        id="api_calls",
+        key="api_calls",
+        name="API calls",
+        unit="calls",
+        aggregation_type=AggregationType.COUNT,
+        reset_period=ResetPeriod.MONTHLY,
+    ),
+    MetricDefinition(
+        id="llm_tokens",
+        key="llm_tokens",
+        name="LLM tokens",
+        unit="tokens",
+        aggregation_type=AggregationType.SUM,
+        reset_period=ResetPeriod.MONTHLY,
+    ),
+    MetricDefinition(
+        id="storage_gb",
+        key="storage_gb",
+        name="Storage (peak)",
+        unit="GB",
+        aggregation_type=AggregationType.MAX,
+        reset_period=ResetPeriod.DAILY,
+    ),
 ]
 
 
 def sample_records(count: int, seed: int = 1) -> list[UsageRecord]:
     """Deterministic sample usage: a few orgs calling APIs, spending tokens and storing data over the last day."""
     rng = random.Random(seed)
-    now = datetime.now(timezone.utc).replace(microsecond=0)
+    now = datetime.now(UTC).replace(microsecond=0)
     quantity: dict[str, Callable[[], Decimal]] = {
         "api_calls": lambda: Decimal(1),
         "llm_tokens": lambda: Decimal(rng.randint(10, 4000)),
@@ -76,7 +94,8 @@ def wait_until_counted(settings: Settings, seed: int, expected: int, timeout: fl
                 "SELECT (SELECT count() FROM usage_records FINAL WHERE startsWith(id, {prefix:String})), "
                 "(SELECT count() FROM usage_records FINAL WHERE timestamp >= toStartOfMonth(now('UTC'))), "
                 "(SELECT sum(record_count) FROM usage_summary WHERE period_type = 'MONTHLY' "
-                "AND period_start = toStartOfMonth(now('UTC')) AND empty(dimensions))",  # total rows: dimension rows repeat them
+                # Total rows: dimension rows repeat them.
+                "AND period_start = toStartOfMonth(now('UTC')) AND empty(dimensions))",
                 parameters={"prefix": f"demo-{seed}-"},
             ).result_rows[0]
             if counted >= expected and rolled_up >= this_month:

@@ -35,12 +35,12 @@ CONFIGURATION = CHECKOUT / "docs" / "configuration.md"
 MEANINGS: dict[str, str] = {
     "kafka_bootstrap": "Kafka bootstrap servers (`host:port`, comma-separated)",
     "kafka_security_protocol": "How every Kafka client of the product connects; the `SASL_*` protocols need "
-                               "`METERING_KAFKA_SASL_MECHANISM`, and a mechanism needs one of them",
+    "`METERING_KAFKA_SASL_MECHANISM`, and a mechanism needs one of them",
     "kafka_sasl_mechanism": "SASL mechanism, with `SASL_SSL` or `SASL_PLAINTEXT` only",
     "kafka_sasl_username": "SASL user",
     "kafka_sasl_password": "SASL password; never shown in output, logs or `/metrics`",
     "kafka_ssl_cafile": "CA certificate (PEM) that signed the brokers' certificates, unless the system already "
-                        "trusts it; empty means none",
+    "trusts it; empty means none",
     "kafka_ssl_certfile": "Client certificate (PEM) for mutual TLS; empty means none",
     "kafka_ssl_keyfile": "Key of the client certificate (PEM); empty means none",
     "max_poll_records": "Records the router and the rollup stage each take from Kafka per poll",
@@ -56,7 +56,7 @@ MEANINGS: dict[str, str] = {
     "clickhouse_database": "Database of the product's tables",
     "clickhouse_verify_tls": "Verify the certificate of an `https://` URL (`false` turns verification off)",
     "clickhouse_ca_cert": "CA certificate (PEM) for an `https://` URL whose certificate a private CA signed; "
-                          "empty means none",
+    "empty means none",
     "stack_dir": "Data, logs and pid files of the local stack",
     "cache_dir": "Cache of the Apache Kafka broker resolved from Maven Central (`kafka-<version>/`)",
     "kafka_version": "Apache Kafka release the local stack resolves",
@@ -64,8 +64,14 @@ MEANINGS: dict[str, str] = {
 }
 
 TYPE_NAMES: dict[object, str] = {
-    str: "string", int: "integer", float: "number", bool: "boolean", Decimal: "decimal", Path: "path",
-    SecretStr: "secret string", timedelta: "duration (ISO 8601, e.g. `PT5M`, or seconds)",
+    str: "string",
+    int: "integer",
+    float: "number",
+    bool: "boolean",
+    Decimal: "decimal",
+    Path: "path",
+    SecretStr: "secret string",
+    timedelta: "duration (ISO 8601, e.g. `PT5M`, or seconds)",
 }
 
 HEADER = """\
@@ -89,10 +95,9 @@ How to connect to a secured Kafka cluster or to ClickHouse over TLS:
 """
 
 SECTION_INTROS = {
-    "cli": "Options of `metering` commands that fall back to an environment variable; they are not part of "
-           "`Settings`.",
+    "cli": "Options of `metering` commands that fall back to an environment variable; they are not part of `Settings`.",
     "stack": "Read by the development distribution only (`metering_dev.settings.StackSettings`): where "
-             "`metering stack` keeps its data and which broker it runs. The product ignores them.",
+    "`metering stack` keeps its data and which broker it runs. The product ignores them.",
 }
 
 
@@ -156,7 +161,7 @@ def _default_text(field: FieldInfo) -> str:
     if isinstance(value, Path):
         home = str(Path.home())
         text = str(value)
-        return _code("~" + text[len(home):] if text.startswith(home + "/") else text)
+        return _code("~" + text[len(home) :] if text.startswith(home + "/") else text)
     if isinstance(value, bool):
         return _code(str(value).lower())
     if value == "":
@@ -167,8 +172,9 @@ def _default_text(field: FieldInfo) -> str:
 def _meaning(name: str, field: FieldInfo, model: type[BaseSettings]) -> str:
     meaning = field.description or MEANINGS.get(name)
     if not meaning:
-        raise ValueError(f"{model.__name__}.{name} has no description: give the field one (or add it to "
-                         f"metering_dev.docs.MEANINGS)")
+        raise ValueError(
+            f"{model.__name__}.{name} has no description: give the field one (or add it to metering_dev.docs.MEANINGS)"
+        )
     return meaning
 
 
@@ -195,8 +201,10 @@ def _settings_table(model: type[BaseSettings], names: list[str]) -> list[str]:
     lines = ["| variable | type | default | meaning |", "|---|---|---|---|"]
     for name in names:
         field = model.model_fields[name]
-        lines.append(f"| {_code(_env_name(model, name))} | {_cell(_type_text(field))} | {_cell(_default_text(field))} "
-                     f"| {_cell(_meaning(name, field, model))} |")
+        lines.append(
+            f"| {_code(_env_name(model, name))} | {_cell(_type_text(field))} | {_cell(_default_text(field))} "
+            f"| {_cell(_meaning(name, field, model))} |"
+        )
     return lines
 
 
@@ -243,8 +251,9 @@ def render() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m metering_dev.docs",
-                                     description="Write docs/configuration.md from the settings models.")
+    parser = argparse.ArgumentParser(
+        prog="python -m metering_dev.docs", description="Write docs/configuration.md from the settings models."
+    )
     parser.add_argument("--output", type=Path, default=CONFIGURATION, help=f"default: {CONFIGURATION}")
     parser.add_argument("--check", action="store_true", help="exit 1 if the file differs from the rendering")
     arguments = parser.parse_args(argv)

@@ -24,8 +24,10 @@ def settings_env(settings: Settings) -> dict[str, str]:
     optional = (
         ("METERING_KAFKA_SASL_MECHANISM", settings.kafka_sasl_mechanism),
         ("METERING_KAFKA_SASL_USERNAME", settings.kafka_sasl_username),
-        ("METERING_KAFKA_SASL_PASSWORD", settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password
-         else None),
+        (
+            "METERING_KAFKA_SASL_PASSWORD",
+            settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else None,
+        ),
         ("METERING_KAFKA_SSL_CAFILE", settings.kafka_ssl_cafile),
         ("METERING_CLICKHOUSE_CA_CERT", settings.clickhouse_ca_cert),
     )
@@ -62,8 +64,19 @@ class WorkerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "metering_pipeline.cli", "worker", "--web-port", str(self.web_port), "--loglevel", "warn"],
-                env={**os.environ, "METERING_WORKER_URL": self.url, **self.env}, stdout=log, stderr=subprocess.STDOUT,
+                [
+                    sys.executable,
+                    "-m",
+                    "metering_pipeline.cli",
+                    "worker",
+                    "--web-port",
+                    str(self.web_port),
+                    "--loglevel",
+                    "warn",
+                ],
+                env={**os.environ, "METERING_WORKER_URL": self.url, **self.env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         return self
 

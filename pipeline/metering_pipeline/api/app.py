@@ -14,16 +14,28 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from metering_pipeline.api import billing, metrics, subjects, thresholds, usage
 from metering_pipeline.api.context import ApiContext, lifespan
-from metering_pipeline.api.errors import (ApiError, on_api_error, on_http_error, on_too_large, on_unavailable,
-                                          on_validation_error)
+from metering_pipeline.api.errors import (
+    ApiError,
+    on_api_error,
+    on_http_error,
+    on_too_large,
+    on_unavailable,
+    on_validation_error,
+)
 from metering_pipeline.api.keys import KeyRing
 from metering_pipeline.api.request_metrics import RequestMetrics, RequestMetricsMiddleware
 from metering_pipeline.api.security import AuthenticateFirst
 from metering_pipeline.settings import Settings
 from metering_pipeline.usage.intake import IntakeRules
 from metering_schemas._base import MAX_DESCRIPTION, MAX_IDENTIFIER, MAX_NAME
-from metering_schemas.metric import (MAX_DIMENSION_NAME, MAX_DIMENSION_VALUE, MAX_FILTER_PATHS, MAX_FILTER_VALUES,
-                                     MAX_GROUP_BY, MAX_UNIT)
+from metering_schemas.metric import (
+    MAX_DIMENSION_NAME,
+    MAX_DIMENSION_VALUE,
+    MAX_FILTER_PATHS,
+    MAX_FILTER_VALUES,
+    MAX_GROUP_BY,
+    MAX_UNIT,
+)
 from metering_schemas.threshold import MAX_EMAIL_LENGTH, MAX_NOTIFY_EMAILS
 
 DASHBOARD = Path(__file__).resolve().parent / "ui" / "index.html"
@@ -43,7 +55,7 @@ keys have `read` and/or `write` scopes and may be limited to one org.
 | threshold.create / threshold.update / threshold.delete / threshold.list | `POST /v1/thresholds`, `PUT /v1/thresholds/{id}`, `DELETE /v1/thresholds/{id}`, `GET /v1/thresholds` |
 | billing: plans, subscriptions | `POST /v1/plans`, `PUT`/`DELETE`/`GET /v1/plans/{key}`, `GET /v1/plans`; the same under `/v1/subscriptions` |
 | billing: invoice preview | `GET /v1/subjects/{subjectType}/{subjectId}/invoice?period=2026-11` |
-"""
+"""  # noqa: E501 - markdown table rows: a row is one line
 
 _RULES = IntakeRules()
 _DEFAULTS = Settings.model_fields
@@ -56,8 +68,8 @@ with `Retry-After` (the only answer worth retrying as it is).
 
 | limit | value | past it |
 |---|---|---|
-| request body | {_DEFAULTS['api_max_request_bytes'].default // 2**20} MiB by default (`METERING_API_MAX_REQUEST_BYTES`) | 413 `request_too_large` |
-| records per `POST /v1/usage/batch` | {_DEFAULTS['api_max_batch_records'].default} by default (`METERING_API_MAX_BATCH_RECORDS`); a batch travels in as many Kafka messages as it needs | 413 `batch_too_large` |
+| request body | {_DEFAULTS["api_max_request_bytes"].default // 2**20} MiB by default (`METERING_API_MAX_REQUEST_BYTES`) | 413 `request_too_large` |
+| records per `POST /v1/usage/batch` | {_DEFAULTS["api_max_batch_records"].default} by default (`METERING_API_MAX_BATCH_RECORDS`); a batch travels in as many Kafka messages as it needs | 413 `batch_too_large` |
 | ids, keys, subject types and ids, `orgId` | 1 to {MAX_IDENTIFIER} characters | 422 |
 | a record's `metadata` | {_RULES.max_metadata_bytes // 1024} KiB as JSON | 422 `too_large` |
 | `quantity`, prices, thresholds | a JSON number, or a string in JSON number form (`"12"`, `"-0.5"`, `"1e3"`); at most 38 digits, 18 after the point | 422 |
@@ -70,7 +82,7 @@ with `Retry-After` (the only answer worth retrying as it is).
 | a plan's `prices` / a price's `tiers` | 200 / 100 | 422 |
 | `Idempotency-Key` | 200 characters | 422 |
 | a write's Kafka message | what the broker takes (1 MiB by default) | 413 `message_too_large`, nothing published |
-"""
+"""  # noqa: E501 - markdown table rows: a row is one line
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -98,8 +110,12 @@ def create_app(settings: Settings) -> FastAPI:
     async def health() -> dict[str, bool]:
         return {"healthy": True}
 
-    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics: requests by route and status, the process",
-             response_class=PlainTextResponse)
+    @app.get(
+        "/metrics",
+        tags=["operations"],
+        summary="Prometheus metrics: requests by route and status, the process",
+        response_class=PlainTextResponse,
+    )
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(request_metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -92,19 +92,38 @@ def _plan_fields(key: str, body: PlanBody, who: Caller, context: ApiContext) -> 
         dimensions.setdefault(definition.key, set()).update(definition.group_by)
     unknown = [(i, p.metric_key) for i, p in enumerate(body.prices) if p.metric_key not in dimensions]
     if unknown:  # a typo would bill nothing, silently
-        raise ApiError(422, "unknown_metric", f"no metric {unknown[0][1]!r}",
-                       [FieldProblem(field=f"body.prices.{i}.metricKey", message="no such metric") for i, _ in unknown])
-    ungrouped = [(i, p.metric_key, name) for i, p in enumerate(body.prices) for name in p.dimensions
-                 if name not in dimensions[p.metric_key]]
+        raise ApiError(
+            422,
+            "unknown_metric",
+            f"no metric {unknown[0][1]!r}",
+            [FieldProblem(field=f"body.prices.{i}.metricKey", message="no such metric") for i, _ in unknown],
+        )
+    ungrouped = [
+        (i, p.metric_key, name)
+        for i, p in enumerate(body.prices)
+        for name in p.dimensions
+        if name not in dimensions[p.metric_key]
+    ]
     if ungrouped:  # likewise: no usage has a dimension the metric is not grouped by
-        raise ApiError(422, "unknown_dimension", f"metric {ungrouped[0][1]!r} has no groupBy dimension {ungrouped[0][2]!r}",
-                       [FieldProblem(field=f"body.prices.{i}.dimensions.{name}",
-                                     message=f"not a groupBy dimension of {key!r}") for i, key, name in ungrouped])
+        raise ApiError(
+            422,
+            "unknown_dimension",
+            f"metric {ungrouped[0][1]!r} has no groupBy dimension {ungrouped[0][2]!r}",
+            [
+                FieldProblem(field=f"body.prices.{i}.dimensions.{name}", message=f"not a groupBy dimension of {key!r}")
+                for i, key, name in ungrouped
+            ],
+        )
     return body.model_dump(by_alias=True) | {"key": key, "orgId": org}
 
 
-@router.post("/v1/plans", status_code=201, response_model=Plan, summary="plan.create",
-             responses=links(201, *each(("get", "put", "delete"), "/v1/plans/{key}", from_body(key="key"))))
+@router.post(
+    "/v1/plans",
+    status_code=201,
+    response_model=Plan,
+    summary="plan.create",
+    responses=links(201, *each(("get", "put", "delete"), "/v1/plans/{key}", from_body(key="key"))),
+)
 async def create_plan(body: PlanInput, request: Request, who: Caller = Depends(writer)) -> Plan:
     context = _context(request)
     if body.key in context.plans:
@@ -165,10 +184,21 @@ async def _put_subscription(context: ApiContext, who: Caller, fields: dict) -> S
     return subscription
 
 
-@router.post("/v1/subscriptions", status_code=201, response_model=Subscription, summary="subscription.create",
-             responses=links(201, *each(("put", "delete"), "/v1/subscriptions/{subscription_id}", from_body(subscription_id="id")),
-                             ("get", "/v1/subjects/{subject_type}/{subject_id}/invoice",
-                              from_body(subject_type="subjectType", subject_id="subjectId"))))
+@router.post(
+    "/v1/subscriptions",
+    status_code=201,
+    response_model=Subscription,
+    summary="subscription.create",
+    responses=links(
+        201,
+        *each(("put", "delete"), "/v1/subscriptions/{subscription_id}", from_body(subscription_id="id")),
+        (
+            "get",
+            "/v1/subjects/{subject_type}/{subject_id}/invoice",
+            from_body(subject_type="subjectType", subject_id="subjectId"),
+        ),
+    ),
+)
 async def create_subscription(body: SubscriptionInput, request: Request, who: Caller = Depends(writer)) -> Subscription:
     context = _context(request)
     org = body.org_id if body.org_id is not None else who.org_id
@@ -176,13 +206,16 @@ async def create_subscription(body: SubscriptionInput, request: Request, who: Ca
     _check_subject(body.subject_type, body.subject_id, who)
     subscription_id = body.id or f"sub-{uuid.uuid4().hex[:12]}"
     if subscription_id in context.subscriptions:
-        raise ApiError(409, "conflict", f"subscription {subscription_id!r} exists; use PUT /v1/subscriptions/{subscription_id}")
+        raise ApiError(
+            409, "conflict", f"subscription {subscription_id!r} exists; use PUT /v1/subscriptions/{subscription_id}"
+        )
     return await _put_subscription(context, who, body.model_dump(by_alias=True) | {"id": subscription_id, "orgId": org})
 
 
 @router.put("/v1/subscriptions/{subscription_id}", response_model=Subscription, summary="subscription.update")
-async def update_subscription(subscription_id: str, body: SubscriptionChange, request: Request,
-                              who: Caller = Depends(writer)) -> Subscription:
+async def update_subscription(
+    subscription_id: str, body: SubscriptionChange, request: Request, who: Caller = Depends(writer)
+) -> Subscription:
     context = _context(request)
     current = _subscription(subscription_id, who, context)
     changes = body.model_dump(by_alias=True, exclude_unset=True)
@@ -200,27 +233,41 @@ async def delete_subscription(subscription_id: str, request: Request, who: Calle
 
 
 @router.get("/v1/subscriptions", response_model=SubscriptionList, summary="subscription.list")
-async def list_subscriptions(request: Request, subject_type: str | None = Query(default=None, alias="subjectType"),
-                             subject_id: str | None = Query(default=None, alias="subjectId"),
-                             who: Caller = Depends(reader)) -> SubscriptionList:
-    found = [s for s in _context(request).subscriptions.values() if who.may_act_for(s.org_id)
-             and (subject_type is None or s.subject_type == subject_type)
-             and (subject_id is None or s.subject_id == subject_id)]
+async def list_subscriptions(
+    request: Request,
+    subject_type: str | None = Query(default=None, alias="subjectType"),
+    subject_id: str | None = Query(default=None, alias="subjectId"),
+    who: Caller = Depends(reader),
+) -> SubscriptionList:
+    found = [
+        s
+        for s in _context(request).subscriptions.values()
+        if who.may_act_for(s.org_id)
+        and (subject_type is None or s.subject_type == subject_type)
+        and (subject_id is None or s.subject_id == subject_id)
+    ]
     return SubscriptionList(subscriptions=sorted(found, key=lambda s: (s.subject_type, s.subject_id, s.start_at, s.id)))
 
 
 @router.get("/v1/subjects/{subject_type}/{subject_id}/invoice", response_model=Invoice, summary="invoice.preview")
-async def get_invoice(subject_type: str, subject_id: str, request: Request,
-                      period: str = Query(pattern=r"^\d{4}-\d{2}$", description="Billing month, e.g. 2026-11"),
-                      who: Caller = Depends(reader)) -> Invoice:
-    """Line items from the subject's subscriptions and its hourly rollups; FINAL once the period can no longer change."""
+async def get_invoice(
+    subject_type: str,
+    subject_id: str,
+    request: Request,
+    period: str = Query(pattern=r"^\d{4}-\d{2}$", description="Billing month, e.g. 2026-11"),
+    who: Caller = Depends(reader),
+) -> Invoice:
+    """Line items from the subject's subscriptions and its hourly rollups; FINAL once the period can no longer change."""  # noqa: E501 - the operation's OpenAPI description, one line
     context = _context(request)
     _check_subject(subject_type, subject_id, who)
-    subscriptions = [s for s in context.subscriptions.values() if (s.subject_type, s.subject_id) == (subject_type, subject_id)]
+    subscriptions = [
+        s for s in context.subscriptions.values() if (s.subject_type, s.subject_id) == (subject_type, subject_id)
+    ]
     if who.org_id is not None and subject_type != "org" and not any(s.org_id == who.org_id for s in subscriptions):
         raise ApiError(404, "not_found", f"no subscriptions for {subject_type}:{subject_id} in org {who.org_id!r}")
     try:
-        return await invoice_for(context.settings, context.query, context.plans, subscriptions, subject_type, subject_id,
-                                 period)
+        return await invoice_for(
+            context.settings, context.query, context.plans, subscriptions, subject_type, subject_id, period
+        )
     except BillingError as error:
         raise ApiError(422 if error.code == "invalid_period" else 409, error.code, str(error)) from None

@@ -66,12 +66,22 @@ class ApiContext:
     async def running(self) -> AsyncIterator[ApiContext]:
         topics = Topics.of(self.settings)
         stopping = asyncio.Event()
-        self._catalogs = {topics.metrics: self.metrics, topics.thresholds: self.thresholds, topics.plans: self.plans,
-                          topics.subscriptions: self.subscriptions}
-        models = {topics.metrics: MetricDefinition, topics.thresholds: UsageThreshold, topics.plans: Plan,
-                  topics.subscriptions: Subscription}
-        self._feeds = {topic: feed_into(self.settings, topic, models[topic], catalog.put, catalog.delete)
-                       for topic, catalog in self._catalogs.items()}
+        self._catalogs = {
+            topics.metrics: self.metrics,
+            topics.thresholds: self.thresholds,
+            topics.plans: self.plans,
+            topics.subscriptions: self.subscriptions,
+        }
+        models = {
+            topics.metrics: MetricDefinition,
+            topics.thresholds: UsageThreshold,
+            topics.plans: Plan,
+            topics.subscriptions: Subscription,
+        }
+        self._feeds = {
+            topic: feed_into(self.settings, topic, models[topic], catalog.put, catalog.delete)
+            for topic, catalog in self._catalogs.items()
+        }
         feeds = list(self._feeds.values())
         async with AsyncExitStack() as stack:
             tasks = [feed.start(stopping) for feed in feeds]

@@ -55,16 +55,22 @@ async def on_unavailable(request: Request, error: Exception) -> JSONResponse:
     """Kafka or ClickHouse could not be reached: 503, so clients retry (records were not published)."""
     server = "kafka" if isinstance(error, KafkaError) else "clickhouse"
     log.warning("server unavailable", server=server, path=request.url.path, error=str(error)[:300])
-    body = ErrorBody(error=f"{server}_unavailable", message=f"{'Kafka' if server == 'kafka' else 'ClickHouse'} is "
-                                                             f"unavailable; retry later ({type(error).__name__})")
+    body = ErrorBody(
+        error=f"{server}_unavailable",
+        message=f"{'Kafka' if server == 'kafka' else 'ClickHouse'} is "
+        f"unavailable; retry later ({type(error).__name__})",
+    )
     return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "5"})
 
 
 async def on_too_large(request: Request, error: Exception) -> JSONResponse:
     """A message the producer or the broker refuses for its size will never be taken: 413, not "retry later"."""
     log.warning("message too large for Kafka", path=request.url.path, error=str(error)[:300])
-    body = ErrorBody(error="message_too_large", message="the request makes a Kafka message larger than the broker "
-                                                        f"takes; nothing was published ({type(error).__name__})")
+    body = ErrorBody(
+        error="message_too_large",
+        message="the request makes a Kafka message larger than the broker "
+        f"takes; nothing was published ({type(error).__name__})",
+    )
     return JSONResponse(body.model_dump(), status_code=413)
 
 
@@ -87,9 +93,13 @@ async def on_validation_error(request: Request, error: Exception) -> JSONRespons
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": description}
     for status, description in {
-        400: "Malformed request", 401: "Missing or unknown API key", 403: "The key's scope or org does not allow it",
-        404: "Not found", 409: "Already exists",
+        400: "Malformed request",
+        401: "Missing or unknown API key",
+        403: "The key's scope or org does not allow it",
+        404: "Not found",
+        409: "Already exists",
         413: "Too large: the request body (`request_too_large`) or a Kafka message it makes (`message_too_large`)",
-        422: "Invalid input", 503: "Kafka or ClickHouse unavailable",
+        422: "Invalid input",
+        503: "Kafka or ClickHouse unavailable",
     }.items()
 }

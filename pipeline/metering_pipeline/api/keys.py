@@ -12,7 +12,7 @@ import hashlib
 import hmac
 import os
 import secrets
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -68,8 +68,13 @@ class KeyRing:
         if any(k.name == name for k in self.keys()):
             raise ValueError(f"a key named {name!r} exists")
         key = generate()
-        entry = ApiKey(name=name, key_hash=digest(key), scopes=sorted(set(scopes)), org_id=org_id,
-                       created_at=datetime.now(timezone.utc))
+        entry = ApiKey(
+            name=name,
+            key_hash=digest(key),
+            scopes=sorted(set(scopes)),
+            org_id=org_id,
+            created_at=datetime.now(UTC),
+        )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         with os.fdopen(fd, "a") as out:

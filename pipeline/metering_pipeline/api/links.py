@@ -11,13 +11,18 @@ Target = tuple[str, str, dict[str, str]]  # method, path template, {parameter: r
 
 def links(status: int, *targets: Target) -> dict[int | str, dict[str, Any]]:
     """`responses` for a route whose `status` answer links to each target operation."""
-    return {status: {"description": _DESCRIPTIONS[status], "links": {
-        method + path.replace("/", "_").replace("{", "").replace("}", ""): {
-            "operationRef": f"#/paths/{path.replace('~', '~0').replace('/', '~1')}/{method}",
-            "parameters": parameters,
+    return {
+        status: {
+            "description": _DESCRIPTIONS[status],
+            "links": {
+                method + path.replace("/", "_").replace("{", "").replace("}", ""): {
+                    "operationRef": f"#/paths/{path.replace('~', '~0').replace('/', '~1')}/{method}",
+                    "parameters": parameters,
+                }
+                for method, path, parameters in targets
+            },
         }
-        for method, path, parameters in targets
-    }}}
+    }
 
 
 def from_body(**fields: str) -> dict[str, str]:

@@ -13,8 +13,8 @@ from metering_pipeline.api.errors import ERROR_RESPONSES, ApiError, invalid
 from metering_pipeline.api.links import each, from_body, links
 from metering_pipeline.api.security import Caller, reader, writer
 from metering_schemas import AggregationType, MetricDefinition, ResetPeriod
-from metering_schemas.metric import MAX_GROUP_BY, DimensionName, FilterRules, MetadataPath, RecordPath, Unit
 from metering_schemas._base import Description, Identifier, Name, WireModel
+from metering_schemas.metric import MAX_GROUP_BY, DimensionName, FilterRules, MetadataPath, RecordPath, Unit
 
 router = APIRouter(prefix="/v1/metrics", tags=["metrics"], route_class=DecimalJSONRoute, responses=ERROR_RESPONSES)
 
@@ -33,14 +33,20 @@ class MetricInput(WireModel):
     reset_period: ResetPeriod = ResetPeriod.NEVER
     org_id: Identifier | None = None
     value_property: RecordPath | None = Field(
-        default=None, description='Where the quantity is read: "$.quantity" (the default) or "$.metadata.<name>..."; '
-                                  "required for UNIQUE_COUNT (the value whose distinct strings are counted)")
+        default=None,
+        description='Where the quantity is read: "$.quantity" (the default) or "$.metadata.<name>..."; '
+        "required for UNIQUE_COUNT (the value whose distinct strings are counted)",
+    )
     group_by: dict[DimensionName, MetadataPath] = Field(
-        default_factory=dict, max_length=MAX_GROUP_BY,
-        description='Dimensions, name -> metadata path, e.g. {"model": "$.metadata.model"}')
+        default_factory=dict,
+        max_length=MAX_GROUP_BY,
+        description='Dimensions, name -> metadata path, e.g. {"model": "$.metadata.model"}',
+    )
     filter: FilterRules = Field(
-        default_factory=dict, description='Count only records whose value at every path is one of these, '
-                                          'e.g. {"$.metadata.region": ["eu", "us"]}')
+        default_factory=dict,
+        description="Count only records whose value at every path is one of these, "
+        'e.g. {"$.metadata.region": ["eu", "us"]}',
+    )
 
 
 class MetricChange(WireModel):
@@ -83,24 +89,34 @@ def _scoped(key: str, org_id: str | None, who: Caller, context: ApiContext) -> M
     return found
 
 
-@router.post("", status_code=201, response_model=MetricDefinition, summary="metric.define",
-             responses=links(201, *each(("get", "put", "delete"), "/v1/metrics/{key}", from_body(key="key"))))
+@router.post(
+    "",
+    status_code=201,
+    response_model=MetricDefinition,
+    summary="metric.define",
+    responses=links(201, *each(("get", "put", "delete"), "/v1/metrics/{key}", from_body(key="key"))),
+)
 async def define_metric(body: MetricInput, request: Request, who: Caller = Depends(writer)) -> MetricDefinition:
     org = body.org_id if body.org_id is not None else who.org_id
     who.require_org(org, "a global metric" if org is None else f"org {org!r}")
-    definition = _definition(body.model_dump() | {"id": body.id or (f"{org}:{body.key}" if org else body.key), "org_id": org})
+    definition = _definition(
+        body.model_dump() | {"id": body.id or (f"{org}:{body.key}" if org else body.key), "org_id": org}
+    )
     context = _context(request)
     if context.metrics.get(definition.id) is not None:
         raise ApiError(409, "conflict", f"metric id {definition.id!r} exists; use PUT /v1/metrics/{body.key}")
     if any(d.key == definition.key and d.org_id == org for d in context.metrics.definitions()):
-        raise ApiError(409, "conflict", f"metric key {definition.key!r} is already defined" + (f" for org {org!r}" if org else ""))
+        raise ApiError(
+            409, "conflict", f"metric key {definition.key!r} is already defined" + (f" for org {org!r}" if org else "")
+        )
     await context.publish(context.metrics, definition.id, definition)
     return definition
 
 
 @router.put("/{key}", response_model=MetricDefinition, summary="metric.update")
-async def update_metric(key: str, body: MetricChange, request: Request, org_id: str | None = OrgQuery,
-                        who: Caller = Depends(writer)) -> MetricDefinition:
+async def update_metric(
+    key: str, body: MetricChange, request: Request, org_id: str | None = OrgQuery, who: Caller = Depends(writer)
+) -> MetricDefinition:
     context = _context(request)
     current = _scoped(key, org_id, who, context)
     changes = body.model_dump(exclude_none=True)
@@ -112,7 +128,9 @@ async def update_metric(key: str, body: MetricChange, request: Request, org_id: 
 
 
 @router.delete("/{key}", status_code=204, summary="metric.delete")
-async def delete_metric(key: str, request: Request, org_id: str | None = OrgQuery, who: Caller = Depends(writer)) -> Response:
+async def delete_metric(
+    key: str, request: Request, org_id: str | None = OrgQuery, who: Caller = Depends(writer)
+) -> Response:
     context = _context(request)
     current = _scoped(key, org_id, who, context)
     await context.publish(context.metrics, current.id, None)
@@ -120,7 +138,9 @@ async def delete_metric(key: str, request: Request, org_id: str | None = OrgQuer
 
 
 @router.get("/{key}", response_model=MetricDefinition, summary="metric.get")
-async def get_metric(key: str, request: Request, org_id: str | None = OrgQuery, who: Caller = Depends(reader)) -> MetricDefinition:
+async def get_metric(
+    key: str, request: Request, org_id: str | None = OrgQuery, who: Caller = Depends(reader)
+) -> MetricDefinition:
     """The definition that applies: the org's own if it has one, else the global one."""
     org = who.org_id if who.org_id is not None else org_id
     who.require_org(org, f"metric {key!r}")
@@ -135,6 +155,9 @@ async def list_metrics(request: Request, org_id: str | None = OrgQuery, who: Cal
     """Global metrics and, for an org (an org key's own, or `orgId`), that org's."""
     org = who.org_id if who.org_id is not None else org_id
     who.require_org(org, "that list")
-    visible = [d for d in _context(request).metrics.definitions()
-               if d.org_id is None or d.org_id == org or (who.org_id is None and org is None)]
+    visible = [
+        d
+        for d in _context(request).metrics.definitions()
+        if d.org_id is None or d.org_id == org or (who.org_id is None and org is None)
+    ]
     return MetricList(metrics=sorted(visible, key=lambda d: (d.key, d.org_id or "")))

@@ -2,8 +2,8 @@
 
 Requests are labelled with the route's template (`/v1/metrics/{key}`), never the raw path, so a
 client walking through ids cannot grow the number of series: a path no route matches is
-`unmatched`, a method outside HTTP's usual ones `other`. Measured as plain ASGI middleware, until the last byte of the response is sent
-(exports stream).
+`unmatched`, a method outside HTTP's usual ones `other`. Measured as plain ASGI middleware, until the last byte
+of the response is sent (exports stream).
 """
 
 from __future__ import annotations
@@ -28,11 +28,19 @@ class RequestMetrics:
 
     def __init__(self) -> None:
         self.registry = process_registry()
-        self.requests = Counter("metering_api_requests", "HTTP requests answered, by method, route template and status.",
-                                LABELS, registry=self.registry)
-        self.seconds = Histogram("metering_api_request_seconds", "From a request's arrival to the last byte of its "
-                                 "response, by method, route template and status.", LABELS, buckets=BUCKETS,
-                                 registry=self.registry)
+        self.requests = Counter(
+            "metering_api_requests",
+            "HTTP requests answered, by method, route template and status.",
+            LABELS,
+            registry=self.registry,
+        )
+        self.seconds = Histogram(
+            "metering_api_request_seconds",
+            "From a request's arrival to the last byte of its response, by method, route template and status.",
+            LABELS,
+            buckets=BUCKETS,
+            registry=self.registry,
+        )
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         labels = (method if method in METHODS else "other", route, str(status))

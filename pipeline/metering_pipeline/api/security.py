@@ -15,8 +15,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from metering_pipeline.api.errors import ApiError, ErrorBody
-from metering_pipeline.api.keys import ApiKey, KeyRing
-from metering_pipeline.api.keys import Scope as KeyScope
+from metering_pipeline.api.keys import ApiKey, KeyRing, Scope as KeyScope
 
 _bearer = HTTPBearer(auto_error=False, description="An API key from `metering api-key create`")
 PROTECTED = "/v1/"  # every operation of the module; /health, /metrics, /ui and the OpenAPI stay open
@@ -34,8 +33,12 @@ class Caller:
 
     def require_org(self, org_id: str | None, what: str) -> None:
         if not self.may_act_for(org_id):
-            raise ApiError(403, "forbidden_org", f"this key acts for org {self.org_id!r} only; {what} belongs to "
-                                                 f"{'no org' if org_id is None else repr(org_id)}")
+            raise ApiError(
+                403,
+                "forbidden_org",
+                f"this key acts for org {self.org_id!r} only; {what} belongs to "
+                f"{'no org' if org_id is None else repr(org_id)}",
+            )
 
 
 class AuthenticateFirst:
@@ -55,8 +58,11 @@ class AuthenticateFirst:
         headers = Headers(scope=scope)
         key = self._key(headers.get("authorization"))
         if key is None:
-            message = ("send an API key as `Authorization: Bearer <key>`" if "authorization" not in headers
-                       else "unknown or revoked API key")
+            message = (
+                "send an API key as `Authorization: Bearer <key>`"
+                if "authorization" not in headers
+                else "unknown or revoked API key"
+            )
             await _answer(scope, receive, send, 401, "unauthenticated", message)
             return
         scope.setdefault("state", {})[_KEY] = key
@@ -83,8 +89,14 @@ class AuthenticateFirst:
         return self.keys.find(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await _answer(scope, receive, send, 413, "request_too_large",
-                      f"the request body is over {self.max_body_bytes} bytes (METERING_API_MAX_REQUEST_BYTES)")
+        await _answer(
+            scope,
+            receive,
+            send,
+            413,
+            "request_too_large",
+            f"the request body is over {self.max_body_bytes} bytes (METERING_API_MAX_REQUEST_BYTES)",
+        )
 
 
 async def _answer(scope: Scope, receive: Receive, send: Send, status: int, error: str, message: str) -> None:

@@ -3,7 +3,7 @@ thresholds in the current period, and its recent alerts."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -52,9 +52,13 @@ def _require_visible(subject_type: str, subject_id: str, who: Caller, context: A
 
 
 @router.get("/subjects", response_model=SubjectList, summary="Subjects with usage (for pickers)")
-async def list_subjects(request: Request, subject_type: str | None = Query(default=None, alias="subjectType"),
-                        search: str | None = Query(default=None, max_length=256, description="Part of the subject id"),
-                        limit: int = Query(default=100, ge=1, le=1000), who: Caller = Depends(reader)) -> SubjectList:
+async def list_subjects(
+    request: Request,
+    subject_type: str | None = Query(default=None, alias="subjectType"),
+    search: str | None = Query(default=None, max_length=256, description="Part of the subject id"),
+    limit: int = Query(default=100, ge=1, le=1000),
+    who: Caller = Depends(reader),
+) -> SubjectList:
     context = _context(request)
     found = await context.query(subjects_with_usage, subject_type, search, limit if who.org_id is None else 1000)
     visible = [Subject(subject_type=t, subject_id=i) for t, i in found if _visible(t, i, who, context)]
@@ -62,21 +66,23 @@ async def list_subjects(request: Request, subject_type: str | None = Query(defau
 
 
 @router.get("/subjects/{subject_type}/{subject_id}/status", summary="Current-period usage against thresholds")
-async def subject_status(subject_type: str, subject_id: str, request: Request,
-                         who: Caller = Depends(reader)) -> dict[str, Any]:
+async def subject_status(
+    subject_type: str, subject_id: str, request: Request, who: Caller = Depends(reader)
+) -> dict[str, Any]:
     """Per metric with thresholds: the value in its reset period's current window, each threshold's state
     (ok / approaching / exceeded), and whether a BLOCK threshold blocks the subject — the same shape as the
     worker's entitlement endpoint, read from ClickHouse."""
     context = _context(request)
     _require_visible(subject_type, subject_id, who, context)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     applying: dict[str, list[UsageThreshold]] = {}
     for threshold in context.thresholds.values():
         if threshold.subject_type == subject_type and threshold.subject_id in (subject_id, "*"):
             applying.setdefault(threshold.metric_key, []).append(threshold)
     org = subject_id if subject_type == "org" else None
-    exceeded = await context.query(exceeded_alerts, subject_type, subject_id,
-                                   [t.id for ts in applying.values() for t in ts])
+    exceeded = await context.query(
+        exceeded_alerts, subject_type, subject_id, [t.id for ts in applying.values() for t in ts]
+    )
     statuses = []
     for metric_key, thresholds in sorted(applying.items()):
         definition = context.metrics.resolve(metric_key, org)
@@ -84,20 +90,36 @@ async def subject_status(subject_type: str, subject_id: str, request: Request,
             statuses.append(SubjectStatus(metric_key, (subject_type, subject_id), None, None, Decimal(0), []))
             continue
         start, end = period_bounds(definition.reset_period, now)
-        value = (await context.query(billed_quantities, subject_type, subject_id, start, end)).get(metric_key, Decimal(0))
+        value = (await context.query(billed_quantities, subject_type, subject_id, start, end)).get(
+            metric_key, Decimal(0)
+        )
         limits = [
-            LimitStatus(t, limit_state(value, t.threshold, context.settings.threshold_approaching_fraction),
-                        t.action is ThresholdAction.BLOCK and (t.id, start, t.threshold) in exceeded)
+            LimitStatus(
+                t,
+                limit_state(value, t.threshold, context.settings.threshold_approaching_fraction),
+                t.action is ThresholdAction.BLOCK and (t.id, start, t.threshold) in exceeded,
+            )
             for t in sorted(thresholds, key=lambda t: t.threshold)
         ]
-        statuses.append(SubjectStatus(metric_key, (subject_type, subject_id), definition.reset_period, start, value, limits))
-    return {"subjectType": subject_type, "subjectId": subject_id, "asOf": now.isoformat().replace("+00:00", "Z"),
-            "metrics": [status.to_json() for status in statuses]}
+        statuses.append(
+            SubjectStatus(metric_key, (subject_type, subject_id), definition.reset_period, start, value, limits)
+        )
+    return {
+        "subjectType": subject_type,
+        "subjectId": subject_id,
+        "asOf": now.isoformat().replace("+00:00", "Z"),
+        "metrics": [status.to_json() for status in statuses],
+    }
 
 
 @router.get("/subjects/{subject_type}/{subject_id}/alerts", summary="A subject's recent threshold alerts")
-async def subject_alerts(subject_type: str, subject_id: str, request: Request,
-                         limit: int = Query(default=50, ge=1, le=1000), who: Caller = Depends(reader)) -> dict[str, Any]:
+async def subject_alerts(
+    subject_type: str,
+    subject_id: str,
+    request: Request,
+    limit: int = Query(default=50, ge=1, le=1000),
+    who: Caller = Depends(reader),
+) -> dict[str, Any]:
     context = _context(request)
     _require_visible(subject_type, subject_id, who, context)
     rows = await context.query(recent_alerts, subject_type, subject_id, limit)
@@ -109,7 +131,7 @@ def _alert_json(row: dict[str, object]) -> dict[str, object]:
     out: dict[str, object] = {}
     for column, value in row.items():
         if isinstance(value, datetime):
-            value = value.replace(tzinfo=timezone.utc).isoformat().replace("+00:00", "Z")
+            value = value.replace(tzinfo=UTC).isoformat().replace("+00:00", "Z")
         elif isinstance(value, Decimal):
             value = str(plain(value))
         out[to_camel(column)] = value

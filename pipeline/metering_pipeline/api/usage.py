@@ -7,7 +7,7 @@ import base64
 import dataclasses
 import uuid
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Literal
 
@@ -25,15 +25,32 @@ from metering_pipeline.usage.intake import IntakeRules, Refusal, judge, stored_m
 from metering_pipeline.usage.metrics import record_org
 from metering_pipeline.usage.periods import END_OF_TIME, EPOCH, period_end, period_start
 from metering_pipeline.warehouse.client import connect
-from metering_pipeline.warehouse.grouping import FILTER_PARAMETER, DimensionError, DimensionQuery, check_names, filters_from_query, summary_id
-from metering_pipeline.warehouse.queries import EXPORT_FORMATS, RecordFilter, open_usage_export, usage_records_page, usage_summaries
+from metering_pipeline.warehouse.grouping import (
+    FILTER_PARAMETER,
+    DimensionError,
+    DimensionQuery,
+    check_names,
+    filters_from_query,
+    summary_id,
+)
+from metering_pipeline.warehouse.queries import (
+    EXPORT_FORMATS,
+    RecordFilter,
+    open_usage_export,
+    usage_records_page,
+    usage_summaries,
+)
 from metering_schemas import MetricDefinition, PeriodType, UsageRecord, UsageSummary
 from metering_schemas._base import Identifier, UtcDatetime, WireModel, as_utc
 
 router = APIRouter(prefix="/v1/usage", tags=["usage"], route_class=DecimalJSONRoute, responses=ERROR_RESPONSES)
 
-IdempotencyKey = Header(default=None, alias="Idempotency-Key", max_length=200,
-                        description="Names the request: records without an id get ids derived from it, so a retry counts once")
+IdempotencyKey = Header(
+    default=None,
+    alias="Idempotency-Key",
+    max_length=200,
+    description="Names the request: records without an id get ids derived from it, so a retry counts once",
+)
 
 
 class RecordBatch(WireModel):
@@ -59,10 +76,11 @@ def _context(request: Request) -> ApiContext:
     return request.app.state.context
 
 
-def _admit(records: list[UsageRecord], who: Caller, context: ApiContext, idempotency_key: str | None,
-           batch: bool) -> list[UsageRecord]:
+def _admit(
+    records: list[UsageRecord], who: Caller, context: ApiContext, idempotency_key: str | None, batch: bool
+) -> list[UsageRecord]:
     """Every record checked before any is published: a request is accepted whole or refused whole."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     settings = context.settings
     rules = IntakeRules(settings.allowed_lateness, settings.future_skew)
     admitted: list[UsageRecord] = []
@@ -75,7 +93,11 @@ def _admit(records: list[UsageRecord], who: Caller, context: ApiContext, idempot
                 record = record.model_copy(update={"metadata": {**record.metadata, "orgId": who.org_id}})
                 org = who.org_id
             if org != who.org_id:
-                raise ApiError(403, "forbidden_org", f"{where}: subject {record.subject_type}:{record.subject_id} is not in org {who.org_id!r}")
+                raise ApiError(
+                    403,
+                    "forbidden_org",
+                    f"{where}: subject {record.subject_type}:{record.subject_id} is not in org {who.org_id!r}",
+                )
         verdict = judge(record, record.timestamp or now, now, context.metrics, rules)
         if not isinstance(verdict, Refusal):
             verdict = unreadable_payload(record, verdict, context.metrics) or stored_metadata(record, rules)
@@ -87,21 +109,35 @@ def _admit(records: list[UsageRecord], who: Caller, context: ApiContext, idempot
             record = record.model_copy(update={"id": record_id})
         admitted.append(record)
     if problems:
-        raise ApiError(422, "invalid_records", f"{len(problems)} of {len(records)} records refused; none was published", problems)
+        raise ApiError(
+            422, "invalid_records", f"{len(problems)} of {len(records)} records refused; none was published", problems
+        )
     return admitted
 
 
 # What a client reads after recording usage: the subject's records, its summary, its status against thresholds.
-_RECORDED = links(202, ("get", "/v1/usage", from_body(subjectType="records/0/subjectType", subjectId="records/0/subjectId")),
-                  ("get", "/v1/usage/summary", from_body(metricKey="records/0/metricKey", subjectType="records/0/subjectType",
-                                                         subjectId="records/0/subjectId")),
-                  ("get", "/v1/subjects/{subject_type}/{subject_id}/status",
-                   from_body(subject_type="records/0/subjectType", subject_id="records/0/subjectId")))
+_RECORDED = links(
+    202,
+    ("get", "/v1/usage", from_body(subjectType="records/0/subjectType", subjectId="records/0/subjectId")),
+    (
+        "get",
+        "/v1/usage/summary",
+        from_body(
+            metricKey="records/0/metricKey", subjectType="records/0/subjectType", subjectId="records/0/subjectId"
+        ),
+    ),
+    (
+        "get",
+        "/v1/subjects/{subject_type}/{subject_id}/status",
+        from_body(subject_type="records/0/subjectType", subject_id="records/0/subjectId"),
+    ),
+)
 
 
 @router.post("", status_code=202, response_model=Accepted, summary="usage.record", responses=_RECORDED)
-async def record_usage(body: UsageRecord, request: Request, idempotency_key: str | None = IdempotencyKey,
-                       who: Caller = Depends(writer)) -> Accepted:
+async def record_usage(
+    body: UsageRecord, request: Request, idempotency_key: str | None = IdempotencyKey, who: Caller = Depends(writer)
+) -> Accepted:
     context = _context(request)
     admitted = _admit([body], who, context, idempotency_key, batch=False)
     assert context.producer is not None
@@ -110,8 +146,9 @@ async def record_usage(body: UsageRecord, request: Request, idempotency_key: str
 
 
 @router.post("/batch", status_code=202, response_model=Accepted, summary="usage.recordBatch", responses=_RECORDED)
-async def record_usage_batch(body: RecordBatch, request: Request, idempotency_key: str | None = IdempotencyKey,
-                             who: Caller = Depends(writer)) -> Accepted:
+async def record_usage_batch(
+    body: RecordBatch, request: Request, idempotency_key: str | None = IdempotencyKey, who: Caller = Depends(writer)
+) -> Accepted:
     context = _context(request)
     limit = context.settings.api_max_batch_records
     if len(body.records) > limit:
@@ -128,30 +165,48 @@ _EARLIEST, _LATEST = EPOCH, END_OF_TIME  # what ClickHouse's DateTime can hold
 def _storable(name: str, value: datetime | None) -> datetime | None:
     value = _utc(value)
     if value is not None and not _EARLIEST <= value < _LATEST:
-        raise ApiError(422, "validation_error", f"{name} must be between 1970 and 2105",
-                       [FieldProblem(field=f"query.{name}", message="outside 1970-01-01 to 2106-01-01")])
+        raise ApiError(
+            422,
+            "validation_error",
+            f"{name} must be between 1970 and 2105",
+            [FieldProblem(field=f"query.{name}", message="outside 1970-01-01 to 2106-01-01")],
+        )
     return value
 
 
 def _range(start: datetime | None, end: datetime | None, default_days: int = 30) -> tuple[datetime, datetime]:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     start = _storable("from", start) or now - timedelta(days=default_days)
     end = _storable("to", end) or now + timedelta(days=1)
     if end <= start:
-        raise ApiError(422, "validation_error", "`to` must be after `from`",
-                       [FieldProblem(field="query.to", message="must be after from")])
+        raise ApiError(
+            422,
+            "validation_error",
+            "`to` must be after `from`",
+            [FieldProblem(field="query.to", message="must be after from")],
+        )
     return start, end
 
 
 def _utc(value: datetime | None) -> datetime | None:
-    return None if value is None else (value if value.tzinfo else value.replace(tzinfo=timezone.utc))
+    return None if value is None else (value if value.tzinfo else value.replace(tzinfo=UTC))
 
 
-def _selection(who: Caller, start: datetime | None, end: datetime | None, subject_type: str | None,
-               subject_id: str | None, metric_key: str | None) -> RecordFilter:
+def _selection(
+    who: Caller,
+    start: datetime | None,
+    end: datetime | None,
+    subject_type: str | None,
+    subject_id: str | None,
+    metric_key: str | None,
+) -> RecordFilter:
     if subject_id is not None and subject_type is None:
-        raise ApiError(422, "validation_error", "subjectId needs subjectType",
-                       [FieldProblem(field="query.subjectType", message="required with subjectId")])
+        raise ApiError(
+            422,
+            "validation_error",
+            "subjectId needs subjectType",
+            [FieldProblem(field="query.subjectType", message="required with subjectId")],
+        )
     first, last = _range(start, end)
     return RecordFilter(first, last, subject_type, subject_id, metric_key, who.org_id)
 
@@ -174,13 +229,17 @@ def _read_cursor(cursor: str) -> tuple[datetime, str]:
 
 
 @router.get("", response_model=RecordPage, summary="usage.get")
-async def get_usage(request: Request, subject_type: Identifier = Query(alias="subjectType", min_length=1, max_length=256),
-                    subject_id: Identifier = Query(alias="subjectId", min_length=1, max_length=256),
-                    metric_key: Identifier | None = Query(default=None, alias="metricKey", min_length=1, max_length=256),
-                    start: datetime | None = Query(default=None, alias="from", description="[default: 30 days ago]"),
-                    end: datetime | None = Query(default=None, alias="to", description="exclusive [default: tomorrow]"),
-                    limit: int = Query(default=100, ge=1, le=1000), cursor: str | None = Query(default=None, max_length=2000),
-                    who: Caller = Depends(reader)) -> RecordPage:
+async def get_usage(
+    request: Request,
+    subject_type: Identifier = Query(alias="subjectType", min_length=1, max_length=256),
+    subject_id: Identifier = Query(alias="subjectId", min_length=1, max_length=256),
+    metric_key: Identifier | None = Query(default=None, alias="metricKey", min_length=1, max_length=256),
+    start: datetime | None = Query(default=None, alias="from", description="[default: 30 days ago]"),
+    end: datetime | None = Query(default=None, alias="to", description="exclusive [default: tomorrow]"),
+    limit: int = Query(default=100, ge=1, le=1000),
+    cursor: str | None = Query(default=None, max_length=2000),
+    who: Caller = Depends(reader),
+) -> RecordPage:
     """A subject's raw usage records, oldest first, a page at a time."""
     selection = _selection(who, start, end, subject_type, subject_id, metric_key)
     after = _read_cursor(cursor) if cursor else None
@@ -190,16 +249,28 @@ async def get_usage(request: Request, subject_type: Identifier = Query(alias="su
 
 
 # OpenMeter's deep-object filter (`filterGroupBy[model]=gpt-4`), declared for OpenAPI; read from the raw query string.
-_FILTER_GROUP_BY_DOC = {"parameters": [{
-    "name": FILTER_PARAMETER, "in": "query", "required": False, "style": "deepObject", "explode": True,
-    "description": "Only usage whose dimension has this value, one value per dimension: "
-                   "`filterGroupBy[model]=gpt-4&filterGroupBy[region]=eu` (names: the metric's groupBy dimensions)",
-    "schema": {"type": "object", "additionalProperties": {"type": "string", "maxLength": 1024}},
-}]}
+_FILTER_GROUP_BY_DOC = {
+    "parameters": [
+        {
+            "name": FILTER_PARAMETER,
+            "in": "query",
+            "required": False,
+            "style": "deepObject",
+            "explode": True,
+            "description": "Only usage whose dimension has this value, one value per dimension: "
+            "`filterGroupBy[model]=gpt-4&filterGroupBy[region]=eu` (names: the metric's groupBy dimensions)",
+            "schema": {"type": "object", "additionalProperties": {"type": "string", "maxLength": 1024}},
+        }
+    ]
+}
 
-GroupByQuery = Query(default=[], alias="groupBy", max_length=10,
-                     description="Dimension names (repeatable: `groupBy=model&groupBy=region`): one summary per period "
-                                 "and combination of their values, which its `dimensions` carry")
+GroupByQuery = Query(
+    default=[],
+    alias="groupBy",
+    max_length=10,
+    description="Dimension names (repeatable: `groupBy=model&groupBy=region`): one summary per period "
+    "and combination of their values, which its `dimensions` carry",
+)
 
 
 def _dimension_problem(error: DimensionError) -> ApiError:
@@ -229,8 +300,12 @@ def _checked(query: DimensionQuery, definition: MetricDefinition | None, metric_
     if query.is_total:
         return
     if definition is None:
-        raise ApiError(422, "unknown_metric", f"no metric {metric_key!r}: its dimensions are not known",
-                       [FieldProblem(field="query.metricKey", message="no such metric")])
+        raise ApiError(
+            422,
+            "unknown_metric",
+            f"no metric {metric_key!r}: its dimensions are not known",
+            [FieldProblem(field="query.metricKey", message="no such metric")],
+        )
     try:
         query.check(definition.group_by, metric_key)
     except DimensionError as error:
@@ -238,15 +313,20 @@ def _checked(query: DimensionQuery, definition: MetricDefinition | None, metric_
 
 
 @router.get("/summary", response_model=SummaryList, summary="usage.getSummary", openapi_extra=_FILTER_GROUP_BY_DOC)
-async def get_summary(request: Request, metric_key: Identifier = Query(alias="metricKey", min_length=1, max_length=256),
-                      subject_type: Identifier = Query(alias="subjectType", min_length=1, max_length=256), subject_id: Identifier = Query(alias="subjectId", min_length=1, max_length=256),
-                      period_type: PeriodType = Query(default=PeriodType.MONTHLY, alias="periodType"),
-                      period_start_at: UtcDatetime | None = Query(default=None, alias="periodStart",
-                                                                  description="One period (the seed's getUsageSummary)"),
-                      start: datetime | None = Query(default=None, alias="from"),
-                      end: datetime | None = Query(default=None, alias="to"),
-                      group_by: list[str] = GroupByQuery,
-                      who: Caller = Depends(reader)) -> SummaryList:
+async def get_summary(
+    request: Request,
+    metric_key: Identifier = Query(alias="metricKey", min_length=1, max_length=256),
+    subject_type: Identifier = Query(alias="subjectType", min_length=1, max_length=256),
+    subject_id: Identifier = Query(alias="subjectId", min_length=1, max_length=256),
+    period_type: PeriodType = Query(default=PeriodType.MONTHLY, alias="periodType"),
+    period_start_at: UtcDatetime | None = Query(
+        default=None, alias="periodStart", description="One period (the seed's getUsageSummary)"
+    ),
+    start: datetime | None = Query(default=None, alias="from"),
+    end: datetime | None = Query(default=None, alias="to"),
+    group_by: list[str] = GroupByQuery,
+    who: Caller = Depends(reader),
+) -> SummaryList:
     """Rollups of one metric for one subject: the period containing `periodStart`, or every period in [from, to).
 
     By default the total rows; with `groupBy` and/or `filterGroupBy`, the usage split by (or restricted to) values
@@ -264,42 +344,73 @@ async def get_summary(request: Request, metric_key: Identifier = Query(alias="me
         first, last = _range(start, end)
     if who.org_id is not None and subject_type != "org":
         # The subject's org is known only from its records' metadata: it must have one in this org.
-        owned = await context.query(usage_records_page, RecordFilter(
-            datetime(1970, 1, 1, tzinfo=timezone.utc), datetime(2106, 1, 1, tzinfo=timezone.utc),
-            subject_type, subject_id, None, who.org_id), None, 1)
+        owned = await context.query(
+            usage_records_page,
+            RecordFilter(
+                datetime(1970, 1, 1, tzinfo=UTC),
+                datetime(2106, 1, 1, tzinfo=UTC),
+                subject_type,
+                subject_id,
+                None,
+                who.org_id,
+            ),
+            None,
+            1,
+        )
         if not owned:
             return SummaryList(summaries=[])
     aggregation = definition.aggregation_type if definition is not None else None
-    summaries = await context.query(usage_summaries, metric_key, subject_type, subject_id, period_type, first, last,
-                                    dimensions, aggregation)
+    summaries = await context.query(
+        usage_summaries, metric_key, subject_type, subject_id, period_type, first, last, dimensions, aggregation
+    )
     if period_start_at is not None and not summaries and not dimensions.group_by:
         # The period has no usage (of those dimension values): zero, as the seed's getUsageSummary answers.
         labels = dimensions.labels(())
-        summaries = [UsageSummary(id=summary_id(metric_key, subject_type, subject_id, period_type.value, first, labels),
-                                  metric_key=metric_key, subject_type=subject_type, subject_id=subject_id,
-                                  period_type=period_type, period_start=first, period_end=last,
-                                  total_quantity=Decimal(0), record_count=0, dimensions=labels)]
+        summaries = [
+            UsageSummary(
+                id=summary_id(metric_key, subject_type, subject_id, period_type.value, first, labels),
+                metric_key=metric_key,
+                subject_type=subject_type,
+                subject_id=subject_id,
+                period_type=period_type,
+                period_start=first,
+                period_end=last,
+                total_quantity=Decimal(0),
+                record_count=0,
+                dimensions=labels,
+            )
+        ]
     return SummaryList(summaries=summaries)
 
 
 _MEDIA_TYPES = {"csv": "text/csv", "jsonl": "application/x-ndjson", "parquet": "application/vnd.apache.parquet"}
 
 
-@router.get("/export", summary="usage.export", response_class=StreamingResponse, openapi_extra=_FILTER_GROUP_BY_DOC,
-            responses={200: {"content": {m: {} for m in _MEDIA_TYPES.values()}, "description": "The records, streamed"}})
-async def export_usage(request: Request, export_format: Literal["csv", "jsonl", "parquet"] = Query(default="csv", alias="format"),
-                       start: datetime | None = Query(default=None, alias="from"), end: datetime | None = Query(default=None, alias="to"),
-                       subject_type: Identifier | None = Query(default=None, alias="subjectType", min_length=1, max_length=256),
-                       subject_id: Identifier | None = Query(default=None, alias="subjectId", min_length=1, max_length=256),
-                       metric_key: Identifier | None = Query(default=None, alias="metricKey", min_length=1, max_length=256),
-                       who: Caller = Depends(reader)) -> StreamingResponse:
+@router.get(
+    "/export",
+    summary="usage.export",
+    response_class=StreamingResponse,
+    openapi_extra=_FILTER_GROUP_BY_DOC,
+    responses={200: {"content": {m: {} for m in _MEDIA_TYPES.values()}, "description": "The records, streamed"}},
+)
+async def export_usage(
+    request: Request,
+    export_format: Literal["csv", "jsonl", "parquet"] = Query(default="csv", alias="format"),
+    start: datetime | None = Query(default=None, alias="from"),
+    end: datetime | None = Query(default=None, alias="to"),
+    subject_type: Identifier | None = Query(default=None, alias="subjectType", min_length=1, max_length=256),
+    subject_id: Identifier | None = Query(default=None, alias="subjectId", min_length=1, max_length=256),
+    metric_key: Identifier | None = Query(default=None, alias="metricKey", min_length=1, max_length=256),
+    who: Caller = Depends(reader),
+) -> StreamingResponse:
     """Usage records of a time range, optionally one subject or metric, as CSV, JSON lines or Parquet; with
     `filterGroupBy[name]=value`, only the records with those dimension values. Each row ends with its `dimensions`."""
     dimensions = _dimension_query(request, [])
     if metric_key is not None and dimensions.filters:
         _checked(dimensions, _metric_for(_context(request), metric_key, who.org_id), metric_key)
-    selection = dataclasses.replace(_selection(who, start, end, subject_type, subject_id, metric_key),
-                                    dimensions=dimensions.filters)
+    selection = dataclasses.replace(
+        _selection(who, start, end, subject_type, subject_id, metric_key), dimensions=dimensions.filters
+    )
     assert export_format in EXPORT_FORMATS
     client = connect(_context(request).settings)  # its own connection: a long stream must not hold the shared one
     try:
@@ -315,5 +426,8 @@ async def export_usage(request: Request, export_format: Literal["csv", "jsonl", 
             client.close()
 
     filename = f"usage-{selection.start:%Y%m%dT%H%M%S}-{selection.end:%Y%m%dT%H%M%S}.{export_format}"
-    return StreamingResponse(chunks(), media_type=_MEDIA_TYPES[export_format],
-                             headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+    return StreamingResponse(
+        chunks(),
+        media_type=_MEDIA_TYPES[export_format],
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import decimal
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from metering_pipeline.billing.pricing import MONEY, charge, round_money
@@ -41,7 +41,7 @@ class Segment:
 def billing_period(period: str) -> tuple[datetime, datetime]:
     """`2026-11` → the calendar month in UTC, [start, end)."""
     try:
-        start = datetime.strptime(period, "%Y-%m").replace(tzinfo=timezone.utc)
+        start = datetime.strptime(period, "%Y-%m").replace(tzinfo=UTC)
     except ValueError:
         raise BillingError("invalid_period", f"period {period!r} is not YYYY-MM") from None
     if not 1970 <= start.year <= 2105:  # what ClickHouse's DateTime holds
@@ -49,8 +49,9 @@ def billing_period(period: str) -> tuple[datetime, datetime]:
     return start, period_end(ResetPeriod.MONTHLY, start)
 
 
-def segments(start: datetime, end: datetime, subscriptions: Iterable[Subscription],
-             plans: Mapping[str, Plan]) -> list[Segment]:
+def segments(
+    start: datetime, end: datetime, subscriptions: Iterable[Subscription], plans: Mapping[str, Plan]
+) -> list[Segment]:
     """The subscriptions active in [start, end), each clipped to it: a plan change mid-period gives two segments."""
     found = []
     for subscription in subscriptions:
@@ -60,13 +61,17 @@ def segments(start: datetime, end: datetime, subscriptions: Iterable[Subscriptio
             continue
         plan = plans.get(subscription.plan_key)
         if plan is None:
-            raise BillingError("unknown_plan", f"subscription {subscription.id!r} names plan {subscription.plan_key!r}, "
-                                               "which does not exist")
+            raise BillingError(
+                "unknown_plan",
+                f"subscription {subscription.id!r} names plan {subscription.plan_key!r}, which does not exist",
+            )
         found.append(Segment(subscription, plan, begins, ends))
     currencies = {segment.plan.currency for segment in found}
     if len(currencies) > 1:
-        raise BillingError("mixed_currencies", f"the period's plans bill in {', '.join(sorted(currencies))}; "
-                                               "one invoice has one currency")
+        raise BillingError(
+            "mixed_currencies",
+            f"the period's plans bill in {', '.join(sorted(currencies))}; one invoice has one currency",
+        )
     return sorted(found, key=lambda s: (s.start, s.subscription.id))
 
 
@@ -80,9 +85,16 @@ def status(now: datetime, end: datetime, allowed_lateness: timedelta, settled: b
     return InvoiceStatus.FINAL
 
 
-def price(subject_type: str, subject_id: str, period: str, parts: Sequence[Segment],
-          usage: Sequence[Mapping[Selection, Decimal]], now: datetime, invoice_status: InvoiceStatus,
-          allowed_lateness: timedelta) -> Invoice:
+def price(
+    subject_type: str,
+    subject_id: str,
+    period: str,
+    parts: Sequence[Segment],
+    usage: Sequence[Mapping[Selection, Decimal]],
+    now: datetime,
+    invoice_status: InvoiceStatus,
+    allowed_lateness: timedelta,
+) -> Invoice:
     """The invoice: per segment a prorated flat-fee line and one line per price, in the plan's order (usage[i] holds
     segment i's quantity per `Selection.of(price)`: the metric's total, or the usage with the price's dimension
     values). Each price is its own line over the usage it selects, so a metric priced with and without dimensions
@@ -93,32 +105,67 @@ def price(subject_type: str, subject_id: str, period: str, parts: Sequence[Segme
     for part, quantities in zip(parts, usage, strict=True):
         plan = part.plan
         if plan.flat_fee:
-            share = _PRORATION.divide(Decimal((part.end - part.start).total_seconds()),
-                                      Decimal((end - start).total_seconds()))
-            lines.append(InvoiceLine(type=LineType.FLAT_FEE, plan_key=plan.key, starts_at=part.start, ends_at=part.end,
-                                     amount=round_money(_PRORATION.multiply(plan.flat_fee, share), plan.currency)))
+            share = _PRORATION.divide(
+                Decimal((part.end - part.start).total_seconds()), Decimal((end - start).total_seconds())
+            )
+            lines.append(
+                InvoiceLine(
+                    type=LineType.FLAT_FEE,
+                    plan_key=plan.key,
+                    starts_at=part.start,
+                    ends_at=part.end,
+                    amount=round_money(_PRORATION.multiply(plan.flat_fee, share), plan.currency),
+                )
+            )
         for metric_price in plan.prices:
             selection = Selection.of(metric_price)
             quantity = quantities.get(selection, Decimal(0))
             charged = charge(metric_price, quantity, plan.currency)
             amount = _storable(charged.amount, f"plan {plan.key}'s {selection.label()} line")
-            lines.append(InvoiceLine(
-                type=LineType.USAGE, plan_key=plan.key, metric_key=metric_price.metric_key,
-                dimensions=dict(metric_price.dimensions), model=metric_price.model,
-                starts_at=part.start, ends_at=part.end, quantity=quantity, included_units=metric_price.included_units,
-                billable_units=charged.billable_units, tiers=list(charged.tiers), packages=charged.packages,
-                adjustment=charged.adjustment, amount=amount,
-            ))
+            lines.append(
+                InvoiceLine(
+                    type=LineType.USAGE,
+                    plan_key=plan.key,
+                    metric_key=metric_price.metric_key,
+                    dimensions=dict(metric_price.dimensions),
+                    model=metric_price.model,
+                    starts_at=part.start,
+                    ends_at=part.end,
+                    quantity=quantity,
+                    included_units=metric_price.included_units,
+                    billable_units=charged.billable_units,
+                    tiers=list(charged.tiers),
+                    packages=charged.packages,
+                    adjustment=charged.adjustment,
+                    amount=amount,
+                )
+            )
     subtotal = Decimal(0) if currency is None else round_money(Decimal(0), currency)
     for line in lines:
         subtotal = MONEY.add(subtotal, line.amount)
     _storable(subtotal, "the subtotal")
     return Invoice(
-        subject_type=subject_type, subject_id=subject_id, period=period, period_start=start, period_end=end,
-        status=invoice_status, closes_at=end + allowed_lateness, currency=currency,
-        plans=[PlanUse(subscription_id=p.subscription.id, plan_key=p.plan.key, plan_name=p.plan.name,
-                       starts_at=p.start, ends_at=p.end) for p in parts],
-        lines=lines, subtotal=subtotal, computed_at=now,
+        subject_type=subject_type,
+        subject_id=subject_id,
+        period=period,
+        period_start=start,
+        period_end=end,
+        status=invoice_status,
+        closes_at=end + allowed_lateness,
+        currency=currency,
+        plans=[
+            PlanUse(
+                subscription_id=p.subscription.id,
+                plan_key=p.plan.key,
+                plan_name=p.plan.name,
+                starts_at=p.start,
+                ends_at=p.end,
+            )
+            for p in parts
+        ],
+        lines=lines,
+        subtotal=subtotal,
+        computed_at=now,
     )
 
 
@@ -126,7 +173,10 @@ def _storable(amount: Decimal, what: str) -> Decimal:
     """An amount the Invoice model and the invoices table hold exactly; a larger one is a clear refusal (the API's
     409 `amount_too_large`), not a validation error deep in the model (a 500) or a failed insert."""
     if amount.copy_abs() >= _AMOUNT_LIMIT:  # copy_abs: abs() would round to the context's 28 digits
-        raise BillingError("amount_too_large", f"{what} comes to {amount}, over the {AMOUNT_WHOLE_DIGITS} digits before "
-                                               "the point an invoice amount can have; bound it with the price's "
-                                               "maximumCharge")
+        raise BillingError(
+            "amount_too_large",
+            f"{what} comes to {amount}, over the {AMOUNT_WHOLE_DIGITS} digits before "
+            "the point an invoice amount can have; bound it with the price's "
+            "maximumCharge",
+        )
     return amount

@@ -15,7 +15,9 @@ from metering_schemas.currency import minor_unit
 # packages (up to 10^76 blocks of 1e-18) × packagePrice at most 96 + 18, and 100 tiers add 2 more: 120 digits are
 # enough for every line, and the traps make any rounding here an error instead of a wrong amount.
 MONEY = decimal.Context(prec=120, traps=[decimal.Inexact, decimal.InvalidOperation, decimal.Overflow])
-_ROUNDING = decimal.Context(prec=MONEY.prec, rounding=decimal.ROUND_HALF_EVEN, traps=[decimal.InvalidOperation, decimal.Overflow])
+_ROUNDING = decimal.Context(
+    prec=MONEY.prec, rounding=decimal.ROUND_HALF_EVEN, traps=[decimal.InvalidOperation, decimal.Overflow]
+)
 _ZERO = Decimal(0)
 
 
@@ -84,8 +86,15 @@ def volume(tiers: list[PriceTier], units: Decimal) -> tuple[TierLine, ...]:
 
 def _tier_line(number: int, lower: Decimal, tier: PriceTier, units: Decimal) -> TierLine:
     amount = MONEY.add(MONEY.multiply(units, tier.unit_price), tier.flat_fee)
-    return TierLine(tier=number, from_units=lower, up_to=tier.up_to, units=units, unit_price=tier.unit_price,
-                    flat_fee=tier.flat_fee, amount=amount)
+    return TierLine(
+        tier=number,
+        from_units=lower,
+        up_to=tier.up_to,
+        units=units,
+        unit_price=tier.unit_price,
+        flat_fee=tier.flat_fee,
+        amount=amount,
+    )
 
 
 def _bounded(raw: Decimal, price: Price) -> tuple[Decimal, str | None]:

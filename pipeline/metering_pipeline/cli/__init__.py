@@ -36,22 +36,36 @@ class _Main(click.Group):
             from metering_pipeline.warehouse.errors import untrusted_certificate
 
             untrusted = untrusted_certificate(error)
-            cause = (f"its TLS certificate is not trusted ({untrusted.verify_message}); "
-                     f"set METERING_CLICKHOUSE_CA_CERT to the CA that signed it") if untrusted is not None else str(error)
-            raise click.ClickException(f"ClickHouse at {where.hostname}:{where.port or ''}: {cause}" if where
-                                       else f"ClickHouse: {cause}") from None
+            cause = (
+                (
+                    f"its TLS certificate is not trusted ({untrusted.verify_message}); "
+                    f"set METERING_CLICKHOUSE_CA_CERT to the CA that signed it"
+                )
+                if untrusted is not None
+                else str(error)
+            )
+            raise click.ClickException(
+                f"ClickHouse at {where.hostname}:{where.port or ''}: {cause}" if where else f"ClickHouse: {cause}"
+            ) from None
         except KafkaConnectionError as error:  # aiokafka logged the cause; name it in the one line
             from metering_pipeline.kafka_errors import explain_connection_failure
 
             explained = explain_connection_failure(ctx.obj) if ctx.obj else None
-            raise click.ClickException(explained or f"Kafka at {ctx.obj.kafka_bootstrap if ctx.obj else '?'}: {error}") from None
+            raise click.ClickException(
+                explained or f"Kafka at {ctx.obj.kafka_bootstrap if ctx.obj else '?'}: {error}"
+            ) from None
         except KafkaError as error:
             raise click.ClickException(f"Kafka at {ctx.obj.kafka_bootstrap if ctx.obj else '?'}: {error}") from None
 
 
 @click.group(cls=_Main)
-@click.option("--log-level", default="WARNING", show_default=True, envvar="METERING_LOG_LEVEL",
-              help="Of the CLI commands; `metering worker` has its own --loglevel.")
+@click.option(
+    "--log-level",
+    default="WARNING",
+    show_default=True,
+    envvar="METERING_LOG_LEVEL",
+    help="Of the CLI commands; `metering worker` has its own --loglevel.",
+)
 @click.pass_context
 def main(ctx: click.Context, log_level: str) -> None:
     """Usage metering: Kafka in, exact rollups in ClickHouse, threshold alerts out."""
@@ -66,7 +80,8 @@ def _settings_errors(error: ValidationError) -> str:
     """Per problem: the env var (fields map to METERING_<FIELD>) and the message, never the rejected value."""
     return "; ".join(
         (f"METERING_{'_'.join(str(p) for p in e['loc']).upper()}: " if e["loc"] else "") + e["msg"]
-        for e in error.errors())
+        for e in error.errors()
+    )
 
 
 main.add_command(worker)

@@ -20,8 +20,11 @@ def api(settings: Settings, host: str, port: int) -> None:
     from metering_pipeline.api.keys import KeyRing
 
     if not KeyRing(settings.api_keys_file).keys():
-        click.echo(f"warning: no API keys in {settings.api_keys_file}; every request will be refused. "
-                   "Create one with `metering api-key create`.", err=True)
+        click.echo(
+            f"warning: no API keys in {settings.api_keys_file}; every request will be refused. "
+            "Create one with `metering api-key create`.",
+            err=True,
+        )
     uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", access_log=False)
 
 
@@ -32,7 +35,9 @@ def api_key() -> None:
 
 @api_key.command()
 @click.option("--name", required=True, help="Who or what uses it.")
-@click.option("--scope", "scopes", multiple=True, type=click.Choice(["read", "write"]), default=("read",), show_default=True)
+@click.option(
+    "--scope", "scopes", multiple=True, type=click.Choice(["read", "write"]), default=("read",), show_default=True
+)
 @click.option("--org-id", default=None, help="Limit the key to one org's metrics, thresholds and subjects.")
 @click.pass_obj
 def create(settings: Settings, name: str, scopes: tuple[str, ...], org_id: str | None) -> None:
@@ -51,9 +56,15 @@ def create(settings: Settings, name: str, scopes: tuple[str, ...], org_id: str |
 def list_keys(settings: Settings) -> None:
     from metering_pipeline.api.keys import KeyRing
 
-    click.echo(tables.render(["name", "scopes", "org", "created"],
-                             [(k.name, ",".join(k.scopes), k.org_id or "(all)", k.created_at.strftime("%Y-%m-%d %H:%M"))
-                              for k in KeyRing(settings.api_keys_file).keys()]))
+    click.echo(
+        tables.render(
+            ["name", "scopes", "org", "created"],
+            [
+                (k.name, ",".join(k.scopes), k.org_id or "(all)", k.created_at.strftime("%Y-%m-%d %H:%M"))
+                for k in KeyRing(settings.api_keys_file).keys()
+            ],
+        )
+    )
 
 
 @api_key.command()

@@ -19,8 +19,7 @@ from pydantic import ValidationError
 from metering_pipeline import tables
 from metering_pipeline.billing.selection import line_label
 from metering_pipeline.cli import catalog
-from metering_pipeline.cli.params import field_errors, utc
-from metering_pipeline.cli.params import subject as parse_subject
+from metering_pipeline.cli.params import field_errors, subject as parse_subject, utc
 from metering_pipeline.settings import Settings
 from metering_pipeline.topics import Topics
 from metering_schemas import Invoice, Plan, Subscription
@@ -45,17 +44,32 @@ def _show_plans(plans: list[Plan]) -> str:
     rows = []
     for plan in sorted(plans, key=lambda p: p.key):
         prices = ", ".join(f"{line_label(p.metric_key, p.dimensions)} {p.model.value}" for p in plan.prices)
-        rows.append((plan.key, plan.name, plan.currency, tables.decimal_text(plan.flat_fee) if plan.flat_fee else "",
-                     prices, plan.org_id or ""))
+        rows.append(
+            (
+                plan.key,
+                plan.name,
+                plan.currency,
+                tables.decimal_text(plan.flat_fee) if plan.flat_fee else "",
+                prices,
+                plan.org_id or "",
+            )
+        )
     return tables.render(["key", "name", "currency", "flat fee", "prices", "org"], rows)
 
 
 def _show_subscriptions(subscriptions: list[Subscription]) -> str:
     return tables.render(
         ["id", "subject", "plan", "from (UTC)", "until"],
-        [(s.id, f"{s.subject_type}:{s.subject_id}", s.plan_key, s.start_at.strftime("%Y-%m-%d %H:%M"),
-          s.end_at.strftime("%Y-%m-%d %H:%M") if s.end_at else "") for s in
-         sorted(subscriptions, key=lambda s: (s.subject_type, s.subject_id, s.start_at))],
+        [
+            (
+                s.id,
+                f"{s.subject_type}:{s.subject_id}",
+                s.plan_key,
+                s.start_at.strftime("%Y-%m-%d %H:%M"),
+                s.end_at.strftime("%Y-%m-%d %H:%M") if s.end_at else "",
+            )
+            for s in sorted(subscriptions, key=lambda s: (s.subject_type, s.subject_id, s.start_at))
+        ],
     )
 
 
@@ -75,8 +89,13 @@ def plan() -> None:
 
 
 @plan.command("create")
-@click.option("--file", "path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
-              help="A Plan as JSON (see schemas/metering_schemas/json/plan.schema.json).")
+@click.option(
+    "--file",
+    "path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="A Plan as JSON (see schemas/metering_schemas/json/plan.schema.json).",
+)
 @click.pass_obj
 def create_plan(settings: Settings, path: Path) -> None:
     """plan.create"""
@@ -89,8 +108,13 @@ def create_plan(settings: Settings, path: Path) -> None:
 
 @plan.command("update")
 @click.argument("key")
-@click.option("--file", "path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
-              help="The whole new Plan as JSON; its key is KEY.")
+@click.option(
+    "--file",
+    "path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="The whole new Plan as JSON; its key is KEY.",
+)
 @click.pass_obj
 def update_plan(settings: Settings, key: str, path: Path) -> None:
     """plan.update: replace the plan (FINAL invoices keep the prices they were computed with)."""
@@ -136,15 +160,24 @@ def subscription() -> None:
 @click.option("--end", type=click.DateTime(), default=None, help="Until (UTC, exclusive). [default: open-ended]")
 @click.option("--id", "subscription_id", default=None, help="[default: sub-<random>]")
 @click.pass_obj
-def create_subscription(settings: Settings, subject: str, plan_key: str, start: datetime, end: datetime | None,
-                        subscription_id: str | None) -> None:
+def create_subscription(
+    settings: Settings, subject: str, plan_key: str, start: datetime, end: datetime | None, subscription_id: str | None
+) -> None:
     """subscription.create: SUBJECT is TYPE:ID."""
     subject_type, subject_id = parse_subject(subject)
     if plan_key not in _plans(settings):
         raise click.UsageError(f"no plan {plan_key!r}")
-    new: Subscription = _validated(Subscription, {
-        "id": subscription_id or f"sub-{uuid.uuid4().hex[:12]}", "subjectType": subject_type, "subjectId": subject_id,
-        "planKey": plan_key, "startAt": utc(start), "endAt": utc(end)})
+    new: Subscription = _validated(
+        Subscription,
+        {
+            "id": subscription_id or f"sub-{uuid.uuid4().hex[:12]}",
+            "subjectType": subject_type,
+            "subjectId": subject_id,
+            "planKey": plan_key,
+            "startAt": utc(start),
+            "endAt": utc(end),
+        },
+    )
     if new.id in _subscriptions(settings):
         raise click.UsageError(f"subscription {new.id!r} exists; use `metering subscription update`")
     catalog.write(settings, Topics.of(settings).subscriptions, new.id, new)
@@ -157,15 +190,18 @@ def create_subscription(settings: Settings, subject: str, plan_key: str, start: 
 @click.option("--start", type=click.DateTime(), default=None)
 @click.option("--end", type=click.DateTime(), default=None, help="End it (UTC, exclusive), e.g. to switch plans.")
 @click.pass_obj
-def update_subscription(settings: Settings, subscription_id: str, plan_key: str | None, start: datetime | None,
-                        end: datetime | None) -> None:
+def update_subscription(
+    settings: Settings, subscription_id: str, plan_key: str | None, start: datetime | None, end: datetime | None
+) -> None:
     """subscription.update"""
     current = _subscriptions(settings).get(subscription_id)
     if current is None:
         raise click.UsageError(f"no subscription {subscription_id!r}")
     if plan_key is not None and plan_key not in _plans(settings):
         raise click.UsageError(f"no plan {plan_key!r}")
-    changes = {k: v for k, v in {"planKey": plan_key, "startAt": utc(start), "endAt": utc(end)}.items() if v is not None}
+    changes = {
+        k: v for k, v in {"planKey": plan_key, "startAt": utc(start), "endAt": utc(end)}.items() if v is not None
+    }
     if not changes:
         raise click.UsageError("give --plan, --start or --end")
     new: Subscription = _validated(Subscription, current.model_dump(by_alias=True) | changes)
@@ -210,32 +246,48 @@ def invoice(settings: Settings, subject: str, period: str, as_json: bool) -> Non
     subject_type, subject_id = parse_subject(subject)
     plans, subscriptions = _plans(settings), _subscriptions(settings)
     with connect(settings) as client:
+
         async def query(function, *args):
             return await asyncio.to_thread(function, client, *args)
 
         try:
-            result = asyncio.run(invoice_for(settings, query, plans, subscriptions.values(), subject_type, subject_id, period))
+            result = asyncio.run(
+                invoice_for(settings, query, plans, subscriptions.values(), subject_type, subject_id, period)
+            )
         except BillingError as error:
             raise click.UsageError(f"{error.code}: {error}") from None  # the code the API answers with
     click.echo(result.to_json() if as_json else render_invoice(result))
 
 
 def render_invoice(result: Invoice) -> str:
-    header = (f"{result.subject_type}:{result.subject_id}  {result.period}  "
-              f"({result.period_start:%Y-%m-%d} – {result.period_end:%Y-%m-%d} UTC)  {result.status.value}  "
-              f"{result.currency or 'no plan'}")
+    header = (
+        f"{result.subject_type}:{result.subject_id}  {result.period}  "
+        f"({result.period_start:%Y-%m-%d} – {result.period_end:%Y-%m-%d} UTC)  {result.status.value}  "
+        f"{result.currency or 'no plan'}"
+    )
     rows = []
     for line in result.lines:
         what = line_label(line.metric_key, line.dimensions) if line.metric_key else "flat fee"
         detail = line.model.value if line.model else ""
         if line.tiers:
-            detail += " " + "; ".join(f"t{t.tier}: {tables.decimal_text(t.units)} × {tables.decimal_text(t.unit_price)}"
-                                      + (f" + {tables.decimal_text(t.flat_fee)}" if t.flat_fee else "") for t in line.tiers)
+            detail += " " + "; ".join(
+                f"t{t.tier}: {tables.decimal_text(t.units)} × {tables.decimal_text(t.unit_price)}"
+                + (f" + {tables.decimal_text(t.flat_fee)}" if t.flat_fee else "")
+                for t in line.tiers
+            )
         if line.packages is not None:
             detail += f" {line.packages} package(s)"
         if line.adjustment:
             detail += f" ({line.adjustment.replace('_', ' ')})"
-        rows.append((line.plan_key, what, f"{line.starts_at:%m-%d %H:%M}–{line.ends_at:%m-%d %H:%M}",
-                     tables.decimal_text(line.quantity) if line.metric_key else "", detail.strip(), str(line.amount)))
+        rows.append(
+            (
+                line.plan_key,
+                what,
+                f"{line.starts_at:%m-%d %H:%M}–{line.ends_at:%m-%d %H:%M}",
+                tables.decimal_text(line.quantity) if line.metric_key else "",
+                detail.strip(),
+                str(line.amount),
+            )
+        )
     rows.append(("", "subtotal", "", "", "", str(result.subtotal)))
     return header + "\n" + tables.render(["plan", "line", "dates", "quantity", "pricing", "amount"], rows)

@@ -42,7 +42,9 @@ def _find(known: dict[str, MetricDefinition], ref: str) -> MetricDefinition:
     if len(matches) == 1:
         return matches[0]
     if matches:
-        raise click.UsageError(f"key {ref!r} names {len(matches)} definitions ({', '.join(sorted(d.id for d in matches))}); give the id")
+        raise click.UsageError(
+            f"key {ref!r} names {len(matches)} definitions ({', '.join(sorted(d.id for d in matches))}); give the id"
+        )
     raise click.UsageError(f"no metric definition with id or key {ref!r}")
 
 
@@ -52,10 +54,27 @@ def _show(definitions: list[MetricDefinition]) -> str:
     payload = any(d.value_property or d.group_by or d.filter for d in definitions)
     return tables.render(
         [*headers, "value", "group by", "filter"] if payload else headers,
-        [(d.id, d.key, d.name, d.unit, d.aggregation_type.value, d.reset_period.value, d.org_id or "(global)",
-          *((d.value_property or "", " ".join(f"{k}={v}" for k, v in d.group_by.items()),
-             " ".join(f"{k}={','.join(v)}" for k, v in d.filter.items())) if payload else ()))
-         for d in sorted(definitions, key=lambda d: (d.key, d.org_id or ""))],
+        [
+            (
+                d.id,
+                d.key,
+                d.name,
+                d.unit,
+                d.aggregation_type.value,
+                d.reset_period.value,
+                d.org_id or "(global)",
+                *(
+                    (
+                        d.value_property or "",
+                        " ".join(f"{k}={v}" for k, v in d.group_by.items()),
+                        " ".join(f"{k}={','.join(v)}" for k, v in d.filter.items()),
+                    )
+                    if payload
+                    else ()
+                ),
+            )
+            for d in sorted(definitions, key=lambda d: (d.key, d.org_id or ""))
+        ],
     )
 
 
@@ -65,7 +84,9 @@ def _group_by(items: tuple[str, ...]) -> dict[str, str]:
     for item in items:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            raise click.BadParameter(f"expected NAME=PATH, e.g. model='$.metadata.model' (got {item!r})", param_hint="'--group-by'")
+            raise click.BadParameter(
+                f"expected NAME=PATH, e.g. model='$.metadata.model' (got {item!r})", param_hint="'--group-by'"
+            )
         if name in found:
             raise click.BadParameter(f"dimension {name!r} is given twice", param_hint="'--group-by'")
         found[name] = path
@@ -78,20 +99,22 @@ def _filter(items: tuple[str, ...]) -> dict[str, list[str]]:
     for item in items:
         path, sep, values = item.partition("=")
         if not sep or not path:
-            raise click.BadParameter(f"expected PATH=VALUE[,VALUE...], e.g. '$.metadata.region=eu,us' (got {item!r})",
-                                     param_hint="'--filter'")
+            raise click.BadParameter(
+                f"expected PATH=VALUE[,VALUE...], e.g. '$.metadata.region=eu,us' (got {item!r})",
+                param_hint="'--filter'",
+            )
         found.setdefault(path, []).extend(v for v in values.split(",") if v not in found.get(path, []))
     return found
 
 
 _PAYLOAD_HELP = {
     "value_property": "Where the quantity is read: '$.quantity' (the default) or '$.metadata.NAME[.NAME...]', e.g. "
-                      "'$.metadata.tokens'. Required for UNIQUE_COUNT (the value whose distinct strings are counted); "
-                      "ignored for COUNT.",
+    "'$.metadata.tokens'. Required for UNIQUE_COUNT (the value whose distinct strings are counted); "
+    "ignored for COUNT.",
     "group_by": "A dimension, NAME=PATH (repeatable, at most 10), e.g. --group-by model='$.metadata.model': usage is "
-                "also rolled up per combination of the dimensions' values.",
+    "also rolled up per combination of the dimensions' values.",
     "filter": "Count only records whose value at PATH is one of the values, PATH=VALUE[,VALUE...] (repeatable; every "
-              "path must match; a path given again adds values), e.g. --filter '$.metadata.region=eu,us'.",
+    "path must match; a path given again adds values), e.g. --filter '$.metadata.region=eu,us'.",
 }
 
 
@@ -117,9 +140,20 @@ def metric() -> None:
 @click.option("--group-by", "group_by", multiple=True, metavar="NAME=PATH", help=_PAYLOAD_HELP["group_by"])
 @click.option("--filter", "filters", multiple=True, metavar="PATH=VALUES", help=_PAYLOAD_HELP["filter"])
 @click.pass_obj
-def define(settings: Settings, key: str, name: str, aggregation: str, reset_period: str, unit: str, description: str,
-           org_id: str | None, definition_id: str | None, value_property: str | None, group_by: tuple[str, ...],
-           filters: tuple[str, ...]) -> None:
+def define(
+    settings: Settings,
+    key: str,
+    name: str,
+    aggregation: str,
+    reset_period: str,
+    unit: str,
+    description: str,
+    org_id: str | None,
+    definition_id: str | None,
+    value_property: str | None,
+    group_by: tuple[str, ...],
+    filters: tuple[str, ...],
+) -> None:
     """metric.define: a new metric (refused if the id exists; use update).
 
     \b
@@ -128,18 +162,29 @@ def define(settings: Settings, key: str, name: str, aggregation: str, reset_peri
         --value-property '$.metadata.tokens' --group-by model='$.metadata.model' \\
         --filter '$.metadata.region=eu,us'
     """
-    definition = _validated({
-        "id": definition_id or (f"{org_id}:{key}" if org_id else key), "key": key, "name": name,
-        "aggregationType": aggregation, "resetPeriod": reset_period, "unit": unit,
-        "description": description, "orgId": org_id, "valueProperty": value_property,
-        "groupBy": _group_by(group_by), "filter": _filter(filters),
-    })
+    definition = _validated(
+        {
+            "id": definition_id or (f"{org_id}:{key}" if org_id else key),
+            "key": key,
+            "name": name,
+            "aggregationType": aggregation,
+            "resetPeriod": reset_period,
+            "unit": unit,
+            "description": description,
+            "orgId": org_id,
+            "valueProperty": value_property,
+            "groupBy": _group_by(group_by),
+            "filter": _filter(filters),
+        }
+    )
     known = _catalog(settings)
     if definition.id in known:
         raise click.UsageError(f"metric {definition.id!r} is already defined; use `metering metric update`")
     clash = [d for d in known.values() if d.key == definition.key and d.org_id == definition.org_id]
     if clash:
-        raise click.UsageError(f"key {key!r} is already defined{' for org ' + org_id if org_id else ''} as {clash[0].id!r}")
+        raise click.UsageError(
+            f"key {key!r} is already defined{' for org ' + org_id if org_id else ''} as {clash[0].id!r}"
+        )
     _write(settings, definition.id, definition)
     click.echo(_show([definition]))
 
@@ -152,13 +197,28 @@ def define(settings: Settings, key: str, name: str, aggregation: str, reset_peri
 @click.option("--unit", default=None)
 @click.option("--description", default=None)
 @click.option("--value-property", default=None, metavar="PATH", help=_PAYLOAD_HELP["value_property"])
-@click.option("--group-by", "group_by", multiple=True, metavar="NAME=PATH", help="Replaces the dimensions. " + _PAYLOAD_HELP["group_by"])
+@click.option(
+    "--group-by",
+    "group_by",
+    multiple=True,
+    metavar="NAME=PATH",
+    help="Replaces the dimensions. " + _PAYLOAD_HELP["group_by"],
+)
 @click.option("--clear-group-by", is_flag=True, help="No dimensions any more.")
-@click.option("--filter", "filters", multiple=True, metavar="PATH=VALUES", help="Replaces the filter. " + _PAYLOAD_HELP["filter"])
+@click.option(
+    "--filter", "filters", multiple=True, metavar="PATH=VALUES", help="Replaces the filter. " + _PAYLOAD_HELP["filter"]
+)
 @click.option("--clear-filter", is_flag=True, help="Count every record again.")
 @click.pass_obj
-def update(settings: Settings, ref: str, group_by: tuple[str, ...], clear_group_by: bool, filters: tuple[str, ...],
-           clear_filter: bool, **changes: str | None) -> None:
+def update(
+    settings: Settings,
+    ref: str,
+    group_by: tuple[str, ...],
+    clear_group_by: bool,
+    filters: tuple[str, ...],
+    clear_filter: bool,
+    **changes: str | None,
+) -> None:
     """metric.update: change an existing metric, by id or key (the key and org stay). A new value property, group by
     or filter applies to the records processed after it."""
     current = _find(_catalog(settings), ref)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import click
 from pydantic import ValidationError
@@ -18,7 +18,7 @@ def subject(value: str) -> tuple[str, str]:
 
 def utc(value: datetime | None) -> datetime | None:
     """click.DateTime gives naive datetimes; the CLI means UTC."""
-    return None if value is None else (value if value.tzinfo else value.replace(tzinfo=timezone.utc))
+    return None if value is None else (value if value.tzinfo else value.replace(tzinfo=UTC))
 
 
 def field_errors(error: ValidationError) -> str:

@@ -73,17 +73,44 @@ def _records_from_lines(stream: IO[bytes], errors: LineErrors) -> Iterator[Usage
 @click.option("--metric", "metric_key", help="Metric key of the record(s) given by flags.")
 @click.option("--subject", help="TYPE:ID of the record(s) given by flags.")
 @click.option("--quantity", default="1", show_default=True, help="Decimal quantity.")
-@click.option("--timestamp", type=click.DateTime(), default=None, help="When the usage happened (UTC). [default: now, by the broker]")
+@click.option(
+    "--timestamp",
+    type=click.DateTime(),
+    default=None,
+    help="When the usage happened (UTC). [default: now, by the broker]",
+)
 @click.option("--id", "record_id", default=None, help="Dedup key. [default: a random UUID per record]")
 @click.option("--metadata", default="{}", help="JSON object of additional context.")
-@click.option("--count", type=click.IntRange(min=1), default=1, show_default=True, help="Records to publish with these flags.")
-@click.option("--file", "source", type=click.File("rb"), default=None,
-              help="JSON lines of UsageRecords ('-' for stdin) instead of flags.")
-@click.option("--batch-size", type=click.IntRange(1, MAX_BATCH_RECORDS), default=1, show_default=True,
-              help="Records per Kafka message; above 1 they travel as {\"records\": [...]} batches.")
+@click.option(
+    "--count", type=click.IntRange(min=1), default=1, show_default=True, help="Records to publish with these flags."
+)
+@click.option(
+    "--file",
+    "source",
+    type=click.File("rb"),
+    default=None,
+    help="JSON lines of UsageRecords ('-' for stdin) instead of flags.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1, MAX_BATCH_RECORDS),
+    default=1,
+    show_default=True,
+    help='Records per Kafka message; above 1 they travel as {"records": [...]} batches.',
+)
 @click.pass_obj
-def produce(settings: Settings, metric_key: str | None, subject: str | None, quantity: str, timestamp: datetime | None,
-            record_id: str | None, metadata: str, count: int, source: IO[bytes] | None, batch_size: int) -> None:
+def produce(
+    settings: Settings,
+    metric_key: str | None,
+    subject: str | None,
+    quantity: str,
+    timestamp: datetime | None,
+    record_id: str | None,
+    metadata: str,
+    count: int,
+    source: IO[bytes] | None,
+    batch_size: int,
+) -> None:
     """Publish usage records onto usage.recorded, acknowledged by the broker before this returns.
 
     Unusable input lines are reported on stderr as {"line": N, "error": "..."} and the others
@@ -101,10 +128,19 @@ def produce(settings: Settings, metric_key: str | None, subject: str | None, qua
             raise click.UsageError("--id names one record; with --count the records get ids of their own")
         subject_type, subject_id = parse_subject(subject)
         try:
-            template = UsageRecord(id=record_id, metric_key=metric_key, subject_type=subject_type, subject_id=subject_id,
-                                   quantity=_quantity(quantity), timestamp=utc(timestamp), metadata=orjson.loads(metadata))
+            template = UsageRecord(
+                id=record_id,
+                metric_key=metric_key,
+                subject_type=subject_type,
+                subject_id=subject_id,
+                quantity=_quantity(quantity),
+                timestamp=utc(timestamp),
+                metadata=orjson.loads(metadata),
+            )
         except (ValidationError, orjson.JSONDecodeError) as error:
-            raise click.UsageError(field_errors(error) if isinstance(error, ValidationError) else f"--metadata: {error}")
+            raise click.UsageError(
+                field_errors(error) if isinstance(error, ValidationError) else f"--metadata: {error}"
+            ) from error
         records = [template] * count
 
     async def run(progress: Callable[[int], None]) -> int:
@@ -118,7 +154,11 @@ def produce(settings: Settings, metric_key: str | None, subject: str | None, qua
     else:
         sent = asyncio.run(run(RunningCount("published").update))
     elapsed = time.perf_counter() - started
-    click.echo(tables.render(["published", "refused", "seconds", "records/s"],
-                             [(sent, errors.count, f"{elapsed:.2f}", f"{sent / elapsed:,.0f}" if elapsed else "")]))
+    click.echo(
+        tables.render(
+            ["published", "refused", "seconds", "records/s"],
+            [(sent, errors.count, f"{elapsed:.2f}", f"{sent / elapsed:,.0f}" if elapsed else "")],
+        )
+    )
     if errors.count:
         sys.exit(1)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import click
 
 from metering_pipeline import tables
-from metering_pipeline.cli.params import subject as parse_subject
-from metering_pipeline.cli.params import utc
+from metering_pipeline.cli.params import subject as parse_subject, utc
 from metering_pipeline.settings import Settings
 from metering_pipeline.warehouse.grouping import DimensionError, DimensionQuery, check_names, pairs_from_options
 from metering_schemas import MetricDefinition, PeriodType
@@ -26,8 +25,11 @@ def _definition(settings: Settings, metric_key: str, org: str | None) -> MetricD
     if found is None:
         same_key = [d for d in known.values() if d.key == metric_key]
         if len(same_key) != 1:
-            raise click.UsageError(f"no metric {metric_key!r}" if not same_key else
-                                   f"metric {metric_key!r} has {len(same_key)} org-scoped definitions; query an org: subject")
+            raise click.UsageError(
+                f"no metric {metric_key!r}"
+                if not same_key
+                else f"metric {metric_key!r} has {len(same_key)} org-scoped definitions; query an org: subject"
+            )
         found = same_key[0]
     return found
 
@@ -35,17 +37,49 @@ def _definition(settings: Settings, metric_key: str, org: str | None) -> MetricD
 @click.command()
 @click.option("--metric", "metric_key", required=True, help="Metric key, e.g. api_calls.")
 @click.option("--subject", required=True, help="TYPE:ID, e.g. org:org-123.")
-@click.option("--period", type=click.Choice([p.value for p in PeriodType], case_sensitive=False), default="DAILY", show_default=True)
-@click.option("--from", "start", type=click.DateTime(), default=None, help="First period start (UTC). [default: 30 days ago]")
-@click.option("--to", "end", type=click.DateTime(), default=None, help="Periods starting before this (UTC). [default: now + 1 day]")
-@click.option("--group-by", "group_by", multiple=True, metavar="NAME",
-              help="Split by a groupBy dimension of the metric (repeatable): one row per period and combination of values.")
-@click.option("--filter-group-by", "filters", multiple=True, metavar="NAME=VALUE",
-              help="Only usage whose dimension NAME is VALUE (repeatable, one value per dimension), e.g. model=gpt-4.")
+@click.option(
+    "--period",
+    type=click.Choice([p.value for p in PeriodType], case_sensitive=False),
+    default="DAILY",
+    show_default=True,
+)
+@click.option(
+    "--from", "start", type=click.DateTime(), default=None, help="First period start (UTC). [default: 30 days ago]"
+)
+@click.option(
+    "--to",
+    "end",
+    type=click.DateTime(),
+    default=None,
+    help="Periods starting before this (UTC). [default: now + 1 day]",
+)
+@click.option(
+    "--group-by",
+    "group_by",
+    multiple=True,
+    metavar="NAME",
+    help="Split by a groupBy dimension of the metric (repeatable): one row per period and combination of values.",
+)
+@click.option(
+    "--filter-group-by",
+    "filters",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Only usage whose dimension NAME is VALUE (repeatable, one value per dimension), e.g. model=gpt-4.",
+)
 @click.option("--json", "as_json", is_flag=True, help="JSON lines (the seed's UsageSummary) instead of a table.")
 @click.pass_obj
-def summary(settings: Settings, metric_key: str, subject: str, period: str, start: datetime | None,
-            end: datetime | None, group_by: tuple[str, ...], filters: tuple[str, ...], as_json: bool) -> None:
+def summary(
+    settings: Settings,
+    metric_key: str,
+    subject: str,
+    period: str,
+    start: datetime | None,
+    end: datetime | None,
+    group_by: tuple[str, ...],
+    filters: tuple[str, ...],
+    as_json: bool,
+) -> None:
     """Print a subject's usage summary per period (the seed's usage.getSummary).
 
     Without --group-by/--filter-group-by: the metric's total per period. With them (dimension names of the metric's
@@ -68,19 +102,36 @@ def summary(settings: Settings, metric_key: str, subject: str, period: str, star
         except DimensionError as error:
             raise click.UsageError(str(error)) from None
         aggregation = definition.aggregation_type
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     with connect(settings) as client:
-        rows = usage_summaries(client, metric_key, subject_type, subject_id, PeriodType(period.upper()),
-                               utc(start) or now - timedelta(days=30), utc(end) or now + timedelta(days=1),
-                               dimensions, aggregation)
+        rows = usage_summaries(
+            client,
+            metric_key,
+            subject_type,
+            subject_id,
+            PeriodType(period.upper()),
+            utc(start) or now - timedelta(days=30),
+            utc(end) or now + timedelta(days=1),
+            dimensions,
+            aggregation,
+        )
     if as_json:
         for row in rows:
             click.echo(row.to_json())
         return
     names = dimensions.names()
-    click.echo(tables.render(
-        ["period start (UTC)", "period end", *names, "total", "records"],
-        [(r.period_start.strftime("%Y-%m-%d %H:%M"), r.period_end.strftime("%Y-%m-%d %H:%M"),
-          *(r.dimensions.get(name, "") for name in names), tables.decimal_text(r.total_quantity), r.record_count)
-         for r in rows],
-    ))
+    click.echo(
+        tables.render(
+            ["period start (UTC)", "period end", *names, "total", "records"],
+            [
+                (
+                    r.period_start.strftime("%Y-%m-%d %H:%M"),
+                    r.period_end.strftime("%Y-%m-%d %H:%M"),
+                    *(r.dimensions.get(name, "") for name in names),
+                    tables.decimal_text(r.total_quantity),
+                    r.record_count,
+                )
+                for r in rows
+            ],
+        )
+    )

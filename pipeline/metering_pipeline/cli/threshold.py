@@ -43,9 +43,18 @@ def _show(thresholds: list[UsageThreshold]) -> str:
     grouped = any(t.dimensions for t in thresholds)  # the column only when a threshold watches a dimension row
     return tables.render(
         [*headers, "dimensions"] if grouped else headers,
-        [(t.id, t.metric_key, f"{t.subject_type}:{t.subject_id}", tables.decimal_text(t.threshold), t.action.value,
-          ", ".join(t.notify_emails), *([",".join(f"{k}={v}" for k, v in sorted(t.dimensions.items()))] if grouped else []))
-         for t in sorted(thresholds, key=lambda t: (t.metric_key, t.subject_type, t.subject_id, t.id))],
+        [
+            (
+                t.id,
+                t.metric_key,
+                f"{t.subject_type}:{t.subject_id}",
+                tables.decimal_text(t.threshold),
+                t.action.value,
+                ", ".join(t.notify_emails),
+                *([",".join(f"{k}={v}" for k, v in sorted(t.dimensions.items()))] if grouped else []),
+            )
+            for t in sorted(thresholds, key=lambda t: (t.metric_key, t.subject_type, t.subject_id, t.id))
+        ],
     )
 
 
@@ -59,26 +68,48 @@ def threshold() -> None:
 
 @threshold.command()
 @click.option("--metric", "metric_key", required=True, help="Metric key, e.g. api_calls.")
-@click.option("--subject", required=True, help='TYPE:ID, or TYPE:* for every subject of the type.')
+@click.option("--subject", required=True, help="TYPE:ID, or TYPE:* for every subject of the type.")
 @click.option("--threshold", "limit", required=True, help="Decimal limit; exceeded when usage is above it.")
 @click.option("--action", type=_actions, default="ALERT", show_default=True)
 @click.option("--notify", "emails", multiple=True, help="E-mail address to notify (repeatable).")
 @click.option("--id", "threshold_id", default=None, help="[default: thr-<random>]")
-@click.option("--dimension", "dimensions", multiple=True, metavar="NAME=VALUE",
-              help="Watch the metric's dimension row instead of its total: one per groupBy dimension of the metric, "
-                   "all of them (repeatable), e.g. --dimension model=gpt-4 --dimension region=eu.")
+@click.option(
+    "--dimension",
+    "dimensions",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Watch the metric's dimension row instead of its total: one per groupBy dimension of the metric, "
+    "all of them (repeatable), e.g. --dimension model=gpt-4 --dimension region=eu.",
+)
 @click.pass_obj
-def create(settings: Settings, metric_key: str, subject: str, limit: str, action: str, emails: tuple[str, ...],
-           threshold_id: str | None, dimensions: tuple[str, ...]) -> None:
+def create(
+    settings: Settings,
+    metric_key: str,
+    subject: str,
+    limit: str,
+    action: str,
+    emails: tuple[str, ...],
+    threshold_id: str | None,
+    dimensions: tuple[str, ...],
+) -> None:
     """threshold.create"""
     subject_type, subject_id = parse_subject(subject)
     try:
         named = pairs_from_options(dimensions, "--dimension")
     except DimensionError as error:
         raise click.BadParameter(str(error), param_hint="'--dimension'") from None
-    new = _validated({"id": threshold_id or f"thr-{uuid.uuid4().hex[:12]}", "metricKey": metric_key,
-                      "subjectType": subject_type, "subjectId": subject_id, "threshold": limit, "action": action,
-                      "notifyEmails": list(emails), "dimensions": named})
+    new = _validated(
+        {
+            "id": threshold_id or f"thr-{uuid.uuid4().hex[:12]}",
+            "metricKey": metric_key,
+            "subjectType": subject_type,
+            "subjectId": subject_id,
+            "threshold": limit,
+            "action": action,
+            "notifyEmails": list(emails),
+            "dimensions": named,
+        }
+    )
     if new.id in _thresholds(settings):
         raise click.UsageError(f"threshold {new.id!r} exists; use `metering threshold update`")
     known = catalog.read(settings, Topics.of(settings).metrics, MetricDefinition)
@@ -86,7 +117,9 @@ def create(settings: Settings, metric_key: str, subject: str, limit: str, action
     candidates = [resolved] if resolved is not None else [d for d in known.values() if d.key == metric_key]
     if not candidates:
         if new.dimensions:
-            raise click.UsageError(f"no metric {metric_key!r} is defined: its groupBy dimensions are unknown; define it first")
+            raise click.UsageError(
+                f"no metric {metric_key!r} is defined: its groupBy dimensions are unknown; define it first"
+            )
         click.echo(f"warning: no metric {metric_key!r} is defined yet; the threshold applies once it is", err=True)
     problem = threshold_dimensions_problem(new.dimensions, candidates)
     if problem is not None:
@@ -96,13 +129,21 @@ def create(settings: Settings, metric_key: str, subject: str, limit: str, action
 
 @threshold.command()
 @click.argument("threshold_id")
-@click.option("--threshold", "limit", default=None, help="New decimal limit (raising it above current usage re-arms alerts).")
+@click.option(
+    "--threshold", "limit", default=None, help="New decimal limit (raising it above current usage re-arms alerts)."
+)
 @click.option("--action", type=_actions, default=None)
 @click.option("--notify", "emails", multiple=True, help="Replaces the addresses (repeatable).")
 @click.option("--clear-notify", is_flag=True, help="Notify nobody.")
 @click.pass_obj
-def update(settings: Settings, threshold_id: str, limit: str | None, action: str | None, emails: tuple[str, ...],
-           clear_notify: bool) -> None:
+def update(
+    settings: Settings,
+    threshold_id: str,
+    limit: str | None,
+    action: str | None,
+    emails: tuple[str, ...],
+    clear_notify: bool,
+) -> None:
     """threshold.update"""
     current = _thresholds(settings).get(threshold_id)
     if current is None:

@@ -11,15 +11,40 @@ from metering_pipeline.settings import Settings
 
 @click.command()
 @click.option("--web-port", type=int, default=6066, show_default=True, help="Port of /health and /metrics.")
-@click.option("--flush-interval", type=float, default=None, help="Seconds between checkpoints. [env: METERING_FLUSH_INTERVAL]")
-@click.option("--processing-guarantee", type=click.Choice(["exactly_once", "at_least_once"]), default=None,
-              help="exactly_once needs Kafka transactions (Apache Kafka); tansu needs at_least_once. [env: METERING_PROCESSING_GUARANTEE]")
-@click.option("--partitions", type=int, default=None, help="Partitions of topics the worker creates. [env: METERING_USAGE_PARTITIONS]")
-@click.option("--allowed-lateness", default=None, help="ISO 8601 duration or seconds, e.g. P35D. [env: METERING_ALLOWED_LATENESS]")
-@click.option("--dedup-window", default=None, help="ISO 8601 duration or seconds, e.g. PT24H. [env: METERING_DEDUP_WINDOW]")
-@click.option("--loglevel", default="info", show_default=True, type=click.Choice(["crit", "error", "warn", "info", "debug"]))
-def worker(web_port: int, flush_interval: float | None, processing_guarantee: str | None,
-           partitions: int | None, allowed_lateness: str | None, dedup_window: str | None, loglevel: str) -> None:
+@click.option(
+    "--flush-interval", type=float, default=None, help="Seconds between checkpoints. [env: METERING_FLUSH_INTERVAL]"
+)
+@click.option(
+    "--processing-guarantee",
+    type=click.Choice(["exactly_once", "at_least_once"]),
+    default=None,
+    help="exactly_once needs Kafka transactions (Apache Kafka); tansu needs at_least_once. "
+    "[env: METERING_PROCESSING_GUARANTEE]",
+)
+@click.option(
+    "--partitions",
+    type=int,
+    default=None,
+    help="Partitions of topics the worker creates. [env: METERING_USAGE_PARTITIONS]",
+)
+@click.option(
+    "--allowed-lateness", default=None, help="ISO 8601 duration or seconds, e.g. P35D. [env: METERING_ALLOWED_LATENESS]"
+)
+@click.option(
+    "--dedup-window", default=None, help="ISO 8601 duration or seconds, e.g. PT24H. [env: METERING_DEDUP_WINDOW]"
+)
+@click.option(
+    "--loglevel", default="info", show_default=True, type=click.Choice(["crit", "error", "warn", "info", "debug"])
+)
+def worker(
+    web_port: int,
+    flush_interval: float | None,
+    processing_guarantee: str | None,
+    partitions: int | None,
+    allowed_lateness: str | None,
+    dedup_window: str | None,
+    loglevel: str,
+) -> None:
     """Consume usage.recorded, roll it up exactly once into ClickHouse, publish usage.aggregated."""
     from faust.worker import Worker
 

@@ -25,8 +25,12 @@ async def processed_through(settings: Settings, close: datetime, wait: float = 5
     (workers commit every flush interval), so it also answers True under steady traffic."""
     topics = Topics.of(settings)
     admin = AIOKafkaAdminClient(**settings.kafka_client_options())
-    consumer = AIOKafkaConsumer(**settings.kafka_client_options(), enable_auto_commit=False,
-                                isolation_level="read_committed", auto_offset_reset="earliest")
+    consumer = AIOKafkaConsumer(
+        **settings.kafka_client_options(),
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        auto_offset_reset="earliest",
+    )
     await admin.start()
     await consumer.start()
     try:

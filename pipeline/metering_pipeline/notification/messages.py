@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import email.policy
 import hashlib
-from email.message import EmailMessage
 from datetime import datetime
+from email.message import EmailMessage
 from email.utils import format_datetime
-
 
 # SMTP line endings; headers up to RFC 5322's 998 characters, so the alert id header stays on one line.
 _POLICY = email.policy.SMTP.clone(max_line_length=998)
@@ -26,7 +25,9 @@ def alert_email(alert: dict, address: str, sender: str) -> EmailMessage:
     message = EmailMessage(policy=_POLICY)
     message["From"] = sender
     message["To"] = address
-    message["Subject"] = f"[metering] {subject} {verb} its {alert['metricKey']} limit ({alert['value']} / {alert['threshold']})"
+    message["Subject"] = (
+        f"[metering] {subject} {verb} its {alert['metricKey']} limit ({alert['value']} / {alert['threshold']})"
+    )
     message["Message-ID"] = message_id(alert["id"], address, sender)
     message["Date"] = format_datetime(datetime.fromisoformat(alert["occurredAt"].replace("Z", "+00:00")))
     message["X-Metering-Alert-Id"] = alert["id"]

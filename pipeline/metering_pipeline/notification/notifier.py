@@ -71,12 +71,17 @@ class Notifier:
             log.error("unreadable alert skipped", error=str(error))
             return
         for address, reason in bad:
-            log.error("invalid e-mail address skipped: nothing is sent to it", alert_id=alert_id,
-                      address=repr(address)[:300], reason=reason)
+            log.error(
+                "invalid e-mail address skipped: nothing is sent to it",
+                alert_id=alert_id,
+                address=repr(address)[:300],
+                reason=reason,
+            )
         if not addresses:
             return
-        done = await until_success(lambda: self.deliveries.sent(alert_id, addresses), "read notification_deliveries",
-                                   transient=is_transient)
+        done = await until_success(
+            lambda: self.deliveries.sent(alert_id, addresses), "read notification_deliveries", transient=is_transient
+        )
         for address in addresses:
             if address not in done:
                 await self._deliver(alert, address)
@@ -90,16 +95,35 @@ class Notifier:
             await self.sender.send(alert_email(alert, address, self.settings.smtp_from))
 
         try:
-            # Every SMTP failure gets the attempts (a refused address may be a full mailbox); then it is recorded failed.
-            await until_success(send, f"e-mail {alert['id']} to {address}", max_attempts=self.settings.notify_max_attempts,
-                                transient=any_error)
+            # Every SMTP failure gets the attempts (a refused address may be a full mailbox); then it is recorded
+            # failed.
+            await until_success(
+                send,
+                f"e-mail {alert['id']} to {address}",
+                max_attempts=self.settings.notify_max_attempts,
+                transient=any_error,
+            )
         except RetriesExhausted as gave_up:
             self.failed += 1
-            log.error("alert e-mail failed", alert_id=alert["id"], email=address, attempts=gave_up.attempts, error=str(gave_up.error))
-            await until_success(lambda: self.deliveries.record(alert["id"], address, FAILED, attempts, str(gave_up.error)[:1000]),
-                                "write notification_deliveries", transient=is_transient)
+            # Not `gave_up` in the lambda: an except clause's name is unbound at its end, a closure's call may be later.
+            last_error = str(gave_up.error)
+            log.error(
+                "alert e-mail failed",
+                alert_id=alert["id"],
+                email=address,
+                attempts=gave_up.attempts,
+                error=last_error,
+            )
+            await until_success(
+                lambda: self.deliveries.record(alert["id"], address, FAILED, attempts, last_error[:1000]),
+                "write notification_deliveries",
+                transient=is_transient,
+            )
             return
         self.sent += 1
         log.info("alert e-mailed", alert_id=alert["id"], email=address, attempts=attempts)
-        await until_success(lambda: self.deliveries.record(alert["id"], address, SENT, attempts), "write notification_deliveries",
-                            transient=is_transient)
+        await until_success(
+            lambda: self.deliveries.record(alert["id"], address, SENT, attempts),
+            "write notification_deliveries",
+            transient=is_transient,
+        )

@@ -52,7 +52,9 @@ class Aggregate:
         return total(aggregation, self.count, self.sum, self.min, self.max)
 
 
-def total(aggregation: AggregationType, count: int, sum_: Decimal, low: Decimal | None, high: Decimal | None) -> Decimal:
+def total(
+    aggregation: AggregationType, count: int, sum_: Decimal, low: Decimal | None, high: Decimal | None
+) -> Decimal:
     """totalQuantity from the running state (count, sum, min, max) a metric of any aggregation type keeps."""
     if aggregation is AggregationType.COUNT:
         return Decimal(count)
@@ -70,5 +72,6 @@ def total(aggregation: AggregationType, count: int, sum_: Decimal, low: Decimal 
 
 
 def plain(value: Decimal) -> Decimal:
-    """Without trailing zeros or an exponent: ClickHouse's Decimal(76, 18) 1850.500000000000000000 → 1850.5, 1000.000… → 1000."""
+    """Without trailing zeros or an exponent: ClickHouse's Decimal(76, 18) 1850.500000000000000000 → 1850.5,
+    1000.000… → 1000."""
     return value.quantize(Decimal(1), context=EXACT) if value == value.to_integral_value() else value.normalize(EXACT)

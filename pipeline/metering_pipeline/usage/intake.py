@@ -26,8 +26,16 @@ from metering_pipeline.usage.meter import TOTAL, Dimensions, UnreadableRecord
 from metering_pipeline.usage.metrics import MetricCatalog, record_org
 from metering_pipeline.usage.periods import EPOCH
 from metering_pipeline.usage.record_decoder import DecodedRecord, decode_message, parse_record
-from metering_schemas import (AggregationType, DeadLetter, FieldError, MetricDefinition, RejectReason, ResetPeriod,
-                              SourcePosition, UsageRecord)
+from metering_schemas import (
+    AggregationType,
+    DeadLetter,
+    FieldError,
+    MetricDefinition,
+    RejectReason,
+    ResetPeriod,
+    SourcePosition,
+    UsageRecord,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,8 +46,9 @@ class IntakeRules:
     # A counted record travels on in a routed batch and is stored in ClickHouse: its metadata must stay well under
     # Kafka's default 1 MiB message size (the routed batches are cut at ROUTED_BATCH_BYTES).
     max_metadata_bytes: int = 256 * 1024
-    _windows: dict[datetime, tuple[datetime, datetime]] = field(default_factory=dict, init=False, repr=False,
-                                                                compare=False, hash=False)
+    _windows: dict[datetime, tuple[datetime, datetime]] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
 
     def window(self, received_at: datetime) -> tuple[datetime, datetime]:
         """The earliest and latest timestamp a record received at `received_at` may have. Remembered per receive
@@ -75,7 +84,9 @@ class Message(msgspec.Struct, gc=False):
                 key = self.key.decode()
             except UnicodeDecodeError:
                 key = None
-        return SourcePosition(topic=self.topic, partition=self.partition, offset=self.offset, timestamp=self.timestamp, key=key)
+        return SourcePosition(
+            topic=self.topic, partition=self.partition, offset=self.offset, timestamp=self.timestamp, key=key
+        )
 
 
 class AcceptedRecord(msgspec.Struct, array_like=True, gc=False):
@@ -156,8 +167,14 @@ def read_message_by_model(message: Message, catalog: MetricCatalog, rules: Intak
     filtered = 0
     value = message.value or b""
     if len(value) > rules.max_message_bytes:
-        return Intake([], [_whole_message(message, RejectReason.TOO_LARGE,
-                                          f"message of {len(value)} bytes exceeds {rules.max_message_bytes}")])
+        return Intake(
+            [],
+            [
+                _whole_message(
+                    message, RejectReason.TOO_LARGE, f"message of {len(value)} bytes exceeds {rules.max_message_bytes}"
+                )
+            ],
+        )
     try:
         document = jiter.from_json(value, float_mode="decimal", allow_inf_nan=False, cache_mode="keys")
     except ValueError as error:
@@ -203,13 +220,22 @@ def _read_record(
     return settled
 
 
-def _settle(message: Message, index: int | None, record: UsageRecord | DecodedRecord, catalog: MetricCatalog,
-            rules: IntakeRules) -> AcceptedRecord | Refusal | Filtered:
+def _settle(
+    message: Message, index: int | None, record: UsageRecord | DecodedRecord, catalog: MetricCatalog, rules: IntakeRules
+) -> AcceptedRecord | Refusal | Filtered:
     """A valid record, from the model or the fast path, accepted with its dedup id, timestamp, metric, stored
     metadata and what its metric reads from it settled; or why the rules refuse it; or FILTERED."""
     timestamp = record.timestamp or message.timestamp
-    metric = judge_fields(record.metric_key, record.subject_type, record.subject_id, record.metadata, timestamp,
-                          message.timestamp, catalog, rules)
+    metric = judge_fields(
+        record.metric_key,
+        record.subject_type,
+        record.subject_id,
+        record.metadata,
+        timestamp,
+        message.timestamp,
+        catalog,
+        rules,
+    )
     if isinstance(metric, Refusal):
         return metric
     metadata = stored_metadata_of(record.metadata, rules)
@@ -227,10 +253,20 @@ def _settle(message: Message, index: int | None, record: UsageRecord | DecodedRe
         if reading is None:
             return FILTERED
         quantity, dimensions, distinct = reading
-    return AcceptedRecord(record.subject_type, record.subject_id, dedup_id, record.metric_key, metric.id,
-                          metric.aggregation_type, quantity, (timestamp - EPOCH) // _MILLISECOND, metadata,
-                          metric.reset_period is _NEVER, dimensions, distinct)
-
+    return AcceptedRecord(
+        record.subject_type,
+        record.subject_id,
+        dedup_id,
+        record.metric_key,
+        metric.id,
+        metric.aggregation_type,
+        quantity,
+        (timestamp - EPOCH) // _MILLISECOND,
+        metadata,
+        metric.reset_period is _NEVER,
+        dimensions,
+        distinct,
+    )
 
 
 def _position(message: Message, index: int | None) -> str:
@@ -279,27 +315,50 @@ class Refusal:
     message: str
 
 
-def judge(record: UsageRecord, timestamp: datetime, received_at: datetime, catalog: MetricCatalog,
-          rules: IntakeRules) -> MetricDefinition | Refusal:
+def judge(
+    record: UsageRecord, timestamp: datetime, received_at: datetime, catalog: MetricCatalog, rules: IntakeRules
+) -> MetricDefinition | Refusal:
     """The metric that governs a valid record, or why it is refused (shared by the worker and the API)."""
-    return judge_fields(record.metric_key, record.subject_type, record.subject_id, record.metadata, timestamp, received_at,
-                        catalog, rules)
+    return judge_fields(
+        record.metric_key,
+        record.subject_type,
+        record.subject_id,
+        record.metadata,
+        timestamp,
+        received_at,
+        catalog,
+        rules,
+    )
 
 
-def judge_fields(metric_key: str, subject_type: str, subject_id: str, metadata: dict[str, Any], timestamp: datetime,
-                 received_at: datetime, catalog: MetricCatalog, rules: IntakeRules) -> MetricDefinition | Refusal:
+def judge_fields(
+    metric_key: str,
+    subject_type: str,
+    subject_id: str,
+    metadata: dict[str, Any],
+    timestamp: datetime,
+    received_at: datetime,
+    catalog: MetricCatalog,
+    rules: IntakeRules,
+) -> MetricDefinition | Refusal:
     """`judge` from a record's fields (the fast path has no model)."""
     earliest, latest = rules.window(received_at)
     if timestamp < earliest:
-        return Refusal(RejectReason.TOO_LATE,
-                       f"timestamp {timestamp.isoformat()} is more than {rules.allowed_lateness} before the message time")
+        return Refusal(
+            RejectReason.TOO_LATE,
+            f"timestamp {timestamp.isoformat()} is more than {rules.allowed_lateness} before the message time",
+        )
     if timestamp > latest:
-        return Refusal(RejectReason.FUTURE_TIMESTAMP,
-                       f"timestamp {timestamp.isoformat()} is more than {rules.future_skew} after the message time")
+        return Refusal(
+            RejectReason.FUTURE_TIMESTAMP,
+            f"timestamp {timestamp.isoformat()} is more than {rules.future_skew} after the message time",
+        )
     metric = catalog.resolve(metric_key, record_org(subject_type, subject_id, metadata))
     if metric is None:
-        return Refusal(RejectReason.UNKNOWN_METRIC,
-                       f"no metric definition with key {metric_key!r} for this record's org or globally")
+        return Refusal(
+            RejectReason.UNKNOWN_METRIC,
+            f"no metric definition with key {metric_key!r} for this record's org or globally",
+        )
     return metric
 
 
@@ -325,14 +384,26 @@ def _field_errors(error: ValidationError) -> list[FieldError]:
 
 
 def _rejection(
-    message: Message, index: int | None, raw: Any, reason: RejectReason, text: str, errors: list[FieldError] | None = None
+    message: Message,
+    index: int | None,
+    raw: Any,
+    reason: RejectReason,
+    text: str,
+    errors: list[FieldError] | None = None,
 ) -> DeadLetter:
     record = _jsonable(raw)
     whole = index is None
     small = len(message.value or b"") <= EVIDENCE_BYTES
     keep = small or (not whole and (_rendered_size(record) or EVIDENCE_BYTES + 1) <= EVIDENCE_BYTES)
-    return _letter(message, reason, text, errors=errors or [], index=index, record=record if keep else None,
-                   **(_original(message) if whole else {"truncated": not keep}))
+    return _letter(
+        message,
+        reason,
+        text,
+        errors=errors or [],
+        index=index,
+        record=record if keep else None,
+        **(_original(message) if whole else {"truncated": not keep}),
+    )
 
 
 def _whole_message(message: Message, reason: RejectReason, text: str) -> DeadLetter:
@@ -342,13 +413,21 @@ def _whole_message(message: Message, reason: RejectReason, text: str) -> DeadLet
 def _original(message: Message) -> dict[str, Any]:
     """The message's bytes as evidence, cut to EVIDENCE_BYTES: the dead-letter topic takes at most 1 MiB either."""
     value = message.value or b""
-    return {"original_value_base64": base64.b64encode(value[:EVIDENCE_BYTES]).decode(),
-            "truncated": len(value) > EVIDENCE_BYTES}
+    return {
+        "original_value_base64": base64.b64encode(value[:EVIDENCE_BYTES]).decode(),
+        "truncated": len(value) > EVIDENCE_BYTES,
+    }
 
 
 def _letter(message: Message, reason: RejectReason, text: str, **fields: Any) -> DeadLetter:
-    return DeadLetter(reason=reason, message=text, source=message.source(), original_size=len(message.value or b""),
-                      occurred_at=message.timestamp, **fields)
+    return DeadLetter(
+        reason=reason,
+        message=text,
+        source=message.source(),
+        original_size=len(message.value or b""),
+        occurred_at=message.timestamp,
+        **fields,
+    )
 
 
 def _rendered_size(value: Any) -> int | None:

@@ -104,8 +104,9 @@ class MeterReader:
         for steps, path, accepted in self.filter:
             if string_form(value_at(steps, quantity, metadata), path) not in accepted:
                 return None
-        dimensions = tuple((name, string_form(value_at(steps, quantity, metadata), path))
-                           for name, steps, path in self.group_by)
+        dimensions = tuple(
+            (name, string_form(value_at(steps, quantity, metadata), path)) for name, steps, path in self.group_by
+        )
         distinct = None
         if self.unique:
             value = value_at(self.value_steps, quantity, metadata)
@@ -120,5 +121,9 @@ class MeterReader:
 def reads_payload(definition: MetricDefinition) -> bool:
     """Whether records of the metric need a MeterReader (most metrics read only `quantity`)."""
     path = definition.value_property
-    return bool(definition.group_by or definition.filter or definition.aggregation_type is AggregationType.UNIQUE_COUNT
-                or (path is not None and path != QUANTITY_PATH and definition.aggregation_type is not AggregationType.COUNT))
+    return bool(
+        definition.group_by
+        or definition.filter
+        or definition.aggregation_type is AggregationType.UNIQUE_COUNT
+        or (path is not None and path != QUANTITY_PATH and definition.aggregation_type is not AggregationType.COUNT)
+    )

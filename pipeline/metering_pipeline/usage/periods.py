@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 
 from metering_schemas import PeriodType, ResetPeriod
 
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # The NEVER window ends far in the future, at a value ClickHouse's DateTime can still hold.
-END_OF_TIME = datetime(2106, 1, 1, tzinfo=timezone.utc)
+END_OF_TIME = datetime(2106, 1, 1, tzinfo=UTC)
 
 
 def period_start(period: PeriodType | ResetPeriod, at: datetime) -> datetime:
-    at = at.astimezone(timezone.utc)
+    at = at.astimezone(UTC)
     if period.value == "HOURLY":
         return at.replace(minute=0, second=0, microsecond=0)
     if period.value == "DAILY":
@@ -31,7 +31,9 @@ def period_end(period: PeriodType | ResetPeriod, start: datetime) -> datetime:
     if period.value == "DAILY":
         return start + timedelta(days=1)
     if period.value == "MONTHLY":
-        return start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
+        return (
+            start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
+        )
     return END_OF_TIME
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import jiter
@@ -47,11 +47,14 @@ _decode_wire = msgspec.json.Decoder(_Wire).decode
 # A JSON number (group 1) or string (group 2) with at most 20 integer and 18 fractional ASCII digits: always within
 # Quantity's Decimal(38, 18) and the JSON number form it requires of a string (`JsonNumberText`), and Decimal(text) is
 # then exactly the model's value. Exponents and big integers are left to the model, and so is every string Decimal()
-# reads but the JSON number grammar does not ("1_000", " 12", ".5", "01", "NaN", non-ASCII digits): the model refuses it.
+# reads but the JSON number grammar does not ("1_000", " 12", ".5", "01", "NaN", non-ASCII digits): the model refuses
+# it.
 _QUANTITY = re.compile(rb'(-?(?:0|[1-9][0-9]{0,19})(?:\.[0-9]{1,18})?)|"(-?(?:0|[1-9][0-9]{0,19})(?:\.[0-9]{1,18})?)"')
 # YYYY-MM-DDTHH:MM:SS[.ffffff][Z|±HH:MM] with ranges the model's parser also accepts (it refuses +05:60, 24:00, :60).
-_TIMESTAMP = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,6})?"
-                        r"(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])?")
+_TIMESTAMP = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}T(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,6})?"
+    r"(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])?"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,8 +68,9 @@ class _Place:
     path: tuple[str | int, ...]
 
     def parse(self, raw: msgspec.Raw) -> Any:
-        value = jiter.from_json(self.opening + bytes(raw) + self.closing, float_mode="decimal", allow_inf_nan=False,
-                                cache_mode="keys")
+        value = jiter.from_json(
+            self.opening + bytes(raw) + self.closing, float_mode="decimal", allow_inf_nan=False, cache_mode="keys"
+        )
         for step in self.path:
             value = value[step]
         return value
@@ -133,8 +137,15 @@ def _decided_text(text: msgspec.Raw) -> DecodedRecord | None:
 
 def _bare_envelope(wire: _Wire) -> bool:
     """Whether a batch envelope holds nothing but its records (other keys are for the model, which ignores them)."""
-    return (wire.id is UNSET and wire.metric_key is UNSET and wire.subject_type is UNSET and wire.subject_id is UNSET
-            and wire.timestamp is UNSET and not wire.quantity and not wire.metadata)
+    return (
+        wire.id is UNSET
+        and wire.metric_key is UNSET
+        and wire.subject_type is UNSET
+        and wire.subject_id is UNSET
+        and wire.timestamp is UNSET
+        and not wire.quantity
+        and not wire.metadata
+    )
 
 
 def _decided(wire: _Wire, metadata_place: _Place) -> DecodedRecord | None:
@@ -155,8 +166,9 @@ def _decided(wire: _Wire, metadata_place: _Place) -> DecodedRecord | None:
     if metadata is None:
         return None
     record_id = wire.id
-    return DecodedRecord(None if record_id is UNSET else record_id, metric_key, subject_type, subject_id, quantity,
-                         timestamp, metadata)
+    return DecodedRecord(
+        None if record_id is UNSET else record_id, metric_key, subject_type, subject_id, quantity, timestamp, metadata
+    )
 
 
 def _quantity(raw: msgspec.Raw) -> str | None:
@@ -178,7 +190,7 @@ def _timestamp(text: str) -> datetime | None:
         return None
     try:
         moment = datetime.fromisoformat(text)
-        return moment if moment.tzinfo is timezone.utc else as_utc(moment)  # "Z", "+00:00": already as as_utc makes them
+        return moment if moment.tzinfo is UTC else as_utc(moment)  # "Z", "+00:00": already as as_utc makes them
     except ValueError:  # no such date, or out of range once in UTC: the model words the refusal
         return None
 

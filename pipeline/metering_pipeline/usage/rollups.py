@@ -13,12 +13,12 @@ sums are added in place under the exact decimal context rather than through a me
 from __future__ import annotations
 
 import decimal
-from sys import intern
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from functools import lru_cache
+from sys import intern
 from typing import NamedTuple
 
 import msgspec
@@ -41,7 +41,8 @@ _HOUR_MS = 3_600_000
 _ZERO = Decimal(0)
 # Members' values by dictionary: an enum's `.value` (and orjson's enum support) costs more, once per written rollup.
 WIRE_NAME: dict[PeriodType | ResetPeriod | AggregationType, str] = {
-    member: member.value for member in (*PeriodType, *ResetPeriod, *AggregationType)}
+    member: member.value for member in (*PeriodType, *ResetPeriod, *AggregationType)
+}
 
 
 class CountedRecord(msgspec.Struct, array_like=True, gc=False):
@@ -67,13 +68,13 @@ class CountedRecord(msgspec.Struct, array_like=True, gc=False):
 
     @property
     def timestamp(self) -> datetime:
-        return datetime.fromtimestamp(self.timestamp_ms / 1000, tz=timezone.utc)
+        return datetime.fromtimestamp(self.timestamp_ms / 1000, tz=UTC)
 
 
 class Rollup(msgspec.Struct, gc=False):
     """A period's running aggregate (count, sum, min, max: what every aggregation type is computed from) and what it is
-    about. One per rollup, three or four per (metric, subject), so it is kept small: a struct without the cyclic collector's
-    header (it refers to no container, so it can be in no cycle)."""
+    about. One per rollup, three or four per (metric, subject), so it is kept small: a struct without the cyclic
+    collector's header (it refers to no container, so it can be in no cycle)."""
 
     aggregation: AggregationType
     count: int = 0
@@ -170,10 +171,34 @@ def _freeze(key: RollupKey, rollup: Rollup) -> RollupChange:
         total_text = str(rollup.total())
     if type(rollup) is ValuesRollup and rollup.latest is not None:
         latest = total_text if aggregation is _LATEST else str(rollup.latest)
-        return _make_change((key, aggregation, rollup.count, sum_text, min_text, max_text, rollup.version,
-                             rollup.metric_id, total_text, (latest, rollup.latest_ms, rollup.latest_id)))
-    return _make_change((key, aggregation, rollup.count, sum_text, min_text, max_text, rollup.version,
-                         rollup.metric_id, total_text, None))
+        return _make_change(
+            (
+                key,
+                aggregation,
+                rollup.count,
+                sum_text,
+                min_text,
+                max_text,
+                rollup.version,
+                rollup.metric_id,
+                total_text,
+                (latest, rollup.latest_ms, rollup.latest_id),
+            )
+        )
+    return _make_change(
+        (
+            key,
+            aggregation,
+            rollup.count,
+            sum_text,
+            min_text,
+            max_text,
+            rollup.version,
+            rollup.metric_id,
+            total_text,
+            None,
+        )
+    )
 
 
 class Checkpoint(NamedTuple):
@@ -227,8 +252,14 @@ class PartitionRollups:
         self._combinations: dict[RollupKey, int] = {}  # dimension rows per total row's key
         self._dimensions: dict[Dimensions, Dimensions] = {}  # one tuple object per combination, shared by its rows
 
-    def apply(self, records: Sequence[CountedRecord], offset: int, seen_at: datetime,
-              touched: set[RollupKey] | None = None, closed_before: datetime | None = None) -> tuple[int, int]:
+    def apply(
+        self,
+        records: Sequence[CountedRecord],
+        offset: int,
+        seen_at: datetime,
+        touched: set[RollupKey] | None = None,
+        closed_before: datetime | None = None,
+    ) -> tuple[int, int]:
         """Count each new record of one routed message (at `offset`) once in each of its periods; returns
         (counted, duplicates).
 
@@ -279,8 +310,9 @@ class PartitionRollups:
                     key = (metric_key, subject_type, subject_id, period, start, TOTAL)
                     rollup = rollups.get(key)
                     if rollup is None:  # its first record: the quantity object itself is sum, min and max (no copy)
-                        rollups[key] = changed[key] = Rollup(record.aggregation, 1, quantity, quantity, quantity, offset,
-                                                             metric_id)
+                        rollups[key] = changed[key] = Rollup(
+                            record.aggregation, 1, quantity, quantity, quantity, offset, metric_id
+                        )
                         continue
                     rollup.aggregation = record.aggregation
                     rollup.metric_id = metric_id
@@ -298,8 +330,9 @@ class PartitionRollups:
             touched.update(changed)
         return counted, duplicates
 
-    def _rows_of(self, record: CountedRecord, metric_key: str, subject_type: str, subject_id: str,
-                 hour: int) -> list[tuple[RollupKey, RollupKey]]:
+    def _rows_of(
+        self, record: CountedRecord, metric_key: str, subject_type: str, subject_id: str, hour: int
+    ) -> list[tuple[RollupKey, RollupKey]]:
         """(row key, its total row's key) of every rollup a record counts in: per period, the total row and, for a
         grouped metric, its combination's row. Made once per record: the bounds are checked on them, then folded."""
         dimensions = record.dimensions
@@ -319,16 +352,30 @@ class PartitionRollups:
         for key, total_key in rows:
             rollup = rollups.get(key)
             if rollup is None and key is not total_key and self._combinations.get(total_key, 0) >= limits.combinations:
-                return (f"{key[0]} already has {limits.combinations} dimension combinations for {key[1]}:{key[2]} in "
-                        f"the {WIRE_NAME[key[3]]} period from {key[4].isoformat()} (METERING_MAX_DIMENSION_COMBINATIONS)")
-            if (distinct is not None and isinstance(rollup, ValuesRollup) and distinct not in rollup.values
-                    and len(rollup.values) >= limits.distinct_values):
-                return (f"{key[0]} already counts {limits.distinct_values} distinct values for {key[1]}:{key[2]} in "
-                        f"the {WIRE_NAME[key[3]]} period from {key[4].isoformat()} (METERING_MAX_DISTINCT_VALUES)")
+                return (
+                    f"{key[0]} already has {limits.combinations} dimension combinations for {key[1]}:{key[2]} in "
+                    f"the {WIRE_NAME[key[3]]} period from {key[4].isoformat()} (METERING_MAX_DIMENSION_COMBINATIONS)"
+                )
+            if (
+                distinct is not None
+                and isinstance(rollup, ValuesRollup)
+                and distinct not in rollup.values
+                and len(rollup.values) >= limits.distinct_values
+            ):
+                return (
+                    f"{key[0]} already counts {limits.distinct_values} distinct values for {key[1]}:{key[2]} in "
+                    f"the {WIRE_NAME[key[3]]} period from {key[4].isoformat()} (METERING_MAX_DISTINCT_VALUES)"
+                )
         return None
 
-    def _fold_payload(self, record: CountedRecord, rows: list[tuple[RollupKey, RollupKey]], metric_id: str, offset: int,
-                      changed: dict[RollupKey, Rollup]) -> None:
+    def _fold_payload(
+        self,
+        record: CountedRecord,
+        rows: list[tuple[RollupKey, RollupKey]],
+        metric_id: str,
+        offset: int,
+        changed: dict[RollupKey, Rollup],
+    ) -> None:
         """`apply` for a record of a grouped, UNIQUE_COUNT or LATEST metric (under the exact context)."""
         quantity, aggregation = record.quantity, record.aggregation
         distinct = None if record.distinct is None else intern(record.distinct)
@@ -378,7 +425,9 @@ class PartitionRollups:
         self._limited = []
         return checkpoint
 
-    def restore(self, rollups: Iterable[tuple[RollupKey, Rollup]], identities: Iterable[tuple[RecordIdentity, datetime]]) -> None:
+    def restore(
+        self, rollups: Iterable[tuple[RollupKey, Rollup]], identities: Iterable[tuple[RecordIdentity, datetime]]
+    ) -> None:
         """Rebuild from committed checkpoints (later entries for a key replace earlier ones)."""
         for key, rollup in rollups:
             dimensions = key[5]
@@ -392,9 +441,13 @@ class PartitionRollups:
         self.dedup.remember(identities)
 
     def evict_before(self, horizon: datetime) -> list[tuple[RollupKey, Rollup]]:
-        """Drop rollups whose period ended before `horizon` (past the allowed lateness): no record can change them now."""
-        stale = [(key, rollup) for key, rollup in self.rollups.items()
-                 if period_end(key[3], key[4]) < horizon and key not in self._changed]
+        """Drop rollups whose period ended before `horizon` (past the allowed lateness): no record can change them
+        now."""
+        stale = [
+            (key, rollup)
+            for key, rollup in self.rollups.items()
+            if period_end(key[3], key[4]) < horizon and key not in self._changed
+        ]
         for key, _ in stale:
             del self.rollups[key]
             if key[5]:
@@ -408,6 +461,8 @@ class PartitionRollups:
 
 
 def _converted(rollup: Rollup) -> ValuesRollup:
-    """A rollup that starts keeping values, its running state kept (its distinct values and latest value start empty)."""
-    return ValuesRollup(rollup.aggregation, rollup.count, rollup.sum, rollup.min, rollup.max, rollup.version,
-                        rollup.metric_id)
+    """A rollup that starts keeping values, its running state kept (its distinct values and latest value start
+    empty)."""
+    return ValuesRollup(
+        rollup.aggregation, rollup.count, rollup.sum, rollup.min, rollup.max, rollup.version, rollup.metric_id
+    )

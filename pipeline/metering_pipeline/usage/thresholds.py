@@ -62,8 +62,9 @@ class ThresholdBook:
     def get(self, threshold_id: str) -> UsageThreshold | None:
         return self._by_id.get(threshold_id)
 
-    def matching(self, metric_key: str, subject_type: str, subject_id: str,
-                 dimensions: Dimensions = TOTAL) -> list[UsageThreshold]:
+    def matching(
+        self, metric_key: str, subject_type: str, subject_id: str, dimensions: Dimensions = TOTAL
+    ) -> list[UsageThreshold]:
         """The subject's own thresholds on that row (the total, or one dimension row), then those of every subject of
         its type."""
         own = self._index.get((metric_key, subject_type, subject_id, dimensions))
@@ -104,8 +105,10 @@ class Alert:
     @property
     def id(self) -> str:
         """Deterministic: the same crossing of the same limit in the same window has the same id."""
-        return (f"{self.threshold.id}/{self.subject_type}:{self.subject_id}/{self.period.value}/"
-                f"{_iso(self.window_start)}/{self.type}@{self.threshold.threshold}")
+        return (
+            f"{self.threshold.id}/{self.subject_type}:{self.subject_id}/{self.period.value}/"
+            f"{_iso(self.window_start)}/{self.type}@{self.threshold.threshold}"
+        )
 
     @property
     def window_end(self) -> datetime:
@@ -168,8 +171,15 @@ class ThresholdWatch:
         self.markers: dict[MarkerKey, Marker] = {}
         self._changed: set[MarkerKey] = set()
 
-    def evaluate(self, threshold: UsageThreshold, subject: Subject, period: ResetPeriod, window_start: datetime,
-                 value: Decimal, now: datetime) -> list[Alert]:
+    def evaluate(
+        self,
+        threshold: UsageThreshold,
+        subject: Subject,
+        period: ResetPeriod,
+        window_start: datetime,
+        value: Decimal,
+        now: datetime,
+    ) -> list[Alert]:
         if threshold.action is ThresholdAction.NONE:
             return []
         key = (threshold.id, *subject, window_start)
@@ -234,7 +244,9 @@ class PartitionThresholds:
     at the partition's next checkpoint, so it applies to usage already recorded.
     """
 
-    def __init__(self, rollups: PartitionRollups, book: ThresholdBook, catalog: MetricCatalog, fraction: Decimal) -> None:
+    def __init__(
+        self, rollups: PartitionRollups, book: ThresholdBook, catalog: MetricCatalog, fraction: Decimal
+    ) -> None:
         self.rollups = rollups
         self.book = book
         self.catalog = catalog
@@ -246,16 +258,18 @@ class PartitionThresholds:
         definition = self.catalog.get(rollup.metric_id) if rollup.metric_id else None
         return None if definition is None else definition.reset_period
 
-    def window_rollup(self, metric_key: str, subject: Subject, window_start: datetime,
-                      dimensions: Dimensions = TOTAL) -> tuple[ResetPeriod, Rollup] | None:
+    def window_rollup(
+        self, metric_key: str, subject: Subject, window_start: datetime, dimensions: Dimensions = TOTAL
+    ) -> tuple[ResetPeriod, Rollup] | None:
         for period in (LIFETIME, *PeriodType):
             rollup = self.rollups.rollups.get((metric_key, *subject, period, window_start, dimensions))
             if rollup is not None and (reset := self.window_period(rollup)) is not None and reset.value == period.value:
                 return reset, rollup
         return None
 
-    def current_window(self, metric_key: str, subject: Subject, now: datetime,
-                       dimensions: Dimensions = TOTAL) -> tuple[ResetPeriod, datetime, Rollup] | None:
+    def current_window(
+        self, metric_key: str, subject: Subject, now: datetime, dimensions: Dimensions = TOTAL
+    ) -> tuple[ResetPeriod, datetime, Rollup] | None:
         for period in (LIFETIME, *PeriodType):
             start = period_start(period, now)
             found = self.window_rollup(metric_key, subject, start, dimensions)
@@ -285,7 +299,7 @@ class PartitionThresholds:
         return self.seen_changes < len(self.book.changes)
 
     def after_threshold_changes(self, now: datetime) -> list[Alert]:
-        changed = dict.fromkeys(self.book.changes[self.seen_changes:])
+        changed = dict.fromkeys(self.book.changes[self.seen_changes :])
         self.seen_changes = len(self.book.changes)
         alerts: list[Alert] = []
         in_force: list[UsageThreshold] = []
@@ -298,8 +312,11 @@ class PartitionThresholds:
             in_force.append(threshold)
         subjects_of = self._subjects_of({(t.metric_key, t.subject_type) for t in in_force})
         for threshold in in_force:
-            subjects = [subject for subject in subjects_of.get((threshold.metric_key, threshold.subject_type), ())
-                        if threshold.subject_id in (subject[1], WILDCARD)]
+            subjects = [
+                subject
+                for subject in subjects_of.get((threshold.metric_key, threshold.subject_type), ())
+                if threshold.subject_id in (subject[1], WILDCARD)
+            ]
             for subject in subjects:
                 window = self.current_window(threshold.metric_key, subject, now, dimensions_of(threshold))
                 if window is not None:
@@ -365,13 +382,20 @@ class SubjectStatus:
             "subjectId": self.subject[1],
             "periodType": self.period.value if self.period else None,
             "periodStart": _iso(self.window_start) if self.window_start else None,
-            "periodEnd": _iso(period_end(self.period, self.window_start)) if self.period and self.window_start else None,
+            "periodEnd": _iso(period_end(self.period, self.window_start))
+            if self.period and self.window_start
+            else None,
             "value": str(self.value),
             "status": state,
             "blocked": self.blocked,
             "thresholds": [
-                {"id": limit.threshold.id, "threshold": str(limit.threshold.threshold), "action": limit.threshold.action.value,
-                 "status": limit.state, "blocked": limit.blocked}
+                {
+                    "id": limit.threshold.id,
+                    "threshold": str(limit.threshold.threshold),
+                    "action": limit.threshold.action.value,
+                    "status": limit.state,
+                    "blocked": limit.blocked,
+                }
                 for limit in self.limits
             ],
         }

@@ -18,31 +18,33 @@ from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 
 # ClickHouse error codes (src/Common/ErrorCodes.cpp) after which the same insert can succeed unchanged.
 # Every write of the product is idempotent, so re-sending an insert that may have been applied is safe.
-TRANSIENT_CODES: frozenset[int] = frozenset({
-    3,    # UNEXPECTED_END_OF_FILE: the request body was cut off (connection dropped mid-insert)
-    76,   # CANNOT_OPEN_FILE: out of file descriptors (ClickHouse answers it 503 Service Unavailable)
-    159,  # TIMEOUT_EXCEEDED
-    173,  # CANNOT_ALLOCATE_MEMORY
-    201,  # QUOTA_EXPIRED: the quota's interval ends
-    202,  # TOO_MANY_SIMULTANEOUS_QUERIES
-    203,  # NO_FREE_CONNECTION
-    209,  # SOCKET_TIMEOUT
-    210,  # NETWORK_ERROR
-    225,  # NO_ZOOKEEPER
-    236,  # ABORTED
-    241,  # MEMORY_LIMIT_EXCEEDED
-    242,  # TABLE_IS_READ_ONLY: a replica lost its Keeper session
-    243,  # NOT_ENOUGH_SPACE: merges, TTLs or an operator free it; the backlog waits in Kafka meanwhile
-    252,  # TOO_MANY_PARTS: inserts throttled until merges catch up
-    279,  # ALL_CONNECTION_TRIES_FAILED (distributed tables)
-    285,  # TOO_FEW_LIVE_REPLICAS
-    286,  # UNSATISFIED_QUORUM_FOR_PREVIOUS_WRITE
-    319,  # UNKNOWN_STATUS_OF_INSERT
-    394,  # QUERY_WAS_CANCELLED: the server is shutting down
-    425,  # SYSTEM_ERROR: an OS call failed (errno)
-    439,  # CANNOT_SCHEDULE_TASK: the server's thread pools are full
-    999,  # KEEPER_EXCEPTION
-})
+TRANSIENT_CODES: frozenset[int] = frozenset(
+    {
+        3,  # UNEXPECTED_END_OF_FILE: the request body was cut off (connection dropped mid-insert)
+        76,  # CANNOT_OPEN_FILE: out of file descriptors (ClickHouse answers it 503 Service Unavailable)
+        159,  # TIMEOUT_EXCEEDED
+        173,  # CANNOT_ALLOCATE_MEMORY
+        201,  # QUOTA_EXPIRED: the quota's interval ends
+        202,  # TOO_MANY_SIMULTANEOUS_QUERIES
+        203,  # NO_FREE_CONNECTION
+        209,  # SOCKET_TIMEOUT
+        210,  # NETWORK_ERROR
+        225,  # NO_ZOOKEEPER
+        236,  # ABORTED
+        241,  # MEMORY_LIMIT_EXCEEDED
+        242,  # TABLE_IS_READ_ONLY: a replica lost its Keeper session
+        243,  # NOT_ENOUGH_SPACE: merges, TTLs or an operator free it; the backlog waits in Kafka meanwhile
+        252,  # TOO_MANY_PARTS: inserts throttled until merges catch up
+        279,  # ALL_CONNECTION_TRIES_FAILED (distributed tables)
+        285,  # TOO_FEW_LIVE_REPLICAS
+        286,  # UNSATISFIED_QUORUM_FOR_PREVIOUS_WRITE
+        319,  # UNKNOWN_STATUS_OF_INSERT
+        394,  # QUERY_WAS_CANCELLED: the server is shutting down
+        425,  # SYSTEM_ERROR: an OS call failed (errno)
+        439,  # CANNOT_SCHEDULE_TASK: the server's thread pools are full
+        999,  # KEEPER_EXCEPTION
+    }
+)
 
 _HTTP_STATUS = re.compile(r"HTTP driver received HTTP status (\d{3})")
 

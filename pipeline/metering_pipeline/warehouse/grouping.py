@@ -71,7 +71,8 @@ class DimensionQuery:
     def labels(self, values: Sequence[str]) -> dict[str, str]:
         """A result row's `dimensions`: the groupBy names with the row's values, and the filters' pairs (a row of
         `filterGroupBy[model]=gpt-4` is the gpt-4 row even without `groupBy=model`)."""
-        return {**dict(zip(self.group_by, values)), **dict(self.filters)}
+        # zip's usual truncation, as it always was (labels(()) names the filters alone).
+        return {**dict(zip(self.group_by, values, strict=False)), **dict(self.filters)}
 
     def check(self, metric_group_by: Iterable[str], metric_key: str) -> None:
         """Every name must be one of the metric's groupBy dimensions (else DimensionError)."""
@@ -81,7 +82,9 @@ class DimensionQuery:
                 raise DimensionError("groupBy", _unknown(name, metric_key, known), "unknown_dimension")
         for name, _ in self.filters:
             if name not in known:
-                raise DimensionError(f"{FILTER_PARAMETER}[{name}]", _unknown(name, metric_key, known), "unknown_dimension")
+                raise DimensionError(
+                    f"{FILTER_PARAMETER}[{name}]", _unknown(name, metric_key, known), "unknown_dimension"
+                )
 
 
 def _unknown(name: str, metric_key: str, known: set[str]) -> str:
@@ -107,8 +110,10 @@ def threshold_dimensions_problem(dimensions: Mapping[str, str], candidates: Sequ
         return None
     expected = " or ".join(sorted({", ".join(sorted(d.group_by)) or "none (it has no groupBy)" for d in candidates}))
     key = candidates[0].key if candidates else "?"
-    return (f"dimensions must name every groupBy dimension of metric {key!r} exactly "
-            f"(expected: {expected}; got: {', '.join(sorted(dimensions))})")
+    return (
+        f"dimensions must name every groupBy dimension of metric {key!r} exactly "
+        f"(expected: {expected}; got: {', '.join(sorted(dimensions))})"
+    )
 
 
 def filters_from_query(items: Iterable[tuple[str, str]]) -> dict[str, str]:
@@ -123,7 +128,9 @@ def filters_from_query(items: Iterable[tuple[str, str]]) -> dict[str, str]:
             continue
         match = _DEEP_KEY.match(key)
         if match is None or not _is_name(match.group(1)):
-            raise DimensionError(key, f"expected {FILTER_PARAMETER}[<dimension>]=<value>, e.g. {FILTER_PARAMETER}[model]=gpt-4")
+            raise DimensionError(
+                key, f"expected {FILTER_PARAMETER}[<dimension>]=<value>, e.g. {FILTER_PARAMETER}[model]=gpt-4"
+            )
         name = match.group(1)
         if len(value) > MAX_DIMENSION_VALUE:
             raise DimensionError(key, f"a dimension value has at most {MAX_DIMENSION_VALUE} characters")
@@ -217,8 +224,14 @@ def group_rows(rows: Iterable[DimensionRow], query: DimensionQuery) -> list[Grou
     return [groups[key] for key in sorted(groups)]
 
 
-def summary_id(metric_key: str, subject_type: str, subject_id: str, period_type: str, period_start: datetime,
-               dimensions: Mapping[str, str]) -> str:
+def summary_id(
+    metric_key: str,
+    subject_type: str,
+    subject_id: str,
+    period_type: str,
+    period_start: datetime,
+    dimensions: Mapping[str, str],
+) -> str:
     """A UsageSummary's id: the seed's for the total row; a dimension row's adds its sorted pairs (URL-encoded), or
     their SHA-256 when that would pass the 256 characters an id may have."""
     base = f"{metric_key}:{subject_type}:{subject_id}:{period_type}:{period_start.isoformat()}"

@@ -42,27 +42,59 @@ WHERE subject_type = {subject_type:String} AND subject_id = {subject_id:String} 
 MergedRollup = tuple[str, dict[str, str], AggregationType, int, Decimal, Decimal | None, Decimal | None]
 
 
-def merged_rollups(client: Client, subject_type: str, subject_id: str, start: datetime, end: datetime,
-                   metrics: list[str] | None, grouped: list[str]) -> list[MergedRollup]:
+def merged_rollups(
+    client: Client,
+    subject_type: str,
+    subject_id: str,
+    start: datetime,
+    end: datetime,
+    metrics: list[str] | None,
+    grouped: list[str],
+) -> list[MergedRollup]:
     """The metrics' total rows (`metrics` None: every metric's), and the `grouped` metrics' dimension rows too, each
     merged over the hours that start in [start, end)."""
-    result = client.query(_ROLLUPS_SQL, parameters={
-        "subject_type": subject_type, "subject_id": subject_id, "start": naive_utc(start), "end": naive_utc(end),
-        "every_metric": int(metrics is None), "metrics": metrics or [], "grouped": grouped,
-    }).result_rows
-    return [(metric, dict(dimensions), AggregationType(aggregation), int(count), total, low, high)
-            for metric, dimensions, aggregation, count, total, low, high in result]
+    result = client.query(
+        _ROLLUPS_SQL,
+        parameters={
+            "subject_type": subject_type,
+            "subject_id": subject_id,
+            "start": naive_utc(start),
+            "end": naive_utc(end),
+            "every_metric": int(metrics is None),
+            "metrics": metrics or [],
+            "grouped": grouped,
+        },
+    ).result_rows
+    return [
+        (metric, dict(dimensions), AggregationType(aggregation), int(count), total, low, high)
+        for metric, dimensions, aggregation, count, total, low, high in result
+    ]
 
 
-def distinct_and_latest(client: Client, subject_type: str, subject_id: str, metric_key: str, start: datetime,
-                        end: datetime, dimensions: Sequence[tuple[str, str]]) -> tuple[int, Decimal, int]:
+def distinct_and_latest(
+    client: Client,
+    subject_type: str,
+    subject_id: str,
+    metric_key: str,
+    start: datetime,
+    end: datetime,
+    dimensions: Sequence[tuple[str, str]],
+) -> tuple[int, Decimal, int]:
     """Over the metric's usage records with timestamp in [start, end) and these dimension values (none: all of
     them): the number of distinct values, the latest quantity (meaningless without records) and the record count."""
     names, values = [n for n, _ in dimensions], [v for _, v in dimensions]
-    distinct, latest, count = client.query(_RECORDS_SQL, parameters={
-        "subject_type": subject_type, "subject_id": subject_id, "metric_key": metric_key,
-        "start": naive_utc(start), "end": naive_utc(end), "names": names, "values": values,
-    }).result_rows[0]
+    distinct, latest, count = client.query(
+        _RECORDS_SQL,
+        parameters={
+            "subject_type": subject_type,
+            "subject_id": subject_id,
+            "metric_key": metric_key,
+            "start": naive_utc(start),
+            "end": naive_utc(end),
+            "names": names,
+            "values": values,
+        },
+    ).result_rows[0]
     return int(distinct), latest, int(count)
 
 
@@ -77,7 +109,18 @@ def stored_invoice(client: Client, subject_type: str, subject_id: str, period: s
 
 
 def store_invoice(client: Client, invoice: Invoice) -> None:
-    client.insert("invoices", [[invoice.subject_type, invoice.subject_id, invoice.period, invoice.currency,
-                                invoice.subtotal, invoice.to_json().decode(), naive_utc(invoice.computed_at)]],
-                  column_names=["subject_type", "subject_id", "period", "currency", "subtotal", "body", "computed_at"])
-
+    client.insert(
+        "invoices",
+        [
+            [
+                invoice.subject_type,
+                invoice.subject_id,
+                invoice.period,
+                invoice.currency,
+                invoice.subtotal,
+                invoice.to_json().decode(),
+                naive_utc(invoice.computed_at),
+            ]
+        ],
+        column_names=["subject_type", "subject_id", "period", "currency", "subtotal", "body", "computed_at"],
+    )

@@ -74,7 +74,12 @@ def migrate(settings: Settings, directory: Path | None = None, timeout: float | 
     idempotent, so several processes may migrate at once, and one cut off by `timeout` can be run again."""
     cluster = settings.clickhouse_cluster
     with connect(settings, database="default", timeout=timeout) as admin:
-        admin.command(render(f"CREATE DATABASE IF NOT EXISTS {quote_identifier(settings.clickhouse_database)} {{on_cluster}}", cluster))
+        admin.command(
+            render(
+                f"CREATE DATABASE IF NOT EXISTS {quote_identifier(settings.clickhouse_database)} {{on_cluster}}",
+                cluster,
+            )
+        )
     applied: list[Migration] = []
     with connect(settings, timeout=timeout) as client:
         client.command(render(_LEDGER_DDL, cluster))

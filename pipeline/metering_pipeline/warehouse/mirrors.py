@@ -37,22 +37,54 @@ class Mirror(Generic[D]):
 
 
 METRICS: Mirror[MetricDefinition] = Mirror(
-    MetricDefinition, "metric_definitions",
-    ("id", "key", "name", "description", "unit", "aggregation_type", "reset_period", "org_id", "value_property",
-     "group_by", "filter"),
-    lambda d: [d.id, d.key, d.name, d.description, d.unit, d.aggregation_type.value, d.reset_period.value, d.org_id,
-               d.value_property, orjson.dumps(d.group_by).decode(), orjson.dumps(d.filter).decode()],
+    MetricDefinition,
+    "metric_definitions",
+    (
+        "id",
+        "key",
+        "name",
+        "description",
+        "unit",
+        "aggregation_type",
+        "reset_period",
+        "org_id",
+        "value_property",
+        "group_by",
+        "filter",
+    ),
+    lambda d: [
+        d.id,
+        d.key,
+        d.name,
+        d.description,
+        d.unit,
+        d.aggregation_type.value,
+        d.reset_period.value,
+        d.org_id,
+        d.value_property,
+        orjson.dumps(d.group_by).decode(),
+        orjson.dumps(d.filter).decode(),
+    ],
 )
 
 PLANS: Mirror[Plan] = Mirror(
-    Plan, "plans",
+    Plan,
+    "plans",
     ("key", "name", "currency", "billing_period", "flat_fee", "prices", "org_id"),
-    lambda p: [p.key, p.name, p.currency, p.billing_period.value, p.flat_fee,
-               orjson.dumps([price.model_dump(mode="json", by_alias=True) for price in p.prices]).decode(), p.org_id],
+    lambda p: [
+        p.key,
+        p.name,
+        p.currency,
+        p.billing_period.value,
+        p.flat_fee,
+        orjson.dumps([price.model_dump(mode="json", by_alias=True) for price in p.prices]).decode(),
+        p.org_id,
+    ],
 )
 
 SUBSCRIPTIONS: Mirror[Subscription] = Mirror(
-    Subscription, "subscriptions",
+    Subscription,
+    "subscriptions",
     ("id", "subject_type", "subject_id", "plan_key", "start_at", "end_at", "org_id"),
     lambda s: [s.id, s.subject_type, s.subject_id, s.plan_key, s.start_at, s.end_at, s.org_id],
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import orjson
@@ -30,8 +30,10 @@ ORDER BY period_start
 
 # A dimension row matches a filter when its map holds the name with that value (names and values are bound as
 # arrays, never spliced into the SQL).
-_DIMENSIONS_MATCH = ("arrayAll((name, value) -> mapContains(dimensions, name) AND dimensions[name] = value, "
-                     "{filter_names:Array(String)}, {filter_values:Array(String)})")
+_DIMENSIONS_MATCH = (
+    "arrayAll((name, value) -> mapContains(dimensions, name) AND dimensions[name] = value, "
+    "{filter_names:Array(String)}, {filter_values:Array(String)})"
+)
 
 # The dimension rows with the state they were computed from, so that rows of a subset of dimensions merge exactly.
 _DIMENSION_ROWS_SQL = f"""
@@ -50,8 +52,11 @@ ORDER BY period_start
 """
 
 # Each record's period, as the worker buckets it (UTC hours, days, calendar months).
-_PERIOD_OF = {PeriodType.HOURLY: "toStartOfHour(timestamp)", PeriodType.DAILY: "toStartOfDay(timestamp)",
-              PeriodType.MONTHLY: "toStartOfMonth(timestamp)"}
+_PERIOD_OF = {
+    PeriodType.HOURLY: "toStartOfHour(timestamp)",
+    PeriodType.DAILY: "toStartOfDay(timestamp)",
+    PeriodType.MONTHLY: "toStartOfMonth(timestamp)",
+}
 
 # UNIQUE_COUNT and LATEST of the groups whose rows cannot be added: from the records the worker counted, each once
 # (FINAL), per period [period_start, period_end) and groupBy values.
@@ -100,20 +105,28 @@ def usage_summaries(
         return [
             UsageSummary(
                 id=summary_id(metric, stype, sid, period, pstart, {}),
-                metric_key=metric, subject_type=stype, subject_id=sid, period_type=period,
-                period_start=pstart, period_end=pend, total_quantity=plain(total), record_count=count,
+                metric_key=metric,
+                subject_type=stype,
+                subject_id=sid,
+                period_type=period,
+                period_start=pstart,
+                period_end=pend,
+                total_quantity=plain(total),
+                record_count=count,
             )
             for metric, stype, sid, period, pstart, pend, total, count in result.result_rows
         ]
     match = {"filter_names": dimensions.filter_names(), "filter_values": dimensions.filter_values()}
     rows = [
         DimensionRow(_utc(pstart), _utc(pend), AggregationType(kind), dict(dims), total, count, sum_, low, high)
-        for pstart, pend, kind, dims, total, count, sum_, low, high
-        in client.query(_DIMENSION_ROWS_SQL, parameters=parameters | match).result_rows
+        for pstart, pend, kind, dims, total, count, sum_, low, high in client.query(
+            _DIMENSION_ROWS_SQL, parameters=parameters | match
+        ).result_rows
     ]
     groups = group_rows(rows, dimensions)
-    from_records = _records_values(client, [g for g in groups if g.needs_records(aggregation)], dimensions, period_type,
-                                   parameters, match)
+    from_records = _records_values(
+        client, [g for g in groups if g.needs_records(aggregation)], dimensions, period_type, parameters, match
+    )
     summaries = []
     for group in groups:
         kind = group.aggregation(aggregation)
@@ -123,30 +136,48 @@ def usage_summaries(
         else:
             value = group.merged_total(aggregation)
         labels = dimensions.labels(group.values)
-        summaries.append(UsageSummary(
-            id=summary_id(metric_key, subject_type, subject_id, period_type.value, group.period_start, labels),
-            metric_key=metric_key, subject_type=subject_type, subject_id=subject_id, period_type=period_type,
-            period_start=group.period_start, period_end=group.period_end, total_quantity=value,
-            record_count=group.record_count(), dimensions=labels))
+        summaries.append(
+            UsageSummary(
+                id=summary_id(metric_key, subject_type, subject_id, period_type.value, group.period_start, labels),
+                metric_key=metric_key,
+                subject_type=subject_type,
+                subject_id=subject_id,
+                period_type=period_type,
+                period_start=group.period_start,
+                period_end=group.period_end,
+                total_quantity=value,
+                record_count=group.record_count(),
+                dimensions=labels,
+            )
+        )
     return summaries
 
 
-def _records_values(client: Client, groups: list[Group], dimensions: DimensionQuery, period_type: PeriodType,
-                    parameters: dict[str, object], match: dict[str, object]
-                    ) -> dict[tuple[datetime, tuple[str, ...]], tuple[int, Decimal]]:
+def _records_values(
+    client: Client,
+    groups: list[Group],
+    dimensions: DimensionQuery,
+    period_type: PeriodType,
+    parameters: dict[str, object],
+    match: dict[str, object],
+) -> dict[tuple[datetime, tuple[str, ...]], tuple[int, Decimal]]:
     """(distinct values, latest quantity) per (period start, groupBy values), over the records of those groups."""
     if not groups:
         return {}
     first = min(g.period_start for g in groups)
     last = max(g.period_end for g in groups)
     sql = _DIMENSION_RECORDS_SQL.format(period_of=_PERIOD_OF[period_type], match=_DIMENSIONS_MATCH)
-    result = client.query(sql, parameters=parameters | match | {
-        "start": naive_utc(first), "end": naive_utc(last), "group_by": list(dimensions.group_by)})
+    result = client.query(
+        sql,
+        parameters=parameters
+        | match
+        | {"start": naive_utc(first), "end": naive_utc(last), "group_by": list(dimensions.group_by)},
+    )
     return {(_utc(period), tuple(key)): (int(distinct), latest) for period, key, distinct, latest in result.result_rows}
 
 
 def _utc(at: datetime) -> datetime:
-    return at.replace(tzinfo=timezone.utc) if at.tzinfo is None else at.astimezone(timezone.utc)
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
 
 
 @dataclass(frozen=True)
@@ -165,35 +196,55 @@ class RecordFilter:
     def where(self) -> tuple[str, dict[str, object]]:
         clauses = ["timestamp >= {start:DateTime64(3)}", "timestamp < {end:DateTime64(3)}"]
         parameters: dict[str, object] = {"start": naive_utc(self.start), "end": naive_utc(self.end)}
-        for column, value in (("subject_type", self.subject_type), ("subject_id", self.subject_id),
-                              ("metric_key", self.metric_key)):
+        for column, value in (
+            ("subject_type", self.subject_type),
+            ("subject_id", self.subject_id),
+            ("metric_key", self.metric_key),
+        ):
             if value is not None:
                 clauses.append(f"{column} = {{{column}:String}}")
                 parameters[column] = value
         if self.org_id is not None:
-            clauses.append("if(subject_type = 'org', subject_id, JSONExtractString(metadata, 'orgId')) = {org_id:String}")
+            clauses.append(
+                "if(subject_type = 'org', subject_id, JSONExtractString(metadata, 'orgId')) = {org_id:String}"
+            )
             parameters["org_id"] = self.org_id
         if self.dimensions:
             clauses.append(_DIMENSIONS_MATCH)
-            parameters |= {"filter_names": [n for n, _ in self.dimensions], "filter_values": [v for _, v in self.dimensions]}
+            parameters |= {
+                "filter_names": [n for n, _ in self.dimensions],
+                "filter_values": [v for _, v in self.dimensions],
+            }
         return " AND ".join(clauses), parameters
 
 
-_RECORD_SELECT = "SELECT id, metric_key, subject_type, subject_id, quantity, timestamp, metadata FROM usage_records FINAL"
+_RECORD_SELECT = (
+    "SELECT id, metric_key, subject_type, subject_id, quantity, timestamp, metadata FROM usage_records FINAL"
+)
 
 
-def usage_records_page(client: Client, selection: RecordFilter, after: tuple[datetime, str] | None,
-                       limit: int) -> list[UsageRecord]:
+def usage_records_page(
+    client: Client, selection: RecordFilter, after: tuple[datetime, str] | None, limit: int
+) -> list[UsageRecord]:
     """usage.get: records in (timestamp, id) order, `limit` at a time after the keyset cursor `after`."""
     where, parameters = selection.where()
     if after is not None:
         where += " AND (timestamp, id) > ({after_ts:DateTime64(3)}, {after_id:String})"
         parameters |= {"after_ts": naive_utc(after[0]), "after_id": after[1]}
-    rows = client.query(f"{_RECORD_SELECT} WHERE {where} ORDER BY timestamp, id LIMIT {{limit:UInt32}}",
-                        parameters=parameters | {"limit": limit}).result_rows
+    rows = client.query(
+        f"{_RECORD_SELECT} WHERE {where} ORDER BY timestamp, id LIMIT {{limit:UInt32}}",
+        parameters=parameters | {"limit": limit},
+    ).result_rows
     return [
-        UsageRecord(id=record_id, metric_key=metric, subject_type=stype, subject_id=sid, quantity=quantity,
-                    timestamp=ts, metadata=orjson.loads(metadata or "{}"))
+        UsageRecord(
+            id=record_id,
+            metric_key=metric,
+            subject_type=stype,
+            subject_id=sid,
+            quantity=quantity,
+            timestamp=ts,
+            metadata=orjson.loads(metadata or "{}"),
+        )
         for record_id, metric, stype, sid, quantity, ts, metadata in rows
     ]
 
@@ -214,7 +265,8 @@ def open_usage_export(client: Client, selection: RecordFilter, export_format: st
         "SELECT id, metric_key AS metricKey, subject_type AS subjectType, subject_id AS subjectId, "
         "toString(quantity) AS quantity, formatDateTime(at, '%Y-%m-%dT%H:%i:%S.%fZ', 'UTC') AS timestamp, metadata, "
         f"{dimensions} AS dimensions "
-        "FROM (SELECT id, metric_key, subject_type, subject_id, quantity, timestamp AS at, metadata, dimensions AS dims "
+        "FROM (SELECT id, metric_key, subject_type, subject_id, quantity, timestamp AS at, metadata, "
+        "dimensions AS dims "
         f"FROM usage_records FINAL WHERE {where} ORDER BY timestamp, id)"
     )
     stream = client.raw_stream(query, parameters=parameters, fmt=EXPORT_FORMATS[export_format])
@@ -230,10 +282,12 @@ def open_usage_export(client: Client, selection: RecordFilter, export_format: st
 
 def naive_utc(at: datetime) -> datetime:
     """clickhouse-connect binds naive datetimes as they are: make them UTC first."""
-    return at.replace(tzinfo=None) if at.tzinfo is timezone.utc else at.astimezone(timezone.utc).replace(tzinfo=None)
+    return at.replace(tzinfo=None) if at.tzinfo is UTC else at.astimezone(UTC).replace(tzinfo=None)
 
 
-def subjects_with_usage(client: Client, subject_type: str | None, search: str | None, limit: int) -> list[tuple[str, str]]:
+def subjects_with_usage(
+    client: Client, subject_type: str | None, search: str | None, limit: int
+) -> list[tuple[str, str]]:
     """(subject type, subject id) pairs that have monthly rollups, for pickers; most recently active first.
 
     Total rows only: a grouped metric's dimension rows name the same subjects and would only cost reading them."""
@@ -246,14 +300,31 @@ def subjects_with_usage(client: Client, subject_type: str | None, search: str | 
         parameters["search"] = search
     rows = client.query(
         f"SELECT subject_type, subject_id FROM usage_rollups WHERE {' AND '.join(clauses)} "
-        "GROUP BY subject_type, subject_id ORDER BY max(period_start) DESC, subject_type, subject_id LIMIT {limit:UInt32}",
-        parameters=parameters).result_rows
+        "GROUP BY subject_type, subject_id ORDER BY max(period_start) DESC, subject_type, subject_id "
+        "LIMIT {limit:UInt32}",
+        parameters=parameters,
+    ).result_rows
     return [(row[0], row[1]) for row in rows]
 
 
 # The columns of threshold_events, in the order the sink writes them.
-ALERT_COLUMNS = ("id", "type", "threshold_id", "metric_key", "subject_type", "subject_id", "threshold", "value",
-                 "period_type", "period_start", "period_end", "action", "notify_emails", "occurred_at", "dimensions")
+ALERT_COLUMNS = (
+    "id",
+    "type",
+    "threshold_id",
+    "metric_key",
+    "subject_type",
+    "subject_id",
+    "threshold",
+    "value",
+    "period_type",
+    "period_start",
+    "period_end",
+    "action",
+    "notify_emails",
+    "occurred_at",
+    "dimensions",
+)
 
 
 def recent_alerts(client: Client, subject_type: str, subject_id: str, limit: int) -> list[dict[str, object]]:
@@ -262,15 +333,19 @@ def recent_alerts(client: Client, subject_type: str, subject_id: str, limit: int
         f"SELECT {', '.join(ALERT_COLUMNS)} FROM threshold_events FINAL "
         "WHERE subject_type = {subject_type:String} AND subject_id = {subject_id:String} "
         "ORDER BY occurred_at DESC, id LIMIT {limit:UInt32}",
-        parameters={"subject_type": subject_type, "subject_id": subject_id, "limit": limit})
-    return [dict(zip(ALERT_COLUMNS, row)) for row in result.result_rows]
+        parameters={"subject_type": subject_type, "subject_id": subject_id, "limit": limit},
+    )
+    return [dict(zip(ALERT_COLUMNS, row, strict=True)) for row in result.result_rows]
 
 
-def exceeded_alerts(client: Client, subject_type: str, subject_id: str, threshold_ids: list[str]) -> set[tuple[str, datetime, Decimal]]:
+def exceeded_alerts(
+    client: Client, subject_type: str, subject_id: str, threshold_ids: list[str]
+) -> set[tuple[str, datetime, Decimal]]:
     """(threshold id, window start, limit) of every threshold.exceeded the subject has had for these thresholds."""
     rows = client.query(
         "SELECT DISTINCT threshold_id, period_start, threshold FROM threshold_events "
         "WHERE subject_type = {subject_type:String} AND subject_id = {subject_id:String} "
         "AND type = 'threshold.exceeded' AND threshold_id IN {ids:Array(String)}",
-        parameters={"subject_type": subject_type, "subject_id": subject_id, "ids": threshold_ids}).result_rows
-    return {(tid, start.replace(tzinfo=timezone.utc), limit) for tid, start, limit in rows}
+        parameters={"subject_type": subject_type, "subject_id": subject_id, "ids": threshold_ids},
+    ).result_rows
+    return {(tid, start.replace(tzinfo=UTC), limit) for tid, start, limit in rows}

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from decimal import Decimal
 from functools import lru_cache
 from typing import Generic, TypeVar
-from datetime import datetime, timezone
-from decimal import Decimal
 
 import orjson
 from clickhouse_connect.driver.client import Client
@@ -25,16 +25,53 @@ from metering_pipeline.warehouse.migrations import migrate
 from metering_pipeline.warehouse.mirrors import D, Mirror
 from metering_pipeline.warehouse.queries import ALERT_COLUMNS, naive_utc
 
-_RECORD_COLUMNS = ["subject_type", "subject_id", "metric_key", "id", "timestamp", "quantity", "metadata", "metric_id",
-                   "dimensions", "distinct_value"]
+_RECORD_COLUMNS = [
+    "subject_type",
+    "subject_id",
+    "metric_key",
+    "id",
+    "timestamp",
+    "quantity",
+    "metadata",
+    "metric_id",
+    "dimensions",
+    "distinct_value",
+]
 _ROLLUP_COLUMNS = [
-    "metric_key", "subject_type", "subject_id", "period_type", "period_start", "period_end", "aggregation_type",
-    "total_quantity", "record_count", "sum_quantity", "min_quantity", "max_quantity", "version", "dimensions",
+    "metric_key",
+    "subject_type",
+    "subject_id",
+    "period_type",
+    "period_start",
+    "period_end",
+    "aggregation_type",
+    "total_quantity",
+    "record_count",
+    "sum_quantity",
+    "min_quantity",
+    "max_quantity",
+    "version",
+    "dimensions",
 ]
 
 
-_ALERT_FIELDS = ("id", "type", "thresholdId", "metricKey", "subjectType", "subjectId", "threshold", "value",
-                 "periodType", "periodStart", "periodEnd", "action", "notifyEmails", "occurredAt", "dimensions")  # as ALERT_COLUMNS
+_ALERT_FIELDS = (
+    "id",
+    "type",
+    "thresholdId",
+    "metricKey",
+    "subjectType",
+    "subjectId",
+    "threshold",
+    "value",
+    "periodType",
+    "periodStart",
+    "periodEnd",
+    "action",
+    "notifyEmails",
+    "occurredAt",
+    "dimensions",
+)  # as ALERT_COLUMNS
 _ALERT_DEFAULTS = {"dimensions": {}}  # of fields added since: alerts written before them lack them
 _INSERT_SETTINGS = {"date_time_input_format": "best_effort"}  # RFC 3339 timestamps with offsets
 _COLUMNS = "JSONCompactColumns"  # the hot tables (see records_body)
@@ -111,9 +148,11 @@ class ClickHouseSink:
         self._client: Client | None = None
         self._lock = asyncio.Lock()  # one client, one request at a time
         self._records = GroupInsert[CountedRecord](
-            lambda records: self._insert("usage_records", records_body(records), _RECORD_COLUMNS, _COLUMNS))
+            lambda records: self._insert("usage_records", records_body(records), _RECORD_COLUMNS, _COLUMNS)
+        )
         self._rollups = GroupInsert[RollupChange](
-            lambda changes: self._insert("usage_rollups", rollups_body(changes), _ROLLUP_COLUMNS, _COLUMNS))
+            lambda changes: self._insert("usage_rollups", rollups_body(changes), _ROLLUP_COLUMNS, _COLUMNS)
+        )
 
     def _open(self) -> Client:
         migrate(self.settings)
@@ -137,9 +176,11 @@ class ClickHouseSink:
         """Alerts as read from the alerts topic (parsed `ThresholdAlert` JSON, camelCase keys)."""
         if not events:
             return
-        await self._insert("threshold_events", _body([[event.get(field, _ALERT_DEFAULTS.get(field)) for field in _ALERT_FIELDS]
-                                                      for event in events]),
-                           list(ALERT_COLUMNS))
+        await self._insert(
+            "threshold_events",
+            _body([[event.get(field, _ALERT_DEFAULTS.get(field)) for field in _ALERT_FIELDS] for event in events]),
+            list(ALERT_COLUMNS),
+        )
 
     async def write_definition(self, mirror: Mirror[D], definition_id: str, definition: D | None, version: int) -> None:
         """Mirror one entry of a definitions topic; `None` (a tombstone) marks the definition deleted."""
@@ -150,13 +191,20 @@ class ClickHouseSink:
 # call with every decimal already an exact string: less than half the CPU of a row per orjson call, several
 # times less than clickhouse-connect's Native encoding from Python objects (`metering bench --hot-path`).
 def records_body(records: Sequence[CountedRecord]) -> bytes:
-    return orjson.dumps([
-        [r.subject_type for r in records], [r.subject_id for r in records], [r.metric_key for r in records],
-        [r.record_id for r in records], [_datetime64(r.timestamp_ms) for r in records], [str(r.quantity) for r in records],
-        [r.metadata_json for r in records], [r.metric_id for r in records],
-        [dimension_map(r.dimensions) if r.dimensions else TOTAL_ROW for r in records],
-        [r.distinct or "" for r in records],
-    ])
+    return orjson.dumps(
+        [
+            [r.subject_type for r in records],
+            [r.subject_id for r in records],
+            [r.metric_key for r in records],
+            [r.record_id for r in records],
+            [_datetime64(r.timestamp_ms) for r in records],
+            [str(r.quantity) for r in records],
+            [r.metadata_json for r in records],
+            [r.metric_id for r in records],
+            [dimension_map(r.dimensions) if r.dimensions else TOTAL_ROW for r in records],
+            [r.distinct or "" for r in records],
+        ]
+    )
 
 
 TOTAL_ROW: dict[str, str] = {}  # rendered, never changed
@@ -177,19 +225,29 @@ def _datetime64(epoch_ms: int) -> str:
 
 @lru_cache(maxsize=65536)  # records of a checkpoint fall in few distinct seconds
 def _second_text(epoch_seconds: int) -> str:
-    return datetime.fromtimestamp(epoch_seconds, tz=timezone.utc).replace(tzinfo=None).isoformat(sep=" ")
+    return datetime.fromtimestamp(epoch_seconds, tz=UTC).replace(tzinfo=None).isoformat(sep=" ")
 
 
 def rollups_body(changes: Sequence[RollupChange]) -> bytes:
     keys = [change.key for change in changes]
-    return orjson.dumps([
-        [key[0] for key in keys], [key[1] for key in keys], [key[2] for key in keys], [WIRE_NAME[key[3]] for key in keys],
-        [_naive_utc(key[4]) for key in keys], [_naive_utc(change.period_end) for change in changes],
-        [WIRE_NAME[change.aggregation] for change in changes], [change.total_text for change in changes],
-        [change.count for change in changes], [change.sum_text for change in changes],
-        [change.min_text for change in changes], [change.max_text for change in changes],
-        [change.version for change in changes], [dimension_map(key[5]) if key[5] else TOTAL_ROW for key in keys],
-    ])
+    return orjson.dumps(
+        [
+            [key[0] for key in keys],
+            [key[1] for key in keys],
+            [key[2] for key in keys],
+            [WIRE_NAME[key[3]] for key in keys],
+            [_naive_utc(key[4]) for key in keys],
+            [_naive_utc(change.period_end) for change in changes],
+            [WIRE_NAME[change.aggregation] for change in changes],
+            [change.total_text for change in changes],
+            [change.count for change in changes],
+            [change.sum_text for change in changes],
+            [change.min_text for change in changes],
+            [change.max_text for change in changes],
+            [change.version for change in changes],
+            [dimension_map(key[5]) if key[5] else TOTAL_ROW for key in keys],
+        ]
+    )
 
 
 def _body(rows: list[list[object]]) -> bytes:

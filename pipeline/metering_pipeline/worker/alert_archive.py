@@ -44,11 +44,19 @@ class AlertArchive:
         try:
             while not stopping.is_set():
                 batches = await self.consumer.getmany(timeout_ms=200, max_records=5_000)
-                events = [event for messages in batches.values() for message in messages
-                          if (event := _event(message)) is not None]
+                events = [
+                    event
+                    for messages in batches.values()
+                    for message in messages
+                    if (event := _event(message)) is not None
+                ]
                 if events:
-                    await until_success(lambda: self.sink.write_alerts(events), "write threshold_events",
-                                        transient=is_transient, streak=self.failing)
+                    await until_success(
+                        lambda: self.sink.write_alerts(events),  # noqa: B023 - awaited in this same iteration
+                        "write threshold_events",
+                        transient=is_transient,
+                        streak=self.failing,
+                    )
                 if batches:
                     try:
                         await self.consumer.commit()
@@ -65,5 +73,7 @@ def _event(message) -> dict[str, object] | None:
             return event
     except orjson.JSONDecodeError:
         pass
-    log.error("not an alert event on the alerts topic; not archived", partition=message.partition, offset=message.offset)
+    log.error(
+        "not an alert event on the alerts topic; not archived", partition=message.partition, offset=message.offset
+    )
     return None

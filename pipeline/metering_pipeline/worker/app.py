@@ -25,15 +25,15 @@ from metering_pipeline.retry import FailingStreak
 from metering_pipeline.settings import Settings
 from metering_pipeline.topics import Topics, ensure_topics, internal_topics, public_topics
 from metering_pipeline.usage.metrics import MetricCatalog
+from metering_pipeline.usage.thresholds import ThresholdBook
+from metering_pipeline.warehouse import mirrors
 from metering_pipeline.warehouse.errors import is_transient
 from metering_pipeline.warehouse.migrations import migrate
 from metering_pipeline.warehouse.sink import ClickHouseSink
-from metering_pipeline.usage.thresholds import ThresholdBook
-from metering_pipeline.worker.entitlements import FORWARDED_HEADER, SERVED_BY_HEADER, Entitlements, member_client_id
-from metering_pipeline.warehouse import mirrors
 from metering_pipeline.worker import garbage
 from metering_pipeline.worker.alert_archive import AlertArchive
 from metering_pipeline.worker.definition_mirror import DefinitionMirror, MetricAnnouncer
+from metering_pipeline.worker.entitlements import FORWARDED_HEADER, SERVED_BY_HEADER, Entitlements, member_client_id
 from metering_pipeline.worker.health import failing_writer
 from metering_pipeline.worker.rollup_stage import RollupStage
 from metering_pipeline.worker.router_stage import RouterStage
@@ -76,14 +76,22 @@ class Pipeline:
         self.tasks = [asyncio.create_task(self._guard(f"{feed.topic} feed", feed.run(self.stopping))) for feed in feeds]
         for feed in feeds:  # thresholds are checked against the metrics' reset periods from the first record on
             await feed.ready.wait()
-        rollups = RollupStage(self.settings, self.sink, self.stats, self.catalog, self.book,
-                              client_id=member_client_id(f"{self.settings.consumer_group_prefix}-rollups", self.url))
+        rollups = RollupStage(
+            self.settings,
+            self.sink,
+            self.stats,
+            self.catalog,
+            self.book,
+            client_id=member_client_id(f"{self.settings.consumer_group_prefix}-rollups", self.url),
+        )
         self.entitlements = Entitlements(self.settings, rollups, self.url)
         self.rollups = rollups
         self.alert_archive = AlertArchive(self.settings, self.sink)
         self.tasks += [
             asyncio.create_task(self._guard("rollups", rollups.run(self.stopping))),
-            asyncio.create_task(self._guard("router", RouterStage(self.settings, self.catalog, self.stats).run(self.stopping))),
+            asyncio.create_task(
+                self._guard("router", RouterStage(self.settings, self.catalog, self.stats).run(self.stopping))
+            ),
             asyncio.create_task(self._guard("alert archive", self.alert_archive.run(self.stopping))),
         ]
         self.healthy = True
@@ -145,8 +153,10 @@ def prepare(settings: Settings) -> None:
     except Exception as error:
         if not is_transient(error):
             raise
-        log.warning("ClickHouse does not answer; the worker starts without it and applies migrations once it does",
-                    error=str(error)[:300])
+        log.warning(
+            "ClickHouse does not answer; the worker starts without it and applies migrations once it does",
+            error=str(error)[:300],
+        )
 
 
 def create_app(settings: Settings, web_port: int) -> faust.App:
@@ -164,7 +174,9 @@ def create_app(settings: Settings, web_port: int) -> faust.App:
     )
     pipeline = Pipeline(settings, web_port)
     topics = Topics.of(settings)
-    definitions = app.topic(topics.metrics, topics.plans, topics.subscriptions, key_serializer="raw", value_serializer="raw")
+    definitions = app.topic(
+        topics.metrics, topics.plans, topics.subscriptions, key_serializer="raw", value_serializer="raw"
+    )
 
     @app.agent(definitions)
     async def mirror_definitions(stream):
@@ -174,7 +186,7 @@ def create_app(settings: Settings, web_port: int) -> faust.App:
             message = event.message
             try:
                 await pipeline.mirrors[message.topic].mirror_entry(message.key, message.value, message.offset)
-            except Exception as error:  # e.g. a permanent ClickHouse error: like a stage's, it stops the worker
+            except Exception as error:  # noqa: BLE001 - e.g. a permanent ClickHouse error: like a stage's, it stops the worker
                 pipeline.fail("definition mirror", error)
                 return
 
@@ -200,7 +212,8 @@ def create_app(settings: Settings, web_port: int) -> faust.App:
         if not pipeline.started.is_set():
             return web.json({"error": "starting", "message": "the worker is starting"}, status=503)
         status, body, served_by = await pipeline.entitlements.check(
-            subject_type, subject_id, metric_key, forwarded=FORWARDED_HEADER in request.headers)
+            subject_type, subject_id, metric_key, forwarded=FORWARDED_HEADER in request.headers
+        )
         return web.json(body, status=status, headers={SERVED_BY_HEADER: served_by})
 
     @app.page("/metrics")

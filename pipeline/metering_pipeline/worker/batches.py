@@ -27,8 +27,9 @@ class PartitionBatches:
     async def add(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None) -> None:
         await self.add_all(topic, ((key, value),), partition)
 
-    async def add_all(self, topic: str, entries: Iterable[tuple[bytes | None, bytes | None]],
-                      partition: int | None = None) -> None:
+    async def add_all(
+        self, topic: str, entries: Iterable[tuple[bytes | None, bytes | None]], partition: int | None = None
+    ) -> None:
         """Append every (key, value) to `partition`, or to its key's partition; awaits only to submit a full batch
         (a checkpoint adds tens of thousands of entries: one coroutine per entry would cost more than the entry)."""
         partitions = None if partition is not None else await self._partitions_of(topic)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from functools import lru_cache
+from datetime import UTC, datetime
 from decimal import Decimal
+from functools import lru_cache
 
 import orjson
 
@@ -32,8 +32,15 @@ _PRESENT = b"1"
 
 
 def rollup_entry(change: RollupChange) -> tuple[bytes, bytes]:
-    fields = [WIRE_NAME[change.aggregation], change.count, change.sum_text, change.min_text, change.max_text,
-              change.version, change.metric_id]
+    fields = [
+        WIRE_NAME[change.aggregation],
+        change.count,
+        change.sum_text,
+        change.min_text,
+        change.max_text,
+        change.version,
+        change.metric_id,
+    ]
     if change.latest is not None:
         fields += [change.latest[1], change.latest[2], change.latest[0]]
     return rollup_tombstone(change.key), orjson.dumps(fields)
@@ -43,15 +50,19 @@ def rollup_tombstone(key: RollupKey) -> bytes:
     """A rollup's changelog key: a total row's as it always was, a dimension row's with its pairs after."""
     metric_key, subject_type, subject_id, period, start, dimensions = key
     if dimensions:
-        return ROLLUP_PREFIX + orjson.dumps([metric_key, subject_type, subject_id, WIRE_NAME[period],
-                                             _epoch_seconds(start), dimensions])
-    return ROLLUP_PREFIX + orjson.dumps([metric_key, subject_type, subject_id, WIRE_NAME[period], _epoch_seconds(start)])
+        return ROLLUP_PREFIX + orjson.dumps(
+            [metric_key, subject_type, subject_id, WIRE_NAME[period], _epoch_seconds(start), dimensions]
+        )
+    return ROLLUP_PREFIX + orjson.dumps(
+        [metric_key, subject_type, subject_id, WIRE_NAME[period], _epoch_seconds(start)]
+    )
 
 
 def distinct_entry(key: RollupKey, value: str) -> bytes:
     metric_key, subject_type, subject_id, period, start, dimensions = key
-    return DISTINCT_PREFIX + orjson.dumps([metric_key, subject_type, subject_id, WIRE_NAME[period],
-                                           _epoch_seconds(start), dimensions, value])
+    return DISTINCT_PREFIX + orjson.dumps(
+        [metric_key, subject_type, subject_id, WIRE_NAME[period], _epoch_seconds(start), dimensions, value]
+    )
 
 
 def distinct_entries(distinct: Iterable[tuple[RollupKey, str]]) -> Iterator[tuple[bytes, bytes]]:
@@ -86,8 +97,15 @@ def _rollup_key(fields: list) -> RollupKey:
 
 def _rollup(fields: list) -> Rollup:
     aggregation, count, total, low, high, version, *rest = fields
-    state = (AggregationType(aggregation), count, Decimal(total), None if low is None else Decimal(low),
-             None if high is None else Decimal(high), version, rest[0] if rest else None)
+    state = (
+        AggregationType(aggregation),
+        count,
+        Decimal(total),
+        None if low is None else Decimal(low),
+        None if high is None else Decimal(high),
+        version,
+        rest[0] if rest else None,
+    )
     if len(rest) == 4:  # a rollup that has had a LATEST record: its time, id and quantity
         latest_ms, latest_id, latest = rest[1:]
         return ValuesRollup(*state, set(), Decimal(latest), latest_ms, latest_id)
@@ -101,18 +119,24 @@ def _period(value: str) -> PeriodType | ResetPeriod:
 
 
 def _utc(seconds: int) -> datetime:
-    return datetime.fromtimestamp(seconds, tz=timezone.utc)
+    return datetime.fromtimestamp(seconds, tz=UTC)
 
 
 IDENTITIES_PER_ENTRY = 5_000  # keeps each entry far below Kafka's message size limit
 
 
-def identities_entries(checkpoint_id: int, identities: list[tuple[RecordIdentity, datetime]]) -> list[tuple[bytes, bytes]]:
+def identities_entries(
+    checkpoint_id: int, identities: list[tuple[RecordIdentity, datetime]]
+) -> list[tuple[bytes, bytes]]:
     """One checkpoint's new identities, in entries of at most IDENTITIES_PER_ENTRY."""
     seconds = {at: int(at.timestamp()) for at in {at for _, at in identities}}  # a few distinct times (one per poll)
     return [
-        (IDENTITIES_PREFIX + f"{checkpoint_id}.{n}".encode(),
-         orjson.dumps([[*identity, seconds[at]] for identity, at in identities[start:start + IDENTITIES_PER_ENTRY]]))
+        (
+            IDENTITIES_PREFIX + f"{checkpoint_id}.{n}".encode(),
+            orjson.dumps(
+                [[*identity, seconds[at]] for identity, at in identities[start : start + IDENTITIES_PER_ENTRY]]
+            ),
+        )
         for n, start in enumerate(range(0, len(identities), IDENTITIES_PER_ENTRY))
     ]
 
@@ -133,20 +157,20 @@ def restore(entries: Iterable[tuple[bytes, bytes | None]]) -> RestoredState:
     distinct: dict[RollupKey, set[str]] = {}
     for key, value in entries:
         if key.startswith(ROLLUP_PREFIX):
-            rollup_key = _rollup_key(orjson.loads(key[len(ROLLUP_PREFIX):]))
+            rollup_key = _rollup_key(orjson.loads(key[len(ROLLUP_PREFIX) :]))
             if value is None:
                 rollups.pop(rollup_key, None)
                 continue
             rollups[rollup_key] = _rollup(orjson.loads(value))
         elif key.startswith(DISTINCT_PREFIX):
-            *fields, dimensions, found = orjson.loads(key[len(DISTINCT_PREFIX):])
+            *fields, dimensions, found = orjson.loads(key[len(DISTINCT_PREFIX) :])
             rollup_key = _rollup_key([*fields, dimensions])
             if value is None:
                 distinct.get(rollup_key, set()).discard(found)
             else:
                 distinct.setdefault(rollup_key, set()).add(found)
         elif key.startswith(MARKER_PREFIX):
-            threshold_id, subject_type, subject_id, start = orjson.loads(key[len(MARKER_PREFIX):])
+            threshold_id, subject_type, subject_id, start = orjson.loads(key[len(MARKER_PREFIX) :])
             marker_key = (threshold_id, subject_type, subject_id, _utc(start))
             if value is None:
                 markers.pop(marker_key, None)
@@ -165,8 +189,15 @@ def restore(entries: Iterable[tuple[bytes, bytes | None]]) -> RestoredState:
         rollup = rollups.get(rollup_key)
         if rollup is not None:
             if not isinstance(rollup, ValuesRollup):  # a metric that counted distinct values and since stopped
-                rollup = rollups[rollup_key] = ValuesRollup(rollup.aggregation, rollup.count, rollup.sum, rollup.min,
-                                                            rollup.max, rollup.version, rollup.metric_id)
+                rollup = rollups[rollup_key] = ValuesRollup(
+                    rollup.aggregation,
+                    rollup.count,
+                    rollup.sum,
+                    rollup.min,
+                    rollup.max,
+                    rollup.version,
+                    rollup.metric_id,
+                )
             rollup.values = values
     identities = [entry for entries_ in identity_lists.values() for entry in entries_]
     newest = {key: max(at for _, at in entries_) for key, entries_ in identity_lists.items() if entries_}

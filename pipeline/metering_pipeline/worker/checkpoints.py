@@ -41,7 +41,8 @@ class Snapshot:
 
 
 def merged(snapshots: list[Snapshot]) -> Snapshot:
-    """Consecutive checkpoints as one: a writer that fell behind catches up in one round trip, not one per checkpoint."""
+    """Consecutive checkpoints as one: a writer that fell behind catches up in one round trip, not one per
+    checkpoint."""
     if len(snapshots) == 1:
         return snapshots[0]
     rollups = {change.key: change for snapshot in snapshots for change in snapshot.changes.rollups}  # the latest wins
@@ -64,7 +65,9 @@ class PartitionWriter:
         self.queue: deque[Snapshot] = deque()
         self.unsunk: dict[RollupKey, RollupChange] = {}  # committed, not yet in ClickHouse
         self.buffered = 0  # counted records in the queue
-        self.failing = FailingStreak()  # ClickHouse writes retrying since (for /health); cleared by a write that succeeds
+        self.failing = (
+            FailingStreak()
+        )  # ClickHouse writes retrying since (for /health); cleared by a write that succeeds
         self._task: asyncio.Task[None] | None = None
         self._progress = asyncio.Event()  # set after each commit and each rollups write: `settle` looks again
 
@@ -128,8 +131,12 @@ class PartitionWriter:
                 snapshot = merged(list(self.queue))
                 started = time.monotonic()
                 # Records before the commit: a replay of this checkpoint rewrites the same rows.
-                await until_success(lambda: self.sink.write_records(snapshot.changes.records), "write usage_records",
-                                    transient=is_transient, streak=self.failing)
+                await until_success(
+                    lambda: self.sink.write_records(snapshot.changes.records),  # noqa: B023 - awaited in this iteration
+                    "write usage_records",
+                    transient=is_transient,
+                    streak=self.failing,
+                )
                 await self.commit(snapshot)
                 for _ in range(taken):
                     self.queue.popleft()
@@ -140,8 +147,12 @@ class PartitionWriter:
                 self._progress.set()
             if self.unsunk:
                 changes = list(self.unsunk.values())
-                await until_success(lambda: self.sink.write_rollups(changes), "write usage_rollups",
-                                    transient=is_transient, streak=self.failing)
+                await until_success(
+                    lambda: self.sink.write_rollups(changes),  # noqa: B023 - awaited in this iteration
+                    "write usage_rollups",
+                    transient=is_transient,
+                    streak=self.failing,
+                )
                 for change in changes:
                     if self.unsunk.get(change.key) is change:  # not replaced by a newer value meanwhile
                         del self.unsunk[change.key]

@@ -7,7 +7,7 @@ into ClickHouse (and announces metrics), which is what this module does.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Generic
 
 from aiokafka import AIOKafkaProducer
@@ -34,25 +34,32 @@ class DefinitionMirror(Generic[D]):
         parsed = parse_entry(self.mirror.model, key, value)
         if parsed is not None:
             definition_id, definition = parsed
-            await until_success(lambda: self.sink.write_definition(self.mirror, definition_id, definition, offset),
-                                f"write {self.mirror.table}", transient=is_transient)
+            await until_success(
+                lambda: self.sink.write_definition(self.mirror, definition_id, definition, offset),
+                f"write {self.mirror.table}",
+                transient=is_transient,
+            )
         return parsed
 
 
 class MetricAnnouncer(DefinitionMirror[MetricDefinition]):
     """Metrics are mirrored and announced as `metric.defined` (the event id is deterministic per entry)."""
 
-    def __init__(self, sink: ClickHouseSink, mirror: Mirror[MetricDefinition], producer: AIOKafkaProducer,
-                 events_topic: str) -> None:
+    def __init__(
+        self, sink: ClickHouseSink, mirror: Mirror[MetricDefinition], producer: AIOKafkaProducer, events_topic: str
+    ) -> None:
         super().__init__(sink, mirror)
         self.producer = producer
         self.events_topic = events_topic
 
-    async def mirror_entry(self, key: bytes | None, value: bytes | None, offset: int) -> tuple[str, MetricDefinition | None] | None:
+    async def mirror_entry(
+        self, key: bytes | None, value: bytes | None, offset: int
+    ) -> tuple[str, MetricDefinition | None] | None:
         parsed = await super().mirror_entry(key, value, offset)
         if parsed is not None and parsed[1] is not None:
             definition_id, definition = parsed
-            event = MetricDefined(id=f"metric.defined:{definition_id}:{offset}", occurred_at=datetime.now(timezone.utc),
-                                  metric=definition)
+            event = MetricDefined(
+                id=f"metric.defined:{definition_id}:{offset}", occurred_at=datetime.now(UTC), metric=definition
+            )
             await self.producer.send_and_wait(self.events_topic, event.to_json(), key=definition_id.encode())
         return parsed

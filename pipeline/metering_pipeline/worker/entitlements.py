@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from urllib.parse import quote
 
 import aiohttp
@@ -58,7 +58,9 @@ class Entitlements:
         self._owners_at = 0.0
         self._lock = asyncio.Lock()
 
-    async def check(self, subject_type: str, subject_id: str, metric_key: str, forwarded: bool) -> tuple[int, dict, str]:
+    async def check(
+        self, subject_type: str, subject_id: str, metric_key: str, forwarded: bool
+    ) -> tuple[int, dict, str]:
         """(HTTP status, body, URL of the worker that answered)."""
         partitions = self.stage.partition_count()
         if partitions is None:
@@ -66,9 +68,13 @@ class Entitlements:
         partition = subject_partition(subject_type, subject_id, partitions)
         owned = self.stage.owned.get(partition)
         if owned is not None:
-            status = owned.thresholds.status(metric_key, (subject_type, subject_id), datetime.now(timezone.utc))
+            status = owned.thresholds.status(metric_key, (subject_type, subject_id), datetime.now(UTC))
             if status.period is None:
-                return 404, {"error": "unknown_metric", "message": f"no metric {metric_key!r} applies to this subject"}, self.url
+                return (
+                    404,
+                    {"error": "unknown_metric", "message": f"no metric {metric_key!r} applies to this subject"},
+                    self.url,
+                )
             return 200, status.to_json(), self.url
         if forwarded:  # the forwarding worker's view of the group is newer than ours, or a rebalance is under way
             return 503, {"error": "rebalancing", "message": f"partition {partition} is not owned here"}, self.url
@@ -98,12 +104,19 @@ class Entitlements:
         return owners
 
     async def _forward(self, owner: str, subject_type: str, subject_id: str, metric_key: str) -> tuple[int, dict, str]:
-        url = f"{owner}/v1/subjects/{quote(subject_type, safe='')}/{quote(subject_id, safe='')}/metrics/{quote(metric_key, safe='')}"
+        url = (
+            f"{owner}/v1/subjects/{quote(subject_type, safe='')}/{quote(subject_id, safe='')}"
+            f"/metrics/{quote(metric_key, safe='')}"
+        )
         try:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
                 async with session.get(url, headers={FORWARDED_HEADER: "1"}) as response:
                     return response.status, await response.json(), response.headers.get(SERVED_BY_HEADER, owner)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+        except (TimeoutError, aiohttp.ClientError) as error:
             self._owners_at = 0.0  # ask the group again next time
             log.warning("entitlement forward failed", owner=owner, error=str(error))
-            return 503, {"error": "owner_unreachable", "message": f"the owner of this subject did not answer: {error}"}, self.url
+            return (
+                503,
+                {"error": "owner_unreachable", "message": f"the owner of this subject did not answer: {error}"},
+                self.url,
+            )

@@ -16,8 +16,11 @@ from metering_pipeline.retry import FailingStreak
 def failing_writer(writers: Iterable[tuple[str, FailingStreak]], unhealthy_after: float, now: float) -> str | None:
     """The reason of the writer failing longest, when it has been failing more than `unhealthy_after` seconds
     as of `now` (time.monotonic()); None when none has."""
-    seconds, name, streak = max(((streak.seconds(now), name, streak) for name, streak in writers),
-                                key=lambda entry: entry[0], default=(0.0, "", None))
+    seconds, name, streak = max(
+        ((streak.seconds(now), name, streak) for name, streak in writers),
+        key=lambda entry: entry[0],
+        default=(0.0, "", None),
+    )
     if streak is None or seconds <= unhealthy_after:
         return None
     return f"{name} failing for {seconds:.0f} s: {str(streak.error)[:1000]}"

@@ -25,10 +25,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from functools import lru_cache
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -38,7 +38,15 @@ from metering_pipeline.logs import get_logger
 from metering_pipeline.settings import Settings
 from metering_pipeline.topics import Topics
 from metering_pipeline.usage.metrics import MetricCatalog
-from metering_pipeline.usage.rollups import WIRE_NAME, CardinalityLimits, Checkpoint, CountedRecord, PartitionRollups, RollupChange, RollupKey
+from metering_pipeline.usage.rollups import (
+    WIRE_NAME,
+    CardinalityLimits,
+    Checkpoint,
+    CountedRecord,
+    PartitionRollups,
+    RollupChange,
+    RollupKey,
+)
 from metering_pipeline.usage.thresholds import Alert, PartitionThresholds, ThresholdBook
 from metering_pipeline.warehouse.sink import TOTAL_ROW, ClickHouseSink, dimension_map
 from metering_pipeline.worker import changelog, garbage, routing
@@ -59,7 +67,8 @@ SETTLE_ON_STOP = 30.0
 
 class ProducerDied(KafkaError):
     """The producer's background sender stopped with an error: every send and transaction of that producer would
-    then wait forever. aiokafka lets it die on some connection errors during a broker restart (aio-libs/aiokafka#907)."""
+    then wait forever. aiokafka lets it die on some connection errors during a broker restart
+    (aio-libs/aiokafka#907)."""
 
 
 # The partition's producer can no longer commit for it: the partition is released, and a new owner (often this
@@ -84,8 +93,15 @@ class OwnedPartition:
 
 
 class RollupStage:
-    def __init__(self, settings: Settings, sink: ClickHouseSink, stats: WorkerStats, catalog: MetricCatalog,
-                 book: ThresholdBook, client_id: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        sink: ClickHouseSink,
+        stats: WorkerStats,
+        catalog: MetricCatalog,
+        book: ThresholdBook,
+        client_id: str | None = None,
+    ) -> None:
         self.settings = settings
         self.sink = sink
         self.stats = stats
@@ -101,7 +117,9 @@ class RollupStage:
         self._rejoin = False
         self._paused = False
         self._lock = asyncio.Lock()
-        self._key_partitions = KeyPartitions()  # of usage.aggregated and alert keys, shared by the partitions' producers
+        self._key_partitions = (
+            KeyPartitions()
+        )  # of usage.aggregated and alert keys, shared by the partitions' producers
         self.consumer = AIOKafkaConsumer(
             **settings.kafka_client_options(),
             group_id=self.group_id,
@@ -120,8 +138,11 @@ class RollupStage:
             buffered_records=self._buffered_records(),
             paused_partitions=len(self.consumer.paused()),
             owned_partitions=len(self.owned),
-            failing_writers=sum(1 for owned in self.owned.values()
-                                if owned.writer.failing.since is not None or owned.writer.failure() is not None),
+            failing_writers=sum(
+                1
+                for owned in self.owned.values()
+                if owned.writer.failing.since is not None or owned.writer.failure() is not None
+            ),
         )
 
     def _buffered_records(self) -> int:
@@ -174,19 +195,22 @@ class RollupStage:
         owned = self.owned.get(partition)
         if owned is None:  # revoked while the batch was in flight
             return
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         touched: set[RollupKey] = set()
         closed_before = self._eviction_horizon(now)
         oldest = now.timestamp()  # publish time of the batch's oldest usage (a clock ahead of this one counts as now)
         for message in messages:
-            counted, duplicates = owned.state.apply(routing.decode(message.value), message.offset, now, touched,
-                                                    closed_before)
+            counted, duplicates = owned.state.apply(
+                routing.decode(message.value), message.offset, now, touched, closed_before
+            )
             self.stats.counted += counted
             self.stats.duplicates += duplicates
             owned.next_offset = message.offset + 1
             oldest = min(oldest, routing.published_at(message))
         self.stats.record_age_seconds.observe(now.timestamp() - oldest)
-        owned.alerts += [replace(alert, usage_published_at=oldest) for alert in owned.thresholds.after_records(touched, now)]
+        owned.alerts += [
+            replace(alert, usage_published_at=oldest) for alert in owned.thresholds.after_records(touched, now)
+        ]
         highwater = self.consumer.highwater(TopicPartition(self.topic, partition))
         if highwater is not None and owned.next_offset is not None:
             self.stats.lag[f"rollups/{partition}"] = highwater - owned.next_offset
@@ -250,7 +274,7 @@ class RollupStage:
     async def _publish_alerts(self, owned: OwnedPartition) -> None:
         """Alerts go out at once, with the markers that stop a replay from firing them again."""
         if owned.thresholds.pending_changes():
-            owned.alerts += owned.thresholds.after_threshold_changes(datetime.now(timezone.utc))
+            owned.alerts += owned.thresholds.after_threshold_changes(datetime.now(UTC))
         if not (owned.alerts or owned.thresholds.watch.has_changes()):
             return
         markers = owned.thresholds.watch.checkpoint()
@@ -260,8 +284,9 @@ class RollupStage:
             for marker_key, marker in markers:
                 await batches.add(self.changelog_topic, *changelog.marker_entry(marker_key, marker), owned.partition)
             for alert in alerts:
-                await batches.add(self.topics.alerts, f"{alert.subject_type}:{alert.subject_id}".encode(),
-                                  alert.to_event().to_json())
+                await batches.add(
+                    self.topics.alerts, f"{alert.subject_type}:{alert.subject_id}".encode(), alert.to_event().to_json()
+                )
 
         try:
             await self._in_transaction(owned.alert_producer, owned.partition, produce)
@@ -274,12 +299,15 @@ class RollupStage:
             if alert.usage_published_at is not None:
                 self.stats.alert_latency_seconds.observe(committed - alert.usage_published_at)
 
-    async def _in_transaction(self, producer: AIOKafkaProducer, partition: int, produce,
-                              offset: int | None = None) -> None:
+    async def _in_transaction(
+        self, producer: AIOKafkaProducer, partition: int, produce, offset: int | None = None
+    ) -> None:
         """Produce with one of p's producers, atomically with p's consumer offset when one is given."""
         await _unless_producer_died(producer, self._produce_and_commit(producer, partition, produce, offset))
 
-    async def _produce_and_commit(self, producer: AIOKafkaProducer, partition: int, produce, offset: int | None) -> None:
+    async def _produce_and_commit(
+        self, producer: AIOKafkaProducer, partition: int, produce, offset: int | None
+    ) -> None:
         batches = PartitionBatches(producer, self._key_partitions)
         offsets = {} if offset is None else {TopicPartition(self.topic, partition): offset}
         if self.transactional:
@@ -303,21 +331,31 @@ class RollupStage:
             await batches.add_all(self.changelog_topic, map(changelog.rollup_entry, rollups), partition)
             if checkpoint.distinct:
                 await batches.add_all(self.changelog_topic, changelog.distinct_entries(checkpoint.distinct), partition)
-            await batches.add_all(self.topics.usage_aggregated,
-                                  ((_subject_key(change), aggregated_event(change)) for change in rollups if change.reported))
+            await batches.add_all(
+                self.topics.usage_aggregated,
+                ((_subject_key(change), aggregated_event(change)) for change in rollups if change.reported),
+            )
             if checkpoint.identities:
                 newest = max(at for _, at in checkpoint.identities)
                 entries = changelog.identities_entries(snapshot.offset, checkpoint.identities)
                 owned.identity_entries.update((key, newest) for key, _ in entries)
                 await batches.add_all(self.changelog_topic, entries, partition)
             await batches.add_all(self.changelog_topic, ((key, None) for key in snapshot.expired), partition)
-            letters = [*(self._closed_dead_letter(offset, record, partition) for offset, record in checkpoint.closed),
-                       *(self._dead_letter(RejectReason.CARDINALITY_LIMIT, why, offset, record, partition)
-                         for offset, record, why in checkpoint.limited)]
+            letters = [
+                *(self._closed_dead_letter(offset, record, partition) for offset, record in checkpoint.closed),
+                *(
+                    self._dead_letter(RejectReason.CARDINALITY_LIMIT, why, offset, record, partition)
+                    for offset, record, why in checkpoint.limited
+                ),
+            ]
             if letters:
-                await batches.add_all(self.topics.dead_letters, (
-                    (f"{letter.record['subjectType']}:{letter.record['subjectId']}".encode(), letter.to_json())
-                    for letter in letters))
+                await batches.add_all(
+                    self.topics.dead_letters,
+                    (
+                        (f"{letter.record['subjectType']}:{letter.record['subjectId']}".encode(), letter.to_json())
+                        for letter in letters
+                    ),
+                )
 
         await self._in_transaction(owned.producer, partition, produce, snapshot.offset)
         self.stats.dead_letters[RejectReason.TOO_LATE.value] += len(checkpoint.closed)
@@ -329,11 +367,15 @@ class RollupStage:
         if time.monotonic() - owned.last_eviction < EVICTION_INTERVAL:
             return []
         owned.last_eviction = time.monotonic()
-        horizon = self._eviction_horizon(datetime.now(timezone.utc))
+        horizon = self._eviction_horizon(datetime.now(UTC))
         owned.thresholds.watch.evict_before(horizon, self._threshold_period)
         unsettled = owned.writer.unsettled_keys().union(change.key for change in checkpoint.rollups)
-        return [entry for key, rollup in owned.state.evict_before(horizon) if key not in unsettled
-                for entry in changelog.evicted_entries(key, rollup)]
+        return [
+            entry
+            for key, rollup in owned.state.evict_before(horizon)
+            if key not in unsettled
+            for entry in changelog.evicted_entries(key, rollup)
+        ]
 
     def _eviction_horizon(self, now: datetime) -> datetime:
         """Rollups of periods that ended before this are final (and leave memory); records for them are refused."""
@@ -342,35 +384,48 @@ class RollupStage:
     def _threshold_period(self, threshold_id: str) -> ResetPeriod | None:
         threshold = self.book.get(threshold_id)
         definitions = [d for d in self.catalog.definitions() if threshold and d.key == threshold.metric_key]
-        return max((d.reset_period for d in definitions), key=_PERIOD_LENGTH.index, default=None)  # the longest: never too early
+        return max(
+            (d.reset_period for d in definitions), key=_PERIOD_LENGTH.index, default=None
+        )  # the longest: never too early
 
     def _expired_identity_entries(self, owned: OwnedPartition) -> list[bytes]:
-        horizon = datetime.now(timezone.utc) - self.settings.dedup_window
-        owned.state.dedup.expire(datetime.now(timezone.utc))
+        horizon = datetime.now(UTC) - self.settings.dedup_window
+        owned.state.dedup.expire(datetime.now(UTC))
         expired = [key for key, newest in owned.identity_entries.items() if newest < horizon]
         for key in expired:
             del owned.identity_entries[key]
         return expired
 
     def _closed_dead_letter(self, offset: int, record: CountedRecord, partition: int) -> DeadLetter:
-        horizon = self._eviction_horizon(datetime.now(timezone.utc))
+        horizon = self._eviction_horizon(datetime.now(UTC))
         return self._dead_letter(
             RejectReason.TOO_LATE,
             f"timestamp {record.timestamp.isoformat()} is in a period that closed (before {horizon.isoformat()}: "
             f"now - allowed lateness {self.settings.allowed_lateness} - 1h) before the worker processed it",
-            offset, record, partition)
+            offset,
+            record,
+            partition,
+        )
 
-    def _dead_letter(self, reason: RejectReason, why: str, offset: int, record: CountedRecord, partition: int) -> DeadLetter:
+    def _dead_letter(
+        self, reason: RejectReason, why: str, offset: int, record: CountedRecord, partition: int
+    ) -> DeadLetter:
         """A routed record the rollup stage refuses, as routed (its quantity is the one its metric read)."""
         timestamp = record.timestamp
         return DeadLetter(
             reason=reason,
             message=why,
             source=SourcePosition(topic=self.topic, partition=partition, offset=offset),
-            record={"id": record.record_id, "metricKey": record.metric_key, "subjectType": record.subject_type,
-                    "subjectId": record.subject_id, "quantity": str(record.quantity),
-                    "timestamp": timestamp.isoformat(), "metadata": orjson.loads(record.metadata_json or "{}")},
-            occurred_at=datetime.now(timezone.utc),
+            record={
+                "id": record.record_id,
+                "metricKey": record.metric_key,
+                "subjectType": record.subject_type,
+                "subjectId": record.subject_id,
+                "quantity": str(record.quantity),
+                "timestamp": timestamp.isoformat(),
+                "metadata": orjson.loads(record.metadata_json or "{}"),
+            },
+            occurred_at=datetime.now(UTC),
         )
 
     async def assign(self, partitions: Iterable[int]) -> None:
@@ -388,12 +443,19 @@ class RollupStage:
                 state = PartitionRollups(self.settings.dedup_window, self.limits)
                 state.restore(restored.rollups.items(), restored.identities)
                 # seen_changes starts at 0: every threshold in force is checked against the restored state.
-                thresholds = PartitionThresholds(state, self.book, self.catalog, self.settings.threshold_approaching_fraction)
+                thresholds = PartitionThresholds(
+                    state, self.book, self.catalog, self.settings.threshold_approaching_fraction
+                )
                 thresholds.watch.restore(restored.markers.items())
                 owned = self._own(partition, state, thresholds, (producer, alert_producer), restored.identity_entries)
                 owned.writer.resink([RollupChange.of(key, rollup) for key, rollup in restored.rollups.items()])
-                log.info("partition assigned", stage="rollups", partition=partition,
-                         rollups=len(restored.rollups), identities=len(restored.identities))
+                log.info(
+                    "partition assigned",
+                    stage="rollups",
+                    partition=partition,
+                    rollups=len(restored.rollups),
+                    identities=len(restored.identities),
+                )
             garbage.freeze_survivors()
 
     async def _start_producer(self, transactional_id: str) -> AIOKafkaProducer:
@@ -417,13 +479,25 @@ class RollupStage:
             raise
         return producer
 
-    def _own(self, partition: int, state: PartitionRollups, thresholds: PartitionThresholds,
-             producers: tuple[AIOKafkaProducer, AIOKafkaProducer], identity_entries: dict[bytes, datetime]) -> OwnedPartition:
+    def _own(
+        self,
+        partition: int,
+        state: PartitionRollups,
+        thresholds: PartitionThresholds,
+        producers: tuple[AIOKafkaProducer, AIOKafkaProducer],
+        identity_entries: dict[bytes, datetime],
+    ) -> OwnedPartition:
         async def commit(snapshot: Snapshot) -> None:
             await self._commit(owned, snapshot)
 
-        owned = OwnedPartition(partition, state, thresholds, *producers, PartitionWriter(self.sink, commit, self.stats),
-                               identity_entries=identity_entries)
+        owned = OwnedPartition(
+            partition,
+            state,
+            thresholds,
+            *producers,
+            PartitionWriter(self.sink, commit, self.stats),
+            identity_entries=identity_entries,
+        )
         self.owned[partition] = owned
         return owned
 
@@ -445,8 +519,11 @@ class RollupStage:
             await self._publish_alerts(owned)
             self._take_checkpoint(owned)
             if not await owned.writer.settle(SETTLE_ON_REVOKE, rollups=False):
-                log.warning("checkpoint on revoke not written; the next owner replays", partition=owned.partition,
-                            error=str(owned.writer.failure() or "timed out"))
+                log.warning(
+                    "checkpoint on revoke not written; the next owner replays",
+                    partition=owned.partition,
+                    error=str(owned.writer.failure() or "timed out"),
+                )
         except Exception as error:  # noqa: BLE001 - the next owner replays from the last commit
             log.warning("checkpoint on revoke failed", partition=owned.partition, error=str(error))
 
@@ -492,7 +569,8 @@ async def _unless_producer_died(producer: AIOKafkaProducer, work: Awaitable[None
         task.cancel()
         raise
     if not task.done():
-        task.cancel()  # a cancelled transaction's abort would wait on the dead sender too: left to end with the producer
+        # A cancelled transaction's abort would wait on the dead sender too: left to end with the producer.
+        task.cancel()
         cause = None if sender.cancelled() else sender.exception()
         raise ProducerDied(f"the partition's Kafka producer stopped: {cause!r}") from cause
     task.result()
@@ -511,12 +589,21 @@ def aggregated_event(change: RollupChange) -> bytes:
     emitted event against the JSON Schema file).
     """
     metric_key, subject_type, subject_id, period, start, dimensions = change.key
-    return orjson.dumps({
-        "type": "usage.aggregated", "metricKey": metric_key, "subjectType": subject_type, "subjectId": subject_id,
-        "periodType": WIRE_NAME[period], "periodStart": _zulu(start), "periodEnd": _zulu(change.period_end),
-        "totalQuantity": change.total_text, "recordCount": change.count, "version": change.version,
-        "dimensions": dimension_map(dimensions) if dimensions else TOTAL_ROW,
-    })
+    return orjson.dumps(
+        {
+            "type": "usage.aggregated",
+            "metricKey": metric_key,
+            "subjectType": subject_type,
+            "subjectId": subject_id,
+            "periodType": WIRE_NAME[period],
+            "periodStart": _zulu(start),
+            "periodEnd": _zulu(change.period_end),
+            "totalQuantity": change.total_text,
+            "recordCount": change.count,
+            "version": change.version,
+            "dimensions": dimension_map(dimensions) if dimensions else TOTAL_ROW,
+        }
+    )
 
 
 @lru_cache(maxsize=8192)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
@@ -23,6 +23,7 @@ from metering_pipeline.worker import routing
 from metering_pipeline.worker.stats import WorkerStats
 
 log = get_logger(__name__)
+
 
 # Records per routed message: large enough to amortise Kafka's per-message cost, small
 # enough to stay far below the broker's message size limit.
@@ -92,8 +93,10 @@ class RouterStage:
             for kafka_message in messages:
                 at = times.get(kafka_message.timestamp)
                 if at is None:
-                    at = times[kafka_message.timestamp] = datetime.fromtimestamp(kafka_message.timestamp / 1000, tz=timezone.utc)
-                message = Message(topic, source_partition, kafka_message.offset, at, kafka_message.key, kafka_message.value)
+                    at = times[kafka_message.timestamp] = datetime.fromtimestamp(kafka_message.timestamp / 1000, tz=UTC)
+                message = Message(
+                    topic, source_partition, kafka_message.offset, at, kafka_message.key, kafka_message.value
+                )
                 accepted, rejected, filtered = read_message(message, catalog, rules)
                 accepted_count += len(accepted)
                 filtered_count += filtered
@@ -102,7 +105,9 @@ class RouterStage:
                 for dead_letter in rejected:
                     rejected_count += 1
                     self.stats.dead_letters[dead_letter.reason.value] += 1
-                    sends.append(await self.producer.send(self.topics.dead_letters, dead_letter.to_json(), key=kafka_message.key))
+                    sends.append(
+                        await self.producer.send(self.topics.dead_letters, dead_letter.to_json(), key=kafka_message.key)
+                    )
             offsets[TopicPartition(tp.topic, tp.partition)] = messages[-1].offset + 1
             highwater = self.consumer.highwater(tp)
             if highwater is not None:
@@ -112,8 +117,11 @@ class RouterStage:
         self.stats.filtered += filtered_count
         for partition, records in by_partition.items():
             for chunk in routing.batches(records):
-                sends.append(await self.producer.send(self.topics.routed, routing.encode(chunk), partition=partition,
-                                                      headers=published))
+                sends.append(
+                    await self.producer.send(
+                        self.topics.routed, routing.encode(chunk), partition=partition, headers=published
+                    )
+                )
         return sends, offsets
 
     async def _acknowledge(self, sends: list[asyncio.Future], offsets: dict[TopicPartition, int]) -> None:
@@ -127,8 +135,10 @@ class RouterStage:
         owned = self.consumer.assignment()
         mine = {tp: offset for tp, offset in offsets.items() if tp in owned}
         if len(mine) < len(offsets):
-            log.info("partitions revoked while routing; their new owner replays them",
-                     partitions=sorted(tp.partition for tp in offsets.keys() - mine.keys()))
+            log.info(
+                "partitions revoked while routing; their new owner replays them",
+                partitions=sorted(tp.partition for tp in offsets.keys() - mine.keys()),
+            )
         if not mine:
             return
         try:

@@ -50,19 +50,29 @@ class WorkerStats:
         self.rollup_gauges: Callable[[], RollupGauges] | None = None  # the rollup stage's, once it exists
         self.registry = process_registry()
         self.flush_seconds = Histogram(
-            "metering_flush_seconds", "Duration of a checkpoint write up to its commit: usage_records, then the Kafka "
+            "metering_flush_seconds",
+            "Duration of a checkpoint write up to its commit: usage_records, then the Kafka "
             "transaction (changelog, usage.aggregated, offsets), retries included.",
-            buckets=FLUSH_BUCKETS, registry=self.registry)
+            buckets=FLUSH_BUCKETS,
+            registry=self.registry,
+        )
         self.alert_latency_seconds = Histogram(
-            "metering_alert_latency_seconds", "From the Kafka time of the usage.recorded message that crossed a threshold "
-            "to the commit of its alert on metering.alerts. Measured from the oldest usage message the router polled with "
-            "the crossing record, so an upper bound (by at most one router poll). Alerts fired by a threshold change are "
+            "metering_alert_latency_seconds",
+            "From the Kafka time of the usage.recorded message that crossed a threshold "
+            "to the commit of its alert on metering.alerts. Measured from the oldest usage message the router "
+            "polled with the crossing record, so an upper bound (by at most one router poll). Alerts fired by a "
+            "threshold change are "
             "not observed.",
-            buckets=ALERT_LATENCY_BUCKETS, registry=self.registry)
+            buckets=ALERT_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.record_age_seconds = Histogram(
-            "metering_record_age_seconds", "Age (now minus Kafka time on usage.recorded) of the oldest usage message in "
+            "metering_record_age_seconds",
+            "Age (now minus Kafka time on usage.recorded) of the oldest usage message in "
             "each batch the rollup stage folds in; observed once per polled batch and partition.",
-            buckets=RECORD_AGE_BUCKETS, registry=self.registry)
+            buckets=RECORD_AGE_BUCKETS,
+            registry=self.registry,
+        )
         self.registry.register(_Collector(self))
 
     def prometheus(self) -> bytes:
@@ -78,33 +88,57 @@ class _Collector:
 
     def collect(self) -> Iterator[Metric]:
         stats = self.stats
-        yield CounterMetricFamily("metering_records_in", "Records read from usage.recorded (batch elements one by one).",
-                                  value=stats.records_in)
-        yield CounterMetricFamily("metering_records_accepted", "Records that passed intake and were routed.",
-                                  value=stats.accepted)
-        yield CounterMetricFamily("metering_records_filtered", "Valid records their metric's filter left out: neither "
-                                  "counted nor dead-lettered.", value=stats.filtered)
+        yield CounterMetricFamily(
+            "metering_records_in",
+            "Records read from usage.recorded (batch elements one by one).",
+            value=stats.records_in,
+        )
+        yield CounterMetricFamily(
+            "metering_records_accepted", "Records that passed intake and were routed.", value=stats.accepted
+        )
+        yield CounterMetricFamily(
+            "metering_records_filtered",
+            "Valid records their metric's filter left out: neither counted nor dead-lettered.",
+            value=stats.filtered,
+        )
         yield CounterMetricFamily("metering_records_counted", "New records folded into rollups.", value=stats.counted)
-        yield CounterMetricFamily("metering_records_duplicate", "Records whose identity was seen within the dedup window.",
-                                  value=stats.duplicates)
-        dead_letters = CounterMetricFamily("metering_dead_letters", "Records sent to usage.recorded.dlq, by reason.",
-                                           labels=["reason"])
+        yield CounterMetricFamily(
+            "metering_records_duplicate",
+            "Records whose identity was seen within the dedup window.",
+            value=stats.duplicates,
+        )
+        dead_letters = CounterMetricFamily(
+            "metering_dead_letters", "Records sent to usage.recorded.dlq, by reason.", labels=["reason"]
+        )
         for reason, count in sorted(stats.dead_letters.items()):
             dead_letters.add_metric([reason], count)
         yield dead_letters
-        yield CounterMetricFamily("metering_alerts", "Threshold alerts committed to metering.alerts.", value=stats.alerts)
+        yield CounterMetricFamily(
+            "metering_alerts", "Threshold alerts committed to metering.alerts.", value=stats.alerts
+        )
         yield CounterMetricFamily("metering_flushes", "Checkpoints written.", value=stats.flushes)
-        lag = GaugeMetricFamily("metering_consumer_lag", "Messages behind the partition's end, per stage.",
-                                labels=["stage", "partition"])
+        lag = GaugeMetricFamily(
+            "metering_consumer_lag", "Messages behind the partition's end, per stage.", labels=["stage", "partition"]
+        )
         for name, behind in sorted(stats.lag.items()):
             lag.add_metric(name.split("/"), behind)
         yield lag
         gauges = stats.rollup_gauges() if stats.rollup_gauges else RollupGauges(0, 0, 0, 0)
-        yield GaugeMetricFamily("metering_buffered_records", "Counted records not yet in a committed checkpoint "
-                                "(consumption pauses at METERING_MAX_BUFFERED_RECORDS).", value=gauges.buffered_records)
-        yield GaugeMetricFamily("metering_paused_partitions", "Routed partitions paused by backpressure.",
-                                value=gauges.paused_partitions)
-        yield GaugeMetricFamily("metering_owned_partitions", "Routed partitions whose rollups this worker owns.",
-                                value=gauges.owned_partitions)
-        yield GaugeMetricFamily("metering_writer_failing", "1 while a partition writer's ClickHouse writes keep "
-                                "failing (retried) or its checkpoint failed, else 0.", value=1 if gauges.failing_writers else 0)
+        yield GaugeMetricFamily(
+            "metering_buffered_records",
+            "Counted records not yet in a committed checkpoint (consumption pauses at METERING_MAX_BUFFERED_RECORDS).",
+            value=gauges.buffered_records,
+        )
+        yield GaugeMetricFamily(
+            "metering_paused_partitions", "Routed partitions paused by backpressure.", value=gauges.paused_partitions
+        )
+        yield GaugeMetricFamily(
+            "metering_owned_partitions",
+            "Routed partitions whose rollups this worker owns.",
+            value=gauges.owned_partitions,
+        )
+        yield GaugeMetricFamily(
+            "metering_writer_failing",
+            "1 while a partition writer's ClickHouse writes keep failing (retried) or its checkpoint failed, else 0.",
+            value=1 if gauges.failing_writers else 0,
+        )

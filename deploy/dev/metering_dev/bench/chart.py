@@ -37,8 +37,14 @@ def render_soak_chart(samples: Sequence[Sample], path: Path, title: str, warmup_
             axes.axvspan(0, warmup_s / 60, color="grey", alpha=0.12, linewidth=0)
             if drain is not None:
                 axes.axvline(drain, color="grey", linestyle="--", linewidth=0.8)
-        memory.text(0.005, 0.02, "shaded: warm-up; dashed: publishing stops", transform=memory.transAxes,
-                    fontsize=8, color="grey")
+        memory.text(
+            0.005,
+            0.02,
+            "shaded: warm-up; dashed: publishing stops",
+            transform=memory.transAxes,
+            fontsize=8,
+            color="grey",
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(path, dpi=110)
     finally:

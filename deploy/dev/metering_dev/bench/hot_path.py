@@ -17,11 +17,11 @@ from __future__ import annotations
 import gc
 import time
 import tracemalloc
-from itertools import chain
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from itertools import chain
 from typing import TypeVar
 
 from metering_dev.bench.workload import METRICS, Expected, Workload
@@ -58,11 +58,19 @@ def run_hot_path(plan: HotPathPlan) -> tuple[list[Step], int]:
     garbage.tune()
     expected = Expected()
     workload = Workload.recent(plan.records, plan.subjects)
-    received = datetime.now(timezone.utc)
-    messages = [Message("usage.recorded", 0, offset, received, key, value)
-                for offset, (key, value) in enumerate(workload.messages(plan.batch, expected))]
-    catalog = MetricCatalog({key: MetricDefinition(id=key, key=key, name=key, aggregation_type=AggregationType(kind),
-                                                   reset_period=ResetPeriod.MONTHLY) for key, kind in METRICS})
+    received = datetime.now(UTC)
+    messages = [
+        Message("usage.recorded", 0, offset, received, key, value)
+        for offset, (key, value) in enumerate(workload.messages(plan.batch, expected))
+    ]
+    catalog = MetricCatalog(
+        {
+            key: MetricDefinition(
+                id=key, key=key, name=key, aggregation_type=AggregationType(kind), reset_period=ResetPeriod.MONTHLY
+            )
+            for key, kind in METRICS
+        }
+    )
     rules = IntakeRules()
     state = PartitionRollups(timedelta(hours=24))
     clock = _Clock()
@@ -70,8 +78,11 @@ def run_hot_path(plan: HotPathPlan) -> tuple[list[Step], int]:
     pending = 0
     per_poll = max(1, POLL_RECORDS // plan.batch)
     for offset, start in enumerate(range(0, len(messages), per_poll)):
-        poll = messages[start:start + per_poll]
-        accepted = clock.time(READ, lambda: [r for message in poll for r in read_message(message, catalog, rules).accepted])  # noqa: B023
+        poll = messages[start : start + per_poll]
+        accepted = clock.time(
+            READ,
+            lambda: [r for message in poll for r in read_message(message, catalog, rules).accepted],  # noqa: B023
+        )
         routed = clock.time(ROUTE, lambda: [routing.encode(batch) for batch in routing.batches(accepted)])  # noqa: B023
         decoded = clock.time(DECODE, lambda: [routing.decode(value) for value in routed])  # noqa: B023
         clock.time(ROLL_UP, lambda: [state.apply(records, offset, received, set()) for records in decoded])  # noqa: B023
@@ -83,11 +94,19 @@ def run_hot_path(plan: HotPathPlan) -> tuple[list[Step], int]:
 
 
 POLL_RECORDS = 2_000  # records per simulated poll
-READ, ROUTE, DECODE, ROLL_UP, CHECKPOINT = ("read: decode, validate, resolve the metric", "route: encode routed batches",
-                                            "decode routed batches", "roll up: dedup, hour/day/month rollups",
-                                            "checkpoint: freeze changed rollups")
-CHANGELOG, EVENTS, RECORD_ROWS, ROLLUP_ROWS = ("changelog entries (rollups, identities)", "usage.aggregated events",
-                                               "ClickHouse rows: usage_records", "ClickHouse rows: usage_rollups")
+READ, ROUTE, DECODE, ROLL_UP, CHECKPOINT = (
+    "read: decode, validate, resolve the metric",
+    "route: encode routed batches",
+    "decode routed batches",
+    "roll up: dedup, hour/day/month rollups",
+    "checkpoint: freeze changed rollups",
+)
+CHANGELOG, EVENTS, RECORD_ROWS, ROLLUP_ROWS = (
+    "changelog entries (rollups, identities)",
+    "usage.aggregated events",
+    "ClickHouse rows: usage_records",
+    "ClickHouse rows: usage_rollups",
+)
 STEPS = (READ, ROUTE, DECODE, ROLL_UP, CHECKPOINT, CHANGELOG, EVENTS, RECORD_ROWS, ROLLUP_ROWS)
 
 
@@ -106,9 +125,19 @@ def _write(clock: _Clock, checkpoint: Checkpoint, checkpoint_id: int) -> None:
     """What the writer makes of a checkpoint. Kafka entries are copied into a buffer and dropped, as a producer's
     batch builder does; ClickHouse bodies are built whole, as the sink does."""
     reported = [change for change in checkpoint.rollups if change.reported]
-    clock.time(CHANGELOG, lambda: _buffered(chain(
-        (value for change in checkpoint.rollups for value in changelog.rollup_entry(change)),
-        (value for entry in changelog.identities_entries(checkpoint_id, checkpoint.identities) for value in entry))))
+    clock.time(
+        CHANGELOG,
+        lambda: _buffered(
+            chain(
+                (value for change in checkpoint.rollups for value in changelog.rollup_entry(change)),
+                (
+                    value
+                    for entry in changelog.identities_entries(checkpoint_id, checkpoint.identities)
+                    for value in entry
+                ),
+            )
+        ),
+    )
     clock.time(EVENTS, lambda: _buffered(aggregated_event(change) for change in reported))
     clock.time(RECORD_ROWS, lambda: records_body(checkpoint.records))
     clock.time(ROLLUP_ROWS, lambda: rollups_body(reported))
@@ -131,7 +160,10 @@ def _mismatches(state: PartitionRollups, expected: Expected) -> int:
 # What one more distinct value or dimension combination costs the rollup state (issue 15: "state per distinct value and
 # per dimension combination is bounded and documented ... measure it in the bench").
 
-def state_costs(distinct_values: tuple[int, ...] = (20_000, 50_000), subjects: int = 200) -> dict[str, dict[str, float]]:
+
+def state_costs(
+    distinct_values: tuple[int, ...] = (20_000, 50_000), subjects: int = 200
+) -> dict[str, dict[str, float]]:
     """Bytes of rollup state (tracemalloc: Python objects, not allocator slack) that one more distinct value of a
     UNIQUE_COUNT metric, and one more (model, region) combination of a grouped SUM metric, leave in a partition's
     PartitionRollups once their checkpoint is written; each is the difference between the same number of records
@@ -146,12 +178,14 @@ def state_costs(distinct_values: tuple[int, ...] = (20_000, 50_000), subjects: i
     the month (a key tuple, a rollup and a dict slot each)."""
     costs: dict[str, dict[str, float]] = {}
     for n in distinct_values:
-        held = (_state_bytes(lambda i: _unique_record(i, f"user-{i:08d}"), n)
-                - _state_bytes(lambda i: _unique_record(i, f"user-{0:08d}"), n))
+        held = _state_bytes(lambda i: _unique_record(i, f"user-{i:08d}"), n) - _state_bytes(
+            lambda i: _unique_record(i, f"user-{0:08d}"), n
+        )
         costs[f"distinct_value@{n}"] = {"bytes": held / n, "values": n}
     added = subjects * 99
-    held = (_state_bytes(lambda i: _grouped_record(i, subjects, i // subjects % 100), subjects * 100)
-            - _state_bytes(lambda i: _grouped_record(i, subjects, 0), subjects * 100))
+    held = _state_bytes(lambda i: _grouped_record(i, subjects, i // subjects % 100), subjects * 100) - _state_bytes(
+        lambda i: _grouped_record(i, subjects, 0), subjects * 100
+    )
     costs["dimension_combination"] = {"bytes": held / added, "per_row": held / added / 3, "combinations": added}
     return costs
 
@@ -159,38 +193,67 @@ def state_costs(distinct_values: tuple[int, ...] = (20_000, 50_000), subjects: i
 def render_state_costs(costs: dict[str, dict[str, float]]) -> str:
     values = [cost for key, cost in costs.items() if key.startswith("distinct_value@")]
     combination = costs["dimension_combination"]
-    return ("rollup state (tracemalloc): "
-            + " / ".join(f"{cost['bytes']:,.0f}" for cost in values) + " bytes per distinct value of a UNIQUE_COUNT "
-            "metric at " + " / ".join(f"{cost['values']:,.0f}" for cost in values) + " values (new to its hour, day and "
-            f"month: three set entries and the value's string); {combination['bytes']:,.0f} bytes per dimension "
-            f"combination (a row in its hour, day and month, {combination['per_row']:,.0f} per row; "
-            f"{combination['combinations']:,.0f} combinations)")
+    return (
+        "rollup state (tracemalloc): "
+        + " / ".join(f"{cost['bytes']:,.0f}" for cost in values)
+        + " bytes per distinct value of a UNIQUE_COUNT "
+        "metric at " + " / ".join(f"{cost['values']:,.0f}" for cost in values) + " values (new to its hour, day and "
+        f"month: three set entries and the value's string); {combination['bytes']:,.0f} bytes per dimension "
+        f"combination (a row in its hour, day and month, {combination['per_row']:,.0f} per row; "
+        f"{combination['combinations']:,.0f} combinations)"
+    )
 
 
 _HOUR_START_MS = (int(time.time()) // 3600 - 1) * 3_600_000  # the previous whole hour: one hour, day and month
 
 
 def _unique_record(n: int, value: str) -> CountedRecord:
-    return CountedRecord("org", "s0", f"r{n}", "active_users", "active_users", AggregationType.UNIQUE_COUNT,
-                         Decimal(1), _HOUR_START_MS + n % 3_600_000, "{}", False, (), value)
+    return CountedRecord(
+        "org",
+        "s0",
+        f"r{n}",
+        "active_users",
+        "active_users",
+        AggregationType.UNIQUE_COUNT,
+        Decimal(1),
+        _HOUR_START_MS + n % 3_600_000,
+        "{}",
+        False,
+        (),
+        value,
+    )
 
 
 def _grouped_record(n: int, subjects: int, combination: int) -> CountedRecord:
     dimensions = (("model", f"model-{combination // 10}"), ("region", f"region-{combination % 10}"))
-    return CountedRecord("org", f"s{n % subjects}", f"r{n}", "tokens", "tokens", AggregationType.SUM,
-                         Decimal(n % 4000 + 1), _HOUR_START_MS + n % 3_600_000, "{}", False, dimensions)
+    return CountedRecord(
+        "org",
+        f"s{n % subjects}",
+        f"r{n}",
+        "tokens",
+        "tokens",
+        AggregationType.SUM,
+        Decimal(n % 4000 + 1),
+        _HOUR_START_MS + n % 3_600_000,
+        "{}",
+        False,
+        dimensions,
+    )
 
 
 def _state_bytes(make: Callable[[int], CountedRecord], records: int) -> int:
-    """Traced bytes a PartitionRollups holds after `records` records (made while tracing, then dropped) and a checkpoint."""
+    """Traced bytes a PartitionRollups holds after `records` records (made while tracing, then dropped) and a
+    checkpoint."""
     warm = PartitionRollups(timedelta(hours=24))  # caches (periods of the hour) filled before tracing
-    warm.apply([make(records + 1)], 0, datetime.now(timezone.utc))
+    warm.apply([make(records + 1)], 0, datetime.now(UTC))
     gc.collect()
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
-        state = PartitionRollups(timedelta(hours=24), CardinalityLimits(combinations=1_000, distinct_values=records + 1))
-        seen_at = datetime.now(timezone.utc)
+        state = PartitionRollups(
+            timedelta(hours=24), CardinalityLimits(combinations=1_000, distinct_values=records + 1)
+        )
+        seen_at = datetime.now(UTC)
         for start in range(0, records, POLL_RECORDS):
             batch = [make(n) for n in range(start, min(records, start + POLL_RECORDS))]
             state.apply(batch, start, seen_at)

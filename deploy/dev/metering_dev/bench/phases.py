@@ -14,12 +14,19 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 
 from metering_dev.bench.measure import cpu_seconds, peak_rss_bytes, percentile
-from metering_dev.bench.workload import DIMENSION_METRICS, METRICS, DimensionExpected, DimensionWorkload, Expected, Workload
+from metering_dev.bench.workload import (
+    DIMENSION_METRICS,
+    METRICS,
+    DimensionExpected,
+    DimensionWorkload,
+    Expected,
+    Workload,
+)
+from metering_dev.worker_process import WorkerProcess, settings_env
 from metering_pipeline.settings import Settings
 from metering_pipeline.topics import Topics, ensure_topics, internal_topics, public_topics
 from metering_pipeline.warehouse.client import connect
 from metering_pipeline.warehouse.migrations import migrate
-from metering_dev.worker_process import WorkerProcess, settings_env
 
 
 @dataclass
@@ -38,18 +45,26 @@ class Result:
 
 
 def isolated(settings: Settings, prefix: str, group: str) -> Settings:
-    return settings.model_copy(update={"topic_prefix": prefix, "consumer_group_prefix": group,
-                                       "clickhouse_database": group.replace("-", "_")})
+    return settings.model_copy(
+        update={"topic_prefix": prefix, "consumer_group_prefix": group, "clickhouse_database": group.replace("-", "_")}
+    )
 
 
-async def prepare_input(settings: Settings, workload: Workload | DimensionWorkload, batch: int,
-                        thresholds: list[dict] | None = None) -> Expected | DimensionExpected:
+async def prepare_input(
+    settings: Settings, workload: Workload | DimensionWorkload, batch: int, thresholds: list[dict] | None = None
+) -> Expected | DimensionExpected:
     """Topics, metric definitions (and thresholds), then every record of the workload published."""
     await ensure_topics(settings, public_topics(settings))
     topics = Topics.of(settings)
     expected = workload.expectation()
-    producer = AIOKafkaProducer(**settings.kafka_client_options(), acks="all", linger_ms=20, max_batch_size=1 << 20,
-                                compression_type="lz4", enable_idempotence=settings.processing_guarantee == "exactly_once")
+    producer = AIOKafkaProducer(
+        **settings.kafka_client_options(),
+        acks="all",
+        linger_ms=20,
+        max_batch_size=1 << 20,
+        compression_type="lz4",
+        enable_idempotence=settings.processing_guarantee == "exactly_once",
+    )
     await producer.start()
     try:
         for definition in workload.definitions():
@@ -70,9 +85,15 @@ async def prepare_input(settings: Settings, workload: Workload | DimensionWorklo
 
 async def baseline(settings: Settings, records: int, label: str) -> Result:
     """The floor any Python consumer pays: decode each message, sum quantities per (metric, subject, hour)."""
-    consumer = AIOKafkaConsumer(Topics.of(settings).usage_recorded, **settings.kafka_client_options(),
-                                auto_offset_reset="earliest", enable_auto_commit=False, group_id=None,
-                                max_partition_fetch_bytes=8 << 20, fetch_max_bytes=64 << 20)
+    consumer = AIOKafkaConsumer(
+        Topics.of(settings).usage_recorded,
+        **settings.kafka_client_options(),
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+        max_partition_fetch_bytes=8 << 20,
+        fetch_max_bytes=64 << 20,
+    )
     await consumer.start()
     sums: dict[tuple[str, str, str], Decimal] = defaultdict(Decimal)
     seen = 0
@@ -84,7 +105,9 @@ async def baseline(settings: Settings, records: int, label: str) -> Result:
                 for message in messages:
                     document = orjson.loads(message.value)
                     for record in document["records"] if "records" in document else (document,):
-                        sums[(record["metricKey"], record["subjectId"], record["timestamp"][:13])] += Decimal(record["quantity"])
+                        sums[(record["metricKey"], record["subjectId"], record["timestamp"][:13])] += Decimal(
+                            record["quantity"]
+                        )
                         seen += 1
     finally:
         await consumer.stop()
@@ -94,8 +117,12 @@ async def baseline(settings: Settings, records: int, label: str) -> Result:
 def summarised_records(settings: Settings) -> int:
     """Records counted so far: the monthly total rows' counts (a grouped metric's dimension rows count them again)."""
     with connect(settings) as client:
-        return int(client.query("SELECT sum(record_count) FROM usage_summary "
-                                "WHERE period_type = 'MONTHLY' AND empty(dimensions)").result_rows[0][0] or 0)
+        return int(
+            client.query(
+                "SELECT sum(record_count) FROM usage_summary WHERE period_type = 'MONTHLY' AND empty(dimensions)"
+            ).result_rows[0][0]
+            or 0
+        )
 
 
 def check_totals(settings: Settings, expected: Expected | DimensionExpected) -> int:
@@ -104,8 +131,10 @@ def check_totals(settings: Settings, expected: Expected | DimensionExpected) -> 
         return check_dimension_totals(settings, expected)
     aggregation = dict(METRICS)
     with connect(settings) as client:
-        rows = client.query("SELECT metric_key, subject_id, total_quantity, record_count FROM usage_summary "
-                            "WHERE period_type = 'MONTHLY' AND empty(dimensions)").result_rows
+        rows = client.query(
+            "SELECT metric_key, subject_id, total_quantity, record_count FROM usage_summary "
+            "WHERE period_type = 'MONTHLY' AND empty(dimensions)"
+        ).result_rows
     actual = {(metric, subject): (Decimal(total), count) for metric, subject, total, count in rows}
     wanted = {key: (expected.total(key[0], key[1], aggregation[key[0]]), expected.count[key]) for key in expected.count}
     return sum(1 for key in wanted.keys() | actual.keys() if wanted.get(key) != actual.get(key))
@@ -116,24 +145,34 @@ def check_dimension_totals(settings: Settings, expected: DimensionExpected) -> i
     UNIQUE_COUNT metric's hourly and daily total rows, against the ones computed from the records; returns the
     number of rows that differ (missing or extra rows included)."""
     with connect(settings) as client:
-        monthly = client.query("SELECT metric_key, subject_id, dimensions, total_quantity, record_count "
-                               "FROM usage_summary WHERE period_type = 'MONTHLY'").result_rows
-        periods = client.query("SELECT metric_key, subject_id, toString(period_type), toUnixTimestamp(period_start), "
-                               "total_quantity, record_count FROM usage_summary "
-                               "WHERE period_type IN ('HOURLY', 'DAILY') AND empty(dimensions) "
-                               "AND metric_key = {metric:String}",
-                               parameters={"metric": DIMENSION_METRICS[1]["key"]}).result_rows
+        monthly = client.query(
+            "SELECT metric_key, subject_id, dimensions, total_quantity, record_count "
+            "FROM usage_summary WHERE period_type = 'MONTHLY'"
+        ).result_rows
+        periods = client.query(
+            "SELECT metric_key, subject_id, toString(period_type), toUnixTimestamp(period_start), "
+            "total_quantity, record_count FROM usage_summary "
+            "WHERE period_type IN ('HOURLY', 'DAILY') AND empty(dimensions) "
+            "AND metric_key = {metric:String}",
+            parameters={"metric": DIMENSION_METRICS[1]["key"]},
+        ).result_rows
     actual: dict[tuple, tuple[Decimal, int]] = {
         (metric, subject, tuple(sorted(dimensions.items()))): (Decimal(total), count)
-        for metric, subject, dimensions, total, count in monthly}
-    actual.update({(metric, subject, period, int(start)): (Decimal(total), count)
-                   for metric, subject, period, start, total, count in periods})
+        for metric, subject, dimensions, total, count in monthly
+    }
+    actual.update(
+        {
+            (metric, subject, period, int(start)): (Decimal(total), count)
+            for metric, subject, period, start, total, count in periods
+        }
+    )
     wanted: dict[tuple, tuple[Decimal, int]] = {**expected.monthly, **expected.periods}
     return sum(1 for key in wanted.keys() | actual.keys() if wanted.get(key) != actual.get(key))
 
 
-def run_workers(settings: Settings, processes: int, records: int, log_dir: Path, label: str,
-                timeout: float = 1800) -> tuple[Result, list[WorkerProcess]]:
+def run_workers(
+    settings: Settings, processes: int, records: int, log_dir: Path, label: str, timeout: float = 1800
+) -> tuple[Result, list[WorkerProcess]]:
     """Start `processes` workers on the prepared input; time until usage_summary reflects every record."""
     migrate(settings)
     asyncio.run(ensure_topics(settings, internal_topics(settings)))
@@ -156,8 +195,14 @@ def run_workers(settings: Settings, processes: int, records: int, log_dir: Path,
         raise
     elapsed = time.perf_counter() - started
     pids = [w.process.pid for w in workers if w.process is not None]
-    result = Result(label, records, elapsed, sum(cpu_seconds(p) for p in pids),
-                    max(peak_rss_bytes(p) for p in pids) / 2**20, processes)
+    result = Result(
+        label,
+        records,
+        elapsed,
+        sum(cpu_seconds(p) for p in pids),
+        max(peak_rss_bytes(p) for p in pids) / 2**20,
+        processes,
+    )
     return result, workers
 
 
@@ -169,8 +214,18 @@ def stop_all(workers: list[WorkerProcess]) -> None:
 async def alert_latency(settings: Settings, rate: float, seconds: float, subjects: int, log_dir: Path) -> Result:
     """Publish at `rate` records/s with thresholds that trip; time from the crossing record's send to its alert."""
     limit = Decimal(1000)
-    thresholds = [{"id": f"lat-{n}", "metricKey": "bench_tokens", "subjectType": "org", "subjectId": f"s{n}",
-                   "threshold": str(limit), "action": "ALERT", "notifyEmails": []} for n in range(subjects)]
+    thresholds = [
+        {
+            "id": f"lat-{n}",
+            "metricKey": "bench_tokens",
+            "subjectType": "org",
+            "subjectId": f"s{n}",
+            "threshold": str(limit),
+            "action": "ALERT",
+            "notifyEmails": [],
+        }
+        for n in range(subjects)
+    ]
     empty = Workload.recent(0, 1)
     await prepare_input(settings, empty, 1, thresholds)
     migrate(settings)
@@ -185,8 +240,12 @@ async def alert_latency(settings: Settings, rate: float, seconds: float, subject
     visible_at: list[tuple[float, int]] = []
 
     async def read_alerts(stop: asyncio.Event) -> None:
-        consumer = AIOKafkaConsumer(topics.alerts, **settings.kafka_client_options(), auto_offset_reset="earliest",
-                                    isolation_level="read_committed")
+        consumer = AIOKafkaConsumer(
+            topics.alerts,
+            **settings.kafka_client_options(),
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+        )
         await consumer.start()
         try:
             while not stop.is_set():
@@ -223,8 +282,13 @@ async def alert_latency(settings: Settings, rate: float, seconds: float, subject
             for _ in range(max(0, due)):
                 subject = f"s{sent % subjects}"
                 quantity = Decimal(7 + sent % 5)
-                record = {"id": f"lat-{sent}", "metricKey": "bench_tokens", "subjectType": "org", "subjectId": subject,
-                          "quantity": str(quantity)}
+                record = {
+                    "id": f"lat-{sent}",
+                    "metricKey": "bench_tokens",
+                    "subjectType": "org",
+                    "subjectId": subject,
+                    "quantity": str(quantity),
+                }
                 key = f"org:{subject}".encode()
                 partition = partition_of(key, partitions, partitions)
                 value = orjson.dumps(record)
@@ -259,11 +323,20 @@ async def alert_latency(settings: Settings, rate: float, seconds: float, subject
         await asyncio.to_thread(worker.stop)
     latencies = [received[key] - at for key, at in crossing_sent.items() if key in received]
     freshness = _freshness(sent_at, visible_at)
-    return Result("alert latency at 50 % load", sent, seconds, extra={
-        "rate": rate, "alerts_expected": len(crossing_sent), "alerts_received": len(latencies),
-        "latency_p50_s": percentile(latencies, 0.5), "latency_p99_s": percentile(latencies, 0.99),
-        "freshness_p50_s": percentile(freshness, 0.5), "freshness_p99_s": percentile(freshness, 0.99),
-    })
+    return Result(
+        "alert latency at 50 % load",
+        sent,
+        seconds,
+        extra={
+            "rate": rate,
+            "alerts_expected": len(crossing_sent),
+            "alerts_received": len(latencies),
+            "latency_p50_s": percentile(latencies, 0.5),
+            "latency_p99_s": percentile(latencies, 0.99),
+            "freshness_p50_s": percentile(freshness, 0.5),
+            "freshness_p99_s": percentile(freshness, 0.99),
+        },
+    )
 
 
 def _freshness(sent_at: list[tuple[float, int]], visible_at: list[tuple[float, int]]) -> list[float]:

@@ -9,19 +9,18 @@ import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from aiokafka.admin import AIOKafkaAdminClient
 
-from metering_pipeline import tables
 from metering_dev.bench import phases
-from metering_dev.bench.phases import Result
 from metering_dev.bench.hot_path import render_state_costs, state_costs
+from metering_dev.bench.phases import Result
 from metering_dev.bench.workload import DimensionWorkload, Workload
+from metering_pipeline import tables
 from metering_pipeline.settings import Settings
 from metering_pipeline.warehouse.client import connect
-
 
 PHASES = ("baselines", "workers", "dimensions", "state", "memory", "latency")
 
@@ -40,8 +39,15 @@ class Plan:
 
     @classmethod
     def quick(cls) -> Plan:
-        return cls(records=60_000, subjects=2_000, memory_keys=50_000, latency_seconds=8.0, latency_subjects=50,
-                   dimension_subjects=200, dimension_users=2_000)
+        return cls(
+            records=60_000,
+            subjects=2_000,
+            memory_keys=50_000,
+            latency_seconds=8.0,
+            latency_subjects=50,
+            dimension_subjects=200,
+            dimension_users=2_000,
+        )
 
 
 DIMENSIONS_PHASE = "worker ×1, dimensions (2×10) + UNIQUE_COUNT"
@@ -71,15 +77,17 @@ def run(settings: Settings, plan: Plan, log_dir: Path, say: Callable[[str], None
             mismatches[label] = phases.check_totals(isolated, expected)
         result.phase = label
         results.append(result)
-        say(f"  {result.rate:,.0f} records/s" + ("" if expected is None else
-                                                 f", totals {_verdict(mismatches[label])}"))
+        say(f"  {result.rate:,.0f} records/s" + ("" if expected is None else f", totals {_verdict(mismatches[label])}"))
         return result
 
     one: Result | None = None
     try:
         workload = Workload.recent(plan.records, plan.subjects)
         if {"baselines", "workers"} & set(plan.phases):
-            say(f"publishing {plan.records:,} single-record messages and {plan.records:,} records in batches of {plan.batch} ...")
+            say(
+                f"publishing {plan.records:,} single-record messages and {plan.records:,} records "
+                f"in batches of {plan.batch} ..."
+            )
             single_input = scoped("single", "input-single")
             batch_input = scoped("batch", "input-batch")
             expected = asyncio.run(phases.prepare_input(single_input, workload, 1))
@@ -99,9 +107,12 @@ def run(settings: Settings, plan: Plan, log_dir: Path, say: Callable[[str], None
 
         if "dimensions" in plan.phases:
             dims = DimensionWorkload.recent(plan.records, plan.dimension_subjects, plan.dimension_users)
-            say(f"dimensions: publishing {plan.records:,} single-record messages ({plan.dimension_subjects:,} subjects; "
+            say(
+                f"dimensions: publishing {plan.records:,} single-record messages "
+                f"({plan.dimension_subjects:,} subjects; "
                 f"tokens SUM of $.metadata.tokens by model × region, 10 × 10; active users UNIQUE_COUNT of "
-                f"{plan.dimension_users:,} users) ...")
+                f"{plan.dimension_users:,} users) ..."
+            )
             dims_input = scoped("dims", "input-dims")
             dims_expected = asyncio.run(phases.prepare_input(dims_input, dims, 1))
             base_dims = asyncio.run(phases.baseline(dims_input, plan.records, DIMENSIONS_BASELINE))
@@ -123,8 +134,13 @@ def run(settings: Settings, plan: Plan, log_dir: Path, say: Callable[[str], None
         if "latency" in plan.phases:
             rate = max(1000.0, one.rate * 0.5) if one is not None else 1000.0
             say(f"alert latency and freshness: {rate:,.0f} records/s for {plan.latency_seconds:.0f} s ...")
-            results.append(asyncio.run(phases.alert_latency(scoped("latency", "latency"), rate, plan.latency_seconds,
-                                                            plan.latency_subjects, log_dir)))
+            results.append(
+                asyncio.run(
+                    phases.alert_latency(
+                        scoped("latency", "latency"), rate, plan.latency_seconds, plan.latency_subjects, log_dir
+                    )
+                )
+            )
     finally:
         _drop(settings, databases)
         asyncio.run(_delete_topics(settings, f"{run_id}-"))
@@ -132,10 +148,14 @@ def run(settings: Settings, plan: Plan, log_dir: Path, say: Callable[[str], None
     return report(results, mismatches, baselines, state)
 
 
-def report(results: list[Result], mismatches: dict[str, int], baselines: dict[str, float],
-           state: dict[str, dict[str, float]] | None = None) -> dict:
+def report(
+    results: list[Result],
+    mismatches: dict[str, int],
+    baselines: dict[str, float],
+    state: dict[str, dict[str, float]] | None = None,
+) -> dict:
     return {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "results": [asdict(r) | {"records_per_s": r.rate} for r in results],
         "total_mismatches": mismatches,
@@ -161,17 +181,31 @@ def render(summary: dict) -> str:
         if "latency" in r["phase"]:
             continue
         baseline = _baseline_of(r["phase"], base)
-        rows.append((r["phase"], f"{r['records']:,}", f"{r['seconds']:.1f}", f"{r['records_per_s']:,.0f}",
-                     f"{r['records_per_s'] / baseline:.2f}" if baseline else "", f"{r['cpu_seconds']:.1f}",
-                     "" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:,.0f}",
-                     "" if r["phase"] not in summary["total_mismatches"] else _verdict(summary["total_mismatches"][r["phase"]])))
-    table = tables.render(["phase", "records", "seconds", "records/s", "× baseline", "CPU s", "peak RSS MB", "totals"], rows)
+        rows.append(
+            (
+                r["phase"],
+                f"{r['records']:,}",
+                f"{r['seconds']:.1f}",
+                f"{r['records_per_s']:,.0f}",
+                f"{r['records_per_s'] / baseline:.2f}" if baseline else "",
+                f"{r['cpu_seconds']:.1f}",
+                "" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:,.0f}",
+                ""
+                if r["phase"] not in summary["total_mismatches"]
+                else _verdict(summary["total_mismatches"][r["phase"]]),
+            )
+        )
+    table = tables.render(
+        ["phase", "records", "seconds", "records/s", "× baseline", "CPU s", "peak RSS MB", "totals"], rows
+    )
     latency = next((r for r in summary["results"] if "latency" in r["phase"]), None)
     if latency:
         e = latency["extra"]
-        table += (f"\n\nalert latency at {e['rate']:,.0f} records/s: p50 {e['latency_p50_s'] * 1000:,.0f} ms, "
-                  f"p99 {e['latency_p99_s'] * 1000:,.0f} ms ({e['alerts_received']} of {e['alerts_expected']} alerts); "
-                  f"usage_summary freshness p50 {e['freshness_p50_s']:.2f} s, p99 {e['freshness_p99_s']:.2f} s")
+        table += (
+            f"\n\nalert latency at {e['rate']:,.0f} records/s: p50 {e['latency_p50_s'] * 1000:,.0f} ms, "
+            f"p99 {e['latency_p99_s'] * 1000:,.0f} ms ({e['alerts_received']} of {e['alerts_expected']} alerts); "
+            f"usage_summary freshness p50 {e['freshness_p50_s']:.2f} s, p99 {e['freshness_p99_s']:.2f} s"
+        )
     if summary.get("state_bytes"):
         table += "\n\n" + render_state_costs(summary["state_bytes"])
     table += f"\n{summary['machine']['cores']} cores, Python {summary['machine']['python']}, {summary['date']}"

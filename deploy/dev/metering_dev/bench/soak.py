@@ -15,7 +15,7 @@ import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -23,18 +23,25 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from metering_pipeline import tables
 from metering_dev.bench import phases
 from metering_dev.bench.measure import rss_bytes
 from metering_dev.bench.soak_summary import (
-    Sample, count_error_lines, counter, is_error_line, lag_by_stage, samples_csv, summarise, warmup_seconds,
+    Sample,
+    count_error_lines,
+    counter,
+    is_error_line,
+    lag_by_stage,
+    samples_csv,
+    summarise,
+    warmup_seconds,
 )
 from metering_dev.bench.workload import Expected, Workload
+from metering_dev.worker_process import WorkerProcess, settings_env
+from metering_pipeline import tables
 from metering_pipeline.settings import Settings
 from metering_pipeline.topics import Topics, ensure_topics, internal_topics
 from metering_pipeline.warehouse.client import connect
 from metering_pipeline.warehouse.migrations import migrate
-from metering_dev.worker_process import WorkerProcess, settings_env
 
 # Mean quantity of a workload record: quantities are (n * 7919 + seed) % 100000 / 100, spread evenly.
 _MEAN_QUANTITY = Decimal(500)
@@ -86,9 +93,18 @@ def soak_thresholds(plan: SoakPlan, rate: float) -> list[dict]:
     records = int(rate * plan.seconds)
     final = Decimal(records) / 5 / plan.subjects * _MEAN_QUANTITY  # five metrics take turns (see Workload.record)
     limits = [(final * share).quantize(Decimal(1)) for share in (Decimal("0.25"), Decimal("0.5"), Decimal("0.75"))]
-    return [{"id": f"soak-{n}", "metricKey": THRESHOLD_METRIC, "subjectType": "org", "subjectId": "*",
-             "threshold": str(max(limit, Decimal(1))), "action": "ALERT", "notifyEmails": []}
-            for n, limit in enumerate(limits)]
+    return [
+        {
+            "id": f"soak-{n}",
+            "metricKey": THRESHOLD_METRIC,
+            "subjectType": "org",
+            "subjectId": "*",
+            "threshold": str(max(limit, Decimal(1))),
+            "action": "ALERT",
+            "notifyEmails": [],
+        }
+        for n, limit in enumerate(limits)
+    ]
 
 
 def expected_alerts(expected: Expected, thresholds: list[dict], fraction: Decimal) -> int:
@@ -104,7 +120,9 @@ def expected_alerts(expected: Expected, thresholds: list[dict], fraction: Decima
     return alerts
 
 
-def run_soak(settings: Settings, plan: SoakPlan, log_dir: Path, say: Callable[[str], None]) -> tuple[dict, list[Sample]]:
+def run_soak(
+    settings: Settings, plan: SoakPlan, log_dir: Path, say: Callable[[str], None]
+) -> tuple[dict, list[Sample]]:
     """Capacity (unless given), then the soak on topics and a database of its own, dropped afterwards."""
     run_id = f"soak{int(time.time())}"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -117,8 +135,10 @@ def run_soak(settings: Settings, plan: SoakPlan, log_dir: Path, say: Callable[[s
             rate = capacity * 0.5
         soak_settings = phases.isolated(settings, f"{run_id}-soak.", f"{run_id}-soak")
         databases.append(soak_settings.clickhouse_database)
-        say(f"soak: {rate:,.0f} records/s for {plan.minutes:g} min, 1 worker, {plan.subjects:,} subjects, "
-            f"dedup window {plan.effective_dedup_window()} ...")
+        say(
+            f"soak: {rate:,.0f} records/s for {plan.minutes:g} min, 1 worker, {plan.subjects:,} subjects, "
+            f"dedup window {plan.effective_dedup_window()} ..."
+        )
         outcome = asyncio.run(_soak(soak_settings, plan, rate, log_dir / f"{run_id}-soak.log", say))
     finally:
         with connect(settings, database="default") as admin:
@@ -127,9 +147,11 @@ def run_soak(settings: Settings, plan: SoakPlan, log_dir: Path, say: Callable[[s
     return report(plan, outcome, capacity), outcome.samples
 
 
-def measure_capacity(settings: Settings, plan: SoakPlan, run_id: str, log_dir: Path, databases: list[str],
-                     say: Callable[[str], None]) -> float:
-    """Records/s of one worker on single-record messages, measured like the throughput phase (start to all summarised)."""
+def measure_capacity(
+    settings: Settings, plan: SoakPlan, run_id: str, log_dir: Path, databases: list[str], say: Callable[[str], None]
+) -> float:
+    """Records/s of one worker on single-record messages, measured like the throughput phase (start to all
+    summarised)."""
     isolated = phases.isolated(settings, f"{run_id}-capacity.", f"{run_id}-capacity")
     databases.append(isolated.clickhouse_database)
     say(f"capacity: 1 worker on {plan.capacity_records:,} single-record messages ...")
@@ -182,7 +204,9 @@ class Watcher:
         self.topics = Topics.of(settings)
         self.logs = LogScanner(worker.log_path)
         self.admin = AIOKafkaAdminClient(**settings.kafka_client_options())
-        self.offsets = AIOKafkaConsumer(**settings.kafka_client_options(), group_id=None, isolation_level="read_committed")
+        self.offsets = AIOKafkaConsumer(
+            **settings.kafka_client_options(), group_id=None, isolation_level="read_committed"
+        )
         self.samples: list[Sample] = []
         self.metrics_text = ""
         self.metrics_lag_samples = 0  # samples whose lag came from /metrics because Kafka did not answer
@@ -197,7 +221,8 @@ class Watcher:
         await self.admin.close()
 
     async def _partitions(self, topic: str) -> list[TopicPartition]:
-        """Asked once: the soak's topics keep their partition count. Raises rather than measure no partitions as no lag."""
+        """Asked once: the soak's topics keep their partition count. Raises rather than measure no partitions as
+        no lag."""
         if topic not in self.partitions:
             described = await self.admin.describe_topics([topic])
             numbers = sorted(p["partition"] for d in described if d["topic"] == topic for p in d["partitions"])
@@ -235,8 +260,18 @@ class Watcher:
         previous = self.samples[-1] if self.samples else None
         elapsed = now - previous.t_s if previous else now
         rate = (counted - previous.counted) / elapsed if previous and elapsed > 0 else 0.0
-        sample = Sample(now, phase, rss_bytes(pid) / 2**20 if pid else 0.0, router, rollups, published, counted, rate,
-                        counter(self.metrics_text, "metering_alerts_total"), self.logs.scan())
+        sample = Sample(
+            now,
+            phase,
+            rss_bytes(pid) / 2**20 if pid else 0.0,
+            router,
+            rollups,
+            published,
+            counted,
+            rate,
+            counter(self.metrics_text, "metering_alerts_total"),
+            self.logs.scan(),
+        )
         self.samples.append(sample)
         return sample
 
@@ -251,20 +286,26 @@ class Watcher:
         return self.worker.process.poll() if self.worker.process else None
 
 
-async def _soak(settings: Settings, plan: SoakPlan, rate: float, log_path: Path, say: Callable[[str], None]) -> SoakOutcome:
+async def _soak(
+    settings: Settings, plan: SoakPlan, rate: float, log_path: Path, say: Callable[[str], None]
+) -> SoakOutcome:
     outcome = SoakOutcome(rate=rate, log_path=str(log_path))
     thresholds = soak_thresholds(plan, rate)
     await phases.prepare_input(settings, Workload.recent(0, 1), 1, thresholds)  # metric definitions and thresholds
     migrate(settings)
     await ensure_topics(settings, internal_topics(settings))
-    env = settings_env(settings) | {
-        "METERING_DEDUP_WINDOW": f"PT{plan.effective_dedup_window().total_seconds():.0f}S"}
+    env = settings_env(settings) | {"METERING_DEDUP_WINDOW": f"PT{plan.effective_dedup_window().total_seconds():.0f}S"}
     worker = WorkerProcess(env, log_path).start()
     total = int(rate * plan.seconds)
     workload = Workload.recent(total, plan.subjects, seed=3)
     topic = Topics.of(settings).usage_recorded
-    producer = AIOKafkaProducer(**settings.kafka_client_options(), acks="all", linger_ms=5, compression_type="lz4",
-                                enable_idempotence=settings.processing_guarantee == "exactly_once")
+    producer = AIOKafkaProducer(
+        **settings.kafka_client_options(),
+        acks="all",
+        linger_ms=5,
+        compression_type="lz4",
+        enable_idempotence=settings.processing_guarantee == "exactly_once",
+    )
     watcher: Watcher | None = None
     try:
         await asyncio.to_thread(worker.wait_healthy)
@@ -320,9 +361,11 @@ async def _soak(settings: Settings, plan: SoakPlan, rate: float, log_path: Path,
                     break
                 await asyncio.sleep(min(plan.sample_every_s, 2.0))
             if not outcome.drained and outcome.failure is None:
-                outcome.failure = (f"not drained within {plan.drain_timeout_s:.0f} s: usage_summary holds {summarised:,} "
-                                   f"of {outcome.published:,} records, lag router {sample.router_lag:,} "
-                                   f"rollups {sample.rollups_lag:,}")
+                outcome.failure = (
+                    f"not drained within {plan.drain_timeout_s:.0f} s: usage_summary holds {summarised:,} "
+                    f"of {outcome.published:,} records, lag router {sample.router_lag:,} "
+                    f"rollups {sample.rollups_lag:,}"
+                )
             outcome.mismatches = await asyncio.to_thread(phases.check_totals, settings, outcome.expected)
         outcome.alerts_emitted = counter(watcher.metrics_text, "metering_alerts_total")
         outcome.alerts_expected = expected_alerts(outcome.expected, thresholds, settings.threshold_approaching_fraction)
@@ -337,8 +380,16 @@ async def _soak(settings: Settings, plan: SoakPlan, rate: float, log_path: Path,
     return outcome
 
 
-async def _publish(producer: AIOKafkaProducer, topic: str, workload: Workload, total: int, rate: float,
-                   started: float, stop: asyncio.Event, outcome: SoakOutcome) -> int:
+async def _publish(
+    producer: AIOKafkaProducer,
+    topic: str,
+    workload: Workload,
+    total: int,
+    rate: float,
+    started: float,
+    stop: asyncio.Event,
+    outcome: SoakOutcome,
+) -> int:
     """Paced by the clock: every 10 ms, the records due by now (`rate` × elapsed) are sent, so the broker
     sees a steady stream rather than a burst a second; a producer that falls behind catches up."""
     sent = 0
@@ -370,20 +421,28 @@ def _progress(samples: list[Sample], plan: SoakPlan, rate: float) -> str:
     span = last.t_s - first.t_s
     published = (last.published - first.published) / span if span > 0 else 0.0
     counted = (last.counted - first.counted) / span if span > 0 else 0.0
-    return (f"  {last.t_s / 60:4.1f}/{plan.minutes:g} min: published {published:,.0f}/s (target {rate:,.0f}), "
-            f"counted {counted:,.0f}/s, RSS {last.rss_mb:,.0f} MB, lag router {last.router_lag:,} "
-            f"rollups {last.rollups_lag:,}, error lines {last.error_lines}")
+    return (
+        f"  {last.t_s / 60:4.1f}/{plan.minutes:g} min: published {published:,.0f}/s (target {rate:,.0f}), "
+        f"counted {counted:,.0f}/s, RSS {last.rss_mb:,.0f} MB, lag router {last.router_lag:,} "
+        f"rollups {last.rollups_lag:,}, error lines {last.error_lines}"
+    )
 
 
 def report(plan: SoakPlan, outcome: SoakOutcome, capacity: float | None) -> dict:
     summary = summarise(outcome.samples, plan.seconds) if outcome.samples else None
     return {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "plan": {"minutes": plan.minutes, "rate": outcome.rate, "capacity_measured": capacity,
-                 "rate_source": "--soak-rate" if capacity is None else "half the measured capacity",
-                 "subjects": plan.subjects, "dedup_window_s": plan.effective_dedup_window().total_seconds(),
-                 "sample_every_s": plan.sample_every_s, "warmup_s": warmup_seconds(plan.seconds)},
+        "plan": {
+            "minutes": plan.minutes,
+            "rate": outcome.rate,
+            "capacity_measured": capacity,
+            "rate_source": "--soak-rate" if capacity is None else "half the measured capacity",
+            "subjects": plan.subjects,
+            "dedup_window_s": plan.effective_dedup_window().total_seconds(),
+            "sample_every_s": plan.sample_every_s,
+            "warmup_s": warmup_seconds(plan.seconds),
+        },
         "published": outcome.published,
         "summary": asdict(summary) if summary else None,
         "drained": outcome.drained,
@@ -404,20 +463,39 @@ def render(result: dict) -> str:
     s = result["summary"]
     plan = result["plan"]
     rows: list[tuple[str, str]] = [
-        ("rate", f"{plan['rate']:,.0f} records/s ({plan['rate_source']}"
-                 + (f": {plan['capacity_measured']:,.0f}" if plan["capacity_measured"] else "") + ")"),
-        ("duration", f"{plan['minutes']:g} min, {result['published']:,} records published, "
-                     f"warm-up {plan['warmup_s']:.0f} s, dedup window {plan['dedup_window_s']:.0f} s"),
+        (
+            "rate",
+            f"{plan['rate']:,.0f} records/s ({plan['rate_source']}"
+            + (f": {plan['capacity_measured']:,.0f}" if plan["capacity_measured"] else "")
+            + ")",
+        ),
+        (
+            "duration",
+            f"{plan['minutes']:g} min, {result['published']:,} records published, "
+            f"warm-up {plan['warmup_s']:.0f} s, dedup window {plan['dedup_window_s']:.0f} s",
+        ),
     ]
     if s:
         slope = s["rss_slope_mb_per_10_min"]
         rows += [
             ("counted", f"{s['counted_per_s_mean']:,.0f} records/s (mean after warm-up)"),
-            ("RSS MB start / middle / end / max",
-             f"{s['rss_start_mb']:,.0f} / {s['rss_middle_mb']:,.0f} / {s['rss_end_mb']:,.0f} / {s['rss_max_mb']:,.0f}"),
-            ("RSS slope, second half", ("n/a" if slope is None else f"{slope:+,.1f} MB per 10 min") + f" ({s['rss_verdict']})"),
-            ("router lag p50 / p99 / max", f"{s['router_lag_p50']:,.0f} / {s['router_lag_p99']:,.0f} / {s['router_lag_max']:,}"),
-            ("rollups lag p50 / p99 / max", f"{s['rollups_lag_p50']:,.0f} / {s['rollups_lag_p99']:,.0f} / {s['rollups_lag_max']:,}"),
+            (
+                "RSS MB start / middle / end / max",
+                f"{s['rss_start_mb']:,.0f} / {s['rss_middle_mb']:,.0f} / "
+                f"{s['rss_end_mb']:,.0f} / {s['rss_max_mb']:,.0f}",
+            ),
+            (
+                "RSS slope, second half",
+                ("n/a" if slope is None else f"{slope:+,.1f} MB per 10 min") + f" ({s['rss_verdict']})",
+            ),
+            (
+                "router lag p50 / p99 / max",
+                f"{s['router_lag_p50']:,.0f} / {s['router_lag_p99']:,.0f} / {s['router_lag_max']:,}",
+            ),
+            (
+                "rollups lag p50 / p99 / max",
+                f"{s['rollups_lag_p50']:,.0f} / {s['rollups_lag_p99']:,.0f} / {s['rollups_lag_max']:,}",
+            ),
             ("lag measured as", f"messages, {result['lag_source']}"),
         ]
     drain = result["drain_seconds"]
@@ -426,7 +504,10 @@ def render(result: dict) -> str:
         ("lag drained", f"yes, {drain:.0f} s after publishing stopped" if result["drained"] else "no"),
         ("alerts emitted / expected", f"{result['alerts_emitted']:,} / {result['alerts_expected']:,}"),
         ("error log lines", f"{result['error_lines']:,}"),
-        ("totals exact", "not checked" if mismatches is None else "yes" if mismatches == 0 else f"no ({mismatches:,} wrong)"),
+        (
+            "totals exact",
+            "not checked" if mismatches is None else "yes" if mismatches == 0 else f"no ({mismatches:,} wrong)",
+        ),
     ]
     if result["failure"]:
         rows.append(("failure", result["failure"]))
@@ -445,8 +526,12 @@ def write_outputs(result: dict, samples: list[Sample], output: Path) -> dict[str
     paths["csv"].write_text(samples_csv(samples))
     if samples:
         plan = result["plan"]
-        render_soak_chart(samples, paths["png"], f"metering bench --soak: {plan['rate']:,.0f} records/s, "
-                          f"{plan['minutes']:g} min, 1 worker", plan["warmup_s"])
+        render_soak_chart(
+            samples,
+            paths["png"],
+            f"metering bench --soak: {plan['rate']:,.0f} records/s, {plan['minutes']:g} min, 1 worker",
+            plan["warmup_s"],
+        )
     else:
         del paths["png"]
     return paths

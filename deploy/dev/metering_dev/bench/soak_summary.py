@@ -78,8 +78,9 @@ def slope_per_second(points: Sequence[tuple[float, float]]) -> float | None:
     return sum((x - mean_x) * (y - mean_y) for x, y in points) / spread
 
 
-def summarise(samples: Sequence[Sample], duration_s: float,
-              flat_mb_per_10_min: float = FLAT_MB_PER_10_MIN) -> SoakSummary:
+def summarise(
+    samples: Sequence[Sample], duration_s: float, flat_mb_per_10_min: float = FLAT_MB_PER_10_MIN
+) -> SoakSummary:
     """RSS at start/middle/end, its slope over the second half, lag percentiles, errors: the soak's report."""
     if not samples:
         raise ValueError("no samples")
@@ -100,11 +101,17 @@ def summarise(samples: Sequence[Sample], duration_s: float,
     rates = [s.counted_per_s for s in warm]
     return SoakSummary(
         warmup_s=warmup,
-        rss_start_mb=start.rss_mb, rss_middle_mb=middle.rss_mb, rss_end_mb=end.rss_mb,
+        rss_start_mb=start.rss_mb,
+        rss_middle_mb=middle.rss_mb,
+        rss_end_mb=end.rss_mb,
         rss_max_mb=max(s.rss_mb for s in samples),
-        rss_slope_mb_per_10_min=per_10_min, rss_verdict=verdict,
-        router_lag_p50=percentile(router, 0.5), router_lag_p99=percentile(router, 0.99), router_lag_max=max(router),
-        rollups_lag_p50=percentile(rollups, 0.5), rollups_lag_p99=percentile(rollups, 0.99),
+        rss_slope_mb_per_10_min=per_10_min,
+        rss_verdict=verdict,
+        router_lag_p50=percentile(router, 0.5),
+        router_lag_p99=percentile(router, 0.99),
+        router_lag_max=max(router),
+        rollups_lag_p50=percentile(rollups, 0.5),
+        rollups_lag_p99=percentile(rollups, 0.99),
         rollups_lag_max=max(rollups),
         counted_per_s_mean=sum(rates) / len(rates),
         error_lines=max(s.error_lines for s in samples),
@@ -114,7 +121,9 @@ def summarise(samples: Sequence[Sample], duration_s: float,
 # Terminal control sequences Faust writes around its lines even into a file (cursor show/hide).
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 # Faust's "[2026-11-26 06:44:50,429] [9621] [ERROR] ..." and the stdlib's "2026-11-26 06:44:50,429 ERROR name ...".
-_PLAIN_LEVEL = re.compile(r"\[[^\]]*\]\s+\[\d+\]\s+\[(?P<faust>[A-Z]+)\]|\d{4}-\d\d-\d\d[ T][\d:,.]+\s+(?P<stdlib>[A-Z]+)\s")
+_PLAIN_LEVEL = re.compile(
+    r"\[[^\]]*\]\s+\[\d+\]\s+\[(?P<faust>[A-Z]+)\]|\d{4}-\d\d-\d\d[ T][\d:,.]+\s+(?P<stdlib>[A-Z]+)\s"
+)
 
 
 def is_error_line(line: str) -> bool:

@@ -10,13 +10,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import orjson
 
-METRICS = (("bench_calls", "COUNT"), ("bench_tokens", "SUM"), ("bench_latency", "AVG"),
-           ("bench_peak", "MAX"), ("bench_floor", "MIN"))
+METRICS = (
+    ("bench_calls", "COUNT"),
+    ("bench_tokens", "SUM"),
+    ("bench_latency", "AVG"),
+    ("bench_peak", "MAX"),
+    ("bench_floor", "MIN"),
+)
 
 
 @dataclass
@@ -63,14 +68,16 @@ class Workload:
     @classmethod
     def recent(cls, records: int, subjects: int, seed: int = 1) -> Workload:
         """Records over the last few hours, all inside this calendar month so the monthly check sees each one."""
-        now = datetime.now(timezone.utc) - timedelta(minutes=1)
+        now = datetime.now(UTC) - timedelta(minutes=1)
         month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
         return cls(records, subjects, now, seed, min(3, int((now - month_start).total_seconds() // 3600)))
 
     @staticmethod
     def definitions() -> tuple[dict, ...]:
-        return tuple({"id": key, "key": key, "name": key, "aggregationType": aggregation, "resetPeriod": "MONTHLY"}
-                     for key, aggregation in METRICS)
+        return tuple(
+            {"id": key, "key": key, "name": key, "aggregationType": aggregation, "resetPeriod": "MONTHLY"}
+            for key, aggregation in METRICS
+        )
 
     @staticmethod
     def expectation() -> Expected:
@@ -81,11 +88,23 @@ class Workload:
         subject = f"s{(n * 7 + self.seed) % self.subjects}"
         quantity = Decimal((n * 7919 + self.seed) % 100_000) / 100
         at = self.start - timedelta(hours=(n * 13) % (self.spread_hours + 1))
-        return metric, subject, quantity, {"id": f"b{self.seed}-{n}", "metricKey": metric, "subjectType": "org",
-                                           "subjectId": subject, "quantity": str(quantity), "timestamp": at.isoformat()}
+        return (
+            metric,
+            subject,
+            quantity,
+            {
+                "id": f"b{self.seed}-{n}",
+                "metricKey": metric,
+                "subjectType": "org",
+                "subjectId": subject,
+                "quantity": str(quantity),
+                "timestamp": at.isoformat(),
+            },
+        )
 
     def messages(self, batch: int, expected: Expected | None = None) -> Iterator[tuple[bytes | None, bytes]]:
         """(key, value) messages of `batch` records each (1: plain UsageRecords)."""
+
         def records() -> Iterator[tuple[str, dict]]:
             for n in range(self.records):
                 metric, subject, quantity, record = self.record(n)
@@ -102,11 +121,23 @@ MODELS = tuple(f"model-{n}" for n in range(10))
 REGIONS = tuple(f"region-{n}" for n in range(10))
 DIMENSION_METRICS: tuple[dict, ...] = (
     # tokens: the quantity is read at $.metadata.tokens (the record's own `quantity` is 1 and must not be summed)
-    {"id": "bench_dim_tokens", "key": "bench_dim_tokens", "name": "bench_dim_tokens", "aggregationType": "SUM",
-     "resetPeriod": "MONTHLY", "valueProperty": "$.metadata.tokens",
-     "groupBy": {"model": "$.metadata.model", "region": "$.metadata.region"}},
-    {"id": "bench_active_users", "key": "bench_active_users", "name": "bench_active_users",
-     "aggregationType": "UNIQUE_COUNT", "resetPeriod": "MONTHLY", "valueProperty": "$.metadata.user"},
+    {
+        "id": "bench_dim_tokens",
+        "key": "bench_dim_tokens",
+        "name": "bench_dim_tokens",
+        "aggregationType": "SUM",
+        "resetPeriod": "MONTHLY",
+        "valueProperty": "$.metadata.tokens",
+        "groupBy": {"model": "$.metadata.model", "region": "$.metadata.region"},
+    },
+    {
+        "id": "bench_active_users",
+        "key": "bench_active_users",
+        "name": "bench_active_users",
+        "aggregationType": "UNIQUE_COUNT",
+        "resetPeriod": "MONTHLY",
+        "valueProperty": "$.metadata.user",
+    },
 )
 DimensionKey = tuple[tuple[str, str], ...]  # (name, value) pairs sorted by name; () is the total row
 
@@ -193,15 +224,31 @@ class DimensionWorkload:
         metric = DIMENSION_METRICS[n % 2]["key"]
         subject = f"s{(n // 2 * 7 + self.seed) % self.subjects}"
         mixed = _mix(n + self.seed)
-        metadata = {"model": MODELS[mixed % 10], "region": REGIONS[(mixed // 10) % 10],
-                    "user": f"u{(mixed // 100) % self.users}", "tokens": 1 + (n * 7919 + self.seed) % 4000}
+        metadata = {
+            "model": MODELS[mixed % 10],
+            "region": REGIONS[(mixed // 10) % 10],
+            "user": f"u{(mixed // 100) % self.users}",
+            "tokens": 1 + (n * 7919 + self.seed) % 4000,
+        }
         at = self.start - timedelta(hours=(n * 13) % (self.spread_hours + 1))
-        return metric, subject, at, {"id": f"d{self.seed}-{n}", "metricKey": metric, "subjectType": "org",
-                                     "subjectId": subject, "quantity": "1", "timestamp": at.isoformat(),
-                                     "metadata": metadata}
+        return (
+            metric,
+            subject,
+            at,
+            {
+                "id": f"d{self.seed}-{n}",
+                "metricKey": metric,
+                "subjectType": "org",
+                "subjectId": subject,
+                "quantity": "1",
+                "timestamp": at.isoformat(),
+                "metadata": metadata,
+            },
+        )
 
     def messages(self, batch: int, expected: DimensionExpected | None = None) -> Iterator[tuple[bytes | None, bytes]]:
         """(key, value) messages of `batch` records each (1: plain UsageRecords); `expected` is finished at the end."""
+
         def records() -> Iterator[tuple[str, dict]]:
             for n in range(self.records):
                 metric, subject, at, record = self.record(n)

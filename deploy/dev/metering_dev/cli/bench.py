@@ -1,4 +1,5 @@
-"""`metering bench`: the benchmark (not a test): throughput, alert latency, freshness, memory; `--soak` for a long steady run."""
+"""`metering bench`: the benchmark (not a test): throughput, alert latency, freshness, memory; `--soak` for a long
+steady run."""
 
 from __future__ import annotations
 
@@ -18,27 +19,65 @@ from metering_pipeline.settings import Settings, seconds_or_iso_duration
 @click.option("--quick", is_flag=True, help="A smaller run (under a minute or two) to check the harness.")
 @click.option("--records", type=int, default=None, help="Records per throughput phase. [default: 1,000,000]")
 @click.option("--output", type=click.Path(path_type=Path), default=Path("bench-results.json"), show_default=True)
-@click.option("--soak", is_flag=True,
-              help="Instead of the phases: one worker at a steady rate for --soak-minutes, sampling RSS, lag and "
-                   "error log lines; writes <output>-soak.json, .csv and .png beside --output.")
-@click.option("--soak-minutes", type=click.FloatRange(min=0.5), default=30.0, show_default=True,
-              help="How long the soak publishes.")
-@click.option("--soak-rate", type=click.FloatRange(min=1), default=None,
-              help="Records/s during the soak. [default: half the capacity of one worker, measured first]")
-@click.option("--soak-dedup-window", default=None,
-              help="The soak worker's METERING_DEDUP_WINDOW (ISO 8601 duration or seconds). [default: a quarter "
-                   "of the soak, so identities expire before the second half whose RSS slope is judged]")
-@click.option("--hot-path", is_flag=True,
-              help="Instead of the phases: the worker's per-record steps in this process, without Kafka or ClickHouse "
-                   "(µs of CPU per record per step); --records sets how many [default: 200,000].")
-@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
-              help="With --hot-path: records per usage.recorded message.")
-@click.option("--phase", "phase_names", multiple=True, type=click.Choice(PHASES),
-              help="Run only these phases (repeatable). [default: all, in order]")
+@click.option(
+    "--soak",
+    is_flag=True,
+    help="Instead of the phases: one worker at a steady rate for --soak-minutes, sampling RSS, lag and "
+    "error log lines; writes <output>-soak.json, .csv and .png beside --output.",
+)
+@click.option(
+    "--soak-minutes",
+    type=click.FloatRange(min=0.5),
+    default=30.0,
+    show_default=True,
+    help="How long the soak publishes.",
+)
+@click.option(
+    "--soak-rate",
+    type=click.FloatRange(min=1),
+    default=None,
+    help="Records/s during the soak. [default: half the capacity of one worker, measured first]",
+)
+@click.option(
+    "--soak-dedup-window",
+    default=None,
+    help="The soak worker's METERING_DEDUP_WINDOW (ISO 8601 duration or seconds). [default: a quarter "
+    "of the soak, so identities expire before the second half whose RSS slope is judged]",
+)
+@click.option(
+    "--hot-path",
+    is_flag=True,
+    help="Instead of the phases: the worker's per-record steps in this process, without Kafka or ClickHouse "
+    "(µs of CPU per record per step); --records sets how many [default: 200,000].",
+)
+@click.option(
+    "--batch",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="With --hot-path: records per usage.recorded message.",
+)
+@click.option(
+    "--phase",
+    "phase_names",
+    multiple=True,
+    type=click.Choice(PHASES),
+    help="Run only these phases (repeatable). [default: all, in order]",
+)
 @click.pass_context
-def bench(ctx: click.Context, quick: bool, records: int | None, output: Path, soak: bool, soak_minutes: float,
-          soak_rate: float | None, soak_dedup_window: str | None, hot_path: bool, batch: int,
-          phase_names: tuple[str, ...]) -> None:
+def bench(
+    ctx: click.Context,
+    quick: bool,
+    records: int | None,
+    output: Path,
+    soak: bool,
+    soak_minutes: float,
+    soak_rate: float | None,
+    soak_dedup_window: str | None,
+    hot_path: bool,
+    batch: int,
+    phase_names: tuple[str, ...],
+) -> None:
     """Publish a workload, then measure the baseline consumer and the worker side by side on the local stack."""
     if hot_path:
         _hot_path(records, batch)
@@ -50,7 +89,9 @@ def bench(ctx: click.Context, quick: bool, records: int | None, output: Path, so
     settings: Settings = ctx.obj
     stack_dir = StackSettings().stack_dir
     log_dir = stack_dir / "logs" / "bench"
-    dedup_window = _duration(soak_dedup_window) if soak_dedup_window else None  # bad input fails before the stack starts
+    dedup_window = (
+        _duration(soak_dedup_window) if soak_dedup_window else None
+    )  # bad input fails before the stack starts
     ctx.invoke(stack_up)
     state = LocalStack(stack_dir).state()
     if state is not None and state.broker == "tansu":
@@ -80,7 +121,9 @@ def _duration(text: str) -> timedelta:
     try:
         return TypeAdapter(timedelta).validate_python(seconds_or_iso_duration(text))
     except ValidationError:
-        raise click.BadParameter(f"{text!r} is not an ISO 8601 duration or seconds", param_hint="--soak-dedup-window") from None
+        raise click.BadParameter(
+            f"{text!r} is not an ISO 8601 duration or seconds", param_hint="--soak-dedup-window"
+        ) from None
 
 
 def _soak(settings: Settings, args: SoakArgs, output: Path, log_dir: Path) -> None:
@@ -96,12 +139,15 @@ def _soak(settings: Settings, args: SoakArgs, output: Path, log_dir: Path) -> No
 
 
 def _hot_path(records: int | None, batch: int) -> None:
-    from metering_pipeline import tables
     from metering_dev.bench.hot_path import HotPathPlan, render_state_costs, run_hot_path, state_costs
+    from metering_pipeline import tables
 
     plan = HotPathPlan(**({"records": records} if records else {}), batch=batch)
-    click.echo(f"{plan.records:,} records, {plan.subjects:,} subjects, {batch} per message, a checkpoint every "
-               f"{plan.checkpoint_every:,} records ...", err=True)
+    click.echo(
+        f"{plan.records:,} records, {plan.subjects:,} subjects, {batch} per message, a checkpoint every "
+        f"{plan.checkpoint_every:,} records ...",
+        err=True,
+    )
     steps, mismatches = run_hot_path(plan)
     rows = [(step.name, f"{step.cpu_seconds:.2f}", f"{step.per_record(plan.records):.2f}") for step in steps]
     total = sum(step.cpu_seconds for step in steps)

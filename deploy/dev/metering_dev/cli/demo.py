@@ -7,10 +7,10 @@ import time
 
 import click
 
-from metering_pipeline import tables
-from metering_dev.settings import StackSettings
-from metering_pipeline.settings import Settings
 from metering_dev.cli.stack import stack_up
+from metering_dev.settings import StackSettings
+from metering_pipeline import tables
+from metering_pipeline.settings import Settings
 
 
 @click.command()
@@ -39,7 +39,10 @@ def demo(ctx: click.Context, records: int) -> None:
             asyncio.run(run.publish(settings, sample, bar.update))
         counted = run.wait_until_counted(settings, seed, len(sample))
         click.echo(f"{counted} of {len(sample)} records rolled up; this month's rollups in ClickHouse (usage_summary):")
-        rows = [(metric, subject, tables.decimal_text(total), count) for metric, subject, total, count in run.monthly_rollups(settings)]
+        rows = [
+            (metric, subject, tables.decimal_text(total), count)
+            for metric, subject, total, count in run.monthly_rollups(settings)
+        ]
         click.echo(tables.render(["metric", "subject", "total", "records"], rows))
         click.echo("Query it yourself: metering summary --metric llm_tokens --subject org:org-1 --period HOURLY")
     except KeyboardInterrupt:

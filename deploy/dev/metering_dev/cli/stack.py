@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 
-from metering_pipeline import tables
 from metering_dev.settings import StackSettings
 from metering_dev.stack.local import LocalStack, StackConfig, StackError, default_broker
+from metering_pipeline import tables
 
 
 def _data_dir_option(function):
@@ -17,7 +17,8 @@ def _data_dir_option(function):
         "--data-dir",
         type=click.Path(file_okay=False, path_type=Path),
         default=None,
-        help="Stack data dir (servers' data, logs, pid files). [default: $METERING_STACK_DIR or ~/.local/share/metering/stack]",
+        help="Stack data dir (servers' data, logs, pid files). "
+        "[default: $METERING_STACK_DIR or ~/.local/share/metering/stack]",
     )(function)
 
 
@@ -27,20 +28,38 @@ def stack() -> None:
 
 
 @stack.command("up")
-@click.option("--broker", type=click.Choice(["apache", "tansu"]), default=None,
-              help="apache: Apache Kafka from Maven Central (needs java+mvn); tansu: JVM-free, memory only. "
-                   "[default: $METERING_STACK_BROKER, else apache where java and mvn exist]")
+@click.option(
+    "--broker",
+    type=click.Choice(["apache", "tansu"]),
+    default=None,
+    help="apache: Apache Kafka from Maven Central (needs java+mvn); tansu: JVM-free, memory only. "
+    "[default: $METERING_STACK_BROKER, else apache where java and mvn exist]",
+)
 @click.option("--kafka-port", type=int, default=9092, show_default=True)
 @click.option("--clickhouse-port", type=int, default=8123, show_default=True)
-@click.option("--sasl-port", type=int, default=None,
-              help="Also serve Kafka on a SASL_SSL listener on this port (SCRAM-SHA-512; the user, its password and a "
-                   "TLS certificate are generated for the data dir; the client settings are written to "
-                   "DATA_DIR/kafka-sasl.env, mode 0600). Apache Kafka only.")
-@click.option("--clickhouse-tls", is_flag=True, default=False,
-              help="Serve ClickHouse over HTTPS with the data dir's generated certificate (clients trust DATA_DIR/tls/ca.pem).")
+@click.option(
+    "--sasl-port",
+    type=int,
+    default=None,
+    help="Also serve Kafka on a SASL_SSL listener on this port (SCRAM-SHA-512; the user, its password and a "
+    "TLS certificate are generated for the data dir; the client settings are written to "
+    "DATA_DIR/kafka-sasl.env, mode 0600). Apache Kafka only.",
+)
+@click.option(
+    "--clickhouse-tls",
+    is_flag=True,
+    default=False,
+    help="Serve ClickHouse over HTTPS with the data dir's generated certificate (clients trust DATA_DIR/tls/ca.pem).",
+)
 @_data_dir_option
-def stack_up(broker: str | None, kafka_port: int, clickhouse_port: int, data_dir: Path | None,
-             sasl_port: int | None = None, clickhouse_tls: bool = False) -> None:
+def stack_up(
+    broker: str | None,
+    kafka_port: int,
+    clickhouse_port: int,
+    data_dir: Path | None,
+    sasl_port: int | None = None,
+    clickhouse_tls: bool = False,
+) -> None:
     """Start the stack (idempotent) and wait until Kafka and ClickHouse answer."""
     settings = StackSettings()
     config = StackConfig(
@@ -61,11 +80,15 @@ def stack_up(broker: str | None, kafka_port: int, clickhouse_port: int, data_dir
         raise click.ClickException(str(error)) from error
     click.echo(f"Kafka ({state.broker}) bootstrap: {state.kafka_bootstrap}")
     if state.kafka_sasl_bootstrap:
-        click.echo(f"Kafka SASL_SSL bootstrap:   {state.kafka_sasl_bootstrap} (SCRAM-SHA-512; "
-                   f"client settings with the password: set -a; . {local.sasl_client_env_file}; set +a)")
+        click.echo(
+            f"Kafka SASL_SSL bootstrap:   {state.kafka_sasl_bootstrap} (SCRAM-SHA-512; "
+            f"client settings with the password: set -a; . {local.sasl_client_env_file}; set +a)"
+        )
     click.echo(f"ClickHouse URL:             {state.clickhouse_url}")
     ca = f" METERING_CLICKHOUSE_CA_CERT={local.ca_file}" if state.clickhouse_tls else ""
-    click.echo(f"export METERING_KAFKA_BOOTSTRAP={state.kafka_bootstrap} METERING_CLICKHOUSE_URL={state.clickhouse_url}{ca}")
+    click.echo(
+        f"export METERING_KAFKA_BOOTSTRAP={state.kafka_bootstrap} METERING_CLICKHOUSE_URL={state.clickhouse_url}{ca}"
+    )
 
 
 @stack.command("down")

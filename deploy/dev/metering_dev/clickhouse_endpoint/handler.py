@@ -63,8 +63,9 @@ class ClickHouseHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], engine: Engine, authenticator: Authenticator,
-                 tls: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, address: tuple[str, int], engine: Engine, authenticator: Authenticator, tls: ssl.SSLContext | None = None
+    ) -> None:
         super().__init__(address, ClickHouseRequestHandler)
         self.engine = engine
         self.authenticator = authenticator
@@ -141,7 +142,7 @@ class ClickHouseRequestHandler(BaseHTTPRequestHandler):
         except (ConnectionError, TimeoutError):
             self.close_connection = True
             status = 499
-        except Exception as exc:  # answer like the server instead of dropping the socket
+        except Exception as exc:  # noqa: BLE001 - answer like the server instead of dropping the socket
             log.exception("unexpected error serving request")
             status = 500
             self._send_error(ClickHouseError(STD_EXCEPTION, f"{type(exc).__name__}: {exc}"), query_id)

@@ -27,8 +27,15 @@ def server_tls_context(cert_file: str | Path, key_file: str | Path) -> ssl.SSLCo
     return context
 
 
-def serve(host: str, port: int, data_dir: str | Path, user: str | None = None, password: str | None = None,
-          tls_cert: str | Path | None = None, tls_key: str | Path | None = None) -> None:
+def serve(
+    host: str,
+    port: int,
+    data_dir: str | Path,
+    user: str | None = None,
+    password: str | None = None,
+    tls_cert: str | Path | None = None,
+    tls_key: str | Path | None = None,
+) -> None:
     """Serve until SIGTERM/SIGINT, then close the engine so its data is flushed; HTTPS when given a certificate."""
     tls = server_tls_context(tls_cert, tls_key) if tls_cert is not None and tls_key is not None else None
     engine = Engine(Path(data_dir))
@@ -98,5 +105,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         level=args.log_level,
         format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
     )
-    serve(args.host, args.port, args.data_dir, user=args.user, password=args.password,
-          tls_cert=args.tls_cert, tls_key=args.tls_key)
+    serve(
+        args.host,
+        args.port,
+        args.data_dir,
+        user=args.user,
+        password=args.password,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+    )

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 from metering_dev.clickhouse_endpoint.errors import SYNTAX_ERROR, ClickHouseError
 
-
 _TOKEN_RE = re.compile(
     rb"""
       (?P<ws>\s++)

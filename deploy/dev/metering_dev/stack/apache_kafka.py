@@ -41,7 +41,11 @@ def resolve_jars(cache_dir: Path, version: str) -> Path:
         raise KafkaUnavailable("Apache Kafka needs java and mvn on PATH; use --broker tansu without them")
     jar_dir.mkdir(parents=True, exist_ok=True)
     command = [
-        "mvn", "-q", "-B", "-f", str(KAFKA_POM),
+        "mvn",
+        "-q",
+        "-B",
+        "-f",
+        str(KAFKA_POM),
         "dependency:copy-dependencies",
         f"-Dkafka.version={version}",
         f"-DoutputDirectory={jar_dir}",
@@ -49,7 +53,9 @@ def resolve_jars(cache_dir: Path, version: str) -> Path:
     ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
-        raise KafkaUnavailable(f"mvn could not resolve Kafka {version}:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
+        raise KafkaUnavailable(
+            f"mvn could not resolve Kafka {version}:\n{result.stdout[-2000:]}{result.stderr[-2000:]}"
+        )
     (jar_dir / _COMPLETE_MARKER).write_text(version)
     return jar_dir
 
@@ -74,8 +80,10 @@ class ScramUser:
         salt = secrets.token_bytes(16)
         digest = "sha512" if self.mechanism.endswith("512") else "sha256"
         salted = hashlib.pbkdf2_hmac(digest, self.password.encode(), salt, SCRAM_ITERATIONS)
-        return (f'{self.mechanism}=[name={self.username},iterations={SCRAM_ITERATIONS},'
-                f'salt="{base64.b64encode(salt).decode()}",saltedpassword="{base64.b64encode(salted).decode()}"]')
+        return (
+            f"{self.mechanism}=[name={self.username},iterations={SCRAM_ITERATIONS},"
+            f'salt="{base64.b64encode(salt).decode()}",saltedpassword="{base64.b64encode(salted).decode()}"]'
+        )
 
 
 @dataclass(frozen=True)
@@ -121,8 +129,9 @@ def write_config(kafka_dir: Path, port: int, controller_port: int, sasl: SaslLis
         prefix = "listener.name.sasl_ssl."
         properties |= {
             f"{prefix}sasl.enabled.mechanisms": sasl.mechanism,
-            f"{prefix}{sasl.mechanism.lower()}.sasl.jaas.config":
-                "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+            f"{prefix}{sasl.mechanism.lower()}.sasl.jaas.config": (
+                "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+            ),
             f"{prefix}ssl.keystore.type": "PEM",
             f"{prefix}ssl.keystore.location": str(sasl.certificate.keystore_file),
             f"{prefix}ssl.client.auth": "none",
@@ -179,9 +188,12 @@ def format_storage(jar_dir: Path, kafka_dir: Path, scram_users: tuple[ScramUser,
     cluster_id = new_cluster_id()
     command = [
         *_java(jar_dir, "256m", kafka_dir),
-        "kafka.tools.StorageTool", "format",
-        "-t", cluster_id,
-        "-c", str(kafka_dir / "server.properties"),
+        "kafka.tools.StorageTool",
+        "format",
+        "-t",
+        cluster_id,
+        "-c",
+        str(kafka_dir / "server.properties"),
         "--ignore-formatted",
     ]
     for user in scram_users:

@@ -36,9 +36,13 @@ class ServerCertificate:
     keystore_file: Path
 
 
-def ensure_server_certificate(directory: Path, hosts: tuple[str, ...] = ("localhost", "127.0.0.1")) -> ServerCertificate:
+def ensure_server_certificate(
+    directory: Path, hosts: tuple[str, ...] = ("localhost", "127.0.0.1")
+) -> ServerCertificate:
     """The certificate in `directory`, generated on first use (the key files are mode 0600)."""
-    paths = ServerCertificate(directory / CA_FILE, directory / CERT_FILE, directory / KEY_FILE, directory / KEYSTORE_FILE)
+    paths = ServerCertificate(
+        directory / CA_FILE, directory / CERT_FILE, directory / KEY_FILE, directory / KEYSTORE_FILE
+    )
     if all(p.exists() for p in (paths.ca_file, paths.cert_file, paths.key_file, paths.keystore_file)):
         return paths
     try:
@@ -48,11 +52,12 @@ def ensure_server_certificate(directory: Path, hosts: tuple[str, ...] = ("localh
         from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
     except ImportError as error:
         raise CertificatesUnavailable(
-            "generating TLS certificates needs the `cryptography` package: pip install ./deploy/dev (deploy/bootstrap.sh does)"
+            "generating TLS certificates needs the `cryptography` package: "
+            "pip install ./deploy/dev (deploy/bootstrap.sh does)"
         ) from error
 
     directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=5)  # tolerate clock skew
+    now = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)  # tolerate clock skew
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "metering local stack CA")])
     ca_cert = (
@@ -64,9 +69,20 @@ def ensure_server_certificate(directory: Path, hosts: tuple[str, ...] = ("localh
         .not_valid_before(now)
         .not_valid_after(now + VALIDITY)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                                     key_encipherment=False, data_encipherment=False, key_agreement=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )

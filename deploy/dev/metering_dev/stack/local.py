@@ -18,7 +18,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from metering_dev.stack import apache_kafka, tansu
-from metering_dev.stack.certificates import CertificatesUnavailable, ServerCertificate, ensure_server_certificate, write_private
+from metering_dev.stack.certificates import (
+    CertificatesUnavailable,
+    ServerCertificate,
+    ensure_server_certificate,
+    write_private,
+)
 from metering_dev.stack.processes import ManagedProcess
 
 KAFKA = "kafka"
@@ -58,8 +63,14 @@ class StackState:
 
     @classmethod
     def of(cls, config: StackConfig) -> StackState:
-        return cls(config.broker, config.kafka_port, config.clickhouse_port, config.kafka_version,
-                   config.sasl_port, config.clickhouse_tls)
+        return cls(
+            config.broker,
+            config.kafka_port,
+            config.clickhouse_port,
+            config.kafka_version,
+            config.sasl_port,
+            config.clickhouse_tls,
+        )
 
     @property
     def kafka_bootstrap(self) -> str:
@@ -125,8 +136,11 @@ class LocalStack:
         """The data dir's SCRAM user: created once, when the storage is formatted, and kept in the client env file."""
         known = self.sasl_client_env()
         if known.get("METERING_KAFKA_SASL_PASSWORD"):
-            return apache_kafka.ScramUser(known["METERING_KAFKA_SASL_MECHANISM"], known["METERING_KAFKA_SASL_USERNAME"],
-                                          known["METERING_KAFKA_SASL_PASSWORD"])
+            return apache_kafka.ScramUser(
+                known["METERING_KAFKA_SASL_MECHANISM"],
+                known["METERING_KAFKA_SASL_USERNAME"],
+                known["METERING_KAFKA_SASL_PASSWORD"],
+            )
         if apache_kafka.is_formatted(kafka_dir):
             raise StackError(
                 f"the Kafka storage in {kafka_dir} was formatted without a SASL user; run `metering stack down "
@@ -192,7 +206,9 @@ class LocalStack:
             self._wait(self.kafka, lambda: _listens(state.kafka_sasl_bootstrap), deadline)
         return state
 
-    def _kafka_command(self, config: StackConfig, state: StackState, certificate: ServerCertificate | None) -> list[str]:
+    def _kafka_command(
+        self, config: StackConfig, state: StackState, certificate: ServerCertificate | None
+    ) -> list[str]:
         if config.broker == "tansu":
             try:
                 return tansu.broker_command(config.kafka_port, self.data_dir)
@@ -223,13 +239,15 @@ class LocalStack:
         sasl = []
         if state and state.kafka_sasl_bootstrap:
             user = self.sasl_client_env().get("METERING_KAFKA_SASL_USERNAME", "?")
-            sasl.append(ServiceStatus(
-                name="kafka (sasl_ssl)",
-                running=self.kafka.is_running(),
-                pid=self.kafka.pid(),
-                address=f"{state.kafka_sasl_bootstrap} SASL_SSL {SASL_MECHANISM} user={user}",
-                log_file=self.kafka.log_file,
-            ))
+            sasl.append(
+                ServiceStatus(
+                    name="kafka (sasl_ssl)",
+                    running=self.kafka.is_running(),
+                    pid=self.kafka.pid(),
+                    address=f"{state.kafka_sasl_bootstrap} SASL_SSL {SASL_MECHANISM} user={user}",
+                    log_file=self.kafka.log_file,
+                )
+            )
         return [
             ServiceStatus(
                 name=f"kafka ({state.broker})" if state else "kafka",
@@ -261,10 +279,15 @@ class LocalStack:
 
 def _clickhouse_command(config: StackConfig, certificate: ServerCertificate | None) -> list[str]:
     command = [
-        sys.executable, "-m", "metering_dev.clickhouse_endpoint",
-        "--host", "127.0.0.1",
-        "--port", str(config.clickhouse_port),
-        "--data-dir", str(config.data_dir.expanduser().resolve() / CLICKHOUSE),
+        sys.executable,
+        "-m",
+        "metering_dev.clickhouse_endpoint",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(config.clickhouse_port),
+        "--data-dir",
+        str(config.data_dir.expanduser().resolve() / CLICKHOUSE),
     ]
     if config.clickhouse_tls and certificate is not None:
         command += ["--tls-cert", str(certificate.cert_file), "--tls-key", str(certificate.key_file)]

@@ -14,6 +14,7 @@ test: bootstrap
 	NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --site-dir .site
 	.venv/bin/ruff check pipeline schemas deploy
 	.venv/bin/ruff format --check pipeline schemas deploy
+	.venv/bin/mypy
 	.venv/bin/python -m pytest
 
 # The fault tests at full length (a 60 s ClickHouse outage, a 2-minute rebalance storm); about 6 minutes.

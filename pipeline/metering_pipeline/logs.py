@@ -151,7 +151,8 @@ class KafkaRetries(logging.Filter):
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
-    return structlog.get_logger(name)
+    logger: structlog.stdlib.BoundLogger = structlog.get_logger(name)  # structlog types it Any
+    return logger
 
 
 KAFKA_RETRIES = KafkaRetries()

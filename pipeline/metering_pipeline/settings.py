@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -182,9 +182,9 @@ class Settings(BaseSettings):
         session_ms = int(self.kafka_session_timeout * 1000)
         return {"session_timeout_ms": session_ms, "heartbeat_interval_ms": max(1000, session_ms // 10)}
 
-    def kafka_client_options(self) -> dict[str, object]:
+    def kafka_client_options(self) -> dict[str, Any]:
         """Keyword arguments shared by every aiokafka client the product creates."""
-        options: dict[str, object] = {
+        options: dict[str, Any] = {
             "bootstrap_servers": self.kafka_bootstrap,
             "security_protocol": self.kafka_security_protocol,
         }
@@ -204,11 +204,11 @@ class Settings(BaseSettings):
             )
         return options
 
-    def clickhouse_client_options(self) -> dict[str, object]:
+    def clickhouse_client_options(self) -> dict[str, Any]:
         """Keyword arguments for ``clickhouse_connect.get_client``."""
         url = urlsplit(self.clickhouse_url)
         secure = url.scheme == "https"
-        options: dict[str, object] = {
+        options: dict[str, Any] = {
             "host": url.hostname or "localhost",
             "port": url.port or (8443 if secure else 8123),
             "interface": url.scheme or "http",

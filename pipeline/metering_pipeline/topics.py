@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import (
     KafkaError,
     LeaderNotAvailableError,
@@ -186,7 +187,7 @@ async def _until_led(admin: AIOKafkaAdminClient, names: list[str], timeout: floa
         await asyncio.sleep(0.1)
 
 
-async def _answers(client, leader: int, topics: dict[str, list[tuple[int, int]]]) -> bool:
+async def _answers(client: AIOKafkaClient, leader: int, topics: dict[str, list[tuple[int, int]]]) -> bool:
     response = await client.send(leader, OffsetRequest(-1, 0, list(topics.items())))
     return all(error_code == 0 for _topic, partitions in response.topics for _p, error_code, *_ in partitions)
 

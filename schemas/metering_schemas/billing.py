@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from decimal import Decimal
+from itertools import pairwise
 from typing import Annotated
 
 from pydantic import Field, field_validator, model_validator
@@ -91,9 +92,8 @@ class Price(WireModel):
             bounds = [tier.up_to for tier in self.tiers]
             if bounds[-1] is not None or any(bound is None for bound in bounds[:-1]):
                 raise ValueError("only the last tier is open-ended (upTo null), and it must be")
-            if any(b <= a for a, b in zip(bounds[:-2], bounds[1:-1], strict=True)) or (
-                bounds[0] is not None and bounds[0] <= 0
-            ):  # type: ignore[operator]
+            closed = [bound for bound in bounds[:-1] if bound is not None]  # all but the last, as just checked
+            if any(b <= a for a, b in pairwise(closed)) or (closed and closed[0] <= 0):
                 raise ValueError("tiers' upTo must be positive and strictly ascending")
         if (
             self.minimum_charge is not None

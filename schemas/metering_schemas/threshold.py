@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 from pydantic import (
     EmailStr,
@@ -79,7 +79,7 @@ class UsageThreshold(WireModel):
         DROPPED_ADDRESSES). Without that context (the API, the CLI) a bad address refuses the threshold."""
         dropped = info.context.get(DROPPED_ADDRESSES) if isinstance(info.context, dict) else None
         if dropped is None or not isinstance(value, list):
-            return handler(value)
+            return cast(list[str], handler(value))
         valid, bad = checked_addresses(value)
         dropped.extend(bad)
-        return handler(valid)
+        return cast(list[str], handler(valid))

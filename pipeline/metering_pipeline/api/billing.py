@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import Field, ValidationError
@@ -44,7 +45,7 @@ class PlanList(WireModel):
 class SubscriptionInput(Subscription):
     """subscription.create: a Subscription whose id defaults to a random one."""
 
-    id: Identifier | None = None  # type: ignore[assignment]
+    id: Identifier | None = None  # type: ignore[assignment]  # optional here only: the contract's id is required
 
 
 class SubscriptionChange(WireModel):
@@ -60,10 +61,14 @@ class SubscriptionList(WireModel):
 
 
 def _context(request: Request) -> ApiContext:
-    return request.app.state.context
+    context: ApiContext = request.app.state.context
+    return context
 
 
-def _validated(model: type[Plan] | type[Subscription], fields: dict) -> Plan | Subscription:
+M = TypeVar("M", Plan, Subscription)
+
+
+def _validated(model: type[M], fields: dict[str, Any]) -> M:
     """Whole-object rules (currency, tiers, dates) answer 422 with the fields they concern."""
     try:
         return model.model_validate(fields)
@@ -84,7 +89,7 @@ def _owned_plan(key: str, who: Caller, context: ApiContext) -> Plan:
     return found
 
 
-def _plan_fields(key: str, body: PlanBody, who: Caller, context: ApiContext) -> dict:
+def _plan_fields(key: str, body: PlanBody, who: Caller, context: ApiContext) -> dict[str, Any]:
     org = body.org_id if body.org_id is not None else who.org_id
     who.require_org(org, "a global plan" if org is None else f"org {org!r}")
     dimensions: dict[str, set[str]] = {}  # metric key -> the groupBy names of its definitions (global and per org)
@@ -177,7 +182,7 @@ def _subscription(subscription_id: str, who: Caller, context: ApiContext) -> Sub
     return found
 
 
-async def _put_subscription(context: ApiContext, who: Caller, fields: dict) -> Subscription:
+async def _put_subscription(context: ApiContext, who: Caller, fields: dict[str, Any]) -> Subscription:
     subscription = _validated(Subscription, fields)
     _plan(subscription.plan_key, who, context)  # 404 unless the caller can see the plan
     await context.publish(context.subscriptions, subscription.id, subscription)

@@ -8,9 +8,10 @@ acknowledged writes locally at once so a client reads what it just wrote.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 from clickhouse_connect.driver.client import Client
 from fastapi import FastAPI
@@ -29,6 +30,9 @@ from metering_pipeline.warehouse.mirrors import D
 from metering_schemas import MetricDefinition, Plan, Subscription, UsageThreshold
 
 log = get_logger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 READ_BACK_TIMEOUT = 10.0  # seconds a write waits for the API's own feed to read it back
 
@@ -59,8 +63,8 @@ class ApiContext:
     writers: dict[str, DefinitionWriter] = field(default_factory=dict)  # by topic
     clickhouse: Client | None = None
     clickhouse_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    _catalogs: dict[str, Catalog | MetricCatalog] = field(default_factory=dict, init=False)  # by topic
-    _feeds: dict[str, DefinitionFeed] = field(default_factory=dict, init=False)  # by topic
+    _catalogs: dict[str, Catalog[Any] | MetricCatalog] = field(default_factory=dict, init=False)  # by topic
+    _feeds: dict[str, DefinitionFeed[Any]] = field(default_factory=dict, init=False)  # by topic
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[ApiContext]:
@@ -101,7 +105,9 @@ class ApiContext:
                 await feed.loaded()
             yield self
 
-    async def publish(self, catalog: Catalog | MetricCatalog, definition_id: str, definition: BaseModel | None) -> None:
+    async def publish(
+        self, catalog: Catalog[Any] | MetricCatalog, definition_id: str, definition: BaseModel | None
+    ) -> None:
         """Through the catalog's topic (acknowledged), then read back by the catalog's feed, so the caller reads its
         own write and the catalog takes every entry in topic order (applying this one here while the feed still had
         an older entry of the same id to apply would let that older entry undo it)."""
@@ -114,15 +120,16 @@ class ApiContext:
         if definition is None:
             catalog.delete(definition_id)
         else:
-            catalog.put(definition)  # type: ignore[arg-type]
+            catalog.put(definition)  # type: ignore[arg-type]  # of the catalog's model: callers pass the two together
 
-    async def query(self, function, *args, **kwargs):
+    async def query(self, function: Callable[Concatenate[Client, P], R], *args: P.args, **kwargs: P.kwargs) -> R:
         """Runs a blocking ClickHouse call off the event loop, one at a time on the shared client."""
         async with self.clickhouse_lock:
-            return await asyncio.to_thread(function, self.clickhouse, *args, **kwargs)
+            # The client is there once `running` has started, before any request.
+            return await asyncio.to_thread(function, cast(Client, self.clickhouse), *args, **kwargs)
 
 
-def lifespan(context: ApiContext):
+def lifespan(context: ApiContext) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def run(app: FastAPI) -> AsyncIterator[None]:
         async with context.running():

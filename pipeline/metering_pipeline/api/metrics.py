@@ -68,7 +68,8 @@ class MetricList(WireModel):
 
 
 def _context(request: Request) -> ApiContext:
-    return request.app.state.context
+    context: ApiContext = request.app.state.context
+    return context
 
 
 def _definition(fields: dict[str, Any]) -> MetricDefinition:

@@ -72,16 +72,16 @@ class AuthenticateFirst:
             return
         body, size, more = [], 0, True
         while more:
-            message = await receive()
-            if message["type"] != "http.request":  # the client left
+            event = await receive()
+            if event["type"] != "http.request":  # the client left
                 return
-            chunk = message.get("body", b"")
+            chunk = event.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
                 await self._too_large(scope, receive, send)
                 return
             body.append(chunk)
-            more = message.get("more_body", False)
+            more = event.get("more_body", False)
         await self.app(scope, _replaying(b"".join(body), receive), send)
 
     def _key(self, authorization: str | None) -> ApiKey | None:

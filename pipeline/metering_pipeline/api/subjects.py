@@ -19,7 +19,7 @@ from metering_pipeline.usage.aggregation import plain
 from metering_pipeline.usage.periods import period_bounds
 from metering_pipeline.usage.thresholds import LimitStatus, SubjectStatus, limit_state
 from metering_pipeline.warehouse.queries import exceeded_alerts, recent_alerts, subjects_with_usage
-from metering_schemas import ThresholdAction, UsageThreshold
+from metering_schemas import Subscription, ThresholdAction, UsageThreshold
 from metering_schemas._base import WireModel
 
 router = APIRouter(prefix="/v1", tags=["subjects"], route_class=DecimalJSONRoute, responses=ERROR_RESPONSES)
@@ -35,14 +35,15 @@ class SubjectList(WireModel):
 
 
 def _context(request: Request) -> ApiContext:
-    return request.app.state.context
+    context: ApiContext = request.app.state.context
+    return context
 
 
 def _visible(subject_type: str, subject_id: str, who: Caller, context: ApiContext) -> bool:
     """An org-scoped key sees its org, and the subjects its org subscribed or set thresholds for."""
     if who.org_id is None or (subject_type, subject_id) == ("org", who.org_id):
         return True
-    owned = [*context.subscriptions.values(), *context.thresholds.values()]
+    owned: list[Subscription | UsageThreshold] = [*context.subscriptions.values(), *context.thresholds.values()]
     return any((d.subject_type, d.subject_id) == (subject_type, subject_id) and d.org_id == who.org_id for d in owned)
 
 

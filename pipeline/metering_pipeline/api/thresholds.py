@@ -54,7 +54,8 @@ class ThresholdList(WireModel):
 
 
 def _context(request: Request) -> ApiContext:
-    return request.app.state.context
+    context: ApiContext = request.app.state.context
+    return context
 
 
 def _owned(threshold_id: str, who: Caller, context: ApiContext) -> UsageThreshold:

@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Literal
+from typing import Literal, cast, overload
 
 import orjson
 from fastapi import APIRouter, Depends, Header, Query, Request
@@ -73,7 +73,8 @@ class SummaryList(WireModel):
 
 
 def _context(request: Request) -> ApiContext:
-    return request.app.state.context
+    context: ApiContext = request.app.state.context
+    return context
 
 
 def _admit(
@@ -98,9 +99,12 @@ def _admit(
                     "forbidden_org",
                     f"{where}: subject {record.subject_type}:{record.subject_id} is not in org {who.org_id!r}",
                 )
-        verdict = judge(record, record.timestamp or now, now, context.metrics, rules)
-        if not isinstance(verdict, Refusal):
-            verdict = unreadable_payload(record, verdict, context.metrics) or stored_metadata(record, rules)
+        judged = judge(record, record.timestamp or now, now, context.metrics, rules)
+        verdict = (
+            judged
+            if isinstance(judged, Refusal)
+            else unreadable_payload(record, judged, context.metrics) or stored_metadata(record, rules)
+        )
         if isinstance(verdict, Refusal):
             problems.append(FieldProblem(field=where, message=f"{verdict.reason.value}: {verdict.message}"))
             continue
@@ -162,6 +166,10 @@ async def record_usage_batch(
 _EARLIEST, _LATEST = EPOCH, END_OF_TIME  # what ClickHouse's DateTime can hold
 
 
+@overload
+def _storable(name: str, value: datetime) -> datetime: ...
+@overload
+def _storable(name: str, value: datetime | None) -> datetime | None: ...
 def _storable(name: str, value: datetime | None) -> datetime | None:
     value = _utc(value)
     if value is not None and not _EARLIEST <= value < _LATEST:
@@ -188,6 +196,10 @@ def _range(start: datetime | None, end: datetime | None, default_days: int = 30)
     return start, end
 
 
+@overload
+def _utc(value: datetime) -> datetime: ...
+@overload
+def _utc(value: datetime | None) -> datetime | None: ...
 def _utc(value: datetime | None) -> datetime | None:
     return None if value is None else (value if value.tzinfo else value.replace(tzinfo=UTC))
 
@@ -244,7 +256,8 @@ async def get_usage(
     selection = _selection(who, start, end, subject_type, subject_id, metric_key)
     after = _read_cursor(cursor) if cursor else None
     records = await _context(request).query(usage_records_page, selection, after, limit)
-    next_cursor = _cursor((records[-1].timestamp, records[-1].id)) if len(records) == limit else None
+    last = records[-1] if len(records) == limit else None  # read from ClickHouse: its timestamp and id are set
+    next_cursor = None if last is None else _cursor((cast(datetime, last.timestamp), cast(str, last.id)))
     return RecordPage(records=records, next_cursor=next_cursor)
 
 

@@ -4,8 +4,10 @@ maximum charges, and the one rounding per line. Pure: no I/O."""
 from __future__ import annotations
 
 import decimal
+from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import cast
 
 from metering_schemas import Price, PriceTier, PricingModel, TierLine
 from metering_schemas.currency import minor_unit
@@ -40,12 +42,13 @@ def charge(price: Price, quantity: Decimal, currency: str) -> Charge:
     billable = max(MONEY.subtract(quantity, price.included_units), _ZERO)
     tiers: tuple[TierLine, ...] = ()
     packages = None
+    # Price's validator requires unitPrice of PER_UNIT, packageSize and packagePrice of PACKAGE.
     if price.model is PricingModel.PER_UNIT:
-        raw = MONEY.multiply(billable, price.unit_price)  # type: ignore[arg-type]
+        raw = MONEY.multiply(billable, cast(Decimal, price.unit_price))
     elif price.model is PricingModel.PACKAGE:
-        whole, rest = MONEY.divmod(billable, price.package_size)  # type: ignore[arg-type]
+        whole, rest = MONEY.divmod(billable, cast(Decimal, price.package_size))
         packages = int(whole) + (1 if rest else 0)
-        raw = MONEY.multiply(Decimal(packages), price.package_price)  # type: ignore[arg-type]
+        raw = MONEY.multiply(Decimal(packages), cast(Decimal, price.package_price))
     elif price.model is PricingModel.TIERED_GRADUATED:
         tiers = graduated(price.tiers, billable)
         raw = _sum(tier.amount for tier in tiers)
@@ -105,7 +108,7 @@ def _bounded(raw: Decimal, price: Price) -> tuple[Decimal, str | None]:
     return raw, None
 
 
-def _sum(amounts) -> Decimal:
+def _sum(amounts: Iterable[Decimal]) -> Decimal:
     total = _ZERO
     for amount in amounts:
         total = MONEY.add(total, amount)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from importlib.metadata import entry_points
+from typing import Any
 from urllib.parse import urlsplit
 
 import click
@@ -25,7 +26,7 @@ from metering_pipeline.settings import Settings
 class _Main(click.Group):
     """Servers that refuse or cannot be reached are the user's to fix: one clear line, exit 1, no traceback."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx: click.Context) -> Any:
         from aiokafka.errors import KafkaConnectionError, KafkaError
         from clickhouse_connect.driver.exceptions import ClickHouseError
 

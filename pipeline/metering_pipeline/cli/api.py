@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from metering_pipeline import tables
 from metering_pipeline.settings import Settings
+
+if TYPE_CHECKING:  # the API's modules load when a command needs them
+    from metering_pipeline.api.keys import Scope
 
 
 @click.command()
@@ -40,12 +45,12 @@ def api_key() -> None:
 )
 @click.option("--org-id", default=None, help="Limit the key to one org's metrics, thresholds and subjects.")
 @click.pass_obj
-def create(settings: Settings, name: str, scopes: tuple[str, ...], org_id: str | None) -> None:
+def create(settings: Settings, name: str, scopes: tuple[Scope, ...], org_id: str | None) -> None:
     """Create a key; it is printed once and only its hash is kept."""
     from metering_pipeline.api.keys import KeyRing
 
     try:
-        key = KeyRing(settings.api_keys_file).add(name, list(scopes), org_id)  # type: ignore[arg-type]
+        key = KeyRing(settings.api_keys_file).add(name, list(scopes), org_id)
     except ValueError as error:
         raise click.UsageError(str(error)) from None
     click.echo(key)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -247,7 +248,7 @@ def invoice(settings: Settings, subject: str, period: str, as_json: bool) -> Non
     plans, subscriptions = _plans(settings), _subscriptions(settings)
     with connect(settings) as client:
 
-        async def query(function, *args):
+        async def query(function: Callable[..., Any], *args: Any) -> Any:
             return await asyncio.to_thread(function, client, *args)
 
         try:

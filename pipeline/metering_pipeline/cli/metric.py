@@ -212,6 +212,7 @@ def define(
 @click.pass_obj
 def update(
     settings: Settings,
+    /,  # click.pass_obj hands it in by position
     ref: str,
     group_by: tuple[str, ...],
     clear_group_by: bool,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 from pydantic import ValidationError
 
@@ -55,7 +57,7 @@ def worker(
     logs.configure({"crit": "CRITICAL", "warn": "WARNING"}.get(loglevel, loglevel.upper()))
     garbage.tune()
 
-    overrides = {
+    overrides: dict[str, Any] = {
         "flush_interval": flush_interval,
         "processing_guarantee": processing_guarantee,
         "usage_partitions": partitions,
@@ -67,7 +69,7 @@ def worker(
     except ValidationError as error:
         raise click.UsageError(field_errors(error)) from None
     prepare(settings)
-    app = create_app(settings, web_port)
+    app, pipeline = create_app(settings, web_port)
     try:
         worker_ = Worker(app, loglevel=loglevel, quiet=True)
         # Faust's terminal spinner, at --loglevel warn or above, lowers the root logger to DEBUG so that it can spin
@@ -77,6 +79,6 @@ def worker(
     except SystemExit as exit_:
         # A failed stage stops the worker with SIGTERM, after which mode exits 0 like after any SIGTERM:
         # a supervisor must see the failure.
-        if not exit_.code and app.pipeline.failure is not None:
+        if not exit_.code and pipeline.failure is not None:
             raise SystemExit(1) from None
         raise

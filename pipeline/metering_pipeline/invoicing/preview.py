@@ -28,7 +28,7 @@ async def invoice_for(
     now: datetime | None = None,
 ) -> Invoice:
     start, end = billing_period(period)
-    stored = await query(stored_invoice, subject_type, subject_id, period)
+    stored: Invoice | None = await query(stored_invoice, subject_type, subject_id, period)
     if stored is not None:
         return stored
     now = now or datetime.now(UTC)

@@ -10,14 +10,13 @@ from decimal import Decimal
 from clickhouse_connect.driver.client import Client
 
 from metering_pipeline.billing.selection import (
-    FROM_RECORDS,
     RollupRow,
     Selection,
     aggregation_of,
     hour_ceiling,
     quantity,
 )
-from metering_pipeline.usage.aggregation import plain
+from metering_pipeline.usage.aggregation import FROM_RECORDS, plain
 from metering_pipeline.warehouse.invoices import distinct_and_latest, merged_rollups
 from metering_schemas import AggregationType
 

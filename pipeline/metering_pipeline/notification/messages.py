@@ -7,6 +7,7 @@ import hashlib
 from datetime import datetime
 from email.message import EmailMessage
 from email.utils import format_datetime
+from typing import Any
 
 # SMTP line endings; headers up to RFC 5322's 998 characters, so the alert id header stays on one line.
 _POLICY = email.policy.SMTP.clone(max_line_length=998)
@@ -19,7 +20,7 @@ def message_id(alert_id: str, address: str, sender: str) -> str:
     return f"<{digest}@{domain}>"
 
 
-def alert_email(alert: dict, address: str, sender: str) -> EmailMessage:
+def alert_email(alert: dict[str, Any], address: str, sender: str) -> EmailMessage:
     verb = "has exceeded" if alert["type"] == "threshold.exceeded" else "is approaching"
     subject = f"{alert['subjectType']}:{alert['subjectId']}"
     message = EmailMessage(policy=_POLICY)

@@ -12,6 +12,7 @@ another producer) is logged and skipped: nothing is ever sent to it, so nothing 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer
@@ -86,7 +87,7 @@ class Notifier:
             if address not in done:
                 await self._deliver(alert, address)
 
-    async def _deliver(self, alert: dict, address: str) -> None:
+    async def _deliver(self, alert: dict[str, Any], address: str) -> None:
         attempts = 0
 
         async def send() -> None:

@@ -65,9 +65,9 @@ def total(
     if aggregation is AggregationType.AVG:
         return _AVG.divide(sum_, Decimal(count)).quantize(AVG_PLACES, context=_AVG)
     if aggregation is AggregationType.MAX:
-        return high  # type: ignore[return-value]
+        return high  # type: ignore[return-value]  # not None once count > 0
     if aggregation is AggregationType.MIN:
-        return low  # type: ignore[return-value]
+        return low  # type: ignore[return-value]  # likewise
     raise ValueError(f"{aggregation.value} is not computed from count, sum, min and max: it needs its records' values")
 
 

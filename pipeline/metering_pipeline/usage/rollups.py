@@ -121,7 +121,7 @@ class RollupChange(NamedTuple):
 
     key: RollupKey
     aggregation: AggregationType
-    count: int
+    count: int  # type: ignore[assignment]  # the field hides tuple.count(), which nothing calls on a change
     sum_text: str
     min_text: str | None
     max_text: str | None
@@ -164,9 +164,9 @@ def _freeze(key: RollupKey, rollup: Rollup) -> RollupChange:
     elif aggregation is _COUNT:
         total_text = str(rollup.count)
     elif aggregation is _MAX and rollup.count:
-        total_text = max_text  # type: ignore[assignment]
+        total_text = max_text  # type: ignore[assignment]  # a rollup that counted a record has a max
     elif aggregation is _MIN and rollup.count:
-        total_text = min_text  # type: ignore[assignment]
+        total_text = min_text  # type: ignore[assignment]  # and a min
     else:
         total_text = str(rollup.total())
     if type(rollup) is ValuesRollup and rollup.latest is not None:
@@ -380,7 +380,7 @@ class PartitionRollups:
         quantity, aggregation = record.quantity, record.aggregation
         distinct = None if record.distinct is None else intern(record.distinct)
         latest = aggregation is _LATEST
-        kind = ValuesRollup if latest or aggregation is _UNIQUE else Rollup
+        kind: type[Rollup] | type[ValuesRollup] = ValuesRollup if latest or aggregation is _UNIQUE else Rollup
         rollups = self.rollups
         for key, total_key in rows:
             rollup = rollups.get(key)
@@ -401,6 +401,8 @@ class PartitionRollups:
                     rollup.max = quantity
                 if offset > rollup.version:
                     rollup.version = offset
+            # With a distinct value (UNIQUE_COUNT) or `latest`, `kind` and so `rollup` is a ValuesRollup: mypy cannot
+            # tell, and an isinstance per row would cost what it checks.
             if distinct is not None and distinct not in rollup.values:  # type: ignore[attr-defined]
                 rollup.values.add(distinct)  # type: ignore[attr-defined]
                 self._distinct.append((key, distinct))

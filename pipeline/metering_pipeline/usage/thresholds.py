@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from functools import partial
+from typing import Final, Literal
 
 from metering_pipeline.usage.meter import TOTAL, Dimensions
 from metering_pipeline.usage.metrics import MetricCatalog
@@ -20,8 +22,9 @@ from metering_pipeline.usage.periods import period_end, period_start
 from metering_pipeline.usage.rollups import LIFETIME, PartitionRollups, Rollup, RollupKey
 from metering_schemas import PeriodType, ResetPeriod, ThresholdAction, ThresholdAlert, UsageThreshold
 
-APPROACHING = "threshold.approaching"
-EXCEEDED = "threshold.exceeded"
+AlertType = Literal["threshold.approaching", "threshold.exceeded"]  # ThresholdAlert.type
+APPROACHING: Final = "threshold.approaching"
+EXCEEDED: Final = "threshold.exceeded"
 WILDCARD = "*"
 
 Subject = tuple[str, str]  # subject_type, subject_id
@@ -90,7 +93,7 @@ def dimensions_of(threshold: UsageThreshold) -> Dimensions:
 class Alert:
     """One `threshold.approaching` / `threshold.exceeded` event on `metering.alerts`."""
 
-    type: str
+    type: AlertType
     threshold: UsageThreshold
     subject_type: str
     subject_id: str
@@ -148,9 +151,9 @@ class Marker:
     exceeded: bool = False
 
 
-def crossings(value: Decimal, limit: Decimal, fraction: Decimal, marker: Marker | None) -> list[str]:
+def crossings(value: Decimal, limit: Decimal, fraction: Decimal, marker: Marker | None) -> list[AlertType]:
     """The alert types `value` fires that `marker` has not fired yet, approaching first."""
-    fired: list[str] = []
+    fired: list[AlertType] = []
     if value >= limit * fraction and not (marker and marker.approaching):
         fired.append(APPROACHING)
     if value > limit and not (marker and marker.exceeded):
@@ -308,7 +311,7 @@ class PartitionThresholds:
             if threshold is None:
                 self.watch.forget(threshold_id)
                 continue
-            self.watch.rearm(threshold, lambda subject, start, t=threshold: self._value(t, subject, start))
+            self.watch.rearm(threshold, partial(self._value, threshold))
             in_force.append(threshold)
         subjects_of = self._subjects_of({(t.metric_key, t.subject_type) for t in in_force})
         for threshold in in_force:

@@ -6,6 +6,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
+from io import IOBase
+from typing import Any, cast
 
 import orjson
 from clickhouse_connect.driver.client import Client
@@ -158,8 +160,8 @@ def _records_values(
     groups: list[Group],
     dimensions: DimensionQuery,
     period_type: PeriodType,
-    parameters: dict[str, object],
-    match: dict[str, object],
+    parameters: dict[str, Any],
+    match: dict[str, Any],
 ) -> dict[tuple[datetime, tuple[str, ...]], tuple[int, Decimal]]:
     """(distinct values, latest quantity) per (period start, groupBy values), over the records of those groups."""
     if not groups:
@@ -269,7 +271,8 @@ def open_usage_export(client: Client, selection: RecordFilter, export_format: st
         "dimensions AS dims "
         f"FROM usage_records FINAL WHERE {where} ORDER BY timestamp, id)"
     )
-    stream = client.raw_stream(query, parameters=parameters, fmt=EXPORT_FORMATS[export_format])
+    # An IOBase: a StreamContext is the async client's answer.
+    stream = cast(IOBase, client.raw_stream(query, parameters=parameters, fmt=EXPORT_FORMATS[export_format]))
 
     def chunks() -> Iterator[bytes]:
         try:
@@ -291,7 +294,8 @@ def subjects_with_usage(
     """(subject type, subject id) pairs that have monthly rollups, for pickers; most recently active first.
 
     Total rows only: a grouped metric's dimension rows name the same subjects and would only cost reading them."""
-    clauses, parameters = ["period_type = 'MONTHLY'", "empty(dimensions)"], {"limit": limit}
+    clauses = ["period_type = 'MONTHLY'", "empty(dimensions)"]
+    parameters: dict[str, object] = {"limit": limit}
     if subject_type is not None:
         clauses.append("subject_type = {subject_type:String}")
         parameters["subject_type"] = subject_type

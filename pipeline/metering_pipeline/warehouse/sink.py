@@ -72,7 +72,7 @@ _ALERT_FIELDS = (
     "occurredAt",
     "dimensions",
 )  # as ALERT_COLUMNS
-_ALERT_DEFAULTS = {"dimensions": {}}  # of fields added since: alerts written before them lack them
+_ALERT_DEFAULTS: dict[str, object] = {"dimensions": {}}  # of fields added since: alerts written before them lack them
 _INSERT_SETTINGS = {"date_time_input_format": "best_effort"}  # RFC 3339 timestamps with offsets
 _COLUMNS = "JSONCompactColumns"  # the hot tables (see records_body)
 _ROWS = "JSONCompactEachRow"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 
 import orjson
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from aiokafka.errors import CommitFailedError
 
 from metering_pipeline.logs import get_logger
@@ -66,7 +66,7 @@ class AlertArchive:
             await self.consumer.stop()
 
 
-def _event(message) -> dict[str, object] | None:
+def _event(message: ConsumerRecord) -> dict[str, object] | None:
     try:
         event = orjson.loads(message.value)
         if isinstance(event, dict) and isinstance(event.get("id"), str):

@@ -12,14 +12,18 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Awaitable
+from typing import Any
 
 import faust
 from aiokafka import AIOKafkaProducer
+from faust.types import StreamT
+from faust.web import Request, Response, View
 from mode import Service
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from metering_pipeline import logs
-from metering_pipeline.definitions import feed_into
+from metering_pipeline.definitions import DefinitionFeed, feed_into
 from metering_pipeline.logs import get_logger
 from metering_pipeline.retry import FailingStreak
 from metering_pipeline.settings import Settings
@@ -64,12 +68,12 @@ class Pipeline:
         self.events_producer = AIOKafkaProducer(**self.settings.kafka_client_options(), acks="all")
         await self.events_producer.start()
         topics = Topics.of(self.settings)
-        self.mirrors: dict[str, DefinitionMirror] = {
+        self.mirrors: dict[str, DefinitionMirror[Any]] = {
             topics.metrics: MetricAnnouncer(self.sink, mirrors.METRICS, self.events_producer, topics.events),
             topics.plans: DefinitionMirror(self.sink, mirrors.PLANS),
             topics.subscriptions: DefinitionMirror(self.sink, mirrors.SUBSCRIPTIONS),
         }
-        feeds = [
+        feeds: list[DefinitionFeed[Any]] = [
             feed_into(self.settings, topics.metrics, MetricDefinition, self.catalog.put, self.catalog.delete),
             feed_into(self.settings, topics.thresholds, UsageThreshold, self.book.put, self.book.delete),
         ]
@@ -129,7 +133,7 @@ class Pipeline:
             log.error("stage failed; stopping the worker", stage=stage, error=_described(error), exc_info=error)
             os.kill(os.getpid(), signal.SIGTERM)
 
-    async def _guard(self, name: str, work) -> None:
+    async def _guard(self, name: str, work: Awaitable[None]) -> None:
         try:
             await work
         except Exception as error:
@@ -159,7 +163,8 @@ def prepare(settings: Settings) -> None:
         )
 
 
-def create_app(settings: Settings, web_port: int) -> faust.App:
+def create_app(settings: Settings, web_port: int) -> tuple[faust.App, Pipeline]:
+    """The Faust app, and the pipeline it runs (whose `failure` decides the exit status)."""
     app = faust.App(
         f"{settings.topic_prefix}{settings.consumer_group_prefix}-worker",
         broker=f"kafka://{settings.kafka_bootstrap}",
@@ -179,7 +184,7 @@ def create_app(settings: Settings, web_port: int) -> faust.App:
     )
 
     @app.agent(definitions)
-    async def mirror_definitions(stream):
+    async def mirror_definitions(stream: StreamT[bytes]) -> None:
         """Metric, plan and subscription entries into ClickHouse (each entry by one member of the group)."""
         await pipeline.started.wait()
         async for event in stream.events():
@@ -199,7 +204,7 @@ def create_app(settings: Settings, web_port: int) -> faust.App:
             await pipeline.stop()
 
     @app.page("/health")
-    async def health(web, request):
+    async def health(web: View, request: Request) -> Response:
         """200 {"healthy": true}, or 503 {"healthy": false, "reason": ...} (see `Pipeline.health_problem`)."""
         problem = pipeline.health_problem()
         if problem is None:
@@ -207,7 +212,7 @@ def create_app(settings: Settings, web_port: int) -> faust.App:
         return web.json({"healthy": False, "reason": problem}, status=503)
 
     @app.page("/v1/subjects/{subject_type}/{subject_id}/metrics/{metric_key}")
-    async def entitlement(web, request, subject_type: str, subject_id: str, metric_key: str):
+    async def entitlement(web: View, request: Request, subject_type: str, subject_id: str, metric_key: str) -> Response:
         """Current-period usage, limits and blocked state of one subject's metric (owner answers; others forward)."""
         if not pipeline.started.is_set():
             return web.json({"error": "starting", "message": "the worker is starting"}, status=503)
@@ -217,15 +222,14 @@ def create_app(settings: Settings, web_port: int) -> faust.App:
         return web.json(body, status=status, headers={SERVED_BY_HEADER: served_by})
 
     @app.page("/metrics")
-    async def metrics(web, request):
+    async def metrics(web: View, request: Request) -> Response:
         # In a header: aiohttp refuses a content_type argument with a charset, and CONTENT_TYPE_LATEST has one.
         return web.bytes(pipeline.stats.prometheus(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    app.pipeline = pipeline  # type: ignore[attr-defined]
-    return app
+    return app, pipeline
 
 
-def _faust_credentials(settings: Settings):
+def _faust_credentials(settings: Settings) -> faust.SASLCredentials | faust.SSLCredentials | None:
     if settings.kafka_sasl_mechanism is None and settings.kafka_security_protocol == "PLAINTEXT":
         return None
     options = settings.kafka_client_options()

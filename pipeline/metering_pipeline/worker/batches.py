@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
+from typing import Any, cast
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.producer.message_accumulator import BatchBuilder
 
 
 class PartitionBatches:
     def __init__(self, producer: AIOKafkaProducer, keys: KeyPartitions | None = None) -> None:
         self.producer = producer
-        self._open: dict[tuple[str, int], object] = {}
+        self._open: dict[tuple[str, int], BatchBuilder] = {}
         self._partitions: dict[str, list[int]] = {}
         self._keys = KeyPartitions() if keys is None else keys
-        self.acks: list[asyncio.Future] = []
+        self.acks: list[asyncio.Future[Any]] = []
 
     async def add(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None) -> None:
         await self.add_all(topic, ((key, value),), partition)
@@ -33,9 +35,10 @@ class PartitionBatches:
         """Append every (key, value) to `partition`, or to its key's partition; awaits only to submit a full batch
         (a checkpoint adds tens of thousands of entries: one coroutine per entry would cost more than the entry)."""
         partitions = None if partition is not None else await self._partitions_of(topic)
+        fixed = cast(int, partition)  # an int whenever `partitions` is None
         chosen = self._keys.partition
         for key, value in entries:
-            slot = (topic, partition if partitions is None else chosen(key, partitions))
+            slot = (topic, fixed if partitions is None else chosen(key, partitions))
             batch = self._open.get(slot)
             if batch is None:
                 batch = self._open[slot] = self.producer.create_batch()
@@ -45,7 +48,7 @@ class PartitionBatches:
                 if batch.append(timestamp=None, key=key, value=value) is None:
                     raise ValueError(f"a message of {len(value or b'')} bytes does not fit in a batch for {topic}")
 
-    async def flush(self) -> list[asyncio.Future]:
+    async def flush(self) -> list[asyncio.Future[Any]]:
         """Submit every open batch; returns the futures of everything added since the last flush."""
         for slot in list(self._open):
             await self._submit(slot)
@@ -76,7 +79,8 @@ class KeyPartitions:
 
     def partition(self, key: bytes | None, partitions: list[int]) -> int:
         if key is None:
-            return self._partitioner(key, partitions, partitions)
+            partition: int = self._partitioner(key, partitions, partitions)  # aiokafka has no types
+            return partition
         slot = (key, len(partitions))  # a topic that grows gets new choices
         chosen = self._chosen.get(slot)
         if chosen is None:

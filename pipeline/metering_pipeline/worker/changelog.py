@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from functools import lru_cache
+from typing import Any
 
 import orjson
 
@@ -89,13 +90,13 @@ def marker_entry(key: MarkerKey, marker: Marker | None) -> tuple[bytes, bytes | 
     return entry_key, orjson.dumps([str(marker.limit), marker.approaching, marker.exceeded])
 
 
-def _rollup_key(fields: list) -> RollupKey:
+def _rollup_key(fields: list[Any]) -> RollupKey:
     metric_key, subject_type, subject_id, period, start, *dimensions = fields
     pairs: Dimensions = tuple((name, value) for name, value in dimensions[0]) if dimensions else ()
     return metric_key, subject_type, subject_id, _period(period), _utc(start), pairs
 
 
-def _rollup(fields: list) -> Rollup:
+def _rollup(fields: list[Any]) -> Rollup:
     aggregation, count, total, low, high, version, *rest = fields
     state = (
         AggregationType(aggregation),

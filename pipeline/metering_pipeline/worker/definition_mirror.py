@@ -57,7 +57,7 @@ class MetricAnnouncer(DefinitionMirror[MetricDefinition]):
     ) -> tuple[str, MetricDefinition | None] | None:
         parsed = await super().mirror_entry(key, value, offset)
         if parsed is not None and parsed[1] is not None:
-            definition_id, definition = parsed
+            definition_id, definition = parsed[0], parsed[1]
             event = MetricDefined(
                 id=f"metric.defined:{definition_id}:{offset}", occurred_at=datetime.now(UTC), metric=definition
             )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import quote
 
 import aiohttp
@@ -35,7 +36,7 @@ def member_client_id(group_id: str, url: str) -> str:
     return f"{group_id}{CLIENT_ID_SEPARATOR}{url}"
 
 
-def owners_from_description(description: dict, topic: str) -> dict[int, str]:
+def owners_from_description(description: dict[str, Any], topic: str) -> dict[int, str]:
     """partition -> owner URL, from one DescribeGroups entry."""
     owners: dict[int, str] = {}
     for member in description.get("members", []):
@@ -60,7 +61,7 @@ class Entitlements:
 
     async def check(
         self, subject_type: str, subject_id: str, metric_key: str, forwarded: bool
-    ) -> tuple[int, dict, str]:
+    ) -> tuple[int, dict[str, Any], str]:
         """(HTTP status, body, URL of the worker that answered)."""
         partitions = self.stage.partition_count()
         if partitions is None:
@@ -103,7 +104,9 @@ class Entitlements:
                 owners.update(owners_from_description(group, self.stage.topic))
         return owners
 
-    async def _forward(self, owner: str, subject_type: str, subject_id: str, metric_key: str) -> tuple[int, dict, str]:
+    async def _forward(
+        self, owner: str, subject_type: str, subject_id: str, metric_key: str
+    ) -> tuple[int, dict[str, Any], str]:
         url = (
             f"{owner}/v1/subjects/{quote(subject_type, safe='')}/{quote(subject_id, safe='')}"
             f"/metrics/{quote(metric_key, safe='')}"

@@ -25,13 +25,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalOperation, InvalidProducerEpoch, KafkaError, ProducerFenced
 
 from metering_pipeline.logs import get_logger
@@ -56,6 +56,7 @@ from metering_pipeline.worker.stats import RollupGauges, WorkerStats
 from metering_schemas import DeadLetter, RejectReason, ResetPeriod, SourcePosition
 
 log = get_logger(__name__)
+Produce = Callable[[PartitionBatches], Awaitable[None]]  # adds a transaction's messages
 
 EVICTION_INTERVAL = 60.0  # seconds
 MAX_BATCH_BYTES = 900_000  # under the broker's default message.max.bytes (1 MiB)
@@ -191,7 +192,7 @@ class RollupStage:
             self.owned.clear()
             await self.consumer.stop()
 
-    def _apply(self, partition: int, messages: Iterable) -> None:
+    def _apply(self, partition: int, messages: Iterable[ConsumerRecord]) -> None:
         owned = self.owned.get(partition)
         if owned is None:  # revoked while the batch was in flight
             return
@@ -300,13 +301,13 @@ class RollupStage:
                 self.stats.alert_latency_seconds.observe(committed - alert.usage_published_at)
 
     async def _in_transaction(
-        self, producer: AIOKafkaProducer, partition: int, produce, offset: int | None = None
+        self, producer: AIOKafkaProducer, partition: int, produce: Produce, offset: int | None = None
     ) -> None:
         """Produce with one of p's producers, atomically with p's consumer offset when one is given."""
         await _unless_producer_died(producer, self._produce_and_commit(producer, partition, produce, offset))
 
     async def _produce_and_commit(
-        self, producer: AIOKafkaProducer, partition: int, produce, offset: int | None
+        self, producer: AIOKafkaProducer, partition: int, produce: Produce, offset: int | None
     ) -> None:
         batches = PartitionBatches(producer, self._key_partitions)
         offsets = {} if offset is None else {TopicPartition(self.topic, partition): offset}

@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from datetime import UTC, datetime
+from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 
 from metering_pipeline.logs import get_logger
@@ -77,12 +78,14 @@ class RouterStage:
     async def _routed_partitions(self) -> routing.SubjectPartitions:
         return routing.SubjectPartitions(len(await self.producer.partitions_for(self.topics.routed)))
 
-    async def _route(self, batches: dict, partitions: routing.SubjectPartitions) -> tuple[list[asyncio.Future], dict]:
+    async def _route(
+        self, batches: dict[TopicPartition, list[ConsumerRecord]], partitions: routing.SubjectPartitions
+    ) -> tuple[list[asyncio.Future[Any]], dict[TopicPartition, int]]:
         """Sends the poll's routed batches and dead letters; returns their acknowledgements and the offsets to commit
         once they are all acknowledged."""
         by_partition: dict[int, list[AcceptedRecord]] = defaultdict(list)
-        sends = []
-        offsets = {}
+        sends: list[asyncio.Future[Any]] = []
+        offsets: dict[TopicPartition, int] = {}
         # Record age and alert latency are measured from the oldest message of the poll (one header per routed message).
         published = routing.published_headers(min(m.timestamp for messages in batches.values() for m in messages))
         times: dict[int, datetime] = {}  # a poll's messages share few distinct milliseconds
@@ -124,7 +127,7 @@ class RouterStage:
                 )
         return sends, offsets
 
-    async def _acknowledge(self, sends: list[asyncio.Future], offsets: dict[TopicPartition, int]) -> None:
+    async def _acknowledge(self, sends: list[asyncio.Future[Any]], offsets: dict[TopicPartition, int]) -> None:
         await asyncio.gather(*sends)
         await self._commit(offsets)
 

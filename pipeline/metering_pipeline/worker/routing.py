@@ -98,7 +98,8 @@ def published_at(message: ConsumerRecord) -> float:
     for key, value in message.headers:
         if key == PUBLISHED_HEADER:
             return int(value) / 1000
-    return message.timestamp / 1000
+    timestamp_ms: int = message.timestamp  # aiokafka has no types
+    return timestamp_ms / 1000
 
 
 def decode(value: bytes) -> list[CountedRecord]:

@@ -36,6 +36,8 @@ MAX_DIMENSION_NAME = 64  # characters
 MAX_DIMENSION_VALUE = 1024  # characters
 DimensionName = Annotated[str, Field(pattern=DIMENSION_NAME_PATTERN, min_length=1, max_length=MAX_DIMENSION_NAME)]
 DimensionValue = Annotated[str, Field(max_length=MAX_DIMENSION_VALUE)]
+# A metric's dimensions: name -> metadata path.
+GroupBy = Annotated[dict[DimensionName, MetadataPath], Field(max_length=MAX_GROUP_BY)]
 # The values a threshold or a price selects: some or all of a metric's groupBy dimensions.
 DimensionValues = Annotated[dict[DimensionName, DimensionValue], Field(max_length=MAX_GROUP_BY)]
 MAX_UNIT = 64  # characters
@@ -64,9 +66,8 @@ class MetricDefinition(WireModel):
         description='Where the quantity is read: "$.quantity" (null: the default) or "$.metadata.<name>..."; '
         "for UNIQUE_COUNT, the value whose distinct strings are counted; ignored for COUNT",
     )
-    group_by: dict[DimensionName, MetadataPath] = Field(
+    group_by: GroupBy = Field(
         default_factory=dict,
-        max_length=MAX_GROUP_BY,
         description="Dimensions: name -> metadata path. usage_summary then also has a row per combination of "
         "their values",
     )

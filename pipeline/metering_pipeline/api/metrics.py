@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
-from pydantic import Field, ValidationError
+from pydantic import ValidationError, model_validator
 
 from metering_pipeline.api.context import ApiContext
 from metering_pipeline.api.decimal_json import DecimalJSONRoute
@@ -14,39 +14,23 @@ from metering_pipeline.api.links import each, from_body, links
 from metering_pipeline.api.security import Caller, reader, writer
 from metering_schemas import AggregationType, MetricDefinition, ResetPeriod
 from metering_schemas._base import Description, Identifier, Name, WireModel
-from metering_schemas.metric import MAX_GROUP_BY, DimensionName, FilterRules, MetadataPath, RecordPath, Unit
+from metering_schemas.metric import FilterRules, GroupBy, RecordPath, Unit
 
 router = APIRouter(prefix="/v1/metrics", tags=["metrics"], route_class=DecimalJSONRoute, responses=ERROR_RESPONSES)
 
 OrgQuery = Query(default=None, alias="orgId", description="The org-scoped definition (default: the global one)")
 
 
-class MetricInput(WireModel):
+class MetricInput(MetricDefinition):
     """metric.define: a MetricDefinition whose id defaults to the key (or `orgId:key`)."""
 
-    id: Identifier | None = None
-    key: Identifier = Field(pattern=r"^[A-Za-z0-9_.:-]+$")
-    name: Name
-    description: Description = ""
-    unit: Unit = ""
-    aggregation_type: AggregationType
-    reset_period: ResetPeriod = ResetPeriod.NEVER
-    org_id: Identifier | None = None
-    value_property: RecordPath | None = Field(
-        default=None,
-        description='Where the quantity is read: "$.quantity" (the default) or "$.metadata.<name>..."; '
-        "required for UNIQUE_COUNT (the value whose distinct strings are counted)",
-    )
-    group_by: dict[DimensionName, MetadataPath] = Field(
-        default_factory=dict,
-        max_length=MAX_GROUP_BY,
-        description='Dimensions, name -> metadata path, e.g. {"model": "$.metadata.model"}',
-    )
-    filter: FilterRules = Field(
-        default_factory=dict,
-        description="Count only records whose value at every path is one of these, "
-        'e.g. {"$.metadata.region": ["eu", "us"]}',
-    )
+    id: Identifier | None = None  # type: ignore[assignment]  # optional here only: the contract's id is required
+
+    @model_validator(mode="after")
+    def _readable(self) -> MetricInput:
+        """Replaces the contract's rules across fields (same name): they are checked on the definition that
+        `define_metric` builds, after the caller's org is, so a request wrong in both is answered as before."""
+        return self
 
 
 class MetricChange(WireModel):
@@ -59,7 +43,7 @@ class MetricChange(WireModel):
     aggregation_type: AggregationType | None = None
     reset_period: ResetPeriod | None = None
     value_property: RecordPath | None = None
-    group_by: dict[DimensionName, MetadataPath] | None = Field(default=None, max_length=MAX_GROUP_BY)
+    group_by: GroupBy | None = None
     filter: FilterRules | None = None
 
 

@@ -24,7 +24,6 @@ from metering_pipeline.api.errors import (
 )
 from metering_pipeline.api.keys import KeyRing
 from metering_pipeline.api.request_metrics import RequestMetrics, RequestMetricsMiddleware
-from metering_pipeline.api.security import AuthenticateFirst
 from metering_pipeline.settings import Settings
 from metering_pipeline.usage.intake import IntakeRules
 from metering_schemas._base import MAX_DESCRIPTION, MAX_IDENTIFIER, MAX_NAME
@@ -89,8 +88,7 @@ def create_app(settings: Settings) -> FastAPI:
     context = ApiContext(settings, KeyRing(settings.api_keys_file))
     app = FastAPI(title="usage-metering", version="0.1.0", description=DESCRIPTION + LIMITS, lifespan=lifespan(context))
     request_metrics = RequestMetrics()
-    app.add_middleware(AuthenticateFirst, keys=context.keys, max_body_bytes=settings.api_max_request_bytes)
-    app.add_middleware(RequestMetricsMiddleware, metrics=request_metrics)  # the outer one: counts refusals too
+    app.add_middleware(RequestMetricsMiddleware, metrics=request_metrics)
     app.add_exception_handler(ApiError, on_api_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)

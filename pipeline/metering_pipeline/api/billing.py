@@ -9,17 +9,16 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import Field, ValidationError
 
 from metering_pipeline.api.context import ApiContext
-from metering_pipeline.api.decimal_json import DecimalJSONRoute
 from metering_pipeline.api.errors import ERROR_RESPONSES, ApiError, FieldProblem, invalid
 from metering_pipeline.api.links import each, from_body, links
-from metering_pipeline.api.security import Caller, reader, writer
+from metering_pipeline.api.security import AuthenticatedRoute, Caller, reader, writer
 from metering_pipeline.billing.invoice import BillingError
 from metering_pipeline.invoicing.preview import invoice_for
 from metering_schemas import BillingPeriod, Invoice, Plan, Price, Subscription
 from metering_schemas._base import Description, Identifier, Name, UtcDatetime, WireModel
 from metering_schemas.billing import Money
 
-router = APIRouter(tags=["billing"], route_class=DecimalJSONRoute, responses=ERROR_RESPONSES)
+router = APIRouter(tags=["billing"], route_class=AuthenticatedRoute, responses=ERROR_RESPONSES)
 
 
 class PlanBody(WireModel):

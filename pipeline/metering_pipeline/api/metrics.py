@@ -8,15 +8,14 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import ValidationError, model_validator
 
 from metering_pipeline.api.context import ApiContext
-from metering_pipeline.api.decimal_json import DecimalJSONRoute
 from metering_pipeline.api.errors import ERROR_RESPONSES, ApiError, invalid
 from metering_pipeline.api.links import each, from_body, links
-from metering_pipeline.api.security import Caller, reader, writer
+from metering_pipeline.api.security import AuthenticatedRoute, Caller, reader, writer
 from metering_schemas import AggregationType, MetricDefinition, ResetPeriod
 from metering_schemas._base import Description, Identifier, Name, WireModel
 from metering_schemas.metric import FilterRules, GroupBy, RecordPath, Unit
 
-router = APIRouter(prefix="/v1/metrics", tags=["metrics"], route_class=DecimalJSONRoute, responses=ERROR_RESPONSES)
+router = APIRouter(prefix="/v1/metrics", tags=["metrics"], route_class=AuthenticatedRoute, responses=ERROR_RESPONSES)
 
 OrgQuery = Query(default=None, alias="orgId", description="The org-scoped definition (default: the global one)")
 

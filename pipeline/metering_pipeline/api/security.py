@@ -1,25 +1,25 @@
 """Who is calling: the API key behind `Authorization: Bearer <key>`, its scopes and its org.
 
-The key is checked before anything of the request is read (`AuthenticateFirst`): a caller without a valid key gets
+The key is checked before anything of the request is read (`AuthenticatedRoute`): a caller without a valid key gets
 401 whatever its body holds, and nobody without a key can make the API parse (or buffer) a large body."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from starlette.datastructures import Headers
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive
 
+from metering_pipeline.api.decimal_json import DecimalJSONRoute
 from metering_pipeline.api.errors import ApiError, ErrorBody
 from metering_pipeline.api.keys import ApiKey, KeyRing, Scope as KeyScope
 
 _bearer = HTTPBearer(auto_error=False, description="An API key from `metering api-key create`")
-PROTECTED = "/v1/"  # every operation of the module; /health, /metrics, /ui and the OpenAPI stay open
-_KEY = "api_key"  # where AuthenticateFirst leaves the caller's key in the request's state
+_KEY = "api_key"  # where AuthenticatedRoute leaves the caller's key in the request's state
 
 
 @dataclass(frozen=True)
@@ -41,86 +41,66 @@ class Caller:
             )
 
 
-class AuthenticateFirst:
-    """ASGI middleware in front of every `/v1/` operation: 401 without a known key, then 413 for a body over
-    `max_body_bytes` (by its Content-Length, or counted as it arrives), both before the application reads a byte
-    of it. The body is handed on as read."""
+class AuthenticatedRoute(DecimalJSONRoute):
+    """The route class of every operation: once the route is known (so `/metrics` counts the request under it), and
+    before FastAPI reads the body to validate it, 401 without a known key, and 413 for a body over
+    METERING_API_MAX_REQUEST_BYTES (by its Content-Length, or counted as it arrives)."""
 
-    def __init__(self, app: ASGIApp, keys: KeyRing, max_body_bytes: int) -> None:
-        self.app = app
-        self.keys = keys
-        self.max_body_bytes = max_body_bytes
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(PROTECTED):
-            await self.app(scope, receive, send)
-            return
-        headers = Headers(scope=scope)
-        key = self._key(headers.get("authorization"))
-        if key is None:
-            message = (
-                "send an API key as `Authorization: Bearer <key>`"
-                if "authorization" not in headers
-                else "unknown or revoked API key"
-            )
-            await _answer(scope, receive, send, 401, "unauthenticated", message)
-            return
-        scope.setdefault("state", {})[_KEY] = key
-        declared = headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_body_bytes:
-            await self._too_large(scope, receive, send)
-            return
-        body, size, more = [], 0, True
-        while more:
-            event = await receive()
-            if event["type"] != "http.request":  # the client left
-                return
-            chunk = event.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                await self._too_large(scope, receive, send)
-                return
-            body.append(chunk)
-            more = event.get("more_body", False)
-        await self.app(scope, _replaying(b"".join(body), receive), send)
+        async def handle(request: Request) -> Response:
+            context = request.app.state.context
+            key = _key(context.keys, request.headers.get("authorization"))
+            if key is None:
+                missing = "authorization" not in request.headers
+                return _refusal(
+                    401,
+                    "unauthenticated",
+                    "send an API key as `Authorization: Bearer <key>`" if missing else "unknown or revoked API key",
+                )
+            limit: int = context.settings.api_max_request_bytes
+            declared = request.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > limit:
+                return _refusal(413, "request_too_large", _too_large(limit))
+            request.state.api_key = key
+            return await handler(Request(request.scope, _bounded(request.receive, limit)))
 
-    def _key(self, authorization: str | None) -> ApiKey | None:
-        scheme, _, token = (authorization or "").partition(" ")
-        return self.keys.find(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
-
-    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await _answer(
-            scope,
-            receive,
-            send,
-            413,
-            "request_too_large",
-            f"the request body is over {self.max_body_bytes} bytes (METERING_API_MAX_REQUEST_BYTES)",
-        )
+        return handle
 
 
-async def _answer(scope: Scope, receive: Receive, send: Send, status: int, error: str, message: str) -> None:
-    body = ErrorBody(error=error, message=message)
-    await JSONResponse(body.model_dump(), status_code=status)(scope, receive, send)
+def _key(keys: KeyRing, authorization: str | None) -> ApiKey | None:
+    scheme, _, token = (authorization or "").partition(" ")
+    return keys.find(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
 
 
-def _replaying(body: bytes, receive: Receive) -> Receive:
-    """A receive that gives the application the body already read, then whatever the client sends next."""
-    pending = True
+def _refusal(status: int, error: str, message: str) -> JSONResponse:
+    return JSONResponse(ErrorBody(error=error, message=message).model_dump(), status_code=status)
 
-    async def replay() -> Message:
-        nonlocal pending
-        if pending:
-            pending = False
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
 
-    return replay
+def _too_large(limit: int) -> str:
+    return f"the request body is over {limit} bytes (METERING_API_MAX_REQUEST_BYTES)"
+
+
+def _bounded(receive: Receive, limit: int) -> Receive:
+    """The client's body as it arrives, refused (413, in the documented shape) once it passes `limit` bytes: a body
+    without a Content-Length is never buffered whole before it is known to fit."""
+    size = 0
+
+    async def receive_within_limit() -> Message:
+        nonlocal size
+        message = await receive()
+        size += len(message.get("body", b""))
+        if size > limit:
+            raise HTTPException(413, _too_large(limit))
+        return message
+
+    return receive_within_limit
 
 
 def caller(scope: KeyScope) -> Callable[..., Caller]:
     def authenticate(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> Caller:
-        """The key AuthenticateFirst found (`credentials` declares the scheme in the OpenAPI)."""
+        """The key AuthenticatedRoute found (`credentials` declares the scheme in the OpenAPI)."""
         key: ApiKey | None = getattr(request.state, _KEY, None)
         if key is None:
             raise ApiError(401, "unauthenticated", "send an API key as `Authorization: Bearer <key>`")

@@ -11,9 +11,8 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic.alias_generators import to_camel
 
 from metering_pipeline.api.context import ApiContext
-from metering_pipeline.api.decimal_json import DecimalJSONRoute
 from metering_pipeline.api.errors import ERROR_RESPONSES, ApiError
-from metering_pipeline.api.security import Caller, reader
+from metering_pipeline.api.security import AuthenticatedRoute, Caller, reader
 from metering_pipeline.invoicing.quantities import billed_quantities
 from metering_pipeline.usage.aggregation import plain
 from metering_pipeline.usage.periods import period_bounds
@@ -22,7 +21,7 @@ from metering_pipeline.warehouse.queries import exceeded_alerts, recent_alerts, 
 from metering_schemas import Subscription, ThresholdAction, UsageThreshold
 from metering_schemas._base import WireModel
 
-router = APIRouter(prefix="/v1", tags=["subjects"], route_class=DecimalJSONRoute, responses=ERROR_RESPONSES)
+router = APIRouter(prefix="/v1", tags=["subjects"], route_class=AuthenticatedRoute, responses=ERROR_RESPONSES)
 
 
 class Subject(WireModel):

@@ -8,10 +8,9 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import Field
 
 from metering_pipeline.api.context import ApiContext
-from metering_pipeline.api.decimal_json import DecimalJSONRoute
 from metering_pipeline.api.errors import ERROR_RESPONSES, ApiError, FieldProblem
 from metering_pipeline.api.links import each, from_body, links
-from metering_pipeline.api.security import Caller, reader, writer
+from metering_pipeline.api.security import AuthenticatedRoute, Caller, reader, writer
 from metering_pipeline.warehouse.grouping import threshold_dimensions_problem
 from metering_schemas import ThresholdAction, UsageThreshold
 from metering_schemas._base import Identifier, Quantity, WireModel
@@ -19,7 +18,7 @@ from metering_schemas.metric import DimensionValues
 from metering_schemas.threshold import NotifyEmails
 
 router = APIRouter(
-    prefix="/v1/thresholds", tags=["thresholds"], route_class=DecimalJSONRoute, responses=ERROR_RESPONSES
+    prefix="/v1/thresholds", tags=["thresholds"], route_class=AuthenticatedRoute, responses=ERROR_RESPONSES
 )
 
 

@@ -17,10 +17,9 @@ from fastapi.responses import StreamingResponse
 from pydantic import Field
 
 from metering_pipeline.api.context import ApiContext
-from metering_pipeline.api.decimal_json import DecimalJSONRoute
 from metering_pipeline.api.errors import ERROR_RESPONSES, ApiError, FieldProblem
 from metering_pipeline.api.links import from_body, links
-from metering_pipeline.api.security import Caller, reader, writer
+from metering_pipeline.api.security import AuthenticatedRoute, Caller, reader, writer
 from metering_pipeline.usage.intake import IntakeRules, Refusal, judge, stored_metadata, unreadable_payload
 from metering_pipeline.usage.metrics import record_org
 from metering_pipeline.usage.periods import END_OF_TIME, EPOCH, period_end, period_start
@@ -43,7 +42,7 @@ from metering_pipeline.warehouse.queries import (
 from metering_schemas import MetricDefinition, PeriodType, UsageRecord, UsageSummary
 from metering_schemas._base import Identifier, UtcDatetime, WireModel, as_utc
 
-router = APIRouter(prefix="/v1/usage", tags=["usage"], route_class=DecimalJSONRoute, responses=ERROR_RESPONSES)
+router = APIRouter(prefix="/v1/usage", tags=["usage"], route_class=AuthenticatedRoute, responses=ERROR_RESPONSES)
 
 IdempotencyKey = Header(
     default=None,

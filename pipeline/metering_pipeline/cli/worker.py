@@ -52,7 +52,7 @@ def worker(
 
     from metering_pipeline import logs
     from metering_pipeline.worker import garbage
-    from metering_pipeline.worker.app import create_app, prepare
+    from metering_pipeline.worker.app import PipelineService, create_app, prepare
 
     logs.configure({"crit": "CRITICAL", "warn": "WARNING"}.get(loglevel, loglevel.upper()))
     garbage.tune()
@@ -71,7 +71,7 @@ def worker(
     prepare(settings)
     app, pipeline = create_app(settings, web_port)
     try:
-        worker_ = Worker(app, loglevel=loglevel, quiet=True)
+        worker_ = Worker(app, PipelineService(pipeline), loglevel=loglevel, quiet=True)
         # Faust's terminal spinner, at --loglevel warn or above, lowers the root logger to DEBUG so that it can spin
         # on every record: each of aiokafka's debug lines (several per fetch and produce) was then built and handled.
         worker_.spinner = None

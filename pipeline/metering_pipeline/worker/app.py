@@ -163,6 +163,23 @@ def prepare(settings: Settings) -> None:
         )
 
 
+class PipelineService(Service):
+    """The pipeline as a service of the Faust worker, started before the app: Faust starts the app's own services
+    only once the app's consumer group (the definitions mirror's) has joined, which after a crash waits for the dead
+    member's Kafka session; counting, alerts and entitlement checks must not (their groups may be static,
+    METERING_KAFKA_GROUP_INSTANCE_ID)."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        super().__init__()
+        self.pipeline = pipeline
+
+    async def on_start(self) -> None:
+        await self.pipeline.start()
+
+    async def on_stop(self) -> None:
+        await self.pipeline.stop()
+
+
 def create_app(settings: Settings, web_port: int) -> tuple[faust.App, Pipeline]:
     """The Faust app, and the pipeline it runs (whose `failure` decides the exit status)."""
     app = faust.App(
@@ -194,14 +211,6 @@ def create_app(settings: Settings, web_port: int) -> tuple[faust.App, Pipeline]:
             except Exception as error:  # noqa: BLE001 - e.g. a permanent ClickHouse error: like a stage's, it stops the worker
                 pipeline.fail("definition mirror", error)
                 return
-
-    @app.service
-    class PipelineService(Service):
-        async def on_start(self) -> None:
-            await pipeline.start()
-
-        async def on_stop(self) -> None:
-            await pipeline.stop()
 
     @app.page("/health")
     async def health(web: View, request: Request) -> Response:

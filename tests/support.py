@@ -9,17 +9,18 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 from pathlib import Path
 
 import httpx
 
 import orjson
+import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
@@ -29,14 +30,62 @@ from metering_dev import worker_process
 from metering_dev.worker_process import WorkerProcess, free_port
 
 __all__ = [
-    "FIXED_SEED", "PARTITIONS", "ClickHouseEndpoint", "WorkerProcess", "create_topics", "define", "delete_threshold", "free_port", "metric", "publish",
-    "read_json", "running_api", "set_thresholds", "settings_env", "threshold", "usage",
+    "FIXED_SEED", "PARTITIONS", "ClickHouseEndpoint", "WorkerProcess", "create_topics", "define", "delete_threshold",
+    "eventually", "free_port", "metric", "publish", "read_json", "running_api", "set_thresholds", "settings_env",
+    "threshold", "usage", "while_running",
 ]
 
 PARTITIONS = 4  # of the usage topics in worker tests: enough to spread over two workers
 # Property tests against running processes use a fixed seed, so a CI run is reproducible;
 # METERING_FUZZ_RANDOM=1 explores new inputs on every run.
 FIXED_SEED = os.environ.get("METERING_FUZZ_RANDOM") != "1"
+
+
+T = TypeVar("T")
+
+
+def eventually(condition: Callable[[], T], timeout: float, interval: float = 0.3,
+               message: str | Callable[[], str] = "") -> T:
+    """Call `condition()` every `interval` seconds until it returns a truthy value, and return that value.
+
+    The condition is called at least once. An AssertionError it raises counts as "not yet" (so a condition may
+    assert, and its message says what still differs); any other exception, such as `while_running`'s failure,
+    ends the wait and the test at once. When `timeout` seconds have passed, the test fails with an AssertionError
+    that gives `message` (a string, or a function that gives it then, e.g. a log's tail) and the condition's last
+    value or assertion. In an async test, wait in a thread: `await asyncio.to_thread(eventually, condition, 30)`.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value: T | None = None
+        failed: AssertionError | None = None
+        try:
+            value = condition()
+        except AssertionError as error:
+            failed = error
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            said = message() if callable(message) else message
+            last = f"{type(failed).__name__}: {failed}" if failed is not None else repr(value)
+            raise AssertionError(f"{said or 'condition not met'} after {timeout:g} s; last: {last}") from failed
+        time.sleep(interval)
+
+
+def while_running(worker: WorkerProcess, condition: Callable[[], T]) -> Callable[[], T]:
+    """`condition` for `eventually`, failing the test at once (with the worker's log) when it does not hold (or raises)
+    and the worker has exited, instead of waiting out the timeout for a worker that is gone."""
+
+    def checked() -> T:
+        held = False
+        try:
+            value = condition()
+            held = bool(value)
+            return value
+        finally:
+            if not held and worker.process.poll() is not None:
+                pytest.fail(f"the worker exited with status {worker.process.returncode}:\n{worker.log_tail()}")
+
+    return checked
 
 
 def settings_env(settings) -> dict[str, str]:
@@ -142,16 +191,19 @@ def running_api(settings, workdir: Path, extra_env: dict[str, str] | None = None
         process = subprocess.Popen([sys.executable, "-m", "metering_pipeline.cli", "api", "--port", str(port)],
                                    env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return True
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None:
+            pytest.fail(f"`metering api` exited:\n{(workdir / 'api.log').read_text()[-3000:]}")
+        return False
+
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline, (workdir / "api.log").read_text()[-3000:]
-            time.sleep(0.3)
+        eventually(healthy, 60, message=lambda: f"`metering api` not healthy:\n{(workdir / 'api.log').read_text()[-3000:]}")
         yield Api(url, keys, settings)
     finally:
         process.terminate()
@@ -177,10 +229,15 @@ class ClickHouseEndpoint:
             self.process = subprocess.Popen([sys.executable, "-m", "metering_dev.clickhouse_endpoint",
                                              "--port", str(self.port), "--data-dir", str(self.data_dir),
                                              "--log-level", "WARNING", *self.credentials], stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while not self.answers():
-            assert self.process.poll() is None and time.monotonic() < deadline, self.log.read_text()[-2000:]
-            time.sleep(0.3)
+
+        def answering() -> bool:
+            if self.answers():
+                return True
+            if self.process.poll() is not None:
+                pytest.fail(f"the ClickHouse endpoint exited:\n{self.log.read_text()[-2000:]}")
+            return False
+
+        eventually(answering, 60, message=lambda: f"the ClickHouse endpoint does not answer:\n{self.log.read_text()[-2000:]}")
         return self
 
     def stop(self) -> None:

@@ -16,7 +16,7 @@ from decimal import Decimal
 import httpx
 import pytest
 import schemathesis
-from support import FIXED_SEED, running_api
+from support import FIXED_SEED, eventually, running_api
 
 pytestmark = pytest.mark.integration
 
@@ -38,12 +38,13 @@ def monthly_total(client: httpx.Client, metric: str, subject: str, expected_coun
     subject_type, subject_id = subject.split(":")
     params = {"metricKey": metric, "subjectType": subject_type, "subjectId": subject_id, "periodType": "MONTHLY",
               "periodStart": datetime.now(timezone.utc).isoformat()}
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def counted() -> tuple[Decimal, int]:
         [summary] = client.get("/v1/usage/summary", params=params).json()["summaries"]
-        if summary["recordCount"] >= expected_count or time.monotonic() > deadline:
-            return Decimal(summary["totalQuantity"]), summary["recordCount"]
-        time.sleep(0.3)
+        assert summary["recordCount"] >= expected_count, summary
+        return Decimal(summary["totalQuantity"]), summary["recordCount"]
+
+    return eventually(counted, timeout)
 
 
 def test_requests_without_a_valid_key_or_scope_are_refused(api):

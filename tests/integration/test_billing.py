@@ -21,7 +21,7 @@ from pathlib import Path
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from support import define, headless_chromium, running_api, settings_env
+from support import define, eventually, headless_chromium, running_api, settings_env
 
 from metering_pipeline.topics import Topics
 from metering_pipeline.warehouse.client import connect
@@ -70,15 +70,6 @@ async def publish_at(settings, records: list[tuple[dict, datetime]]) -> None:
 def usage(record_id: str, metric: str, quantity: str, timestamp: datetime) -> dict:
     return {"id": record_id, "metricKey": metric, "subjectType": "org", "subjectId": "acme", "quantity": quantity,
             "timestamp": iso(timestamp)}
-
-
-def wait_for(check, timeout: float = 60):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result or time.monotonic() > deadline:
-            return result
-        time.sleep(0.5)
 
 
 def monthly(client, metric: str, start: datetime = PERIOD_START) -> dict:
@@ -162,7 +153,8 @@ def test_invoice_of_a_closed_period_with_a_plan_change_is_exact_final_and_reprod
         (usage("c5", "api_calls", "50", PERIOD_END - timedelta(minutes=30)), PERIOD_END + timedelta(minutes=30)),
     ]
     asyncio.run(publish_at(settings, on_time))
-    assert wait_for(lambda: monthly(admin, "api_calls")["recordCount"] == 5), monthly(admin, "api_calls")
+    eventually(lambda: monthly(admin, "api_calls")["recordCount"] == 5, 60, interval=0.5,
+               message=lambda: str(monthly(admin, "api_calls")))
     assert Decimal(monthly(admin, "api_calls")["totalQuantity"]) == Decimal("1850.5")
 
     response = admin.get("/v1/subjects/org/acme/invoice", params={"period": PERIOD})
@@ -197,7 +189,7 @@ def test_invoice_of_a_closed_period_with_a_plan_change_is_exact_final_and_reprod
 
     # Later changes (a record the workers still fold into the month, a new price) leave the FINAL invoice as it was.
     asyncio.run(publish_at(settings, [(usage("c6", "api_calls", "1000", SWITCH + timedelta(days=1)), datetime.now(UTC))]))
-    assert wait_for(lambda: monthly(admin, "api_calls")["recordCount"] == 6)
+    eventually(lambda: monthly(admin, "api_calls")["recordCount"] == 6, 60, interval=0.5)
     assert admin.put("/v1/plans/pro", json={**{k: v for k, v in PRO.items() if k != "key"}, "flatFee": "59"}).status_code == 200
     assert admin.get("/v1/subjects/org/acme/invoice", params={"period": PERIOD}).json() == invoice
 
@@ -257,7 +249,8 @@ def test_a_month_of_usage_over_38_digits_is_summarized_exported_emitted_and_invo
         return found.json()["summaries"][0]
 
     for subject_id in BIG_PLANS:
-        assert wait_for(lambda: summary(subject_id)["recordCount"] == 11), summary(subject_id)
+        eventually(lambda: summary(subject_id)["recordCount"] == 11, 60, interval=0.5,
+                   message=lambda: str(summary(subject_id)))
         assert summary(subject_id)["totalQuantity"] == OVER_38
 
     # The usage.aggregated event of the month carries the total digit for digit.
@@ -331,9 +324,10 @@ def defined(billing, *definitions: dict) -> None:
     admin = billing.client()
     with connect(billing.settings) as client:
         for d in definitions:
-            assert wait_for(lambda: admin.get(f"/v1/metrics/{d['key']}").status_code == 200), d["key"]
-            assert wait_for(lambda: client.query("SELECT count() FROM metric_definitions FINAL WHERE id = {id:String}",
-                                                 parameters={"id": d["key"]}).result_rows[0][0] > 0), d["key"]
+            eventually(lambda: admin.get(f"/v1/metrics/{d['key']}").status_code == 200, 60, interval=0.5, message=d["key"])
+            eventually(lambda: client.query("SELECT count() FROM metric_definitions FINAL WHERE id = {id:String}",
+                                            parameters={"id": d["key"]}).result_rows[0][0] > 0, 60, interval=0.5,
+                       message=d["key"])
     time.sleep(1)  # every worker's catalog has them
 
 
@@ -400,10 +394,10 @@ def test_an_invoice_priced_per_dimension_has_a_line_per_model_with_its_units_and
         event("m4", "llm_tokens", "llmco", at + timedelta(days=1), model="gpt-3.5", tokens=200),
     ]
     asyncio.run(publish_at(settings, records + records[:1]))  # and a retry of the first
-    assert wait_for(lambda: monthly_rows(settings, "llm_tokens", "llmco").get(()) == (Decimal("2000.5"), 4)), \
-        monthly_rows(settings, "llm_tokens", "llmco")
+    eventually(lambda: monthly_rows(settings, "llm_tokens", "llmco").get(()) == (Decimal("2000.5"), 4), 60, interval=0.5,
+               message=lambda: str(monthly_rows(settings, "llm_tokens", "llmco")))
     # The worker wrote the total row and a row per (model, region): billing must read each record once.
-    assert wait_for(lambda: len(monthly_rows(settings, "llm_tokens", "llmco")) == 5)
+    eventually(lambda: len(monthly_rows(settings, "llm_tokens", "llmco")) == 5, 60, interval=0.5)
     assert monthly_rows(settings, "llm_tokens", "llmco") == {
         (): (Decimal("2000.5"), 4),
         (("model", "gpt-4"), ("region", "eu")): (Decimal(1000), 1), (("model", "gpt-4"), ("region", "us")): (Decimal("500.5"), 1),
@@ -474,10 +468,10 @@ def test_unique_count_and_latest_are_billed_exactly_over_each_part_of_a_month(bi
         event("g4", "seats", "mauco", switch + 40 * hour, seats=12),
     ]
     asyncio.run(publish_at(settings, records))
-    assert wait_for(lambda: monthly_rows(settings, "active_users", "mauco").get(()) == (Decimal(4), 7)), \
-        monthly_rows(settings, "active_users", "mauco")
-    assert wait_for(lambda: monthly_rows(settings, "seats", "mauco").get(()) == (Decimal(7), 5)), \
-        monthly_rows(settings, "seats", "mauco")
+    eventually(lambda: monthly_rows(settings, "active_users", "mauco").get(()) == (Decimal(4), 7), 60, interval=0.5,
+               message=lambda: str(monthly_rows(settings, "active_users", "mauco")))
+    eventually(lambda: monthly_rows(settings, "seats", "mauco").get(()) == (Decimal(7), 5), 60, interval=0.5,
+               message=lambda: str(monthly_rows(settings, "seats", "mauco")))
     # What the rows alone would bill after the switch: the hours' distinct counts added up (alice twice).
     assert hourly_totals_added(settings, "active_users", "mauco", switch, PERIOD_END) == Decimal(4)
 
@@ -510,11 +504,22 @@ def test_dashboard_shows_usage_thresholds_alerts_and_invoice_in_a_real_browser(b
         (usage("n2", "api_calls", "60", now), now),
     ]))
     # Alerts (behind "blocked") reach ClickHouse before the rollups (behind "value"), which follow the checkpoint.
-    status = wait_for(lambda: (s := admin.get("/v1/subjects/org/acme/status").json()["metrics"]) and s[0]["blocked"]
-                      and s[0]["value"] == "120" and s)
-    assert status and status[0]["value"] == "120" and status[0]["thresholds"][0]["status"] == "exceeded"
-    alerts = wait_for(lambda: len(admin.get("/v1/subjects/org/acme/alerts").json()["alerts"]) == 2)
-    assert alerts
+    status = eventually(lambda: (s := admin.get("/v1/subjects/org/acme/status").json()["metrics"]) and s[0]["blocked"]
+                        and s[0]["value"] == "120" and s, 60, interval=0.5)
+    assert status[0]["value"] == "120" and status[0]["thresholds"][0]["status"] == "exceeded"
+
+    def both_alerts() -> list[dict]:
+        alerts = admin.get("/v1/subjects/org/acme/alerts").json()["alerts"]
+        assert len(alerts) == 2, alerts
+        return alerts
+
+    # The alerts the dashboard lists: the second record took the subject from 60 past both levels of the limit at once.
+    alerts = eventually(both_alerts, 60, interval=0.5)
+    assert sorted((a["type"], a["thresholdId"], a["metricKey"], a["subjectType"], a["subjectId"], a["threshold"],
+                   a["value"], a["action"], a["periodType"]) for a in alerts) == [
+        ("threshold.approaching", "acme-calls", "api_calls", "org", "acme", "100", "120", "BLOCK", "MONTHLY"),
+        ("threshold.exceeded", "acme-calls", "api_calls", "org", "acme", "100", "120", "BLOCK", "MONTHLY"),
+    ]
     period = now.strftime("%Y-%m")
     expected_subtotal = admin.get("/v1/subjects/org/acme/invoice", params={"period": period}).json()["subtotal"]
 

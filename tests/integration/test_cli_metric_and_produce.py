@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import time
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 from click.testing import CliRunner
 import pytest
-from support import settings_env
+from support import eventually, settings_env
 
 from metering_pipeline.cli import main
 from metering_pipeline.warehouse.client import connect
@@ -54,13 +53,14 @@ def test_metric_commands_define_update_get_list_and_delete(pipeline):
 
 
 def hourly_total(settings, hour: datetime, expected_count: int, timeout: float = 60) -> tuple[Decimal, int]:
-    deadline = time.monotonic() + timeout
     with connect(settings) as client:
-        while True:
+
+        def counted() -> tuple[Decimal, int]:
             rows = usage_summaries(client, "tokens", "org", "org-1", PeriodType.HOURLY, hour, hour + timedelta(hours=1))
-            if (rows and rows[0].record_count >= expected_count) or time.monotonic() > deadline:
-                return (rows[0].total_quantity, rows[0].record_count) if rows else (Decimal(0), 0)
-            time.sleep(0.3)
+            assert rows and rows[0].record_count >= expected_count, rows
+            return rows[0].total_quantity, rows[0].record_count
+
+        return eventually(counted, timeout)
 
 
 def test_produce_from_flags_and_json_lines_is_counted_exactly_and_bad_lines_are_reported(pipeline):

@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
@@ -20,7 +19,7 @@ from structlog.testing import capture_logs
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from support import create_topics, metric, publish, read_json, running_api, settings_env, threshold, usage
+from support import create_topics, eventually, metric, publish, read_json, running_api, settings_env, threshold, usage
 
 from metering_pipeline.definitions import DefinitionWriter, followed, read_all
 from metering_pipeline.invoicing.settlement import processed_through
@@ -61,11 +60,10 @@ async def auto_create(settings: Settings, topic: str) -> None:
         await producer.stop()
 
 
-async def eventually_holds(found: dict, ids: list[str], timeout: float = 15) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not set(ids) <= set(found):
-        assert asyncio.get_running_loop().time() < deadline, f"missing after {timeout} s: {sorted(set(ids) - set(found))}"
-        await asyncio.sleep(0.2)
+async def all_found(found: dict, ids: list[str], timeout: float) -> None:
+    """Until the feed has every one of `ids` (waiting in a thread: the feed fills `found` on this event loop)."""
+    await asyncio.to_thread(eventually, lambda: found.keys() >= set(ids), timeout, interval=0.2,
+                            message=lambda: f"missing: {sorted(set(ids) - found.keys())}")
 
 
 @pytest.mark.parametrize("partitions, made_by", [(1, "operator"), (3, "operator"), (4, "operator"),
@@ -85,7 +83,7 @@ async def test_a_feed_loads_and_follows_every_partition_of_an_existing_topic(apa
             await feed.loaded()
         assert sorted(found) == sorted(before), "everything the topic held is loaded before `ready`"
         during = await put_on_every_partition(settings, topic, partitions, "during-")
-        await eventually_holds(found, during, timeout=5)
+        await all_found(found, during, timeout=5)
     assert sorted(await read_all(settings, topic, MetricDefinition)) == sorted(before + during)
 
 
@@ -107,7 +105,7 @@ async def test_a_feed_of_a_topic_created_later_by_a_producer_reads_it_and_create
 
         ids = await put_on_every_partition(settings, topic, AUTO_CREATED_PARTITIONS, "late-")
         assert await partition_count(settings, topic) == AUTO_CREATED_PARTITIONS
-        await eventually_holds(found, ids, timeout=10)
+        await all_found(found, ids, timeout=10)
 
 
 async def test_a_feed_reads_partitions_added_while_it_runs_from_their_start(apache_stack, unique_name):
@@ -125,7 +123,7 @@ async def test_a_feed_reads_partitions_added_while_it_runs_from_their_start(apac
             await admin.close()
         # Written right away, possibly before the feed notices the partitions: read from their beginning.
         added = await put_on_every_partition(settings, topic, 3, "added-")
-        await eventually_holds(found, first + added, timeout=10)
+        await all_found(found, first + added, timeout=10)
 
 
 async def test_partitions_of_names_each_partition_and_none_for_an_absent_topic(apache_stack, unique_name):
@@ -194,13 +192,12 @@ async def test_definitions_on_auto_created_multi_partition_topics_all_take_effec
             await publish(settings, [(b"added", orjson.dumps(metric("added", "COUNT")), 5)], topics.metrics)
             everything = sorted(metric_ids + more + ["added"])
 
-            deadline = time.monotonic() + 15
-            while True:
-                listed = sorted(api.client().get("/v1/metrics").json()["metrics"], key=lambda m: m["id"])
-                if [m["id"] for m in listed] == everything or time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(0.3)
-            assert [m["id"] for m in listed] == everything, "the API follows every partition"
+            def listed() -> list[str]:
+                ids = sorted(m["id"] for m in api.client().get("/v1/metrics").json()["metrics"])
+                assert ids == everything, "the API follows every partition"
+                return ids
+
+            await asyncio.to_thread(eventually, listed, 15)
             cli_listed = await asyncio.to_thread(cli, settings, "metric", "list", "--json")
             assert sorted(json.loads(line)["id"] for line in cli_listed.splitlines()) == everything
             assert len(cli(settings, "threshold", "list", "--json").splitlines()) == AUTO_CREATED_PARTITIONS
@@ -208,11 +205,13 @@ async def test_definitions_on_auto_created_multi_partition_topics_all_take_effec
             # The worker counts the newest metrics too: nothing is dead-lettered as unknown_metric.
             await asyncio.sleep(3)  # past the worker's partition check
             await publish(settings, [usage("v-added", "added", "org:o9"), usage("v-n3", "n3", "org:o9", "2")])
-            deadline = time.monotonic() + 30
-            while (found := await asyncio.to_thread(monthly_totals, settings, "org", "o9")) != {
-                    "added": Decimal(1), "n3": Decimal(2)} and time.monotonic() < deadline:
-                await asyncio.sleep(0.3)
-            assert found == {"added": Decimal(1), "n3": Decimal(2)}
+
+            def counted() -> dict:
+                found = monthly_totals(settings, "org", "o9")
+                assert found == {"added": Decimal(1), "n3": Decimal(2)}
+                return found
+
+            await asyncio.to_thread(eventually, counted, 30)
             letters = await read_json(settings.kafka_bootstrap, topics.dead_letters, 0, settle=1)
             assert letters == []
     finally:

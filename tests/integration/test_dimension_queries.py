@@ -13,7 +13,6 @@ import csv
 import decimal
 import io
 import json
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -23,7 +22,7 @@ import httpx
 import orjson
 import pytest
 from click.testing import CliRunner
-from support import headless_chromium, read_json, running_api, settings_env
+from support import eventually, headless_chromium, read_json, running_api, settings_env
 
 from metering_pipeline.cli import main
 from metering_pipeline.topics import Topics
@@ -421,26 +420,32 @@ def test_the_workers_dimension_rows_answer_grouped_and_filtered_queries_exactly(
                                            "amount": str(r.quantity)}} for r in live]}
         accepted = admin.post("/v1/usage/batch", json=batch)  # quantity 1; the metrics read `amount` (UNIQUE_COUNT: `user`)
         assert accepted.status_code == 202, accepted.text
-    deadline = time.monotonic() + 90
     window = {"from": iso(now), "to": iso(now + timedelta(hours=3))}
+
+    def hourly(kind: str) -> list[tuple[str, str]]:
+        return [("metricKey", metric_key(kind)), ("subjectType", subject[0]), ("subjectId", subject[1]),
+                ("periodType", "HOURLY"), *window.items()]
+
+    def counted(kind: str) -> int:
+        return sum(s["recordCount"] for s in admin.get("/v1/usage/summary", params=hourly(kind)).json()["summaries"])
+
+    def why_not() -> str:
+        """What the worker made of the records: its dead letters, the records and rollups it wrote, its counters."""
+        dead = asyncio.run(read_json(settings.kafka_bootstrap, Topics.of(settings).dead_letters, 0, settle=3))
+        with connect(settings) as client:
+            stored = client.query("SELECT metric_key, count(), groupUniqArray(toString(dimensions)) FROM usage_records "
+                                  "WHERE subject_id = 'dims-live' GROUP BY metric_key").result_rows
+            rolled = client.query("SELECT metric_key, count() FROM usage_rollups "
+                                  "WHERE subject_id = 'dims-live' GROUP BY metric_key").result_rows
+        counters = [line for line in httpx.get(f"{worker.url}/metrics").text.splitlines()
+                    if line.startswith("metering_records") or "filtered" in line]
+        counts = {kind: counted(kind) for kind in KINDS}
+        return f"counted {counts} of {len(live)} each; dead letters: {dead[:3]}; records: {stored}; rollups: {rolled}; {counters}"
+
+    eventually(lambda: all(counted(kind) >= len(live) for kind in KINDS), 90, interval=0.5, message=why_not)
     for kind in KINDS:
-        while True:
-            params = [("metricKey", metric_key(kind)), ("subjectType", subject[0]), ("subjectId", subject[1]),
-                      ("periodType", "HOURLY"), *window.items()]
-            totals = admin.get("/v1/usage/summary", params=params).json()["summaries"]
-            if sum(s["recordCount"] for s in totals) >= len(live) or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
-        if not totals:  # say why: what the worker dead-lettered
-            dead = asyncio.run(read_json(settings.kafka_bootstrap, Topics.of(settings).dead_letters, 0, settle=3))
-            with connect(settings) as client:
-                stored = client.query("SELECT metric_key, count(), groupUniqArray(toString(dimensions)) FROM usage_records "
-                                      "WHERE subject_id = 'dims-live' GROUP BY metric_key").result_rows
-                rolled = client.query("SELECT metric_key, count() FROM usage_rollups "
-                                      "WHERE subject_id = 'dims-live' GROUP BY metric_key").result_rows
-            counters = [line for line in httpx.get(f"{worker.url}/metrics").text.splitlines()
-                        if line.startswith("metering_records") or "filtered" in line]
-            pytest.fail(f"{kind}: nothing counted; dead letters: {dead[:3]}; records: {stored}; rollups: {rolled}; {counters}")
+        params = hourly(kind)
+        totals = admin.get("/v1/usage/summary", params=params).json()["summaries"]
         assert got(totals) == expected(kind, PeriodType.HOURLY, (), {}, live)
         for period in ("HOURLY", "DAILY"):
             for group_by, filters in ((["model", "region"], {}), (["model"], {}), ([], {"region": "eu"}), (["region"], {"model": "gpt-4"})):

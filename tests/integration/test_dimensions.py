@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 from collections import defaultdict
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 import orjson
 import pytest
-from support import define, metric, publish, read_json, set_thresholds, summary_rows, threshold
+from support import define, eventually, metric, publish, read_json, set_thresholds, summary_rows, threshold
 
 from metering_dev.bench.soak_summary import counter
 from metering_pipeline.topics import Topics
@@ -79,18 +78,15 @@ def expected_summary(records: list[dict]) -> dict[tuple, tuple[Decimal, int]]:
     return expected
 
 
-def wait_for(settings, expected: dict, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    actual: dict = {}
-    while time.monotonic() < deadline:
-        actual = summary_rows(settings, list(GROUPS))
-        if actual == expected:
-            return
-        time.sleep(0.5)
-    wrong = {k: (v, actual.get(k)) for k, v in expected.items() if actual.get(k) != v}
-    extra = [k for k in actual if k not in expected]
-    raise AssertionError(f"usage_summary differs: {len(wrong)} wrong or missing, e.g. {list(wrong.items())[:3]}; "
-                         f"{len(extra)} extra, e.g. {extra[:3]}")
+def summary_is(settings, expected: dict) -> bool:
+    """usage_summary holds exactly `expected` for these metrics (a condition for `eventually`)."""
+    actual = summary_rows(settings, list(GROUPS))
+    if actual != expected:
+        wrong = {k: (v, actual.get(k)) for k, v in expected.items() if actual.get(k) != v}
+        extra = [k for k in actual if k not in expected]
+        raise AssertionError(f"usage_summary differs: {len(wrong)} wrong or missing, e.g. {list(wrong.items())[:3]}; "
+                             f"{len(extra)} extra, e.g. {extra[:3]}")
+    return True
 
 
 def _messages(records: list[dict]) -> list[tuple[bytes | None, bytes, int | None]]:
@@ -117,7 +113,8 @@ def test_grouped_unique_latest_and_filtered_metrics_roll_up_exactly_and_bad_payl
     asyncio.run(publish(settings, _messages(records + bad)))
     retries = rng.sample(records, 40)
     asyncio.run(publish(settings, _messages(retries)))  # never counted twice
-    wait_for(settings, expected_summary(records))
+    expected = expected_summary(records)
+    eventually(lambda: summary_is(settings, expected), 120, interval=0.5)
 
     letters = asyncio.run(read_json(settings.kafka_bootstrap, Topics.of(settings).dead_letters, 3, timeout=60, settle=2))
     assert [letter["reason"] for letter in letters] == ["invalid_record"] * 3
@@ -149,16 +146,14 @@ def test_sigkill_mid_stream_loses_and_doubles_no_distinct_value_latest_value_or_
     records = [_record(rng, n, now) for n in range(1500)]
     first, second = records[:900], records[900:]
     asyncio.run(publish(settings, _messages(first)))
-    deadline = time.monotonic() + 60
-    while sum(count for (_, _, period, _, dims), (_, count) in summary_rows(settings, list(GROUPS)).items()
-              if period == "MONTHLY" and not dims) < 300:
-        assert time.monotonic() < deadline, worker.log_tail()
-        time.sleep(0.2)
+    eventually(lambda: sum(count for (_, _, period, _, dims), (_, count) in summary_rows(settings, list(GROUPS)).items()
+                           if period == "MONTHLY" and not dims) >= 300, 60, interval=0.2, message=worker.log_tail)
     worker.kill()  # SIGKILL mid-stream: checkpoints in flight are lost, the next worker replays them
     asyncio.run(publish(settings, _messages(second + rng.sample(first, 100))))
     restarted = new_worker().start()
     restarted.wait_healthy()
-    wait_for(settings, expected_summary(records))
+    expected = expected_summary(records)
+    eventually(lambda: summary_is(settings, expected), 120, interval=0.5)
 
 
 def test_a_threshold_on_a_dimension_row_fires_on_that_row_only_and_its_alert_carries_the_dimensions(pipeline):
@@ -187,12 +182,13 @@ def test_a_threshold_on_a_dimension_row_fires_on_that_row_only_and_its_alert_car
     alerts = asyncio.run(read_json(settings.kafka_bootstrap, Topics.of(settings).alerts, 3, timeout=60, settle=2))
     assert [(a["thresholdId"], a["type"], a["value"], a["dimensions"]) for a in alerts if a["thresholdId"] == "total-cap"] == [
         ("total-cap", "threshold.approaching", "820", {})]
-    deadline = time.monotonic() + 30
-    while True:
+
+    def archived() -> list[tuple]:
         with connect(settings) as client:
             rows = client.query("SELECT threshold_id, dimensions FROM threshold_events FINAL ORDER BY id").result_rows
-        if len(rows) == 3 or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+        assert len(rows) == 3, rows
+        return rows
+
+    rows = eventually(archived, 30, interval=0.5)
     assert sorted((tid, tuple(sorted(d.items()))) for tid, d in rows) == [
         ("a-cap", (("model", "a"), ("region", "eu"))), ("a-cap", (("model", "a"), ("region", "eu"))), ("total-cap", ())]

@@ -23,8 +23,8 @@ from decimal import Decimal
 import orjson
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
-from support import (PARTITIONS, define, metric, publish, read_json, running_api, set_thresholds, summary_rows,
-                     threshold, usage)
+from support import (PARTITIONS, define, eventually, metric, publish, read_json, running_api, set_thresholds,
+                     summary_rows, threshold, usage, while_running)
 
 from metering_dev.bench.measure import rss_bytes
 from metering_pipeline.invoicing.settlement import processed_through
@@ -58,10 +58,8 @@ def _batch(start: int, count: int) -> list:
 
 
 def _wait_for_records(settings, worker, at_least: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while _totals(settings)[0] < at_least:
-        assert worker.process.poll() is None and time.monotonic() < deadline, worker.log_tail()
-        time.sleep(0.5)
+    eventually(while_running(worker, lambda: _totals(settings)[0] >= at_least), timeout, interval=0.5,
+               message=worker.log_tail)
 
 
 def _worker_counting(settings, new_worker, first_records: int, **overrides: str):
@@ -74,6 +72,7 @@ def _worker_counting(settings, new_worker, first_records: int, **overrides: str)
     return worker
 
 
+@pytest.mark.slow  # about 45 s in CI with its 20 s outage, over a minute under `make faults-long`
 def test_a_clickhouse_outage_mid_stream_loses_and_doubles_nothing_and_alerts_keep_flowing(private_clickhouse_pipeline):
     endpoint, settings, new_worker = private_clickhouse_pipeline
     asyncio.run(set_thresholds(settings, threshold("cap", "tokens", "org:loud", "5")))
@@ -176,10 +175,8 @@ def test_a_worker_that_replaces_a_killed_one_while_clickhouse_hangs_restores_and
     killed = _worker_counting(settings, new_worker, 1000, METERING_KAFKA_SESSION_TIMEOUT="6")
     survivor = new_worker(METERING_KAFKA_SESSION_TIMEOUT="30").start()
     survivor.wait_healthy()
-    deadline = time.monotonic() + 60
-    while _owned_partitions(survivor) == 0 or _owned_partitions(killed) == 0:
-        assert time.monotonic() < deadline, survivor.log_tail()
-        time.sleep(0.5)
+    eventually(lambda: _owned_partitions(survivor) > 0 and _owned_partitions(killed) > 0, 60, interval=0.5,
+               message=survivor.log_tail)
     _wait_for_records(settings, killed, 1000, 60)  # every partition has state in the changelog to restore
     alerted: list[dict] = []
 
@@ -221,12 +218,12 @@ def test_a_worker_that_replaces_a_killed_one_while_clickhouse_hangs_restores_and
 
 
 def _wait_for_health(worker, status: int, timeout: float) -> dict:
-    deadline = time.monotonic() + timeout
-    while (answer := worker.health())[0] != status:
-        assert worker.process.poll() is None, f"the worker exited:\n{worker.log_tail()}"
-        assert time.monotonic() < deadline, f"/health still {answer} after {timeout} s"
-        time.sleep(0.2)
-    return answer[1]
+    def answered() -> dict:
+        answer = worker.health()
+        assert answer[0] == status, f"/health still {answer}"
+        return answer[1]
+
+    return eventually(while_running(worker, answered), timeout, interval=0.2)
 
 
 def test_health_is_503_with_the_failing_writer_while_clickhouse_is_down_longer_than_allowed_and_200_once_back(private_clickhouse_pipeline):
@@ -266,10 +263,8 @@ def test_a_permanent_clickhouse_error_stops_the_worker_with_one_error_line_exit_
     settings, new_worker = pipeline
     worker = _worker_counting(settings, new_worker, 1000)
     _wait_for_records(settings, worker, 1000, 60)
-    deadline = time.monotonic() + 60
-    while _totals(settings)[2] < 1000:  # the rollups too: the last checkpoint is committed
-        assert time.monotonic() < deadline, worker.log_tail()
-        time.sleep(0.5)
+    eventually(lambda: _totals(settings)[2] >= 1000, 60, interval=0.5,  # the rollups too: the last checkpoint is committed
+               message=worker.log_tail)
     committed = asyncio.run(_committed(settings))
     assert committed
 
@@ -297,6 +292,7 @@ def test_a_permanent_clickhouse_error_stops_the_worker_with_one_error_line_exit_
     assert _totals(settings) == (1500, Decimal("150.0"), 1500)
 
 
+@pytest.mark.slow  # about 40 s in CI (a stack of its own, its broker down for half the outage), more under faults-long
 def test_a_broker_restart_mid_stream_loses_and_doubles_nothing(private_apache_stack, isolated, unique_name, tmp_path):
     stack, config, running = private_apache_stack
     with isolated(running, unique_name, tmp_path) as (settings, new_worker), \
@@ -319,10 +315,14 @@ def test_a_broker_restart_mid_stream_loses_and_doubles_nothing(private_apache_st
         time.sleep(2)  # a late duplicate would show up now
         assert _totals(settings) == (5002, Decimal("500.0") + 2, 5002)
 
+
+        def back() -> str:
+            said = _log_since(worker, log_before_outage)
+            assert "Kafka reachable again" in said, said[-3000:]
+            return said
+
         # The outage is told in a few lines, not thousands of retried errors; "back" once the retries stopped.
-        deadline = time.monotonic() + 30
-        while "Kafka reachable again" not in (said := _log_since(worker, log_before_outage)) and time.monotonic() < deadline:
-            time.sleep(1)
+        said = eventually(back, 30, interval=1)
         loud = [line for line in said.splitlines() if re.search(r'\[(WARNING|ERROR|CRITICAL)\]|"level": "(warning|error|critical)"', line)]
         assert len(loud) < 10, "\n".join(loud[:40])
         assert [line for line in loud if "Kafka unreachable" in line] and [line for line in loud if "Kafka reachable again" in line]
@@ -391,6 +391,7 @@ def _payload_expected(records: list[dict]) -> dict[tuple, tuple[Decimal, int]]:
     return expected
 
 
+@pytest.mark.slow  # over a minute in CI with its 60 s storm, over two under `make faults-long`
 def test_a_rebalance_storm_under_steady_load_loses_and_doubles_nothing(pipeline):
     settings, new_worker = pipeline
     asyncio.run(define(settings, metric("tokens", "SUM"), *PAYLOAD_METRICS))
@@ -435,14 +436,18 @@ def test_a_rebalance_storm_under_steady_load_loses_and_doubles_nothing(pipeline)
           f"lag zero {caught_up:.1f} s after it")
     time.sleep(2)
     assert _totals(settings) == (sent, Decimal("0.1") * sent, sent)
-    expected, deadline = _payload_expected(payload), time.monotonic() + 60
-    while (actual := summary_rows(settings, list(GROUPS))) != expected:  # their rollups are written with the last checkpoints
-        if time.monotonic() > deadline:
+    expected = _payload_expected(payload)
+
+    def summarized() -> bool:  # their rollups are written with the last checkpoints
+        actual = summary_rows(settings, list(GROUPS))
+        if actual != expected:
             wrong = {k: (v, actual.get(k)) for k, v in expected.items() if actual.get(k) != v}
             extra = [k for k in actual if k not in expected]
             raise AssertionError(f"usage_summary of {len(payload)} payload records differs: {len(wrong)} rows wrong or "
                                  f"missing, e.g. {list(wrong.items())[:3]}; {len(extra)} extra, e.g. {extra[:3]}")
-        time.sleep(0.5)
+        return True
+
+    eventually(summarized, 60, interval=0.5)
     assert sum(1 for k in expected if k[4]) > 100  # many dimension rows, not only totals
     with connect(settings) as client:
         [[events, distinct]] = client.query("SELECT count(), uniqExact(id) FROM threshold_events FINAL").result_rows

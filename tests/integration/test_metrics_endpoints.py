@@ -4,13 +4,12 @@ counters equal to what was published, histograms that were observed, gauges, pro
 from __future__ import annotations
 
 import asyncio
-import time
 import urllib.request
 from collections.abc import Callable
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support import (PARTITIONS, define, metric, publish, read_json, running_api, set_thresholds,
+from support import (PARTITIONS, define, eventually, metric, publish, read_json, running_api, set_thresholds,
                      threshold, usage)
 
 from metering_pipeline.topics import Topics
@@ -39,14 +38,13 @@ class Scrape:
 
 def scrape_until(url: str, done: Callable[[Scrape], bool], timeout: float = 90) -> Scrape:
     """Scrape until `done` holds (the worker is asynchronous: counters get there, not at once)."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def reached() -> Scrape:
         scrape = Scrape(url)
-        if done(scrape):
-            return scrape
-        ours = sorted((name, value) for (name, _), value in scrape.samples.items() if name.startswith("metering_"))
-        assert time.monotonic() < deadline, f"not reached in {timeout} s; last scrape: {ours}"
-        time.sleep(0.3)
+        assert done(scrape), f"last scrape: {sorted((n, v) for (n, _), v in scrape.samples.items() if n.startswith('metering_'))}"
+        return scrape
+
+    return eventually(reached, timeout)
 
 
 async def test_worker_metrics_count_what_was_published_and_time_flushes_alerts_and_record_age(pipeline):
@@ -113,10 +111,7 @@ def test_api_metrics_count_requests_by_route_template_and_status(pipeline, tmp_p
     route = "/v1/metrics/{key}"
     with running_api(settings, tmp_path) as api:
         admin = api.client()
-        deadline = time.monotonic() + 30
-        while admin.get("/v1/metrics/tokens").status_code != 200:  # until the API has followed the definition
-            assert time.monotonic() < deadline
-            time.sleep(0.3)
+        eventually(lambda: admin.get("/v1/metrics/tokens").status_code == 200, 30)  # the API has followed the definition
         before = Scrape(api.url)
         assert admin.get("/v1/metrics/tokens").status_code == 200
         assert admin.get("/v1/metrics/nope").status_code == 404

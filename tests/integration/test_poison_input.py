@@ -17,7 +17,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
-from support import FIXED_SEED, define, metric
+from support import FIXED_SEED, define, eventually, metric, while_running
 
 from metering_dev.bench.soak_summary import counter
 from metering_pipeline.topics import Topics
@@ -205,11 +205,8 @@ def test_every_poison_message_is_counted_or_dead_lettered_and_the_worker_keeps_g
         sentinels = [f"{tag}-ok-{p}" for p in range(settings.usage_partitions)]
         asyncio.run(_send(settings, [encode({"id": s, "metricKey": "m", "subjectType": "org", "subjectId": tag})
                                      for s in sentinels], partitions=list(range(settings.usage_partitions))))
-        deadline = time.monotonic() + 90
-        while any(_counted(settings, tag)[s] != 1 for s in sentinels):
-            assert worker.process.poll() is None, f"the worker died:\n{worker.log_tail()}"
-            assert time.monotonic() < deadline, f"the worker stalled:\n{worker.log_tail()}"
-            time.sleep(0.5)
+        eventually(while_running(worker, lambda: all(_counted(settings, tag)[s] == 1 for s in sentinels)), 90,
+                   interval=0.5, message=lambda: f"the worker stalled:\n{worker.log_tail()}")
         counted = _counted(settings, tag)
         assert all(n == 1 for n in counted.values()), counted  # nothing counted twice
         poison_counted = sum(counted.values()) - len(sentinels)
@@ -252,11 +249,8 @@ def test_a_10_mb_record_and_oversized_metadata_are_dead_lettered_as_too_large_an
     wide_batch = encode({"records": [record(f"w{n}", 200_000) for n in range(6)]})  # 1.2 MB, each record fits
     sent = asyncio.run(_send(settings, [ten_mb, wide, wide_batch], max_request_size=16 * MB))
 
-    deadline = time.monotonic() + 90
-    while sum(_counted(settings, "big").values()) < 6:
-        assert worker.process.poll() is None, f"the worker died:\n{worker.log_tail()}"
-        assert time.monotonic() < deadline, f"the worker stalled:\n{worker.log_tail()}"
-        time.sleep(0.5)
+    eventually(while_running(worker, lambda: sum(_counted(settings, "big").values()) >= 6), 90, interval=0.5,
+               message=lambda: f"the worker stalled:\n{worker.log_tail()}")
     assert _counted(settings, "big") == Counter({f"w{n}": 1 for n in range(6)})
     letters = asyncio.run(_dead_letters(settings, set(sent[:2]), 2, timeout=60))
     assert sorted((letter["reason"], letter["originalSize"], letter["truncated"]) for letter in letters) == sorted(
@@ -285,16 +279,19 @@ def test_sql_shaped_and_control_character_identifiers_round_trip_intact(pipeline
                for n, hostile in enumerate(HOSTILE_IDS)]
     asyncio.run(_send(settings, [encode(r) for r in records]))
     with connect(settings) as client:
-        deadline = time.monotonic() + 60
-        for record in records:
-            while True:  # records reach ClickHouse before their rollups (which follow the checkpoint's commit)
-                page = usage_records_page(client, RecordFilter(now - timedelta(hours=1), now + timedelta(hours=1), "t'; --",
-                                                               record["subjectId"], "m.x:y-z_1"), None, 10)
-                summaries = usage_summaries(client, "m.x:y-z_1", "t'; --", record["subjectId"], PeriodType.HOURLY,
-                                            now - timedelta(hours=1), now + timedelta(hours=1))
-                if (page and summaries) or time.monotonic() > deadline:
-                    break
-                time.sleep(0.3)
+
+        def stored(subject_id: str) -> tuple[list, list]:
+            """The subject's records and hourly summaries, once both are there (records reach ClickHouse before their
+            rollups, which follow the checkpoint's commit)."""
+            page = usage_records_page(client, RecordFilter(now - timedelta(hours=1), now + timedelta(hours=1), "t'; --",
+                                                           subject_id, "m.x:y-z_1"), None, 10)
+            summaries = usage_summaries(client, "m.x:y-z_1", "t'; --", subject_id, PeriodType.HOURLY,
+                                        now - timedelta(hours=1), now + timedelta(hours=1))
+            assert page and summaries, (page, summaries)
+            return page, summaries
+
+        found = eventually(lambda: [stored(record["subjectId"]) for record in records], 60)
+        for record, (page, summaries) in zip(records, found):
             assert [(r.id, r.subject_id, r.metadata) for r in page] == [(record["id"], record["subjectId"], record["metadata"])]
             [summary] = summaries
             assert (summary.subject_id, summary.total_quantity, summary.record_count) == (record["subjectId"], Decimal("1.5"), 1)
@@ -387,11 +384,9 @@ def test_payloads_a_meter_cannot_read_are_dead_lettered_naming_the_path_and_filt
         ("level", ()): (Decimal("7.5"), 2),
         ("eu_tokens", ()): (Decimal("4.5"), 2),
     }
-    deadline = time.monotonic() + 90
-    while (actual := _payload_summary(settings)) != {(p, *k): v for p in _PERIODS for k, v in expected.items()}:
-        assert worker.process.poll() is None, f"the worker died:\n{worker.log_tail()}"
-        assert time.monotonic() < deadline, f"usage_summary {actual}\n{worker.log_tail()}"
-        time.sleep(0.5)
+    every_period = {(p, *k): v for p in _PERIODS for k, v in expected.items()}
+    eventually(while_running(worker, lambda: _payload_summary(settings) == every_period), 90, interval=0.5,
+               message=lambda: f"usage_summary {_payload_summary(settings)}\n{worker.log_tail()}")
     assert _counted(settings, "payload") == Counter({r["id"]: 1 for r in good + sentinels})
 
     letters = asyncio.run(_dead_letters(settings, set(sent), len(poison), timeout=60))

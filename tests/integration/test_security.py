@@ -10,11 +10,10 @@ import dataclasses
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
-from support import ClickHouseEndpoint, WorkerProcess, define, metric, publish, settings_env, usage
+from support import ClickHouseEndpoint, WorkerProcess, define, eventually, metric, publish, settings_env, usage
 
 from metering_pipeline.warehouse.client import connect
 
@@ -27,11 +26,9 @@ def _ten_records_through_worker_and_cli(settings, new_worker) -> tuple[WorkerPro
     worker = new_worker().start()
     worker.wait_healthy()
     asyncio.run(publish(settings, [usage(f"r{n}", "tokens", "org:o1", "2.5") for n in range(10)]))
-    deadline = time.monotonic() + 60
     with connect(settings) as client:
-        while client.query("SELECT count() FROM usage_records FINAL").result_rows[0][0] < 10:
-            assert time.monotonic() < deadline, worker.log_tail()
-            time.sleep(0.3)
+        eventually(lambda: client.query("SELECT count() FROM usage_records FINAL").result_rows[0][0] >= 10, 60,
+                   message=worker.log_tail)
     env = {**os.environ, **settings_env(settings)}
     summary = subprocess.run([sys.executable, "-m", "metering_pipeline.cli", "summary", "--metric", "tokens",
                               "--subject", "org:o1", "--period", "MONTHLY"], env=env, capture_output=True,

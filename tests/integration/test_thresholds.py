@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -16,7 +15,7 @@ from decimal import Decimal
 import pytest
 from aiokafka import AIOKafkaConsumer
 from click.testing import CliRunner
-from support import define, delete_threshold, metric, publish, set_thresholds, settings_env, threshold, usage
+from support import define, delete_threshold, eventually, metric, publish, set_thresholds, settings_env, threshold, usage
 
 from metering_pipeline.cli import main
 from metering_pipeline.topics import Topics
@@ -63,15 +62,15 @@ def summary_of(alerts: list[dict]) -> list[tuple]:
 
 def serving(worker, subject: str, metric_key: str, timeout: float = 60) -> None:
     """Wait until the worker owns partitions and answers entitlement checks (its groups have formed)."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def answers() -> bool:
         try:
             entitlement(worker, subject, metric_key)
-            return
-        except urllib.error.HTTPError as error:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"worker never served {subject} {metric_key}: {error.code} {error.read()!r}") from None
-            time.sleep(0.3)
+        except urllib.error.HTTPError as error:  # not yet (503 while rebalancing); anything else fails at once
+            raise AssertionError(f"worker never served {subject} {metric_key}: {error.code} {error.read()!r}") from None
+        return True
+
+    eventually(answers, timeout)
 
 
 def entitlement(worker, subject: str, metric_key: str) -> dict:
@@ -120,10 +119,13 @@ async def test_approaching_then_exceeded_once_each_and_wildcards_per_subject(pip
         await alerts.none_within(2)
 
     ids = [exceeded["id"], *(a["id"] for a in both)]
-    deadline = asyncio.get_running_loop().time() + 30
-    while not set(ids) <= set(stored := await asyncio.to_thread(stored_alert_ids, settings)):
-        assert asyncio.get_running_loop().time() < deadline, f"alerts missing from threshold_events: {stored}"
-        await asyncio.sleep(0.3)
+
+    def archived() -> Counter:
+        stored = stored_alert_ids(settings)
+        assert set(ids) <= set(stored), f"alerts missing from threshold_events: {stored}"
+        return stored
+
+    stored = await asyncio.to_thread(eventually, archived, 30)
     assert all(n == 1 for n in stored.values()) and len(stored) == 4
 
     status = await asyncio.to_thread(entitlement, worker, "org:org-1", "tokens")
@@ -247,10 +249,13 @@ async def test_alerts_stay_exactly_once_across_a_killed_worker(pipeline):
     seen = Counter((a["type"].removeprefix("threshold."), a["subjectId"]) for a in found)
     assert seen == expected
     assert len({a["id"] for a in found}) == len(found)
-    deadline = asyncio.get_running_loop().time() + 60
-    while (stored := await asyncio.to_thread(stored_alert_ids, settings)) != Counter({a["id"]: 1 for a in found}):
-        assert asyncio.get_running_loop().time() < deadline, f"threshold_events differs: {len(stored)} ids vs {len(found)}"
-        await asyncio.sleep(0.5)
+
+    def archived_once() -> bool:
+        stored = stored_alert_ids(settings)
+        assert stored == Counter({a["id"]: 1 for a in found}), f"threshold_events differs: {len(stored)} ids vs {len(found)}"
+        return True
+
+    await asyncio.to_thread(eventually, archived_once, 60, interval=0.5)
 
     # Either worker answers an entitlement check; the one that does not own the subject forwards it.
     for w in (first, second):

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import orjson
 import pytest
-from support import define, metric, publish, read_json
+from support import define, eventually, metric, publish, read_json
 
 from metering_pipeline.topics import Topics
 from metering_pipeline.warehouse.client import connect
@@ -17,17 +16,16 @@ pytestmark = pytest.mark.integration
 
 def mirrored(settings, metric_id: str, timeout: float = 60) -> tuple:
     """The latest mirror row of a definition, once the worker has written it."""
-    deadline = time.monotonic() + timeout
     with connect(settings) as client:
-        while time.monotonic() < deadline:
+
+        def row() -> tuple | None:
             rows = client.query(
                 "SELECT key, aggregation_type, org_id, deleted, version FROM metric_definitions FINAL WHERE id = {id:String}",
                 parameters={"id": metric_id},
             ).result_rows
-            if rows:
-                return rows[0]
-            time.sleep(0.3)
-    raise AssertionError(f"{metric_id} never reached metric_definitions")
+            return rows[0] if rows else None
+
+        return eventually(row, timeout, message=f"{metric_id} never reached metric_definitions")
 
 
 async def test_definitions_are_mirrored_announced_updated_and_deleted(pipeline):
@@ -45,16 +43,12 @@ async def test_definitions_are_mirrored_announced_updated_and_deleted(pipeline):
     assert announced[0]["id"] != announced[1]["id"]
     assert announced[1]["metric"]["orgId"] == "org-1"
 
-    deadline = time.monotonic() + 30
-    while (await asyncio.to_thread(mirrored, settings, "tokens"))[1] != "MAX" and time.monotonic() < deadline:
-        await asyncio.sleep(0.3)
+    await asyncio.to_thread(eventually, lambda: mirrored(settings, "tokens")[1] == "MAX", 30)
     assert (await asyncio.to_thread(mirrored, settings, "tokens"))[:3] == ("tokens", "MAX", "org-1")
 
     # A tombstone deletes the definition: the mirror says so, and new records for it are dead letters.
     await publish(settings, [(b"tokens", None, None)], Topics.of(settings).metrics)
-    deadline = time.monotonic() + 30
-    while (await asyncio.to_thread(mirrored, settings, "tokens"))[3] != 1 and time.monotonic() < deadline:
-        await asyncio.sleep(0.3)
+    await asyncio.to_thread(eventually, lambda: mirrored(settings, "tokens")[3] == 1, 30)
     assert (await asyncio.to_thread(mirrored, settings, "tokens"))[3] == 1
     await asyncio.sleep(1)  # the tombstone has reached every worker's catalog
     record = {"id": "r1", "metricKey": "tokens", "subjectType": "org", "subjectId": "org-1", "quantity": 3}

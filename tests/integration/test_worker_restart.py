@@ -11,7 +11,8 @@ import time
 from decimal import Decimal
 
 import pytest
-from support import define, metric, publish, read_json, set_thresholds, summary_rows, threshold, usage
+from support import (define, eventually, metric, publish, read_json, set_thresholds, summary_rows, threshold, usage,
+                     while_running)
 
 from metering_pipeline.topics import Topics
 from metering_pipeline.warehouse.client import connect
@@ -35,10 +36,8 @@ def test_a_worker_restarted_under_its_instance_id_counts_and_alerts_without_wait
     first = new_worker(**static).start()
     first.wait_healthy()
     asyncio.run(publish(settings, [usage(f"r{n}", "tokens", f"org:o{n % 20}", "0.5") for n in range(300)]))
-    deadline = time.monotonic() + 60
-    while _stored(settings) < 300:  # state to restore: the successor reads it back from the changelog
-        assert time.monotonic() < deadline and first.process.poll() is None, first.log_tail()
-        time.sleep(0.5)
+    # State to restore: the successor reads it back from the changelog.
+    eventually(while_running(first, lambda: _stored(settings) >= 300), 60, interval=0.5, message=first.log_tail)
 
     first.kill()
     restarted = time.monotonic()
@@ -50,10 +49,13 @@ def test_a_worker_restarted_under_its_instance_id_counts_and_alerts_without_wait
     assert sorted(a["type"] for a in alerts) == ["threshold.approaching", "threshold.exceeded"]
     assert took < 20, f"alerts {took:.1f} s after the restart: the successor waited for the old session to expire"
 
-    deadline = time.monotonic() + 60
-    while (monthly := _monthly(settings))[1] < 301:  # every record once, restored state included
-        assert time.monotonic() < deadline and successor.process.poll() is None, successor.log_tail()
-        time.sleep(0.5)
+
+    def all_counted() -> tuple[Decimal, int]:
+        monthly = _monthly(settings)
+        assert monthly[1] >= 301, monthly  # every record once, restored state included
+        return monthly
+
+    monthly = eventually(while_running(successor, all_counted), 60, interval=0.5, message=successor.log_tail)
     assert monthly == (Decimal("0.5") * 300 + 10, 301)
     assert _stored(settings) == 301
 

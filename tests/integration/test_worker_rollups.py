@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 from collections import Counter, defaultdict
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 import orjson
 import pytest
-from support import PARTITIONS, WorkerProcess, define, metric, publish, read_json
+from support import PARTITIONS, WorkerProcess, define, eventually, metric, publish, read_json
 
 from metering_dev.bench.soak_summary import counter
 from metering_pipeline.topics import Topics
@@ -58,18 +57,15 @@ def summary(settings) -> dict[tuple, tuple[Decimal, int]]:
     return {tuple(row[:5]): (Decimal(row[5]), row[6]) for row in rows}
 
 
-def wait_for_summary(settings, expected, timeout: float = 90) -> dict:
-    deadline = time.monotonic() + timeout
-    actual: dict = {}
-    while time.monotonic() < deadline:
-        actual = summary(settings)
-        if actual == expected:
-            return actual
-        time.sleep(0.5)
-    missing = {k: v for k, v in expected.items() if actual.get(k) != v}
-    extra = {k: v for k, v in actual.items() if k not in expected}
-    raise AssertionError(f"usage_summary differs: {len(missing)} wrong/missing e.g. {list(missing.items())[:3]}, "
-                         f"actual {[actual.get(k) for k in list(missing)[:3]]}; {len(extra)} extra e.g. {list(extra.items())[:3]}")
+def summary_is(settings, expected) -> bool:
+    """usage_summary holds exactly `expected` (a condition for `eventually`)."""
+    actual = summary(settings)
+    if actual != expected:
+        missing = {k: v for k, v in expected.items() if actual.get(k) != v}
+        extra = {k: v for k, v in actual.items() if k not in expected}
+        raise AssertionError(f"usage_summary differs: {len(missing)} wrong/missing e.g. {list(missing.items())[:3]}, "
+                             f"actual {[actual.get(k) for k in list(missing)[:3]]}; {len(extra)} extra e.g. {list(extra.items())[:3]}")
+    return True
 
 
 def usage_record(rng: random.Random, now: datetime, n: int, metrics: list[str], **overrides) -> dict:
@@ -142,7 +138,7 @@ async def test_worker_rolls_up_exactly_with_dedup_batches_late_records_org_overr
         return "MAX" if (metric_key, subject_id) == ("tokens", "org-6") else aggregation[metric_key]
 
     expected = expected_rollups(records, aggregation_of)
-    await asyncio.to_thread(wait_for_summary, settings, expected)
+    await asyncio.to_thread(eventually, lambda: summary_is(settings, expected), 90, interval=0.5)
 
     # Anything beyond the 5 expected would be a bug: give it a second to show up.
     letters = await read_json(settings.kafka_bootstrap, Topics.of(settings).dead_letters, 5, settle=1)
@@ -191,7 +187,7 @@ async def test_sigkilled_and_restarted_workers_in_one_group_neither_lose_nor_dou
     await publish(settings, [(None, orjson.dumps(wire(r)), rng.randrange(PARTITIONS)) for r in rng.sample(records, 500)])
 
     expected = expected_rollups(records, lambda metric_key, _: {"calls": "COUNT", "tokens": "SUM"}[metric_key])
-    await asyncio.to_thread(wait_for_summary, settings, expected, 180)
+    await asyncio.to_thread(eventually, lambda: summary_is(settings, expected), 180, interval=0.5)
     with connect(settings) as client:
         assert client.query("SELECT count() FROM usage_records FINAL").result_rows[0][0] == len(records)
 
@@ -206,7 +202,7 @@ async def test_dedup_state_survives_a_worker_restart(pipeline):
     records = [usage_record(rng, now, n, ["calls"]) for n in range(200)]
     await publish(settings, [(None, orjson.dumps(wire(r)), rng.randrange(PARTITIONS)) for r in records])
     expected = expected_rollups(records, lambda *_: "COUNT")
-    await asyncio.to_thread(wait_for_summary, settings, expected)
+    await asyncio.to_thread(eventually, lambda: summary_is(settings, expected), 90, interval=0.5)
     worker.stop()
 
     restarted = new_worker().start()
@@ -215,7 +211,8 @@ async def test_dedup_state_survives_a_worker_restart(pipeline):
     await publish(settings, [(None, orjson.dumps(wire(r)), rng.randrange(PARTITIONS)) for r in records])
     marker = usage_record(rng, now, 10_000, ["calls"])
     await publish(settings, [(None, orjson.dumps(wire(marker)), 0)])
-    await asyncio.to_thread(wait_for_summary, settings, expected_rollups([*records, marker], lambda *_: "COUNT"))
+    expected = expected_rollups([*records, marker], lambda *_: "COUNT")
+    await asyncio.to_thread(eventually, lambda: summary_is(settings, expected), 90, interval=0.5)
     assert counter(restarted.metrics(), "metering_records_duplicate_total") == 200
 
 
@@ -240,6 +237,7 @@ async def test_on_tansu_the_worker_runs_at_least_once_and_rollups_still_converge
         records = [usage_record(rng, now, n, ["tokens"]) for n in range(300)]
         await asyncio.sleep(1)
         await publish(settings, [(None, orjson.dumps(wire(r)), None) for r in records + records[:50]])
-        await asyncio.to_thread(wait_for_summary, settings, expected_rollups(records, lambda *_: "SUM"), 120)
+        expected = expected_rollups(records, lambda *_: "SUM")
+        await asyncio.to_thread(eventually, lambda: summary_is(settings, expected), 120, interval=0.5)
     finally:
         worker.stop()

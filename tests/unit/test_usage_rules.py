@@ -8,6 +8,7 @@ import sys
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal, Inexact
 
+import jiter
 import orjson
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -191,7 +192,22 @@ def test_an_orgs_own_definition_overrides_the_global_one_for_its_subjects():
 @given(st.binary(max_size=300))
 def test_arbitrary_bytes_are_either_accepted_or_dead_lettered_never_raised(value):
     accepted, rejected = read(value)
-    assert len(accepted) + len(rejected) >= 1
+    assert all(letter.source == message(value).source() and letter.reason and letter.message for letter in rejected)
+    try:
+        document = jiter.from_json(value, float_mode="decimal", allow_inf_nan=False)  # JSON as the intake reads it
+    except ValueError:  # not JSON: refused as a whole, with its bytes as evidence
+        [letter] = rejected
+        assert accepted == [] and (letter.reason, letter.index) == (RejectReason.INVALID_JSON, None)
+        assert base64.b64decode(letter.original_value_base64 or "") == value
+        return
+    if isinstance(document, dict) and "records" not in document:
+        records = [document]
+    elif isinstance(document, dict) and isinstance(document["records"], list) and document["records"]:
+        records = document["records"]
+    else:  # JSON, but neither a record nor a batch of them: one dead letter
+        records = [None]
+        assert accepted == []
+    assert len(accepted) + len(rejected) == len(records)  # each record accepted or dead-lettered, once
 
 
 def test_a_duplicate_is_dropped_within_the_window_and_counted_after_it():

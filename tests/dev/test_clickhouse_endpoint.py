@@ -17,7 +17,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -33,6 +32,7 @@ import pytest
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import DatabaseError
 from clickhouse_connect.driver.summary import QuerySummary
+from support import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -106,12 +106,20 @@ def start_endpoint(data_dir: Path, *extra_args: str) -> Endpoint:
     with log_file.open("wb") as log:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
     endpoint = Endpoint(process, port, data_dir, log_file)
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while not _ping(port):
-        if process.poll() is not None or time.monotonic() > deadline:
-            endpoint.stop()
-            pytest.fail(f"endpoint did not come up; log:\n{log_file.read_text(errors='replace')}")
-        time.sleep(0.1)
+
+    def up() -> bool:
+        if _ping(port):
+            return True
+        if process.poll() is not None:
+            pytest.fail(f"endpoint exited; log:\n{log_file.read_text(errors='replace')}")
+        return False
+
+    try:
+        eventually(up, STARTUP_TIMEOUT_S, interval=0.1,
+                   message=lambda: f"endpoint did not come up; log:\n{log_file.read_text(errors='replace')}")
+    except BaseException:
+        endpoint.stop()
+        raise
     return endpoint
 
 

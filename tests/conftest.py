@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from metering_pipeline.settings import Settings
 from metering_dev.settings import StackSettings
 from metering_dev.stack.local import LocalStack, StackConfig
+from metering_pipeline.settings import Settings
 from support import free_port
 
 
@@ -39,25 +39,35 @@ class RunningStack:
     stack_dir: str | None = None  # the data dir of a stack the tests started (for `metering stack status`)
 
     def settings(self, **overrides: object) -> Settings:
-        return Settings(**{
-            "kafka_bootstrap": self.kafka_bootstrap, "clickhouse_url": self.clickhouse_url,
-            "clickhouse_user": self.clickhouse_user, "clickhouse_password": self.clickhouse_password,
-            "clickhouse_ca_cert": self.clickhouse_ca_cert, "kafka_security_protocol": self.kafka_security_protocol,
-            "kafka_sasl_mechanism": self.kafka_sasl_mechanism, "kafka_sasl_username": self.kafka_sasl_username,
-            "kafka_sasl_password": self.kafka_sasl_password, "kafka_ssl_cafile": self.kafka_ssl_cafile,
-            **overrides,
-        })
+        return Settings(
+            **{
+                "kafka_bootstrap": self.kafka_bootstrap,
+                "clickhouse_url": self.clickhouse_url,
+                "clickhouse_user": self.clickhouse_user,
+                "clickhouse_password": self.clickhouse_password,
+                "clickhouse_ca_cert": self.clickhouse_ca_cert,
+                "kafka_security_protocol": self.kafka_security_protocol,
+                "kafka_sasl_mechanism": self.kafka_sasl_mechanism,
+                "kafka_sasl_username": self.kafka_sasl_username,
+                "kafka_sasl_password": self.kafka_sasl_password,
+                "kafka_ssl_cafile": self.kafka_ssl_cafile,
+                **overrides,
+            }
+        )
 
     def over_sasl(self, password: str | None = None) -> RunningStack:
         """This stack with Kafka reached only through its SASL_SSL listener (optionally with another password)."""
         env = dict(self.sasl_client_env)
         assert self.kafka_sasl_bootstrap and env, "this stack has no SASL_SSL listener (use secured_stack)"
-        return replace(self, kafka_bootstrap=env["METERING_KAFKA_BOOTSTRAP"],
-                       kafka_security_protocol=env["METERING_KAFKA_SECURITY_PROTOCOL"],
-                       kafka_sasl_mechanism=env["METERING_KAFKA_SASL_MECHANISM"],
-                       kafka_sasl_username=env["METERING_KAFKA_SASL_USERNAME"],
-                       kafka_sasl_password=env["METERING_KAFKA_SASL_PASSWORD"] if password is None else password,
-                       kafka_ssl_cafile=env["METERING_KAFKA_SSL_CAFILE"])
+        return replace(
+            self,
+            kafka_bootstrap=env["METERING_KAFKA_BOOTSTRAP"],
+            kafka_security_protocol=env["METERING_KAFKA_SECURITY_PROTOCOL"],
+            kafka_sasl_mechanism=env["METERING_KAFKA_SASL_MECHANISM"],
+            kafka_sasl_username=env["METERING_KAFKA_SASL_USERNAME"],
+            kafka_sasl_password=env["METERING_KAFKA_SASL_PASSWORD"] if password is None else password,
+            kafka_ssl_cafile=env["METERING_KAFKA_SSL_CAFILE"],
+        )
 
 
 def _start_stack(broker: str, data_dir: Path) -> tuple[LocalStack, RunningStack]:
@@ -119,15 +129,29 @@ def secured_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningS
     PLAINTEXT listener (for set-up); `over_sasl()` gives the SASL_SSL-only view."""
     settings = StackSettings()
     data_dir = tmp_path_factory.mktemp("stack-secured")
-    config = StackConfig(data_dir=data_dir, broker="apache", kafka_port=free_port(), clickhouse_port=free_port(),
-                         kafka_version=settings.kafka_version, kafka_heap="384m", cache_dir=settings.cache_dir,
-                         sasl_port=free_port(), clickhouse_tls=True)
+    config = StackConfig(
+        data_dir=data_dir,
+        broker="apache",
+        kafka_port=free_port(),
+        clickhouse_port=free_port(),
+        kafka_version=settings.kafka_version,
+        kafka_heap="384m",
+        cache_dir=settings.cache_dir,
+        sasl_port=free_port(),
+        clickhouse_tls=True,
+    )
     stack = LocalStack(data_dir)
     try:
         state = stack.up(config)
-        yield RunningStack("apache", state.kafka_bootstrap, state.clickhouse_url, clickhouse_ca_cert=str(stack.ca_file),
-                           kafka_sasl_bootstrap=state.kafka_sasl_bootstrap,
-                           sasl_client_env=tuple(stack.sasl_client_env().items()), stack_dir=str(data_dir))
+        yield RunningStack(
+            "apache",
+            state.kafka_bootstrap,
+            state.clickhouse_url,
+            clickhouse_ca_cert=str(stack.ca_file),
+            kafka_sasl_bootstrap=state.kafka_sasl_bootstrap,
+            sasl_client_env=tuple(stack.sasl_client_env().items()),
+            stack_dir=str(data_dir),
+        )
     finally:
         stack.down()
 

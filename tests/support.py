@@ -14,25 +14,39 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, TypeVar
 from pathlib import Path
+from typing import Any, TypeVar
 
 import httpx
-
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from metering_pipeline.api.keys import KeyRing
-from metering_pipeline.topics import Topics
 from metering_dev import worker_process
 from metering_dev.worker_process import WorkerProcess, free_port
+from metering_pipeline.api.keys import KeyRing
+from metering_pipeline.topics import Topics
 
 __all__ = [
-    "FIXED_SEED", "PARTITIONS", "ClickHouseEndpoint", "WorkerProcess", "create_topics", "define", "delete_threshold",
-    "eventually", "free_port", "metric", "publish", "read_json", "running_api", "set_thresholds", "settings_env",
-    "threshold", "usage", "while_running",
+    "FIXED_SEED",
+    "PARTITIONS",
+    "ClickHouseEndpoint",
+    "WorkerProcess",
+    "create_topics",
+    "define",
+    "delete_threshold",
+    "eventually",
+    "free_port",
+    "metric",
+    "publish",
+    "read_json",
+    "running_api",
+    "set_thresholds",
+    "settings_env",
+    "threshold",
+    "usage",
+    "while_running",
 ]
 
 PARTITIONS = 4  # of the usage topics in worker tests: enough to spread over two workers
@@ -44,8 +58,9 @@ FIXED_SEED = os.environ.get("METERING_FUZZ_RANDOM") != "1"
 T = TypeVar("T")
 
 
-def eventually(condition: Callable[[], T], timeout: float, interval: float = 0.3,
-               message: str | Callable[[], str] = "") -> T:
+def eventually(
+    condition: Callable[[], T], timeout: float, interval: float = 0.3, message: str | Callable[[], str] = ""
+) -> T:
     """Call `condition()` every `interval` seconds until it returns a truthy value, and return that value.
 
     The condition is called at least once. An AssertionError it raises counts as "not yet" (so a condition may
@@ -103,31 +118,56 @@ async def create_topics(bootstrap: str, names: list[str], partitions: int = 3) -
         await admin.close()
 
 
-def metric(metric_id: str, aggregation: str, org_id: str | None = None, key: str | None = None, reset: str = "MONTHLY") -> dict:
-    return {"id": metric_id, "key": key or metric_id, "name": metric_id, "aggregationType": aggregation,
-            "resetPeriod": reset, "orgId": org_id}
+def metric(
+    metric_id: str, aggregation: str, org_id: str | None = None, key: str | None = None, reset: str = "MONTHLY"
+) -> dict:
+    return {
+        "id": metric_id,
+        "key": key or metric_id,
+        "name": metric_id,
+        "aggregationType": aggregation,
+        "resetPeriod": reset,
+        "orgId": org_id,
+    }
 
 
-def threshold(threshold_id: str, metric_key: str, subject: str, limit: str, action: str = "ALERT",
-              emails: tuple[str, ...] = ()) -> dict:
+def threshold(
+    threshold_id: str, metric_key: str, subject: str, limit: str, action: str = "ALERT", emails: tuple[str, ...] = ()
+) -> dict:
     subject_type, subject_id = subject.split(":", 1)
-    return {"id": threshold_id, "metricKey": metric_key, "subjectType": subject_type, "subjectId": subject_id,
-            "threshold": limit, "action": action, "notifyEmails": list(emails)}
+    return {
+        "id": threshold_id,
+        "metricKey": metric_key,
+        "subjectType": subject_type,
+        "subjectId": subject_id,
+        "threshold": limit,
+        "action": action,
+        "notifyEmails": list(emails),
+    }
 
 
 async def set_thresholds(settings, *thresholds: dict) -> None:
-    await publish(settings, [(t["id"].encode(), orjson.dumps(t), None) for t in thresholds], Topics.of(settings).thresholds)
+    await publish(
+        settings, [(t["id"].encode(), orjson.dumps(t), None) for t in thresholds], Topics.of(settings).thresholds
+    )
 
 
 async def delete_threshold(settings, threshold_id: str) -> None:
     await publish(settings, [(threshold_id.encode(), None, None)], Topics.of(settings).thresholds)
 
 
-def usage(record_id: str, metric_key: str, subject: str, quantity: str = "1", at: datetime | None = None) -> tuple[bytes, bytes, None]:
+def usage(
+    record_id: str, metric_key: str, subject: str, quantity: str = "1", at: datetime | None = None
+) -> tuple[bytes, bytes, None]:
     """One usage.recorded message (key, value, partition) as a producer would send it."""
     subject_type, subject_id = subject.split(":", 1)
-    record = {"id": record_id, "metricKey": metric_key, "subjectType": subject_type, "subjectId": subject_id,
-              "quantity": quantity}
+    record = {
+        "id": record_id,
+        "metricKey": metric_key,
+        "subjectType": subject_type,
+        "subjectId": subject_id,
+        "quantity": quantity,
+    }
     if at is not None:
         record["timestamp"] = at.isoformat()
     return subject.encode(), orjson.dumps(record), None
@@ -137,21 +177,27 @@ async def publish(settings, messages: list[tuple[bytes | None, bytes, int | None
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=5)
     await producer.start()
     try:
-        sends = [await producer.send(topic or Topics.of(settings).usage_recorded, value, key=key, partition=partition)
-                 for key, value, partition in messages]
+        sends = [
+            await producer.send(topic or Topics.of(settings).usage_recorded, value, key=key, partition=partition)
+            for key, value, partition in messages
+        ]
         await asyncio.gather(*sends)
     finally:
         await producer.stop()
 
 
 async def define(settings, *definitions: dict) -> None:
-    await publish(settings, [(d["id"].encode(), orjson.dumps(d), None) for d in definitions], Topics.of(settings).metrics)
+    await publish(
+        settings, [(d["id"].encode(), orjson.dumps(d), None) for d in definitions], Topics.of(settings).metrics
+    )
 
 
 async def read_json(bootstrap: str, topic: str, count: int, timeout: float = 60, settle: float = 0) -> list[dict]:
-    """The topic's first `count` JSON values (from the beginning); with `settle`, also whatever arrives in that many more seconds."""
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                                isolation_level="read_committed")  # as the product's consumers read
+    """The topic's first `count` JSON values (from the beginning); with `settle`, also whatever arrives in that many
+    more seconds."""
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", isolation_level="read_committed"
+    )  # as the product's consumers read
     await consumer.start()
     found: list[dict] = []
     try:
@@ -183,13 +229,25 @@ class Api:
 def running_api(settings, workdir: Path, extra_env: dict[str, str] | None = None) -> Iterator[Api]:
     """A `metering api` process on a free port with three keys, until the block ends."""
     ring = KeyRing(workdir / "keys.jsonl")
-    keys = {"admin": ring.add("admin", ["read", "write"], None), "reader": ring.add("reader", ["read"], None),
-            "org1": ring.add("org1", ["read", "write"], "org-1")}
+    keys = {
+        "admin": ring.add("admin", ["read", "write"], None),
+        "reader": ring.add("reader", ["read"], None),
+        "org1": ring.add("org1", ["read", "write"], "org-1"),
+    }
     port = free_port()
-    env = {**os.environ, **settings_env(settings), "METERING_API_KEYS_FILE": str(workdir / "keys.jsonl"), **(extra_env or {})}
+    env = {
+        **os.environ,
+        **settings_env(settings),
+        "METERING_API_KEYS_FILE": str(workdir / "keys.jsonl"),
+        **(extra_env or {}),
+    }
     with (workdir / "api.log").open("ab") as log:
-        process = subprocess.Popen([sys.executable, "-m", "metering_pipeline.cli", "api", "--port", str(port)],
-                                   env=env, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "metering_pipeline.cli", "api", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}"
 
     def healthy() -> bool:
@@ -203,7 +261,9 @@ def running_api(settings, workdir: Path, extra_env: dict[str, str] | None = None
         return False
 
     try:
-        eventually(healthy, 60, message=lambda: f"`metering api` not healthy:\n{(workdir / 'api.log').read_text()[-3000:]}")
+        eventually(
+            healthy, 60, message=lambda: f"`metering api` not healthy:\n{(workdir / 'api.log').read_text()[-3000:]}"
+        )
         yield Api(url, keys, settings)
     finally:
         process.terminate()
@@ -211,7 +271,8 @@ def running_api(settings, workdir: Path, extra_env: dict[str, str] | None = None
 
 
 class ClickHouseEndpoint:
-    """A private ClickHouse endpoint process, so a test can stop it or require credentials without touching the shared stack."""
+    """A private ClickHouse endpoint process, so a test can stop it or require credentials without touching the shared
+    stack."""
 
     def __init__(self, data_dir: Path, log: Path, user: str | None = None, password: str | None = None) -> None:
         self.port = free_port()
@@ -226,9 +287,22 @@ class ClickHouseEndpoint:
 
     def start(self) -> ClickHouseEndpoint:
         with self.log.open("ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "metering_dev.clickhouse_endpoint",
-                                             "--port", str(self.port), "--data-dir", str(self.data_dir),
-                                             "--log-level", "WARNING", *self.credentials], stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "metering_dev.clickhouse_endpoint",
+                    "--port",
+                    str(self.port),
+                    "--data-dir",
+                    str(self.data_dir),
+                    "--log-level",
+                    "WARNING",
+                    *self.credentials,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
 
         def answering() -> bool:
             if self.answers():
@@ -237,7 +311,9 @@ class ClickHouseEndpoint:
                 pytest.fail(f"the ClickHouse endpoint exited:\n{self.log.read_text()[-2000:]}")
             return False
 
-        eventually(answering, 60, message=lambda: f"the ClickHouse endpoint does not answer:\n{self.log.read_text()[-2000:]}")
+        eventually(
+            answering, 60, message=lambda: f"the ClickHouse endpoint does not answer:\n{self.log.read_text()[-2000:]}"
+        )
         return self
 
     def stop(self) -> None:
@@ -261,9 +337,18 @@ def headless_chromium(profile: Path) -> Iterator[Any]:
 
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1400,1000", f"--user-data-dir={profile}"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1400,1000",
+        f"--user-data-dir={profile}",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
     try:
@@ -277,7 +362,11 @@ def summary_rows(settings, metric_keys: Sequence[str]) -> dict[tuple, tuple[Deci
     from metering_pipeline.warehouse.client import connect
 
     with connect(settings) as client:
-        rows = client.query("SELECT metric_key, subject_id, period_type, period_start, dimensions, total_quantity, "
-                            "record_count FROM usage_summary WHERE metric_key IN {keys:Array(String)}",
-                            parameters={"keys": list(metric_keys)}).result_rows
-    return {(m, s, p, start, tuple(sorted(d.items()))): (Decimal(total), count) for m, s, p, start, d, total, count in rows}
+        rows = client.query(
+            "SELECT metric_key, subject_id, period_type, period_start, dimensions, total_quantity, "
+            "record_count FROM usage_summary WHERE metric_key IN {keys:Array(String)}",
+            parameters={"keys": list(metric_keys)},
+        ).result_rows
+    return {
+        (m, s, p, start, tuple(sorted(d.items()))): (Decimal(total), count) for m, s, p, start, d, total, count in rows
+    }

@@ -1,24 +1,30 @@
-"""The bench's dimensions workload and its expected rows, without I/O: what `metering bench` checks ClickHouse against."""
+"""The bench's dimensions workload and its expected rows, without I/O: what `metering bench` checks ClickHouse
+against."""
 
 from __future__ import annotations
 
 from collections import defaultdict
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import orjson
 import pytest
 
 from metering_dev.bench.hot_path import render_state_costs, state_costs
-from metering_dev.bench.runner import DIMENSIONS_BASELINE, DIMENSIONS_PHASE, render, report
 from metering_dev.bench.phases import Result
+from metering_dev.bench.runner import DIMENSIONS_BASELINE, DIMENSIONS_PHASE, render, report
 from metering_dev.bench.workload import (
-    DIMENSION_METRICS, MODELS, REGIONS, DimensionExpected, DimensionWorkload, Workload,
+    DIMENSION_METRICS,
+    MODELS,
+    REGIONS,
+    DimensionExpected,
+    DimensionWorkload,
+    Workload,
 )
 from metering_pipeline.usage.meter import MeterReader
 from metering_schemas import MetricDefinition
 
-AT = datetime(2026, 11, 30, 10, 30, tzinfo=timezone.utc)
+AT = datetime(2026, 11, 30, 10, 30, tzinfo=UTC)
 TOKENS, USERS = DIMENSION_METRICS[0]["key"], DIMENSION_METRICS[1]["key"]
 
 
@@ -48,8 +54,8 @@ def test_expected_rows_by_hand() -> None:
         (TOKENS, "s1", m1r1): (Decimal(1), 1),
         (USERS, "s0", ()): (Decimal(3), 5),  # u1, u2, u3 over five records
     }
-    hour = int(datetime(2026, 11, 30, 10, tzinfo=timezone.utc).timestamp())
-    day = int(datetime(2026, 11, 30, tzinfo=timezone.utc).timestamp())
+    hour = int(datetime(2026, 11, 30, 10, tzinfo=UTC).timestamp())
+    day = int(datetime(2026, 11, 30, tzinfo=UTC).timestamp())
     assert expected.periods == {
         (USERS, "s0", "HOURLY", hour): (Decimal(1), 2),
         (USERS, "s0", "HOURLY", hour + 3600): (Decimal(2), 2),
@@ -61,7 +67,7 @@ def test_expected_rows_by_hand() -> None:
 
 
 def workload(records: int = 4_000, subjects: int = 20, users: int = 300) -> DimensionWorkload:
-    return DimensionWorkload(records, subjects, users, datetime(2026, 11, 30, 3, 15, tzinfo=timezone.utc))
+    return DimensionWorkload(records, subjects, users, datetime(2026, 11, 30, 3, 15, tzinfo=UTC))
 
 
 def recomputed(records: list[dict]) -> tuple[dict, dict]:
@@ -73,13 +79,18 @@ def recomputed(records: list[dict]) -> tuple[dict, dict]:
         metric, subject, metadata = record["metricKey"], record["subjectId"], record["metadata"]
         at = datetime.fromisoformat(record["timestamp"])
         if metric == TOKENS:
-            for key in ((metric, subject, ()),
-                        (metric, subject, (("model", metadata["model"]), ("region", metadata["region"])))):
+            for key in (
+                (metric, subject, ()),
+                (metric, subject, (("model", metadata["model"]), ("region", metadata["region"]))),
+            ):
                 sums[key] += Decimal(metadata["tokens"])
                 counts[key] += 1
         else:
-            for key in ((metric, subject, ()), (metric, subject, "HOURLY", at.strftime("%Y-%m-%dT%H")),
-                        (metric, subject, "DAILY", at.strftime("%Y-%m-%d"))):
+            for key in (
+                (metric, subject, ()),
+                (metric, subject, "HOURLY", at.strftime("%Y-%m-%dT%H")),
+                (metric, subject, "DAILY", at.strftime("%Y-%m-%d")),
+            ):
                 users[key].add(metadata["user"])
                 counts[key] += 1
     monthly = {key: (sums[key], counts[key]) for key in sums}
@@ -93,8 +104,15 @@ def test_expected_rows_match_the_published_records() -> None:
     records = [orjson.loads(value) for _, value in workload().messages(1, expected)]
     monthly, periods = recomputed(records)
     assert expected.monthly == monthly
-    assert {(m, s, p, datetime.fromtimestamp(start, timezone.utc).strftime("%Y-%m-%dT%H" if p == "HOURLY" else "%Y-%m-%d")): v
-            for (m, s, p, start), v in expected.periods.items()} == periods
+    assert {
+        (
+            m,
+            s,
+            p,
+            datetime.fromtimestamp(start, UTC).strftime("%Y-%m-%dT%H" if p == "HOURLY" else "%Y-%m-%d"),
+        ): v
+        for (m, s, p, start), v in expected.periods.items()
+    } == periods
     assert expected.records() == len(records) == 4_000
     # every total row is the sum of its dimension rows (the check compares both)
     for (metric, subject, dims), (total, count) in expected.monthly.items():
@@ -131,7 +149,10 @@ def test_the_definitions_are_valid_and_the_pipeline_reads_what_the_expectation_a
         assert reading is not None
         if record["metricKey"] == TOKENS:
             assert Decimal(reading.quantity) == record["metadata"]["tokens"]  # valueProperty, not the quantity of 1
-            assert reading.dimensions == (("model", record["metadata"]["model"]), ("region", record["metadata"]["region"]))
+            assert reading.dimensions == (
+                ("model", record["metadata"]["model"]),
+                ("region", record["metadata"]["region"]),
+            )
             assert reading.distinct is None
         else:
             assert reading.distinct == record["metadata"]["user"] and reading.dimensions == ()
@@ -140,13 +161,20 @@ def test_the_definitions_are_valid_and_the_pipeline_reads_what_the_expectation_a
 def test_the_plain_workload_publishes_its_five_metrics() -> None:
     definitions = Workload.definitions()
     assert [MetricDefinition.model_validate(d).aggregation_type.value for d in definitions] == [
-        "COUNT", "SUM", "AVG", "MAX", "MIN"]
+        "COUNT",
+        "SUM",
+        "AVG",
+        "MAX",
+        "MIN",
+    ]
 
 
 def test_the_report_compares_the_dimensions_phase_with_its_own_baseline() -> None:
     results = [Result(DIMENSIONS_BASELINE, 1000, 0.01), Result(DIMENSIONS_PHASE, 1000, 0.1, 0.2, 200.0)]
-    costs = {"distinct_value@20000": {"bytes": 470.0, "values": 20_000},
-             "dimension_combination": {"bytes": 700.0, "per_row": 233.3, "combinations": 19_800}}
+    costs = {
+        "distinct_value@20000": {"bytes": 470.0, "values": 20_000},
+        "dimension_combination": {"bytes": 700.0, "per_row": 233.3, "combinations": 19_800},
+    }
     text = render(report(results, {DIMENSIONS_PHASE: 0}, {"dimensions": 100_000.0}, costs))
     line = next(line for line in text.splitlines() if DIMENSIONS_PHASE in line)
     assert "10,000" in line and "0.10" in line and "exact" in line

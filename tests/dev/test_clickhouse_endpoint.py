@@ -32,6 +32,7 @@ import pytest
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import DatabaseError
 from clickhouse_connect.driver.summary import QuerySummary
+
 from support import eventually
 
 pytestmark = pytest.mark.integration
@@ -115,8 +116,12 @@ def start_endpoint(data_dir: Path, *extra_args: str) -> Endpoint:
         return False
 
     try:
-        eventually(up, STARTUP_TIMEOUT_S, interval=0.1,
-                   message=lambda: f"endpoint did not come up; log:\n{log_file.read_text(errors='replace')}")
+        eventually(
+            up,
+            STARTUP_TIMEOUT_S,
+            interval=0.1,
+            message=lambda: f"endpoint did not come up; log:\n{log_file.read_text(errors='replace')}",
+        )
     except BaseException:
         endpoint.stop()
         raise

@@ -165,12 +165,20 @@ def test_empty_query_is_a_syntax_error_like_clickhouse(sql: bytes) -> None:
         (b'insert into t (a, b) format JSONEachRow {"a":1}', b"insert into t (a, b) ", "JSONEachRow", b'{"a":1}'),
         (b"INSERT INTO t FORMAT TSV \t\r\n  x\ty", b"INSERT INTO t ", "TSV", b"  x\ty"),
         (b"INSERT INTO t FORMAT TSV\n\nx", b"INSERT INTO t ", "TSV", b"\nx"),
-        (b"/* c */ INSERT INTO t SETTINGS async_insert = 0 FORMAT CSV\n1",
-         b"/* c */ INSERT INTO t SETTINGS async_insert = 0 ", "CSV", b"1"),
+        (
+            b"/* c */ INSERT INTO t SETTINGS async_insert = 0 FORMAT CSV\n1",
+            b"/* c */ INSERT INTO t SETTINGS async_insert = 0 ",
+            "CSV",
+            b"1",
+        ),
         (b"INSERT INTO format FORMAT CSV\n1", b"INSERT INTO format ", "CSV", b"1"),  # a table named format
         (b"INSERT INTO db.format FORMAT CSV\n1", b"INSERT INTO db.format ", "CSV", b"1"),
-        (b"INSERT INTO TABLE format (format, values) FORMAT CSV\n1,2", b"INSERT INTO TABLE format (format, values) ",
-         "CSV", b"1,2"),  # keywords inside the column list are only names
+        (
+            b"INSERT INTO TABLE format (format, values) FORMAT CSV\n1,2",
+            b"INSERT INTO TABLE format (format, values) ",
+            "CSV",
+            b"1,2",
+        ),  # keywords inside the column list are only names
     ],
 )
 def test_inline_insert_data_starts_after_the_first_newline_else_after_blanks_like_clickhouse(
@@ -370,14 +378,27 @@ def test_params_are_sorted_into_bind_parameters_settings_and_transport_options()
     assert request.bind_params == {"id": "7", "max_threads": "9"}
     assert request.settings == {"max_threads": "4", "session_timezone": "UTC"}
     assert (request.database, request.default_format, request.query_id, request.session_id) == (
-        "metering", "JSONEachRow", "q-1", "s-1",
+        "metering",
+        "JSONEachRow",
+        "q-1",
+        "s-1",
     )
 
 
 @pytest.mark.parametrize(
     "name",
-    ["database", "default_format", "enable_http_compression", "send_progress_in_http_headers", "user", "password",
-     "query_id", "session_timeout", "wait_end_of_query", "http_headers_progress_interval_ms"],
+    [
+        "database",
+        "default_format",
+        "enable_http_compression",
+        "send_progress_in_http_headers",
+        "user",
+        "password",
+        "query_id",
+        "session_timeout",
+        "wait_end_of_query",
+        "http_headers_progress_interval_ms",
+    ],
 )
 def test_transport_options_never_become_engine_settings(name: str) -> None:
     """Even when the engine lists the name in system.settings, the HTTP handler consumes it."""
@@ -453,7 +474,9 @@ def test_multipart_form_fields_become_parameters() -> None:
     assert fields == [("query", "SELECT {s:String} AS \u00fc"), ("param_s", "acme"), ("max_threads", "2")]
     request = build_query_request(fields, b"", SETTING_NAMES)
     assert (request.sql, request.bind_params, request.settings) == (
-        "SELECT {s:String} AS \u00fc".encode(), {"s": "acme"}, {"max_threads": "2"},
+        "SELECT {s:String} AS \u00fc".encode(),
+        {"s": "acme"},
+        {"max_threads": "2"},
     )
 
 
@@ -528,18 +551,24 @@ def test_wrong_credentials_are_refused_with_authentication_failed_like_clickhous
     error = refused(lambda: authenticator.check(headers, params))
     assert (error.code, error.http_status) == (516, 403)
     assert error.message == f"{user}: Authentication failed: password is incorrect, or there is no user with such name"
-    assert error.body("26.1.1") == (
-        f"Code: 516. DB::Exception: {user}: Authentication failed: password is incorrect, "
-        "or there is no user with such name. (AUTHENTICATION_FAILED) (version 26.1.1)\n"
-    ).encode()
+    assert (
+        error.body("26.1.1")
+        == (
+            f"Code: 516. DB::Exception: {user}: Authentication failed: password is incorrect, "
+            "or there is no user with such name. (AUTHENTICATION_FAILED) (version 26.1.1)\n"
+        ).encode()
+    )
 
 
 @pytest.mark.parametrize("authenticator", [SECURED, Authenticator()], ids=["secured", "open"])
 @pytest.mark.parametrize(
     ("headers", "params", "method"),
     [
-        ({"x-clickhouse-user": "u", "x-clickhouse-key": "p", "authorization": basic("u:p")}, {},
-         "X-ClickHouse HTTP headers"),
+        (
+            {"x-clickhouse-user": "u", "x-clickhouse-key": "p", "authorization": basic("u:p")},
+            {},
+            "X-ClickHouse HTTP headers",
+        ),
         ({"x-clickhouse-user": "u", "x-clickhouse-key": "p"}, {"user": "u"}, "X-ClickHouse HTTP headers"),
         ({"x-clickhouse-key": "p"}, {"password": ""}, "X-ClickHouse HTTP headers"),  # a present but empty param counts
         ({"authorization": basic("u:p")}, {"password": "p"}, "Authorization HTTP header"),

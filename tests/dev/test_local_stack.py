@@ -25,8 +25,9 @@ def test_a_scram_user_reaches_the_storage_tool_salted_never_in_clear():
     user = ScramUser.generate("SCRAM-SHA-512")
     argument = user.storage_argument()
     assert user.password not in argument
-    match = re.fullmatch(r'SCRAM-SHA-512=\[name=metering,iterations=(\d+),salt="([^"]+)",saltedpassword="([^"]+)"\]',
-                         argument)
+    match = re.fullmatch(
+        r'SCRAM-SHA-512=\[name=metering,iterations=(\d+),salt="([^"]+)",saltedpassword="([^"]+)"\]', argument
+    )
     assert match, argument
     iterations, salt, salted = int(match[1]), base64.b64decode(match[2]), base64.b64decode(match[3])
     assert iterations >= 4096  # Kafka's minimum for SCRAM
@@ -38,8 +39,9 @@ def test_the_sasl_ssl_listener_is_added_beside_the_plaintext_ones(tmp_path):
     certificate = ensure_server_certificate(tmp_path / "tls")
     config = write_config(tmp_path / "kafka", 9092, 9093, SaslListener(9094, "SCRAM-SHA-512", certificate))
     properties = dict(line.split("=", 1) for line in config.read_text().splitlines())
-    assert properties["listeners"] == ("PLAINTEXT://127.0.0.1:9092,CONTROLLER://127.0.0.1:9093,"
-                                       "SASL_SSL://127.0.0.1:9094")
+    assert properties["listeners"] == (
+        "PLAINTEXT://127.0.0.1:9092,CONTROLLER://127.0.0.1:9093,SASL_SSL://127.0.0.1:9094"
+    )
     assert properties["advertised.listeners"] == "PLAINTEXT://127.0.0.1:9092,SASL_SSL://127.0.0.1:9094"
     assert properties["inter.broker.listener.name"] == "PLAINTEXT"
     assert properties["listener.name.sasl_ssl.sasl.enabled.mechanisms"] == "SCRAM-SHA-512"
@@ -96,15 +98,23 @@ def handshake(server: ssl.SSLContext, client: ssl.SSLContext, host: str) -> None
 
 
 def test_stack_state_of_older_data_dirs_still_loads_and_tls_changes_the_url():
-    old = StackState(**{"broker": "apache", "kafka_port": 9092, "clickhouse_port": 8123, "kafka_version": "4.1.1"})
+    old = StackState(broker="apache", kafka_port=9092, clickhouse_port=8123, kafka_version="4.1.1")
     assert (old.clickhouse_url, old.kafka_sasl_bootstrap) == ("http://127.0.0.1:8123", None)
     secured = StackState("apache", 9092, 8123, "4.1.1", sasl_port=9094, clickhouse_tls=True)
     assert (secured.clickhouse_url, secured.kafka_sasl_bootstrap) == ("https://127.0.0.1:8123", "127.0.0.1:9094")
 
 
 def test_a_sasl_listener_on_tansu_is_refused_before_anything_starts(tmp_path):
-    config = StackConfig(data_dir=tmp_path / "stack", broker="tansu", kafka_port=1, clickhouse_port=2,
-                         kafka_version="4.1.1", kafka_heap="256m", cache_dir=tmp_path, sasl_port=3)
+    config = StackConfig(
+        data_dir=tmp_path / "stack",
+        broker="tansu",
+        kafka_port=1,
+        clickhouse_port=2,
+        kafka_version="4.1.1",
+        kafka_heap="256m",
+        cache_dir=tmp_path,
+        sasl_port=3,
+    )
     with pytest.raises(StackError, match="needs --broker apache"):
         LocalStack(config.data_dir).up(config)
     assert not (tmp_path / "stack").exists()

@@ -11,7 +11,14 @@ import pytest
 
 from metering_dev.bench.soak import SoakPlan, expected_alerts, soak_thresholds
 from metering_dev.bench.soak_summary import (
-    Sample, count_error_lines, counter, is_error_line, lag_by_stage, samples_csv, slope_per_second, summarise,
+    Sample,
+    count_error_lines,
+    counter,
+    is_error_line,
+    lag_by_stage,
+    samples_csv,
+    slope_per_second,
+    summarise,
     warmup_seconds,
 )
 from metering_dev.bench.workload import Expected
@@ -20,13 +27,19 @@ from metering_pipeline.worker.stats import WorkerStats
 MINUTES_30 = 1800.0
 
 
-def series(rss_at: Callable[[float], float], duration: float = MINUTES_30, every: float = 5.0,
-           lag_at: Callable[[float], int] = lambda t: 0, errors_at: Callable[[float], int] = lambda t: 0) -> list[Sample]:
+def series(
+    rss_at: Callable[[float], float],
+    duration: float = MINUTES_30,
+    every: float = 5.0,
+    lag_at: Callable[[float], int] = lambda t: 0,
+    errors_at: Callable[[float], int] = lambda t: 0,
+) -> list[Sample]:
     samples = []
     t = 0.0
     while t <= duration:
-        samples.append(Sample(t, "soak", rss_at(t), lag_at(t), lag_at(t) * 2, int(t * 1000), int(t * 990), 990.0, 0,
-                              errors_at(t)))
+        samples.append(
+            Sample(t, "soak", rss_at(t), lag_at(t), lag_at(t) * 2, int(t * 1000), int(t * 990), 990.0, 0, errors_at(t))
+        )
         t += every
     return samples
 
@@ -110,21 +123,37 @@ def test_error_lines_structured_and_plain() -> None:
         "",
     ]
     assert [is_error_line(line) for line in lines] == [
-        True, False, False, True, True, False, True, False, True, True, False, False, False, False, False,
+        True,
+        False,
+        False,
+        True,
+        True,
+        False,
+        True,
+        False,
+        True,
+        True,
+        False,
+        False,
+        False,
+        False,
+        False,
     ]
     assert count_error_lines(lines) == 6
 
 
 def test_metrics_text_parsing() -> None:
-    text = "\n".join([
-        "# TYPE metering_records_counted_total counter",
-        "metering_records_counted_total 12345",
-        "metering_alerts_total 7",
-        "# TYPE metering_consumer_lag gauge",
-        'metering_consumer_lag{stage="router",partition="0"} 3',
-        'metering_consumer_lag{stage="router",partition="1"} 4',
-        'metering_consumer_lag{stage="rollups",partition="0"} 10',
-    ])
+    text = "\n".join(
+        [
+            "# TYPE metering_records_counted_total counter",
+            "metering_records_counted_total 12345",
+            "metering_alerts_total 7",
+            "# TYPE metering_consumer_lag gauge",
+            'metering_consumer_lag{stage="router",partition="0"} 3',
+            'metering_consumer_lag{stage="router",partition="1"} 4',
+            'metering_consumer_lag{stage="rollups",partition="0"} 10',
+        ]
+    )
     assert counter(text, "metering_records_counted_total") == 12345
     assert counter(text, "metering_alerts_total") == 7
     assert counter(text, "metering_flushes_total") == 0
@@ -153,7 +182,9 @@ def test_thresholds_spread_over_the_run_and_the_alerts_they_imply() -> None:
     assert [t["threshold"] for t in thresholds] == ["15000", "30000", "45000"]
     assert all(t["subjectId"] == "*" and t["metricKey"] == "bench_tokens" for t in thresholds)
     expected = Expected()
-    expected.add("bench_tokens", "s1", Decimal(40_000))  # approaching + exceeded 15000 and 30000, approaching 45000 (36000)
+    expected.add(
+        "bench_tokens", "s1", Decimal(40_000)
+    )  # approaching + exceeded 15000 and 30000, approaching 45000 (36000)
     expected.add("bench_tokens", "s2", Decimal(12_000))  # approaching 15000 only
     expected.add("bench_calls", "s1", Decimal(10**9))  # another metric: no threshold
     assert expected_alerts(expected, thresholds, Decimal("0.8")) == 6

@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+
 from support import free_port
 
 pytestmark = pytest.mark.integration
@@ -19,7 +20,10 @@ pytestmark = pytest.mark.integration
 def metering(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "metering_pipeline.cli", *args],
-        capture_output=True, text=True, timeout=180, env={**os.environ, "METERING_LOG_LEVEL": "WARNING"},
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "METERING_LOG_LEVEL": "WARNING"},
     )
 
 
@@ -59,8 +63,16 @@ def test_stack_up_on_a_taken_port_fails_with_a_clear_message(tmp_path):
         taken.listen()
         port = taken.getsockname()[1]
         result = metering(
-            "stack", "up", "--broker", "tansu", "--kafka-port", str(port),
-            "--clickhouse-port", str(free_port()), "--data-dir", str(tmp_path / "stack"),
+            "stack",
+            "up",
+            "--broker",
+            "tansu",
+            "--kafka-port",
+            str(port),
+            "--clickhouse-port",
+            str(free_port()),
+            "--data-dir",
+            str(tmp_path / "stack"),
         )
     metering("stack", "down", "--data-dir", str(tmp_path / "stack"))
     assert result.returncode != 0
@@ -77,11 +89,16 @@ def test_stack_up_serves_clickhouse_over_https_with_its_own_ca_and_refuses_sasl_
         up = metering("stack", "up", "--broker", "tansu", "--clickhouse-tls", *ports)
         assert up.returncode == 0, up.stderr
         ca_file = data_dir / "tls" / "ca.pem"
-        assert f"METERING_CLICKHOUSE_URL=https://127.0.0.1:{clickhouse_port} METERING_CLICKHOUSE_CA_CERT={ca_file}" in up.stdout
+        assert (
+            f"METERING_CLICKHOUSE_URL=https://127.0.0.1:{clickhouse_port} METERING_CLICKHOUSE_CA_CERT={ca_file}"
+            in up.stdout
+        )
         status = metering("stack", "status", "--data-dir", str(data_dir))
         assert status.returncode == 0 and f"https://127.0.0.1:{clickhouse_port}" in status.stdout
         trusting = ssl.create_default_context(cafile=str(ca_file))
-        with urllib.request.urlopen(f"https://127.0.0.1:{clickhouse_port}/?query=SELECT%201", context=trusting) as answer:
+        with urllib.request.urlopen(
+            f"https://127.0.0.1:{clickhouse_port}/?query=SELECT%201", context=trusting
+        ) as answer:
             assert answer.read() == b"1\n"
         with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
             urllib.request.urlopen(f"https://127.0.0.1:{clickhouse_port}/ping", context=ssl.create_default_context())

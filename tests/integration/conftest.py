@@ -10,12 +10,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from support import PARTITIONS, ClickHouseEndpoint, WorkerProcess, settings_env
 
 from metering_pipeline.settings import Settings
 from metering_pipeline.topics import ensure_topics, internal_topics, public_topics
 from metering_pipeline.warehouse.client import connect
 from metering_pipeline.warehouse.migrations import migrate
+from support import PARTITIONS, ClickHouseEndpoint, WorkerProcess, settings_env
 
 
 @contextmanager

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-from click.testing import CliRunner
 import pytest
-from support import eventually, settings_env
+from click.testing import CliRunner
 
 from metering_pipeline.cli import main
 from metering_pipeline.warehouse.client import connect
 from metering_pipeline.warehouse.queries import usage_summaries
 from metering_schemas import PeriodType
+from support import eventually, settings_env
 
 pytestmark = pytest.mark.integration
 
@@ -24,15 +24,30 @@ def cli(settings, *args: str, stdin: str | None = None):
 
 def test_metric_commands_define_update_get_list_and_delete(pipeline):
     settings, _ = pipeline
-    defined = cli(settings, "metric", "define", "--key", "api_calls", "--name", "API calls", "--aggregation", "count",
-                  "--reset-period", "monthly", "--unit", "calls")
+    defined = cli(
+        settings,
+        "metric",
+        "define",
+        "--key",
+        "api_calls",
+        "--name",
+        "API calls",
+        "--aggregation",
+        "count",
+        "--reset-period",
+        "monthly",
+        "--unit",
+        "calls",
+    )
     assert defined.exit_code == 0, defined.output
     assert "api_calls" in defined.stdout and "COUNT" in defined.stdout and "MONTHLY" in defined.stdout
 
     again = cli(settings, "metric", "define", "--key", "api_calls", "--name", "Again", "--aggregation", "sum")
     assert again.exit_code == 2 and "already defined" in again.stderr
 
-    scoped = cli(settings, "metric", "define", "--key", "tokens", "--name", "Tokens", "--aggregation", "SUM", "--org-id", "org-1")
+    scoped = cli(
+        settings, "metric", "define", "--key", "tokens", "--name", "Tokens", "--aggregation", "SUM", "--org-id", "org-1"
+    )
     assert scoped.exit_code == 0, scoped.output
     assert cli(settings, "metric", "update", "api_calls", "--name", "API requests").exit_code == 0
 
@@ -44,7 +59,9 @@ def test_metric_commands_define_update_get_list_and_delete(pipeline):
     assert json.loads(cli(settings, "metric", "get", "tokens", "--json").stdout)["id"] == "org-1:tokens"
 
     assert cli(settings, "metric", "delete", "tokens").exit_code == 0
-    assert [json.loads(line)["id"] for line in cli(settings, "metric", "list", "--json").stdout.splitlines()] == ["api_calls"]
+    assert [json.loads(line)["id"] for line in cli(settings, "metric", "list", "--json").stdout.splitlines()] == [
+        "api_calls"
+    ]
     missing = cli(settings, "metric", "get", "tokens")
     assert missing.exit_code == 2 and "no metric definition" in missing.stderr
 
@@ -65,14 +82,28 @@ def hourly_total(settings, hour: datetime, expected_count: int, timeout: float =
 
 def test_produce_from_flags_and_json_lines_is_counted_exactly_and_bad_lines_are_reported(pipeline):
     settings, new_worker = pipeline
-    assert cli(settings, "metric", "define", "--key", "tokens", "--name", "Tokens", "--aggregation", "sum").exit_code == 0
+    assert (
+        cli(settings, "metric", "define", "--key", "tokens", "--name", "Tokens", "--aggregation", "sum").exit_code == 0
+    )
     worker = new_worker().start()
     worker.wait_healthy()
-    hour = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0)
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
     at = (hour + timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M:%S")
 
-    flags = cli(settings, "produce", "--metric", "tokens", "--subject", "org:org-1", "--quantity", "0.1", "--count", "3",
-                "--timestamp", at)
+    flags = cli(
+        settings,
+        "produce",
+        "--metric",
+        "tokens",
+        "--subject",
+        "org:org-1",
+        "--quantity",
+        "0.1",
+        "--count",
+        "3",
+        "--timestamp",
+        at,
+    )
     assert flags.exit_code == 0, flags.output
     assert flags.stdout.splitlines()[2].split()[:2] == ["3", "0"]
 
@@ -98,14 +129,48 @@ def test_produce_from_flags_and_json_lines_is_counted_exactly_and_bad_lines_are_
 
 def test_threshold_commands_create_update_list_and_delete(pipeline):
     settings, _ = pipeline
-    assert cli(settings, "metric", "define", "--key", "api_calls", "--name", "API", "--aggregation", "count").exit_code == 0
-    created = cli(settings, "threshold", "create", "--metric", "api_calls", "--subject", "org:*", "--threshold", "1000",
-                  "--action", "block", "--notify", "ops@example.com", "--id", "t1")
+    assert (
+        cli(settings, "metric", "define", "--key", "api_calls", "--name", "API", "--aggregation", "count").exit_code
+        == 0
+    )
+    created = cli(
+        settings,
+        "threshold",
+        "create",
+        "--metric",
+        "api_calls",
+        "--subject",
+        "org:*",
+        "--threshold",
+        "1000",
+        "--action",
+        "block",
+        "--notify",
+        "ops@example.com",
+        "--id",
+        "t1",
+    )
     assert created.exit_code == 0, created.output
     assert "org:*" in created.stdout and "BLOCK" in created.stdout
-    assert cli(settings, "threshold", "create", "--metric", "api_calls", "--subject", "org:o1", "--threshold", "5",
-               "--id", "t1").exit_code == 2
-    unknown_metric = cli(settings, "threshold", "create", "--metric", "nope", "--subject", "org:o1", "--threshold", "5", "--id", "t2")
+    assert (
+        cli(
+            settings,
+            "threshold",
+            "create",
+            "--metric",
+            "api_calls",
+            "--subject",
+            "org:o1",
+            "--threshold",
+            "5",
+            "--id",
+            "t1",
+        ).exit_code
+        == 2
+    )
+    unknown_metric = cli(
+        settings, "threshold", "create", "--metric", "nope", "--subject", "org:o1", "--threshold", "5", "--id", "t2"
+    )
     assert unknown_metric.exit_code == 0 and "no metric 'nope' is defined" in unknown_metric.stderr
     bad = cli(settings, "threshold", "create", "--metric", "api_calls", "--subject", "org:o1", "--threshold", "NaN")
     assert bad.exit_code == 2 and "threshold" in bad.stderr
@@ -113,9 +178,14 @@ def test_threshold_commands_create_update_list_and_delete(pipeline):
     assert cli(settings, "threshold", "update", "t1", "--threshold", "2500.5", "--clear-notify").exit_code == 0
     listed = {t["id"]: t for t in map(json.loads, cli(settings, "threshold", "list", "--json").stdout.splitlines())}
     assert (listed["t1"]["threshold"], listed["t1"]["notifyEmails"], listed["t1"]["action"]) == ("2500.5", [], "BLOCK")
-    only_o1 = [json.loads(line)["id"] for line in cli(settings, "threshold", "list", "--subject", "org:o1", "--json").stdout.splitlines()]
+    only_o1 = [
+        json.loads(line)["id"]
+        for line in cli(settings, "threshold", "list", "--subject", "org:o1", "--json").stdout.splitlines()
+    ]
     assert sorted(only_o1) == ["t1", "t2"]  # t1 applies to every org
 
     assert cli(settings, "threshold", "delete", "t2").exit_code == 0
     assert cli(settings, "threshold", "delete", "t2").exit_code == 2
-    assert [json.loads(line)["id"] for line in cli(settings, "threshold", "list", "--json").stdout.splitlines()] == ["t1"]
+    assert [json.loads(line)["id"] for line in cli(settings, "threshold", "list", "--json").stdout.splitlines()] == [
+        "t1"
+    ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
@@ -30,7 +30,7 @@ def test_native_insert_and_parameterized_select_keep_decimals_exact(client):
         "CREATE TABLE usage (subject String, ts DateTime64(3, 'UTC'), quantity Decimal(38, 18)) "
         "ENGINE = MergeTree ORDER BY (subject, ts)"
     )
-    at = datetime(2026, 11, 24, 10, 0, tzinfo=timezone.utc)
+    at = datetime(2026, 11, 24, 10, 0, tzinfo=UTC)
     rows = [["org-1", at, Decimal("0.1")], ["org-1", at, Decimal("0.2")], ["org-2", at, Decimal("5")]]
     client.insert("usage", rows, column_names=["subject", "ts", "quantity"])
 
@@ -48,8 +48,7 @@ def test_engine_errors_reach_the_client_as_database_errors_with_clickhouse_codes
 
 def test_migrations_apply_once_in_order(apache_stack, unique_name, tmp_path):
     (tmp_path / "0001_events.sql").write_text(
-        "CREATE TABLE events (id String) ENGINE = MergeTree ORDER BY id;\n"
-        "INSERT INTO events VALUES ('first');\n"
+        "CREATE TABLE events (id String) ENGINE = MergeTree ORDER BY id;\nINSERT INTO events VALUES ('first');\n"
     )
     (tmp_path / "0002_more.sql").write_text("ALTER TABLE events ADD COLUMN n UInt8 DEFAULT 7;\n")
     settings = apache_stack.settings(clickhouse_database=unique_name)

@@ -10,16 +10,15 @@ import json
 import os
 import subprocess
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import orjson
 import pytest
-from structlog.testing import capture_logs
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from support import create_topics, eventually, metric, publish, read_json, running_api, settings_env, threshold, usage
+from structlog.testing import capture_logs
 
 from metering_pipeline.definitions import DefinitionWriter, followed, read_all
 from metering_pipeline.invoicing.settlement import processed_through
@@ -27,6 +26,7 @@ from metering_pipeline.settings import Settings
 from metering_pipeline.topics import Topics, ensure_topics, partitions_of, public_topics
 from metering_pipeline.warehouse.client import connect
 from metering_schemas import MetricDefinition
+from support import create_topics, eventually, metric, publish, read_json, running_api, settings_env, threshold, usage
 
 pytestmark = pytest.mark.integration
 
@@ -62,13 +62,21 @@ async def auto_create(settings: Settings, topic: str) -> None:
 
 async def all_found(found: dict, ids: list[str], timeout: float) -> None:
     """Until the feed has every one of `ids` (waiting in a thread: the feed fills `found` on this event loop)."""
-    await asyncio.to_thread(eventually, lambda: found.keys() >= set(ids), timeout, interval=0.2,
-                            message=lambda: f"missing: {sorted(set(ids) - found.keys())}")
+    await asyncio.to_thread(
+        eventually,
+        lambda: found.keys() >= set(ids),
+        timeout,
+        interval=0.2,
+        message=lambda: f"missing: {sorted(set(ids) - found.keys())}",
+    )
 
 
-@pytest.mark.parametrize("partitions, made_by", [(1, "operator"), (3, "operator"), (4, "operator"),
-                                                 (AUTO_CREATED_PARTITIONS, "auto-create")])
-async def test_a_feed_loads_and_follows_every_partition_of_an_existing_topic(apache_stack, unique_name, partitions, made_by):
+@pytest.mark.parametrize(
+    "partitions, made_by", [(1, "operator"), (3, "operator"), (4, "operator"), (AUTO_CREATED_PARTITIONS, "auto-create")]
+)
+async def test_a_feed_loads_and_follows_every_partition_of_an_existing_topic(
+    apache_stack, unique_name, partitions, made_by
+):
     settings = apache_stack.settings()
     topic = f"{unique_name}.metering.metrics"
     if made_by == "operator":
@@ -141,21 +149,29 @@ async def test_partitions_of_names_each_partition_and_none_for_an_absent_topic(a
 
 def monthly_totals(settings: Settings, subject_type: str, subject_id: str) -> dict[str, Decimal]:
     with connect(settings) as client:
-        rows = client.query("SELECT metric_key, total_quantity FROM usage_summary WHERE subject_type = {t:String} "
-                            "AND subject_id = {i:String} AND period_type = 'MONTHLY'",
-                            parameters={"t": subject_type, "i": subject_id}).result_rows
+        rows = client.query(
+            "SELECT metric_key, total_quantity FROM usage_summary WHERE subject_type = {t:String} "
+            "AND subject_id = {i:String} AND period_type = 'MONTHLY'",
+            parameters={"t": subject_type, "i": subject_id},
+        ).result_rows
     return {key: Decimal(total) for key, total in rows}
 
 
 def cli(settings: Settings, *args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "metering_pipeline.cli", *args], env={**os.environ, **settings_env(settings)},
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "metering_pipeline.cli", *args],
+        env={**os.environ, **settings_env(settings)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout
 
 
 async def test_definitions_on_auto_created_multi_partition_topics_all_take_effect_in_worker_cli_and_api(
-        apache_stack, unique_name, tmp_path, isolated):
+    apache_stack, unique_name, tmp_path, isolated
+):
     """The reported case: definitions published before any worker ran, onto topics the broker auto-created
     with 4 partitions; then more, and a partition added, while the worker and the API run."""
     prefix = f"{unique_name}."
@@ -175,11 +191,17 @@ async def test_definitions_on_auto_created_multi_partition_topics_all_take_effec
         worker.wait_healthy()
         with running_api(settings, tmp_path) as api:
             # Usage of every metric crosses its subject's threshold: counted, and each alerts twice.
-            await publish(settings, [usage(f"u{p}", f"m{p}", f"org:o{p}", "11") for p in range(AUTO_CREATED_PARTITIONS)])
-            alerts = await read_json(settings.kafka_bootstrap, topics.alerts, 2 * AUTO_CREATED_PARTITIONS, timeout=60, settle=1)
+            await publish(
+                settings, [usage(f"u{p}", f"m{p}", f"org:o{p}", "11") for p in range(AUTO_CREATED_PARTITIONS)]
+            )
+            alerts = await read_json(
+                settings.kafka_bootstrap, topics.alerts, 2 * AUTO_CREATED_PARTITIONS, timeout=60, settle=1
+            )
             assert sorted((a["thresholdId"], a["type"]) for a in alerts) == sorted(
-                (f"t{p}", kind) for p in range(AUTO_CREATED_PARTITIONS)
-                for kind in ("threshold.approaching", "threshold.exceeded"))
+                (f"t{p}", kind)
+                for p in range(AUTO_CREATED_PARTITIONS)
+                for kind in ("threshold.approaching", "threshold.exceeded")
+            )
 
             # While everything runs: a definition on every partition, and one on a partition added now.
             more = await put_on_every_partition(settings, topics.metrics, AUTO_CREATED_PARTITIONS, "n")
@@ -222,14 +244,18 @@ async def topic_policy(settings: Settings, topic: str) -> str:
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
     await admin.start()
     try:
-        [response] = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic, {"cleanup.policy": None})])
+        [response] = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, topic, {"cleanup.policy": None})]
+        )
         [(_code, _message, _type, _name, entries)] = response.resources
         return next(entry[1] for entry in entries if entry[0] == "cleanup.policy")
     finally:
         await admin.close()
 
 
-async def test_definitions_topics_are_created_compacted_by_writers_and_an_uncompacted_one_is_named(apache_stack, unique_name):
+async def test_definitions_topics_are_created_compacted_by_writers_and_an_uncompacted_one_is_named(
+    apache_stack, unique_name
+):
     settings = apache_stack.settings(topic_prefix=f"{unique_name}.")
     topics = Topics.of(settings)
     async with DefinitionWriter(settings, topics.metrics) as writer:  # what `metering metric define` and the API use
@@ -241,7 +267,8 @@ async def test_definitions_topics_are_created_compacted_by_writers_and_an_uncomp
     with capture_logs() as logs:
         await ensure_topics(settings, public_topics(settings))
     assert [(entry["topic"], entry["cleanup_policy"]) for entry in logs if "not compacted" in entry["event"]] == [
-        (topics.thresholds, "delete")]
+        (topics.thresholds, "delete")
+    ]
 
 
 async def test_settlement_sees_unrouted_usage_on_a_topic_its_client_never_read(pipeline):
@@ -252,4 +279,4 @@ async def test_settlement_sees_unrouted_usage_on_a_topic_its_client_never_read(p
     worker.wait_healthy()  # the groups exist, as in any deployment that bills
     worker.stop()
     await publish(settings, [usage("pending", "m", "org:o1")], None)  # no worker runs now: the record stays unrouted
-    assert not await processed_through(settings, datetime.now(timezone.utc) + timedelta(days=1), wait=1)
+    assert not await processed_through(settings, datetime.now(UTC) + timedelta(days=1), wait=1)

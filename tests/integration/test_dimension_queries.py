@@ -15,14 +15,13 @@ import io
 import json
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import httpx
 import orjson
 import pytest
 from click.testing import CliRunner
-from support import eventually, headless_chromium, read_json, running_api, settings_env
 
 from metering_pipeline.cli import main
 from metering_pipeline.topics import Topics
@@ -30,10 +29,11 @@ from metering_pipeline.usage.periods import period_end, period_start
 from metering_pipeline.warehouse.client import connect
 from metering_pipeline.warehouse.queries import naive_utc
 from metering_schemas import PeriodType
+from support import eventually, headless_chromium, read_json, running_api, settings_env
 
 pytestmark = pytest.mark.integration
 
-UTC = timezone.utc
+UTC = UTC
 DAY = datetime(2025, 3, 10, tzinfo=UTC)
 SUBJECT = ("org", "dims-1")
 GROUP_BY = {"model": "$.metadata.model", "region": "$.metadata.region"}
@@ -89,7 +89,8 @@ def metric_key(kind: str) -> str:
 
 
 def rollup_rows(kind: str, subject: tuple[str, str], records: list[Rec]) -> list[list[object]]:
-    """What the worker writes to usage_rollups for these records: per period, the total row and a row per combination."""
+    """What the worker writes to usage_rollups for these records: per period, the total row and a row per
+    combination."""
     cells: dict[tuple[PeriodType, datetime, tuple[tuple[str, str], ...]], list[Rec]] = defaultdict(list)
     for r in records:
         for period in PeriodType:
@@ -99,16 +100,41 @@ def rollup_rows(kind: str, subject: tuple[str, str], records: list[Rec]) -> list
     rows = []
     for (period, start, dims), members in cells.items():
         quantities = [r.quantity for r in members]
-        rows.append([metric_key(kind), *subject, period.value, naive_utc(start), naive_utc(period_end(period, start)), kind,
-                     value_of(kind, members), len(members), sum(quantities, Decimal(0)), min(quantities), max(quantities),
-                     1, dict(dims)])
+        rows.append(
+            [
+                metric_key(kind),
+                *subject,
+                period.value,
+                naive_utc(start),
+                naive_utc(period_end(period, start)),
+                kind,
+                value_of(kind, members),
+                len(members),
+                sum(quantities, Decimal(0)),
+                min(quantities),
+                max(quantities),
+                1,
+                dict(dims),
+            ]
+        )
     return rows
 
 
 def record_rows(kind: str, subject: tuple[str, str], records: list[Rec]) -> list[list[object]]:
-    return [[*subject, metric_key(kind), r.id, naive_utc(r.at), r.quantity,
-             orjson.dumps({"model": r.model, "region": r.region, "user": r.user}).decode(), metric_key(kind),
-             {"model": r.model, "region": r.region}, r.user if kind == "UNIQUE_COUNT" else ""] for r in records]
+    return [
+        [
+            *subject,
+            metric_key(kind),
+            r.id,
+            naive_utc(r.at),
+            r.quantity,
+            orjson.dumps({"model": r.model, "region": r.region, "user": r.user}).decode(),
+            metric_key(kind),
+            {"model": r.model, "region": r.region},
+            r.user if kind == "UNIQUE_COUNT" else "",
+        ]
+        for r in records
+    ]
 
 
 def definition(kind: str) -> dict:
@@ -120,8 +146,9 @@ def definition(kind: str) -> dict:
     return body
 
 
-def expected(kind: str, period: PeriodType, group_by: tuple[str, ...], filters: dict[str, str],
-             records: list[Rec] = RECORDS) -> dict[tuple[str, tuple[tuple[str, str], ...]], tuple[Decimal, int]]:
+def expected(
+    kind: str, period: PeriodType, group_by: tuple[str, ...], filters: dict[str, str], records: list[Rec] = RECORDS
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], tuple[Decimal, int]]:
     """{(period start, sorted dimensions): (total, records)} by brute force over the records."""
     cells: dict[tuple[str, tuple[tuple[str, str], ...]], list[Rec]] = defaultdict(list)
     for r in records:
@@ -138,20 +165,54 @@ def iso(at: datetime) -> str:
 
 
 def got(summaries: list[dict]) -> dict[tuple[str, tuple[tuple[str, str], ...]], tuple[Decimal, int]]:
-    return {(iso(datetime.fromisoformat(s["periodStart"].replace("Z", "+00:00"))), tuple(sorted(s["dimensions"].items()))):
-            (Decimal(s["totalQuantity"]), s["recordCount"]) for s in summaries}
+    return {
+        (
+            iso(datetime.fromisoformat(s["periodStart"].replace("Z", "+00:00"))),
+            tuple(sorted(s["dimensions"].items())),
+        ): (Decimal(s["totalQuantity"]), s["recordCount"])
+        for s in summaries
+    }
 
 
 def insert(settings, subject: tuple[str, str], records: list[Rec]) -> None:
     with connect(settings) as client:
         for kind in KINDS:
-            client.insert("usage_records", record_rows(kind, subject, records), column_names=[
-                "subject_type", "subject_id", "metric_key", "id", "timestamp", "quantity", "metadata", "metric_id",
-                "dimensions", "distinct_value"])
-            client.insert("usage_rollups", rollup_rows(kind, subject, records), column_names=[
-                "metric_key", "subject_type", "subject_id", "period_type", "period_start", "period_end",
-                "aggregation_type", "total_quantity", "record_count", "sum_quantity", "min_quantity", "max_quantity",
-                "version", "dimensions"])
+            client.insert(
+                "usage_records",
+                record_rows(kind, subject, records),
+                column_names=[
+                    "subject_type",
+                    "subject_id",
+                    "metric_key",
+                    "id",
+                    "timestamp",
+                    "quantity",
+                    "metadata",
+                    "metric_id",
+                    "dimensions",
+                    "distinct_value",
+                ],
+            )
+            client.insert(
+                "usage_rollups",
+                rollup_rows(kind, subject, records),
+                column_names=[
+                    "metric_key",
+                    "subject_type",
+                    "subject_id",
+                    "period_type",
+                    "period_start",
+                    "period_end",
+                    "aggregation_type",
+                    "total_quantity",
+                    "record_count",
+                    "sum_quantity",
+                    "min_quantity",
+                    "max_quantity",
+                    "version",
+                    "dimensions",
+                ],
+            )
 
 
 @pytest.fixture(scope="module")
@@ -162,15 +223,25 @@ def api(module_pipeline, tmp_path_factory):
         for kind in KINDS:
             created = admin.post("/v1/metrics", json=definition(kind))
             assert created.status_code == 201, created.text
-        assert admin.post("/v1/metrics", json={"key": "dim_plain", "name": "plain", "aggregationType": "SUM"}).status_code == 201
+        assert (
+            admin.post("/v1/metrics", json={"key": "dim_plain", "name": "plain", "aggregationType": "SUM"}).status_code
+            == 201
+        )
         insert(settings, SUBJECT, RECORDS)
         yield started
 
 
-def summary(client: httpx.Client, kind: str, period: str = "DAILY", subject: tuple[str, str] = SUBJECT, **extra) -> httpx.Response:
-    params = [("metricKey", metric_key(kind)), ("subjectType", subject[0]), ("subjectId", subject[1]),
-              ("periodType", period), ("from", iso(period_start(PeriodType(period), DAY))),
-              ("to", iso(DAY + timedelta(days=2)))]  # periods that start in [from, to)
+def summary(
+    client: httpx.Client, kind: str, period: str = "DAILY", subject: tuple[str, str] = SUBJECT, **extra
+) -> httpx.Response:
+    params = [
+        ("metricKey", metric_key(kind)),
+        ("subjectType", subject[0]),
+        ("subjectId", subject[1]),
+        ("periodType", period),
+        ("from", iso(period_start(PeriodType(period), DAY))),
+        ("to", iso(DAY + timedelta(days=2))),
+    ]  # periods that start in [from, to)
     for name, value in extra.items():
         params += [(name, v) for v in value] if isinstance(value, list) else [(name, value)]
     return client.get("/v1/usage/summary", params=params)
@@ -214,18 +285,29 @@ def test_filter_group_by_restricts_to_a_dimension_value_with_or_without_group_by
     assert {json.dumps(s["dimensions"]) for s in only_eu.json()["summaries"]} == {'{"region": "eu"}'}
     per_model = summary(client, kind, "HOURLY", groupBy="model", **{"filterGroupBy[region]": "us"})
     assert got(per_model.json()["summaries"]) == expected(kind, PeriodType.HOURLY, ("model",), {"region": "us"})
-    exact = summary(client, kind, groupBy=["model", "region"], **{"filterGroupBy[model]": "gpt-4", "filterGroupBy[region]": ""})
-    assert got(exact.json()["summaries"]) == expected(kind, PeriodType.DAILY, ("model", "region"), {"model": "gpt-4", "region": ""})
+    exact = summary(
+        client, kind, groupBy=["model", "region"], **{"filterGroupBy[model]": "gpt-4", "filterGroupBy[region]": ""}
+    )
+    assert got(exact.json()["summaries"]) == expected(
+        kind, PeriodType.DAILY, ("model", "region"), {"model": "gpt-4", "region": ""}
+    )
     assert len(exact.json()["summaries"]) == 1  # r8, the record without a region
 
 
 def test_one_period_with_a_filter_and_no_usage_is_zero_and_a_grouped_one_is_empty(api):
     client = api.client()
-    params = {"metricKey": "dim_sum", "subjectType": "org", "subjectId": "dims-1", "periodType": "DAILY",
-              "periodStart": iso(DAY)}
+    params = {
+        "metricKey": "dim_sum",
+        "subjectType": "org",
+        "subjectId": "dims-1",
+        "periodType": "DAILY",
+        "periodStart": iso(DAY),
+    }
     [none] = client.get("/v1/usage/summary", params={**params, "filterGroupBy[model]": "nope"}).json()["summaries"]
     assert (none["totalQuantity"], none["recordCount"], none["dimensions"]) == ("0", 0, {"model": "nope"})
-    assert client.get("/v1/usage/summary", params={**params, "groupBy": "model", "filterGroupBy[model]": "nope"}).json() == {"summaries": []}
+    assert client.get(
+        "/v1/usage/summary", params={**params, "groupBy": "model", "filterGroupBy[model]": "nope"}
+    ).json() == {"summaries": []}
     [one] = client.get("/v1/usage/summary", params={**params, "filterGroupBy[model]": "mini"}).json()["summaries"]
     assert (one["totalQuantity"], one["recordCount"]) == ("6", 2)
 
@@ -241,32 +323,54 @@ def test_unknown_or_malformed_dimensions_are_refused_with_a_field_error(api):
         ({"groupBy": "model"}, "no_such_metric", "unknown_metric", "query.metricKey"),
     ]
     for extra, metric, code, field in cases:
-        response = client.get("/v1/usage/summary", params={"metricKey": metric, "subjectType": "org", "subjectId": "dims-1", **extra})
+        response = client.get(
+            "/v1/usage/summary", params={"metricKey": metric, "subjectType": "org", "subjectId": "dims-1", **extra}
+        )
         assert response.status_code == 422, (extra, response.text)
         body = response.json()
         assert (body["error"], [e["field"] for e in body["errors"]]) == (code, [field]), extra
-    tier = client.get("/v1/usage/summary", params={"metricKey": "dim_sum", "subjectType": "org", "subjectId": "dims-1", "groupBy": "tier"})
+    tier = client.get(
+        "/v1/usage/summary",
+        params={"metricKey": "dim_sum", "subjectType": "org", "subjectId": "dims-1", "groupBy": "tier"},
+    )
     assert "model, region" in tier.json()["message"]
 
 
 def test_export_filters_on_dimensions_and_ends_each_row_with_its_dimensions(api):
     client = api.client()
     window = {"from": iso(DAY), "to": iso(DAY + timedelta(days=2)), "metricKey": "dim_sum"}
-    lines = client.get("/v1/usage/export", params={**window, "format": "jsonl", "filterGroupBy[model]": "gpt-4"}).text.splitlines()
+    lines = client.get(
+        "/v1/usage/export", params={**window, "format": "jsonl", "filterGroupBy[model]": "gpt-4"}
+    ).text.splitlines()
     rows = [json.loads(line) for line in lines]
     assert [r["id"] for r in rows] == ["r1", "r2", "r8", "r4", "r5", "r7"]
     assert list(rows[0])[-1] == "dimensions" and rows[0]["dimensions"] == {"model": "gpt-4", "region": "eu"}
-    both = client.get("/v1/usage/export", params={**window, "format": "csv", "filterGroupBy[model]": "gpt-4",
-                                                  "filterGroupBy[region]": "us"})
+    both = client.get(
+        "/v1/usage/export",
+        params={**window, "format": "csv", "filterGroupBy[model]": "gpt-4", "filterGroupBy[region]": "us"},
+    )
     table = list(csv.reader(io.StringIO(both.text)))
-    assert table[0] == ["id", "metricKey", "subjectType", "subjectId", "quantity", "timestamp", "metadata", "dimensions"]
-    assert [(r[0], json.loads(r[-1])) for r in table[1:]] == [("r2", {"model": "gpt-4", "region": "us"}),
-                                                              ("r5", {"model": "gpt-4", "region": "us"})]
+    assert table[0] == [
+        "id",
+        "metricKey",
+        "subjectType",
+        "subjectId",
+        "quantity",
+        "timestamp",
+        "metadata",
+        "dimensions",
+    ]
+    assert [(r[0], json.loads(r[-1])) for r in table[1:]] == [
+        ("r2", {"model": "gpt-4", "region": "us"}),
+        ("r5", {"model": "gpt-4", "region": "us"}),
+    ]
     everything = client.get("/v1/usage/export", params={**window, "format": "jsonl"}).text.splitlines()
     assert len(everything) == len(RECORDS)
     # Across metrics (no metricKey) any well-formed name filters; with a metricKey the name must be its dimension.
-    across = client.get("/v1/usage/export", params={"from": iso(DAY), "to": iso(DAY + timedelta(days=2)), "format": "jsonl",
-                                                    "filterGroupBy[region]": "eu"}).text.splitlines()
+    across = client.get(
+        "/v1/usage/export",
+        params={"from": iso(DAY), "to": iso(DAY + timedelta(days=2)), "format": "jsonl", "filterGroupBy[region]": "eu"},
+    ).text.splitlines()
     assert len(across) == len(KINDS) * 4  # r1, r3, r4, r7 of every metric
     refused = client.get("/v1/usage/export", params={**window, "filterGroupBy[tier]": "pro"})
     assert (refused.status_code, refused.json()["error"]) == (422, "unknown_dimension")
@@ -276,21 +380,34 @@ def test_export_filters_on_dimensions_and_ends_each_row_with_its_dimensions(api)
 
 def test_metric_definitions_with_value_property_group_by_and_filter(api):
     admin = api.client()
-    body = {"key": "dim_tokens", "name": "Tokens", "aggregationType": "SUM", "valueProperty": "$.metadata.tokens",
-            "groupBy": {"model": "$.metadata.model"}, "filter": {"$.metadata.region": ["eu", "us"]}}
+    body = {
+        "key": "dim_tokens",
+        "name": "Tokens",
+        "aggregationType": "SUM",
+        "valueProperty": "$.metadata.tokens",
+        "groupBy": {"model": "$.metadata.model"},
+        "filter": {"$.metadata.region": ["eu", "us"]},
+    }
     created = admin.post("/v1/metrics", json=body)
     assert created.status_code == 201, created.text
-    assert {k: created.json()[k] for k in ("valueProperty", "groupBy", "filter")} == {k: body[k] for k in ("valueProperty", "groupBy", "filter")}
+    assert {k: created.json()[k] for k in ("valueProperty", "groupBy", "filter")} == {
+        k: body[k] for k in ("valueProperty", "groupBy", "filter")
+    }
     assert admin.get("/v1/metrics/dim_tokens").json()["groupBy"] == {"model": "$.metadata.model"}
     no_value = admin.post("/v1/metrics", json={"key": "dim_users", "name": "Users", "aggregationType": "UNIQUE_COUNT"})
     assert (no_value.status_code, no_value.json()["error"]) == (422, "validation_error")
     assert "valueProperty" in no_value.json()["message"]
     bad_path = admin.post("/v1/metrics", json={**body, "key": "dim_bad", "groupBy": {"model": "model"}})
     assert bad_path.status_code == 422 and bad_path.json()["errors"][0]["field"].startswith("body.groupBy")
-    changed = admin.put("/v1/metrics/dim_tokens", json={"groupBy": {"model": "$.metadata.model", "tier": "$.metadata.tier"}})
+    changed = admin.put(
+        "/v1/metrics/dim_tokens", json={"groupBy": {"model": "$.metadata.model", "tier": "$.metadata.tier"}}
+    )
     assert changed.status_code == 200 and set(changed.json()["groupBy"]) == {"model", "tier"}
     # An update is checked as a whole definition: UNIQUE_COUNT still needs a valueProperty.
-    assert admin.post("/v1/metrics", json={"key": "dim_calls", "name": "Calls", "aggregationType": "COUNT"}).status_code == 201
+    assert (
+        admin.post("/v1/metrics", json={"key": "dim_calls", "name": "Calls", "aggregationType": "COUNT"}).status_code
+        == 201
+    )
     to_unique = admin.put("/v1/metrics/dim_calls", json={"aggregationType": "UNIQUE_COUNT"})
     assert (to_unique.status_code, to_unique.json()["error"]) == (422, "validation_error")
     assert admin.get("/v1/metrics/dim_calls").json()["aggregationType"] == "COUNT"
@@ -302,11 +419,16 @@ def test_threshold_dimensions_must_name_every_groupby_dimension_of_its_metric(ap
     for dimensions in ({"model": "gpt-4"}, {"model": "gpt-4", "region": "eu", "tier": "x"}, {"tier": "x"}):
         refused = admin.post("/v1/thresholds", json={**base, "dimensions": dimensions})
         assert refused.status_code == 422, refused.text
-        assert (refused.json()["error"], refused.json()["errors"][0]["field"]) == ("invalid_dimensions", "body.dimensions")
+        assert (refused.json()["error"], refused.json()["errors"][0]["field"]) == (
+            "invalid_dimensions",
+            "body.dimensions",
+        )
     assert "expected: model, region" in refused.json()["message"]
     plain = admin.post("/v1/thresholds", json={**base, "metricKey": "dim_plain", "dimensions": {"model": "a"}})
     assert (plain.status_code, plain.json()["error"]) == (422, "invalid_dimensions")
-    created = admin.post("/v1/thresholds", json={**base, "id": "dim-t1", "dimensions": {"model": "gpt-4", "region": "eu"}})
+    created = admin.post(
+        "/v1/thresholds", json={**base, "id": "dim-t1", "dimensions": {"model": "gpt-4", "region": "eu"}}
+    )
     assert created.status_code == 201 and created.json()["dimensions"] == {"model": "gpt-4", "region": "eu"}
     total = admin.post("/v1/thresholds", json={**base, "id": "dim-t2"})
     assert total.status_code == 201 and total.json()["dimensions"] == {}
@@ -319,18 +441,61 @@ def cli(settings, *args: str):
 def test_cli_summary_groups_and_filters_like_the_api(api):
     settings = api.settings
     window = ["--from", DAY.strftime("%Y-%m-%d"), "--to", (DAY + timedelta(days=2)).strftime("%Y-%m-%d")]
-    result = cli(settings, "summary", "--metric", "dim_unique_count", "--subject", "org:dims-1", "--period", "DAILY",
-                 *window, "--group-by", "model", "--json")
+    result = cli(
+        settings,
+        "summary",
+        "--metric",
+        "dim_unique_count",
+        "--subject",
+        "org:dims-1",
+        "--period",
+        "DAILY",
+        *window,
+        "--group-by",
+        "model",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
-    assert got([json.loads(line) for line in result.stdout.splitlines()]) == expected("UNIQUE_COUNT", PeriodType.DAILY, ("model",), {})
-    filtered = cli(settings, "summary", "--metric", "dim_latest", "--subject", "org:dims-1", "--period", "HOURLY", *window,
-                   "--group-by", "model", "--filter-group-by", "region=us", "--json")
-    assert got([json.loads(line) for line in filtered.stdout.splitlines()]) == expected("LATEST", PeriodType.HOURLY, ("model",), {"region": "us"})
-    table = cli(settings, "summary", "--metric", "dim_sum", "--subject", "org:dims-1", "--period", "DAILY", *window,
-                "--group-by", "model").stdout.splitlines()
+    assert got([json.loads(line) for line in result.stdout.splitlines()]) == expected(
+        "UNIQUE_COUNT", PeriodType.DAILY, ("model",), {}
+    )
+    filtered = cli(
+        settings,
+        "summary",
+        "--metric",
+        "dim_latest",
+        "--subject",
+        "org:dims-1",
+        "--period",
+        "HOURLY",
+        *window,
+        "--group-by",
+        "model",
+        "--filter-group-by",
+        "region=us",
+        "--json",
+    )
+    assert got([json.loads(line) for line in filtered.stdout.splitlines()]) == expected(
+        "LATEST", PeriodType.HOURLY, ("model",), {"region": "us"}
+    )
+    table = cli(
+        settings,
+        "summary",
+        "--metric",
+        "dim_sum",
+        "--subject",
+        "org:dims-1",
+        "--period",
+        "DAILY",
+        *window,
+        "--group-by",
+        "model",
+    ).stdout.splitlines()
     assert table[0].split() == ["period", "start", "(UTC)", "period", "end", "model", "total", "records"]
     assert table[2].split()[-3:] == ["gpt-4", "17.5", "5"]
-    totals = cli(settings, "summary", "--metric", "dim_sum", "--subject", "org:dims-1", "--period", "DAILY", *window, "--json")
+    totals = cli(
+        settings, "summary", "--metric", "dim_sum", "--subject", "org:dims-1", "--period", "DAILY", *window, "--json"
+    )
     assert got([json.loads(line) for line in totals.stdout.splitlines()]) == expected("SUM", PeriodType.DAILY, (), {})
     unknown = cli(settings, "summary", "--metric", "dim_sum", "--subject", "org:dims-1", "--group-by", "tier")
     assert unknown.exit_code == 2 and "'tier' is not a dimension of metric 'dim_sum'" in unknown.stderr
@@ -340,23 +505,71 @@ def test_cli_summary_groups_and_filters_like_the_api(api):
 
 def test_cli_defines_metrics_that_read_the_payload_and_thresholds_on_a_dimension_row(api):
     settings = api.settings
-    defined = cli(settings, "metric", "define", "--key", "dim_cli", "--name", "CLI", "--aggregation", "unique_count",
-                  "--value-property", "$.metadata.user", "--group-by", "model=$.metadata.model",
-                  "--group-by", "region=$.metadata.region", "--filter", "$.metadata.tier=pro,team")
+    defined = cli(
+        settings,
+        "metric",
+        "define",
+        "--key",
+        "dim_cli",
+        "--name",
+        "CLI",
+        "--aggregation",
+        "unique_count",
+        "--value-property",
+        "$.metadata.user",
+        "--group-by",
+        "model=$.metadata.model",
+        "--group-by",
+        "region=$.metadata.region",
+        "--filter",
+        "$.metadata.tier=pro,team",
+    )
     assert defined.exit_code == 0, defined.output
     got_back = json.loads(cli(settings, "metric", "get", "dim_cli", "--json").stdout)
     assert (got_back["valueProperty"], got_back["groupBy"], got_back["filter"]) == (
-        "$.metadata.user", {"model": "$.metadata.model", "region": "$.metadata.region"}, {"$.metadata.tier": ["pro", "team"]})
+        "$.metadata.user",
+        {"model": "$.metadata.model", "region": "$.metadata.region"},
+        {"$.metadata.tier": ["pro", "team"]},
+    )
     missing = cli(settings, "metric", "define", "--key", "dim_cli2", "--name", "x", "--aggregation", "unique_count")
     assert missing.exit_code == 2 and "valueProperty" in missing.stderr
 
-    partial = cli(settings, "threshold", "create", "--metric", "dim_cli", "--subject", "org:dims-1", "--threshold", "3",
-                  "--dimension", "model=gpt-4")
+    partial = cli(
+        settings,
+        "threshold",
+        "create",
+        "--metric",
+        "dim_cli",
+        "--subject",
+        "org:dims-1",
+        "--threshold",
+        "3",
+        "--dimension",
+        "model=gpt-4",
+    )
     assert partial.exit_code == 2 and "expected: model, region" in partial.stderr
-    created = cli(settings, "threshold", "create", "--metric", "dim_cli", "--subject", "org:dims-1", "--threshold", "3",
-                  "--dimension", "model=gpt-4", "--dimension", "region=eu", "--id", "dim-cli-t")
+    created = cli(
+        settings,
+        "threshold",
+        "create",
+        "--metric",
+        "dim_cli",
+        "--subject",
+        "org:dims-1",
+        "--threshold",
+        "3",
+        "--dimension",
+        "model=gpt-4",
+        "--dimension",
+        "region=eu",
+        "--id",
+        "dim-cli-t",
+    )
     assert created.exit_code == 0, created.output
-    listed = [json.loads(line) for line in cli(settings, "threshold", "list", "--metric", "dim_cli", "--json").stdout.splitlines()]
+    listed = [
+        json.loads(line)
+        for line in cli(settings, "threshold", "list", "--metric", "dim_cli", "--json").stdout.splitlines()
+    ]
     assert [(t["id"], t["dimensions"]) for t in listed] == [("dim-cli-t", {"model": "gpt-4", "region": "eu"})]
 
 
@@ -367,9 +580,12 @@ def test_dashboard_splits_a_metric_by_a_dimension_in_a_real_browser(api, tmp_pat
 
     # The dashboard shows recent usage: a subject of its own with records of this month.
     now = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
-    recent = [Rec(f"n{i}", now + timedelta(seconds=i), model, region, user, q)
-              for i, (model, region, user, q) in enumerate([("gpt-4", "eu", "a", Decimal(3)), ("gpt-4", "us", "b", Decimal(4)),
-                                                            ("mini", "eu", "a", Decimal(2))])]
+    recent = [
+        Rec(f"n{i}", now + timedelta(seconds=i), model, region, user, q)
+        for i, (model, region, user, q) in enumerate(
+            [("gpt-4", "eu", "a", Decimal(3)), ("gpt-4", "us", "b", Decimal(4)), ("mini", "eu", "a", Decimal(2))]
+        )
+    ]
     insert(api.settings, ("org", "dims-ui"), recent)
     with headless_chromium(tmp_path / "chromium") as driver:
         driver.get(f"{api.url}/ui?subject=org:dims-ui")
@@ -377,27 +593,36 @@ def test_dashboard_splits_a_metric_by_a_dimension_in_a_real_browser(api, tmp_pat
         Select(driver.find_element(By.ID, "period-type")).select_by_value("HOURLY")
         driver.find_element(By.ID, "show").click()
         WebDriverWait(driver, 30).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-loaded"))
-        assert driver.find_element(By.TAG_NAME, "body").get_attribute("data-loaded") == "ok", driver.find_element(By.ID, "message").text
+        assert driver.find_element(By.TAG_NAME, "body").get_attribute("data-loaded") == "ok", driver.find_element(
+            By.ID, "message"
+        ).text
         split = driver.find_element(By.CSS_SELECTOR, '.chart[data-metric="dim_sum"] .split')
         assert split.get_attribute("data-dimension") == "model"
-        rows = {r.get_attribute("data-value"): r.find_element(By.CSS_SELECTOR, "td.total").text
-                for r in split.find_elements(By.CSS_SELECTOR, "tbody tr")}
+        rows = {
+            r.get_attribute("data-value"): r.find_element(By.CSS_SELECTOR, "td.total").text
+            for r in split.find_elements(By.CSS_SELECTOR, "tbody tr")
+        }
         assert rows == {"gpt-4": "7", "mini": "2"}
         Select(split.find_element(By.TAG_NAME, "select")).select_by_value("region")
 
         def split_by_region(d) -> bool:  # the split is drawn again: look it up afresh each time
             found = d.find_element(By.CSS_SELECTOR, '.chart[data-metric="dim_sum"] .split')
             return found.get_attribute("data-dimension") == "region" and {
-                r.get_attribute("data-value") for r in found.find_elements(By.CSS_SELECTOR, "tbody tr")} == {"eu", "us"}
+                r.get_attribute("data-value") for r in found.find_elements(By.CSS_SELECTOR, "tbody tr")
+            } == {"eu", "us"}
 
         WebDriverWait(driver, 10, ignored_exceptions=(StaleElementReferenceException,)).until(split_by_region)
         split = driver.find_element(By.CSS_SELECTOR, '.chart[data-metric="dim_sum"] .split')
-        by_region = {r.get_attribute("data-value"): r.find_element(By.CSS_SELECTOR, "td.total").text
-                     for r in split.find_elements(By.CSS_SELECTOR, "tbody tr")}
+        by_region = {
+            r.get_attribute("data-value"): r.find_element(By.CSS_SELECTOR, "td.total").text
+            for r in split.find_elements(By.CSS_SELECTOR, "tbody tr")
+        }
         assert by_region == {"eu": "5", "us": "4"}
         unique = driver.find_element(By.CSS_SELECTOR, '.chart[data-metric="dim_unique_count"] .split')
-        assert {r.get_attribute("data-value"): r.find_element(By.CSS_SELECTOR, "td.total").text
-                for r in unique.find_elements(By.CSS_SELECTOR, "tbody tr")} == {"gpt-4": "2", "mini": "1"}
+        assert {
+            r.get_attribute("data-value"): r.find_element(By.CSS_SELECTOR, "td.total").text
+            for r in unique.find_elements(By.CSS_SELECTOR, "tbody tr")
+        } == {"gpt-4": "2", "mini": "1"}
         assert not driver.find_elements(By.CSS_SELECTOR, '.chart[data-metric="dim_plain"] .split')
         driver.save_screenshot(str(tmp_path / "dashboard-split.png"))
 
@@ -414,17 +639,39 @@ def test_the_workers_dimension_rows_answer_grouped_and_filtered_queries_exactly(
     live = [Rec(r.id, now + (r.at - DAY) % timedelta(hours=2), r.model, r.region, r.user, r.quantity) for r in RECORDS]
     for kind in KINDS:
         # A record id is unique per subject (the worker deduplicates on it): one id per metric; ties keep their order.
-        batch = {"records": [{"id": f"{kind.lower()}-{r.id}", "metricKey": metric_key(kind), "subjectType": subject[0], "subjectId": subject[1],
-                              "quantity": "1", "timestamp": iso(r.at),
-                              "metadata": {"model": r.model, **({"region": r.region} if r.region else {}), "user": r.user,
-                                           "amount": str(r.quantity)}} for r in live]}
-        accepted = admin.post("/v1/usage/batch", json=batch)  # quantity 1; the metrics read `amount` (UNIQUE_COUNT: `user`)
+        batch = {
+            "records": [
+                {
+                    "id": f"{kind.lower()}-{r.id}",
+                    "metricKey": metric_key(kind),
+                    "subjectType": subject[0],
+                    "subjectId": subject[1],
+                    "quantity": "1",
+                    "timestamp": iso(r.at),
+                    "metadata": {
+                        "model": r.model,
+                        **({"region": r.region} if r.region else {}),
+                        "user": r.user,
+                        "amount": str(r.quantity),
+                    },
+                }
+                for r in live
+            ]
+        }
+        accepted = admin.post(
+            "/v1/usage/batch", json=batch
+        )  # quantity 1; the metrics read `amount` (UNIQUE_COUNT: `user`)
         assert accepted.status_code == 202, accepted.text
     window = {"from": iso(now), "to": iso(now + timedelta(hours=3))}
 
     def hourly(kind: str) -> list[tuple[str, str]]:
-        return [("metricKey", metric_key(kind)), ("subjectType", subject[0]), ("subjectId", subject[1]),
-                ("periodType", "HOURLY"), *window.items()]
+        return [
+            ("metricKey", metric_key(kind)),
+            ("subjectType", subject[0]),
+            ("subjectId", subject[1]),
+            ("periodType", "HOURLY"),
+            *window.items(),
+        ]
 
     def counted(kind: str) -> int:
         return sum(s["recordCount"] for s in admin.get("/v1/usage/summary", params=hourly(kind)).json()["summaries"])
@@ -433,14 +680,23 @@ def test_the_workers_dimension_rows_answer_grouped_and_filtered_queries_exactly(
         """What the worker made of the records: its dead letters, the records and rollups it wrote, its counters."""
         dead = asyncio.run(read_json(settings.kafka_bootstrap, Topics.of(settings).dead_letters, 0, settle=3))
         with connect(settings) as client:
-            stored = client.query("SELECT metric_key, count(), groupUniqArray(toString(dimensions)) FROM usage_records "
-                                  "WHERE subject_id = 'dims-live' GROUP BY metric_key").result_rows
-            rolled = client.query("SELECT metric_key, count() FROM usage_rollups "
-                                  "WHERE subject_id = 'dims-live' GROUP BY metric_key").result_rows
-        counters = [line for line in httpx.get(f"{worker.url}/metrics").text.splitlines()
-                    if line.startswith("metering_records") or "filtered" in line]
+            stored = client.query(
+                "SELECT metric_key, count(), groupUniqArray(toString(dimensions)) FROM usage_records "
+                "WHERE subject_id = 'dims-live' GROUP BY metric_key"
+            ).result_rows
+            rolled = client.query(
+                "SELECT metric_key, count() FROM usage_rollups WHERE subject_id = 'dims-live' GROUP BY metric_key"
+            ).result_rows
+        counters = [
+            line
+            for line in httpx.get(f"{worker.url}/metrics").text.splitlines()
+            if line.startswith("metering_records") or "filtered" in line
+        ]
         counts = {kind: counted(kind) for kind in KINDS}
-        return f"counted {counts} of {len(live)} each; dead letters: {dead[:3]}; records: {stored}; rollups: {rolled}; {counters}"
+        return (
+            f"counted {counts} of {len(live)} each; dead letters: {dead[:3]}; records: {stored}; rollups: {rolled}; "
+            f"{counters}"
+        )
 
     eventually(lambda: all(counted(kind) >= len(live) for kind in KINDS), 90, interval=0.5, message=why_not)
     for kind in KINDS:
@@ -448,13 +704,34 @@ def test_the_workers_dimension_rows_answer_grouped_and_filtered_queries_exactly(
         totals = admin.get("/v1/usage/summary", params=params).json()["summaries"]
         assert got(totals) == expected(kind, PeriodType.HOURLY, (), {}, live)
         for period in ("HOURLY", "DAILY"):
-            for group_by, filters in ((["model", "region"], {}), (["model"], {}), ([], {"region": "eu"}), (["region"], {"model": "gpt-4"})):
+            for group_by, filters in (
+                (["model", "region"], {}),
+                (["model"], {}),
+                ([], {"region": "eu"}),
+                (["region"], {"model": "gpt-4"}),
+            ):
                 extra = [("groupBy", g) for g in group_by] + [(f"filterGroupBy[{k}]", v) for k, v in filters.items()]
-                p = [*params[:3], ("periodType", period), ("from", iso(period_start(PeriodType(period), now))),
-                     ("to", window["to"]), *extra]
+                p = [
+                    *params[:3],
+                    ("periodType", period),
+                    ("from", iso(period_start(PeriodType(period), now))),
+                    ("to", window["to"]),
+                    *extra,
+                ]
                 response = admin.get("/v1/usage/summary", params=p)
                 assert response.status_code == 200, response.text
-                assert got(response.json()["summaries"]) == expected(kind, PeriodType(period), tuple(group_by), filters, live), (kind, period, group_by, filters)
-    exported = admin.get("/v1/usage/export", params={**window, "format": "jsonl", "metricKey": "dim_sum",
-                                                     "subjectType": "org", "subjectId": "dims-live", "filterGroupBy[model]": "mini"})
+                assert got(response.json()["summaries"]) == expected(
+                    kind, PeriodType(period), tuple(group_by), filters, live
+                ), (kind, period, group_by, filters)
+    exported = admin.get(
+        "/v1/usage/export",
+        params={
+            **window,
+            "format": "jsonl",
+            "metricKey": "dim_sum",
+            "subjectType": "org",
+            "subjectId": "dims-live",
+            "filterGroupBy[model]": "mini",
+        },
+    )
     assert sorted(json.loads(line)["id"] for line in exported.text.splitlines()) == ["sum-r3", "sum-r6"]

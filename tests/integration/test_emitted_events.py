@@ -11,11 +11,11 @@ import jsonschema
 import pytest
 from aiokafka import AIOKafkaConsumer
 from pydantic import BaseModel
-from support import define, metric, publish, set_thresholds, threshold, usage
 
 from metering_pipeline.topics import Topics
 from metering_schemas import MetricDefined, ThresholdAlert, UsageAggregated
 from metering_schemas.json_schema import SCHEMA_DIR
+from support import define, metric, publish, set_thresholds, threshold, usage
 
 pytestmark = pytest.mark.integration
 
@@ -26,8 +26,9 @@ class TopicReader:
     """Reads whole topics from the start, as a consumer of the product would (read_committed), by topic."""
 
     def __init__(self, bootstrap: str, topics: list[str]) -> None:
-        self.consumer = AIOKafkaConsumer(*topics, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                                         isolation_level="read_committed")
+        self.consumer = AIOKafkaConsumer(
+            *topics, bootstrap_servers=bootstrap, auto_offset_reset="earliest", isolation_level="read_committed"
+        )
         self.values: dict[str, list[bytes]] = defaultdict(list)
 
     async def __aenter__(self) -> TopicReader:
@@ -89,13 +90,24 @@ async def test_every_emitted_event_matches_its_json_schema_file(pipeline):
     aggregated = conforming(reader.values[topics.usage_aggregated], UsageAggregated, "usage-aggregated.schema.json")
     alerts = conforming(reader.values[topics.alerts], ThresholdAlert, "threshold-alert.schema.json")
 
-    assert sorted((e["type"], e["metric"]["id"]) for e in defined) == [("metric.defined", "calls"),
-                                                                      ("metric.defined", "tokens")]
-    total = "12345678901234567940.123456789012345678"  # 50 + BIG, every digit (more than a default Decimal context keeps)
+    assert sorted((e["type"], e["metric"]["id"]) for e in defined) == [
+        ("metric.defined", "calls"),
+        ("metric.defined", "tokens"),
+    ]
+    total = (
+        "12345678901234567940.123456789012345678"  # 50 + BIG, every digit (more than a default Decimal context keeps)
+    )
     assert sorted((e["periodType"], e["recordCount"], e["totalQuantity"]) for e in aggregated) == [
-        ("DAILY", 1, "50"), ("DAILY", 2, total), ("HOURLY", 1, "50"), ("HOURLY", 2, total),
-        ("MONTHLY", 1, "50"), ("MONTHLY", 2, total)]
+        ("DAILY", 1, "50"),
+        ("DAILY", 2, total),
+        ("HOURLY", 1, "50"),
+        ("HOURLY", 2, total),
+        ("MONTHLY", 1, "50"),
+        ("MONTHLY", 2, total),
+    ]
     assert {e["type"] for e in aggregated} == {"usage.aggregated"}
     assert [(a["type"], a["thresholdId"], a["value"], a["threshold"]) for a in alerts] == [
-        ("threshold.approaching", "t1", total, "100"), ("threshold.exceeded", "t1", total, "100")]
+        ("threshold.approaching", "t1", total, "100"),
+        ("threshold.exceeded", "t1", total, "100"),
+    ]
     assert len({a["id"] for a in alerts}) == 2

@@ -17,20 +17,32 @@ import urllib.request
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import orjson
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
-from support import (PARTITIONS, define, eventually, metric, publish, read_json, running_api, set_thresholds,
-                     summary_rows, threshold, usage, while_running)
 
 from metering_dev.bench.measure import rss_bytes
 from metering_pipeline.invoicing.settlement import processed_through
 from metering_pipeline.topics import Topics
 from metering_pipeline.warehouse.client import connect
 from metering_pipeline.worker.routing import subject_partition
+from support import (
+    PARTITIONS,
+    define,
+    eventually,
+    metric,
+    publish,
+    read_json,
+    running_api,
+    set_thresholds,
+    summary_rows,
+    threshold,
+    usage,
+    while_running,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -47,9 +59,13 @@ def _rss_mb(pid: int) -> float:
 def _totals(settings) -> tuple[int, Decimal, int]:
     """The `tokens` metric's records: how many are stored, their sum, and how many its monthly total rows count."""
     with connect(settings) as client:
-        records = client.query("SELECT count(), sum(quantity) FROM usage_records FINAL WHERE metric_key = 'tokens'").result_rows[0]
-        [[monthly]] = client.query("SELECT sum(record_count) FROM usage_summary WHERE metric_key = 'tokens' "
-                                   "AND period_type = 'MONTHLY' AND empty(dimensions)").result_rows
+        records = client.query(
+            "SELECT count(), sum(quantity) FROM usage_records FINAL WHERE metric_key = 'tokens'"
+        ).result_rows[0]
+        [[monthly]] = client.query(
+            "SELECT sum(record_count) FROM usage_summary WHERE metric_key = 'tokens' "
+            "AND period_type = 'MONTHLY' AND empty(dimensions)"
+        ).result_rows
     return records[0], records[1], monthly
 
 
@@ -58,8 +74,9 @@ def _batch(start: int, count: int) -> list:
 
 
 def _wait_for_records(settings, worker, at_least: int, timeout: float) -> None:
-    eventually(while_running(worker, lambda: _totals(settings)[0] >= at_least), timeout, interval=0.5,
-               message=worker.log_tail)
+    eventually(
+        while_running(worker, lambda: _totals(settings)[0] >= at_least), timeout, interval=0.5, message=worker.log_tail
+    )
 
 
 def _worker_counting(settings, new_worker, first_records: int, **overrides: str):
@@ -105,7 +122,9 @@ def test_a_clickhouse_outage_mid_stream_loses_and_doubles_nothing_and_alerts_kee
     assert rows == [("threshold.approaching",), ("threshold.exceeded",)]
 
 
-def test_a_worker_started_while_clickhouse_hangs_consumes_alerts_and_serves_and_is_exact_once_it_answers(private_clickhouse_pipeline):
+def test_a_worker_started_while_clickhouse_hangs_consumes_alerts_and_serves_and_is_exact_once_it_answers(
+    private_clickhouse_pipeline,
+):
     endpoint, settings, new_worker = private_clickhouse_pipeline
     asyncio.run(define(settings, metric("tokens", "SUM")))
     asyncio.run(set_thresholds(settings, threshold("cap", "tokens", "org:loud", "5", action="BLOCK")))
@@ -163,7 +182,9 @@ def _a_subject_per_partition(prefix: str) -> list[str]:
             return sorted(found.values())
 
 
-def test_a_worker_that_replaces_a_killed_one_while_clickhouse_hangs_restores_and_alerts_before_it_answers(private_clickhouse_pipeline):
+def test_a_worker_that_replaces_a_killed_one_while_clickhouse_hangs_restores_and_alerts_before_it_answers(
+    private_clickhouse_pipeline,
+):
     """Two workers with state; ClickHouse hangs; one is SIGKILLed and a successor starts at once. The rebalance that
     follows (the survivor giving its partitions up, the successor and the survivor restoring them) waits for nothing
     but the killed worker's session, and the successor alerts and answers from restored state."""
@@ -175,8 +196,12 @@ def test_a_worker_that_replaces_a_killed_one_while_clickhouse_hangs_restores_and
     killed = _worker_counting(settings, new_worker, 1000, METERING_KAFKA_SESSION_TIMEOUT="6")
     survivor = new_worker(METERING_KAFKA_SESSION_TIMEOUT="30").start()
     survivor.wait_healthy()
-    eventually(lambda: _owned_partitions(survivor) > 0 and _owned_partitions(killed) > 0, 60, interval=0.5,
-               message=survivor.log_tail)
+    eventually(
+        lambda: _owned_partitions(survivor) > 0 and _owned_partitions(killed) > 0,
+        60,
+        interval=0.5,
+        message=survivor.log_tail,
+    )
     _wait_for_records(settings, killed, 1000, 60)  # every partition has state in the changelog to restore
     alerted: list[dict] = []
 
@@ -185,8 +210,11 @@ def test_a_worker_that_replaces_a_killed_one_while_clickhouse_hangs_restores_and
         subjects = _a_subject_per_partition(wave)
         asyncio.run(publish(settings, [usage(f"{wave}-record", "loud", f"org:{s}", "10") for s in subjects]))
         published = time.monotonic()
-        alerted[:] = asyncio.run(read_json(settings.kafka_bootstrap, Topics.of(settings).alerts,
-                                           len(alerted) + 2 * len(subjects), timeout=60))
+        alerted[:] = asyncio.run(
+            read_json(
+                settings.kafka_bootstrap, Topics.of(settings).alerts, len(alerted) + 2 * len(subjects), timeout=60
+            )
+        )
         took = time.monotonic() - published
         assert took < seconds, f"the {wave} wave's alerts took {took:.1f} s"
         assert endpoint.process.poll() is None  # ClickHouse hangs all along
@@ -202,8 +230,11 @@ def test_a_worker_that_replaces_a_killed_one_while_clickhouse_hangs_restores_and
             subjects = alerts_within(10, "after")
             successor.wait_healthy(timeout=10)
         assert sorted((a["subjectId"], a["type"]) for a in alerted) == sorted(
-            (subject, t) for wave in ("before", "during", "after") for subject in _a_subject_per_partition(wave)
-            for t in ("threshold.approaching", "threshold.exceeded"))
+            (subject, t)
+            for wave in ("before", "during", "after")
+            for subject in _a_subject_per_partition(wave)
+            for t in ("threshold.approaching", "threshold.exceeded")
+        )
         for worker, subject in itertools.product((successor, survivor), subjects):  # owners answer, the other forwards
             with urllib.request.urlopen(f"{worker.url}/v1/subjects/org/{subject}/metrics/loud", timeout=10) as answer:
                 checked = json.loads(answer.read())
@@ -226,7 +257,9 @@ def _wait_for_health(worker, status: int, timeout: float) -> dict:
     return eventually(while_running(worker, answered), timeout, interval=0.2)
 
 
-def test_health_is_503_with_the_failing_writer_while_clickhouse_is_down_longer_than_allowed_and_200_once_back(private_clickhouse_pipeline):
+def test_health_is_503_with_the_failing_writer_while_clickhouse_is_down_longer_than_allowed_and_200_once_back(
+    private_clickhouse_pipeline,
+):
     endpoint, settings, new_worker = private_clickhouse_pipeline
     worker = _worker_counting(settings, new_worker, 1000, METERING_WRITER_UNHEALTHY_AFTER="2")
     assert worker.health() == (200, {"healthy": True})
@@ -237,8 +270,9 @@ def test_health_is_503_with_the_failing_writer_while_clickhouse_is_down_longer_t
     body = _wait_for_health(worker, 503, 30)
     assert time.monotonic() - stopped > 2  # not before METERING_WRITER_UNHEALTHY_AFTER
     assert body["healthy"] is False
-    assert re.fullmatch(r"checkpoint writer of partition \d+ failing for \d+ s: .*[Cc]onnection refused.*",
-                        body["reason"]), body
+    assert re.fullmatch(
+        r"checkpoint writer of partition \d+ failing for \d+ s: .*[Cc]onnection refused.*", body["reason"]
+    ), body
 
     endpoint.start()
     assert _wait_for_health(worker, 200, 60) == {"healthy": True}
@@ -259,12 +293,17 @@ async def _committed(settings) -> dict:
 
 
 def test_a_permanent_clickhouse_error_stops_the_worker_with_one_error_line_exit_1_and_nothing_committed_past_it(
-        pipeline):
+    pipeline,
+):
     settings, new_worker = pipeline
     worker = _worker_counting(settings, new_worker, 1000)
     _wait_for_records(settings, worker, 1000, 60)
-    eventually(lambda: _totals(settings)[2] >= 1000, 60, interval=0.5,  # the rollups too: the last checkpoint is committed
-               message=worker.log_tail)
+    eventually(
+        lambda: _totals(settings)[2] >= 1000,
+        60,
+        interval=0.5,  # the rollups too: the last checkpoint is committed
+        message=worker.log_tail,
+    )
     committed = asyncio.run(_committed(settings))
     assert committed
 
@@ -274,8 +313,11 @@ def test_a_permanent_clickhouse_error_stops_the_worker_with_one_error_line_exit_
     assert worker.process.wait(timeout=60) == 1, worker.log_tail()
 
     # (Faust's console spinner may prefix the line with terminal control characters.)
-    failed = [json.loads(line[line.index("{"):]) for line in worker.log_path.read_text().splitlines()
-              if "stage failed" in line]
+    failed = [
+        json.loads(line[line.index("{") :])
+        for line in worker.log_path.read_text().splitlines()
+        if "stage failed" in line
+    ]
     assert len(failed) == 1, failed
     [line] = failed
     assert line["level"] == "error" and line["stage"] == "rollups"
@@ -295,8 +337,11 @@ def test_a_permanent_clickhouse_error_stops_the_worker_with_one_error_line_exit_
 @pytest.mark.slow  # about 40 s in CI (a stack of its own, its broker down for half the outage), more under faults-long
 def test_a_broker_restart_mid_stream_loses_and_doubles_nothing(private_apache_stack, isolated, unique_name, tmp_path):
     stack, config, running = private_apache_stack
-    with isolated(running, unique_name, tmp_path) as (settings, new_worker), \
-            running_api(settings, tmp_path / "api") as api, api.client() as client:
+    with (
+        isolated(running, unique_name, tmp_path) as (settings, new_worker),
+        running_api(settings, tmp_path / "api") as api,
+        api.client() as client,
+    ):
         worker = _worker_counting(settings, new_worker, 3000)
         assert client.post("/v1/usage", json=_api_record("api-before")).status_code == 202
 
@@ -315,7 +360,6 @@ def test_a_broker_restart_mid_stream_loses_and_doubles_nothing(private_apache_st
         time.sleep(2)  # a late duplicate would show up now
         assert _totals(settings) == (5002, Decimal("500.0") + 2, 5002)
 
-
         def back() -> str:
             said = _log_since(worker, log_before_outage)
             assert "Kafka reachable again" in said, said[-3000:]
@@ -323,9 +367,15 @@ def test_a_broker_restart_mid_stream_loses_and_doubles_nothing(private_apache_st
 
         # The outage is told in a few lines, not thousands of retried errors; "back" once the retries stopped.
         said = eventually(back, 30, interval=1)
-        loud = [line for line in said.splitlines() if re.search(r'\[(WARNING|ERROR|CRITICAL)\]|"level": "(warning|error|critical)"', line)]
+        loud = [
+            line
+            for line in said.splitlines()
+            if re.search(r'\[(WARNING|ERROR|CRITICAL)\]|"level": "(warning|error|critical)"', line)
+        ]
         assert len(loud) < 10, "\n".join(loud[:40])
-        assert [line for line in loud if "Kafka unreachable" in line] and [line for line in loud if "Kafka reachable again" in line]
+        assert [line for line in loud if "Kafka unreachable" in line] and [
+            line for line in loud if "Kafka reachable again" in line
+        ]
 
 
 def _log_since(worker, offset: int) -> str:
@@ -341,8 +391,11 @@ def _api_record(record_id: str) -> dict:
 # The storm's load also carries a metric of each kind that reads the payload: their state (distinct values, the latest
 # value with its timestamp and id, per-dimension rollups) must move between workers exactly too.
 PAYLOAD_METRICS = (
-    {**metric("model_tokens", "SUM"), "valueProperty": "$.metadata.tokens",
-     "groupBy": {"model": "$.metadata.model", "region": "$.metadata.region"}},
+    {
+        **metric("model_tokens", "SUM"),
+        "valueProperty": "$.metadata.tokens",
+        "groupBy": {"model": "$.metadata.model", "region": "$.metadata.region"},
+    },
     {**metric("users", "UNIQUE_COUNT"), "valueProperty": "$.metadata.user", "groupBy": {"model": "$.metadata.model"}},
     metric("gauge", "LATEST"),
     {**metric("eu_tokens", "SUM"), "valueProperty": "$.metadata.tokens", "filter": {"$.metadata.region": ["eu"]}},
@@ -352,17 +405,28 @@ GROUPS = {d["key"]: tuple(d.get("groupBy", ())) for d in PAYLOAD_METRICS}
 
 def _payload_record(rng: random.Random, n: int, now: datetime) -> dict:
     metric_key = rng.choice(sorted(GROUPS))
-    if metric_key == "gauge":  # whole minutes within half an hour: the latest timestamp is often shared (greatest id wins)
+    if (
+        metric_key == "gauge"
+    ):  # whole minutes within half an hour: the latest timestamp is often shared (greatest id wins)
         at = now - timedelta(minutes=rng.randint(0, 30))
     else:  # over two days: hours and days of their own
         at = now - timedelta(milliseconds=rng.randint(0, 2 * 86_400_000))
-    metadata: dict = {"user": f"u{rng.randint(1, 20)}",
-                      "tokens": rng.choice([rng.randint(1, 5000), f"{rng.randint(0, 99)}.{rng.randint(0, 10**18 - 1):018d}"])}
+    metadata: dict = {
+        "user": f"u{rng.randint(1, 20)}",
+        "tokens": rng.choice([rng.randint(1, 5000), f"{rng.randint(0, 99)}.{rng.randint(0, 10**18 - 1):018d}"]),
+    }
     for name, values in (("model", ["a", "b", "c", None, "missing"]), ("region", ["eu", "us", None, "missing"])):
         if (value := rng.choice(values)) != "missing":
             metadata[name] = value
-    return {"id": f"x{n}", "metricKey": metric_key, "subjectType": "org", "subjectId": f"p{rng.randint(1, 8)}",
-            "quantity": str(rng.randint(1, 1000)), "timestamp": at.isoformat(), "metadata": metadata}
+    return {
+        "id": f"x{n}",
+        "metricKey": metric_key,
+        "subjectType": "org",
+        "subjectId": f"p{rng.randint(1, 8)}",
+        "quantity": str(rng.randint(1, 1000)),
+        "timestamp": at.isoformat(),
+        "metadata": metadata,
+    }
 
 
 def _payload_expected(records: list[dict]) -> dict[tuple, tuple[Decimal, int]]:
@@ -374,9 +438,13 @@ def _payload_expected(records: list[dict]) -> dict[tuple, tuple[Decimal, int]]:
         if r["metricKey"] == "eu_tokens" and metadata.get("region") != "eu":
             continue  # filtered out
         dimensions = tuple(sorted((name, metadata.get(name) or "") for name in GROUPS[r["metricKey"]]))
-        at = datetime.fromisoformat(r["timestamp"]).astimezone(timezone.utc).replace(tzinfo=None)
+        at = datetime.fromisoformat(r["timestamp"]).astimezone(UTC).replace(tzinfo=None)
         hour = at.replace(minute=0, second=0, microsecond=0)
-        for period, start in (("HOURLY", hour), ("DAILY", hour.replace(hour=0)), ("MONTHLY", hour.replace(day=1, hour=0))):
+        for period, start in (
+            ("HOURLY", hour),
+            ("DAILY", hour.replace(hour=0)),
+            ("MONTHLY", hour.replace(day=1, hour=0)),
+        ):
             for dims in {(), dimensions}:
                 members[(r["metricKey"], r["subjectId"], period, start, dims)].append(r)
     expected = {}
@@ -400,7 +468,7 @@ def test_a_rebalance_storm_under_steady_load_loses_and_doubles_nothing(pipeline)
     for worker in alive:
         worker.wait_healthy()
     rng = random.Random(5)
-    load, now, payload = random.Random(15), datetime.now(timezone.utc).replace(microsecond=0), []
+    load, now, payload = random.Random(15), datetime.now(UTC).replace(microsecond=0), []
 
     async def storm() -> int:
         sent = 0
@@ -411,7 +479,9 @@ def test_a_rebalance_storm_under_steady_load_loses_and_doubles_nothing(pipeline)
             retries = load.sample(payload, min(2, len(payload)))  # the same records again: never counted twice
             payload.extend(fresh)
             messages = [(f"org:{r['subjectId']}".encode(), orjson.dumps(r), None) for r in fresh + retries]
-            await publish(settings, _batch(sent, 100) + messages)  # ~200 records/s across 50 subjects, and ~40 of the others
+            await publish(
+                settings, _batch(sent, 100) + messages
+            )  # ~200 records/s across 50 subjects, and ~40 of the others
             sent += 100
             await asyncio.sleep(0.5)
             if time.monotonic() >= next_change:
@@ -430,10 +500,12 @@ def test_a_rebalance_storm_under_steady_load_loses_and_doubles_nothing(pipeline)
     caught_up = time.monotonic()
     # Lag back to zero: both groups consumed everything published (billing's settlement check, read through
     # transaction markers; every record's time is before a close a day from now).
-    assert asyncio.run(processed_through(settings, datetime.now(timezone.utc) + timedelta(days=1), wait=120))
+    assert asyncio.run(processed_through(settings, datetime.now(UTC) + timedelta(days=1), wait=120))
     caught_up = time.monotonic() - caught_up
-    print(f"storm: {sent} + {len(payload)} records in {STORM_SECONDS:.0f} s; totals complete {time.monotonic() - stormed:.1f} s and "
-          f"lag zero {caught_up:.1f} s after it")
+    print(
+        f"storm: {sent} + {len(payload)} records in {STORM_SECONDS:.0f} s; "
+        f"totals complete {time.monotonic() - stormed:.1f} s and lag zero {caught_up:.1f} s after it"
+    )
     time.sleep(2)
     assert _totals(settings) == (sent, Decimal("0.1") * sent, sent)
     expected = _payload_expected(payload)
@@ -443,8 +515,10 @@ def test_a_rebalance_storm_under_steady_load_loses_and_doubles_nothing(pipeline)
         if actual != expected:
             wrong = {k: (v, actual.get(k)) for k, v in expected.items() if actual.get(k) != v}
             extra = [k for k in actual if k not in expected]
-            raise AssertionError(f"usage_summary of {len(payload)} payload records differs: {len(wrong)} rows wrong or "
-                                 f"missing, e.g. {list(wrong.items())[:3]}; {len(extra)} extra, e.g. {extra[:3]}")
+            raise AssertionError(
+                f"usage_summary of {len(payload)} payload records differs: {len(wrong)} rows wrong or "
+                f"missing, e.g. {list(wrong.items())[:3]}; {len(extra)} extra, e.g. {extra[:3]}"
+            )
         return True
 
     eventually(summarized, 60, interval=0.5)
@@ -454,4 +528,3 @@ def test_a_rebalance_storm_under_steady_load_loses_and_doubles_nothing(pipeline)
     assert events == distinct == 100  # approaching and exceeded once for each of the 50 subjects
     alerts = asyncio.run(read_json(settings.kafka_bootstrap, Topics.of(settings).alerts, 100, timeout=60, settle=2))
     assert len({a["id"] for a in alerts}) == 100  # a replay on the topic could only repeat an id
-

@@ -10,8 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
 from support import create_topics
 
 pytestmark = pytest.mark.integration

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
 from support import create_topics
 
 pytestmark = pytest.mark.integration

@@ -9,10 +9,20 @@ from collections.abc import Callable
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support import (PARTITIONS, define, eventually, metric, publish, read_json, running_api, set_thresholds,
-                     threshold, usage)
 
 from metering_pipeline.topics import Topics
+from support import (
+    PARTITIONS,
+    define,
+    eventually,
+    metric,
+    publish,
+    read_json,
+    running_api,
+    set_thresholds,
+    threshold,
+    usage,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +51,9 @@ def scrape_until(url: str, done: Callable[[Scrape], bool], timeout: float = 90) 
 
     def reached() -> Scrape:
         scrape = Scrape(url)
-        assert done(scrape), f"last scrape: {sorted((n, v) for (n, _), v in scrape.samples.items() if n.startswith('metering_'))}"
+        assert done(scrape), (
+            f"last scrape: {sorted((n, v) for (n, _), v in scrape.samples.items() if n.startswith('metering_'))}"
+        )
         return scrape
 
     return eventually(reached, timeout)
@@ -55,14 +67,23 @@ async def test_worker_metrics_count_what_was_published_and_time_flushes_alerts_a
     worker.wait_healthy()
     await asyncio.to_thread(scrape_until, worker.url, lambda s: s.value("metering_owned_partitions") == PARTITIONS)
 
-    records = [usage(f"r{i}", "tokens", f"org:org-{i % 4}", "5") for i in range(40)]  # 50 per org: org-1 crosses 32, then 40
+    records = [
+        usage(f"r{i}", "tokens", f"org:org-{i % 4}", "5") for i in range(40)
+    ]  # 50 per org: org-1 crosses 32, then 40
     duplicates = records[:5]
     invalid = [(b"org:org-1", b"{not json", None)]
     await publish(settings, records + duplicates + invalid)
 
-    scrape = await asyncio.to_thread(scrape_until, worker.url, lambda s: (
-        s.value("metering_records_counted_total") == 40 and s.value("metering_alerts_total") == 2
-        and s.value("metering_records_in_total") == 46 and s.value("metering_buffered_records") == 0))
+    scrape = await asyncio.to_thread(
+        scrape_until,
+        worker.url,
+        lambda s: (
+            s.value("metering_records_counted_total") == 40
+            and s.value("metering_alerts_total") == 2
+            and s.value("metering_records_in_total") == 46
+            and s.value("metering_buffered_records") == 0
+        ),
+    )
     alerts = await read_json(settings.kafka_bootstrap, Topics.of(settings).alerts, 2, settle=1)
 
     assert scrape.content_type.startswith("text/plain; version=")
@@ -95,14 +116,22 @@ def test_writer_failing_buffered_and_paused_gauges_follow_a_clickhouse_outage(pr
 
     endpoint.stop()
     asyncio.run(publish(settings, [usage(f"r{n}", "tokens", f"org:o{n % 50}") for n in range(1000)]))
-    down = scrape_until(worker.url, lambda s: s.value("metering_writer_failing") == 1
-                        and s.value("metering_paused_partitions") > 0)
+    down = scrape_until(
+        worker.url, lambda s: s.value("metering_writer_failing") == 1 and s.value("metering_paused_partitions") > 0
+    )
     assert down.value("metering_buffered_records") >= 300
 
     endpoint.start()
-    scrape_until(worker.url, lambda s: s.value("metering_records_counted_total") == 1000
-                 and s.value("metering_buffered_records") == 0 and s.value("metering_writer_failing") == 0
-                 and s.value("metering_paused_partitions") == 0, timeout=120)
+    scrape_until(
+        worker.url,
+        lambda s: (
+            s.value("metering_records_counted_total") == 1000
+            and s.value("metering_buffered_records") == 0
+            and s.value("metering_writer_failing") == 0
+            and s.value("metering_paused_partitions") == 0
+        ),
+        timeout=120,
+    )
 
 
 def test_api_metrics_count_requests_by_route_template_and_status(pipeline, tmp_path):
@@ -111,7 +140,9 @@ def test_api_metrics_count_requests_by_route_template_and_status(pipeline, tmp_p
     route = "/v1/metrics/{key}"
     with running_api(settings, tmp_path) as api:
         admin = api.client()
-        eventually(lambda: admin.get("/v1/metrics/tokens").status_code == 200, 30)  # the API has followed the definition
+        eventually(
+            lambda: admin.get("/v1/metrics/tokens").status_code == 200, 30
+        )  # the API has followed the definition
         before = Scrape(api.url)
         assert admin.get("/v1/metrics/tokens").status_code == 200
         assert admin.get("/v1/metrics/nope").status_code == 404

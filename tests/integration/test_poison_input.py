@@ -9,7 +9,7 @@ import json
 import random
 import time
 from collections import Counter
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -17,11 +17,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
-from support import FIXED_SEED, define, eventually, metric, while_running
 
 from metering_dev.bench.soak_summary import counter
 from metering_pipeline.topics import Topics
 from metering_pipeline.warehouse.client import connect
+from support import FIXED_SEED, define, eventually, metric, while_running
 
 pytestmark = pytest.mark.integration
 
@@ -31,16 +31,46 @@ _json = st.recursive(
     max_leaves=20,
 )
 _quantities = st.one_of(
-    st.decimals(allow_nan=False, allow_infinity=False, places=18, min_value=-10**19, max_value=10**19).map(str),
-    st.sampled_from(["NaN", "Infinity", "-Infinity", "1e400", "1E-400", "1e19", "12345678901234567890123", "0x10",
-                     "", " 1", "1_000", "-0", "9" * 60, "0." + "1" * 30]),
-    st.integers(min_value=-10**40, max_value=10**40),
+    st.decimals(allow_nan=False, allow_infinity=False, places=18, min_value=-(10**19), max_value=10**19).map(str),
+    st.sampled_from(
+        [
+            "NaN",
+            "Infinity",
+            "-Infinity",
+            "1e400",
+            "1E-400",
+            "1e19",
+            "12345678901234567890123",
+            "0x10",
+            "",
+            " 1",
+            "1_000",
+            "-0",
+            "9" * 60,
+            "0." + "1" * 30,
+        ]
+    ),
+    st.integers(min_value=-(10**40), max_value=10**40),
 )
 _timestamps = st.one_of(
-    st.sampled_from(["0000-01-01T00:00:00Z", "9999-12-31T23:59:59Z", "0001-01-01T00:00:00+01:00",
-                     "9999-12-31T23:59:59-01:00", "1970-01-01T00:00:00Z", "2106-02-07T06:28:16Z",
-                     "not a time", "", "2026-02-30T00:00:00Z", "2026-11-24T25:00:00Z", "-1", "1e30", "NaN"]),
-    st.integers(min_value=-10**15, max_value=10**16),
+    st.sampled_from(
+        [
+            "0000-01-01T00:00:00Z",
+            "9999-12-31T23:59:59Z",
+            "0001-01-01T00:00:00+01:00",
+            "9999-12-31T23:59:59-01:00",
+            "1970-01-01T00:00:00Z",
+            "2106-02-07T06:28:16Z",
+            "not a time",
+            "",
+            "2026-02-30T00:00:00Z",
+            "2026-11-24T25:00:00Z",
+            "-1",
+            "1e30",
+            "NaN",
+        ]
+    ),
+    st.integers(min_value=-(10**15), max_value=10**16),
     st.datetimes().map(lambda d: d.isoformat()),
 )
 
@@ -55,12 +85,18 @@ _metadata = st.one_of(
 # Metrics that read the payload (valueProperty, groupBy through a nested path, distinct values, the latest value): any
 # JSON where they read must be counted or dead-lettered like the rest.
 PAYLOAD_METRICS = (
-    {**metric("m_value", "SUM"), "valueProperty": "$.metadata.v", "groupBy": {"g": "$.metadata.g", "h": "$.metadata.h.i"}},
+    {
+        **metric("m_value", "SUM"),
+        "valueProperty": "$.metadata.v",
+        "groupBy": {"g": "$.metadata.g", "h": "$.metadata.h.i"},
+    },
     {**metric("m_unique", "UNIQUE_COUNT"), "valueProperty": "$.metadata.v", "groupBy": {"g": "$.metadata.g"}},
     {**metric("m_latest", "LATEST"), "valueProperty": "$.metadata.v"},
 )
-_payload = st.fixed_dictionaries({}, optional={
-    "v": _json | _quantities, "g": _json, "h": _json | st.fixed_dictionaries({"i": _json}), "other": _json})
+_payload = st.fixed_dictionaries(
+    {},
+    optional={"v": _json | _quantities, "g": _json, "h": _json | st.fixed_dictionaries({"i": _json}), "other": _json},
+)
 
 
 MAX_SENT_BYTES = 1_000_000  # Kafka's default limit; the 10 MB case has a test of its own on a topic that takes it
@@ -75,8 +111,13 @@ def encode(value: object) -> bytes:
 def near_valid(draw, record_id: str, subject: str) -> dict:
     """A valid record with one or two fields pushed to an edge."""
     record = {"id": record_id, "metricKey": "m", "subjectType": "org", "subjectId": subject, "quantity": "1"}
-    for field in draw(st.sets(st.sampled_from(["quantity", "timestamp", "metadata", "metricKey", "subjectId", "id"]),
-                              min_size=1, max_size=2)):
+    for field in draw(
+        st.sets(
+            st.sampled_from(["quantity", "timestamp", "metadata", "metricKey", "subjectId", "id"]),
+            min_size=1,
+            max_size=2,
+        )
+    ):
         if field == "quantity":
             record["quantity"] = draw(_quantities)
         elif field == "timestamp":
@@ -84,7 +125,9 @@ def near_valid(draw, record_id: str, subject: str) -> dict:
         elif field == "metadata":
             record["metadata"] = draw(_metadata)
         elif field == "metricKey":
-            record["metricKey"] = draw(st.sampled_from(["", "unknown_metric", "m'; DROP TABLE usage_records; --", None]))
+            record["metricKey"] = draw(
+                st.sampled_from(["", "unknown_metric", "m'; DROP TABLE usage_records; --", None])
+            )
         elif field == "subjectId":
             record[field] = draw(st.sampled_from(["", None, 42, "x" * 300]))
         else:
@@ -111,9 +154,15 @@ def messages(draw, tag: str) -> list[bytes]:
                 records.pop()
             out.append(batch)
         elif kind == "payload":  # anything where a payload-reading metric reads
-            record = draw(near_valid(f"{tag}-{i}", tag)) if draw(st.booleans()) else \
-                {"id": f"{tag}-{i}", "subjectType": "org", "subjectId": tag, "quantity": "1"}
-            record |= {"metricKey": draw(st.sampled_from([d["key"] for d in PAYLOAD_METRICS])), "metadata": draw(_payload)}
+            record = (
+                draw(near_valid(f"{tag}-{i}", tag))
+                if draw(st.booleans())
+                else {"id": f"{tag}-{i}", "subjectType": "org", "subjectId": tag, "quantity": "1"}
+            )
+            record |= {
+                "metricKey": draw(st.sampled_from([d["key"] for d in PAYLOAD_METRICS])),
+                "metadata": draw(_payload),
+            }
             out.append(encode(record))
         elif kind == "deep":  # metadata nested thousands of levels deep
             depth = draw(st.integers(min_value=100, max_value=5000))
@@ -125,15 +174,19 @@ def messages(draw, tag: str) -> list[bytes]:
     return out
 
 
-async def _send(settings, values: list[bytes], partitions: list[int] | None = None,
-                max_request_size: int = MAX_SENT_BYTES) -> list[tuple[int, int]]:
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", max_request_size=max_request_size)
+async def _send(
+    settings, values: list[bytes], partitions: list[int] | None = None, max_request_size: int = MAX_SENT_BYTES
+) -> list[tuple[int, int]]:
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap, acks="all", max_request_size=max_request_size
+    )
     await producer.start()
     try:
         sent = []
         for n, value in enumerate(values):
-            meta = await producer.send_and_wait(Topics.of(settings).usage_recorded, value,
-                                                partition=None if partitions is None else partitions[n])
+            meta = await producer.send_and_wait(
+                Topics.of(settings).usage_recorded, value, partition=None if partitions is None else partitions[n]
+            )
             sent.append((meta.partition, meta.offset))
         return sent
     finally:
@@ -142,8 +195,12 @@ async def _send(settings, values: list[bytes], partitions: list[int] | None = No
 
 async def _dead_letters(settings, wanted: set[tuple[int, int]], expected: int, timeout: float) -> list[dict]:
     """Dead letters whose source is one of `wanted`, once at least `expected` of them arrived (or the timeout)."""
-    consumer = AIOKafkaConsumer(Topics.of(settings).dead_letters, bootstrap_servers=settings.kafka_bootstrap,
-                                auto_offset_reset="earliest", max_partition_fetch_bytes=4_000_000)
+    consumer = AIOKafkaConsumer(
+        Topics.of(settings).dead_letters,
+        bootstrap_servers=settings.kafka_bootstrap,
+        auto_offset_reset="earliest",
+        max_partition_fetch_bytes=4_000_000,
+    )
     await consumer.start()
     found: list[dict] = []
     try:
@@ -157,8 +214,12 @@ async def _dead_letters(settings, wanted: set[tuple[int, int]], expected: int, t
             if len(found) >= expected:
                 await asyncio.sleep(1)  # anything extra (a double dead letter) would show up too
                 for batch in (await consumer.getmany(timeout_ms=500)).values():
-                    found += [json.loads(m.value) for m in batch
-                              if (json.loads(m.value)["source"]["partition"], json.loads(m.value)["source"]["offset"]) in wanted]
+                    found += [
+                        json.loads(m.value)
+                        for m in batch
+                        if (json.loads(m.value)["source"]["partition"], json.loads(m.value)["source"]["offset"])
+                        in wanted
+                    ]
                 break
     finally:
         await consumer.stop()
@@ -167,13 +228,17 @@ async def _dead_letters(settings, wanted: set[tuple[int, int]], expected: int, t
 
 def _counted(settings, subject: str) -> Counter:
     with connect(settings) as client:
-        rows = client.query("SELECT id, count() FROM usage_records FINAL WHERE subject_type = 'org' AND subject_id = {s:String} "
-                            "GROUP BY id", parameters={"s": subject}).result_rows
-    return Counter({record_id: count for record_id, count in rows})
+        rows = client.query(
+            "SELECT id, count() FROM usage_records FINAL WHERE subject_type = 'org' AND subject_id = {s:String} "
+            "GROUP BY id",
+            parameters={"s": subject},
+        ).result_rows
+    return Counter(dict(rows))
 
 
 def _expected_units(value: bytes) -> int:
     """How many verdicts a message gets: one per element of a well-formed batch, else one."""
+
     def non_finite(literal: str) -> object:
         raise ValueError(literal)  # NaN / Infinity literals make the whole message invalid JSON
 
@@ -194,8 +259,9 @@ def test_every_poison_message_is_counted_or_dead_lettered_and_the_worker_keeps_g
     examples = iter(range(1000))
 
     @given(data=st.data())
-    @hypothesis_settings(max_examples=6, deadline=None, database=None, derandomize=FIXED_SEED,
-                            suppress_health_check=list(HealthCheck))
+    @hypothesis_settings(
+        max_examples=6, deadline=None, database=None, derandomize=FIXED_SEED, suppress_health_check=list(HealthCheck)
+    )
     def run(data) -> None:
         tag = f"poison-{next(examples)}"
         values = data.draw(messages(tag))
@@ -203,16 +269,27 @@ def test_every_poison_message_is_counted_or_dead_lettered_and_the_worker_keeps_g
         expected = sum(_expected_units(v) for v in values)
         # A sentinel per partition after the poison: once all are counted, everything before them was processed.
         sentinels = [f"{tag}-ok-{p}" for p in range(settings.usage_partitions)]
-        asyncio.run(_send(settings, [encode({"id": s, "metricKey": "m", "subjectType": "org", "subjectId": tag})
-                                     for s in sentinels], partitions=list(range(settings.usage_partitions))))
-        eventually(while_running(worker, lambda: all(_counted(settings, tag)[s] == 1 for s in sentinels)), 90,
-                   interval=0.5, message=lambda: f"the worker stalled:\n{worker.log_tail()}")
+        asyncio.run(
+            _send(
+                settings,
+                [encode({"id": s, "metricKey": "m", "subjectType": "org", "subjectId": tag}) for s in sentinels],
+                partitions=list(range(settings.usage_partitions)),
+            )
+        )
+        eventually(
+            while_running(worker, lambda: all(_counted(settings, tag)[s] == 1 for s in sentinels)),
+            90,
+            interval=0.5,
+            message=lambda: f"the worker stalled:\n{worker.log_tail()}",
+        )
         counted = _counted(settings, tag)
         assert all(n == 1 for n in counted.values()), counted  # nothing counted twice
         poison_counted = sum(counted.values()) - len(sentinels)
         letters = asyncio.run(_dead_letters(settings, set(sent), expected - poison_counted, timeout=60))
         assert all(letter["reason"] and letter["message"] for letter in letters)
-        verdicts = Counter((letter["source"]["partition"], letter["source"]["offset"], letter.get("index")) for letter in letters)
+        verdicts = Counter(
+            (letter["source"]["partition"], letter["source"]["offset"], letter.get("index")) for letter in letters
+        )
         assert all(n == 1 for n in verdicts.values()), "a record was dead-lettered twice"
         assert poison_counted + len(letters) == expected, (poison_counted, len(letters), expected)
 
@@ -228,7 +305,9 @@ async def _allow_messages_of(settings, topic: str, size: int) -> None:
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
     await admin.start()
     try:
-        await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, configs={"max.message.bytes": str(size)})])
+        await admin.alter_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, topic, configs={"max.message.bytes": str(size)})]
+        )
     finally:
         await admin.close()
 
@@ -241,30 +320,50 @@ def test_a_10_mb_record_and_oversized_metadata_are_dead_lettered_as_too_large_an
     worker.wait_healthy()
 
     def record(record_id: str, blob: int) -> dict:
-        return {"id": record_id, "metricKey": "m", "subjectType": "org", "subjectId": "big", "quantity": "1",
-                "metadata": {"blob": "x" * blob}}
+        return {
+            "id": record_id,
+            "metricKey": "m",
+            "subjectType": "org",
+            "subjectId": "big",
+            "quantity": "1",
+            "metadata": {"blob": "x" * blob},
+        }
 
     ten_mb = encode(record("ten-mb", 10 * MB))  # over the 8 MiB message limit: refused whole
     wide = encode(record("wide", 300_000))  # metadata over its 256 KiB limit
     wide_batch = encode({"records": [record(f"w{n}", 200_000) for n in range(6)]})  # 1.2 MB, each record fits
     sent = asyncio.run(_send(settings, [ten_mb, wide, wide_batch], max_request_size=16 * MB))
 
-    eventually(while_running(worker, lambda: sum(_counted(settings, "big").values()) >= 6), 90, interval=0.5,
-               message=lambda: f"the worker stalled:\n{worker.log_tail()}")
+    eventually(
+        while_running(worker, lambda: sum(_counted(settings, "big").values()) >= 6),
+        90,
+        interval=0.5,
+        message=lambda: f"the worker stalled:\n{worker.log_tail()}",
+    )
     assert _counted(settings, "big") == Counter({f"w{n}": 1 for n in range(6)})
     letters = asyncio.run(_dead_letters(settings, set(sent[:2]), 2, timeout=60))
     assert sorted((letter["reason"], letter["originalSize"], letter["truncated"]) for letter in letters) == sorted(
-        [("too_large", len(ten_mb), True), ("too_large", len(wide), True)])
+        [("too_large", len(ten_mb), True), ("too_large", len(wide), True)]
+    )
     assert all(letter["record"] is None and len(letter["originalValueBase64"]) < 100_000 for letter in letters)
     assert worker.process.poll() is None
 
 
-HOSTILE_IDS = ["o'; DROP TABLE usage_records; --", 'x" OR 1=1 --', "{subject_id:String}", "tab\tnew\nline\r\x00\x01\x7f",
-               "back\\slash", "ünïcødé ✓ 中文", "%s %(x)s ? $1", "`backtick`", "\u202eRTL"]
+HOSTILE_IDS = [
+    "o'; DROP TABLE usage_records; --",
+    'x" OR 1=1 --',
+    "{subject_id:String}",
+    "tab\tnew\nline\r\x00\x01\x7f",
+    "back\\slash",
+    "ünïcødé ✓ 中文",
+    "%s %(x)s ? $1",
+    "`backtick`",
+    "\u202eRTL",
+]
 
 
 def test_sql_shaped_and_control_character_identifiers_round_trip_intact(pipeline):
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
 
     from metering_pipeline.warehouse.queries import RecordFilter, usage_records_page, usage_summaries
     from metering_schemas import PeriodType
@@ -273,36 +372,67 @@ def test_sql_shaped_and_control_character_identifiers_round_trip_intact(pipeline
     asyncio.run(define(settings, metric("m.x:y-z_1", "SUM")))
     worker = new_worker().start()
     worker.wait_healthy()
-    now = datetime.now(timezone.utc)
-    records = [{"id": f"{hostile}#{n}", "metricKey": "m.x:y-z_1", "subjectType": "t'; --", "subjectId": hostile,
-                "quantity": "1.5", "metadata": {"note": hostile, hostile: [hostile]}}
-               for n, hostile in enumerate(HOSTILE_IDS)]
+    now = datetime.now(UTC)
+    records = [
+        {
+            "id": f"{hostile}#{n}",
+            "metricKey": "m.x:y-z_1",
+            "subjectType": "t'; --",
+            "subjectId": hostile,
+            "quantity": "1.5",
+            "metadata": {"note": hostile, hostile: [hostile]},
+        }
+        for n, hostile in enumerate(HOSTILE_IDS)
+    ]
     asyncio.run(_send(settings, [encode(r) for r in records]))
     with connect(settings) as client:
 
         def stored(subject_id: str) -> tuple[list, list]:
             """The subject's records and hourly summaries, once both are there (records reach ClickHouse before their
             rollups, which follow the checkpoint's commit)."""
-            page = usage_records_page(client, RecordFilter(now - timedelta(hours=1), now + timedelta(hours=1), "t'; --",
-                                                           subject_id, "m.x:y-z_1"), None, 10)
-            summaries = usage_summaries(client, "m.x:y-z_1", "t'; --", subject_id, PeriodType.HOURLY,
-                                        now - timedelta(hours=1), now + timedelta(hours=1))
+            page = usage_records_page(
+                client,
+                RecordFilter(now - timedelta(hours=1), now + timedelta(hours=1), "t'; --", subject_id, "m.x:y-z_1"),
+                None,
+                10,
+            )
+            summaries = usage_summaries(
+                client,
+                "m.x:y-z_1",
+                "t'; --",
+                subject_id,
+                PeriodType.HOURLY,
+                now - timedelta(hours=1),
+                now + timedelta(hours=1),
+            )
             assert page and summaries, (page, summaries)
             return page, summaries
 
         found = eventually(lambda: [stored(record["subjectId"]) for record in records], 60)
-        for record, (page, summaries) in zip(records, found):
-            assert [(r.id, r.subject_id, r.metadata) for r in page] == [(record["id"], record["subjectId"], record["metadata"])]
+        for record, (page, summaries) in zip(records, found, strict=True):
+            assert [(r.id, r.subject_id, r.metadata) for r in page] == [
+                (record["id"], record["subjectId"], record["metadata"])
+            ]
             [summary] = summaries
-            assert (summary.subject_id, summary.total_quantity, summary.record_count) == (record["subjectId"], Decimal("1.5"), 1)
-        assert client.query("SELECT count() FROM usage_records").result_rows[0][0] == len(records)  # the table is still there
+            assert (summary.subject_id, summary.total_quantity, summary.record_count) == (
+                record["subjectId"],
+                Decimal("1.5"),
+                1,
+            )
+        assert client.query("SELECT count() FROM usage_records").result_rows[0][0] == len(
+            records
+        )  # the table is still there
 
 
 # Meters that read the payload (issue 15): what they read is poison too. Each metric below reads one kind of path.
 TOKENS = {**metric("tokens", "SUM"), "valueProperty": "$.metadata.tokens", "groupBy": {"model": "$.metadata.model"}}
 USERS = {**metric("users", "UNIQUE_COUNT"), "valueProperty": "$.metadata.user"}
 LEVEL = {**metric("level", "LATEST"), "valueProperty": "$.metadata.level"}
-EU_TOKENS = {**metric("eu_tokens", "SUM"), "valueProperty": "$.metadata.tokens", "filter": {"$.metadata.region": ["eu"]}}
+EU_TOKENS = {
+    **metric("eu_tokens", "SUM"),
+    "valueProperty": "$.metadata.tokens",
+    "filter": {"$.metadata.region": ["eu"]},
+}
 _PERIODS = ("HOURLY", "DAILY", "MONTHLY")
 
 
@@ -312,11 +442,18 @@ def test_payloads_a_meter_cannot_read_are_dead_lettered_naming_the_path_and_filt
     worker = new_worker().start()
     worker.wait_healthy()
     # Every record in one hour (the previous one), so each period holds the same rows.
-    at = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0) - timedelta(minutes=50)
+    at = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(minutes=50)
 
     def record(record_id: str, metric_key: str, metadata: dict, second: int = 0) -> dict:
-        return {"id": record_id, "metricKey": metric_key, "subjectType": "org", "subjectId": "payload", "quantity": "1",
-                "timestamp": (at + timedelta(seconds=second)).isoformat(), "metadata": metadata}
+        return {
+            "id": record_id,
+            "metricKey": metric_key,
+            "subjectType": "org",
+            "subjectId": "payload",
+            "quantity": "1",
+            "timestamp": (at + timedelta(seconds=second)).isoformat(),
+            "metadata": metadata,
+        }
 
     good = [
         record("t-int", "tokens", {"model": "a", "tokens": 5}),
@@ -366,7 +503,9 @@ def test_payloads_a_meter_cannot_read_are_dead_lettered_naming_the_path_and_filt
     mixed = [*good, *filtered, *(r for r, _, _ in poison)]
     random.Random(15).shuffle(mixed)
     batched = mixed[1::2]
-    values = [encode(r) for r in mixed[::2]] + [encode({"records": batched[n:n + 3]}) for n in range(0, len(batched), 3)]
+    values = [encode(r) for r in mixed[::2]] + [
+        encode({"records": batched[n : n + 3]}) for n in range(0, len(batched), 3)
+    ]
     sent = asyncio.run(_send(settings, values))
     assert sorted(_ids_in(values)) == sorted(r["id"] for r in mixed)
     # A sentinel per partition after them: once all are counted, everything before them was processed.
@@ -385,8 +524,12 @@ def test_payloads_a_meter_cannot_read_are_dead_lettered_naming_the_path_and_filt
         ("eu_tokens", ()): (Decimal("4.5"), 2),
     }
     every_period = {(p, *k): v for p in _PERIODS for k, v in expected.items()}
-    eventually(while_running(worker, lambda: _payload_summary(settings) == every_period), 90, interval=0.5,
-               message=lambda: f"usage_summary {_payload_summary(settings)}\n{worker.log_tail()}")
+    eventually(
+        while_running(worker, lambda: _payload_summary(settings) == every_period),
+        90,
+        interval=0.5,
+        message=lambda: f"usage_summary {_payload_summary(settings)}\n{worker.log_tail()}",
+    )
     assert _counted(settings, "payload") == Counter({r["id"]: 1 for r in good + sentinels})
 
     letters = asyncio.run(_dead_letters(settings, set(sent), len(poison), timeout=60))
@@ -406,6 +549,8 @@ def _ids_in(values: list[bytes]) -> list[str]:
 
 def _payload_summary(settings) -> dict[tuple, tuple[Decimal, int]]:
     with connect(settings) as client:
-        rows = client.query("SELECT period_type, metric_key, dimensions, total_quantity, record_count FROM usage_summary "
-                            "WHERE subject_id = 'payload'").result_rows
+        rows = client.query(
+            "SELECT period_type, metric_key, dimensions, total_quantity, record_count FROM usage_summary "
+            "WHERE subject_id = 'payload'"
+        ).result_rows
     return {(p, m, tuple(sorted(d.items()))): (Decimal(total), count) for p, m, d, total, count in rows}

@@ -29,8 +29,19 @@ def _run(*command: str | Path, cwd: Path = ROOT) -> str:
 @pytest.fixture(scope="module")
 def wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
     wheelhouse = tmp_path_factory.mktemp("wheels")
-    _run(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--wheel-dir", wheelhouse,
-         "./schemas", ".")
+    _run(
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--quiet",
+        "--no-deps",
+        "--no-build-isolation",
+        "--wheel-dir",
+        wheelhouse,
+        "./schemas",
+        ".",
+    )
     return wheelhouse
 
 
@@ -40,9 +51,12 @@ def test_the_product_wheel_holds_no_development_module(wheels: Path) -> None:
     modules = {name for name in names if name.endswith(".py")}
     assert "metering_pipeline/worker/app.py" in modules and "metering_pipeline/api/app.py" in modules
     assert any(name.startswith("metering_pipeline/warehouse/migrations/") and name.endswith(".sql") for name in names)
-    development = [name for name in names if name.startswith(("metering_dev/", "metering_pipeline/stack/",
-                                                              "metering_pipeline/bench/"))
-                   or name in ("metering_pipeline/demo.py", "metering_pipeline/worker/process.py")]
+    development = [
+        name
+        for name in names
+        if name.startswith(("metering_dev/", "metering_pipeline/stack/", "metering_pipeline/bench/"))
+        or name in ("metering_pipeline/demo.py", "metering_pipeline/worker/process.py")
+    ]
     assert development == []
 
 
@@ -55,7 +69,9 @@ def test_worker_api_and_cli_start_without_the_development_dependencies(wheels: P
     assert [name for name in DEVELOPMENT_DISTRIBUTIONS if f"{name}==" in installed] == []
     commands = _run(metering, "--help")
     assert "worker" in commands and "api" in commands
-    assert not {"stack", "bench", "demo"} & {line.split()[0] for line in commands.splitlines()[1:] if line.startswith("  ")}
+    assert not {"stack", "bench", "demo"} & {
+        line.split()[0] for line in commands.splitlines()[1:] if line.startswith("  ")
+    }
     assert "Consume usage.recorded" in _run(metering, "worker", "--help")
     assert "--port" in _run(metering, "api", "--help")
     _run(python, "-c", "import metering_pipeline.worker.app, metering_pipeline.api.app")

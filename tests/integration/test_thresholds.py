@@ -9,17 +9,27 @@ import random
 import urllib.error
 import urllib.request
 from collections import Counter
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
 from aiokafka import AIOKafkaConsumer
 from click.testing import CliRunner
-from support import define, delete_threshold, eventually, metric, publish, set_thresholds, settings_env, threshold, usage
 
 from metering_pipeline.cli import main
 from metering_pipeline.topics import Topics
 from metering_pipeline.warehouse.client import connect
+from support import (
+    define,
+    delete_threshold,
+    eventually,
+    metric,
+    publish,
+    set_thresholds,
+    settings_env,
+    threshold,
+    usage,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -28,8 +38,12 @@ class AlertReader:
     """Reads metering.alerts from the start, remembering its position between calls."""
 
     def __init__(self, settings) -> None:
-        self.consumer = AIOKafkaConsumer(Topics.of(settings).alerts, bootstrap_servers=settings.kafka_bootstrap,
-                                         auto_offset_reset="earliest", isolation_level="read_committed")
+        self.consumer = AIOKafkaConsumer(
+            Topics.of(settings).alerts,
+            bootstrap_servers=settings.kafka_bootstrap,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+        )
 
     async def __aenter__(self) -> AlertReader:
         await self.consumer.start()
@@ -80,7 +94,9 @@ def entitlement(worker, subject: str, metric_key: str) -> dict:
 def entitlement_answer(worker, subject: str, metric_key: str) -> tuple[dict, str]:
     """(body, URL of the worker that answered)."""
     subject_type, subject_id = subject.split(":")
-    with urllib.request.urlopen(f"{worker.url}/v1/subjects/{subject_type}/{subject_id}/metrics/{metric_key}", timeout=5) as r:
+    with urllib.request.urlopen(
+        f"{worker.url}/v1/subjects/{subject_type}/{subject_id}/metrics/{metric_key}", timeout=5
+    ) as r:
         return json.loads(r.read()), r.headers["X-Metering-Served-By"]
 
 
@@ -92,8 +108,9 @@ def stored_alert_ids(settings) -> Counter:
 async def test_approaching_then_exceeded_once_each_and_wildcards_per_subject(pipeline):
     settings, new_worker = pipeline
     await define(settings, metric("tokens", "SUM"))
-    await set_thresholds(settings, threshold("t1", "tokens", "org:org-1", "100"),
-                         threshold("t-all", "tokens", "org:*", "150"))
+    await set_thresholds(
+        settings, threshold("t1", "tokens", "org:org-1", "100"), threshold("t-all", "tokens", "org:*", "150")
+    )
     worker = new_worker().start()
     worker.wait_healthy()
     await asyncio.to_thread(serving, worker, "org:org-1", "tokens")
@@ -104,18 +121,25 @@ async def test_approaching_then_exceeded_once_each_and_wildcards_per_subject(pip
         assert summary_of(await alerts.take(1)) == [("t1", "org-1", "threshold.approaching", "85.50")]
         await publish(settings, [usage("a4", "tokens", "org:org-1", "14.50")])  # exactly 100: not exceeded
         await alerts.none_within(2)
-        await publish(settings, [usage("a5", "tokens", "org:org-1", "0.000000000000000001"),
-                                 usage("a5", "tokens", "org:org-1", "0.000000000000000001")])  # a duplicate
+        await publish(
+            settings,
+            [
+                usage("a5", "tokens", "org:org-1", "0.000000000000000001"),
+                usage("a5", "tokens", "org:org-1", "0.000000000000000001"),
+            ],
+        )  # a duplicate
         [exceeded] = await alerts.take(1)
         assert summary_of([exceeded]) == [("t1", "org-1", "threshold.exceeded", "100.000000000000000001")]
         assert exceeded["periodType"] == "MONTHLY" and exceeded["action"] == "ALERT"
-        assert exceeded["periodStart"] == datetime.now(timezone.utc).strftime("%Y-%m-01T00:00:00Z")
+        assert exceeded["periodStart"] == datetime.now(UTC).strftime("%Y-%m-01T00:00:00Z")
 
         # One record takes org-2 past both levels of the wildcard threshold: approaching first.
         await publish(settings, [usage("b1", "tokens", "org:org-2", "200")])
         both = await alerts.take(2)
-        assert summary_of(both) == [("t-all", "org-2", "threshold.approaching", "200"),
-                                    ("t-all", "org-2", "threshold.exceeded", "200")]
+        assert summary_of(both) == [
+            ("t-all", "org-2", "threshold.approaching", "200"),
+            ("t-all", "org-2", "threshold.exceeded", "200"),
+        ]
         await alerts.none_within(2)
 
     ids = [exceeded["id"], *(a["id"] for a in both)]
@@ -147,7 +171,10 @@ async def test_thresholds_apply_to_recorded_usage_block_rearm_and_stop_when_dele
     async with AlertReader(settings) as alerts:
         await set_thresholds(settings, threshold("b1", "calls", "user:u1", "8", action="BLOCK"))
         fired = await alerts.take(2)
-        assert summary_of(fired) == [("b1", "u1", "threshold.approaching", "10"), ("b1", "u1", "threshold.exceeded", "10")]
+        assert summary_of(fired) == [
+            ("b1", "u1", "threshold.approaching", "10"),
+            ("b1", "u1", "threshold.exceeded", "10"),
+        ]
         assert fired[0]["periodType"] == "DAILY"
         status = await asyncio.to_thread(entitlement, worker, "user:u1", "calls")
         assert status["blocked"] is True and status["thresholds"][0]["blocked"] is True
@@ -177,7 +204,7 @@ async def test_thresholds_apply_to_recorded_usage_block_rearm_and_stop_when_dele
 
 async def test_each_reset_period_is_its_own_window(pipeline):
     settings, new_worker = pipeline
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     this_hour = now.replace(minute=0, second=0, microsecond=0)
     await define(settings, metric("req", "COUNT", reset="HOURLY"), metric("gb", "MAX", reset="NEVER"))
     await set_thresholds(settings, threshold("h", "req", "org:o1", "5"), threshold("n", "gb", "org:o1", "40"))
@@ -186,7 +213,9 @@ async def test_each_reset_period_is_its_own_window(pipeline):
     await asyncio.to_thread(serving, worker, "org:o1", "req")
     async with AlertReader(settings) as alerts:
         # Six late records in the previous hour exceed that hour's window...
-        await publish(settings, [usage(f"p{n}", "req", "org:o1", at=this_hour - timedelta(minutes=30)) for n in range(6)])
+        await publish(
+            settings, [usage(f"p{n}", "req", "org:o1", at=this_hour - timedelta(minutes=30)) for n in range(6)]
+        )
         previous = await alerts.take(2)
         assert [(a["type"], a["value"], a["periodStart"]) for a in previous] == [
             ("threshold.approaching", "6", (this_hour - timedelta(hours=1)).isoformat().replace("+00:00", "Z")),
@@ -196,14 +225,23 @@ async def test_each_reset_period_is_its_own_window(pipeline):
         await publish(settings, [usage(f"c{n}", "req", "org:o1", at=now) for n in range(4)])
         [current] = await alerts.take(1)
         assert (current["type"], current["value"], current["periodStart"]) == (
-            "threshold.approaching", "4", this_hour.isoformat().replace("+00:00", "Z"))
+            "threshold.approaching",
+            "4",
+            this_hour.isoformat().replace("+00:00", "Z"),
+        )
 
         # NEVER: the all-time MAX across months.
-        await publish(settings, [usage("g1", "gb", "org:o1", "35", at=now - timedelta(days=33)),
-                                 usage("g2", "gb", "org:o1", "12", at=now)])
+        await publish(
+            settings,
+            [usage("g1", "gb", "org:o1", "35", at=now - timedelta(days=33)), usage("g2", "gb", "org:o1", "12", at=now)],
+        )
         [lifetime] = await alerts.take(1)
         assert (lifetime["type"], lifetime["value"], lifetime["periodType"], lifetime["periodStart"]) == (
-            "threshold.approaching", "35", "NEVER", "1970-01-01T00:00:00Z")
+            "threshold.approaching",
+            "35",
+            "NEVER",
+            "1970-01-01T00:00:00Z",
+        )
         await publish(settings, [usage("g3", "gb", "org:o1", "40.5", at=now)])
         [over] = await alerts.take(1)
         assert (over["type"], over["value"]) == ("threshold.exceeded", "40.5")
@@ -235,7 +273,7 @@ async def test_alerts_stay_exactly_once_across_a_killed_worker(pipeline):
     expected = +expected
 
     for start in range(0, len(messages), 300):
-        await publish(settings, messages[start:start + 300])
+        await publish(settings, messages[start : start + 300])
         if start == 900:
             second.kill()
         if start == 1800:
@@ -252,7 +290,9 @@ async def test_alerts_stay_exactly_once_across_a_killed_worker(pipeline):
 
     def archived_once() -> bool:
         stored = stored_alert_ids(settings)
-        assert stored == Counter({a["id"]: 1 for a in found}), f"threshold_events differs: {len(stored)} ids vs {len(found)}"
+        assert stored == Counter({a["id"]: 1 for a in found}), (
+            f"threshold_events differs: {len(stored)} ids vs {len(found)}"
+        )
         return True
 
     await asyncio.to_thread(eventually, archived_once, 60, interval=0.5)

@@ -6,10 +6,10 @@ import asyncio
 
 import orjson
 import pytest
-from support import define, eventually, metric, publish, read_json
 
 from metering_pipeline.topics import Topics
 from metering_pipeline.warehouse.client import connect
+from support import define, eventually, metric, publish, read_json
 
 pytestmark = pytest.mark.integration
 
@@ -20,7 +20,8 @@ def mirrored(settings, metric_id: str, timeout: float = 60) -> tuple:
 
         def row() -> tuple | None:
             rows = client.query(
-                "SELECT key, aggregation_type, org_id, deleted, version FROM metric_definitions FINAL WHERE id = {id:String}",
+                "SELECT key, aggregation_type, org_id, deleted, version FROM metric_definitions FINAL "
+                "WHERE id = {id:String}",
                 parameters={"id": metric_id},
             ).result_rows
             return rows[0] if rows else None

@@ -11,11 +11,21 @@ import time
 from decimal import Decimal
 
 import pytest
-from support import (define, eventually, metric, publish, read_json, set_thresholds, summary_rows, threshold, usage,
-                     while_running)
 
 from metering_pipeline.topics import Topics
 from metering_pipeline.warehouse.client import connect
+from support import (
+    define,
+    eventually,
+    metric,
+    publish,
+    read_json,
+    set_thresholds,
+    summary_rows,
+    threshold,
+    usage,
+    while_running,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -48,7 +58,6 @@ def test_a_worker_restarted_under_its_instance_id_counts_and_alerts_without_wait
     took = time.monotonic() - restarted
     assert sorted(a["type"] for a in alerts) == ["threshold.approaching", "threshold.exceeded"]
     assert took < 20, f"alerts {took:.1f} s after the restart: the successor waited for the old session to expire"
-
 
     def all_counted() -> tuple[Decimal, int]:
         monthly = _monthly(settings)

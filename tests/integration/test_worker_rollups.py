@@ -9,16 +9,16 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter, defaultdict
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import orjson
 import pytest
-from support import PARTITIONS, WorkerProcess, define, eventually, metric, publish, read_json
 
 from metering_dev.bench.soak_summary import counter
 from metering_pipeline.topics import Topics
 from metering_pipeline.warehouse.client import connect
+from support import PARTITIONS, WorkerProcess, define, eventually, metric, publish, read_json
 
 pytestmark = pytest.mark.integration
 
@@ -34,7 +34,9 @@ def expected_rollups(records: list[dict], aggregation_of) -> dict[tuple, tuple[D
             "MONTHLY": at.replace(day=1, hour=0, minute=0, second=0, microsecond=0),
         }
         for period, start in starts.items():
-            values[(r["metricKey"], r["subjectType"], r["subjectId"], period, start.replace(tzinfo=None))].append(Decimal(r["quantity"]))
+            values[(r["metricKey"], r["subjectType"], r["subjectId"], period, start.replace(tzinfo=None))].append(
+                Decimal(r["quantity"])
+            )
     result = {}
     for key, quantities in values.items():
         aggregation = aggregation_of(key[0], key[2])
@@ -52,7 +54,8 @@ def expected_rollups(records: list[dict], aggregation_of) -> dict[tuple, tuple[D
 def summary(settings) -> dict[tuple, tuple[Decimal, int]]:
     with connect(settings) as client:
         rows = client.query(
-            "SELECT metric_key, subject_type, subject_id, period_type, period_start, total_quantity, record_count FROM usage_summary"
+            "SELECT metric_key, subject_type, subject_id, period_type, period_start, total_quantity, record_count "
+            "FROM usage_summary"
         ).result_rows
     return {tuple(row[:5]): (Decimal(row[5]), row[6]) for row in rows}
 
@@ -63,8 +66,10 @@ def summary_is(settings, expected) -> bool:
     if actual != expected:
         missing = {k: v for k, v in expected.items() if actual.get(k) != v}
         extra = {k: v for k, v in actual.items() if k not in expected}
-        raise AssertionError(f"usage_summary differs: {len(missing)} wrong/missing e.g. {list(missing.items())[:3]}, "
-                             f"actual {[actual.get(k) for k in list(missing)[:3]]}; {len(extra)} extra e.g. {list(extra.items())[:3]}")
+        raise AssertionError(
+            f"usage_summary differs: {len(missing)} wrong/missing e.g. {list(missing.items())[:3]}, "
+            f"actual {[actual.get(k) for k in list(missing)[:3]]}; {len(extra)} extra e.g. {list(extra.items())[:3]}"
+        )
     return True
 
 
@@ -89,14 +94,21 @@ def wire(record: dict) -> dict:
 
 async def test_worker_rolls_up_exactly_with_dedup_batches_late_records_org_overrides_and_dlq(pipeline):
     settings, new_worker = pipeline
-    await define(settings, metric("calls", "COUNT"), metric("tokens", "SUM"), metric("peak", "MAX"),
-                 metric("floor", "MIN"), metric("mean", "AVG"), metric("org-6:tokens", "MAX", org_id="org-6", key="tokens"))
+    await define(
+        settings,
+        metric("calls", "COUNT"),
+        metric("tokens", "SUM"),
+        metric("peak", "MAX"),
+        metric("floor", "MIN"),
+        metric("mean", "AVG"),
+        metric("org-6:tokens", "MAX", org_id="org-6", key="tokens"),
+    )
     aggregation = {"calls": "COUNT", "tokens": "SUM", "peak": "MAX", "floor": "MIN", "mean": "AVG"}
     worker = new_worker().start()
     worker.wait_healthy()
 
     rng = random.Random(3)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     records = [usage_record(rng, now, n, sorted(aggregation)) for n in range(400)]
     # Exactness: quantities with 18 decimals, given as JSON numbers, never pass through a float.
     records += [usage_record(rng, now, 400 + n, ["tokens"], quantity="0.100000000000000001") for n in range(5)]
@@ -120,7 +132,14 @@ async def test_worker_rolls_up_exactly_with_dedup_batches_late_records_org_overr
         messages.append((None, orjson.dumps(wire(r)), rng.randrange(PARTITIONS)))
     records += no_id
     # A late record inside the allowed lateness lands in its own (old) periods.
-    late = usage_record(rng, now, 2000, ["tokens"], timestamp=(now - timedelta(days=20)).isoformat(), at=(now - timedelta(days=20)).replace(microsecond=(now - timedelta(days=20)).microsecond // 1000 * 1000))
+    late = usage_record(
+        rng,
+        now,
+        2000,
+        ["tokens"],
+        timestamp=(now - timedelta(days=20)).isoformat(),
+        at=(now - timedelta(days=20)).replace(microsecond=(now - timedelta(days=20)).microsecond // 1000 * 1000),
+    )
     messages.append((None, orjson.dumps(wire(late)), 1))
     records.append(late)
     # The org-scoped definition overrides the global one for org-6's tokens (MAX instead of SUM).
@@ -163,9 +182,9 @@ async def test_sigkilled_and_restarted_workers_in_one_group_neither_lose_nor_dou
     second.wait_healthy()
 
     rng = random.Random(11)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     records = [usage_record(rng, now, n, ["calls", "tokens"]) for n in range(12_000)]
-    chunks = [records[i:i + 1_000] for i in range(0, len(records), 1_000)]
+    chunks = [records[i : i + 1_000] for i in range(0, len(records), 1_000)]
 
     async def produce() -> None:
         for chunk in chunks:
@@ -184,7 +203,9 @@ async def test_sigkilled_and_restarted_workers_in_one_group_neither_lose_nor_dou
     second = new_worker().start()
     await producing
     # Producer retries after a crash are re-sends of the same records: they must not count.
-    await publish(settings, [(None, orjson.dumps(wire(r)), rng.randrange(PARTITIONS)) for r in rng.sample(records, 500)])
+    await publish(
+        settings, [(None, orjson.dumps(wire(r)), rng.randrange(PARTITIONS)) for r in rng.sample(records, 500)]
+    )
 
     expected = expected_rollups(records, lambda metric_key, _: {"calls": "COUNT", "tokens": "SUM"}[metric_key])
     await asyncio.to_thread(eventually, lambda: summary_is(settings, expected), 180, interval=0.5)
@@ -198,7 +219,7 @@ async def test_dedup_state_survives_a_worker_restart(pipeline):
     worker = new_worker().start()
     worker.wait_healthy()
     rng = random.Random(5)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     records = [usage_record(rng, now, n, ["calls"]) for n in range(200)]
     await publish(settings, [(None, orjson.dumps(wire(r)), rng.randrange(PARTITIONS)) for r in records])
     expected = expected_rollups(records, lambda *_: "COUNT")
@@ -219,21 +240,28 @@ async def test_dedup_state_survives_a_worker_restart(pipeline):
 async def test_on_tansu_the_worker_runs_at_least_once_and_rollups_still_converge(tansu_stack, unique_name, tmp_path):
     """tansu has no transactions: the documented degrade is at_least_once, whose ClickHouse rollups stay exact."""
     settings = tansu_stack.settings(
-        topic_prefix=f"{unique_name}.", consumer_group_prefix=unique_name, clickhouse_database=unique_name,
-        usage_partitions=2, processing_guarantee="at_least_once",
+        topic_prefix=f"{unique_name}.",
+        consumer_group_prefix=unique_name,
+        clickhouse_database=unique_name,
+        usage_partitions=2,
+        processing_guarantee="at_least_once",
     )
     env = {
-        "METERING_KAFKA_BOOTSTRAP": settings.kafka_bootstrap, "METERING_CLICKHOUSE_URL": settings.clickhouse_url,
-        "METERING_TOPIC_PREFIX": settings.topic_prefix, "METERING_CONSUMER_GROUP_PREFIX": unique_name,
-        "METERING_CLICKHOUSE_DATABASE": unique_name, "METERING_USAGE_PARTITIONS": "2",
-        "METERING_PROCESSING_GUARANTEE": "at_least_once", "METERING_FLUSH_INTERVAL": "0.5",
+        "METERING_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "METERING_CLICKHOUSE_URL": settings.clickhouse_url,
+        "METERING_TOPIC_PREFIX": settings.topic_prefix,
+        "METERING_CONSUMER_GROUP_PREFIX": unique_name,
+        "METERING_CLICKHOUSE_DATABASE": unique_name,
+        "METERING_USAGE_PARTITIONS": "2",
+        "METERING_PROCESSING_GUARANTEE": "at_least_once",
+        "METERING_FLUSH_INTERVAL": "0.5",
     }
     worker = WorkerProcess(env, tmp_path / "worker.log").start()
     try:
         worker.wait_healthy(timeout=120)
         await define(settings, metric("tokens", "SUM"))
         rng = random.Random(2)
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         records = [usage_record(rng, now, n, ["tokens"]) for n in range(300)]
         await asyncio.sleep(1)
         await publish(settings, [(None, orjson.dumps(wire(r)), None) for r in records + records[:50]])

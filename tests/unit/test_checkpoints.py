@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from metering_pipeline.usage.rollups import CountedRecord, PartitionRollups
@@ -11,12 +11,21 @@ from metering_pipeline.worker.checkpoints import PartitionWriter, Snapshot, merg
 from metering_pipeline.worker.stats import WorkerStats
 from metering_schemas import AggregationType, PeriodType
 
-AT = datetime(2026, 11, 24, 10, 15, tzinfo=timezone.utc)
+AT = datetime(2026, 11, 24, 10, 15, tzinfo=UTC)
 
 
 def counted(record_id: str, quantity: str) -> CountedRecord:
-    return CountedRecord("org", "o", record_id, "tokens", "tokens", AggregationType.SUM, Decimal(quantity),
-                         int(AT.timestamp() * 1000), "{}")
+    return CountedRecord(
+        "org",
+        "o",
+        record_id,
+        "tokens",
+        "tokens",
+        AggregationType.SUM,
+        Decimal(quantity),
+        int(AT.timestamp() * 1000),
+        "{}",
+    )
 
 
 def _hourly(snapshot: Snapshot) -> Decimal:
@@ -92,8 +101,14 @@ def test_the_writer_commits_after_the_records_merges_what_queued_up_meanwhile_an
         sink.down = False
         assert await writer.settle(5)
         # The write that was retrying goes first; what queued up behind it goes as one checkpoint.
-        assert log == [("records", ["a"]), ("commit", 1), ("rollups", 3), ("records", ["b", "c"]), ("commit", 3),
-                       ("rollups", 3)]
+        assert log == [
+            ("records", ["a"]),
+            ("commit", 1),
+            ("rollups", 3),
+            ("records", ["b", "c"]),
+            ("commit", 3),
+            ("rollups", 3),
+        ]
         assert writer.buffered == 0 and writer.unsettled_keys() == set()
 
         fail_commit = True

@@ -17,8 +17,10 @@ def test_a_threshold_written_as_a_json_number_keeps_every_digit():
 
 
 def test_a_price_written_as_a_json_number_keeps_every_digit():
-    value = (b'{"key": "p", "name": "p", "currency": "USD", "prices": [{"metricKey": "m", "model": "PER_UNIT", '
-             b'"unitPrice": 0.000000000000000001}]}')
+    value = (
+        b'{"key": "p", "name": "p", "currency": "USD", "prices": [{"metricKey": "m", "model": "PER_UNIT", '
+        b'"unitPrice": 0.000000000000000001}]}'
+    )
     entry = parse_entry(Plan, b"p", value)
     assert entry is not None and entry[1] is not None
     assert entry[1].prices[0].unit_price == Decimal("0.000000000000000001")

@@ -33,8 +33,9 @@ def test_every_metering_variable_is_a_setting(compose):
         environment = compose["services"][name]["environment"]
         unknown = {key for key in environment if key not in fields}
         assert not unknown, f"{name} sets variables no setting reads: {unknown}"
-        Settings.model_validate({k.removeprefix("METERING_").lower(): v for k, v in environment.items()
-                                 if "${" not in str(v)})
+        Settings.model_validate(
+            {k.removeprefix("METERING_").lower(): v for k, v in environment.items() if "${" not in str(v)}
+        )
 
 
 def test_worker_scales_and_starts_after_healthy_dependencies_and_migrations(compose):
@@ -75,8 +76,10 @@ def test_dockerfile_runs_the_metering_cli_as_a_non_root_user():
     assert "./schemas ." in dockerfile, "the image installs the contract and the pipeline from wheels"
 
 
-@pytest.mark.skipif(shutil.which("docker-compose") is None,
-                    reason="docker-compose is not installed (deploy/bootstrap.sh installs it from Debian when run as root)")
+@pytest.mark.skipif(
+    shutil.which("docker-compose") is None,
+    reason="docker-compose is not installed (deploy/bootstrap.sh installs it from Debian when run as root)",
+)
 def test_docker_compose_accepts_the_file():
     result = subprocess.run(["docker-compose", "config", "--quiet"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -3,7 +3,7 @@ entries round-trip exactly, including what an older worker left on the topics.""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import msgspec
@@ -11,41 +11,66 @@ import orjson
 import pytest
 from hypothesis import given, strategies as st
 
+from metering_pipeline.usage.aggregation import MERGEABLE
 from metering_pipeline.usage.intake import AcceptedRecord
 from metering_pipeline.usage.periods import EPOCH
-from metering_pipeline.usage.aggregation import MERGEABLE
 from metering_pipeline.usage.rollups import LIFETIME, CountedRecord, PartitionRollups, Rollup, RollupChange
 from metering_pipeline.warehouse.sink import records_body
 from metering_pipeline.worker import changelog, routing
 from metering_schemas import AggregationType, MetricDefinition, PeriodType, ResetPeriod
 
-UTC = timezone.utc
-TOKENS = MetricDefinition(id="tokens-v2", key="tokens", name="t", aggregation_type=AggregationType.MAX,
-                          reset_period=ResetPeriod.MONTHLY)
+UTC = UTC
+TOKENS = MetricDefinition(
+    id="tokens-v2", key="tokens", name="t", aggregation_type=AggregationType.MAX, reset_period=ResetPeriod.MONTHLY
+)
 BIG = "-12345678901234567890.123456789012345678"
 
 
-def accepted(quantity: str, at: datetime, subject_id: str = "ö-1", metadata: str = '{"region":"eu"}',
-             metric: MetricDefinition = TOKENS) -> AcceptedRecord:
-    return AcceptedRecord("org", subject_id, "r-1", "tokens", metric.id, metric.aggregation_type, quantity,
-                          (at - EPOCH) // timedelta(milliseconds=1), metadata, metric.reset_period is ResetPeriod.NEVER)
+def accepted(
+    quantity: str,
+    at: datetime,
+    subject_id: str = "ö-1",
+    metadata: str = '{"region":"eu"}',
+    metric: MetricDefinition = TOKENS,
+) -> AcceptedRecord:
+    return AcceptedRecord(
+        "org",
+        subject_id,
+        "r-1",
+        "tokens",
+        metric.id,
+        metric.aggregation_type,
+        quantity,
+        (at - EPOCH) // timedelta(milliseconds=1),
+        metadata,
+        metric.reset_period is ResetPeriod.NEVER,
+    )
 
 
 def test_routed_batches_round_trip_exactly():
     at = datetime(2026, 11, 24, 10, 15, 30, 123000, tzinfo=UTC)
-    records = [accepted(BIG, at), accepted("1E+3", at, "o\u2028\"x\""), accepted("0.000000000000000001", at, metadata="{}")]
+    records = [
+        accepted(BIG, at),
+        accepted("1E+3", at, 'o\u2028"x"'),
+        accepted("0.000000000000000001", at, metadata="{}"),
+    ]
     value = routing.encode(records)
     assert value[:1] == routing.ROUTED_V2
     decoded = routing.decode(value)
-    assert [(r.subject_type, r.subject_id, r.record_id, r.metric_key, r.metric_id, r.aggregation, r.metadata_json)
-            for r in decoded] == [("org", a.subject_id, "r-1", "tokens", "tokens-v2", AggregationType.MAX, a.metadata_json)
-                                  for a in records]
+    assert [
+        (r.subject_type, r.subject_id, r.record_id, r.metric_key, r.metric_id, r.aggregation, r.metadata_json)
+        for r in decoded
+    ] == [("org", a.subject_id, "r-1", "tokens", "tokens-v2", AggregationType.MAX, a.metadata_json) for a in records]
     assert [str(r.quantity) for r in decoded] == [BIG, "1E+3", "1E-18"]
     assert all(r.timestamp == at for r in decoded)
 
 
-@given(st.decimals(allow_nan=False, allow_infinity=False, places=18, min_value=Decimal("-1e20"), max_value=Decimal("1e20")),
-       st.integers(min_value=0, max_value=4102444800000))
+@given(
+    st.decimals(
+        allow_nan=False, allow_infinity=False, places=18, min_value=Decimal("-1e20"), max_value=Decimal("1e20")
+    ),
+    st.integers(min_value=0, max_value=4102444800000),
+)
 def test_any_quantity_and_millisecond_travels_unchanged(quantity, ms):
     at = datetime.fromtimestamp(ms / 1000, tz=UTC)
     [record] = routing.decode(routing.encode([accepted(str(quantity), at)]))
@@ -56,26 +81,34 @@ def test_version_1_json_batches_left_by_an_older_worker_still_decode():
     at_ms = 1_764_000_000_123
     legacy = orjson.dumps([["org", "o", "r-1", "tokens", "tokens-v2", "SUM", BIG, at_ms, '{"a":1}']])
     [record] = routing.decode(legacy)
-    assert record == CountedRecord("org", "o", "r-1", "tokens", "tokens-v2", AggregationType.SUM, Decimal(BIG), at_ms,
-                                   '{"a":1}')
+    assert record == CountedRecord(
+        "org", "o", "r-1", "tokens", "tokens-v2", AggregationType.SUM, Decimal(BIG), at_ms, '{"a":1}'
+    )
     assert record.all_time  # an older worker kept an all-time rollup for every metric
 
 
 def test_version_2_batches_routed_before_records_said_whether_they_count_all_time_still_do():
-    older = routing.ROUTED_V2 + msgspec.msgpack.encode([["org", "o", "r-1", "tokens", "tokens-v2", "SUM", "1.5",
-                                                         1_764_000_000_123, "{}"]])
+    older = routing.ROUTED_V2 + msgspec.msgpack.encode(
+        [["org", "o", "r-1", "tokens", "tokens-v2", "SUM", "1.5", 1_764_000_000_123, "{}"]]
+    )
     [record] = routing.decode(older)
     assert record.all_time and record.quantity == Decimal("1.5")
 
 
 def test_what_a_metric_read_from_the_payload_travels_with_the_record_and_older_batches_have_none():
     at = datetime(2026, 11, 24, 10, 15, 30, 123000, tzinfo=UTC)
-    grouped = msgspec.structs.replace(accepted("2.50", at), dimensions=(("model", "gpt-4"), ("region", "")),
-                                      distinct="user-ö")
+    grouped = msgspec.structs.replace(
+        accepted("2.50", at), dimensions=(("model", "gpt-4"), ("region", "")), distinct="user-ö"
+    )
     [record] = routing.decode(routing.encode([grouped]))
-    assert (record.dimensions, record.distinct, str(record.quantity)) == ((("model", "gpt-4"), ("region", "")), "user-ö", "2.50")
-    older = routing.ROUTED_V2 + msgspec.msgpack.encode([["org", "o", "r-1", "tokens", "tokens-v2", "SUM", "1.5",
-                                                         1_764_000_000_123, "{}", False]])
+    assert (record.dimensions, record.distinct, str(record.quantity)) == (
+        (("model", "gpt-4"), ("region", "")),
+        "user-ö",
+        "2.50",
+    )
+    older = routing.ROUTED_V2 + msgspec.msgpack.encode(
+        [["org", "o", "r-1", "tokens", "tokens-v2", "SUM", "1.5", 1_764_000_000_123, "{}", False]]
+    )
     [record] = routing.decode(older)
     assert (record.dimensions, record.distinct) == ((), None)
 
@@ -85,8 +118,10 @@ def test_routed_batches_are_cut_by_what_the_records_carry_dimensions_and_distinc
     value = "x" * 100_000
     plain = [accepted("1", at, metadata="{}") for _ in range(10)]
     assert [len(batch) for batch in routing.batches(plain)] == [10]
-    heavy = [msgspec.structs.replace(accepted("1", at, metadata="{}"), dimensions=(("d", value),), distinct=value)
-             for _ in range(10)]
+    heavy = [
+        msgspec.structs.replace(accepted("1", at, metadata="{}"), dimensions=(("d", value),), distinct=value)
+        for _ in range(10)
+    ]
     cut = list(routing.batches(heavy))
     assert len(cut) > 1 and sum(map(len, cut)) == 10
     assert all(len(routing.encode(batch)) <= routing.ROUTED_BATCH_BYTES for batch in cut)
@@ -98,13 +133,18 @@ def test_an_unknown_routed_encoding_is_refused_loudly():
 
 
 def test_changelog_rollup_entries_restore_the_same_rollups_and_tombstones_delete_them():
-    hour = ("tokens", "org", "ö \"1\"", PeriodType.HOURLY, datetime(2026, 11, 24, 10, tzinfo=UTC), ())
+    hour = ("tokens", "org", 'ö "1"', PeriodType.HOURLY, datetime(2026, 11, 24, 10, tzinfo=UTC), ())
     lifetime = ("tokens", "org", "o", LIFETIME, datetime(1970, 1, 1, tzinfo=UTC), ())
     big = Rollup(AggregationType.SUM, 3, Decimal("1" * 58 + ".5"), Decimal(BIG), Decimal("7"), 41, "tokens-v2")
     empty = Rollup(AggregationType.COUNT, version=0)
-    entries = [changelog.rollup_entry(RollupChange.of(hour, big)), changelog.rollup_entry(RollupChange.of(lifetime, empty))]
+    entries = [
+        changelog.rollup_entry(RollupChange.of(hour, big)),
+        changelog.rollup_entry(RollupChange.of(lifetime, empty)),
+    ]
     restored = changelog.restore(entries).rollups
-    assert {key: (r.aggregation, r.count, r.sum, r.min, r.max, r.version, r.metric_id) for key, r in restored.items()} == {
+    assert {
+        key: (r.aggregation, r.count, r.sum, r.min, r.max, r.version, r.metric_id) for key, r in restored.items()
+    } == {
         hour: (AggregationType.SUM, 3, big.sum, big.min, big.max, 41, "tokens-v2"),
         lifetime: (AggregationType.COUNT, 0, Decimal(0), None, None, 0, None),
     }
@@ -136,20 +176,27 @@ def test_usage_records_times_are_written_as_clickhouse_datetime64_text_of_the_sa
 
 
 @pytest.mark.parametrize("aggregation", MERGEABLE)
-@pytest.mark.parametrize("quantities", [[], ["7.50"], ["7.50", "7.50"], ["3", "-1E+2", BIG, "0.5"], ["2", "2.0", "1E+1"]])
+@pytest.mark.parametrize(
+    "quantities", [[], ["7.50"], ["7.50", "7.50"], ["3", "-1E+2", BIG, "0.5"], ["2", "2.0", "1E+1"]]
+)
 def test_a_frozen_rollup_writes_the_texts_of_its_values_and_total(aggregation: AggregationType, quantities: list[str]):
     """The texts are shared where the values are the same object (a rollup of one record): never a wrong one."""
     at = datetime(2026, 11, 24, 10, tzinfo=UTC)
     state = PartitionRollups(timedelta(hours=1))
-    records = [CountedRecord("org", "o", f"r{n}", "m", "m", aggregation, Decimal(q), int(at.timestamp() * 1000), "{}")
-               for n, q in enumerate(quantities)]
+    records = [
+        CountedRecord("org", "o", f"r{n}", "m", "m", aggregation, Decimal(q), int(at.timestamp() * 1000), "{}")
+        for n, q in enumerate(quantities)
+    ]
     state.apply(records, 0, at)
     rollups = state.rollups.items() if quantities else [(("m", "org", "o", LIFETIME, at, ()), Rollup(aggregation))]
     for key, rollup in rollups:
         change = RollupChange.of(key, rollup)
         assert (change.sum_text, change.min_text, change.max_text, change.total_text) == (
-            str(rollup.sum), None if rollup.min is None else str(rollup.min),
-            None if rollup.max is None else str(rollup.max), str(rollup.total()))
+            str(rollup.sum),
+            None if rollup.min is None else str(rollup.min),
+            None if rollup.max is None else str(rollup.max),
+            str(rollup.total()),
+        )
 
 
 @pytest.mark.parametrize("reset_period", list(ResetPeriod))
@@ -162,7 +209,8 @@ def test_a_routed_record_counts_all_time_only_for_a_metric_that_never_resets(res
     state = PartitionRollups(timedelta(hours=1))
     state.apply([routed], 0, at)
     assert sorted(str(key[3].value) for key in state.rollups) == sorted(
-        ["DAILY", "HOURLY", "MONTHLY", *(["NEVER"] if reset_period is ResetPeriod.NEVER else [])])
+        ["DAILY", "HOURLY", "MONTHLY", *(["NEVER"] if reset_period is ResetPeriod.NEVER else [])]
+    )
 
 
 def test_an_accepted_record_has_the_routed_layout_the_rollup_stage_decodes():

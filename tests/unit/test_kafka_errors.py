@@ -9,14 +9,20 @@ from aiokafka.errors import KafkaConnectionError, SaslAuthenticationFailed
 from metering_pipeline.kafka_errors import describe, first_bootstrap_server
 from metering_pipeline.settings import Settings
 
-SETTINGS = Settings(kafka_bootstrap="broker-1:9094,broker-2:9094", kafka_security_protocol="SASL_SSL",
-                    kafka_sasl_mechanism="SCRAM-SHA-512", kafka_sasl_username="metering",
-                    kafka_sasl_password="s3cret-pw")
+SETTINGS = Settings(
+    kafka_bootstrap="broker-1:9094,broker-2:9094",
+    kafka_security_protocol="SASL_SSL",
+    kafka_sasl_mechanism="SCRAM-SHA-512",
+    kafka_sasl_username="metering",
+    kafka_sasl_password="s3cret-pw",
+)
 
 
 def test_each_cause_gets_its_own_sentence():
     refused = describe(SETTINGS, SaslAuthenticationFailed("invalid credentials"))
-    assert refused is not None and refused.startswith("Kafka at broker-1:9094 refused the credentials of user 'metering'")
+    assert refused is not None and refused.startswith(
+        "Kafka at broker-1:9094 refused the credentials of user 'metering'"
+    )
     untrusted = ssl.SSLCertVerificationError(1, "certificate verify failed")
     untrusted.verify_message = "self-signed certificate in certificate chain"
     assert "METERING_KAFKA_SSL_CAFILE" in describe(SETTINGS, untrusted)

@@ -5,15 +5,20 @@ from __future__ import annotations
 import logging
 import time
 
-from aiokafka.errors import (GroupAuthorizationFailedError, GroupCoordinatorNotAvailableError, KafkaConnectionError,
-                             SaslAuthenticationFailed)
+from aiokafka.errors import (
+    GroupAuthorizationFailedError,
+    GroupCoordinatorNotAvailableError,
+    KafkaConnectionError,
+    SaslAuthenticationFailed,
+)
 from structlog.testing import capture_logs
 
 from metering_pipeline.logs import KafkaRetries
 
 
-def record(message: str, *args: object, level: int = logging.ERROR,
-           logger: str = "aiokafka.consumer.group_coordinator") -> logging.LogRecord:
+def record(
+    message: str, *args: object, level: int = logging.ERROR, logger: str = "aiokafka.consumer.group_coordinator"
+) -> logging.LogRecord:
     return logging.LogRecord(logger, level, __file__, 1, message, args, None)
 
 
@@ -25,7 +30,9 @@ def test_a_retried_kafka_coordinator_error_is_one_warning_a_minute_and_a_final_o
     for _ in range(2):  # never hushed
         final = record("Group Coordinator Request failed: %s", GroupAuthorizationFailedError())
         assert retries.filter(final) and final.levelname == "ERROR"
-    refused = record('Unable connect to "%s:%s": %s', "localhost", 9094, SaslAuthenticationFailed("bad password"), logger="aiokafka")
+    refused = record(
+        'Unable connect to "%s:%s": %s', "localhost", 9094, SaslAuthenticationFailed("bad password"), logger="aiokafka"
+    )
     assert retries.filter(refused) and refused.levelname == "ERROR" and retries.unreachable_since is None
     bug = record("Unexpected error in sender routine", logger="aiokafka.producer.sender")
     assert retries.filter(bug) and bug.levelname == "ERROR"
@@ -36,7 +43,9 @@ def test_an_unreachable_broker_is_one_warning_when_it_goes_and_one_when_it_is_ba
     outage = [
         record("Unable connect to node with id %s: %s", 1, OSError(111, "Connect call failed"), logger="aiokafka"),
         record("Unable to update metadata from %s", [1], logger="aiokafka"),
-        record("Failed fetch messages from %s: %s", 1, KafkaConnectionError("closed"), logger="aiokafka.consumer.fetcher"),
+        record(
+            "Failed fetch messages from %s: %s", 1, KafkaConnectionError("closed"), logger="aiokafka.consumer.fetcher"
+        ),
         record("Heartbeat session expired - marking coordinator dead"),
         record("Marking the coordinator dead (node %s)for group %s.", 1, "g", level=logging.WARNING),
     ]
@@ -51,6 +60,10 @@ def test_an_unreachable_broker_is_one_warning_when_it_goes_and_one_when_it_is_ba
     assert said[1]["retries_not_logged"] == 500 and said[1]["log_level"] == "warning"
     assert 0 <= said[1]["unreachable_seconds"] < 1
     # After recovery, a retried error is a warning again (rate-limited as before the outage).
-    moved = record("Heartbeat failed for group %s: coordinator (node %s) is either not started or not valid", "g", 1,
-                   level=logging.WARNING)
+    moved = record(
+        "Heartbeat failed for group %s: coordinator (node %s) is either not started or not valid",
+        "g",
+        1,
+        level=logging.WARNING,
+    )
     assert retries.filter(moved)

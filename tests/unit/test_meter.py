@@ -5,7 +5,7 @@ path (`read_message`) must give exactly what the model's path (`read_message_by_
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -16,23 +16,39 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from pydantic import ValidationError
 
 from metering_pipeline.usage import meter
-from metering_pipeline.usage.intake import (AcceptedRecord, Intake, IntakeRules, Message, read_message,
-                                            read_message_by_model)
-from metering_pipeline.usage.meter import (MeterReader, Reading, UnreadableRecord, quantity_at, reads_payload, steps_of,
-                                           string_form, value_at)
+from metering_pipeline.usage.intake import (
+    AcceptedRecord,
+    Intake,
+    IntakeRules,
+    Message,
+    read_message,
+    read_message_by_model,
+)
+from metering_pipeline.usage.meter import (
+    MeterReader,
+    Reading,
+    UnreadableRecord,
+    quantity_at,
+    reads_payload,
+    steps_of,
+    string_form,
+    value_at,
+)
 from metering_pipeline.usage.metrics import MetricCatalog
 from metering_pipeline.usage.record_decoder import DecodedBatch, DecodedRecord, decode_message
 from metering_schemas import AggregationType, DeadLetter, MetricDefinition, RejectReason
 
-UTC = timezone.utc
+UTC = UTC
 NOW = datetime(2026, 11, 24, 12, tzinfo=UTC)
 MISSING = meter._MISSING  # what value_at returns where a path leads nowhere
+DEFAULT_RULES = IntakeRules()  # read_both's default
 
 
 def metric(metric_id: str, aggregation: str = "SUM", **wire: Any) -> MetricDefinition:
     """A definition as it arrives on the wire (camelCase: valueProperty, groupBy, filter)."""
-    return MetricDefinition.model_validate({"id": metric_id, "key": metric_id, "name": metric_id,
-                                            "aggregationType": aggregation, **wire})
+    return MetricDefinition.model_validate(
+        {"id": metric_id, "key": metric_id, "name": metric_id, "aggregationType": aggregation, **wire}
+    )
 
 
 def catalog(*definitions: MetricDefinition) -> MetricCatalog:
@@ -43,8 +59,13 @@ def message(value: bytes, offset: int = 7) -> Message:
     return Message("usage.recorded", 2, offset, NOW, b"k", value)
 
 
-def record(metric_key: str, metadata: dict[str, Any] | None = None, quantity: Any = None, record_id: str | None = "r",
-           **extra: Any) -> dict[str, Any]:
+def record(
+    metric_key: str,
+    metadata: dict[str, Any] | None = None,
+    quantity: Any = None,
+    record_id: str | None = "r",
+    **extra: Any,
+) -> dict[str, Any]:
     fields: dict[str, Any] = {"metricKey": metric_key, "subjectType": "org", "subjectId": "o"}
     if record_id is not None:
         fields["id"] = record_id
@@ -66,8 +87,9 @@ def raw_json(document: Any) -> bytes:
     return text.replace('"@@', "").replace('@@"', "").encode()
 
 
-def read_both(value: bytes, definitions: MetricDefinition | tuple[MetricDefinition, ...],
-              rules: IntakeRules = IntakeRules()) -> Intake:
+def read_both(
+    value: bytes, definitions: MetricDefinition | tuple[MetricDefinition, ...], rules: IntakeRules = DEFAULT_RULES
+) -> Intake:
     """`read_message`, after checking it agrees with `read_message_by_model` on the same bytes."""
     if isinstance(definitions, MetricDefinition):
         definitions = (definitions,)
@@ -109,6 +131,7 @@ def only_rejected(intake: Intake) -> DeadLetter:
 
 # --- paths ---------------------------------------------------------------------------------------------------------
 
+
 def test_paths_split_into_metadata_steps_and_quantity_has_none():
     assert steps_of("$.quantity") == ()
     assert steps_of("$.metadata.model") == ("model",)
@@ -129,16 +152,19 @@ def test_a_nested_metadata_path_reads_the_value_it_leads_to():
     assert value_at(("a",), "1", metadata) == metadata["a"]
 
 
-@pytest.mark.parametrize(("steps", "metadata"), [
-    (("a",), {}),
-    (("a", "b"), {"a": {}}),
-    (("a", "b"), {"b": {"b": 1}}),
-    (("a", "b"), {"a": "text"}),  # through a string
-    (("a", "b"), {"a": 5}),  # through a number
-    (("a", "0"), {"a": ["x"]}),  # through an array: arrays are not indexed
-    (("a", "b"), {"a": None}),  # through null
-    (("a", "b"), {"a": True}),
-])
+@pytest.mark.parametrize(
+    ("steps", "metadata"),
+    [
+        (("a",), {}),
+        (("a", "b"), {"a": {}}),
+        (("a", "b"), {"b": {"b": 1}}),
+        (("a", "b"), {"a": "text"}),  # through a string
+        (("a", "b"), {"a": 5}),  # through a number
+        (("a", "0"), {"a": ["x"]}),  # through an array: arrays are not indexed
+        (("a", "b"), {"a": None}),  # through null
+        (("a", "b"), {"a": True}),
+    ],
+)
 def test_a_path_that_is_missing_or_runs_through_a_non_object_is_missing(steps, metadata):
     assert value_at(steps, "1", metadata) is MISSING
     assert string_form(value_at(steps, "1", metadata), "$.metadata." + ".".join(steps)) == ""
@@ -151,24 +177,28 @@ def test_a_present_null_is_not_missing_but_has_the_same_string_form():
 
 # --- string forms --------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("value", "form"), [
-    ("abc", "abc"),
-    ("", ""),
-    (" spaced ", " spaced "),
-    ("1.50", "1.50"),  # a string as is, never as a number
-    ("é😀", "é😀"),
-    (0, "0"),
-    (42, "42"),
-    (-7, "-7"),
-    (10**25, "10000000000000000000000000"),
-    (Decimal("1.50"), "1.50"),
-    (Decimal("-0.5"), "-0.5"),
-    (Decimal("0.123456789012345678"), "0.123456789012345678"),
-    (True, "true"),
-    (False, "false"),
-    (None, ""),
-    (MISSING, ""),
-])
+
+@pytest.mark.parametrize(
+    ("value", "form"),
+    [
+        ("abc", "abc"),
+        ("", ""),
+        (" spaced ", " spaced "),
+        ("1.50", "1.50"),  # a string as is, never as a number
+        ("é😀", "é😀"),
+        (0, "0"),
+        (42, "42"),
+        (-7, "-7"),
+        (10**25, "10000000000000000000000000"),
+        (Decimal("1.50"), "1.50"),
+        (Decimal("-0.5"), "-0.5"),
+        (Decimal("0.123456789012345678"), "0.123456789012345678"),
+        (True, "true"),
+        (False, "false"),
+        (None, ""),
+        (MISSING, ""),
+    ],
+)
 def test_the_string_form_of_a_scalar(value, form):
     assert string_form(value, "$.metadata.x") == form
 
@@ -183,8 +213,14 @@ def test_an_object_or_array_has_no_string_form_and_the_error_names_the_path(valu
 
 def test_string_forms_of_json_numbers_keep_their_decimal_text_through_intake():
     definition = metric("m", groupBy={"n": "$.metadata.n"})
-    for text, form in [("1.50", "1.50"), ("12", "12"), ("-3", "-3"), ("0.123456789012345678", "0.123456789012345678"),
-                       ("12345678901234567890", "12345678901234567890"), ("100.0", "100.0")]:
+    for text, form in [
+        ("1.50", "1.50"),
+        ("12", "12"),
+        ("-3", "-3"),
+        ("0.123456789012345678", "0.123456789012345678"),
+        ("12345678901234567890", "12345678901234567890"),
+        ("100.0", "100.0"),
+    ]:
         value = raw_json(record("m", {"n": number(text)}))
         assert only_accepted(read_both(value, definition)).dimensions == (("n", form),), text
 
@@ -202,19 +238,22 @@ def test_the_string_form_of_a_small_json_number_is_its_json_text():
 TOKENS_BY_PROPERTY = metric("tokens", "SUM", valueProperty="$.metadata.usage.tokens")
 
 
-@pytest.mark.parametrize(("tokens", "quantity"), [
-    (number("12"), "12"),
-    (number("2.5"), "2.5"),
-    (number("-4"), "-4"),
-    (number("0"), "0"),
-    ("12", "12"),  # a numeric string
-    ("2.50", "2.50"),
-    (number("0.123456789012345678"), "0.123456789012345678"),  # 18 decimals: every digit
-    ("0.123456789012345678", "0.123456789012345678"),
-    (number("12345678901234567890"), "12345678901234567890"),  # 20 digits: beyond a float, beyond 64 bits
-    ("12345678901234567890", "12345678901234567890"),
-    (number("99999999999999999999.999999999999999999"), "99999999999999999999.999999999999999999"),  # 38 digits
-])
+@pytest.mark.parametrize(
+    ("tokens", "quantity"),
+    [
+        (number("12"), "12"),
+        (number("2.5"), "2.5"),
+        (number("-4"), "-4"),
+        (number("0"), "0"),
+        ("12", "12"),  # a numeric string
+        ("2.50", "2.50"),
+        (number("0.123456789012345678"), "0.123456789012345678"),  # 18 decimals: every digit
+        ("0.123456789012345678", "0.123456789012345678"),
+        (number("12345678901234567890"), "12345678901234567890"),  # 20 digits: beyond a float, beyond 64 bits
+        ("12345678901234567890", "12345678901234567890"),
+        (number("99999999999999999999.999999999999999999"), "99999999999999999999.999999999999999999"),  # 38 digits
+    ],
+)
 def test_value_property_reads_a_json_number_or_numeric_string_exactly(tokens, quantity):
     value = raw_json(record("tokens", {"usage": {"tokens": tokens}}, quantity=5))  # the record's own 5 is not it
     accepted = only_accepted(read_both(value, TOKENS_BY_PROPERTY))
@@ -222,23 +261,26 @@ def test_value_property_reads_a_json_number_or_numeric_string_exactly(tokens, qu
     assert accepted.quantity == quantity  # the exact text: no float, no rounding, no lost zeros
 
 
-@pytest.mark.parametrize(("metadata", "problem"), [
-    ({}, "missing"),
-    ({"usage": {}}, "missing"),
-    ({"usage": "12"}, "missing"),  # through a string
-    ({"usage": {"tokens": None}}, "missing"),
-    ({"usage": {"tokens": "abc"}}, "not a valid quantity"),
-    ({"usage": {"tokens": ""}}, "not a valid quantity"),
-    ({"usage": {"tokens": "NaN"}}, "not a valid quantity"),
-    ({"usage": {"tokens": "Infinity"}}, "not a valid quantity"),
-    ({"usage": {"tokens": True}}, "not a number"),  # a bool is not a number
-    ({"usage": {"tokens": False}}, "not a number"),
-    ({"usage": {"tokens": {"n": 1}}}, "not a number"),
-    ({"usage": {"tokens": [1]}}, "not a number"),
-    ({"usage": {"tokens": number("0.1234567890123456789")}}, "not a valid quantity"),  # 19 decimals
-    ({"usage": {"tokens": "0.1234567890123456789"}}, "not a valid quantity"),
-    ({"usage": {"tokens": number("9" * 39)}}, "not a valid quantity"),  # 39 digits
-])
+@pytest.mark.parametrize(
+    ("metadata", "problem"),
+    [
+        ({}, "missing"),
+        ({"usage": {}}, "missing"),
+        ({"usage": "12"}, "missing"),  # through a string
+        ({"usage": {"tokens": None}}, "missing"),
+        ({"usage": {"tokens": "abc"}}, "not a valid quantity"),
+        ({"usage": {"tokens": ""}}, "not a valid quantity"),
+        ({"usage": {"tokens": "NaN"}}, "not a valid quantity"),
+        ({"usage": {"tokens": "Infinity"}}, "not a valid quantity"),
+        ({"usage": {"tokens": True}}, "not a number"),  # a bool is not a number
+        ({"usage": {"tokens": False}}, "not a number"),
+        ({"usage": {"tokens": {"n": 1}}}, "not a number"),
+        ({"usage": {"tokens": [1]}}, "not a number"),
+        ({"usage": {"tokens": number("0.1234567890123456789")}}, "not a valid quantity"),  # 19 decimals
+        ({"usage": {"tokens": "0.1234567890123456789"}}, "not a valid quantity"),
+        ({"usage": {"tokens": number("9" * 39)}}, "not a valid quantity"),  # 39 digits
+    ],
+)
 def test_value_property_missing_or_not_a_number_is_dead_lettered_invalid_record_naming_the_path(metadata, problem):
     value = raw_json(record("tokens", metadata, quantity=5))
     letter = only_rejected(read_both(value, TOKENS_BY_PROPERTY))
@@ -248,9 +290,13 @@ def test_value_property_missing_or_not_a_number_is_dead_lettered_invalid_record_
 
 
 def test_value_property_in_a_batch_dead_letters_only_the_record_that_lacks_it():
-    batch = {"records": [record("tokens", {"usage": {"tokens": 3}}, record_id="a"),
-                         record("tokens", {"usage": {}}, record_id="b"),
-                         record("tokens", {"usage": {"tokens": "4.25"}}, record_id="c")]}
+    batch = {
+        "records": [
+            record("tokens", {"usage": {"tokens": 3}}, record_id="a"),
+            record("tokens", {"usage": {}}, record_id="b"),
+            record("tokens", {"usage": {"tokens": "4.25"}}, record_id="c"),
+        ]
+    }
     intake = read_both(orjson.dumps(batch), TOKENS_BY_PROPERTY)
     assert [(a.record_id, a.quantity) for a in intake.accepted] == [("a", "3"), ("c", "4.25")]
     [letter] = intake.rejected
@@ -284,7 +330,9 @@ def test_count_ignores_value_property_even_when_the_path_is_missing():
 def test_quantity_at_refuses_what_the_record_models_quantity_refuses():
     steps = ("v",)
     assert quantity_at(steps, "$.metadata.v", "1", {"v": Decimal("0.000000000000000001")}) in (
-        "0.000000000000000001", "1E-18")
+        "0.000000000000000001",
+        "1E-18",
+    )
     with pytest.raises(UnreadableRecord, match=r"\$\.metadata\.v"):
         quantity_at(steps, "$.metadata.v", "1", {"v": Decimal("0.0000000000000000001")})
     with pytest.raises(UnreadableRecord, match=r"\$\.metadata\.v \(valueProperty\) is not a number"):
@@ -299,17 +347,20 @@ def test_quantity_at_refuses_what_the_record_models_quantity_refuses():
 PREMIUM_EU = metric("calls", "SUM", filter={"$.metadata.tier": ["premium", "gold"], "$.metadata.geo.region": ["eu"]})
 
 
-@pytest.mark.parametrize(("metadata", "counts"), [
-    ({"tier": "premium", "geo": {"region": "eu"}}, True),
-    ({"tier": "gold", "geo": {"region": "eu"}, "other": 1}, True),
-    ({"tier": "premium", "geo": {"region": "us"}}, False),  # one path of two does not match
-    ({"tier": "basic", "geo": {"region": "eu"}}, False),
-    ({"tier": "premium"}, False),  # missing is "", not listed
-    ({"geo": {"region": "eu"}}, False),
-    ({"tier": "Premium", "geo": {"region": "eu"}}, False),  # compared exactly
-    ({"tier": " premium", "geo": {"region": "eu"}}, False),
-    ({}, False),
-])
+@pytest.mark.parametrize(
+    ("metadata", "counts"),
+    [
+        ({"tier": "premium", "geo": {"region": "eu"}}, True),
+        ({"tier": "gold", "geo": {"region": "eu"}, "other": 1}, True),
+        ({"tier": "premium", "geo": {"region": "us"}}, False),  # one path of two does not match
+        ({"tier": "basic", "geo": {"region": "eu"}}, False),
+        ({"tier": "premium"}, False),  # missing is "", not listed
+        ({"geo": {"region": "eu"}}, False),
+        ({"tier": "Premium", "geo": {"region": "eu"}}, False),  # compared exactly
+        ({"tier": " premium", "geo": {"region": "eu"}}, False),
+        ({}, False),
+    ],
+)
 def test_a_record_counts_only_when_every_filter_path_holds_a_listed_value(metadata, counts):
     intake = read_both(orjson.dumps(record("calls", metadata, quantity=2)), PREMIUM_EU)
     assert intake.rejected == []  # filtered or not, never dead-lettered
@@ -320,15 +371,21 @@ def test_a_record_counts_only_when_every_filter_path_holds_a_listed_value(metada
 
 
 def test_a_filtered_record_is_counted_as_filtered_in_a_batch_between_counted_and_dead_lettered_ones():
-    batch = {"records": [record("calls", {"tier": "gold", "geo": {"region": "eu"}}, record_id="kept"),
-                         record("calls", {"tier": "basic", "geo": {"region": "eu"}}, record_id="out-1"),
-                         record("calls", {"tier": "gold", "geo": {"region": "eu"}}, quantity="x", record_id="bad"),
-                         record("calls", {"tier": "gold"}, record_id="out-2"),
-                         record("nope", {}, record_id="unknown")]}
+    batch = {
+        "records": [
+            record("calls", {"tier": "gold", "geo": {"region": "eu"}}, record_id="kept"),
+            record("calls", {"tier": "basic", "geo": {"region": "eu"}}, record_id="out-1"),
+            record("calls", {"tier": "gold", "geo": {"region": "eu"}}, quantity="x", record_id="bad"),
+            record("calls", {"tier": "gold"}, record_id="out-2"),
+            record("nope", {}, record_id="unknown"),
+        ]
+    }
     intake = read_both(orjson.dumps(batch), PREMIUM_EU)
     assert [a.record_id for a in intake.accepted] == ["kept"]
-    assert [(r.index, r.reason) for r in intake.rejected] == [(2, RejectReason.INVALID_RECORD),
-                                                               (4, RejectReason.UNKNOWN_METRIC)]
+    assert [(r.index, r.reason) for r in intake.rejected] == [
+        (2, RejectReason.INVALID_RECORD),
+        (4, RejectReason.UNKNOWN_METRIC),
+    ]
     assert intake.filtered == 2
 
 
@@ -344,7 +401,9 @@ def test_filters_compare_string_forms_of_numbers_and_booleans():
     assert len(read_both(raw_json(record("m", {"beta": True, "version": number("2")})), definition).accepted) == 1
     assert len(read_both(raw_json(record("m", {"beta": True, "version": "2.5"})), definition).accepted) == 1
     assert len(read_both(raw_json(record("m", {"beta": True, "version": number("2.5")})), definition).accepted) == 1
-    assert read_both(raw_json(record("m", {"beta": "true", "version": 2})), definition).filtered == 0  # "true" is "true"
+    assert (
+        read_both(raw_json(record("m", {"beta": "true", "version": 2})), definition).filtered == 0
+    )  # "true" is "true"
     assert read_both(raw_json(record("m", {"beta": False, "version": 2})), definition).filtered == 1
     assert read_both(raw_json(record("m", {"beta": 1, "version": 2})), definition).filtered == 1  # 1 is not true
     assert read_both(raw_json(record("m", {"beta": True, "version": number("2.0")})), definition).filtered == 1
@@ -361,8 +420,9 @@ def test_a_filter_on_the_quantity_compares_the_quantitys_string_form():
 
 def test_a_filter_leaves_a_record_out_before_anything_else_is_read_from_it():
     """A record the filter leaves out is not dead-lettered for what the metric would have read."""
-    definition = metric("m", "SUM", valueProperty="$.metadata.v", groupBy={"k": "$.metadata.k"},
-                        filter={"$.metadata.kind": ["api"]})
+    definition = metric(
+        "m", "SUM", valueProperty="$.metadata.v", groupBy={"k": "$.metadata.k"}, filter={"$.metadata.kind": ["api"]}
+    )
     intake = read_both(orjson.dumps(record("m", {"kind": "web", "k": {"not": "scalar"}})), definition)
     assert (intake.accepted, intake.rejected, intake.filtered) == ([], [], 1)
     letter = only_rejected(read_both(orjson.dumps(record("m", {"kind": "api", "k": "x"})), definition))
@@ -379,21 +439,29 @@ def test_a_filter_applies_to_its_metric_only():
 
 # --- groupBy -------------------------------------------------------------------------------------------------------
 
+
 def test_group_by_dimensions_are_sorted_by_name_whatever_the_definitions_order():
-    definition = metric("m", groupBy={"zone": "$.metadata.zone", "model": "$.metadata.llm.model", "a_first": "$.metadata.a"})
-    accepted = only_accepted(read_both(orjson.dumps(record("m", {"zone": "eu-1", "llm": {"model": "gpt"}, "a": 7})),
-                                       definition))
+    definition = metric(
+        "m", groupBy={"zone": "$.metadata.zone", "model": "$.metadata.llm.model", "a_first": "$.metadata.a"}
+    )
+    accepted = only_accepted(
+        read_both(orjson.dumps(record("m", {"zone": "eu-1", "llm": {"model": "gpt"}, "a": 7})), definition)
+    )
     assert accepted.dimensions == (("a_first", "7"), ("model", "gpt"), ("zone", "eu-1"))
 
 
 def test_a_missing_or_null_dimension_is_the_empty_string_and_every_name_is_present():
-    definition = metric("m", groupBy={"model": "$.metadata.model", "region": "$.metadata.region", "tier": "$.metadata.t.x"})
+    definition = metric(
+        "m", groupBy={"model": "$.metadata.model", "region": "$.metadata.region", "tier": "$.metadata.t.x"}
+    )
     accepted = only_accepted(read_both(orjson.dumps(record("m", {"region": None, "t": "flat"})), definition))
     assert accepted.dimensions == (("model", ""), ("region", ""), ("tier", ""))
 
 
-@pytest.mark.parametrize(("value", "form"), [(True, "true"), (False, "false"), (number("3"), "3"),
-                                              (number("2.50"), "2.50"), ("", ""), ("x y", "x y")])
+@pytest.mark.parametrize(
+    ("value", "form"),
+    [(True, "true"), (False, "false"), (number("3"), "3"), (number("2.50"), "2.50"), ("", ""), ("x y", "x y")],
+)
 def test_a_dimension_value_is_the_scalars_string_form(value, form):
     definition = metric("m", groupBy={"d": "$.metadata.d"})
     assert only_accepted(read_both(raw_json(record("m", {"d": value})), definition)).dimensions == (("d", form),)
@@ -416,15 +484,24 @@ def test_a_metric_without_group_by_has_the_total_row_only():
 USERS = metric("active_users", "UNIQUE_COUNT", valueProperty="$.metadata.user.id")
 
 
-@pytest.mark.parametrize(("value", "distinct"), [("u1", "u1"), ("", ""), (number("42"), "42"), (number("4.20"), "4.20"),
-                                                 (True, "true"), ("42", "42")])
+@pytest.mark.parametrize(
+    ("value", "distinct"),
+    [("u1", "u1"), ("", ""), (number("42"), "42"), (number("4.20"), "4.20"), (True, "true"), ("42", "42")],
+)
 def test_unique_count_reads_the_string_form_of_its_value_and_keeps_the_records_quantity(value, distinct):
     accepted = only_accepted(read_both(raw_json(record("active_users", {"user": {"id": value}}, quantity="3")), USERS))
     assert (accepted.distinct, accepted.quantity, accepted.aggregation) == (distinct, "3", AggregationType.UNIQUE_COUNT)
 
 
-@pytest.mark.parametrize(("metadata", "problem"), [({}, "missing"), ({"user": {"id": None}}, "missing"),
-                                                   ({"user": {"id": {"a": 1}}}, "object"), ({"user": {"id": [1]}}, "array")])
+@pytest.mark.parametrize(
+    ("metadata", "problem"),
+    [
+        ({}, "missing"),
+        ({"user": {"id": None}}, "missing"),
+        ({"user": {"id": {"a": 1}}}, "object"),
+        ({"user": {"id": [1]}}, "array"),
+    ],
+)
 def test_unique_count_without_a_readable_value_is_dead_lettered_naming_the_path(metadata, problem):
     letter = only_rejected(read_both(orjson.dumps(record("active_users", metadata)), USERS))
     assert letter.reason is RejectReason.INVALID_RECORD
@@ -438,20 +515,30 @@ def test_unique_count_over_the_quantity_counts_its_string_form():
 
 
 def test_a_grouped_filtered_unique_count_reads_everything_at_once():
-    definition = metric("u", "UNIQUE_COUNT", valueProperty="$.metadata.user", groupBy={"plan": "$.metadata.plan"},
-                        filter={"$.metadata.kind": ["login"]})
+    definition = metric(
+        "u",
+        "UNIQUE_COUNT",
+        valueProperty="$.metadata.user",
+        groupBy={"plan": "$.metadata.plan"},
+        filter={"$.metadata.kind": ["login"]},
+    )
     reader = MeterReader(definition)
     assert reader.read("1", {"kind": "login", "user": "u1", "plan": "pro"}) == Reading("1", (("plan", "pro"),), "u1")
     assert reader.read("1", {"kind": "logout", "user": "u1", "plan": "pro"}) is None
-    accepted = only_accepted(read_both(orjson.dumps(record("u", {"kind": "login", "user": "u1", "plan": "pro"})),
-                                       definition))
+    accepted = only_accepted(
+        read_both(orjson.dumps(record("u", {"kind": "login", "user": "u1", "plan": "pro"})), definition)
+    )
     assert (accepted.dimensions, accepted.distinct) == ((("plan", "pro"),), "u1")
 
 
 # --- the fast path and the model's path agree ----------------------------------------------------------------------
 
-GROUPED = metric("grouped", "SUM", valueProperty="$.metadata.tokens", groupBy={"model": "$.metadata.model",
-                                                                                "region": "$.metadata.geo.region"})
+GROUPED = metric(
+    "grouped",
+    "SUM",
+    valueProperty="$.metadata.tokens",
+    groupBy={"model": "$.metadata.model", "region": "$.metadata.geo.region"},
+)
 FILTERED = metric("filtered", "COUNT", filter={"$.metadata.model": ["a", "b"], "$.quantity": ["1", "2"]})
 UNIQUE = metric("unique", "UNIQUE_COUNT", valueProperty="$.metadata.user", groupBy={"model": "$.metadata.model"})
 LATEST = metric("latest", "LATEST", valueProperty="$.metadata.tokens", filter={"$.metadata.flag": ["true", ""]})
@@ -460,10 +547,20 @@ ALL = (GROUPED, FILTERED, UNIQUE, LATEST, PLAIN)
 
 SCALARS = st.one_of(
     st.sampled_from(["a", "b", "c", "", "1", "2", "true", "u1", "u2", "é", "12.5"]),
-    st.integers(-3, 3), st.sampled_from([10**20, 12345678901234567890]),
-    st.sampled_from([Decimal("1.50"), Decimal("2.0"), Decimal("0.123456789012345678"), Decimal("0.1234567890123456789"),
-                     Decimal("-0.5"), Decimal("100")]),
-    st.booleans(), st.none(),
+    st.integers(-3, 3),
+    st.sampled_from([10**20, 12345678901234567890]),
+    st.sampled_from(
+        [
+            Decimal("1.50"),
+            Decimal("2.0"),
+            Decimal("0.123456789012345678"),
+            Decimal("0.1234567890123456789"),
+            Decimal("-0.5"),
+            Decimal("100"),
+        ]
+    ),
+    st.booleans(),
+    st.none(),
 )
 VALUES = st.one_of(SCALARS, SCALARS, SCALARS, st.just({"x": 1}), st.just([1, 2]), st.just({}))
 
@@ -479,14 +576,39 @@ def _metadata_strategy() -> st.SearchStrategy[dict[str, Any]]:
             metadata.pop(name, None)
         return metadata
 
-    return st.builds(build, VALUES, VALUES, VALUES, VALUES, VALUES, st.sampled_from(["object", "scalar", "none"]),
-                     st.sets(st.sampled_from(["model", "tokens", "user", "flag"])))
+    return st.builds(
+        build,
+        VALUES,
+        VALUES,
+        VALUES,
+        VALUES,
+        VALUES,
+        st.sampled_from(["object", "scalar", "none"]),
+        st.sets(st.sampled_from(["model", "tokens", "user", "flag"])),
+    )
 
 
 # Quantities both paths write the same way. Small fractions (below 1E-6) are written differently by the two
 # paths; `test_the_quantitys_string_form_does_not_depend_on_which_path_read_the_record` pins that case.
-QUANTITY_TEXTS = st.sampled_from([None, "1", "2", "2.5", "-1", "0", '"1"', '"2"', '"2.50"', '"abc"', "1.0", "1e2",
-                                  "12345678901234567890", '"0.123456789012345678"', "true"])
+QUANTITY_TEXTS = st.sampled_from(
+    [
+        None,
+        "1",
+        "2",
+        "2.5",
+        "-1",
+        "0",
+        '"1"',
+        '"2"',
+        '"2.50"',
+        '"abc"',
+        "1.0",
+        "1e2",
+        "12345678901234567890",
+        '"0.123456789012345678"',
+        "true",
+    ]
+)
 
 
 def _numbers(value: Any) -> Any:
@@ -508,8 +630,13 @@ def _record_text(metric_key: str, metadata: dict[str, Any], quantity: str | None
     return "{" + ",".join(parts) + "}"
 
 
-RECORDS = st.builds(_record_text, st.sampled_from([d.key for d in ALL]), _metadata_strategy(), QUANTITY_TEXTS,
-                    st.one_of(st.none(), st.sampled_from(["r1", "r2"])))
+RECORDS = st.builds(
+    _record_text,
+    st.sampled_from([d.key for d in ALL]),
+    _metadata_strategy(),
+    QUANTITY_TEXTS,
+    st.one_of(st.none(), st.sampled_from(["r1", "r2"])),
+)
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -527,22 +654,25 @@ def test_both_paths_agree_on_batch_messages(texts):
     assert len(intake.accepted) + len(intake.rejected) + intake.filtered == len(texts)
 
 
-@pytest.mark.parametrize("document", [
-    record("grouped", {"model": "a", "tokens": "12.5", "geo": {"region": "eu"}}),
-    record("grouped", {"model": 7, "tokens": 3}),
-    record("grouped", {"model": "a"}),  # its value is missing
-    record("grouped", {"model": {"x": 1}, "tokens": 1}),
-    record("filtered", {"model": "a"}, quantity=2),
-    record("filtered", {"model": "a"}, quantity=3),
-    record("filtered", {"model": "c"}, quantity=1),
-    record("unique", {"user": "u1", "model": "b"}),
-    record("unique", {"user": 5}),
-    record("unique", {"model": "b"}),
-    record("latest", {"tokens": 9, "flag": True}),
-    record("latest", {"tokens": 9, "flag": False}),
-    record("latest", {"tokens": 9}),
-    record("latest", {"flag": True}),
-])
+@pytest.mark.parametrize(
+    "document",
+    [
+        record("grouped", {"model": "a", "tokens": "12.5", "geo": {"region": "eu"}}),
+        record("grouped", {"model": 7, "tokens": 3}),
+        record("grouped", {"model": "a"}),  # its value is missing
+        record("grouped", {"model": {"x": 1}, "tokens": 1}),
+        record("filtered", {"model": "a"}, quantity=2),
+        record("filtered", {"model": "a"}, quantity=3),
+        record("filtered", {"model": "c"}, quantity=1),
+        record("unique", {"user": "u1", "model": "b"}),
+        record("unique", {"user": 5}),
+        record("unique", {"model": "b"}),
+        record("latest", {"tokens": 9, "flag": True}),
+        record("latest", {"tokens": 9, "flag": False}),
+        record("latest", {"tokens": 9}),
+        record("latest", {"flag": True}),
+    ],
+)
 def test_canonical_records_take_the_fast_path_and_agree_with_the_model_alone_and_in_a_batch(document):
     single = orjson.dumps(document)
     assert isinstance(decode_message(single), DecodedRecord)  # the fast path decides it, not the model
@@ -568,6 +698,7 @@ def test_the_quantitys_string_form_does_not_depend_on_which_path_read_the_record
 
 
 # --- MeterReader and the catalog -----------------------------------------------------------------------------------
+
 
 def test_only_metrics_that_read_the_payload_get_a_reader_and_a_replaced_definition_drops_it():
     assert not reads_payload(metric("m"))
@@ -600,6 +731,7 @@ def test_a_definition_change_applies_to_records_read_after_it():
 
 # --- MetricDefinition validation -----------------------------------------------------------------------------------
 
+
 def test_unique_count_without_value_property_is_refused():
     with pytest.raises(ValidationError, match="UNIQUE_COUNT needs valueProperty"):
         metric("u", "UNIQUE_COUNT")
@@ -620,9 +752,28 @@ def test_a_group_by_path_must_be_under_metadata(path):
         metric("m", groupBy={"d": path})
 
 
-@pytest.mark.parametrize("path", ["$.metadata", "$.metadata.", "$.metadata..a", "$.metadata.a..b", "$.metadata.a.",
-                                  "$.metadata.a b", "$.metadata.a\tb", "$.quantity.x", "$.Quantity", "$.metadata.a\n",
-                                  "$metadata.a", "metadata.a", "$.meta.a", "", "$", "$.", "$.metadata." + "a" * 600])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "$.metadata",
+        "$.metadata.",
+        "$.metadata..a",
+        "$.metadata.a..b",
+        "$.metadata.a.",
+        "$.metadata.a b",
+        "$.metadata.a\tb",
+        "$.quantity.x",
+        "$.Quantity",
+        "$.metadata.a\n",
+        "$metadata.a",
+        "metadata.a",
+        "$.meta.a",
+        "",
+        "$",
+        "$.",
+        "$.metadata." + "a" * 600,
+    ],
+)
 @pytest.mark.parametrize("field", ["valueProperty", "groupBy", "filter"])
 def test_bad_path_syntax_is_refused_everywhere_a_path_is_written(path, field):
     wire = {"valueProperty": path, "groupBy": {"d": path}, "filter": {path: ["x"]}}[field]
@@ -630,8 +781,9 @@ def test_bad_path_syntax_is_refused_everywhere_a_path_is_written(path, field):
         metric("m", **{field: wire})
 
 
-@pytest.mark.parametrize("path", ["$.quantity", "$.metadata.a", "$.metadata.a.b.c", "$.metadata.user-id",
-                                  "$.metadata.é", "$.metadata.a:b"])
+@pytest.mark.parametrize(
+    "path", ["$.quantity", "$.metadata.a", "$.metadata.a.b.c", "$.metadata.user-id", "$.metadata.é", "$.metadata.a:b"]
+)
 def test_good_paths_are_accepted_for_value_property_and_filter(path):
     definition = metric("m", valueProperty=path, filter={path: ["x"]})
     assert definition.value_property == path and definition.filter == {path: ["x"]}
@@ -652,11 +804,16 @@ def test_a_bad_dimension_name_is_refused(name):
 
 
 def test_the_new_fields_are_camel_case_on_the_wire_and_default_to_nothing():
-    definition = metric("m", "LATEST", valueProperty="$.metadata.v", groupBy={"g": "$.metadata.g"},
-                        filter={"$.metadata.f": ["1"]})
+    definition = metric(
+        "m", "LATEST", valueProperty="$.metadata.v", groupBy={"g": "$.metadata.g"}, filter={"$.metadata.f": ["1"]}
+    )
     wire = json.loads(definition.to_json())
     assert (wire["valueProperty"], wire["groupBy"], wire["filter"], wire["aggregationType"]) == (
-        "$.metadata.v", {"g": "$.metadata.g"}, {"$.metadata.f": ["1"]}, "LATEST")
+        "$.metadata.v",
+        {"g": "$.metadata.g"},
+        {"$.metadata.f": ["1"]},
+        "LATEST",
+    )
     assert MetricDefinition.model_validate(wire) == definition
     plain = metric("p")
     assert (plain.value_property, plain.group_by, plain.filter) == (None, {}, {})

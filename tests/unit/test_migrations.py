@@ -8,7 +8,10 @@ from metering_pipeline.warehouse.migrations import load, split_statements
 
 
 def test_statements_split_on_line_ending_semicolons_and_drop_comment_lines():
-    sql = "-- a comment;\nCREATE TABLE a (x String DEFAULT ';')\nENGINE = Memory;\n\nCREATE TABLE b (y UInt8) ENGINE = Memory;\n"
+    sql = (
+        "-- a comment;\nCREATE TABLE a (x String DEFAULT ';')\nENGINE = Memory;\n\n"
+        "CREATE TABLE b (y UInt8) ENGINE = Memory;\n"
+    )
     assert split_statements(sql) == (
         "CREATE TABLE a (x String DEFAULT ';')\nENGINE = Memory",
         "CREATE TABLE b (y UInt8) ENGINE = Memory",

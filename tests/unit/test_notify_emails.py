@@ -27,11 +27,30 @@ from metering_schemas import ThresholdAction, UsageThreshold
 from metering_schemas.threshold import MAX_NOTIFY_EMAILS
 
 INJECTION = "a@b.c\r\nBcc: x@y.z"
-BAD_ADDRESSES = [INJECTION, "a@b.c\nBcc: x@y.z", "a@b.c\rx", "ops@example.com, x@y.z", "ops@example.com x@y.z", "ops",
-                 "", "@example.com", "ops@", "ops@localhost", "ops@exa mple.com", "ops@example.com\x00",
-                 "a" * 64 + "@" + ("b" * 62 + ".") * 3 + "com", "x" * 100 * 1024]
-THRESHOLD = {"id": "t1", "metricKey": "tokens", "subjectType": "org", "subjectId": "*", "threshold": "100",
-             "action": "BLOCK"}
+BAD_ADDRESSES = [
+    INJECTION,
+    "a@b.c\nBcc: x@y.z",
+    "a@b.c\rx",
+    "ops@example.com, x@y.z",
+    "ops@example.com x@y.z",
+    "ops",
+    "",
+    "@example.com",
+    "ops@",
+    "ops@localhost",
+    "ops@exa mple.com",
+    "ops@example.com\x00",
+    "a" * 64 + "@" + ("b" * 62 + ".") * 3 + "com",
+    "x" * 100 * 1024,
+]
+THRESHOLD = {
+    "id": "t1",
+    "metricKey": "tokens",
+    "subjectType": "org",
+    "subjectId": "*",
+    "threshold": "100",
+    "action": "BLOCK",
+}
 
 
 @pytest.mark.parametrize("address", BAD_ADDRESSES, ids=lambda a: repr(a)[:40])
@@ -63,9 +82,23 @@ def test_checking_an_address_looks_nothing_up(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_the_cli_refuses_a_bad_address_before_it_writes_anything() -> None:
-    result = CliRunner().invoke(threshold_command, ["create", "--metric", "tokens", "--subject", "org:*", "--threshold",
-                                                    "100", "--notify", "ops@example.com", "--notify", INJECTION],
-                                obj=Settings())
+    result = CliRunner().invoke(
+        threshold_command,
+        [
+            "create",
+            "--metric",
+            "tokens",
+            "--subject",
+            "org:*",
+            "--threshold",
+            "100",
+            "--notify",
+            "ops@example.com",
+            "--notify",
+            INJECTION,
+        ],
+        obj=Settings(),
+    )
     assert result.exit_code == 2, result.output
     assert "notifyEmails.1: value is not a valid email address" in result.output
     assert "Bcc" not in result.output  # the refused value is not echoed
@@ -86,7 +119,10 @@ def test_a_threshold_on_the_topic_applies_without_its_bad_addresses_each_reporte
     value = json.dumps({**THRESHOLD, "notifyEmails": ["ops@example.com", INJECTION, 5, "cfo@example.com"]}).encode()
     threshold_id, threshold = parse_entry(UsageThreshold, b"t1", value)
     assert (threshold_id, threshold.action, threshold.notify_emails) == (
-        "t1", ThresholdAction.BLOCK, ["ops@example.com", "cfo@example.com"])
+        "t1",
+        ThresholdAction.BLOCK,
+        ["ops@example.com", "cfo@example.com"],
+    )
     reports = [call.kwargs for call in logged.calls if call.method_name == "warning"]
     assert [(r["id"], r["address"]) for r in reports] == [("t1", repr(INJECTION)), ("t1", "5")]
     assert "Carriage return and line feed" in reports[0]["reason"]
@@ -120,10 +156,22 @@ class _Outbox:
         self.messages.append(message)
 
 
-ALERT = {"id": "a1", "type": "threshold.exceeded", "thresholdId": "t1", "metricKey": "tokens", "subjectType": "org",
-         "subjectId": "acme", "threshold": "100", "value": "120", "periodType": "MONTHLY",
-         "periodStart": "2026-11-01T00:00:00Z", "periodEnd": "2026-12-01T00:00:00Z", "action": "ALERT",
-         "occurredAt": "2026-11-24T12:30:00Z", "dimensions": {}}
+ALERT = {
+    "id": "a1",
+    "type": "threshold.exceeded",
+    "thresholdId": "t1",
+    "metricKey": "tokens",
+    "subjectType": "org",
+    "subjectId": "acme",
+    "threshold": "100",
+    "value": "120",
+    "periodType": "MONTHLY",
+    "periodStart": "2026-11-01T00:00:00Z",
+    "periodEnd": "2026-12-01T00:00:00Z",
+    "action": "ALERT",
+    "occurredAt": "2026-11-24T12:30:00Z",
+    "dimensions": {},
+}
 
 
 async def test_the_notifier_never_mails_an_address_that_is_not_one(logged: CapturingLogger) -> None:
@@ -143,5 +191,6 @@ async def test_the_notifier_skips_an_alert_whose_addresses_are_not_a_list(logged
     """A string would otherwise be read as one address per character."""
     outbox = _Outbox()
     await Notifier(Settings(), _Deliveries(), outbox).handle(  # type: ignore[arg-type]
-        json.dumps({**ALERT, "notifyEmails": "ops@example.com"}).encode())
+        json.dumps({**ALERT, "notifyEmails": "ops@example.com"}).encode()
+    )
     assert outbox.messages == [] and [call.args[0] for call in logged.calls] == ["unreadable alert skipped"]

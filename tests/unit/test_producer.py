@@ -10,7 +10,9 @@ from metering_schemas import UsageRecord
 
 
 def usage(subject_id: str, record_id: str | None = "r", **metadata: str) -> UsageRecord:
-    return UsageRecord(id=record_id, metric_key="api_calls", subject_type="org", subject_id=subject_id, metadata=metadata)
+    return UsageRecord(
+        id=record_id, metric_key="api_calls", subject_type="org", subject_id=subject_id, metadata=metadata
+    )
 
 
 def test_single_records_are_keyed_by_subject():
@@ -30,7 +32,11 @@ def test_single_record_messages_carry_the_record_itself_keyed_by_its_subject():
 
 
 def test_batches_are_cut_at_the_record_count_and_at_the_message_size_keeping_every_record_in_order():
-    assert [len(orjson.loads(v)["records"]) for _, v in messages_of([usage("a", str(n)) for n in range(5)], 2)] == [2, 2, 1]
+    assert [len(orjson.loads(v)["records"]) for _, v in messages_of([usage("a", str(n)) for n in range(5)], 2)] == [
+        2,
+        2,
+        1,
+    ]
     big = [usage("a", str(n), blob="x" * 200 * 1024) for n in range(10)]  # 10 records of 200 KiB: 2 MiB in all
     messages = list(messages_of(big, 500))
     assert len(messages) > 1 and all(len(value) <= MAX_MESSAGE_BYTES for _, value in messages)

@@ -16,47 +16,63 @@ from metering_pipeline.worker.health import failing_writer
 
 def _server_error(code: int, name: str, status: int = 500) -> DatabaseError:
     """As clickhouse-connect raises a ClickHouse error answer (code from the X-ClickHouse-Exception-Code header)."""
-    return DatabaseError(f"Received ClickHouse exception, code: {code}, server response: Code: {code}. "
-                         f"DB::Exception: ... ({name}) (for url http://ch:8123)", code=code, name=name)
+    return DatabaseError(
+        f"Received ClickHouse exception, code: {code}, server response: Code: {code}. "
+        f"DB::Exception: ... ({name}) (for url http://ch:8123)",
+        code=code,
+        name=name,
+    )
 
 
-@pytest.mark.parametrize("error", [
-    ConnectionRefusedError(111, "Connection refused"),
-    ConnectionResetError(),
-    TimeoutError(),
-    asyncio.TimeoutError(),
-    socket.gaierror(-3, "Temporary failure in name resolution"),
-    OperationalError("Error HTTPConnectionPool(host='127.0.0.1', port=8123): Max retries exceeded "
-                     "(Caused by NewConnectionError(...: Connection refused)) executing HTTP request attempt 1"),
-    OperationalError("Error HTTPConnectionPool(host='127.0.0.1', port=8123): Read timed out. (read timeout=300)"),
-    OperationalError("HTTP driver received HTTP status 503, server response: upstream unavailable"),  # 429/503/504
-    DatabaseError("HTTP driver received HTTP status 502, server response: Bad Gateway"),  # a proxy, no ClickHouse code
-    _server_error(252, "TOO_MANY_PARTS"),
-    _server_error(241, "MEMORY_LIMIT_EXCEEDED"),
-    _server_error(202, "TOO_MANY_SIMULTANEOUS_QUERIES", 429),
-    _server_error(159, "TIMEOUT_EXCEEDED", 408),
-    _server_error(242, "TABLE_IS_READ_ONLY"),
-    _server_error(999, "KEEPER_EXCEPTION"),
-    OperationalError("Received ClickHouse exception, code: 209 (SOCKET_TIMEOUT)", code=209),  # answered 503
-], ids=repr)
+@pytest.mark.parametrize(
+    "error",
+    [
+        ConnectionRefusedError(111, "Connection refused"),
+        ConnectionResetError(),
+        TimeoutError(),
+        TimeoutError(),
+        socket.gaierror(-3, "Temporary failure in name resolution"),
+        OperationalError(
+            "Error HTTPConnectionPool(host='127.0.0.1', port=8123): Max retries exceeded "
+            "(Caused by NewConnectionError(...: Connection refused)) executing HTTP request attempt 1"
+        ),
+        OperationalError("Error HTTPConnectionPool(host='127.0.0.1', port=8123): Read timed out. (read timeout=300)"),
+        OperationalError("HTTP driver received HTTP status 503, server response: upstream unavailable"),  # 429/503/504
+        DatabaseError(
+            "HTTP driver received HTTP status 502, server response: Bad Gateway"
+        ),  # a proxy, no ClickHouse code
+        _server_error(252, "TOO_MANY_PARTS"),
+        _server_error(241, "MEMORY_LIMIT_EXCEEDED"),
+        _server_error(202, "TOO_MANY_SIMULTANEOUS_QUERIES", 429),
+        _server_error(159, "TIMEOUT_EXCEEDED", 408),
+        _server_error(242, "TABLE_IS_READ_ONLY"),
+        _server_error(999, "KEEPER_EXCEPTION"),
+        OperationalError("Received ClickHouse exception, code: 209 (SOCKET_TIMEOUT)", code=209),  # answered 503
+    ],
+    ids=repr,
+)
 def test_connection_failures_timeouts_and_retryable_server_codes_are_transient(error):
     assert is_transient(error)
 
 
-@pytest.mark.parametrize("error", [
-    _server_error(60, "UNKNOWN_TABLE", 404),
-    _server_error(16, "NO_SUCH_COLUMN_IN_TABLE"),
-    _server_error(62, "SYNTAX_ERROR", 400),
-    _server_error(27, "CANNOT_PARSE_INPUT_ASSERTION_FAILED", 400),
-    _server_error(516, "AUTHENTICATION_FAILED", 403),
-    _server_error(164, "READONLY"),  # a read-only user stays read-only
-    DatabaseError("HTTP driver received HTTP status 404, server response: Not Found"),
-    StreamFailureError("Code: 60. DB::Exception: Unknown table (UNKNOWN_TABLE)", code=60),  # an error mid-stream
-    ProgrammingError("Attempt to execute concurrent queries within the same session."),
-    TypeError("cannot write float to ClickHouse"),
-    KeyError("metric_key"),
-    RuntimeError("a bug"),
-], ids=repr)
+@pytest.mark.parametrize(
+    "error",
+    [
+        _server_error(60, "UNKNOWN_TABLE", 404),
+        _server_error(16, "NO_SUCH_COLUMN_IN_TABLE"),
+        _server_error(62, "SYNTAX_ERROR", 400),
+        _server_error(27, "CANNOT_PARSE_INPUT_ASSERTION_FAILED", 400),
+        _server_error(516, "AUTHENTICATION_FAILED", 403),
+        _server_error(164, "READONLY"),  # a read-only user stays read-only
+        DatabaseError("HTTP driver received HTTP status 404, server response: Not Found"),
+        StreamFailureError("Code: 60. DB::Exception: Unknown table (UNKNOWN_TABLE)", code=60),  # an error mid-stream
+        ProgrammingError("Attempt to execute concurrent queries within the same session."),
+        TypeError("cannot write float to ClickHouse"),
+        KeyError("metric_key"),
+        RuntimeError("a bug"),
+    ],
+    ids=repr,
+)
 def test_bugs_and_permanent_server_errors_are_not_transient(error):
     assert not is_transient(error)
 
@@ -98,8 +114,10 @@ def test_transient_errors_are_retried_and_the_streak_says_since_when_until_a_suc
         async def watched() -> str:
             observed.append(streak.since)
             return await action()
-        return await until_success(watched, "write usage_rollups", transient=is_transient, first_delay=0.01,
-                                   streak=streak)
+
+        return await until_success(
+            watched, "write usage_rollups", transient=is_transient, first_delay=0.01, streak=streak
+        )
 
     assert asyncio.run(scenario()) == "written"
     assert action.calls == 3
@@ -126,11 +144,16 @@ def test_health_names_the_writer_failing_longest_once_past_the_limit():
     healthy, short, long = FailingStreak(), FailingStreak(), FailingStreak()
     short.since, short.error = 95.0, ConnectionRefusedError("refused")
     long.since, long.error = 40.0, OperationalError("Read timed out")
-    writers = [("checkpoint writer of partition 0", healthy), ("checkpoint writer of partition 3", long),
-               ("alert archive", short)]
+    writers = [
+        ("checkpoint writer of partition 0", healthy),
+        ("checkpoint writer of partition 3", long),
+        ("alert archive", short),
+    ]
 
     assert failing_writer(writers, unhealthy_after=60, now=100.0) is None  # 60 s is not more than 60 s
-    assert failing_writer(writers, unhealthy_after=60, now=101.5) == \
-        "checkpoint writer of partition 3 failing for 62 s: Read timed out"
+    assert (
+        failing_writer(writers, unhealthy_after=60, now=101.5)
+        == "checkpoint writer of partition 3 failing for 62 s: Read timed out"
+    )
     assert failing_writer([("alert archive", healthy)], unhealthy_after=1, now=1e9) is None
     assert failing_writer([], unhealthy_after=1, now=1e9) is None

@@ -71,7 +71,6 @@ def test_decimals_print_with_every_significant_digit_and_no_exponent():
     assert decimal_text(Decimal("0.000000000000000001")) == "0.000000000000000001"
 
 
-
 def test_an_empty_tls_file_variable_means_no_file(monkeypatch):
     monkeypatch.setenv("METERING_KAFKA_SSL_CAFILE", "")
     monkeypatch.setenv("METERING_CLICKHOUSE_CA_CERT", " ")
@@ -87,7 +86,9 @@ def test_durations_are_read_as_seconds_or_iso_8601(monkeypatch, raw, seconds):
     assert settings.dedup_window.total_seconds() == settings.allowed_lateness.total_seconds() == seconds
 
 
-@pytest.mark.parametrize(("protocol", "mechanism"), [("PLAINTEXT", "SCRAM-SHA-512"), ("SSL", "PLAIN"), ("SASL_SSL", None)])
+@pytest.mark.parametrize(
+    ("protocol", "mechanism"), [("PLAINTEXT", "SCRAM-SHA-512"), ("SSL", "PLAIN"), ("SASL_SSL", None)]
+)
 def test_a_sasl_mechanism_and_a_sasl_protocol_come_together(monkeypatch, protocol, mechanism):
     monkeypatch.setenv("METERING_KAFKA_SECURITY_PROTOCOL", protocol)
     if mechanism:
@@ -105,4 +106,3 @@ def test_a_bad_setting_is_one_line_naming_the_variable_without_a_traceback(monke
     result = CliRunner().invoke(main, ["summary", "--metric", "m", "--subject", "a:b", "--period", "HOURLY"])
     assert result.exit_code == 1
     assert result.output.startswith("Error: settings: METERING_DEDUP_WINDOW: ") and result.output.count("\n") == 1
-

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal, Inexact
 
 import jiter
@@ -22,19 +22,57 @@ from metering_pipeline.usage.rollups import LIFETIME, CountedRecord, PartitionRo
 from metering_pipeline.worker import changelog
 from metering_schemas import AggregationType, MetricDefinition, PeriodType, RejectReason, ResetPeriod
 
-UTC = timezone.utc
+UTC = UTC
 
 
-@pytest.mark.parametrize(("at", "period", "start", "end"), [
-    (datetime(2026, 11, 24, 10, 0, tzinfo=UTC), PeriodType.HOURLY, datetime(2026, 11, 24, 10, tzinfo=UTC), datetime(2026, 11, 24, 11, tzinfo=UTC)),
-    (datetime(2026, 11, 24, 9, 59, 59, 999999, tzinfo=UTC), PeriodType.HOURLY, datetime(2026, 11, 24, 9, tzinfo=UTC), datetime(2026, 11, 24, 10, tzinfo=UTC)),
-    (datetime(2024, 2, 29, 23, 59, tzinfo=UTC), PeriodType.MONTHLY, datetime(2024, 2, 1, tzinfo=UTC), datetime(2024, 3, 1, tzinfo=UTC)),
-    (datetime(2100, 2, 28, 12, tzinfo=UTC), PeriodType.DAILY, datetime(2100, 2, 28, tzinfo=UTC), datetime(2100, 3, 1, tzinfo=UTC)),
-    (datetime(2026, 12, 31, 23, 30, tzinfo=UTC), PeriodType.MONTHLY, datetime(2026, 12, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC)),
-    (datetime(2026, 12, 31, 23, 30, tzinfo=UTC), PeriodType.DAILY, datetime(2026, 12, 31, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC)),
-    # 00:30 at +02:00 is 22:30 UTC the day before: periods are UTC.
-    (datetime(2026, 3, 1, 0, 30, tzinfo=timezone(timedelta(hours=2))), PeriodType.MONTHLY, datetime(2026, 2, 1, tzinfo=UTC), datetime(2026, 3, 1, tzinfo=UTC)),
-])
+@pytest.mark.parametrize(
+    ("at", "period", "start", "end"),
+    [
+        (
+            datetime(2026, 11, 24, 10, 0, tzinfo=UTC),
+            PeriodType.HOURLY,
+            datetime(2026, 11, 24, 10, tzinfo=UTC),
+            datetime(2026, 11, 24, 11, tzinfo=UTC),
+        ),
+        (
+            datetime(2026, 11, 24, 9, 59, 59, 999999, tzinfo=UTC),
+            PeriodType.HOURLY,
+            datetime(2026, 11, 24, 9, tzinfo=UTC),
+            datetime(2026, 11, 24, 10, tzinfo=UTC),
+        ),
+        (
+            datetime(2024, 2, 29, 23, 59, tzinfo=UTC),
+            PeriodType.MONTHLY,
+            datetime(2024, 2, 1, tzinfo=UTC),
+            datetime(2024, 3, 1, tzinfo=UTC),
+        ),
+        (
+            datetime(2100, 2, 28, 12, tzinfo=UTC),
+            PeriodType.DAILY,
+            datetime(2100, 2, 28, tzinfo=UTC),
+            datetime(2100, 3, 1, tzinfo=UTC),
+        ),
+        (
+            datetime(2026, 12, 31, 23, 30, tzinfo=UTC),
+            PeriodType.MONTHLY,
+            datetime(2026, 12, 1, tzinfo=UTC),
+            datetime(2027, 1, 1, tzinfo=UTC),
+        ),
+        (
+            datetime(2026, 12, 31, 23, 30, tzinfo=UTC),
+            PeriodType.DAILY,
+            datetime(2026, 12, 31, tzinfo=UTC),
+            datetime(2027, 1, 1, tzinfo=UTC),
+        ),
+        # 00:30 at +02:00 is 22:30 UTC the day before: periods are UTC.
+        (
+            datetime(2026, 3, 1, 0, 30, tzinfo=timezone(timedelta(hours=2))),
+            PeriodType.MONTHLY,
+            datetime(2026, 2, 1, tzinfo=UTC),
+            datetime(2026, 3, 1, tzinfo=UTC),
+        ),
+    ],
+)
 def test_periods_are_utc_calendar_buckets(at, period, start, end):
     assert period_bounds(period, at) == (start, end)
     assert dict(rollup_starts(at))[period] == start
@@ -67,8 +105,10 @@ def test_average_is_rounded_once_half_even_to_18_places():
 
 
 @settings(max_examples=200)
-@given(st.lists(st.decimals(min_value=-10**6, max_value=10**6, places=6, allow_nan=False), min_size=1, max_size=40),
-       st.integers(min_value=1, max_value=39))
+@given(
+    st.lists(st.decimals(min_value=-(10**6), max_value=10**6, places=6, allow_nan=False), min_size=1, max_size=40),
+    st.integers(min_value=1, max_value=39),
+)
 def test_aggregates_merge_to_the_same_result_however_records_are_split(quantities, cut):
     whole, left, right = Aggregate(), Aggregate(), Aggregate()
     for n, quantity in enumerate(quantities):
@@ -85,7 +125,9 @@ def catalog(*definitions: MetricDefinition) -> MetricCatalog:
 
 
 TOKENS = MetricDefinition(id="tokens", key="tokens", name="t", aggregation_type=AggregationType.SUM)
-TOKENS_ORG1 = MetricDefinition(id="org-1:tokens", key="tokens", name="t", aggregation_type=AggregationType.MAX, org_id="org-1")
+TOKENS_ORG1 = MetricDefinition(
+    id="org-1:tokens", key="tokens", name="t", aggregation_type=AggregationType.MAX, org_id="org-1"
+)
 NOW = datetime(2026, 11, 24, 12, tzinfo=UTC)
 NOW_MS = 1_795_521_600_000  # NOW in epoch milliseconds, as accepted records carry it
 
@@ -102,23 +144,34 @@ def read(value: bytes | None, *definitions: MetricDefinition):
 
 
 def test_quantities_keep_every_digit_and_default_to_one_with_the_message_time():
-    accepted, rejected = read(b'{"metricKey":"tokens","subjectType":"org","subjectId":"o","quantity":12345678901234567890.123456789012345678}')
+    accepted, rejected = read(
+        b'{"metricKey":"tokens","subjectType":"org","subjectId":"o","quantity":12345678901234567890.123456789012345678}'
+    )
     assert rejected == [] and str(accepted[0].quantity) == "12345678901234567890.123456789012345678"
     [plain], _ = read(b'{"metricKey":"tokens","subjectType":"org","subjectId":"o"}')
     assert Decimal(plain.quantity) == 1 and plain.timestamp_ms == NOW_MS
     assert plain.record_id == "@usage.recorded/2/7"  # no id: counted once per Kafka position
 
 
-@pytest.mark.parametrize(("value", "reason"), [
-    (b"{not json", RejectReason.INVALID_JSON),
-    (b"[1, 2]", RejectReason.INVALID_RECORD),
-    (b'{"records": []}', RejectReason.INVALID_RECORD),
-    (b'{"metricKey":"tokens","subjectType":"org","subjectId":"o","quantity":"NaN"}', RejectReason.INVALID_RECORD),
-    (b'{"metricKey":"tokens","subjectType":"org","subjectId":"o","quantity":"abc"}', RejectReason.INVALID_RECORD),
-    (b'{"metricKey":"nope","subjectType":"org","subjectId":"o"}', RejectReason.UNKNOWN_METRIC),
-    (b'{"metricKey":"tokens","subjectType":"org","subjectId":"o","timestamp":"2026-10-01T00:00:00Z"}', RejectReason.TOO_LATE),
-    (b'{"metricKey":"tokens","subjectType":"org","subjectId":"o","timestamp":"2026-11-24T12:06:00Z"}', RejectReason.FUTURE_TIMESTAMP),
-])
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (b"{not json", RejectReason.INVALID_JSON),
+        (b"[1, 2]", RejectReason.INVALID_RECORD),
+        (b'{"records": []}', RejectReason.INVALID_RECORD),
+        (b'{"metricKey":"tokens","subjectType":"org","subjectId":"o","quantity":"NaN"}', RejectReason.INVALID_RECORD),
+        (b'{"metricKey":"tokens","subjectType":"org","subjectId":"o","quantity":"abc"}', RejectReason.INVALID_RECORD),
+        (b'{"metricKey":"nope","subjectType":"org","subjectId":"o"}', RejectReason.UNKNOWN_METRIC),
+        (
+            b'{"metricKey":"tokens","subjectType":"org","subjectId":"o","timestamp":"2026-10-01T00:00:00Z"}',
+            RejectReason.TOO_LATE,
+        ),
+        (
+            b'{"metricKey":"tokens","subjectType":"org","subjectId":"o","timestamp":"2026-11-24T12:06:00Z"}',
+            RejectReason.FUTURE_TIMESTAMP,
+        ),
+    ],
+)
 def test_each_bad_input_is_dead_lettered_with_its_reason(value, reason):
     accepted, [letter] = read(value)
     assert accepted == [] and letter.reason is reason
@@ -132,9 +185,13 @@ def test_a_message_over_the_size_limit_is_refused_whole_with_its_bytes():
 
 
 def test_one_bad_record_in_a_batch_is_rejected_alone():
-    batch = {"records": [{"id": "a", "metricKey": "tokens", "subjectType": "org", "subjectId": "o"},
-                         {"id": "b", "metricKey": "tokens", "subjectType": "org"},
-                         {"metricKey": "tokens", "subjectType": "org", "subjectId": "o", "quantity": "2.5"}]}
+    batch = {
+        "records": [
+            {"id": "a", "metricKey": "tokens", "subjectType": "org", "subjectId": "o"},
+            {"id": "b", "metricKey": "tokens", "subjectType": "org"},
+            {"metricKey": "tokens", "subjectType": "org", "subjectId": "o", "quantity": "2.5"},
+        ]
+    }
     accepted, [letter] = read(orjson.dumps(batch))
     assert [a.record_id for a in accepted] == ["a", "@usage.recorded/2/7/2"]
     assert (letter.reason, letter.index, letter.record["id"]) == (RejectReason.INVALID_RECORD, 1, "b")
@@ -142,13 +199,17 @@ def test_one_bad_record_in_a_batch_is_rejected_alone():
 
 def test_epoch_seconds_and_milliseconds_are_timestamps():
     for stamp in (1795521600, 1795521600000):  # 2026-11-24T12:00:00Z
-        [record], _ = read(orjson.dumps({"metricKey": "tokens", "subjectType": "org", "subjectId": "o", "timestamp": stamp}))
+        [record], _ = read(
+            orjson.dumps({"metricKey": "tokens", "subjectType": "org", "subjectId": "o", "timestamp": stamp})
+        )
         assert record.timestamp_ms == NOW_MS
 
 
 def _record(metadata: str, record_id: str = "r", quantity: str = "1") -> bytes:
-    return (b'{"id":"' + record_id.encode() + b'","metricKey":"tokens","subjectType":"org","subjectId":"o",'
-            b'"quantity":"' + quantity.encode() + b'","metadata":{"x":"' + metadata.encode() + b'"}}')
+    return (
+        b'{"id":"' + record_id.encode() + b'","metricKey":"tokens","subjectType":"org","subjectId":"o",'
+        b'"quantity":"' + quantity.encode() + b'","metadata":{"x":"' + metadata.encode() + b'"}}'
+    )
 
 
 def test_metadata_over_its_limit_is_refused_as_too_large_and_at_the_limit_accepted():
@@ -170,19 +231,24 @@ def test_dead_letters_of_large_messages_keep_bounded_evidence_and_say_so():
     assert len(letter.to_json()) < 2 * EVIDENCE_BYTES
     batch = b'{"records":[' + big + b"," + _record("small", "s2", quantity="x") + b"]}"
     [], letters = read(batch)
-    assert [(l.index, l.truncated, l.record is None) for l in letters] == [(0, True, True), (1, False, False)]
+    assert [(x.index, x.truncated, x.record is None) for x in letters] == [(0, True, True), (1, False, False)]
     assert letters[1].record["id"] == "s2" and letters[1].original_value_base64 is None
     small = _record("z", quantity="x")
     [], [letter] = read(small)
-    assert not letter.truncated and letter.record["id"] == "r" and base64.b64decode(letter.original_value_base64) == small
+    assert (
+        not letter.truncated and letter.record["id"] == "r" and base64.b64decode(letter.original_value_base64) == small
+    )
 
 
 def test_an_orgs_own_definition_overrides_the_global_one_for_its_subjects():
     both = catalog(TOKENS, TOKENS_ORG1)
     assert both.resolve("tokens", "org-1") is TOKENS_ORG1
     assert both.resolve("tokens", "org-2") is TOKENS
-    [user], _ = read_message(message(b'{"metricKey":"tokens","subjectType":"user","subjectId":"u","metadata":{"orgId":"org-1"}}'),
-                             both, IntakeRules())[:2]
+    [user], _ = read_message(
+        message(b'{"metricKey":"tokens","subjectType":"user","subjectId":"u","metadata":{"orgId":"org-1"}}'),
+        both,
+        IntakeRules(),
+    )[:2]
     assert (user.metric_id, user.aggregation) == (TOKENS_ORG1.id, TOKENS_ORG1.aggregation_type)
     both.delete("org-1:tokens")
     assert both.resolve("tokens", "org-1") is TOKENS
@@ -220,22 +286,37 @@ def test_a_duplicate_is_dropped_within_the_window_and_counted_after_it():
 
 
 def counted(record_id: str, quantity: str, at: datetime) -> CountedRecord:
-    return CountedRecord("org", "o", record_id, "tokens", "tokens", AggregationType.SUM, Decimal(quantity),
-                         int(at.timestamp() * 1000), "{}")
+    return CountedRecord(
+        "org",
+        "o",
+        record_id,
+        "tokens",
+        "tokens",
+        AggregationType.SUM,
+        Decimal(quantity),
+        int(at.timestamp() * 1000),
+        "{}",
+    )
 
 
 def test_rollups_count_each_record_once_in_hour_day_month_and_all_time_and_restore_exactly():
     state = PartitionRollups(timedelta(hours=24))
     touched: set = set()
-    assert state.apply([counted("a", "1.5", NOW), counted("a", "1.5", NOW), counted("b", "2", NOW - timedelta(days=40))],
-                       3, NOW, touched) == (2, 1)
+    assert state.apply(
+        [counted("a", "1.5", NOW), counted("a", "1.5", NOW), counted("b", "2", NOW - timedelta(days=40))],
+        3,
+        NOW,
+        touched,
+    ) == (2, 1)
     assert len(touched) == 7  # a: hour, day, month, all time; b: its own hour, day, month (all time shared)
     lifetime = state.rollups[("tokens", "org", "o", LIFETIME, datetime(1970, 1, 1, tzinfo=UTC), ())]
     assert lifetime.total() == Decimal("3.5") and lifetime.version == 3
     checkpoint = state.checkpoint()
     assert len(checkpoint.records) == 2 and {c.key for c in checkpoint.rollups} == touched
     restored = PartitionRollups(timedelta(hours=24))
-    restored.restore(changelog.restore(map(changelog.rollup_entry, checkpoint.rollups)).rollups.items(), checkpoint.identities)
+    restored.restore(
+        changelog.restore(map(changelog.rollup_entry, checkpoint.rollups)).rollups.items(), checkpoint.identities
+    )
     assert restored.apply([counted("a", "1.5", NOW)], 4, NOW) == (0, 1)  # the restored window still knows "a"
     # b's hour and day (Oct 15) ended before the horizon (Oct 20); its month runs to Nov 1 and stays.
     evicted = restored.evict_before(NOW - timedelta(days=35))
@@ -258,8 +339,9 @@ def test_records_for_periods_already_closed_are_refused_not_counted_into_fresh_r
 def test_plain_decimals_drop_clickhouse_scale_but_keep_every_digit():
     from metering_pipeline.usage.aggregation import plain
 
-    assert [str(plain(Decimal(v))) for v in ("1850.500000000000000000", "1000.000000000000000000", "0E-18", "1E+3")] == \
-        ["1850.5", "1000", "0", "1000"]
+    assert [
+        str(plain(Decimal(v))) for v in ("1850.500000000000000000", "1000.000000000000000000", "0E-18", "1E+3")
+    ] == ["1850.5", "1000", "0", "1000"]
     big = "12345678901234567890123456789012345678"
     assert str(plain(Decimal(big + ".000000000000000000"))) == big
 
@@ -268,7 +350,9 @@ def test_metadata_beyond_orjsons_limits_is_kept_exactly_or_the_record_refused():
     from metering_pipeline.usage.intake import metadata_json
 
     big = 10**40
-    [accepted], _ = read(b'{"metricKey":"tokens","subjectType":"org","subjectId":"o","metadata":{"n":' + str(big).encode() + b'}}')
+    [accepted], _ = read(
+        b'{"metricKey":"tokens","subjectType":"org","subjectId":"o","metadata":{"n":' + str(big).encode() + b"}}"
+    )
     assert json.loads(accepted.metadata_json) == {"n": big}
     deep: dict = {"a": 1}
     for _ in range(300):  # deeper than orjson renders
@@ -280,9 +364,13 @@ def test_metadata_beyond_orjsons_limits_is_kept_exactly_or_the_record_refused():
 
 
 def test_timestamps_that_overflow_when_converted_to_utc_are_refused_as_invalid_records():
-    _, [letter] = read(b'{"metricKey":"tokens","subjectType":"org","subjectId":"o","timestamp":"0001-01-01T00:00:00+01:00"}')
+    _, [letter] = read(
+        b'{"metricKey":"tokens","subjectType":"org","subjectId":"o","timestamp":"0001-01-01T00:00:00+01:00"}'
+    )
     assert letter.reason is RejectReason.INVALID_RECORD and "out of range" in letter.message
-    _, [late] = read(b'{"metricKey":"tokens","subjectType":"org","subjectId":"o","timestamp":"9999-12-31T23:59:59-01:00"}')
+    _, [late] = read(
+        b'{"metricKey":"tokens","subjectType":"org","subjectId":"o","timestamp":"9999-12-31T23:59:59-01:00"}'
+    )
     assert late.reason is RejectReason.INVALID_RECORD
 
 
@@ -291,8 +379,20 @@ def test_rollups_hold_one_string_per_metric_and_subject_however_many_records_nam
         return "".join([text[:1], text[1:]])
 
     at_ms = int(NOW.timestamp() * 1000)
-    records = [CountedRecord(fresh("org"), fresh("o-1"), f"r{n}", fresh("tokens"), fresh("tokens-v2"),
-                             AggregationType.SUM, Decimal(n + 1), at_ms, "{}") for n in range(3)]
+    records = [
+        CountedRecord(
+            fresh("org"),
+            fresh("o-1"),
+            f"r{n}",
+            fresh("tokens"),
+            fresh("tokens-v2"),
+            AggregationType.SUM,
+            Decimal(n + 1),
+            at_ms,
+            "{}",
+        )
+        for n in range(3)
+    ]
     assert records[0].metric_id is not records[1].metric_id
     state = PartitionRollups(timedelta(hours=24))
     state.apply(records, 0, NOW)

@@ -15,7 +15,7 @@ from hypothesis import given, settings, strategies as st
 
 from metering_pipeline.usage.aggregation import MERGEABLE, Aggregate
 from metering_pipeline.usage.dedup import DedupWindow
-from metering_pipeline.usage.intake import EVIDENCE_BYTES, IntakeRules, Message, read_message
+from metering_pipeline.usage.intake import EVIDENCE_BYTES, IntakeRules, Message, read_message, read_message_by_model
 from metering_pipeline.usage.metrics import MetricCatalog
 from metering_pipeline.usage.periods import period_bounds, rollup_starts
 from metering_pipeline.usage.rollups import LIFETIME, CountedRecord, PartitionRollups
@@ -274,6 +274,17 @@ def test_arbitrary_bytes_are_either_accepted_or_dead_lettered_never_raised(value
         records = [None]
         assert accepted == []
     assert len(accepted) + len(rejected) == len(records)  # each record accepted or dead-lettered, once
+    if isinstance(document, dict) and records is document.get("records"):  # a batch: each letter names its record
+        assert all(letter.index is not None for letter in rejected)
+
+
+def test_a_null_in_a_batch_is_dead_lettered_alone_naming_its_index_and_the_others_count():
+    batch = b'{"records":[' + _record("a", "r1") + b",null," + _record("b", "r3") + b"]}"
+    for reader in (read_message, read_message_by_model):
+        accepted, [letter] = reader(message(batch), catalog(TOKENS), IntakeRules())[:2]
+        assert [record.record_id for record in accepted] == ["r1", "r3"]
+        assert (letter.reason, letter.index, letter.record) == (RejectReason.INVALID_RECORD, 1, None)
+        assert letter.original_value_base64 is None and "null" in letter.message
 
 
 def test_a_duplicate_is_dropped_within_the_window_and_counted_after_it():

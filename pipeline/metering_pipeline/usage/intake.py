@@ -194,6 +194,7 @@ def read_message_by_model(message: Message, catalog: MetricCatalog, rules: Intak
 
 
 _ENVELOPE_HINT = 'expected a UsageRecord object or {"records": [UsageRecord, ...]} with at least one record'
+_NULL_IN_BATCH = "null where a batch needs a UsageRecord object"
 
 
 def _records_of(document: Any) -> Iterator[tuple[int | None, Any]]:
@@ -213,8 +214,10 @@ def _records_of(document: Any) -> Iterator[tuple[int | None, Any]]:
 def _read_record(
     message: Message, index: int | None, raw: Any, catalog: MetricCatalog, rules: IntakeRules
 ) -> AcceptedRecord | DeadLetter | Filtered:
-    if raw is None:  # a wrong envelope, or a null in a batch: refused as the whole message
-        return _whole_message(message, RejectReason.INVALID_RECORD, _ENVELOPE_HINT)
+    if raw is None:
+        if index is not None:  # a null in a batch: that element, as any other bad record of a batch
+            return _rejection(message, index, None, RejectReason.INVALID_RECORD, _NULL_IN_BATCH)
+        return _whole_message(message, RejectReason.INVALID_RECORD, _ENVELOPE_HINT)  # a wrong envelope
     try:
         record = UsageRecord.model_validate(raw)
     except ValidationError as error:

@@ -297,9 +297,12 @@ async def test_alerts_stay_exactly_once_across_a_killed_worker(pipeline):
 
     await asyncio.to_thread(eventually, archived_once, 60, interval=0.5)
 
-    # Either worker answers an entitlement check; the one that does not own the subject forwards it.
+    # Either worker answers an entitlement check; the one that does not own the subject forwards it. Right after
+    # the restart a check may meet the group still settling (503 rebalancing / owner_unreachable, which clients
+    # retry): wait until both workers serve every subject checked, then check what they answer.
     for w in (first, second):
-        await asyncio.to_thread(serving, w, f"org:{subjects[0]}", "ops")
+        for subject in subjects[:10]:
+            await asyncio.to_thread(serving, w, f"org:{subject}", "ops")
     for subject in subjects[:10]:
         answers = [await asyncio.to_thread(entitlement_answer, w, f"org:{subject}", "ops") for w in (first, second)]
         assert [Decimal(body["value"]) for body, _ in answers] == [totals[subject]] * 2

@@ -65,9 +65,8 @@ class PartitionWriter:
         self.queue: deque[Snapshot] = deque()
         self.unsunk: dict[RollupKey, RollupChange] = {}  # committed, not yet in ClickHouse
         self.buffered = 0  # counted records in the queue
-        self.failing = (
-            FailingStreak()
-        )  # ClickHouse writes retrying since (for /health); cleared by a write that succeeds
+        # ClickHouse writes retrying since (for /health); cleared by a write that succeeds.
+        self.failing = FailingStreak()
         self._task: asyncio.Task[None] | None = None
         self._progress = asyncio.Event()  # set after each commit and each rollups write: `settle` looks again
 

@@ -118,9 +118,8 @@ class RollupStage:
         self._rejoin = False
         self._paused = False
         self._lock = asyncio.Lock()
-        self._key_partitions = (
-            KeyPartitions()
-        )  # of usage.aggregated and alert keys, shared by the partitions' producers
+        # Of usage.aggregated and alert keys, shared by the partitions' producers.
+        self._key_partitions = KeyPartitions()
         self.consumer = AIOKafkaConsumer(
             **settings.kafka_client_options(),
             group_id=self.group_id,

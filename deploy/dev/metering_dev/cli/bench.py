@@ -89,9 +89,8 @@ def bench(
     settings: Settings = ctx.obj
     stack_dir = StackSettings().stack_dir
     log_dir = stack_dir / "logs" / "bench"
-    dedup_window = (
-        _duration(soak_dedup_window) if soak_dedup_window else None
-    )  # bad input fails before the stack starts
+    # Bad input fails before the stack starts.
+    dedup_window = _duration(soak_dedup_window) if soak_dedup_window else None
     ctx.invoke(stack_up)
     state = LocalStack(stack_dir).state()
     if state is not None and state.broker == "tansu":

@@ -122,20 +122,23 @@ class UsageProducer:
         if batch_size < 1 or batch_size > MAX_BATCH_RECORDS:
             raise ValueError(f"batch_size must be between 1 and {MAX_BATCH_RECORDS}")
         window = (IN_FLIGHT // batch_size + 1) * batch_size  # records awaited together
-        size = None if batch_size == 1 else batch_size
+        per_message = None if batch_size == 1 else batch_size
         sent = 0
         pending: list[UsageRecord] = []
+
+        async def send_pending() -> None:
+            nonlocal sent, pending
+            await self._send_all(messages_of(pending, per_message))
+            sent += len(pending)
+            progress(len(pending))
+            pending = []
+
         async for record in _aiter(records):
             pending.append(self._prepare(record))
             if len(pending) >= window:
-                await self._send_all(messages_of(pending, size))
-                sent += len(pending)
-                progress(len(pending))
-                pending = []
+                await send_pending()
         if pending:
-            await self._send_all(messages_of(pending, size))
-            sent += len(pending)
-            progress(len(pending))
+            await send_pending()
         return sent
 
     async def _send_all(self, messages: Iterable[tuple[bytes | None, bytes]]) -> None:

@@ -39,6 +39,10 @@ Amount = Annotated[
 ]
 
 
+MAX_PRICES = 200  # per plan
+MAX_TIERS = 100  # per price
+
+
 class PricingModel(CaseInsensitiveEnum):
     PER_UNIT = "PER_UNIT"
     TIERED_GRADUATED = "TIERED_GRADUATED"
@@ -66,7 +70,7 @@ class Price(WireModel):
     unit_price: Money | None = Field(default=None, description="PER_UNIT")
     tiers: list[PriceTier] = Field(
         default_factory=list,
-        max_length=100,
+        max_length=MAX_TIERS,
         description="TIERED_GRADUATED / TIERED_VOLUME, ascending by upTo, the last open-ended",
     )
     package_size: Quantity | None = Field(default=None, gt=0, description="PACKAGE: units per block")
@@ -115,7 +119,7 @@ class Plan(WireModel):
     flat_fee: Money | None = Field(
         default=None, description="Recurring fee per billing period, prorated on plan changes"
     )
-    prices: list[Price] = Field(default_factory=list, max_length=200)
+    prices: list[Price] = Field(default_factory=list, max_length=MAX_PRICES)
     org_id: Identifier | None = Field(default=None, description="Organization that owns it; null = global")
 
     @field_validator("currency")

@@ -27,6 +27,7 @@ from metering_pipeline.api.request_metrics import RequestMetrics, RequestMetrics
 from metering_pipeline.settings import Settings
 from metering_pipeline.usage.intake import IntakeRules
 from metering_schemas._base import MAX_DESCRIPTION, MAX_IDENTIFIER, MAX_NAME
+from metering_schemas.billing import MAX_PRICES, MAX_TIERS
 from metering_schemas.metric import (
     MAX_DIMENSION_NAME,
     MAX_DIMENSION_VALUE,
@@ -78,7 +79,7 @@ with `Retry-After` (the only answer worth retrying as it is).
 | `groupBy` dimensions; a threshold's or price's `dimensions` | {MAX_GROUP_BY}; names 1 to {MAX_DIMENSION_NAME} characters of `A-Za-z0-9_.:-`, values {MAX_DIMENSION_VALUE} characters | 422 |
 | a metric's `filter` | {MAX_FILTER_PATHS} paths of at most 512 characters, {MAX_FILTER_VALUES} values each | 422 |
 | a threshold's `notifyEmails` | {MAX_NOTIFY_EMAILS} addresses, each one valid mailbox of at most {MAX_EMAIL_LENGTH} characters | 422 |
-| a plan's `prices` / a price's `tiers` | 200 / 100 | 422 |
+| a plan's `prices` / a price's `tiers` | {MAX_PRICES} / {MAX_TIERS} | 422 |
 | `Idempotency-Key` | 200 characters | 422 |
 | a write's Kafka message | what the broker takes (1 MiB by default) | 413 `message_too_large`, nothing published |
 """  # noqa: E501 - markdown table rows: a row is one line

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import Field, ValidationError
 
-from metering_pipeline.api.context import ApiContext
+from metering_pipeline.api.context import ApiContext, context_of
 from metering_pipeline.api.errors import ERROR_RESPONSES, ApiError, FieldProblem, invalid
 from metering_pipeline.api.links import each, from_body, links
 from metering_pipeline.api.security import AuthenticatedRoute, Caller, reader, writer
@@ -16,7 +16,7 @@ from metering_pipeline.billing.invoice import BillingError
 from metering_pipeline.invoicing.preview import invoice_for
 from metering_schemas import BillingPeriod, Invoice, Plan, Price, Subscription
 from metering_schemas._base import Description, Identifier, Name, UtcDatetime, WireModel
-from metering_schemas.billing import Money
+from metering_schemas.billing import MAX_PRICES, Money
 
 router = APIRouter(tags=["billing"], route_class=AuthenticatedRoute, responses=ERROR_RESPONSES)
 
@@ -29,7 +29,7 @@ class PlanBody(WireModel):
     currency: str = Field(max_length=3, description="ISO 4217 code, e.g. USD")
     billing_period: BillingPeriod = BillingPeriod.MONTHLY
     flat_fee: Money | None = None
-    prices: list[Price] = Field(default_factory=list, max_length=200)
+    prices: list[Price] = Field(default_factory=list, max_length=MAX_PRICES)
     org_id: Identifier | None = None
 
 
@@ -57,11 +57,6 @@ class SubscriptionChange(WireModel):
 
 class SubscriptionList(WireModel):
     subscriptions: list[Subscription]
-
-
-def _context(request: Request) -> ApiContext:
-    context: ApiContext = request.app.state.context
-    return context
 
 
 M = TypeVar("M", Plan, Subscription)
@@ -129,7 +124,7 @@ def _plan_fields(key: str, body: PlanBody, who: Caller, context: ApiContext) -> 
     responses=links(201, *each(("get", "put", "delete"), "/v1/plans/{key}", from_body(key="key"))),
 )
 async def create_plan(body: PlanInput, request: Request, who: Caller = Depends(writer)) -> Plan:
-    context = _context(request)
+    context = context_of(request)
     if body.key in context.plans:
         raise ApiError(409, "conflict", f"plan {body.key!r} exists; use PUT /v1/plans/{body.key}")
     plan = _validated(Plan, _plan_fields(body.key, body, who, context))
@@ -140,7 +135,7 @@ async def create_plan(body: PlanInput, request: Request, who: Caller = Depends(w
 @router.put("/v1/plans/{key}", response_model=Plan, summary="plan.update")
 async def update_plan(key: str, body: PlanBody, request: Request, who: Caller = Depends(writer)) -> Plan:
     """Replaces the plan; open and settling periods are repriced with it, FINAL invoices stay as stored."""
-    context = _context(request)
+    context = context_of(request)
     _owned_plan(key, who, context)
     plan = _validated(Plan, _plan_fields(key, body, who, context))
     await context.publish(context.plans, key, plan)
@@ -149,7 +144,7 @@ async def update_plan(key: str, body: PlanBody, request: Request, who: Caller = 
 
 @router.delete("/v1/plans/{key}", status_code=204, summary="plan.delete")
 async def delete_plan(key: str, request: Request, who: Caller = Depends(writer)) -> Response:
-    context = _context(request)
+    context = context_of(request)
     _owned_plan(key, who, context)
     users = sorted(s.id for s in context.subscriptions.values() if s.plan_key == key)
     if users:
@@ -160,12 +155,12 @@ async def delete_plan(key: str, request: Request, who: Caller = Depends(writer))
 
 @router.get("/v1/plans/{key}", response_model=Plan, summary="plan.get")
 async def get_plan(key: str, request: Request, who: Caller = Depends(reader)) -> Plan:
-    return _plan(key, who, _context(request))
+    return _plan(key, who, context_of(request))
 
 
 @router.get("/v1/plans", response_model=PlanList, summary="plan.list")
 async def list_plans(request: Request, who: Caller = Depends(reader)) -> PlanList:
-    plans = [p for p in _context(request).plans.values() if p.org_id is None or who.may_act_for(p.org_id)]
+    plans = [p for p in context_of(request).plans.values() if p.org_id is None or who.may_act_for(p.org_id)]
     return PlanList(plans=sorted(plans, key=lambda p: p.key))
 
 
@@ -204,7 +199,7 @@ async def _put_subscription(context: ApiContext, who: Caller, fields: dict[str, 
     ),
 )
 async def create_subscription(body: SubscriptionInput, request: Request, who: Caller = Depends(writer)) -> Subscription:
-    context = _context(request)
+    context = context_of(request)
     org = body.org_id if body.org_id is not None else who.org_id
     who.require_org(org, "a subscription without an org" if org is None else f"org {org!r}")
     _check_subject(body.subject_type, body.subject_id, who)
@@ -220,7 +215,7 @@ async def create_subscription(body: SubscriptionInput, request: Request, who: Ca
 async def update_subscription(
     subscription_id: str, body: SubscriptionChange, request: Request, who: Caller = Depends(writer)
 ) -> Subscription:
-    context = _context(request)
+    context = context_of(request)
     current = _subscription(subscription_id, who, context)
     changes = body.model_dump(by_alias=True, exclude_unset=True)
     if not changes:
@@ -230,7 +225,7 @@ async def update_subscription(
 
 @router.delete("/v1/subscriptions/{subscription_id}", status_code=204, summary="subscription.delete")
 async def delete_subscription(subscription_id: str, request: Request, who: Caller = Depends(writer)) -> Response:
-    context = _context(request)
+    context = context_of(request)
     _subscription(subscription_id, who, context)
     await context.publish(context.subscriptions, subscription_id, None)
     return Response(status_code=204)
@@ -245,7 +240,7 @@ async def list_subscriptions(
 ) -> SubscriptionList:
     found = [
         s
-        for s in _context(request).subscriptions.values()
+        for s in context_of(request).subscriptions.values()
         if who.may_act_for(s.org_id)
         and (subject_type is None or s.subject_type == subject_type)
         and (subject_id is None or s.subject_id == subject_id)
@@ -262,7 +257,7 @@ async def get_invoice(
     who: Caller = Depends(reader),
 ) -> Invoice:
     """Line items from the subject's subscriptions and its hourly rollups; FINAL once the period can no longer change."""  # noqa: E501 - the operation's OpenAPI description, one line
-    context = _context(request)
+    context = context_of(request)
     _check_subject(subject_type, subject_id, who)
     subscriptions = [
         s for s in context.subscriptions.values() if (s.subject_type, s.subject_id) == (subject_type, subject_id)

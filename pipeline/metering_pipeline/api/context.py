@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 from clickhouse_connect.driver.client import Client
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from pydantic import BaseModel
 
 from metering_pipeline import logs
@@ -127,6 +127,12 @@ class ApiContext:
         async with self.clickhouse_lock:
             # The client is there once `running` has started, before any request.
             return await asyncio.to_thread(function, cast(Client, self.clickhouse), *args, **kwargs)
+
+
+def context_of(request: Request) -> ApiContext:
+    """What the handlers share, as `lifespan` left it on the app."""
+    context: ApiContext = request.app.state.context
+    return context
 
 
 def lifespan(context: ApiContext) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import ValidationError, model_validator
 
-from metering_pipeline.api.context import ApiContext
+from metering_pipeline.api.context import ApiContext, context_of
 from metering_pipeline.api.errors import ERROR_RESPONSES, ApiError, invalid
 from metering_pipeline.api.links import each, from_body, links
 from metering_pipeline.api.security import AuthenticatedRoute, Caller, reader, writer
@@ -50,11 +50,6 @@ class MetricList(WireModel):
     metrics: list[MetricDefinition]
 
 
-def _context(request: Request) -> ApiContext:
-    context: ApiContext = request.app.state.context
-    return context
-
-
 def _definition(fields: dict[str, Any]) -> MetricDefinition:
     """The definition, with its rules across fields checked (UNIQUE_COUNT needs valueProperty, ...): 422 if broken."""
     try:
@@ -86,7 +81,7 @@ async def define_metric(body: MetricInput, request: Request, who: Caller = Depen
     definition = _definition(
         body.model_dump() | {"id": body.id or (f"{org}:{body.key}" if org else body.key), "org_id": org}
     )
-    context = _context(request)
+    context = context_of(request)
     if context.metrics.get(definition.id) is not None:
         raise ApiError(409, "conflict", f"metric id {definition.id!r} exists; use PUT /v1/metrics/{body.key}")
     if any(d.key == definition.key and d.org_id == org for d in context.metrics.definitions()):
@@ -101,7 +96,7 @@ async def define_metric(body: MetricInput, request: Request, who: Caller = Depen
 async def update_metric(
     key: str, body: MetricChange, request: Request, org_id: str | None = OrgQuery, who: Caller = Depends(writer)
 ) -> MetricDefinition:
-    context = _context(request)
+    context = context_of(request)
     current = _scoped(key, org_id, who, context)
     changes = body.model_dump(exclude_none=True)
     if not changes:
@@ -115,7 +110,7 @@ async def update_metric(
 async def delete_metric(
     key: str, request: Request, org_id: str | None = OrgQuery, who: Caller = Depends(writer)
 ) -> Response:
-    context = _context(request)
+    context = context_of(request)
     current = _scoped(key, org_id, who, context)
     await context.publish(context.metrics, current.id, None)
     return Response(status_code=204)
@@ -128,7 +123,7 @@ async def get_metric(
     """The definition that applies: the org's own if it has one, else the global one."""
     org = who.org_id if who.org_id is not None else org_id
     who.require_org(org, f"metric {key!r}")
-    found = _context(request).metrics.resolve(key, org)
+    found = context_of(request).metrics.resolve(key, org)
     if found is None:
         raise ApiError(404, "not_found", f"no metric {key!r}")
     return found
@@ -141,7 +136,7 @@ async def list_metrics(request: Request, org_id: str | None = OrgQuery, who: Cal
     who.require_org(org, "that list")
     visible = [
         d
-        for d in _context(request).metrics.definitions()
+        for d in context_of(request).metrics.definitions()
         if d.org_id is None or d.org_id == org or (who.org_id is None and org is None)
     ]
     return MetricList(metrics=sorted(visible, key=lambda d: (d.key, d.org_id or "")))

@@ -10,16 +10,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Depends, HTTPException, Request, Response
-from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import Message, Receive
 
+from metering_pipeline.api.context import context_of
 from metering_pipeline.api.decimal_json import DecimalJSONRoute
-from metering_pipeline.api.errors import ApiError, ErrorBody
+from metering_pipeline.api.errors import ApiError
 from metering_pipeline.api.keys import ApiKey, KeyRing, Scope as KeyScope
 
 _bearer = HTTPBearer(auto_error=False, description="An API key from `metering api-key create`")
-_KEY = "api_key"  # where AuthenticatedRoute leaves the caller's key in the request's state
+_NO_KEY = "send an API key as `Authorization: Bearer <key>`"
 
 
 @dataclass(frozen=True)
@@ -50,19 +50,15 @@ class AuthenticatedRoute(DecimalJSONRoute):
         handler = super().get_route_handler()
 
         async def handle(request: Request) -> Response:
-            context = request.app.state.context
+            context = context_of(request)
             key = _key(context.keys, request.headers.get("authorization"))
             if key is None:
                 missing = "authorization" not in request.headers
-                return _refusal(
-                    401,
-                    "unauthenticated",
-                    "send an API key as `Authorization: Bearer <key>`" if missing else "unknown or revoked API key",
-                )
-            limit: int = context.settings.api_max_request_bytes
+                raise ApiError(401, "unauthenticated", _NO_KEY if missing else "unknown or revoked API key")
+            limit = context.settings.api_max_request_bytes
             declared = request.headers.get("content-length", "")
             if declared.isdigit() and int(declared) > limit:
-                return _refusal(413, "request_too_large", _too_large(limit))
+                raise _too_large(limit)
             request.state.api_key = key
             return await handler(Request(request.scope, _bounded(request.receive, limit)))
 
@@ -74,12 +70,10 @@ def _key(keys: KeyRing, authorization: str | None) -> ApiKey | None:
     return keys.find(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
 
 
-def _refusal(status: int, error: str, message: str) -> JSONResponse:
-    return JSONResponse(ErrorBody(error=error, message=message).model_dump(), status_code=status)
-
-
-def _too_large(limit: int) -> str:
-    return f"the request body is over {limit} bytes (METERING_API_MAX_REQUEST_BYTES)"
+def _too_large(limit: int) -> HTTPException:
+    """413 `request_too_large` (see `errors.on_http_error`): an HTTPException, the one error FastAPI lets through
+    unchanged from reading the body."""
+    return HTTPException(413, f"the request body is over {limit} bytes (METERING_API_MAX_REQUEST_BYTES)")
 
 
 def _bounded(receive: Receive, limit: int) -> Receive:
@@ -92,7 +86,7 @@ def _bounded(receive: Receive, limit: int) -> Receive:
         message = await receive()
         size += len(message.get("body", b""))
         if size > limit:
-            raise HTTPException(413, _too_large(limit))
+            raise _too_large(limit)
         return message
 
     return receive_within_limit
@@ -101,9 +95,9 @@ def _bounded(receive: Receive, limit: int) -> Receive:
 def caller(scope: KeyScope) -> Callable[..., Caller]:
     def authenticate(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> Caller:
         """The key AuthenticatedRoute found (`credentials` declares the scheme in the OpenAPI)."""
-        key: ApiKey | None = getattr(request.state, _KEY, None)
+        key: ApiKey | None = getattr(request.state, "api_key", None)
         if key is None:
-            raise ApiError(401, "unauthenticated", "send an API key as `Authorization: Bearer <key>`")
+            raise ApiError(401, "unauthenticated", _NO_KEY)
         if scope not in key.scopes:
             raise ApiError(403, "forbidden_scope", f"this key lacks the {scope!r} scope")
         return Caller(key.name, frozenset(key.scopes), key.org_id)

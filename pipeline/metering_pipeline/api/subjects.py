@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic.alias_generators import to_camel
 
-from metering_pipeline.api.context import ApiContext
+from metering_pipeline.api.context import ApiContext, context_of
 from metering_pipeline.api.errors import ERROR_RESPONSES, ApiError
 from metering_pipeline.api.security import AuthenticatedRoute, Caller, reader
 from metering_pipeline.invoicing.quantities import billed_quantities
@@ -31,11 +31,6 @@ class Subject(WireModel):
 
 class SubjectList(WireModel):
     subjects: list[Subject]
-
-
-def _context(request: Request) -> ApiContext:
-    context: ApiContext = request.app.state.context
-    return context
 
 
 def _visible(subject_type: str, subject_id: str, who: Caller, context: ApiContext) -> bool:
@@ -59,7 +54,7 @@ async def list_subjects(
     limit: int = Query(default=100, ge=1, le=1000),
     who: Caller = Depends(reader),
 ) -> SubjectList:
-    context = _context(request)
+    context = context_of(request)
     found = await context.query(subjects_with_usage, subject_type, search, limit if who.org_id is None else 1000)
     visible = [Subject(subject_type=t, subject_id=i) for t, i in found if _visible(t, i, who, context)]
     return SubjectList(subjects=visible[:limit])
@@ -72,7 +67,7 @@ async def subject_status(
     """Per metric with thresholds: the value in its reset period's current window, each threshold's state
     (ok / approaching / exceeded), and whether a BLOCK threshold blocks the subject — the same shape as the
     worker's entitlement endpoint, read from ClickHouse."""
-    context = _context(request)
+    context = context_of(request)
     _require_visible(subject_type, subject_id, who, context)
     now = datetime.now(UTC)
     applying: dict[str, list[UsageThreshold]] = {}
@@ -120,7 +115,7 @@ async def subject_alerts(
     limit: int = Query(default=50, ge=1, le=1000),
     who: Caller = Depends(reader),
 ) -> dict[str, Any]:
-    context = _context(request)
+    context = context_of(request)
     _require_visible(subject_type, subject_id, who, context)
     rows = await context.query(recent_alerts, subject_type, subject_id, limit)
     return {"alerts": [_alert_json(row) for row in rows]}

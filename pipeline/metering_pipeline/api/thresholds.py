@@ -7,7 +7,7 @@ import uuid
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import Field
 
-from metering_pipeline.api.context import ApiContext
+from metering_pipeline.api.context import ApiContext, context_of
 from metering_pipeline.api.errors import ERROR_RESPONSES, ApiError, FieldProblem
 from metering_pipeline.api.links import each, from_body, links
 from metering_pipeline.api.security import AuthenticatedRoute, Caller, reader, writer
@@ -52,11 +52,6 @@ class ThresholdList(WireModel):
     thresholds: list[UsageThreshold]
 
 
-def _context(request: Request) -> ApiContext:
-    context: ApiContext = request.app.state.context
-    return context
-
-
 def _owned(threshold_id: str, who: Caller, context: ApiContext) -> UsageThreshold:
     found = context.thresholds.get(threshold_id)
     if found is None or not who.may_act_for(found.org_id):
@@ -72,7 +67,7 @@ def _owned(threshold_id: str, who: Caller, context: ApiContext) -> UsageThreshol
     responses=links(201, *each(("put", "delete"), "/v1/thresholds/{threshold_id}", from_body(threshold_id="id"))),
 )
 async def create_threshold(body: ThresholdInput, request: Request, who: Caller = Depends(writer)) -> UsageThreshold:
-    context = _context(request)
+    context = context_of(request)
     org = body.org_id if body.org_id is not None else who.org_id
     who.require_org(org, "a threshold without an org" if org is None else f"org {org!r}")
     if who.org_id is not None:
@@ -115,7 +110,7 @@ async def create_threshold(body: ThresholdInput, request: Request, who: Caller =
 async def update_threshold(
     threshold_id: str, body: ThresholdChange, request: Request, who: Caller = Depends(writer)
 ) -> UsageThreshold:
-    context = _context(request)
+    context = context_of(request)
     current = _owned(threshold_id, who, context)
     changes = body.model_dump(exclude_none=True)
     if not changes:
@@ -127,7 +122,7 @@ async def update_threshold(
 
 @router.delete("/{threshold_id}", status_code=204, summary="threshold.delete")
 async def delete_threshold(threshold_id: str, request: Request, who: Caller = Depends(writer)) -> Response:
-    context = _context(request)
+    context = context_of(request)
     _owned(threshold_id, who, context)
     await context.publish(context.thresholds, threshold_id, None)
     return Response(status_code=204)
@@ -143,7 +138,7 @@ async def list_thresholds(
 ) -> ThresholdList:
     found = [
         t
-        for t in _context(request).thresholds.values()
+        for t in context_of(request).thresholds.values()
         if who.may_act_for(t.org_id)
         and (metric_key is None or t.metric_key == metric_key)
         and (subject_type is None or t.subject_type == subject_type)

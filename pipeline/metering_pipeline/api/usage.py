@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import Field
 
-from metering_pipeline.api.context import ApiContext
+from metering_pipeline.api.context import ApiContext, context_of
 from metering_pipeline.api.errors import ERROR_RESPONSES, ApiError, FieldProblem
 from metering_pipeline.api.links import from_body, links
 from metering_pipeline.api.security import AuthenticatedRoute, Caller, reader, writer
@@ -69,11 +69,6 @@ class RecordPage(WireModel):
 
 class SummaryList(WireModel):
     summaries: list[UsageSummary]
-
-
-def _context(request: Request) -> ApiContext:
-    context: ApiContext = request.app.state.context
-    return context
 
 
 def _admit(
@@ -141,7 +136,7 @@ _RECORDED = links(
 async def record_usage(
     body: UsageRecord, request: Request, idempotency_key: str | None = IdempotencyKey, who: Caller = Depends(writer)
 ) -> Accepted:
-    context = _context(request)
+    context = context_of(request)
     admitted = _admit([body], who, context, idempotency_key, batch=False)
     assert context.producer is not None
     await context.producer.record(admitted[0])
@@ -152,7 +147,7 @@ async def record_usage(
 async def record_usage_batch(
     body: RecordBatch, request: Request, idempotency_key: str | None = IdempotencyKey, who: Caller = Depends(writer)
 ) -> Accepted:
-    context = _context(request)
+    context = context_of(request)
     limit = context.settings.api_max_batch_records
     if len(body.records) > limit:
         raise ApiError(413, "batch_too_large", f"{len(body.records)} records; at most {limit} per request")
@@ -254,7 +249,7 @@ async def get_usage(
     """A subject's raw usage records, oldest first, a page at a time."""
     selection = _selection(who, start, end, subject_type, subject_id, metric_key)
     after = _read_cursor(cursor) if cursor else None
-    records = await _context(request).query(usage_records_page, selection, after, limit)
+    records = await context_of(request).query(usage_records_page, selection, after, limit)
     last = records[-1] if len(records) == limit else None  # read from ClickHouse: its timestamp and id are set
     next_cursor = None if last is None else _cursor((cast(datetime, last.timestamp), cast(str, last.id)))
     return RecordPage(records=records, next_cursor=next_cursor)
@@ -343,7 +338,7 @@ async def get_summary(
 
     By default the total rows; with `groupBy` and/or `filterGroupBy`, the usage split by (or restricted to) values
     of the metric's dimensions, each summary's `dimensions` saying which (exact for every aggregation type)."""
-    context = _context(request)
+    context = context_of(request)
     dimensions = _dimension_query(request, group_by)
     if who.org_id is not None and subject_type == "org" and subject_id != who.org_id:
         raise ApiError(403, "forbidden_org", f"this key acts for org {who.org_id!r} only")
@@ -419,12 +414,12 @@ async def export_usage(
     `filterGroupBy[name]=value`, only the records with those dimension values. Each row ends with its `dimensions`."""
     dimensions = _dimension_query(request, [])
     if metric_key is not None and dimensions.filters:
-        _checked(dimensions, _metric_for(_context(request), metric_key, who.org_id), metric_key)
+        _checked(dimensions, _metric_for(context_of(request), metric_key, who.org_id), metric_key)
     selection = dataclasses.replace(
         _selection(who, start, end, subject_type, subject_id, metric_key), dimensions=dimensions.filters
     )
     assert export_format in EXPORT_FORMATS
-    client = connect(_context(request).settings)  # its own connection: a long stream must not hold the shared one
+    client = connect(context_of(request).settings)  # its own connection: a long stream must not hold the shared one
     try:
         stream = await asyncio.to_thread(open_usage_export, client, selection, export_format)
     except Exception:

@@ -491,6 +491,9 @@ def test_the_key_is_checked_before_the_body_is_read_and_bodies_are_bounded(api):
     assert (wrong_key.status_code, wrong_key.json()["error"]) == (401, "unauthenticated")
     too_large = admin.post("/v1/usage/batch", content=body, headers={"Content-Type": "application/json"})
     assert (too_large.status_code, too_large.json()["error"]) == (413, "request_too_large")
+    chunked = admin.post("/v1/usage/batch", content=iter([body[: len(body) // 2], body[len(body) // 2 :]]))
+    assert "content-length" not in chunked.request.headers  # sent chunked: refused as the body arrives
+    assert (chunked.status_code, chunked.json()["error"]) == (413, "request_too_large")
     assert (
         admin.post("/v1/usage", content=b"{not json", headers={"Content-Type": "application/json"}).status_code == 422
     )

@@ -19,11 +19,11 @@ def test_a_threshold_written_as_a_json_number_keeps_every_digit():
 def test_a_price_written_as_a_json_number_keeps_every_digit():
     value = (
         b'{"key": "p", "name": "p", "currency": "USD", "prices": [{"metricKey": "m", "model": "PER_UNIT", '
-        b'"unitPrice": 0.000000000000000001}]}'
+        b'"unitPrice": 12345678901234567890.123456789012345678}]}'
     )
     entry = parse_entry(Plan, b"p", value)
     assert entry is not None and entry[1] is not None
-    assert entry[1].prices[0].unit_price == Decimal("0.000000000000000001")
+    assert entry[1].prices[0].unit_price == Decimal("12345678901234567890.123456789012345678")
 
 
 def test_a_tombstone_deletes_and_an_unreadable_entry_is_ignored():

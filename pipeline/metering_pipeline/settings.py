@@ -85,6 +85,17 @@ class Settings(BaseSettings):
         "dimension row); a record with a new value past it is dead-lettered "
         "cardinality_limit",
     )
+    state_dir: Path = Field(
+        default_factory=lambda: _default_home() / "state",
+        description="Where a worker keeps its partitions' state on local disk (one RocksDB store per partition; "
+        "a volume in production, one per worker): a restart on the same directory replays only the changelog's tail",
+    )
+    state_cache_mb: int = Field(
+        default=256,
+        ge=16,
+        description="Memory for state in RAM: hot rollups and the store's block cache and write buffers; "
+        "the rest of a partition's state stays on disk",
+    )
     max_buffered_records: int = Field(
         default=100_000,
         ge=1,

@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, strategies as st
 
 from metering_pipeline.usage.aggregation import MERGEABLE
-from metering_pipeline.usage.intake import AcceptedRecord
 from metering_pipeline.usage.periods import EPOCH
-from metering_pipeline.usage.rollups import LIFETIME, CountedRecord, PartitionRollups, Rollup, RollupChange
+from metering_pipeline.usage.rollups import LIFETIME, PartitionRollups, Rollup, RollupChange
+from metering_pipeline.usage.routed_record import AcceptedRecord, CountedRecord, RoutedRecord
 from metering_pipeline.warehouse.sink import records_body
 from metering_pipeline.worker import changelog, routing
 from metering_schemas import AggregationType, MetricDefinition, PeriodType, ResetPeriod
@@ -214,6 +214,43 @@ def test_a_routed_record_counts_all_time_only_for_a_metric_that_never_resets(res
 
 
 def test_an_accepted_record_has_the_routed_layout_the_rollup_stage_decodes():
-    """The router encodes AcceptedRecord as it is and the rollup stage decodes CountedRecord: same fields, same
-    order (a field added to one and not the other would shift every field after it)."""
-    assert AcceptedRecord.__struct_fields__ == CountedRecord.__struct_fields__
+    """The router encodes AcceptedRecord as it is and the rollup stage decodes CountedRecord: both are the one
+    RoutedRecord layout, the quantity's type aside (a field added to one and not the other would shift every field
+    after it)."""
+    assert AcceptedRecord.__struct_fields__ == CountedRecord.__struct_fields__ == RoutedRecord.__struct_fields__
+    assert AcceptedRecord.__struct_config__.array_like and CountedRecord.__struct_config__.array_like
+    [decoded] = routing.decode(routing.encode([accepted("1", datetime(2026, 11, 24, tzinfo=UTC))]))
+    assert type(decoded) is CountedRecord
+    with pytest.raises(TypeError, match="all_time"):  # intake always says; only records of older workers lack it
+        AcceptedRecord("org", "o", "r", "tokens", "tokens", AggregationType.SUM, "1", 0, "{}")  # type: ignore[call-arg]
+
+
+def test_routed_bytes_stay_what_every_worker_wrote_and_reads():
+    """The routed topic outlives any one worker version: these bytes, pinned from the layout's two struct
+    definitions before they became one, decode the same."""
+    records = [
+        AcceptedRecord(
+            "org",
+            "ö-1",
+            "r-1",
+            "users",
+            "users-v2",
+            AggregationType.UNIQUE_COUNT,
+            "-1.50E+3",
+            1_764_000_000_123,
+            '{"a":1}',
+            True,
+            (("model", "m"), ("region", "eu")),
+            "u-7",
+        ),
+        AcceptedRecord("org", "o", "r-2", "tokens", "tokens", AggregationType.SUM, "2", 1_764_000_000_124, "{}", False),
+    ]
+    pinned = (
+        b"\x02\x92\x9c\xa3org\xa4\xc3\xb6-1\xa3r-1\xa5users\xa8users-v2\xacUNIQUE_COUNT\xa8-1.50E+3"
+        b'\xcf\x00\x00\x01\x9a\xb6\x97\xe8{\xa7{"a":1}\xc3\x92\x92\xa5model\xa1m\x92\xa6region\xa2eu\xa3u-7'
+        b"\x9c\xa3org\xa1o\xa3r-2\xa6tokens\xa6tokens\xa3SUM\xa12\xcf\x00\x00\x01\x9a\xb6\x97\xe8|\xa2{}\xc2\x90\xc0"
+    )
+    assert routing.encode(records) == pinned
+    assert [msgspec.structs.astuple(r) for r in routing.decode(pinned)] == [
+        (*msgspec.structs.astuple(r)[:6], Decimal(r.quantity), *msgspec.structs.astuple(r)[7:]) for r in records
+    ]

@@ -17,7 +17,6 @@ from pydantic import ValidationError
 
 from metering_pipeline.usage import meter
 from metering_pipeline.usage.intake import (
-    AcceptedRecord,
     Intake,
     IntakeRules,
     Message,
@@ -36,6 +35,7 @@ from metering_pipeline.usage.meter import (
 )
 from metering_pipeline.usage.metrics import MetricCatalog
 from metering_pipeline.usage.record_decoder import DecodedBatch, DecodedRecord, decode_message
+from metering_pipeline.usage.routed_record import AcceptedRecord
 from metering_schemas import AggregationType, DeadLetter, MetricDefinition, RejectReason
 
 UTC = UTC

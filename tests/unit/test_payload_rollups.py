@@ -18,13 +18,13 @@ from metering_pipeline.usage.periods import EPOCH, rollup_starts
 from metering_pipeline.usage.rollups import (
     LIFETIME,
     CardinalityLimits,
-    CountedRecord,
     PartitionRollups,
     Rollup,
     RollupChange,
     RollupKey,
     ValuesRollup,
 )
+from metering_pipeline.usage.routed_record import CountedRecord
 from metering_pipeline.usage.thresholds import APPROACHING, EXCEEDED, PartitionThresholds, ThresholdBook, dimensions_of
 from metering_pipeline.worker import changelog
 from metering_schemas import AggregationType, MetricDefinition, PeriodType, ResetPeriod, UsageThreshold

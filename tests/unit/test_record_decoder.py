@@ -16,9 +16,10 @@ import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from metering_pipeline.usage.intake import AcceptedRecord, IntakeRules, Message, read_message, read_message_by_model
+from metering_pipeline.usage.intake import IntakeRules, Message, read_message, read_message_by_model
 from metering_pipeline.usage.metrics import MetricCatalog
 from metering_pipeline.usage.record_decoder import DecodedBatch, DecodedRecord, decode_message
+from metering_pipeline.usage.routed_record import AcceptedRecord
 from metering_schemas import AggregationType, DeadLetter, MetricDefinition, RejectReason
 
 UTC = UTC

@@ -10,7 +10,8 @@ from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
 
 from metering_pipeline.notification.messages import alert_email, message_id
 from metering_pipeline.usage.metrics import MetricCatalog
-from metering_pipeline.usage.rollups import CountedRecord, PartitionRollups
+from metering_pipeline.usage.rollups import PartitionRollups
+from metering_pipeline.usage.routed_record import CountedRecord
 from metering_pipeline.usage.thresholds import (
     APPROACHING,
     EXCEEDED,

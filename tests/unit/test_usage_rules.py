@@ -18,7 +18,8 @@ from metering_pipeline.usage.dedup import DedupWindow
 from metering_pipeline.usage.intake import EVIDENCE_BYTES, IntakeRules, Message, read_message, read_message_by_model
 from metering_pipeline.usage.metrics import MetricCatalog
 from metering_pipeline.usage.periods import period_bounds, rollup_starts
-from metering_pipeline.usage.rollups import LIFETIME, CountedRecord, PartitionRollups
+from metering_pipeline.usage.rollups import LIFETIME, PartitionRollups
+from metering_pipeline.usage.routed_record import CountedRecord
 from metering_pipeline.worker import changelog
 from metering_schemas import AggregationType, MetricDefinition, PeriodType, RejectReason, ResetPeriod
 

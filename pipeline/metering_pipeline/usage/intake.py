@@ -22,12 +22,12 @@ import msgspec
 import orjson
 from pydantic import ValidationError
 
-from metering_pipeline.usage.meter import TOTAL, Dimensions, UnreadableRecord
+from metering_pipeline.usage.meter import TOTAL, UnreadableRecord
 from metering_pipeline.usage.metrics import MetricCatalog, record_org
 from metering_pipeline.usage.periods import EPOCH
 from metering_pipeline.usage.record_decoder import DecodedRecord, decode_message, parse_record
+from metering_pipeline.usage.routed_record import AcceptedRecord
 from metering_schemas import (
-    AggregationType,
     DeadLetter,
     FieldError,
     MetricDefinition,
@@ -87,28 +87,6 @@ class Message(msgspec.Struct, gc=False):
         return SourcePosition(
             topic=self.topic, partition=self.partition, offset=self.offset, timestamp=self.timestamp, key=key
         )
-
-
-class AcceptedRecord(msgspec.Struct, array_like=True, gc=False):
-    """A valid record with its dedup id, timestamp and stored metadata settled, and the metric that governs it
-    resolved: the routed topic's record layout, which the rollup stage decodes as `CountedRecord` (the two must
-    keep the same fields in the same order; see `worker.routing`).
-
-    Plain values, not a UsageRecord: the fast path builds no model and no Decimal per record.
-    """
-
-    subject_type: str
-    subject_id: str
-    record_id: str  # the record's id, or its deterministic source position when it had none
-    metric_key: str
-    metric_id: str
-    aggregation: AggregationType
-    quantity: str  # exact decimal text: Decimal(quantity) is the model's value, exponent and sign included
-    timestamp_ms: int  # epoch milliseconds, UTC
-    metadata_json: str
-    all_time: bool  # counted into an all-time rollup too: its metric never resets
-    dimensions: Dimensions = TOTAL  # a grouped metric's dimension values, sorted by name
-    distinct: str | None = None  # UNIQUE_COUNT: the string form of the value at valueProperty
 
 
 class Filtered:

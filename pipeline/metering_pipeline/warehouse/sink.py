@@ -19,7 +19,8 @@ from clickhouse_connect.driver.client import Client
 
 from metering_pipeline.settings import Settings
 from metering_pipeline.usage.meter import Dimensions
-from metering_pipeline.usage.rollups import WIRE_NAME, CountedRecord, RollupChange
+from metering_pipeline.usage.rollups import WIRE_NAME, RollupChange
+from metering_pipeline.usage.routed_record import CountedRecord
 from metering_pipeline.warehouse.client import connect
 from metering_pipeline.warehouse.migrations import migrate
 from metering_pipeline.warehouse.mirrors import D, Mirror

@@ -18,8 +18,9 @@ from aiokafka.errors import CommitFailedError, IllegalStateError
 from metering_pipeline.logs import get_logger
 from metering_pipeline.settings import Settings
 from metering_pipeline.topics import Topics
-from metering_pipeline.usage.intake import AcceptedRecord, IntakeRules, Message, read_message
+from metering_pipeline.usage.intake import IntakeRules, Message, read_message
 from metering_pipeline.usage.metrics import MetricCatalog
+from metering_pipeline.usage.routed_record import AcceptedRecord
 from metering_pipeline.worker import routing
 from metering_pipeline.worker.stats import WorkerStats
 

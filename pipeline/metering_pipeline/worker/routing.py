@@ -14,8 +14,7 @@ from collections.abc import Iterator, Sequence
 import msgspec
 from aiokafka.structs import ConsumerRecord
 
-from metering_pipeline.usage.intake import AcceptedRecord
-from metering_pipeline.usage.rollups import CountedRecord
+from metering_pipeline.usage.routed_record import AcceptedRecord, CountedRecord
 
 
 def subject_partition(subject_type: str, subject_id: str, partitions: int) -> int:
@@ -69,8 +68,9 @@ def _read_size(record: AcceptedRecord) -> int:
     return size + (0 if record.distinct is None else len(record.distinct))
 
 
-# A routed message is this version byte and a MessagePack array of `CountedRecord` arrays. Version 1 was a
-# JSON array of the same arrays (first byte `[`): a worker still reads those left on the topic by an older one.
+# A routed message is this version byte and a MessagePack array of record arrays (the one layout of
+# `usage.routed_record`). Version 1 was a JSON array of the same arrays (first byte `[`): a worker still reads those
+# left on the topic by an older one.
 ROUTED_V2 = b"\x02"
 _encoder = msgspec.msgpack.Encoder()
 _decode_v2 = msgspec.msgpack.Decoder(list[CountedRecord]).decode
@@ -78,7 +78,8 @@ _decode_v1 = msgspec.json.Decoder(list[CountedRecord]).decode
 
 
 def encode(records: Sequence[AcceptedRecord]) -> bytes:
-    """Accepted records travel as they are: their layout is CountedRecord's, the quantity as its exact text."""
+    """Accepted records travel as they are, the quantity as its exact text; the rollup stage reads them as
+    CountedRecords (one layout: `usage.routed_record`)."""
     return ROUTED_V2 + _encoder.encode(records)
 
 

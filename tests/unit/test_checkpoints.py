@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from metering_pipeline.usage.rollups import CountedRecord, PartitionRollups
-from metering_pipeline.worker.checkpoints import PartitionWriter, Snapshot, merged
+from metering_pipeline.worker.checkpoints import Committed, PartitionWriter, Snapshot, merged
 from metering_pipeline.worker.stats import WorkerStats
 from metering_schemas import AggregationType, PeriodType
 
@@ -79,18 +79,26 @@ class _Sink:
         self.log.append(("rollups", len(changes)))
 
 
+class _Committer:
+    """Records each commit; raises while `fenced` (as a producer another owner fenced)."""
+
+    def __init__(self, log: list) -> None:
+        self.log = log
+        self.fenced = False
+
+    async def commit(self, snapshot: Snapshot) -> Committed:
+        if self.fenced:
+            raise RuntimeError("fenced")
+        self.log.append(("commit", snapshot.offset))
+        return Committed([], snapshot.offset, snapshot.changes.generation, None)
+
+
 def test_the_writer_commits_after_the_records_merges_what_queued_up_meanwhile_and_keeps_a_failure_visible():
     async def scenario() -> None:
         log: list = []
         sink = _Sink(log)
-        fail_commit = False
-
-        async def commit(snapshot: Snapshot) -> None:
-            if fail_commit:
-                raise RuntimeError("fenced")
-            log.append(("commit", snapshot.offset))
-
-        writer = PartitionWriter(sink, commit, WorkerStats())  # type: ignore[arg-type]
+        committer = _Committer(log)
+        writer = PartitionWriter(sink, committer, WorkerStats())  # type: ignore[arg-type]
         state = PartitionRollups(timedelta(hours=24))
         sink.down = True
         for offset, record_id in enumerate("abc"):  # three checkpoints while ClickHouse is down
@@ -110,8 +118,10 @@ def test_the_writer_commits_after_the_records_merges_what_queued_up_meanwhile_an
             ("rollups", 3),
         ]
         assert writer.buffered == 0 and writer.unsettled_keys() == set()
+        # Both commits are durable (their rollups in ClickHouse), in order, for the state store.
+        assert [(c.first_offset, c.generation) for c in writer.durable] == [(1, 1), (3, 3)]
 
-        fail_commit = True
+        committer.fenced = True
         state.apply([counted("d", "1")], 3, AT)
         writer.submit(Snapshot(4, state.checkpoint(), []))
         assert not await writer.settle(5)
@@ -130,16 +140,14 @@ def test_a_partition_handed_over_waits_for_its_commits_but_not_for_clickhouse_to
         async def hang(changes) -> None:  # ClickHouse took the records, then stopped answering
             await asyncio.Event().wait()
 
-        async def commit(snapshot: Snapshot) -> None:
-            log.append(("commit", snapshot.offset))
-
         sink.write_rollups = hang  # type: ignore[method-assign]
-        writer = PartitionWriter(sink, commit, WorkerStats())  # type: ignore[arg-type]
+        writer = PartitionWriter(sink, _Committer(log), WorkerStats())  # type: ignore[arg-type]
         state = PartitionRollups(timedelta(hours=24))
         state.apply([counted("a", "1")], 0, AT)
         writer.submit(Snapshot(1, state.checkpoint(), []))
         assert await asyncio.wait_for(writer.settle(30, rollups=False), 1)  # the next owner writes the rollups again
         assert log == [("records", ["a"]), ("commit", 1)]
+        assert writer.durable == []  # committed, but not stored until its rollups are in ClickHouse
         assert not await writer.settle(0.2)  # with them: abandoned at the timeout
         assert writer.failure() is None
 

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from metering_pipeline.worker.rollup_stage import ProducerDied, _unless_producer_died
+from metering_pipeline.worker.rollup_partition import ProducerDied, _unless_producer_died
 
 
 def producer_with(sender_task: asyncio.Task) -> SimpleNamespace:

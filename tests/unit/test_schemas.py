@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 from metering_pipeline.usage.aggregation import MERGEABLE, Aggregate
 from metering_pipeline.usage.rollups import Rollup, RollupChange
 from metering_pipeline.usage.thresholds import EXCEEDED, Alert
-from metering_pipeline.worker.rollup_stage import aggregated_event
+from metering_pipeline.worker.rollup_partition import aggregated_event
 from metering_schemas import (
     AggregationType,
     InvoiceLine,

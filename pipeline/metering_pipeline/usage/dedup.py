@@ -2,8 +2,9 @@
 
 A record's identity is its subject plus its id: a retried record always names the same
 subject, so routing by subject keeps every copy of a record on one partition, and the
-window can be kept per partition. Identities are kept in one-minute buckets so expiry
-drops whole buckets instead of scanning every identity.
+window can be kept per partition. Identities are kept in buckets of their time so expiry
+drops whole buckets instead of scanning every identity. With a state store, RAM keeps only
+the identities not stored yet (in one-second buckets) and asks the store about the rest.
 """
 
 from __future__ import annotations
@@ -16,15 +17,16 @@ RecordIdentity = tuple[str, str, str]  # (subject_type, subject_id, record id)
 _BUCKET_SECONDS = 60
 
 
-def _bucket(at: datetime) -> int:
-    return int(at.timestamp()) // _BUCKET_SECONDS
-
-
 class DedupWindow:
-    def __init__(self, window: timedelta) -> None:
+    def __init__(self, window: timedelta, recall: Callable[[RecordIdentity], bool] | None = None) -> None:
         self.window = window
+        self._recall = recall  # whether the store remembers an identity RAM does not hold
+        self._bucket_seconds = _BUCKET_SECONDS if recall is None else 1
         self._seen: dict[RecordIdentity, int] = {}
         self._buckets: dict[int, list[RecordIdentity]] = {}
+
+    def _bucket(self, at: datetime) -> int:
+        return int(at.timestamp()) // self._bucket_seconds
 
     def first_sighting(self, identity: RecordIdentity, at: datetime) -> bool:
         """True (and remembered) the first time `identity` is offered within the window."""
@@ -32,12 +34,12 @@ class DedupWindow:
 
     def admitter(self, at: datetime) -> Callable[[RecordIdentity], bool]:
         """`first_sighting` for many identities seen at the same time (one routed message): the bucket is found once."""
-        bucket = _bucket(at)
-        seen = self._seen
+        bucket = self._bucket(at)
+        seen, recall = self._seen, self._recall
         entries = self._buckets.setdefault(bucket, [])
 
         def admit(identity: RecordIdentity) -> bool:
-            if identity in seen:
+            if identity in seen or (recall is not None and recall(identity)):
                 return False
             seen[identity] = bucket
             entries.append(identity)
@@ -50,12 +52,16 @@ class DedupWindow:
         seen, buckets = self._seen, self._buckets
         for identity, at in entries:
             if identity not in seen:
-                bucket = seen[identity] = _bucket(at)
+                bucket = seen[identity] = self._bucket(at)
                 buckets.setdefault(bucket, []).append(identity)
 
     def expire(self, now: datetime) -> int:
         """Forget identities seen more than `window` before `now`; returns how many."""
-        horizon = _bucket(now - self.window)
+        return self.forget_before(now - self.window)
+
+    def forget_before(self, horizon_time: datetime) -> int:
+        """Forget identities of buckets that ended before `horizon_time` (expired, or in the store now)."""
+        horizon = self._bucket(horizon_time)
         expired = 0
         for bucket in [b for b in self._buckets if b < horizon]:
             for identity in self._buckets.pop(bucket):
@@ -68,4 +74,4 @@ class DedupWindow:
         return len(self._seen)
 
     def __contains__(self, identity: RecordIdentity) -> bool:
-        return identity in self._seen
+        return identity in self._seen or (self._recall is not None and self._recall(identity))

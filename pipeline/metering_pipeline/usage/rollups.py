@@ -13,13 +13,14 @@ sums are added in place under the exact decimal context rather than through a me
 from __future__ import annotations
 
 import decimal
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import lru_cache
+from itertools import islice
 from sys import intern
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import msgspec
 
@@ -27,6 +28,7 @@ from metering_pipeline.usage.aggregation import EXACT, total
 from metering_pipeline.usage.dedup import DedupWindow, RecordIdentity
 from metering_pipeline.usage.meter import TOTAL, Dimensions
 from metering_pipeline.usage.periods import EPOCH, period_end, starts_of_hour
+from metering_pipeline.usage.routed_record import CountedRecord
 from metering_schemas import AggregationType, PeriodType, ResetPeriod
 
 # metric_key, subject_type, subject_id, period, start, dimensions. Besides the hourly, daily and monthly
@@ -43,32 +45,6 @@ _ZERO = Decimal(0)
 WIRE_NAME: dict[PeriodType | ResetPeriod | AggregationType, str] = {
     member: member.value for member in (*PeriodType, *ResetPeriod, *AggregationType)
 }
-
-
-class CountedRecord(msgspec.Struct, array_like=True, gc=False):
-    """A record as the rollup stage sees it: validated, its metric resolved, routed by subject.
-
-    Also the routed topic's record layout (see `worker.routing`): fields are only ever appended.
-    """
-
-    subject_type: str
-    subject_id: str
-    record_id: str  # the record's id, or its deterministic source position when it had none
-    metric_key: str
-    metric_id: str
-    aggregation: AggregationType
-    quantity: Decimal
-    timestamp_ms: int  # epoch milliseconds, UTC
-    metadata_json: str
-    # Counted into an all-time rollup too (its metric never resets). True when absent: routed by an older worker,
-    # which kept an all-time rollup for every metric.
-    all_time: bool = True
-    dimensions: Dimensions = TOTAL  # a grouped metric's dimension values, sorted by name
-    distinct: str | None = None  # UNIQUE_COUNT: the string form of the value at valueProperty
-
-    @property
-    def timestamp(self) -> datetime:
-        return datetime.fromtimestamp(self.timestamp_ms / 1000, tz=UTC)
 
 
 class Rollup(msgspec.Struct, gc=False):
@@ -210,6 +186,7 @@ class Checkpoint(NamedTuple):
     closed: list[tuple[int, CountedRecord]]  # (routed offset, record) refused: their periods were already evicted
     distinct: list[tuple[RollupKey, str]] = []  # values new to their UNIQUE_COUNT rollups (never mutated)
     limited: list[tuple[int, CountedRecord, str]] = []  # (routed offset, record, why) refused at a cardinality bound
+    generation: int = 0  # the state's count of checkpoints taken, this one included
 
     def is_empty(self) -> bool:
         return not (self.rollups or self.records or self.closed or self.limited)
@@ -238,11 +215,34 @@ class CardinalityLimits:
     distinct_values: int = 100_000  # values per UNIQUE_COUNT rollup
 
 
+class StoredRollups(Protocol):
+    """A partition's state as of its last stored checkpoint (see `worker.state_store`): what is not in RAM."""
+
+    def rollup(self, key: RollupKey) -> Rollup | None: ...
+    def seen(self, identity: RecordIdentity) -> bool: ...
+    def dimension_rows(self, total_key: RollupKey) -> int: ...
+    def subjects(self, metric_key: str, subject_type: str) -> set[str]: ...
+    def rollups_ending_before(self, horizon: datetime) -> Iterator[RollupKey]: ...
+
+
 class PartitionRollups:
-    def __init__(self, dedup_window: timedelta, limits: CardinalityLimits = CardinalityLimits()) -> None:
-        self.dedup = DedupWindow(dedup_window)
+    """With `stored`, RAM holds a cache of at most `capacity` rollups besides those not stored yet, and the identities
+    not stored yet; without, everything stays in RAM (the benchmark of the hot path, the tests of the rules)."""
+
+    def __init__(
+        self,
+        dedup_window: timedelta,
+        limits: CardinalityLimits = CardinalityLimits(),
+        stored: StoredRollups | None = None,
+        capacity: int = 1_000_000,
+    ) -> None:
+        self.dedup = DedupWindow(dedup_window, stored.seen if stored else None)
         self.limits = limits
-        self.rollups: dict[RollupKey, Rollup] = {}
+        self.stored = stored
+        self.capacity = capacity
+        self.rollups: dict[RollupKey, Rollup] = {}  # with `stored`, a cache
+        self.generation = 0  # of checkpoints taken
+        self._unstored: dict[RollupKey, int] = {}  # changed in a checkpoint not stored yet: its generation
         self._changed: dict[RollupKey, Rollup] = {}  # since the last checkpoint
         self._records: list[CountedRecord] = []
         self._identities: list[tuple[RecordIdentity, datetime]] = []
@@ -272,7 +272,7 @@ class PartitionRollups:
         first_open_hour = _first_open_hour(closed_before)
         dedup = self.dedup
         admit = dedup.admitter(seen_at)
-        rollups = self.rollups
+        rollups, stored = self.rollups, self.stored
         keep_record, keep_identity = self._records.append, self._identities.append
         counted = duplicates = 0
         with decimal.localcontext(EXACT):  # `+` below is exact or raises
@@ -309,6 +309,8 @@ class PartitionRollups:
                 for period, start in _periods_of_hour(hour) if record.all_time else starts_of_hour(hour):
                     key = (metric_key, subject_type, subject_id, period, start, TOTAL)
                     rollup = rollups.get(key)
+                    if rollup is None and stored is not None:
+                        rollup = self._load(key)
                     if rollup is None:  # its first record: the quantity object itself is sum, min and max (no copy)
                         rollups[key] = changed[key] = Rollup(
                             record.aggregation, 1, quantity, quantity, quantity, offset, metric_id
@@ -348,10 +350,10 @@ class PartitionRollups:
 
     def _over_limit(self, record: CountedRecord, rows: list[tuple[RollupKey, RollupKey]]) -> str | None:
         """Why counting the record would pass a cardinality bound, checked before anything changes."""
-        rollups, limits, distinct = self.rollups, self.limits, record.distinct
+        limits, distinct = self.limits, record.distinct
         for key, total_key in rows:
-            rollup = rollups.get(key)
-            if rollup is None and key is not total_key and self._combinations.get(total_key, 0) >= limits.combinations:
+            rollup = self.get(key)
+            if rollup is None and key is not total_key and self._rows_of_total(total_key) >= limits.combinations:
                 return (
                     f"{key[0]} already has {limits.combinations} dimension combinations for {key[1]}:{key[2]} in "
                     f"the {WIRE_NAME[key[3]]} period from {key[4].isoformat()} (METERING_MAX_DIMENSION_COMBINATIONS)"
@@ -383,14 +385,14 @@ class PartitionRollups:
         kind: type[Rollup] | type[ValuesRollup] = ValuesRollup if latest or aggregation is _UNIQUE else Rollup
         rollups = self.rollups
         for key, total_key in rows:
-            rollup = rollups.get(key)
+            rollup = self.get(key)
             if rollup is None:
                 rollup = rollups[key] = kind(aggregation, 1, quantity, quantity, quantity, offset, metric_id)
                 if key is not total_key:
-                    self._combinations[total_key] = self._combinations.get(total_key, 0) + 1
+                    self._combinations[total_key] = self._rows_of_total(total_key) + 1
             else:
                 if not isinstance(rollup, kind):  # the metric became UNIQUE_COUNT or LATEST within the period
-                    rollup = rollups[key] = _converted(rollup)
+                    rollup = rollups[key] = values_rollup(rollup)
                 rollup.aggregation = aggregation
                 rollup.metric_id = metric_id
                 rollup.count += 1
@@ -415,10 +417,54 @@ class PartitionRollups:
         """Counted since the last checkpoint."""
         return len(self._records)
 
+    def get(self, key: RollupKey) -> Rollup | None:
+        """A rollup as it stands: from RAM, or else from the store (then cached)."""
+        rollup = self.rollups.get(key)
+        if rollup is None and self.stored is not None:
+            rollup = self._load(key)
+        return rollup
+
+    def _load(self, key: RollupKey) -> Rollup | None:
+        rollup = self.stored.rollup(key) if self.stored is not None else None
+        if rollup is not None:
+            if key[5]:
+                key = (*key[:5], self._dimensions.setdefault(key[5], key[5]))
+            self.rollups[key] = rollup
+        return rollup
+
+    def _rows_of_total(self, total_key: RollupKey) -> int:
+        """Dimension rows of a total row's (metric, subject, period); counted in the store the first time (rows
+        created since are counted as they are)."""
+        rows = self._combinations.get(total_key)
+        if rows is None:
+            rows = self._combinations[total_key] = self.stored.dimension_rows(total_key) if self.stored else 0
+        return rows
+
+    def subjects_of(self, metrics: set[tuple[str, str]]) -> dict[tuple[str, str], set[tuple[str, str]]]:
+        """The subjects with rollups, per (metric key, subject type) asked for."""
+        found: dict[tuple[str, str], set[tuple[str, str]]] = {}
+        if not metrics:
+            return found
+        for metric_key, subject_type, subject_id, _period, _start, _dimensions in self.rollups:
+            if (metric_key, subject_type) in metrics:
+                found.setdefault((metric_key, subject_type), set()).add((subject_type, subject_id))
+        if self.stored is not None:
+            for metric_key, subject_type in metrics:
+                subjects = found.setdefault((metric_key, subject_type), set())
+                subjects.update(
+                    (subject_type, subject_id) for subject_id in self.stored.subjects(metric_key, subject_type)
+                )
+        return found
+
     def checkpoint(self) -> Checkpoint:
         """Hand over everything changed since the last checkpoint (as of now) and start a new one."""
+        self.generation += 1
         changes = [_freeze(key, rollup) for key, rollup in self._changed.items()]
-        checkpoint = Checkpoint(changes, self._records, self._identities, self._closed, self._distinct, self._limited)
+        if self.stored is not None:
+            self._unstored.update(dict.fromkeys(self._changed, self.generation))
+        checkpoint = Checkpoint(
+            changes, self._records, self._identities, self._closed, self._distinct, self._limited, self.generation
+        )
         self._closed = []
         self._changed = {}
         self._records = []
@@ -426,6 +472,19 @@ class PartitionRollups:
         self._distinct = []
         self._limited = []
         return checkpoint
+
+    def stored_through(self, generation: int, seen_until: datetime | None) -> None:
+        """Checkpoints up to `generation` are in the store, with identities seen until `seen_until`: RAM keeps them
+        only as a cache now, within its capacity."""
+        self._unstored = {key: taken for key, taken in self._unstored.items() if taken > generation}
+        if seen_until is not None:
+            self.dedup.forget_before(seen_until)
+        excess = len(self.rollups) - self.capacity
+        if excess > 0:
+            pinned, changed = self._unstored, self._changed
+            # Oldest first (a dict keeps insertion order; a rollup read again from the store goes to the back).
+            for key in list(islice((k for k in self.rollups if k not in pinned and k not in changed), excess)):
+                del self.rollups[key]
 
     def restore(
         self, rollups: Iterable[tuple[RollupKey, Rollup]], identities: Iterable[tuple[RecordIdentity, datetime]]
@@ -442,15 +501,24 @@ class PartitionRollups:
             self.rollups[key] = rollup
         self.dedup.remember(identities)
 
-    def evict_before(self, horizon: datetime) -> list[tuple[RollupKey, Rollup]]:
-        """Drop rollups whose period ended before `horizon` (past the allowed lateness): no record can change them
-        now."""
-        stale = [
-            (key, rollup)
-            for key, rollup in self.rollups.items()
-            if period_end(key[3], key[4]) < horizon and key not in self._changed
-        ]
-        for key, _ in stale:
+    def evict_before(
+        self, horizon: datetime, keep: set[RollupKey] | frozenset[RollupKey] = frozenset()
+    ) -> list[tuple[RollupKey, Rollup]]:
+        """Drop rollups whose period ended before `horizon` (past the allowed lateness: no record can change them
+        now), but those in `keep` and those not stored yet; returns them for their tombstones."""
+        candidates = [key for key in self.rollups if period_end(key[3], key[4]) < horizon]
+        if self.stored is not None:
+            candidates += self.stored.rollups_ending_before(horizon)
+        stale = []
+        for key in dict.fromkeys(candidates):
+            if key in self._changed or key in self._unstored or key in keep:
+                continue
+            rollup = self.get(key)
+            if rollup is None:
+                continue
+            stale.append((key, rollup))
+            if self.stored is not None:
+                self._unstored[key] = self.generation + 1  # in the store until its tombstones are
             del self.rollups[key]
             if key[5]:
                 total_key = (*key[:5], TOTAL)
@@ -462,9 +530,11 @@ class PartitionRollups:
         return stale
 
 
-def _converted(rollup: Rollup) -> ValuesRollup:
-    """A rollup that starts keeping values, its running state kept (its distinct values and latest value start
+def values_rollup(rollup: Rollup) -> ValuesRollup:
+    """A rollup that keeps values from now on, its running state kept (its distinct values and latest value start
     empty)."""
+    if isinstance(rollup, ValuesRollup):
+        return rollup
     return ValuesRollup(
         rollup.aggregation, rollup.count, rollup.sum, rollup.min, rollup.max, rollup.version, rollup.metric_id
     )

@@ -265,7 +265,7 @@ class PartitionThresholds:
         self, metric_key: str, subject: Subject, window_start: datetime, dimensions: Dimensions = TOTAL
     ) -> tuple[ResetPeriod, Rollup] | None:
         for period in (LIFETIME, *PeriodType):
-            rollup = self.rollups.rollups.get((metric_key, *subject, period, window_start, dimensions))
+            rollup = self.rollups.get((metric_key, *subject, period, window_start, dimensions))
             if rollup is not None and (reset := self.window_period(rollup)) is not None and reset.value == period.value:
                 return reset, rollup
         return None
@@ -289,7 +289,7 @@ class PartitionThresholds:
             thresholds = self.book.matching(metric_key, subject_type, subject_id, dimensions)
             if not thresholds:
                 continue
-            rollup = self.rollups.rollups[key]
+            rollup = self.rollups.rollups[key]  # touched: in RAM until its checkpoint is stored
             reset = self.window_period(rollup)
             if reset is None or reset.value != period.value:
                 continue
@@ -330,12 +330,7 @@ class PartitionThresholds:
     def _subjects_of(self, metrics: set[tuple[str, str]]) -> dict[tuple[str, str], set[Subject]]:
         """The subjects with rollups, per (metric key, subject type) asked for: one pass over the state however many
         thresholds changed (a restart brings every threshold in at once, onto a million rollups)."""
-        found: dict[tuple[str, str], set[Subject]] = {}
-        if metrics:
-            for metric_key, subject_type, subject_id, _period, _start, _dimensions in self.rollups.rollups:
-                if (metric_key, subject_type) in metrics:
-                    found.setdefault((metric_key, subject_type), set()).add((subject_type, subject_id))
-        return found
+        return self.rollups.subjects_of(metrics)
 
     def _value(self, threshold: UsageThreshold, subject: Subject, window_start: datetime) -> Decimal | None:
         found = self.window_rollup(threshold.metric_key, subject, window_start, dimensions_of(threshold))

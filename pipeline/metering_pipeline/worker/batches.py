@@ -25,6 +25,7 @@ class PartitionBatches:
         self._partitions: dict[str, list[int]] = {}
         self._keys = KeyPartitions() if keys is None else keys
         self.acks: list[asyncio.Future[Any]] = []
+        self._sent: list[tuple[tuple[str, int], asyncio.Future[Any]]] = []
 
     async def add(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None) -> None:
         await self.add_all(topic, ((key, value),), partition)
@@ -58,7 +59,14 @@ class PartitionBatches:
     async def _submit(self, slot: tuple[str, int]) -> None:
         batch = self._open.pop(slot)
         batch.close()
-        self.acks.append(await self.producer.send_batch(batch, slot[0], partition=slot[1]))
+        ack = await self.producer.send_batch(batch, slot[0], partition=slot[1])
+        self.acks.append(ack)
+        self._sent.append((slot, ack))
+
+    async def first_offset(self, topic: str, partition: int) -> int | None:
+        """The offset of the first message added to (topic, partition), once sent (None: none was)."""
+        offsets = [(await ack).offset for slot, ack in self._sent if slot == (topic, partition)]
+        return min(offsets, default=None)
 
     async def _partitions_of(self, topic: str) -> list[int]:
         partitions = self._partitions.get(topic)

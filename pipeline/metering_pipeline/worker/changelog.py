@@ -66,6 +66,16 @@ def distinct_entry(key: RollupKey, value: str) -> bytes:
     )
 
 
+def distinct_prefix(key: RollupKey) -> bytes:
+    """What the changelog keys of a rollup's distinct values start with."""
+    return distinct_entry(key, "")[: -len(b',""]')] + b","
+
+
+def dimension_rows_prefix(total_key: RollupKey) -> bytes:
+    """What the changelog keys of a total row's dimension rows start with."""
+    return rollup_tombstone(total_key)[:-1] + b","
+
+
 def distinct_entries(distinct: Iterable[tuple[RollupKey, str]]) -> Iterator[tuple[bytes, bytes]]:
     return ((distinct_entry(key, value), _PRESENT) for key, value in distinct)
 
@@ -90,13 +100,24 @@ def marker_entry(key: MarkerKey, marker: Marker | None) -> tuple[bytes, bytes | 
     return entry_key, orjson.dumps([str(marker.limit), marker.approaching, marker.exceeded])
 
 
+def decode_rollup_key(encoded: bytes) -> RollupKey:
+    """A rollup key from its changelog key (without ROLLUP_PREFIX)."""
+    return _rollup_key(orjson.loads(encoded))
+
+
+def decode_marker(key: bytes, value: bytes) -> tuple[MarkerKey, Marker]:
+    threshold_id, subject_type, subject_id, start = orjson.loads(key[len(MARKER_PREFIX) :])
+    limit, approaching, exceeded = orjson.loads(value)
+    return (threshold_id, subject_type, subject_id, _utc(start)), Marker(Decimal(limit), approaching, exceeded)
+
+
 def _rollup_key(fields: list[Any]) -> RollupKey:
     metric_key, subject_type, subject_id, period, start, *dimensions = fields
     pairs: Dimensions = tuple((name, value) for name, value in dimensions[0]) if dimensions else ()
     return metric_key, subject_type, subject_id, _period(period), _utc(start), pairs
 
 
-def _rollup(fields: list[Any]) -> Rollup:
+def decode_rollup(fields: list[Any]) -> Rollup:
     aggregation, count, total, low, high, version, *rest = fields
     state = (
         AggregationType(aggregation),
@@ -162,7 +183,7 @@ def restore(entries: Iterable[tuple[bytes, bytes | None]]) -> RestoredState:
             if value is None:
                 rollups.pop(rollup_key, None)
                 continue
-            rollups[rollup_key] = _rollup(orjson.loads(value))
+            rollups[rollup_key] = decode_rollup(orjson.loads(value))
         elif key.startswith(DISTINCT_PREFIX):
             *fields, dimensions, found = orjson.loads(key[len(DISTINCT_PREFIX) :])
             rollup_key = _rollup_key([*fields, dimensions])

@@ -3,7 +3,8 @@
 The loop takes a checkpoint (what changed, frozen as of the offset it reached) and hands it
 to the partition's writer; the writer puts the new usage records into ClickHouse, commits
 the checkpoint's Kafka transaction (changelog, events, consumer offset), then writes the
-changed rollups. So a ClickHouse outage holds up only the writer: the loop keeps consuming
+changed rollups; once they are in ClickHouse the checkpoint is `durable`, and the partition
+puts it into its state store. So a ClickHouse outage holds up only the writer: the loop keeps consuming
 and alerting until `max_buffered_records` wait in the writer's queue, then pauses its
 partitions (backpressure) instead of growing without bound. A crash loses only checkpoints
 that were not committed, and those are replayed from the committed offset. Only transient
@@ -17,8 +18,9 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
 
 from metering_pipeline.retry import FailingStreak, until_success
 from metering_pipeline.usage.rollups import Checkpoint, RollupChange, RollupKey
@@ -40,6 +42,22 @@ class Snapshot:
         return len(self.changes.records)
 
 
+@dataclass(frozen=True)
+class Committed:
+    """What a committed checkpoint wrote to its partition's changelog, for the partition's state store."""
+
+    entries: list[tuple[bytes, bytes | None]]  # in log order
+    first_offset: int | None  # of its first changelog entry (None: it wrote none)
+    generation: int  # of the state's checkpoints
+    seen_until: datetime | None  # the newest time among its identities
+
+
+class Committer(Protocol):
+    async def commit(self, snapshot: Snapshot) -> Committed:
+        """One Kafka transaction: the changelog, the events and the consumer offset of `snapshot`."""
+        ...
+
+
 def merged(snapshots: list[Snapshot]) -> Snapshot:
     """Consecutive checkpoints as one: a writer that fell behind catches up in one round trip, not one per
     checkpoint."""
@@ -53,17 +71,20 @@ def merged(snapshots: list[Snapshot]) -> Snapshot:
         [record for snapshot in snapshots for record in snapshot.changes.closed],
         [value for snapshot in snapshots for value in snapshot.changes.distinct],
         [record for snapshot in snapshots for record in snapshot.changes.limited],
+        snapshots[-1].changes.generation,
     )
     return Snapshot(snapshots[-1].offset, changes, [key for snapshot in snapshots for key in snapshot.expired])
 
 
 class PartitionWriter:
-    def __init__(self, sink: ClickHouseSink, commit: Callable[[Snapshot], Awaitable[None]], stats: WorkerStats) -> None:
+    def __init__(self, sink: ClickHouseSink, committer: Committer, stats: WorkerStats) -> None:
         self.sink = sink
-        self.commit = commit
+        self.committer = committer
         self.stats = stats
         self.queue: deque[Snapshot] = deque()
         self.unsunk: dict[RollupKey, RollupChange] = {}  # committed, not yet in ClickHouse
+        self._committed: list[Committed] = []  # their rollups not all in ClickHouse yet
+        self.durable: list[Committed] = []  # committed, rollups in ClickHouse: for the state store, in order
         self.buffered = 0  # counted records in the queue
         # ClickHouse writes retrying since (for /health); cleared by a write that succeeds.
         self.failing = FailingStreak()
@@ -136,14 +157,13 @@ class PartitionWriter:
                     transient=is_transient,
                     streak=self.failing,
                 )
-                await self.commit(snapshot)
+                self._committed.append(await self.committer.commit(snapshot))
                 for _ in range(taken):
                     self.queue.popleft()
                 self.buffered -= snapshot.records
                 self.unsunk.update((c.key, c) for c in snapshot.changes.rollups if c.reported)
                 self.stats.flushes += 1
                 self.stats.flush_seconds.observe(time.monotonic() - started)
-                self._progress.set()
             if self.unsunk:
                 changes = list(self.unsunk.values())
                 await until_success(
@@ -155,4 +175,7 @@ class PartitionWriter:
                 for change in changes:
                     if self.unsunk.get(change.key) is change:  # not replaced by a newer value meanwhile
                         del self.unsunk[change.key]
-                self._progress.set()
+            if not self.unsunk:
+                self.durable += self._committed
+                self._committed = []
+            self._progress.set()

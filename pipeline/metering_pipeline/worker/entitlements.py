@@ -77,6 +77,12 @@ class Entitlements:
                     self.url,
                 )
             return 200, status.to_json(), self.url
+        if partition in self.stage.restoring:
+            return (
+                503,
+                {"error": "rebalancing", "message": f"partition {partition}'s state is being restored"},
+                self.url,
+            )
         if forwarded:  # the forwarding worker's view of the group is newer than ours, or a rebalance is under way
             return 503, {"error": "rebalancing", "message": f"partition {partition} is not owned here"}, self.url
         owner = await self._owner(partition)

@@ -34,6 +34,8 @@ class RollupGauges:
     paused_partitions: int
     owned_partitions: int
     failing_writers: int  # partition writers whose checkpoint writes are failing
+    restoring_partitions: int = 0  # assigned, their state store still replaying the changelog
+    restored_entries: int = 0  # changelog entries replayed into state stores since the worker started
 
 
 class WorkerStats:
@@ -46,6 +48,7 @@ class WorkerStats:
         self.dead_letters: Counter[str] = Counter()  # by reason
         self.alerts = 0  # threshold alerts committed to metering.alerts
         self.flushes = 0
+        self.restored_entries = 0  # changelog entries replayed by the restores that finished
         self.lag: dict[str, int] = {}  # "stage/partition" -> messages behind
         self.rollup_gauges: Callable[[], RollupGauges] | None = None  # the rollup stage's, once it exists
         self.registry = process_registry()
@@ -136,6 +139,17 @@ class _Collector:
             "metering_owned_partitions",
             "Routed partitions whose rollups this worker owns.",
             value=gauges.owned_partitions,
+        )
+        yield GaugeMetricFamily(
+            "metering_state_restoring_partitions",
+            "Routed partitions assigned to this worker whose state is still being restored (their input paused).",
+            value=gauges.restoring_partitions,
+        )
+        yield CounterMetricFamily(
+            "metering_state_restored_entries",
+            "Changelog entries replayed into this worker's state stores (a restart on its own state dir replays only "
+            "the tail).",
+            value=gauges.restored_entries,
         )
         yield GaugeMetricFamily(
             "metering_writer_failing",

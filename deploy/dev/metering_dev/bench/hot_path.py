@@ -30,7 +30,7 @@ from metering_pipeline.usage.metrics import MetricCatalog
 from metering_pipeline.usage.rollups import CardinalityLimits, Checkpoint, CountedRecord, PartitionRollups
 from metering_pipeline.warehouse.sink import records_body, rollups_body
 from metering_pipeline.worker import changelog, garbage, routing
-from metering_pipeline.worker.rollup_stage import aggregated_event
+from metering_pipeline.worker.rollup_partition import aggregated_event
 from metering_schemas import AggregationType, MetricDefinition, PeriodType, ResetPeriod
 
 T = TypeVar("T")

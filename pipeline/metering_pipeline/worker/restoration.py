@@ -1,0 +1,102 @@
+"""Bringing a partition's state store up to its changelog's end, before the partition consumes.
+
+A store that reflects the changelog up to some offset replays only what was committed after it;
+a missing or unusable one is rebuilt from the changelog's start. This runs in a task of its own,
+outside the rebalance callback, while the partition's input stays paused: the other partitions,
+heartbeats, alerts and /health go on meanwhile.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from metering_pipeline.logs import get_logger
+from metering_pipeline.settings import Settings
+from metering_pipeline.worker import changelog
+from metering_pipeline.worker.state_store import PartitionStore, StoreResources
+
+log = get_logger(__name__)
+
+CHUNK = 20_000  # changelog entries per store write: progress survives a crash mid-restore
+PROGRESS_EVERY = 10.0  # seconds between progress lines
+
+
+@dataclass
+class Restoration:
+    """How far one partition's restore got, for /ready and /metrics."""
+
+    partition: int
+    start: int = 0  # changelog offsets replayed: from
+    end: int = 0  # to (the end when the restore began)
+    position: int = 0
+    entries: int = 0  # replayed so far
+    touched: set[bytes] = field(default_factory=set)  # changelog keys of the rollups replayed
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.end - self.position)
+
+
+async def restore(
+    settings: Settings,
+    store: PartitionStore,
+    owner: str,
+    resources: StoreResources,
+    tp: TopicPartition,
+    progress: Restoration,
+) -> PartitionStore:
+    """Replay the committed changelog from where `store` stands to its end; returns the store (a new, rebuilt one if
+    this one's offsets do not fit the changelog)."""
+    reader = AIOKafkaConsumer(
+        **settings.kafka_client_options(), enable_auto_commit=False, isolation_level="read_committed"
+    )
+    await reader.start()
+    try:
+        reader.assign([tp])
+        first = (await reader.beginning_offsets([tp]))[tp]
+        end = (await reader.end_offsets([tp]))[tp]
+        start = store.replay_from
+        if start is not None and not first <= start <= end:
+            log.warning(
+                "state store rebuilt from the changelog",
+                partition=tp.partition,
+                reason=f"it stands at changelog offset {start}, outside the changelog's {first}..{end}",
+            )
+            store = store.wipe(owner, resources)
+            start = None
+        start = first if start is None else start
+        progress.start = progress.position = start
+        progress.end = end
+        reader.seek(tp, start)
+        began = last_said = time.monotonic()
+        while progress.position < end:
+            batch = await reader.getmany(tp, timeout_ms=500, max_records=CHUNK)
+            messages = batch.get(tp, [])
+            if messages:
+                entries = [(message.key, message.value) for message in messages]
+                progress.touched.update(key for key, _ in entries if key.startswith(changelog.ROLLUP_PREFIX))
+                store.write(entries, messages[-1].offset + 1)
+                progress.entries += len(entries)
+            progress.position = await reader.position(tp)
+            if time.monotonic() - last_said >= PROGRESS_EVERY:
+                last_said = time.monotonic()
+                log.info(
+                    "restoring partition state",
+                    partition=tp.partition,
+                    entries=progress.entries,
+                    remaining_offsets=progress.remaining,
+                )
+        seconds = time.monotonic() - began
+        log.info(
+            "partition state restored",
+            partition=tp.partition,
+            entries=progress.entries,
+            seconds=round(seconds, 2),
+            entries_per_second=round(progress.entries / seconds) if seconds > 0 else None,
+        )
+        return store
+    finally:
+        await reader.stop()

@@ -119,7 +119,7 @@ def test_the_writer_commits_after_the_records_merges_what_queued_up_meanwhile_an
         ]
         assert writer.buffered == 0 and writer.unsettled_keys() == set()
         # Both commits are durable (their rollups in ClickHouse), in order, for the state store.
-        assert [(c.first_offset, c.generation) for c in writer.durable] == [(1, 1), (3, 3)]
+        assert [(c.end_offset, c.generation) for c in writer.durable] == [(1, 1), (3, 3)]
 
         committer.fenced = True
         state.apply([counted("d", "1")], 3, AT)

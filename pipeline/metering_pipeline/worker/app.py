@@ -189,6 +189,7 @@ def create_app(settings: Settings, web_port: int) -> tuple[faust.App, Pipeline]:
         broker_session_timeout=settings.kafka_session_timeout,
         broker_heartbeat_interval=max(1.0, settings.kafka_session_timeout / 10),
         store="memory://",
+        datadir=str(settings.state_dir / "faust"),  # Faust's own files, beside the state (not the working directory)
         web_enabled=True,
         web_port=web_port,
         web_bind="0.0.0.0",
@@ -219,6 +220,20 @@ def create_app(settings: Settings, web_port: int) -> tuple[faust.App, Pipeline]:
         if problem is None:
             return web.json({"healthy": True})
         return web.json({"healthy": False, "reason": problem}, status=503)
+
+    @app.page("/ready")
+    async def ready(web: View, request: Request) -> Response:
+        """200 once healthy with every assigned partition's state restored; else 503 saying what it waits for: the
+        restoring partitions and how far along they are."""
+        problem = pipeline.health_problem()
+        restoring = [
+            {"partition": r.partition, "replayedEntries": r.entries, "remainingOffsets": r.remaining}
+            for r in sorted(pipeline.rollups.restoring.values(), key=lambda r: r.partition)
+        ]
+        body: dict[str, object] = {"ready": problem is None and not restoring, "restoring": restoring}
+        if problem is not None:
+            body["reason"] = problem
+        return web.json(body, status=200 if body["ready"] else 503)
 
     @app.page("/v1/subjects/{subject_type}/{subject_id}/metrics/{metric_key}")
     async def entitlement(web: View, request: Request, subject_type: str, subject_id: str, metric_key: str) -> Response:

@@ -25,7 +25,7 @@ class PartitionBatches:
         self._partitions: dict[str, list[int]] = {}
         self._keys = KeyPartitions() if keys is None else keys
         self.acks: list[asyncio.Future[Any]] = []
-        self._sent: list[tuple[tuple[str, int], asyncio.Future[Any]]] = []
+        self._sent: list[tuple[tuple[str, int], asyncio.Future[Any], int]] = []  # slot, ack, messages
 
     async def add(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None) -> None:
         await self.add_all(topic, ((key, value),), partition)
@@ -61,12 +61,12 @@ class PartitionBatches:
         batch.close()
         ack = await self.producer.send_batch(batch, slot[0], partition=slot[1])
         self.acks.append(ack)
-        self._sent.append((slot, ack))
+        self._sent.append((slot, ack, batch.record_count()))
 
-    async def first_offset(self, topic: str, partition: int) -> int | None:
-        """The offset of the first message added to (topic, partition), once sent (None: none was)."""
-        offsets = [(await ack).offset for slot, ack in self._sent if slot == (topic, partition)]
-        return min(offsets, default=None)
+    async def end_offset(self, topic: str, partition: int) -> int | None:
+        """The offset after the last message added to (topic, partition), once sent (None: none was)."""
+        ends = [(await ack).offset + count for slot, ack, count in self._sent if slot == (topic, partition)]
+        return max(ends, default=None)
 
     async def _partitions_of(self, topic: str) -> list[int]:
         partitions = self._partitions.get(topic)

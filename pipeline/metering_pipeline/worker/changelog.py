@@ -30,6 +30,8 @@ IDENTITIES_PREFIX = b"d|"
 MARKER_PREFIX = b"a|"  # threshold alert markers
 DISTINCT_PREFIX = b"u|"  # one entry per value of a UNIQUE_COUNT rollup: a checkpoint writes only the new ones
 _PRESENT = b"1"
+# Every rollup entry before this changelog offset is in ClickHouse: a restore writes only the later ones again.
+SUNK_KEY = b"s|sunk"
 
 
 def rollup_entry(change: RollupChange) -> tuple[bytes, bytes]:
@@ -64,6 +66,10 @@ def distinct_entry(key: RollupKey, value: str) -> bytes:
     return DISTINCT_PREFIX + orjson.dumps(
         [metric_key, subject_type, subject_id, WIRE_NAME[period], _epoch_seconds(start), dimensions, value]
     )
+
+
+def sunk_entry(before: int) -> tuple[bytes, bytes]:
+    return SUNK_KEY, str(before).encode()
 
 
 def distinct_prefix(key: RollupKey) -> bytes:

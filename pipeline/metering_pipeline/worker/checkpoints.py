@@ -47,7 +47,7 @@ class Committed:
     """What a committed checkpoint wrote to its partition's changelog, for the partition's state store."""
 
     entries: list[tuple[bytes, bytes | None]]  # in log order
-    first_offset: int | None  # of its first changelog entry (None: it wrote none)
+    end_offset: int | None  # the changelog offset after its last entry (None: it wrote none)
     generation: int  # of the state's checkpoints
     seen_until: datetime | None  # the newest time among its identities
 

@@ -22,6 +22,7 @@ log = get_logger(__name__)
 
 CHUNK = 20_000  # changelog entries per store write: progress survives a crash mid-restore
 PROGRESS_EVERY = 10.0  # seconds between progress lines
+PRUNE_AT = 100_000  # replayed rollups remembered before those already in ClickHouse are forgotten
 
 
 @dataclass
@@ -33,7 +34,21 @@ class Restoration:
     end: int = 0  # to (the end when the restore began)
     position: int = 0
     entries: int = 0  # replayed so far
-    touched: set[bytes] = field(default_factory=set)  # changelog keys of the rollups replayed
+    sunk_before: int = 0  # every rollup entry before this offset is in ClickHouse (the latest sunk entry says)
+    touched: dict[bytes, int] = field(default_factory=dict)  # rollups replayed: changelog key -> its last offset
+
+    def unsunk(self) -> list[bytes]:
+        """Changelog keys of the replayed rollups ClickHouse may not have (their checkpoints' writes may not have
+        reached it before the last owner stopped)."""
+        return [key for key, offset in self.touched.items() if offset >= self.sunk_before]
+
+    def note(self, key: bytes, value: bytes | None, offset: int) -> None:
+        if key.startswith(changelog.ROLLUP_PREFIX):
+            self.touched[key] = offset
+        elif key == changelog.SUNK_KEY and value is not None:
+            self.sunk_before = int(value)
+            if len(self.touched) > PRUNE_AT:
+                self.touched = {key: at for key, at in self.touched.items() if at >= self.sunk_before}
 
     @property
     def remaining(self) -> int:
@@ -77,7 +92,8 @@ async def restore(
             messages = batch.get(tp, [])
             if messages:
                 entries = [(message.key, message.value) for message in messages]
-                progress.touched.update(key for key, _ in entries if key.startswith(changelog.ROLLUP_PREFIX))
+                for message in messages:
+                    progress.note(message.key, message.value, message.offset)
                 store.write(entries, messages[-1].offset + 1)
                 progress.entries += len(entries)
             progress.position = await reader.position(tp)

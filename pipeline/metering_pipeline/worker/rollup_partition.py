@@ -75,6 +75,10 @@ class ProducerDied(KafkaError):
     (aio-libs/aiokafka#907)."""
 
 
+class StateStoreError(RuntimeError):
+    """A partition's state store failed (a full or read-only disk): the worker stops rather than fall behind."""
+
+
 @dataclass
 class StageContext:
     """What every partition of the stage shares."""
@@ -129,6 +133,7 @@ class RollupPartition:
         self.last_eviction = 0.0
         self._markers: dict[MarkerKey, Marker | None] = {}  # committed by alert transactions, not stored yet
         self._leaving: set[bytes] = set()  # changelog keys tombstoned, not yet gone from the store
+        self._sunk_before: int | None = None  # a changelog offset before which every rollup entry is in ClickHouse
 
     @classmethod
     async def start(
@@ -161,7 +166,7 @@ class RollupPartition:
                     await each.stop()
             raise
         # The tail's checkpoints may not have reached ClickHouse before the last owner stopped.
-        tail = [changelog.decode_rollup_key(key[len(changelog.ROLLUP_PREFIX) :]) for key in progress.touched]
+        tail = [changelog.decode_rollup_key(key[len(changelog.ROLLUP_PREFIX) :]) for key in progress.unsunk()]
         owned.writer.resink(
             [RollupChange.of(key, rollup) for key in tail if (rollup := owned.state.get(key)) is not None]
         )
@@ -199,18 +204,26 @@ class RollupPartition:
     def store_durable(self) -> None:
         """Checkpoints committed and in ClickHouse, and the markers committed since the last write, into the store
         in one batch. Called by the loop between alert transactions: every marker committed so far is in it, so the
-        replay offset (the last checkpoint's first changelog entry) skips no committed entry."""
+        replay offset (after the last checkpoint's last changelog entry) skips no committed entry: later checkpoints'
+        entries come after it, and alert transactions are either in the batch or not begun."""
         durable, self.writer.durable = self.writer.durable, []
         if not (durable or self._markers):
             return
         entries = [changelog.marker_entry(key, marker) for key, marker in self._markers.items()]
         for committed in durable:
             entries += committed.entries
-        replay_from = next((c.first_offset for c in reversed(durable) if c.first_offset is not None), None)
-        self.store.write(entries, replay_from)
+        replay_from = next((c.end_offset for c in reversed(durable) if c.end_offset is not None), None)
+        try:
+            self.store.write(entries, replay_from)
+        except Exception as error:
+            raise StateStoreError(
+                f"the state store of partition {self.partition} at {self.store.path} could not be written ({error}); "
+                "its changelog holds everything committed: once METERING_STATE_DIR has room, a restart replays it"
+            ) from error
         self._markers = {}
         self._leaving.difference_update(key for key, value in entries if value is None)
         if durable:
+            self._sunk_before = replay_from if replay_from is not None else self._sunk_before
             seen = [c.seen_until for c in durable if c.seen_until is not None]
             self.state.stored_through(durable[-1].generation, max(seen, default=None))
 
@@ -253,6 +266,8 @@ class RollupPartition:
         if checkpoint.identities:
             entries += changelog.identities_entries(snapshot.offset, checkpoint.identities)
         entries += ((key, None) for key in snapshot.expired)
+        if self._sunk_before is not None:
+            entries.append(changelog.sunk_entry(self._sunk_before))
 
         async def produce(batches: PartitionBatches) -> None:
             await batches.add_all(topics.rollup_changelog, entries, partition)
@@ -280,8 +295,8 @@ class RollupPartition:
         stats = self.ctx.stats
         stats.dead_letters[RejectReason.TOO_LATE.value] += len(checkpoint.closed)
         stats.dead_letters[RejectReason.CARDINALITY_LIMIT.value] += len(checkpoint.limited)
-        first = await batches.first_offset(topics.rollup_changelog, partition)
-        return Committed(entries, first, checkpoint.generation, seen_until)
+        end = await batches.end_offset(topics.rollup_changelog, partition)
+        return Committed(entries, end, checkpoint.generation, seen_until)
 
     async def _in_transaction(
         self, producer: AIOKafkaProducer, produce: Produce, offset: int | None = None

@@ -66,6 +66,7 @@ class RollupStage:
         self.owned: dict[int, RollupPartition] = {}
         self.restoring: dict[int, Restoration] = {}  # assigned, state not yet restored
         self._restores: dict[int, asyncio.Task[RollupPartition]] = {}
+        self._closing: dict[int, asyncio.Task[None]] = {}  # released partitions: their store is still open
         self._rejoin = False
         self._paused = False
         self._lock = asyncio.Lock()
@@ -176,6 +177,7 @@ class RollupStage:
 
     async def _adopt_restored(self) -> None:
         """Partitions whose restore finished start consuming; a restore that failed stops the stage."""
+        self._closing = {partition: task for partition, task in self._closing.items() if not task.done()}
         for partition, task in list(self._restores.items()):
             if not task.done():
                 continue
@@ -205,7 +207,7 @@ class RollupStage:
         why = "its producer died" if isinstance(error, ProducerDied) else "taken over by another worker"
         log.warning(f"partition {why}; releasing it", partition=owned.partition, error=str(error))
         self.owned.pop(owned.partition, None)
-        asyncio.create_task(owned.close())
+        self._closing[owned.partition] = asyncio.create_task(owned.close())
         if TopicPartition(self.topic, owned.partition) in self.consumer.assignment():
             self._rejoin = True  # still assigned here: only a fresh rebalance settles who owns it
 
@@ -244,9 +246,13 @@ class RollupStage:
                     continue
                 self.consumer.pause(TopicPartition(self.topic, partition))
                 progress = self.restoring[partition] = Restoration(partition)
-                self._restores[partition] = asyncio.create_task(
-                    RollupPartition.start(self.ctx, partition, progress, capacity)
-                )
+                self._restores[partition] = asyncio.create_task(self._start(partition, progress, capacity))
+
+    async def _start(self, partition: int, progress: Restoration, capacity: int) -> RollupPartition:
+        closing = self._closing.pop(partition, None)
+        if closing is not None:  # released here a moment ago: its store must be closed before it opens again
+            await closing
+        return await RollupPartition.start(self.ctx, partition, progress, capacity)
 
     async def revoke(self, partitions: Iterable[int]) -> None:
         """The whole group waits until this worker gives its partitions up: they are handed over all at once, and

@@ -55,13 +55,24 @@ def free_port() -> int:
 
 @dataclass
 class WorkerProcess:
+    """One worker process. Its METERING_STATE_DIR is `state_dir`; None: start() makes a fresh directory beside the
+    log (so the many workers of a test or bench run on one machine never share a store) and keeps it in `state_dir`,
+    for a `WorkerProcess(..., state_dir=old.state_dir)` that restarts on the same state. A METERING_STATE_DIR in `env`
+    wins over both."""
+
     env: dict[str, str]
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
     web_port: int = field(default_factory=free_port)
+    state_dir: Path | None = None
 
     def start(self) -> WorkerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        if "METERING_STATE_DIR" in self.env:
+            self.state_dir = Path(self.env["METERING_STATE_DIR"])
+        elif self.state_dir is None:
+            self.state_dir = self.log_path.parent / f"state-{self.web_port}-{time.time_ns()}"
+        self.state_dir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [
@@ -74,7 +85,12 @@ class WorkerProcess:
                     "--loglevel",
                     "warn",
                 ],
-                env={**os.environ, "METERING_WORKER_URL": self.url, **self.env},
+                env={
+                    **os.environ,
+                    "METERING_WORKER_URL": self.url,
+                    "METERING_STATE_DIR": str(self.state_dir),
+                    **self.env,
+                },
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from aiokafka.admin import AIOKafkaAdminClient
 
-from metering_dev.bench import phases
+from metering_dev.bench import phases, state_phases
 from metering_dev.bench.hot_path import render_state_costs, state_costs
 from metering_dev.bench.phases import Result
 from metering_dev.bench.workload import DimensionWorkload, Workload
@@ -22,7 +23,7 @@ from metering_pipeline import tables
 from metering_pipeline.settings import Settings
 from metering_pipeline.warehouse.client import connect
 
-PHASES = ("baselines", "workers", "dimensions", "state", "memory", "latency")
+PHASES = ("baselines", "workers", "dimensions", "state", "memory", "latency", "history", "rebalance")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,11 @@ class Plan:
     latency_subjects: int = 200
     dimension_subjects: int = 1_000  # the dimensions phase: subjects, each with up to 100 (model, region) rows
     dimension_users: int = 10_000  # distinct values of its UNIQUE_COUNT metric across all subjects
+    history_records: int = 1_000_000  # the history phase: records over 30 days of event time
+    history_subjects: int = 2_000  # × 2 SUM metrics
+    history_sample_at: int = 200_000  # RSS growth per record is measured from here to the end
+    rebalance_identities: int = 10_000_000  # the rebalance phase: dedup identities in one partition's changelog
+    rebalance_rate: float = 500.0  # records/s of alert-crossing usage on the other partitions meanwhile
     phases: tuple[str, ...] = PHASES  # which to run (all by default)
 
     @classmethod
@@ -47,6 +53,9 @@ class Plan:
             latency_subjects=50,
             dimension_subjects=200,
             dimension_users=2_000,
+            history_records=100_000,
+            history_sample_at=20_000,
+            rebalance_identities=500_000,
         )
 
 
@@ -62,6 +71,7 @@ def run(settings: Settings, plan: Plan, log_dir: Path, say: Callable[[str], None
     databases: list[str] = []
     baselines: dict[str, float] = {}
     state: dict[str, dict[str, float]] = {}
+    state_dirs = set(log_dir.glob("state-*"))  # workers' METERING_STATE_DIRs beside their logs: this run's go after
 
     def scoped(kind: str, group: str) -> Settings:
         isolated = phases.isolated(settings, f"{run_id}-{kind}.", f"{run_id}-{group}")
@@ -141,9 +151,30 @@ def run(settings: Settings, plan: Plan, log_dir: Path, say: Callable[[str], None
                     )
                 )
             )
+
+        if "history" in plan.phases:
+            history, wrong = state_phases.history(
+                scoped("history", "history"),
+                plan.history_records,
+                plan.history_subjects,
+                plan.history_sample_at,
+                log_dir,
+                say,
+            )
+            results.append(history)
+            mismatches[history.phase] = wrong
+
+        if "rebalance" in plan.phases:
+            results.append(
+                state_phases.rebalance(
+                    scoped("rebalance", "rebalance"), plan.rebalance_identities, plan.rebalance_rate, log_dir, say
+                )
+            )
     finally:
         _drop(settings, databases)
         asyncio.run(_delete_topics(settings, f"{run_id}-"))
+        for directory in set(log_dir.glob("state-*")) - state_dirs:
+            shutil.rmtree(directory, ignore_errors=True)
 
     return report(results, mismatches, baselines, state)
 
@@ -178,9 +209,9 @@ def render(summary: dict) -> str:
     base = summary["baselines"]
     rows = []
     for r in summary["results"]:
-        if "latency" in r["phase"]:
+        if "latency" in r["phase"] or r["phase"] == state_phases.REBALANCE_PHASE:
             continue
-        baseline = _baseline_of(r["phase"], base)
+        baseline = None if r["phase"] == state_phases.HISTORY_PHASE else _baseline_of(r["phase"], base)
         rows.append(
             (
                 r["phase"],
@@ -195,21 +226,27 @@ def render(summary: dict) -> str:
                 else _verdict(summary["total_mismatches"][r["phase"]]),
             )
         )
-    table = tables.render(
-        ["phase", "records", "seconds", "records/s", "× baseline", "CPU s", "peak RSS MB", "totals"], rows
-    )
+    sections = []
+    if rows:
+        sections.append(
+            tables.render(
+                ["phase", "records", "seconds", "records/s", "× baseline", "CPU s", "peak RSS MB", "totals"], rows
+            )
+        )
     latency = next((r for r in summary["results"] if "latency" in r["phase"]), None)
     if latency:
         e = latency["extra"]
-        table += (
-            f"\n\nalert latency at {e['rate']:,.0f} records/s: p50 {e['latency_p50_s'] * 1000:,.0f} ms, "
+        sections.append(
+            f"alert latency at {e['rate']:,.0f} records/s: p50 {e['latency_p50_s'] * 1000:,.0f} ms, "
             f"p99 {e['latency_p99_s'] * 1000:,.0f} ms ({e['alerts_received']} of {e['alerts_expected']} alerts); "
             f"usage_summary freshness p50 {e['freshness_p50_s']:.2f} s, p99 {e['freshness_p99_s']:.2f} s"
         )
     if summary.get("state_bytes"):
-        table += "\n\n" + render_state_costs(summary["state_bytes"])
-    table += f"\n{summary['machine']['cores']} cores, Python {summary['machine']['python']}, {summary['date']}"
-    return table
+        sections.append(render_state_costs(summary["state_bytes"]))
+    if state_text := state_phases.render(summary["results"]):
+        sections.append(state_text)
+    machine = summary["machine"]
+    return "\n\n".join(sections) + f"\n{machine['cores']} cores, Python {machine['python']}, {summary['date']}"
 
 
 def _drop(settings: Settings, databases: list[str]) -> None:

@@ -17,7 +17,12 @@ from metering_pipeline.settings import Settings, seconds_or_iso_duration
 
 @click.command()
 @click.option("--quick", is_flag=True, help="A smaller run (under a minute or two) to check the harness.")
-@click.option("--records", type=int, default=None, help="Records per throughput phase. [default: 1,000,000]")
+@click.option(
+    "--records",
+    type=int,
+    default=None,
+    help="Records per throughput phase (not history's or rebalance's). [default: 1,000,000]",
+)
 @click.option("--output", type=click.Path(path_type=Path), default=Path("bench-results.json"), show_default=True)
 @click.option(
     "--soak",
@@ -62,7 +67,9 @@ from metering_pipeline.settings import Settings, seconds_or_iso_duration
     "phase_names",
     multiple=True,
     type=click.Choice(PHASES),
-    help="Run only these phases (repeatable). [default: all, in order]",
+    help="Run only these phases (repeatable): history (worker RSS over 30 days of event time, restart on the same "
+    "state dir, restore on a fresh one) and rebalance (a second worker joins while one partition's changelog holds "
+    "millions of dedup identities; alert latency meanwhile) measure the worker's state. [default: all, in order]",
 )
 @click.pass_context
 def bench(

@@ -92,7 +92,12 @@ class PartitionStore:
         if path.exists():
             try:
                 store = cls(Rdict(str(path), options=resources.options()), path)
-            except Exception as error:  # noqa: BLE001 - RocksDB reports corruption as a plain exception
+            except Exception as error:  # RocksDB reports corruption (and a held lock) as a plain exception
+                if f"{path / 'LOCK'}: " in str(error):  # open here or in another process: not ours to wipe
+                    raise RuntimeError(
+                        f"the state store {path} is in use (by another worker on the same METERING_STATE_DIR, or "
+                        f"not closed yet): {error}"
+                    ) from error
                 why = f"unreadable ({error})"
             else:
                 why = store._unusable(owner)

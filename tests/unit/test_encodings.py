@@ -3,8 +3,10 @@ entries round-trip exactly, including what an older worker left on the topics.""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 
 import msgspec
 import orjson
@@ -13,10 +15,11 @@ from hypothesis import given, strategies as st
 
 from metering_pipeline.usage.aggregation import MERGEABLE
 from metering_pipeline.usage.periods import EPOCH
-from metering_pipeline.usage.rollups import LIFETIME, PartitionRollups, Rollup, RollupChange
+from metering_pipeline.usage.rollups import LIFETIME, PartitionRollups, Rollup, RollupChange, RollupKey
 from metering_pipeline.usage.routed_record import AcceptedRecord, CountedRecord, RoutedRecord
 from metering_pipeline.warehouse.sink import records_body
 from metering_pipeline.worker import changelog, routing
+from metering_pipeline.worker.state_store import PartitionStore, StoreResources
 from metering_schemas import AggregationType, MetricDefinition, PeriodType, ResetPeriod
 
 UTC = UTC
@@ -132,7 +135,29 @@ def test_an_unknown_routed_encoding_is_refused_loudly():
         routing.decode(b"\x07whatever")
 
 
-def test_changelog_rollup_entries_restore_the_same_rollups_and_tombstones_delete_them():
+@pytest.fixture
+def stored(tmp_path: Path) -> Iterator[Callable[..., PartitionStore]]:
+    """Changelog entries written into a partition's store (each call a store of its own), as a restore writes them."""
+    opened: list[PartitionStore] = []
+
+    def write(entries: list[tuple[bytes, bytes | None]]) -> PartitionStore:
+        store, _ = PartitionStore.open(
+            tmp_path / f"p{len(opened)}", "changelog/0", StoreResources.of_size(8 << 20, 8 << 20)
+        )
+        opened.append(store)
+        store.write(entries, replay_from=None)
+        return store
+
+    yield write
+    for store in opened:
+        store.close()
+
+
+def stored_rollup_keys(store: PartitionStore) -> set[RollupKey]:
+    return {key for key, _ in store.rollups(limit=1 << 40) or ()}
+
+
+def test_changelog_rollup_entries_restore_the_same_rollups_and_tombstones_delete_them(stored):
     hour = ("tokens", "org", 'ö "1"', PeriodType.HOURLY, datetime(2026, 11, 24, 10, tzinfo=UTC), ())
     lifetime = ("tokens", "org", "o", LIFETIME, datetime(1970, 1, 1, tzinfo=UTC), ())
     big = Rollup(AggregationType.SUM, 3, Decimal("1" * 58 + ".5"), Decimal(BIG), Decimal("7"), 41, "tokens-v2")
@@ -141,30 +166,43 @@ def test_changelog_rollup_entries_restore_the_same_rollups_and_tombstones_delete
         changelog.rollup_entry(RollupChange.of(hour, big)),
         changelog.rollup_entry(RollupChange.of(lifetime, empty)),
     ]
-    restored = changelog.restore(entries).rollups
+    store = stored(entries)
+    restored = PartitionRollups(timedelta(hours=1), stored=store)
+    assert stored_rollup_keys(store) == {hour, lifetime}
     assert {
-        key: (r.aggregation, r.count, r.sum, r.min, r.max, r.version, r.metric_id) for key, r in restored.items()
+        key: (r.aggregation, r.count, r.sum, r.min, r.max, r.version, r.metric_id)
+        for key in (hour, lifetime)
+        if (r := restored.get(key)) is not None
     } == {
         hour: (AggregationType.SUM, 3, big.sum, big.min, big.max, 41, "tokens-v2"),
         lifetime: (AggregationType.COUNT, 0, Decimal(0), None, None, 0, None),
     }
-    assert changelog.restore([*entries, (changelog.rollup_tombstone(hour), None)]).rollups.keys() == {lifetime}
+    tombstoned = stored([*entries, (changelog.rollup_tombstone(hour), None)])
+    assert stored_rollup_keys(tombstoned) == {lifetime}
+    again = PartitionRollups(timedelta(hours=1), stored=tombstoned)
+    assert again.get(hour) is None and again.get(lifetime) is not None
 
 
-def test_changelog_entries_written_before_rollups_named_their_metric_still_restore():
-    key = changelog.rollup_tombstone(("tokens", "org", "o", PeriodType.DAILY, datetime(2026, 11, 24, tzinfo=UTC), ()))
-    [rollup] = changelog.restore([(key, b'["AVG",2,"3","1","2",9]')]).rollups.values()
+def test_changelog_entries_written_before_rollups_named_their_metric_still_restore(stored):
+    rollup_key = ("tokens", "org", "o", PeriodType.DAILY, datetime(2026, 11, 24, tzinfo=UTC), ())
+    key = changelog.rollup_tombstone(rollup_key)
+    rollup = PartitionRollups(timedelta(hours=1), stored=stored([(key, b'["AVG",2,"3","1","2",9]')])).get(rollup_key)
+    assert rollup is not None
     assert (rollup.total(), rollup.version, rollup.metric_id) == (Decimal("1.5"), 9, None)
 
 
-def test_identity_entries_round_trip_with_their_times():
+def test_identity_entries_round_trip_with_their_times(stored):
     seen = datetime(2026, 11, 24, 10, 0, 30, tzinfo=UTC)
     identities = [(("org", "o", f"r{n}"), seen) for n in range(changelog.IDENTITIES_PER_ENTRY + 3)]
     entries = changelog.identities_entries(12, identities)
     assert [len(orjson.loads(value)) for _, value in entries] == [changelog.IDENTITIES_PER_ENTRY, 3]
-    restored = changelog.restore(entries)
-    assert restored.identities == identities
-    assert set(restored.identity_entries.values()) == {seen}
+    store = stored(entries)
+    restored = PartitionRollups(timedelta(hours=1), stored=store)
+    assert all(identity in restored.dedup for identity, _ in identities)
+    assert ("org", "o", f"r{len(identities)}") not in restored.dedup
+    # Each entry's newest identity time came through: the entries are seen at `seen`, not before it.
+    assert list(store.identity_entries_before(seen)) == []
+    assert list(store.identity_entries_before(seen + timedelta(seconds=1))) == [key for key, _ in entries]
 
 
 @given(st.integers(min_value=-2_208_988_800_000, max_value=4_102_444_800_000))

@@ -5,8 +5,10 @@ thresholds on a dimension row."""
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,6 +29,7 @@ from metering_pipeline.usage.rollups import (
 from metering_pipeline.usage.routed_record import CountedRecord
 from metering_pipeline.usage.thresholds import APPROACHING, EXCEEDED, PartitionThresholds, ThresholdBook, dimensions_of
 from metering_pipeline.worker import changelog
+from metering_pipeline.worker.state_store import PartitionStore, StoreResources
 from metering_schemas import AggregationType, MetricDefinition, PeriodType, ResetPeriod, UsageThreshold
 
 UTC = UTC
@@ -101,8 +104,16 @@ def hour_of(at: datetime) -> datetime:
     return at.replace(minute=0, second=0, microsecond=0)
 
 
+def rollups_of(state: PartitionRollups) -> dict[RollupKey, Rollup]:
+    """Every rollup of the state: in RAM, and (over a store) in the store, as the state reads it."""
+    keys = list(state.rollups)
+    if isinstance(state.stored, PartitionStore):
+        keys += (key for key, _ in state.stored.rollups(limit=1 << 40) or ())
+    return {k: rollup for k in dict.fromkeys(keys) if (rollup := state.get(k)) is not None}
+
+
 def totals(state: PartitionRollups) -> dict[RollupKey, Decimal]:
-    return {k: rollup.total() for k, rollup in state.rollups.items()}
+    return {k: rollup.total() for k, rollup in rollups_of(state).items()}
 
 
 def view(rollup: Rollup) -> tuple:
@@ -124,7 +135,7 @@ def view(rollup: Rollup) -> tuple:
 
 
 def state_view(state: PartitionRollups) -> dict[RollupKey, tuple]:
-    return {k: view(rollup) for k, rollup in state.rollups.items()}
+    return {k: view(rollup) for k, rollup in rollups_of(state).items()}
 
 
 def exact_view(state: PartitionRollups) -> dict[RollupKey, tuple]:
@@ -634,27 +645,43 @@ LIMITS = CardinalityLimits(combinations=2, distinct_values=1_000)
 
 
 def _entries(checkpoint) -> list[tuple[bytes, bytes | None]]:
-    return [*map(changelog.rollup_entry, checkpoint.rollups), *changelog.distinct_entries(checkpoint.distinct)]
+    """A checkpoint's changelog entries, as the worker writes them."""
+    return [
+        *map(changelog.rollup_entry, checkpoint.rollups),
+        *changelog.distinct_entries(checkpoint.distinct),
+        *changelog.identities_entries(checkpoint.generation, checkpoint.identities),
+    ]
 
 
-def _restored(entries: list, identities: list) -> PartitionRollups:
-    restored = PartitionRollups(timedelta(days=10), LIMITS)
-    state = changelog.restore(entries)
-    restored.restore(state.rollups.items(), identities)
-    return restored
+def _store(path: Path, entries: list[tuple[bytes, bytes | None]]) -> PartitionStore:
+    """The entries written into a partition's store at `path`, as a restore writes them."""
+    store, _ = PartitionStore.open(path, "changelog/0", StoreResources.of_size(8 << 20, 8 << 20))
+    store.write(entries, replay_from=None)
+    return store
 
 
-def test_payload_state_restored_from_its_changelog_equals_the_original_and_continues_exactly():
+@pytest.fixture
+def stored(tmp_path: Path) -> Iterator[Callable[[list[tuple[bytes, bytes | None]]], PartitionStore]]:
+    """`_store` in the test's tmp_path, one store per call, closed after the test."""
+    opened: list[PartitionStore] = []
+
+    def write(entries: list[tuple[bytes, bytes | None]]) -> PartitionStore:
+        opened.append(_store(tmp_path / f"p{len(opened)}", entries))
+        return opened[-1]
+
+    yield write
+    for store in opened:
+        store.close()
+
+
+def test_payload_state_restored_from_its_changelog_equals_the_original_and_continues_exactly(stored):
     seen = datetime(2026, 12, 1, 4, tzinfo=UTC)
     original = PartitionRollups(timedelta(days=10), LIMITS)
     entries: list = []
-    identities: list = []
     for offset, records in enumerate(_rounds()):
         original.apply(records, offset, seen)
-        checkpoint = original.checkpoint()
-        entries += _entries(checkpoint)
-        identities += checkpoint.identities
-    restored = _restored(entries, identities)
+        entries += _entries(original.checkpoint())
+    restored = PartitionRollups(timedelta(days=10), LIMITS, stored=stored(entries))
     assert exact_view(restored) == exact_view(original)
     last = original.rollups[key(DAILY, datetime(2026, 12, 1, tzinfo=UTC), metric="last")]
     assert (last.latest_id, last.total()) == ("l4", Decimal(9))
@@ -673,26 +700,26 @@ def test_payload_state_restored_from_its_changelog_equals_the_original_and_conti
     )
 
 
-def test_a_restored_latest_rollup_keeps_its_time_and_id_to_decide_later_ties():
+def test_a_restored_latest_rollup_keeps_its_time_and_id_to_decide_later_ties(stored):
     at = DAY.replace(hour=8, minute=30)
     original = PartitionRollups(WINDOW)
     original.apply([latest("m", at, "1")], 0, NOW)
-    checkpoint = original.checkpoint()
-    restored = PartitionRollups(WINDOW)
-    restored.restore(changelog.restore(_entries(checkpoint)).rollups.items(), checkpoint.identities)
+    restored = PartitionRollups(WINDOW, stored=stored(_entries(original.checkpoint())))
     for state in (original, restored):
         state.apply(
             [latest("a", at, "2"), latest("n", at - timedelta(milliseconds=1), "3")], 1, NOW
         )  # lose on id, time
-        assert {r.total() for r in state.rollups.values()} == {Decimal(1)}
+        assert {r.total() for r in rollups_of(state).values()} == {Decimal(1)}
         state.apply([latest("z", at, "4")], 2, NOW)  # wins the tie
-        assert {(r.total(), r.latest_id, r.latest_ms) for r in state.rollups.values()} == {(Decimal(4), "z", ms(at))}
+        assert {(r.total(), r.latest_id, r.latest_ms) for r in rollups_of(state).values()} == {
+            (Decimal(4), "z", ms(at))
+        }
 
 
 @pytest.mark.parametrize(
     ("first", "between"), [(LATEST, SUM), (UNIQUE, SUM), (LATEST, COUNT), (UNIQUE, LATEST), (SUM, LATEST)]
 )
-def test_a_period_whose_aggregation_type_changed_and_changed_back_restores_and_continues_alike(first, between):
+def test_a_period_whose_aggregation_type_changed_and_changed_back_restores_and_continues_alike(first, between, stored):
     """A definition change applies to the records processed after it; a restart in between must not change what the
     period's rollups become (exactly once across restores)."""
 
@@ -704,14 +731,12 @@ def test_a_period_whose_aggregation_type_changed_and_changed_back_restores_and_c
     original = PartitionRollups(WINDOW)
     original.apply([make("a", NOW, "5", first)], 0, NOW)
     original.apply([make("b", NOW - timedelta(minutes=1), "1", between)], 1, NOW)
-    checkpoint = original.checkpoint()
-    restored = PartitionRollups(WINDOW)
-    restored.restore(changelog.restore(_entries(checkpoint)).rollups.items(), checkpoint.identities)
+    restored = PartitionRollups(WINDOW, stored=stored(_entries(original.checkpoint())))
     assert totals(restored) == totals(original)
     for state in (original, restored):  # the definition changed back
         state.apply([make("c", NOW - timedelta(minutes=2), "7", first)], 2, NOW)
     assert totals(restored) == totals(original)
-    assert {k: r.count for k, r in restored.rollups.items()} == {k: r.count for k, r in original.rollups.items()}
+    assert {k: r.count for k, r in rollups_of(restored).items()} == {k: r.count for k, r in original.rollups.items()}
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -731,7 +756,7 @@ def test_a_period_whose_aggregation_type_changed_and_changed_back_restores_and_c
     st.lists(st.integers(0, 40), max_size=4),
     st.integers(0, 40),
 )
-def test_any_checkpointed_history_restores_to_the_same_state_and_continues_alike(draws, cuts, split):
+def test_any_checkpointed_history_restores_to_the_same_state_and_continues_alike(tmp_path_factory, draws, cuts, split):
     def make(name, at, record_id, who, dims, q):
         if name == "uniq":
             return user(record_id, at, who, dims, quantity=str(q), metric=name)
@@ -744,24 +769,26 @@ def test_any_checkpointed_history_restores_to_the_same_state_and_continues_alike
     seen = datetime(2026, 12, 3, tzinfo=UTC)
     original = PartitionRollups(timedelta(days=10), LIMITS)
     entries: list = []
-    identities: list = []
     bounds = sorted({0, *[c for c in cuts if c < len(head)], len(head)})
     # Consecutive pairs of bounds: bounds[1:] is one shorter, so the last bound only ends a pair.
     for offset, (start, end) in enumerate(zip(bounds, bounds[1:], strict=False)):
         original.apply(head[start:end], offset, seen)
-        checkpoint = original.checkpoint()
-        entries += _entries(checkpoint)
-        identities += checkpoint.identities
-    restored = _restored(entries, identities)
-    assert exact_view(restored) == exact_view(original)
-    assert original.apply(tail, 100, seen) == restored.apply(tail, 100, seen)
-    assert exact_view(restored) == exact_view(original)
-    left, right = original.checkpoint(), restored.checkpoint()
-    assert [r.record_id for _, r, _ in left.limited] == [r.record_id for _, r, _ in right.limited]
-    assert sorted(left.distinct) == sorted(right.distinct)
+        entries += _entries(original.checkpoint())
+    # A store per example (tmp_path is one per test, and hypothesis runs many examples in it).
+    store = _store(tmp_path_factory.mktemp("history") / "p0", entries)
+    try:
+        restored = PartitionRollups(timedelta(days=10), LIMITS, stored=store)
+        assert exact_view(restored) == exact_view(original)
+        assert original.apply(tail, 100, seen) == restored.apply(tail, 100, seen)
+        assert exact_view(restored) == exact_view(original)
+        left, right = original.checkpoint(), restored.checkpoint()
+        assert [r.record_id for _, r, _ in left.limited] == [r.record_id for _, r, _ in right.limited]
+        assert sorted(left.distinct) == sorted(right.distinct)
+    finally:
+        store.close()
 
 
-def test_evicted_entries_tombstone_a_rollup_and_each_of_its_distinct_values():
+def test_evicted_entries_tombstone_a_rollup_and_each_of_its_distinct_values(stored):
     october = datetime(2026, 10, 10, 9, tzinfo=UTC)
     state = PartitionRollups(WINDOW)
     state.apply(
@@ -786,17 +813,22 @@ def test_evicted_entries_tombstone_a_rollup_and_each_of_its_distinct_values():
         else:
             assert keys[1:] == []
         tombstones += [(entry_key, None) for entry_key in keys]
-    restored = changelog.restore(entries + tombstones).rollups
+    restored = rollups_of(PartitionRollups(WINDOW, stored=stored(entries + tombstones)))
     assert set(restored) == set(state.rollups)  # November's rollups stay, October's are gone
     assert restored[key(DAILY, DAY, A)].values == {"u9"}
     # Tombstoned distinct values are gone too: were the rollup written again, it would start without them.
     october_day = key(DAILY, datetime(2026, 10, 10, tzinfo=UTC), A)
     fresh = ValuesRollup(UNIQUE, 1, Decimal(1), Decimal(1), Decimal(1), 9, "m")
-    again = changelog.restore(
-        entries + tombstones + [changelog.rollup_entry(RollupChange.of(october_day, fresh))]
-    ).rollups
+    again = rollups_of(
+        PartitionRollups(
+            WINDOW,
+            stored=stored(entries + tombstones + [changelog.rollup_entry(RollupChange.of(october_day, fresh))]),
+        )
+    )
     assert again[october_day].values == set()
-    without = changelog.restore(entries + [changelog.rollup_entry(RollupChange.of(october_day, fresh))]).rollups
+    without = rollups_of(
+        PartitionRollups(WINDOW, stored=stored(entries + [changelog.rollup_entry(RollupChange.of(october_day, fresh))]))
+    )
     assert without[october_day].values == {"u1", "u2"}  # (the control: without the tombstones they would be back)
 
 

@@ -7,6 +7,7 @@ import json
 import sys
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal, Inexact
+from pathlib import Path
 
 import jiter
 import orjson
@@ -21,6 +22,7 @@ from metering_pipeline.usage.periods import period_bounds, rollup_starts
 from metering_pipeline.usage.rollups import LIFETIME, PartitionRollups
 from metering_pipeline.usage.routed_record import CountedRecord
 from metering_pipeline.worker import changelog
+from metering_pipeline.worker.state_store import PartitionStore, StoreResources
 from metering_schemas import AggregationType, MetricDefinition, PeriodType, RejectReason, ResetPeriod
 
 UTC = UTC
@@ -311,7 +313,7 @@ def counted(record_id: str, quantity: str, at: datetime) -> CountedRecord:
     )
 
 
-def test_rollups_count_each_record_once_in_hour_day_month_and_all_time_and_restore_exactly():
+def test_rollups_count_each_record_once_in_hour_day_month_and_all_time_and_restore_exactly(tmp_path: Path):
     state = PartitionRollups(timedelta(hours=24))
     touched: set = set()
     assert state.apply(
@@ -325,14 +327,17 @@ def test_rollups_count_each_record_once_in_hour_day_month_and_all_time_and_resto
     assert lifetime.total() == Decimal("3.5") and lifetime.version == 3
     checkpoint = state.checkpoint()
     assert len(checkpoint.records) == 2 and {c.key for c in checkpoint.rollups} == touched
-    restored = PartitionRollups(timedelta(hours=24))
-    restored.restore(
-        changelog.restore(map(changelog.rollup_entry, checkpoint.rollups)).rollups.items(), checkpoint.identities
+    store, _ = PartitionStore.open(tmp_path / "p0", "changelog/0", StoreResources.of_size(8 << 20, 8 << 20))
+    store.write(
+        [*map(changelog.rollup_entry, checkpoint.rollups), *changelog.identities_entries(3, checkpoint.identities)],
+        replay_from=None,
     )
+    restored = PartitionRollups(timedelta(hours=24), stored=store)
     assert restored.apply([counted("a", "1.5", NOW)], 4, NOW) == (0, 1)  # the restored window still knows "a"
     # b's hour and day (Oct 15) ended before the horizon (Oct 20); its month runs to Nov 1 and stays.
     evicted = restored.evict_before(NOW - timedelta(days=35))
     assert {key[3] for key, _ in evicted} == {PeriodType.HOURLY, PeriodType.DAILY}
+    store.close()
 
 
 def test_records_for_periods_already_closed_are_refused_not_counted_into_fresh_rollups():

@@ -10,7 +10,6 @@ threshold markers are keyed by threshold, subject and window.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from functools import lru_cache
@@ -167,66 +166,3 @@ def identities_entries(
         )
         for n, start in enumerate(range(0, len(identities), IDENTITIES_PER_ENTRY))
     ]
-
-
-@dataclass
-class RestoredState:
-    rollups: dict[RollupKey, Rollup]
-    identities: list[tuple[RecordIdentity, datetime]]
-    identity_entries: dict[bytes, datetime]  # entry key -> newest identity in it, for expiry
-    markers: dict[MarkerKey, Marker] = field(default_factory=dict)
-
-
-def restore(entries: Iterable[tuple[bytes, bytes | None]]) -> RestoredState:
-    """Fold changelog entries in log order: later entries replace earlier ones, tombstones delete."""
-    rollups: dict[RollupKey, Rollup] = {}
-    markers: dict[MarkerKey, Marker] = {}
-    identity_lists: dict[bytes, list[tuple[RecordIdentity, datetime]]] = {}
-    distinct: dict[RollupKey, set[str]] = {}
-    for key, value in entries:
-        if key.startswith(ROLLUP_PREFIX):
-            rollup_key = _rollup_key(orjson.loads(key[len(ROLLUP_PREFIX) :]))
-            if value is None:
-                rollups.pop(rollup_key, None)
-                continue
-            rollups[rollup_key] = decode_rollup(orjson.loads(value))
-        elif key.startswith(DISTINCT_PREFIX):
-            *fields, dimensions, found = orjson.loads(key[len(DISTINCT_PREFIX) :])
-            rollup_key = _rollup_key([*fields, dimensions])
-            if value is None:
-                distinct.get(rollup_key, set()).discard(found)
-            else:
-                distinct.setdefault(rollup_key, set()).add(found)
-        elif key.startswith(MARKER_PREFIX):
-            threshold_id, subject_type, subject_id, start = orjson.loads(key[len(MARKER_PREFIX) :])
-            marker_key = (threshold_id, subject_type, subject_id, _utc(start))
-            if value is None:
-                markers.pop(marker_key, None)
-                continue
-            limit, approaching, exceeded = orjson.loads(value)
-            markers[marker_key] = Marker(Decimal(limit), approaching, exceeded)
-        elif key.startswith(IDENTITIES_PREFIX):
-            if value is None:
-                identity_lists.pop(key, None)
-                continue
-            identity_lists[key] = [
-                ((subject_type, subject_id, record_id), _utc(at))
-                for subject_type, subject_id, record_id, at in orjson.loads(value)
-            ]
-    for rollup_key, values in distinct.items():
-        rollup = rollups.get(rollup_key)
-        if rollup is not None:
-            if not isinstance(rollup, ValuesRollup):  # a metric that counted distinct values and since stopped
-                rollup = rollups[rollup_key] = ValuesRollup(
-                    rollup.aggregation,
-                    rollup.count,
-                    rollup.sum,
-                    rollup.min,
-                    rollup.max,
-                    rollup.version,
-                    rollup.metric_id,
-                )
-            rollup.values = values
-    identities = [entry for entries_ in identity_lists.values() for entry in entries_]
-    newest = {key: max(at for _, at in entries_) for key, entries_ in identity_lists.items() if entries_}
-    return RestoredState(rollups, identities, newest, markers)

@@ -221,13 +221,14 @@ class StoredRollups(Protocol):
     def rollup(self, key: RollupKey) -> Rollup | None: ...
     def seen(self, identity: RecordIdentity) -> bool: ...
     def dimension_rows(self, total_key: RollupKey) -> int: ...
-    def subjects(self, metric_key: str, subject_type: str) -> set[str]: ...
+    def subjects(self, metric_key: str, subject_type: str, ending_after: datetime) -> set[str]: ...
     def rollups_ending_before(self, horizon: datetime) -> Iterator[RollupKey]: ...
 
 
 class PartitionRollups:
     """With `stored`, RAM holds a cache of at most `capacity` rollups besides those not stored yet, and the identities
-    not stored yet; without, everything stays in RAM (the benchmark of the hot path, the tests of the rules)."""
+    not stored yet; without, everything stays in RAM (the tests of the rules). While the cache holds every rollup
+    (`warm`, and nothing evicted since), a rollup not in RAM exists nowhere, and is not looked for in the store."""
 
     def __init__(
         self,
@@ -239,6 +240,7 @@ class PartitionRollups:
         self.dedup = DedupWindow(dedup_window, stored.seen if stored else None)
         self.limits = limits
         self.stored = stored
+        self._lookups = stored  # where a rollup not in RAM may be: None while RAM holds every rollup
         self.capacity = capacity
         self.rollups: dict[RollupKey, Rollup] = {}  # with `stored`, a cache
         self.generation = 0  # of checkpoints taken
@@ -272,7 +274,7 @@ class PartitionRollups:
         first_open_hour = _first_open_hour(closed_before)
         dedup = self.dedup
         admit = dedup.admitter(seen_at)
-        rollups, stored = self.rollups, self.stored
+        rollups, stored = self.rollups, self._lookups
         keep_record, keep_identity = self._records.append, self._identities.append
         counted = duplicates = 0
         with decimal.localcontext(EXACT):  # `+` below is exact or raises
@@ -420,7 +422,7 @@ class PartitionRollups:
     def get(self, key: RollupKey) -> Rollup | None:
         """A rollup as it stands: from RAM, or else from the store (then cached)."""
         rollup = self.rollups.get(key)
-        if rollup is None and self.stored is not None:
+        if rollup is None and self._lookups is not None:
             rollup = self._load(key)
         return rollup
 
@@ -437,23 +439,21 @@ class PartitionRollups:
         created since are counted as they are)."""
         rows = self._combinations.get(total_key)
         if rows is None:
-            rows = self._combinations[total_key] = self.stored.dimension_rows(total_key) if self.stored else 0
+            rows = self._combinations[total_key] = self._lookups.dimension_rows(total_key) if self._lookups else 0
         return rows
 
-    def subjects_of(self, metrics: set[tuple[str, str]]) -> dict[tuple[str, str], set[tuple[str, str]]]:
-        """The subjects with rollups, per (metric key, subject type) asked for."""
+    def subjects_of(self, metrics: set[tuple[str, str]], now: datetime) -> dict[tuple[str, str], set[tuple[str, str]]]:
+        """The subjects with rollups (of current periods, at least), per (metric key, subject type) asked for."""
         found: dict[tuple[str, str], set[tuple[str, str]]] = {}
         if not metrics:
             return found
         for metric_key, subject_type, subject_id, _period, _start, _dimensions in self.rollups:
             if (metric_key, subject_type) in metrics:
                 found.setdefault((metric_key, subject_type), set()).add((subject_type, subject_id))
-        if self.stored is not None:
+        if self._lookups is not None:
             for metric_key, subject_type in metrics:
                 subjects = found.setdefault((metric_key, subject_type), set())
-                subjects.update(
-                    (subject_type, subject_id) for subject_id in self.stored.subjects(metric_key, subject_type)
-                )
+                subjects.update((subject_type, s) for s in self._lookups.subjects(metric_key, subject_type, now))
         return found
 
     def checkpoint(self) -> Checkpoint:
@@ -485,6 +485,13 @@ class PartitionRollups:
             # Oldest first (a dict keeps insertion order; a rollup read again from the store goes to the back).
             for key in list(islice((k for k in self.rollups if k not in pinned and k not in changed), excess)):
                 del self.rollups[key]
+            self._lookups = self.stored  # some rollups are only in the store now
+
+    def warm(self, rollups: Iterable[tuple[RollupKey, Rollup]]) -> None:
+        """Every stored rollup, into RAM (they fit in the cache): until the cache must evict one, no lookup of a rollup
+        goes to the store (most lookups that miss are of new rollups, and the store has none of them either)."""
+        self.restore(rollups, ())
+        self._lookups = None
 
     def restore(
         self, rollups: Iterable[tuple[RollupKey, Rollup]], identities: Iterable[tuple[RecordIdentity, datetime]]
@@ -507,8 +514,8 @@ class PartitionRollups:
         """Drop rollups whose period ended before `horizon` (past the allowed lateness: no record can change them
         now), but those in `keep` and those not stored yet; returns them for their tombstones."""
         candidates = [key for key in self.rollups if period_end(key[3], key[4]) < horizon]
-        if self.stored is not None:
-            candidates += self.stored.rollups_ending_before(horizon)
+        if self._lookups is not None:
+            candidates += self._lookups.rollups_ending_before(horizon)
         stale = []
         for key in dict.fromkeys(candidates):
             if key in self._changed or key in self._unstored or key in keep:

@@ -313,7 +313,7 @@ class PartitionThresholds:
                 continue
             self.watch.rearm(threshold, partial(self._value, threshold))
             in_force.append(threshold)
-        subjects_of = self._subjects_of({(t.metric_key, t.subject_type) for t in in_force})
+        subjects_of = self.rollups.subjects_of({(t.metric_key, t.subject_type) for t in in_force}, now)
         for threshold in in_force:
             subjects = [
                 subject
@@ -326,11 +326,6 @@ class PartitionThresholds:
                     reset, start, rollup = window
                     alerts += self.watch.evaluate(threshold, subject, reset, start, rollup.total(), now)
         return alerts
-
-    def _subjects_of(self, metrics: set[tuple[str, str]]) -> dict[tuple[str, str], set[Subject]]:
-        """The subjects with rollups, per (metric key, subject type) asked for: one pass over the state however many
-        thresholds changed (a restart brings every threshold in at once, onto a million rollups)."""
-        return self.rollups.subjects_of(metrics)
 
     def _value(self, threshold: UsageThreshold, subject: Subject, window_start: datetime) -> Decimal | None:
         found = self.window_rollup(threshold.metric_key, subject, window_start, dimensions_of(threshold))

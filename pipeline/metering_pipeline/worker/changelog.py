@@ -76,11 +76,6 @@ def distinct_prefix(key: RollupKey) -> bytes:
     return distinct_entry(key, "")[: -len(b',""]')] + b","
 
 
-def dimension_rows_prefix(total_key: RollupKey) -> bytes:
-    """What the changelog keys of a total row's dimension rows start with."""
-    return rollup_tombstone(total_key)[:-1] + b","
-
-
 def distinct_entries(distinct: Iterable[tuple[RollupKey, str]]) -> Iterator[tuple[bytes, bytes]]:
     return ((distinct_entry(key, value), _PRESENT) for key, value in distinct)
 
@@ -124,15 +119,13 @@ def _rollup_key(fields: list[Any]) -> RollupKey:
 
 def decode_rollup(fields: list[Any]) -> Rollup:
     aggregation, count, total, low, high, version, *rest = fields
-    state = (
-        AggregationType(aggregation),
-        count,
-        Decimal(total),
-        None if low is None else Decimal(low),
-        None if high is None else Decimal(high),
-        version,
-        rest[0] if rest else None,
-    )
+    # One Decimal for equal texts (a rollup of one record holds its quantity as sum, min and max), as counting makes
+    # them: a rollup read back from a state store costs no more RAM than one counted.
+    total_value = Decimal(total)
+    low_value = None if low is None else total_value if low == total else Decimal(low)
+    high_value = None if high is None else low_value if high == low else total_value if high == total else Decimal(high)
+    metric_id = rest[0] if rest else None
+    state = (AggregationType(aggregation), count, total_value, low_value, high_value, version, metric_id)
     if len(rest) == 4:  # a rollup that has had a LATEST record: its time, id and quantity
         latest_ms, latest_id, latest = rest[1:]
         return ValuesRollup(*state, set(), Decimal(latest), latest_ms, latest_id)

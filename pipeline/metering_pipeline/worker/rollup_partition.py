@@ -62,6 +62,10 @@ log = get_logger(__name__)
 Produce = Callable[[PartitionBatches], Awaitable[None]]  # adds a transaction's messages
 
 EVICTION_INTERVAL = 60.0  # seconds
+# Seconds between a partition's state store writes: each writes the checkpoints that became durable meanwhile, every
+# changed rollup once however many of them changed it. Longer: less to write, more held in RAM and replayed on a crash.
+STORE_INTERVAL = 5.0
+REFRESH_INTERVAL = 3600.0  # seconds between writes of a store with nothing new (see state_store.STALE_AFTER)
 MAX_BATCH_BYTES = 900_000  # under the broker's default message.max.bytes (1 MiB)
 # RAM taken by one cached rollup with its key (measured with tracemalloc in tests/unit/test_state_store.py's sizing
 # test); the cache's capacity is the share of METERING_STATE_CACHE_MB it gets, divided by this.
@@ -126,6 +130,9 @@ class RollupPartition:
             self.state, ctx.book, ctx.catalog, ctx.settings.threshold_approaching_fraction
         )
         self.thresholds.watch.restore(store.markers())
+        stored = store.rollups(limit=cache_capacity)
+        if stored is not None:  # they fit in the cache: all in RAM, and no lookups in the store until they do not
+            self.state.warm(stored)
         self.writer = PartitionWriter(ctx.sink, self, ctx.stats)
         self.alerts: list[Alert] = []  # decided, not yet published
         self.next_offset: int | None = None
@@ -134,6 +141,8 @@ class RollupPartition:
         self._markers: dict[MarkerKey, Marker | None] = {}  # committed by alert transactions, not stored yet
         self._leaving: set[bytes] = set()  # changelog keys tombstoned, not yet gone from the store
         self._sunk_before: int | None = None  # a changelog offset before which every rollup entry is in ClickHouse
+        self._durable: list[Committed] = []  # durable checkpoints not stored yet
+        self._stored_at = time.monotonic()
 
     @classmethod
     async def start(
@@ -201,29 +210,38 @@ class RollupPartition:
         if self.next_offset is not None and (not checkpoint.is_empty() or expired):
             self.writer.submit(Snapshot(self.next_offset, checkpoint, expired))
 
-    def store_durable(self) -> None:
+    def store_durable(self, now: float, force: bool = False) -> None:
         """Checkpoints committed and in ClickHouse, and the markers committed since the last write, into the store
-        in one batch. Called by the loop between alert transactions: every marker committed so far is in it, so the
-        replay offset (after the last checkpoint's last changelog entry) skips no committed entry: later checkpoints'
+        in one batch, every STORE_INTERVAL seconds (a rollup changed by many checkpoints meanwhile is written once).
+        Called by the loop between alert transactions: every marker committed so far is in the batch, so the replay
+        offset (after the last checkpoint's last changelog entry) skips no committed entry: later checkpoints'
         entries come after it, and alert transactions are either in the batch or not begun."""
-        durable, self.writer.durable = self.writer.durable, []
-        if not (durable or self._markers):
+        if self.writer.durable:
+            self._durable += self.writer.durable
+            self.writer.durable = []
+            ends = [c.end_offset for c in self._durable if c.end_offset is not None]
+            self._sunk_before = max(ends, default=self._sunk_before)  # their rollups are all in ClickHouse
+        idle = not (self._durable or self._markers or self.writer.busy or self.writer.unsunk)
+        if idle and now - self._stored_at >= REFRESH_INTERVAL:
+            force = True  # all committed is stored: the store says it is current, or a restart would think it stale
+        elif not (self._durable or self._markers) or (not force and now - self._stored_at < STORE_INTERVAL):
             return
-        entries = [changelog.marker_entry(key, marker) for key, marker in self._markers.items()]
+        durable, self._durable = self._durable, []
+        latest: dict[bytes, bytes | None] = dict(changelog.marker_entry(key, m) for key, m in self._markers.items())
         for committed in durable:
-            entries += committed.entries
-        replay_from = next((c.end_offset for c in reversed(durable) if c.end_offset is not None), None)
+            latest.update(committed.entries)  # later entries of a key replace earlier ones, as in the changelog
+        replay_from = max((c.end_offset for c in durable if c.end_offset is not None), default=None)
         try:
-            self.store.write(entries, replay_from)
+            self.store.write(latest.items(), replay_from)
         except Exception as error:
             raise StateStoreError(
                 f"the state store of partition {self.partition} at {self.store.path} could not be written ({error}); "
                 "its changelog holds everything committed: once METERING_STATE_DIR has room, a restart replays it"
             ) from error
+        self._stored_at = now
         self._markers = {}
-        self._leaving.difference_update(key for key, value in entries if value is None)
+        self._leaving.difference_update(key for key, value in latest.items() if value is None)
         if durable:
-            self._sunk_before = replay_from if replay_from is not None else self._sunk_before
             seen = [c.seen_until for c in durable if c.seen_until is not None]
             self.state.stored_through(durable[-1].generation, max(seen, default=None))
 

@@ -1,10 +1,11 @@
 """A partition's state on local disk: a RocksDB store that follows the rollup changelog.
 
-The store holds what the partition's changelog holds, materialized for lookups: rollups,
-distinct values and threshold markers under their changelog keys, and de-duplication
-identities one key each (a changelog entry carries thousands). Two indexes keep expiry a
-range scan instead of a scan of the state: rollups by the end of their period, identity
-entries by their newest time.
+The store holds what the partition's changelog holds, materialized for lookups: rollups under
+their changelog keys with the end of their period in front (so rollups past the allowed
+lateness, and those of current periods, are one range each), distinct values and threshold
+markers under their changelog keys, and de-duplication identities one key each (a changelog
+entry carries thousands) with an index of identity entries by their newest time (so expiry
+is a range too).
 
 It never leads the changelog: a checkpoint reaches the store in one atomic write batch
 after its Kafka transaction committed (and its rollups reached ClickHouse), together with
@@ -21,7 +22,8 @@ import struct
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
+from functools import lru_cache
 from pathlib import Path
 
 import orjson
@@ -32,15 +34,19 @@ from metering_pipeline.usage.periods import period_end
 from metering_pipeline.usage.rollups import LIFETIME, Rollup, RollupKey, values_rollup
 from metering_pipeline.usage.thresholds import Marker, MarkerKey
 from metering_pipeline.worker import changelog
+from metering_schemas import PeriodType
 
 FORMAT = b"1"  # of the keys and values below; a store of another format is rebuilt
 _META = b"m|"
 _FORMAT_KEY, _OWNER_KEY, _REPLAY_KEY, _WRITTEN_KEY = b"m|format", b"m|owner", b"m|replay_from", b"m|written_at"
 IDENTITY_PREFIX = b"i|"  # one key per remembered record identity
 EXPIRY_PREFIX = b"t|"  # identity entries by their newest time (8 bytes, big-endian seconds): oldest first
-ENDING_PREFIX = b"e|"  # rollups by the end of their period (8 bytes, big-endian seconds): soonest first
+ROLLUP_PREFIX = b"R|"  # + the end of the rollup's period (8 bytes, big-endian seconds) + its changelog key's body
 _ABSENT = b""
 _SECONDS = struct.Struct(">q")
+_NEVER_ENDS = 2**62  # an all-time rollup's end
+_HEAD = len(ROLLUP_PREFIX) + _SECONDS.size  # a stored rollup key's bytes before its changelog key's body
+_BODY = len(changelog.ROLLUP_PREFIX)  # a changelog rollup key's bytes before its body
 # Compaction drops a changelog tombstone once delete.retention.ms (24 h by default) has passed: a store not written
 # for longer might have missed one, and would bring back what it deleted.
 STALE_AFTER = 20 * 3600.0
@@ -48,6 +54,29 @@ STALE_AFTER = 20 * 3600.0
 
 def identity_key(identity: RecordIdentity) -> bytes:
     return IDENTITY_PREFIX + orjson.dumps(identity)
+
+
+def rollup_key(key: RollupKey) -> bytes:
+    """A rollup's key in the store."""
+    return _head(key[3].value, key[4]) + changelog.rollup_tombstone(key)[_BODY:]
+
+
+def _stored_rollup_key(changelog_key: bytes) -> bytes:
+    """The store's key of a rollup from its changelog key: only the period and its start are read from it."""
+    fields = orjson.loads(changelog_key[_BODY:])
+    return _head_at(fields[3], fields[4]) + changelog_key[_BODY:]
+
+
+@lru_cache(maxsize=8192)  # a few periods at a time: hours, days and months
+def _head_at(period: str, start: int) -> bytes:
+    return _head(period, datetime.fromtimestamp(start, tz=UTC))
+
+
+@lru_cache(maxsize=8192)
+def _head(period: str, start: datetime) -> bytes:
+    """What a stored rollup's key starts with: the prefix and the end of its period."""
+    end = _NEVER_ENDS if period == LIFETIME.value else int(period_end(PeriodType(period), start).timestamp())
+    return ROLLUP_PREFIX + _SECONDS.pack(end)
 
 
 @dataclass(frozen=True)
@@ -151,8 +180,13 @@ class PartitionStore:
         """Apply changelog entries, in log order, in one atomic batch with the offset to replay from next time."""
         batch = WriteBatch(raw_mode=True)
         identities: dict[bytes, bytes] = {}  # identity entries written in this batch (a tombstone may follow)
+        put, rollup, body, loads, head = batch.put, changelog.ROLLUP_PREFIX, _BODY, orjson.loads, _head_at
         for key, value in entries:
-            _materialize(self.db, batch, identities, key, value)
+            if value is not None and key.startswith(rollup):  # most entries: `_materialize`'s first case, inlined
+                fields = loads(key[body:])
+                put(head(fields[3], fields[4]) + key[body:], value)
+            else:
+                _materialize(self.db, batch, identities, key, value)
         if replay_from is not None:
             batch.put(_REPLAY_KEY, str(replay_from).encode())
         batch.put(_WRITTEN_KEY, repr(time.time()).encode())
@@ -161,7 +195,7 @@ class PartitionStore:
     # Lookups
 
     def rollup(self, key: RollupKey) -> Rollup | None:
-        value = self.db.get(changelog.rollup_tombstone(key))
+        value = self.db.get(rollup_key(key))
         if value is None:
             return None
         rollup = changelog.decode_rollup(orjson.loads(value))
@@ -172,7 +206,7 @@ class PartitionStore:
         return rollup
 
     def seen(self, identity: RecordIdentity) -> bool:
-        return self.db.get(identity_key(identity)) is not None
+        return self.db.get(IDENTITY_PREFIX + orjson.dumps(identity)) is not None  # identity_key, inlined: per record
 
     def distinct_values(self, key: RollupKey) -> set[str]:
         prefix = changelog.distinct_prefix(key)
@@ -180,20 +214,24 @@ class PartitionStore:
 
     def dimension_rows(self, total_key: RollupKey) -> int:
         """Dimension rows stored for a total row's (metric, subject, period)."""
-        return sum(1 for _ in self._keys(changelog.dimension_rows_prefix(total_key)))
+        return sum(1 for _ in self._keys(rollup_key(total_key)[:-1] + b","))
 
-    def subjects(self, metric_key: str, subject_type: str) -> set[str]:
-        """Subject ids with a rollup of the metric."""
-        prefix = changelog.ROLLUP_PREFIX + orjson.dumps([metric_key, subject_type])[:-1] + b","
-        return {orjson.loads(found[len(changelog.ROLLUP_PREFIX) :])[2] for found in self._keys(prefix)}
+    def subjects(self, metric_key: str, subject_type: str, ending_after: datetime) -> set[str]:
+        """Subject ids with a rollup of the metric whose period ends after `ending_after` (current periods)."""
+        body = orjson.dumps([metric_key, subject_type])[:-1] + b","
+        return {
+            orjson.loads(found[_HEAD:])[2]
+            for found in self._keys(ROLLUP_PREFIX, ROLLUP_PREFIX + _SECONDS.pack(int(ending_after.timestamp())))
+            if found.startswith(body, _HEAD)
+        }
 
     def rollups_ending_before(self, horizon: datetime) -> Iterator[RollupKey]:
         """Rollups whose period ended before `horizon`, soonest first."""
-        bound = ENDING_PREFIX + _SECONDS.pack(int(horizon.timestamp()))
-        for found in self._keys(ENDING_PREFIX):
+        bound = ROLLUP_PREFIX + _SECONDS.pack(int(horizon.timestamp()))
+        for found in self._keys(ROLLUP_PREFIX):
             if found >= bound:
                 return
-            yield changelog.decode_rollup_key(found[len(ENDING_PREFIX) + 8 + len(changelog.ROLLUP_PREFIX) :])
+            yield changelog.decode_rollup_key(found[_HEAD:])
 
     def identity_entries_before(self, horizon: datetime) -> Iterator[bytes]:
         """Changelog keys of identity entries whose newest identity was seen before `horizon`."""
@@ -203,6 +241,24 @@ class PartitionStore:
                 return
             yield found[len(EXPIRY_PREFIX) + 8 :]
 
+    def rollups(self, limit: int) -> list[tuple[RollupKey, Rollup]] | None:
+        """Every stored rollup with its distinct values, or None if there are more than `limit`."""
+        found: dict[bytes, tuple[RollupKey, Rollup]] = {}
+        for key, value in self._items(ROLLUP_PREFIX):
+            if len(found) >= limit:
+                return None
+            body = key[_HEAD:]
+            found[body[:-1]] = (changelog.decode_rollup_key(body), changelog.decode_rollup(orjson.loads(value)))
+        for key, _ in self._items(changelog.DISTINCT_PREFIX):
+            *fields, dimensions, value = orjson.loads(key[len(changelog.DISTINCT_PREFIX) :])
+            body = orjson.dumps([*fields, dimensions] if dimensions else fields)[:-1]
+            held = found.get(body)
+            if held is not None:
+                rollup = values_rollup(held[1])
+                rollup.values.add(value)
+                found[body] = (held[0], rollup)
+        return list(found.values())
+
     def markers(self) -> list[tuple[MarkerKey, Marker]]:
         return [
             changelog.decode_marker(key, value)
@@ -210,13 +266,14 @@ class PartitionStore:
             if value is not None
         ]
 
-    def _keys(self, prefix: bytes) -> Iterator[bytes]:
-        for key, _ in self._items(prefix):
+    def _keys(self, prefix: bytes, start: bytes | None = None) -> Iterator[bytes]:
+        for key, _ in self._items(prefix, start):
             yield key
 
-    def _items(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+    def _items(self, prefix: bytes, start: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
+        """Entries whose key starts with `prefix`, from `start` (or the first) on."""
         iterator = self.db.iter()
-        iterator.seek(prefix)
+        iterator.seek(start or prefix)
         while iterator.valid():
             key = iterator.key()
             if not key.startswith(prefix):
@@ -228,15 +285,10 @@ class PartitionStore:
 def _materialize(db: Rdict, batch: WriteBatch, identities: dict[bytes, bytes], key: bytes, value: bytes | None) -> None:
     """One changelog entry into the batch: the entry itself, and what the lookups and indexes need of it."""
     if key.startswith(changelog.ROLLUP_PREFIX):
-        ending = _ending_key(key)
         if value is None:
-            batch.delete(key)
-            if ending is not None:
-                batch.delete(ending)
+            batch.delete(_stored_rollup_key(key))
         else:
-            batch.put(key, value)
-            if ending is not None:
-                batch.put(ending, _ABSENT)
+            batch.put(_stored_rollup_key(key), value)
     elif key.startswith(changelog.IDENTITIES_PREFIX):
         if value is None:
             held = identities.pop(key, None) or db.get(key)
@@ -248,12 +300,13 @@ def _materialize(db: Rdict, batch: WriteBatch, identities: dict[bytes, bytes], k
             batch.delete(key)
         else:
             listed, newest = _identities_of(value)
+            put = batch.put
             for identity in listed:
-                batch.put(identity, _ABSENT)
+                put(identity, _ABSENT)
             batch.put(EXPIRY_PREFIX + _SECONDS.pack(newest) + key, _ABSENT)
             batch.put(key, value)
             identities[key] = value
-    elif key.startswith(_META):
+    elif key.startswith((_META, ROLLUP_PREFIX, EXPIRY_PREFIX, IDENTITY_PREFIX)):
         raise ValueError(f"a changelog key in the store's own namespace: {key!r}")
     elif value is None:  # distinct values and threshold markers: stored as they are
         batch.delete(key)
@@ -265,12 +318,3 @@ def _identities_of(value: bytes) -> tuple[list[bytes], int]:
     """An identity entry's identity keys and the newest time (epoch seconds) among them."""
     listed = orjson.loads(value)
     return [IDENTITY_PREFIX + orjson.dumps(item[:3]) for item in listed], max((item[3] for item in listed), default=0)
-
-
-def _ending_key(key: bytes) -> bytes | None:
-    """The period-end index key of a rollup's changelog key (None: an all-time rollup, which never ends)."""
-    rollup_key = changelog.decode_rollup_key(key[len(changelog.ROLLUP_PREFIX) :])
-    if rollup_key[3] is LIFETIME:
-        return None
-    end = period_end(rollup_key[3], rollup_key[4])
-    return ENDING_PREFIX + _SECONDS.pack(int(end.timestamp())) + key

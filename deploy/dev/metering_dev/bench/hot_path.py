@@ -4,7 +4,9 @@ The workload goes through the steps a poll at a time, as in the worker (garbage 
 the worker sets it, outputs made and dropped): read (decode and admit every message), route (encode
 routed batches), decode the routed batches, roll up (de-duplicate; hour, day and month, and all time
 for metrics that never reset), and at every checkpoint its outputs (changelog entries,
-`usage.aggregated` events, ClickHouse rows). Each step's CPU time is summed, so the next person sees
+`usage.aggregated` events, ClickHouse rows, the state store's write batch). The state lives in a RocksDB
+store in a temporary directory, as in the worker, with the cache the default METERING_STATE_CACHE_MB gives.
+Each step's CPU time is summed, so the next person sees
 where a record's time goes without a stack; the monthly totals are checked against the workload's
 independently computed ones.
 
@@ -15,22 +17,26 @@ dimension combination of a grouped metric (tracemalloc, in this process); `meter
 from __future__ import annotations
 
 import gc
+import tempfile
 import time
 import tracemalloc
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from itertools import chain
+from pathlib import Path
 from typing import TypeVar
 
 from metering_dev.bench.workload import METRICS, Expected, Workload
+from metering_pipeline.settings import Settings
 from metering_pipeline.usage.intake import IntakeRules, Message, read_message
 from metering_pipeline.usage.metrics import MetricCatalog
 from metering_pipeline.usage.rollups import CardinalityLimits, Checkpoint, CountedRecord, PartitionRollups
 from metering_pipeline.warehouse.sink import records_body, rollups_body
 from metering_pipeline.worker import changelog, garbage, routing
-from metering_pipeline.worker.rollup_partition import aggregated_event
+from metering_pipeline.worker.rollup_partition import CACHED_ROLLUP_BYTES, aggregated_event
+from metering_pipeline.worker.rollup_stage import BLOCK_CACHE_SHARE, CACHE_SHARE, WRITE_BUFFER_SHARE
+from metering_pipeline.worker.state_store import PartitionStore, StoreResources
 from metering_schemas import AggregationType, MetricDefinition, PeriodType, ResetPeriod
 
 T = TypeVar("T")
@@ -72,10 +78,38 @@ def run_hot_path(plan: HotPathPlan) -> tuple[list[Step], int]:
         }
     )
     rules = IntakeRules()
-    state = PartitionRollups(timedelta(hours=24))
-    clock = _Clock()
+    with tempfile.TemporaryDirectory(prefix="hot-path-") as directory:
+        settings = Settings(state_dir=Path(directory))
+        budget = settings.state_cache_mb << 20
+        resources = StoreResources.of_size(int(budget * BLOCK_CACHE_SHARE), int(budget * WRITE_BUFFER_SHARE))
+        store, _ = PartitionStore.open(Path(directory) / "p0", "hot-path/0", resources)
+        try:
+            state = PartitionRollups(
+                timedelta(hours=24), stored=store, capacity=int(budget * CACHE_SHARE) // CACHED_ROLLUP_BYTES
+            )
+            stored = store.rollups(limit=state.capacity)
+            if stored is not None:  # as a worker does: an empty store fits in the cache
+                state.warm(stored)
+            clock = _Clock()
+            _run(plan, clock, state, store, messages, catalog, rules, received)
+            return [Step(name, clock.spent[name]) for name in STEPS], _mismatches(state, expected)
+        finally:
+            store.close()
+
+
+def _run(
+    plan: HotPathPlan,
+    clock: _Clock,
+    state: PartitionRollups,
+    store: PartitionStore,
+    messages: list[Message],
+    catalog: MetricCatalog,
+    rules: IntakeRules,
+    received: datetime,
+) -> None:
     garbage.freeze_survivors()
     pending = 0
+    unstored: list[tuple[Checkpoint, list[tuple[bytes, bytes | None]]]] = []
     per_poll = max(1, POLL_RECORDS // plan.batch)
     for offset, start in enumerate(range(0, len(messages), per_poll)):
         poll = messages[start : start + per_poll]
@@ -87,13 +121,35 @@ def run_hot_path(plan: HotPathPlan) -> tuple[list[Step], int]:
         decoded = clock.time(DECODE, lambda: [routing.decode(value) for value in routed])  # noqa: B023
         clock.time(ROLL_UP, lambda: [state.apply(records, offset, received, set()) for records in decoded])  # noqa: B023
         pending += len(accepted)
-        if pending >= plan.checkpoint_every or start + per_poll >= len(messages):
+        last = start + per_poll >= len(messages)
+        if pending >= plan.checkpoint_every or last:
             pending = 0
-            _write(clock, clock.time(CHECKPOINT, state.checkpoint), offset)
-    return [Step(name, clock.spent[name]) for name in STEPS], _mismatches(state, expected)
+            checkpoint = clock.time(CHECKPOINT, state.checkpoint)
+            unstored.append((checkpoint, _write(clock, checkpoint, offset)))
+            if len(unstored) >= STORE_EVERY or last:
+                clock.time(STORE, lambda: _store(state, store, unstored, offset))  # noqa: B023
+                unstored = []
+
+
+def _store(
+    state: PartitionRollups,
+    store: PartitionStore,
+    unstored: list[tuple[Checkpoint, list[tuple[bytes, bytes | None]]]],
+    offset: int,
+) -> None:
+    """What the partition does every STORE_INTERVAL: one write of the checkpoints made meanwhile, each key once."""
+    latest: dict[bytes, bytes | None] = {}
+    for _, entries in unstored:
+        latest.update(entries)
+    store.write(latest.items(), offset)
+    checkpoint = unstored[-1][0]
+    seen = [at for checkpoint, _ in unstored for _, at in checkpoint.identities]
+    state.stored_through(checkpoint.generation, max(seen, default=None))
 
 
 POLL_RECORDS = 2_000  # records per simulated poll
+# Checkpoints per state store write: STORE_INTERVAL (5 s) of checkpoints of 20,000 records at about 20,000 records/s.
+STORE_EVERY = 5
 READ, ROUTE, DECODE, ROLL_UP, CHECKPOINT = (
     "read: decode, validate, resolve the metric",
     "route: encode routed batches",
@@ -101,13 +157,14 @@ READ, ROUTE, DECODE, ROLL_UP, CHECKPOINT = (
     "roll up: dedup, hour/day/month rollups",
     "checkpoint: freeze changed rollups",
 )
-CHANGELOG, EVENTS, RECORD_ROWS, ROLLUP_ROWS = (
+CHANGELOG, EVENTS, RECORD_ROWS, ROLLUP_ROWS, STORE = (
     "changelog entries (rollups, identities)",
     "usage.aggregated events",
     "ClickHouse rows: usage_records",
     "ClickHouse rows: usage_rollups",
+    "state store: the checkpoint's write batch",
 )
-STEPS = (READ, ROUTE, DECODE, ROLL_UP, CHECKPOINT, CHANGELOG, EVENTS, RECORD_ROWS, ROLLUP_ROWS)
+STEPS = (READ, ROUTE, DECODE, ROLL_UP, CHECKPOINT, CHANGELOG, EVENTS, RECORD_ROWS, ROLLUP_ROWS, STORE)
 
 
 class _Clock:
@@ -121,26 +178,33 @@ class _Clock:
         return result
 
 
-def _write(clock: _Clock, checkpoint: Checkpoint, checkpoint_id: int) -> None:
+def _write(clock: _Clock, checkpoint: Checkpoint, checkpoint_id: int) -> list[tuple[bytes, bytes | None]]:
     """What the writer makes of a checkpoint. Kafka entries are copied into a buffer and dropped, as a producer's
-    batch builder does; ClickHouse bodies are built whole, as the sink does."""
+    batch builder does; ClickHouse bodies are built whole, as the sink does. Returns the changelog entries (the
+    state store's next write)."""
     reported = [change for change in checkpoint.rollups if change.reported]
-    clock.time(
+    entries: list[tuple[bytes, bytes | None]] = clock.time(
         CHANGELOG,
-        lambda: _buffered(
-            chain(
-                (value for change in checkpoint.rollups for value in changelog.rollup_entry(change)),
-                (
-                    value
-                    for entry in changelog.identities_entries(checkpoint_id, checkpoint.identities)
-                    for value in entry
-                ),
-            )
-        ),
+        lambda: [
+            *map(changelog.rollup_entry, checkpoint.rollups),
+            *changelog.identities_entries(checkpoint_id, checkpoint.identities),
+        ],
     )
+    clock.time(CHANGELOG, lambda: _buffered_entries(entries))
     clock.time(EVENTS, lambda: _buffered(aggregated_event(change) for change in reported))
     clock.time(RECORD_ROWS, lambda: records_body(checkpoint.records))
     clock.time(ROLLUP_ROWS, lambda: rollups_body(reported))
+    return entries
+
+
+def _buffered_entries(entries: list[tuple[bytes, bytes | None]]) -> int:
+    """Entries as a producer's batch builder takes them: key and value copied into its buffer."""
+    buffer = bytearray()
+    for key, value in entries:
+        buffer += key
+        if value is not None:
+            buffer += value
+    return len(buffer)
 
 
 def _buffered(values: Iterable[bytes]) -> int:

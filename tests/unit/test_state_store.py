@@ -39,6 +39,7 @@ from metering_pipeline.worker.state_store import (
     FORMAT,
     IDENTITY_PREFIX,
     STALE_AFTER,
+    StateStoreError,
     PartitionStore,
     StoreResources,
 )
@@ -338,7 +339,7 @@ def test_replay_from_is_written_in_one_batch_with_the_entries_or_not_at_all(tmp_
     entry = changelog.rollup_entry(RollupChange.of(key(DAILY, DAY), Rollup(SUM, 1, Decimal(1), version=11)))
     db = store.db
     failing = store.db = _FailingWrite(db)  # type: ignore[assignment]
-    with pytest.raises(OSError, match="went away"):
+    with pytest.raises(StateStoreError, match=r"could not be written \(the disk went away\)"):
         store.write([entry, *changelog.identities_entries(11, [(("org", "o", "r2"), NOW)])], replay_from=12)
     assert failing.used == []  # nothing written beside the batch
     store.db = db

@@ -9,7 +9,7 @@ the identities not stored yet (in one-second buckets) and asks the store about t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
 RecordIdentity = tuple[str, str, str]  # (subject_type, subject_id, record id)
@@ -46,14 +46,6 @@ class DedupWindow:
             return True
 
         return admit
-
-    def remember(self, entries: Iterable[tuple[RecordIdentity, datetime]]) -> None:
-        """Restore identities seen before a restart."""
-        seen, buckets = self._seen, self._buckets
-        for identity, at in entries:
-            if identity not in seen:
-                bucket = seen[identity] = self._bucket(at)
-                buckets.setdefault(bucket, []).append(identity)
 
     def expire(self, now: datetime) -> int:
         """Forget identities seen more than `window` before `now`; returns how many."""

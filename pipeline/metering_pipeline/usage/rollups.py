@@ -490,13 +490,6 @@ class PartitionRollups:
     def warm(self, rollups: Iterable[tuple[RollupKey, Rollup]]) -> None:
         """Every stored rollup, into RAM (they fit in the cache): until the cache must evict one, no lookup of a rollup
         goes to the store (most lookups that miss are of new rollups, and the store has none of them either)."""
-        self.restore(rollups, ())
-        self._lookups = None
-
-    def restore(
-        self, rollups: Iterable[tuple[RollupKey, Rollup]], identities: Iterable[tuple[RecordIdentity, datetime]]
-    ) -> None:
-        """Rebuild from committed checkpoints (later entries for a key replace earlier ones)."""
         for key, rollup in rollups:
             dimensions = key[5]
             if dimensions:
@@ -506,7 +499,7 @@ class PartitionRollups:
                     total_key = (*key[:5], TOTAL)
                     self._combinations[total_key] = self._combinations.get(total_key, 0) + 1
             self.rollups[key] = rollup
-        self.dedup.remember(identities)
+        self._lookups = None
 
     def evict_before(
         self, horizon: datetime, keep: set[RollupKey] | frozenset[RollupKey] = frozenset()

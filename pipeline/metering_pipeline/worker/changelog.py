@@ -15,6 +15,7 @@ from decimal import Decimal
 from functools import lru_cache
 from typing import Any
 
+import msgspec
 import orjson
 
 from metering_pipeline.usage.aggregation import FROM_RECORDS
@@ -45,7 +46,13 @@ def rollup_entry(change: RollupChange) -> tuple[bytes, bytes]:
     ]
     if change.latest is not None:
         fields += [change.latest[1], change.latest[2], change.latest[0]]
-    return rollup_tombstone(change.key), orjson.dumps(fields)
+    return rollup_tombstone(change.key), _encode(fields)
+
+
+# The same JSON as orjson's, in a bytes object of its own size: orjson returns a small result in a 4 KiB allocation,
+# which costs nothing when it is copied into a Kafka batch and dropped, and 4 KiB per entry when it is kept (a
+# checkpoint's entries wait for the state store).
+_encode = msgspec.json.Encoder().encode
 
 
 def rollup_tombstone(key: RollupKey) -> bytes:

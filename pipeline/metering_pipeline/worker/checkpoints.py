@@ -5,7 +5,8 @@ to the partition's writer; the writer puts the new usage records into ClickHouse
 the checkpoint's Kafka transaction (changelog, events, consumer offset), then writes the
 changed rollups; once they are in ClickHouse the checkpoint is `durable`, and the partition
 puts it into its state store. So a ClickHouse outage holds up only the writer: the loop keeps consuming
-and alerting until `max_buffered_records` wait in the writer's queue, then pauses its
+and alerting until `max_buffered_records` wait in the writer (queued, or committed with
+their rollups not yet in ClickHouse, and so not yet in the state store), then pauses its
 partitions (backpressure) instead of growing without bound. A crash loses only checkpoints
 that were not committed, and those are replayed from the committed offset. Only transient
 write errors are retried (`failing` says since when, for /health); a permanent one fails the
@@ -85,7 +86,8 @@ class PartitionWriter:
         self.unsunk: dict[RollupKey, RollupChange] = {}  # committed, not yet in ClickHouse
         self._committed: list[Committed] = []  # their rollups not all in ClickHouse yet
         self.durable: list[Committed] = []  # committed, rollups in ClickHouse: for the state store, in order
-        self.buffered = 0  # counted records in the queue
+        self.buffered = 0  # counted records queued, or committed but not durable (their rollups not in ClickHouse)
+        self._committed_records = 0
         # ClickHouse writes retrying since (for /health); cleared by a write that succeeds.
         self.failing = FailingStreak()
         self._task: asyncio.Task[None] | None = None
@@ -160,7 +162,7 @@ class PartitionWriter:
                 self._committed.append(await self.committer.commit(snapshot))
                 for _ in range(taken):
                     self.queue.popleft()
-                self.buffered -= snapshot.records
+                self._committed_records += snapshot.records
                 self.unsunk.update((c.key, c) for c in snapshot.changes.rollups if c.reported)
                 self.stats.flushes += 1
                 self.stats.flush_seconds.observe(time.monotonic() - started)
@@ -178,4 +180,6 @@ class PartitionWriter:
             if not self.unsunk:
                 self.durable += self._committed
                 self._committed = []
+                self.buffered -= self._committed_records
+                self._committed_records = 0
             self._progress.set()

@@ -79,10 +79,6 @@ class ProducerDied(KafkaError):
     (aio-libs/aiokafka#907)."""
 
 
-class StateStoreError(RuntimeError):
-    """A partition's state store failed (a full or read-only disk): the worker stops rather than fall behind."""
-
-
 @dataclass
 class StageContext:
     """What every partition of the stage shares."""
@@ -159,9 +155,15 @@ class RollupPartition:
             raise
         try:
             owner = f"{ctx.topics.rollup_changelog}/{partition}"
-            store, why = PartitionStore.open(ctx.store_path(partition), owner, ctx.resources)
+            path = ctx.store_path(partition)
+            existed = path.exists()
+            store, why = PartitionStore.open(path, owner, ctx.resources)
             if why is not None:
                 log.warning("state store rebuilt from the changelog", partition=partition, reason=why)
+            elif not existed:
+                log.info(
+                    "state store built from the changelog", partition=partition, reason=f"there was none at {path}"
+                )
             try:
                 tp = TopicPartition(ctx.topics.rollup_changelog, partition)
                 store = await restore(ctx.settings, store, owner, ctx.resources, tp, progress)
@@ -231,13 +233,7 @@ class RollupPartition:
         for committed in durable:
             latest.update(committed.entries)  # later entries of a key replace earlier ones, as in the changelog
         replay_from = max((c.end_offset for c in durable if c.end_offset is not None), default=None)
-        try:
-            self.store.write(latest.items(), replay_from)
-        except Exception as error:
-            raise StateStoreError(
-                f"the state store of partition {self.partition} at {self.store.path} could not be written ({error}); "
-                "its changelog holds everything committed: once METERING_STATE_DIR has room, a restart replays it"
-            ) from error
+        self.store.write(latest.items(), replay_from)
         self._stored_at = now
         self._markers = {}
         self._leaving.difference_update(key for key, value in latest.items() if value is None)

@@ -110,7 +110,8 @@ class RollupStage:
         )
 
     def _buffered_records(self) -> int:
-        """Counted records not yet in a committed checkpoint: waiting for the writer, or for the next checkpoint."""
+        """Counted records not yet committed with their rollups in ClickHouse: waiting for the next checkpoint, or in
+        the writer (what RAM holds until the state store has them)."""
         return sum(owned.writer.buffered + owned.state.pending_records for owned in self.owned.values())
 
     def partition_count(self) -> int | None:

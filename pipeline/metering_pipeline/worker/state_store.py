@@ -79,6 +79,11 @@ def _head(period: str, start: datetime) -> bytes:
     return ROLLUP_PREFIX + _SECONDS.pack(end)
 
 
+class StateStoreError(RuntimeError):
+    """A partition's state store cannot be opened or written (a full or read-only disk): the worker stops rather than
+    fall behind its changelog, and a restart with room replays it."""
+
+
 @dataclass(frozen=True)
 class StoreResources:
     """What all of a worker's stores share, so that their memory is one budget: the block cache and the write
@@ -127,6 +132,8 @@ class PartitionStore:
                         f"the state store {path} is in use (by another worker on the same METERING_STATE_DIR, or "
                         f"not closed yet): {error}"
                     ) from error
+                if "No space left on device" in str(error):  # a good store on a full disk: room, not a rebuild
+                    raise StateStoreError(f"the state store {path} could not be opened: {error}") from error
                 why = f"unreadable ({error})"
             else:
                 why = store._unusable(owner)
@@ -134,10 +141,13 @@ class PartitionStore:
                     return store, None
                 store.close()
             shutil.rmtree(path, ignore_errors=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        store = cls(Rdict(str(path), options=resources.options()), path)
-        store.db.put(_FORMAT_KEY, FORMAT)
-        store.db.put(_OWNER_KEY, owner.encode())
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            store = cls(Rdict(str(path), options=resources.options()), path)
+            store.db.put(_FORMAT_KEY, FORMAT)
+            store.db.put(_OWNER_KEY, owner.encode())
+        except Exception as error:
+            raise StateStoreError(f"the state store {path} could not be created: {error}") from error
         return store, why
 
     def _unusable(self, owner: str) -> str | None:
@@ -190,7 +200,13 @@ class PartitionStore:
         if replay_from is not None:
             batch.put(_REPLAY_KEY, str(replay_from).encode())
         batch.put(_WRITTEN_KEY, repr(time.time()).encode())
-        self.db.write(batch)
+        try:
+            self.db.write(batch)
+        except Exception as error:
+            raise StateStoreError(
+                f"the state store at {self.path} could not be written ({error}); its changelog holds everything "
+                "committed: once METERING_STATE_DIR has room, a restart replays it"
+            ) from error
 
     # Lookups
 

@@ -30,7 +30,7 @@ RECORD_AGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 360
 class RollupGauges:
     """The rollup stage's state as a scrape sees it."""
 
-    buffered_records: int  # counted, not yet in a committed checkpoint (what backpressure counts)
+    buffered_records: int  # counted, not yet committed with their rollups in ClickHouse (what backpressure counts)
     paused_partitions: int
     owned_partitions: int
     failing_writers: int  # partition writers whose checkpoint writes are failing
@@ -129,7 +129,8 @@ class _Collector:
         gauges = stats.rollup_gauges() if stats.rollup_gauges else RollupGauges(0, 0, 0, 0)
         yield GaugeMetricFamily(
             "metering_buffered_records",
-            "Counted records not yet in a committed checkpoint (consumption pauses at METERING_MAX_BUFFERED_RECORDS).",
+            "Counted records not yet committed with their rollups in ClickHouse (consumption pauses at "
+            "METERING_MAX_BUFFERED_RECORDS).",
             value=gauges.buffered_records,
         )
         yield GaugeMetricFamily(

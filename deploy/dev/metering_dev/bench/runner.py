@@ -269,4 +269,5 @@ async def _delete_topics(settings: Settings, prefix: str) -> None:
 
 
 def write(summary: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summary, indent=2, default=str))

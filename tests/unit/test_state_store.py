@@ -39,8 +39,8 @@ from metering_pipeline.worker.state_store import (
     FORMAT,
     IDENTITY_PREFIX,
     STALE_AFTER,
-    StateStoreError,
     PartitionStore,
+    StateStoreError,
     StoreResources,
 )
 from metering_schemas import AggregationType, PeriodType

@@ -3,10 +3,11 @@
 The loop takes a checkpoint (what changed, frozen as of the offset it reached) and hands it
 to the partition's writer; the writer puts the new usage records into ClickHouse, commits
 the checkpoint's Kafka transaction (changelog, events, consumer offset), then writes the
-changed rollups; once they are in ClickHouse the checkpoint is `durable`, and the partition
-puts it into its state store. So a ClickHouse outage holds up only the writer: the loop keeps consuming
-and alerting until `max_buffered_records` wait in the writer (queued, or committed with
-their rollups not yet in ClickHouse, and so not yet in the state store), then pauses its
+changed rollups. A committed checkpoint goes to the partition's state store at once (`committed`);
+once its rollups are in ClickHouse too, `sunk_before` moves past its changelog entries (a
+restore writes again only the rollups it replays from there). So a ClickHouse outage holds up
+only the writer: the loop keeps consuming and alerting until `max_buffered_records` wait in the
+writer (queued, or committed with their rollups not yet in ClickHouse), then pauses its
 partitions (backpressure) instead of growing without bound. A crash loses only checkpoints
 that were not committed, and those are replayed from the committed offset. Only transient
 write errors are retried (`failing` says since when, for /health); a permanent one fails the
@@ -84,10 +85,11 @@ class PartitionWriter:
         self.stats = stats
         self.queue: deque[Snapshot] = deque()
         self.unsunk: dict[RollupKey, RollupChange] = {}  # committed, not yet in ClickHouse
-        self._committed: list[Committed] = []  # their rollups not all in ClickHouse yet
-        self.durable: list[Committed] = []  # committed, rollups in ClickHouse: for the state store, in order
-        self.buffered = 0  # counted records queued, or committed but not durable (their rollups not in ClickHouse)
-        self._committed_records = 0
+        self.committed: list[Committed] = []  # for the state store, in order
+        self.sunk_before: int | None = None  # a changelog offset before which every rollup entry is in ClickHouse
+        self.buffered = 0  # counted records queued, or committed with their rollups not yet in ClickHouse
+        self._unsunk_records = 0
+        self._unsunk_end: int | None = None  # the changelog end of the last commit
         # ClickHouse writes retrying since (for /health); cleared by a write that succeeds.
         self.failing = FailingStreak()
         self._task: asyncio.Task[None] | None = None
@@ -98,10 +100,15 @@ class PartitionWriter:
         self.buffered += snapshot.records
         self._kick()
 
-    def resink(self, changes: list[RollupChange]) -> None:
-        """Rollups committed by an earlier owner that may not have reached ClickHouse before it stopped."""
+    def resink(self, changes: list[RollupChange], restored_to: int) -> None:
+        """Rollups committed by an earlier owner that may not have reached ClickHouse before it stopped; once they are
+        written, ClickHouse has every rollup of the changelog before `restored_to` (where the restore ended)."""
         self.unsunk.update((change.key, change) for change in changes if change.reported)
-        self._kick()
+        self._unsunk_end = restored_to
+        if self.unsunk:
+            self._kick()
+        else:
+            self.sunk_before = restored_to
 
     @property
     def busy(self) -> bool:
@@ -159,10 +166,12 @@ class PartitionWriter:
                     transient=is_transient,
                     streak=self.failing,
                 )
-                self._committed.append(await self.committer.commit(snapshot))
+                committed = await self.committer.commit(snapshot)
+                self.committed.append(committed)
+                self._unsunk_end = committed.end_offset if committed.end_offset is not None else self._unsunk_end
                 for _ in range(taken):
                     self.queue.popleft()
-                self._committed_records += snapshot.records
+                self._unsunk_records += snapshot.records
                 self.unsunk.update((c.key, c) for c in snapshot.changes.rollups if c.reported)
                 self.stats.flushes += 1
                 self.stats.flush_seconds.observe(time.monotonic() - started)
@@ -178,8 +187,7 @@ class PartitionWriter:
                     if self.unsunk.get(change.key) is change:  # not replaced by a newer value meanwhile
                         del self.unsunk[change.key]
             if not self.unsunk:
-                self.durable += self._committed
-                self._committed = []
-                self.buffered -= self._committed_records
-                self._committed_records = 0
+                self.sunk_before = self._unsunk_end
+                self.buffered -= self._unsunk_records
+                self._unsunk_records = 0
             self._progress.set()

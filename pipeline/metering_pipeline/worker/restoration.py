@@ -87,7 +87,11 @@ async def restore(
             )
             store = store.wipe(owner, resources)
             start = None
-        start = first if start is None else start
+        # From where ClickHouse may lack rollups, if that is earlier: replaying entries the store has changes nothing,
+        # and the rollups replayed from there are written to ClickHouse again.
+        sunk = store.sunk_before
+        start = first if start is None or sunk is None else max(first, min(start, sunk))
+        progress.sunk_before = start
         progress.start = progress.position = start
         progress.end = end
         reader.seek(tp, start)

@@ -7,8 +7,10 @@ p's `PartitionWriter` (see `checkpoints`):
    p is fenced), carries p's changed rollups and new identities to the changelog, the
    `usage.aggregated` events, and p's consumer offset (`commit`);
 3. after the commit, the changed rollups go to ClickHouse as absolute values with a version;
-4. then the loop puts the checkpoint into p's state store on local disk (`store_durable`),
-   with the changelog offset a restart replays from.
+4. meanwhile the loop puts the committed checkpoint into p's state store on local disk
+   (`store_committed`), with the changelog offset a restart replays from, and the one before
+   which every rollup is in ClickHouse (a restart replays from the earlier of the two, and
+   writes the rollups it replays from the second again).
 A crash anywhere replays from the committed offset onto the state restored from the store and
 the changelog's tail, which reproduces the same rows; the rollups of that tail are written to
 ClickHouse again, since their checkpoints may not have reached it.
@@ -62,9 +64,9 @@ log = get_logger(__name__)
 Produce = Callable[[PartitionBatches], Awaitable[None]]  # adds a transaction's messages
 
 EVICTION_INTERVAL = 60.0  # seconds
-# Seconds between a partition's state store writes: each writes the checkpoints that became durable meanwhile, every
+# Seconds between a partition's state store writes: each writes the checkpoints committed meanwhile, every
 # changed rollup once however many of them changed it. Longer: less to write, more held in RAM and replayed on a crash.
-STORE_INTERVAL = 5.0
+STORE_INTERVAL = 1.0
 REFRESH_INTERVAL = 3600.0  # seconds between writes of a store with nothing new (see state_store.STALE_AFTER)
 MAX_BATCH_BYTES = 900_000  # under the broker's default message.max.bytes (1 MiB)
 # RAM taken by one cached rollup with its key (measured with tracemalloc in tests/unit/test_state_store.py's sizing
@@ -136,8 +138,7 @@ class RollupPartition:
         self.last_eviction = 0.0
         self._markers: dict[MarkerKey, Marker | None] = {}  # committed by alert transactions, not stored yet
         self._leaving: set[bytes] = set()  # changelog keys tombstoned, not yet gone from the store
-        self._sunk_before: int | None = None  # a changelog offset before which every rollup entry is in ClickHouse
-        self._durable: list[Committed] = []  # durable checkpoints not stored yet
+        self._committed: list[Committed] = []  # committed checkpoints not stored yet
         self._stored_at = time.monotonic()
 
     @classmethod
@@ -179,7 +180,7 @@ class RollupPartition:
         # The tail's checkpoints may not have reached ClickHouse before the last owner stopped.
         tail = [changelog.decode_rollup_key(key[len(changelog.ROLLUP_PREFIX) :]) for key in progress.unsunk()]
         owned.writer.resink(
-            [RollupChange.of(key, rollup) for key in tail if (rollup := owned.state.get(key)) is not None]
+            [RollupChange.of(key, rollup) for key in tail if (rollup := owned.state.get(key)) is not None], progress.end
         )
         return owned
 
@@ -212,34 +213,32 @@ class RollupPartition:
         if self.next_offset is not None and (not checkpoint.is_empty() or expired):
             self.writer.submit(Snapshot(self.next_offset, checkpoint, expired))
 
-    def store_durable(self, now: float, force: bool = False) -> None:
-        """Checkpoints committed and in ClickHouse, and the markers committed since the last write, into the store
-        in one batch, every STORE_INTERVAL seconds (a rollup changed by many checkpoints meanwhile is written once).
-        Called by the loop between alert transactions: every marker committed so far is in the batch, so the replay
-        offset (after the last checkpoint's last changelog entry) skips no committed entry: later checkpoints'
-        entries come after it, and alert transactions are either in the batch or not begun."""
-        if self.writer.durable:
-            self._durable += self.writer.durable
-            self.writer.durable = []
-            ends = [c.end_offset for c in self._durable if c.end_offset is not None]
-            self._sunk_before = max(ends, default=self._sunk_before)  # their rollups are all in ClickHouse
-        idle = not (self._durable or self._markers or self.writer.busy or self.writer.unsunk)
+    def store_committed(self, now: float, force: bool = False) -> None:
+        """Committed checkpoints, and the markers committed since the last write, into the store in one batch, every
+        STORE_INTERVAL seconds (a rollup changed by many checkpoints meanwhile is written once). Called by the loop
+        between alert transactions: every marker committed so far is in the batch, so the replay offset (after the
+        last checkpoint's last changelog entry) skips no committed entry: later checkpoints' entries come after it,
+        and alert transactions are either in the batch or not begun."""
+        if self.writer.committed:
+            self._committed += self.writer.committed
+            self.writer.committed = []
+        idle = not (self._committed or self._markers or self.writer.busy or self.writer.unsunk)
         if idle and now - self._stored_at >= REFRESH_INTERVAL:
             force = True  # all committed is stored: the store says it is current, or a restart would think it stale
-        elif not (self._durable or self._markers) or (not force and now - self._stored_at < STORE_INTERVAL):
+        elif not (self._committed or self._markers) or (not force and now - self._stored_at < STORE_INTERVAL):
             return
-        durable, self._durable = self._durable, []
+        committed, self._committed = self._committed, []
         latest: dict[bytes, bytes | None] = dict(changelog.marker_entry(key, m) for key, m in self._markers.items())
-        for committed in durable:
-            latest.update(committed.entries)  # later entries of a key replace earlier ones, as in the changelog
-        replay_from = max((c.end_offset for c in durable if c.end_offset is not None), default=None)
-        self.store.write(latest.items(), replay_from)
+        for checkpoint in committed:
+            latest.update(checkpoint.entries)  # later entries of a key replace earlier ones, as in the changelog
+        replay_from = max((c.end_offset for c in committed if c.end_offset is not None), default=None)
+        self.store.write(latest.items(), replay_from, self.writer.sunk_before)
         self._stored_at = now
         self._markers = {}
         self._leaving.difference_update(key for key, value in latest.items() if value is None)
-        if durable:
-            seen = [c.seen_until for c in durable if c.seen_until is not None]
-            self.state.stored_through(durable[-1].generation, max(seen, default=None))
+        if committed:
+            seen = [c.seen_until for c in committed if c.seen_until is not None]
+            self.state.stored_through(committed[-1].generation, max(seen, default=None))
 
     async def publish_alerts(self) -> None:
         """Alerts go out at once, with the markers that stop a replay from firing them again."""
@@ -280,8 +279,8 @@ class RollupPartition:
         if checkpoint.identities:
             entries += changelog.identities_entries(snapshot.offset, checkpoint.identities)
         entries += ((key, None) for key in snapshot.expired)
-        if self._sunk_before is not None:
-            entries.append(changelog.sunk_entry(self._sunk_before))
+        if self.writer.sunk_before is not None:
+            entries.append(changelog.sunk_entry(self.writer.sunk_before))
 
         async def produce(batches: PartitionBatches) -> None:
             await batches.add_all(topics.rollup_changelog, entries, partition)

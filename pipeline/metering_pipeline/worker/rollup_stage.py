@@ -138,7 +138,7 @@ class RollupStage:
                         self._apply(tp, messages, now, closed_before)
                     await self._publish_all_alerts()
                     for owned in self.owned.values():
-                        owned.store_durable(time.monotonic())
+                        owned.store_committed(time.monotonic())
                     if time.monotonic() - last_checkpoint >= self.settings.flush_interval:
                         for owned in self.owned.values():
                             owned.checkpoint_due = True
@@ -154,7 +154,7 @@ class RollupStage:
                     owned.take_checkpoint()
                 await asyncio.gather(*(owned.writer.settle(SETTLE_ON_STOP) for owned in list(self.owned.values())))
                 for owned in self.owned.values():
-                    owned.store_durable(time.monotonic(), force=True)
+                    owned.store_committed(time.monotonic(), force=True)
         finally:
             for task in self._restores.values():
                 task.cancel()
@@ -291,7 +291,7 @@ class RollupStage:
                     partition=owned.partition,
                     error=str(owned.writer.failure() or "timed out"),
                 )
-            owned.store_durable(time.monotonic(), force=True)
+            owned.store_committed(time.monotonic(), force=True)
         except Exception as error:  # noqa: BLE001 - the next owner replays from the last commit
             log.warning("checkpoint on revoke failed", partition=owned.partition, error=str(error))
 

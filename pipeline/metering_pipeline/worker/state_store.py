@@ -39,6 +39,7 @@ from metering_schemas import PeriodType
 FORMAT = b"1"  # of the keys and values below; a store of another format is rebuilt
 _META = b"m|"
 _FORMAT_KEY, _OWNER_KEY, _REPLAY_KEY, _WRITTEN_KEY = b"m|format", b"m|owner", b"m|replay_from", b"m|written_at"
+_SUNK_KEY = b"m|sunk_before"
 IDENTITY_PREFIX = b"i|"  # one key per remembered record identity
 EXPIRY_PREFIX = b"t|"  # identity entries by their newest time (8 bytes, big-endian seconds): oldest first
 ROLLUP_PREFIX = b"R|"  # + the end of the rollup's period (8 bytes, big-endian seconds) + its changelog key's body
@@ -182,12 +183,22 @@ class PartitionStore:
         return None if value is None else int(value)
 
     @property
+    def sunk_before(self) -> int | None:
+        """The changelog offset before which every rollup entry was in ClickHouse when the store was last written
+        (None: not known)."""
+        value = self.db.get(_SUNK_KEY)
+        return None if value is None else int(value)
+
+    @property
     def written_at(self) -> float | None:
         value = self.db.get(_WRITTEN_KEY)
         return None if value is None else float(value)
 
-    def write(self, entries: Iterable[tuple[bytes, bytes | None]], replay_from: int | None) -> None:
-        """Apply changelog entries, in log order, in one atomic batch with the offset to replay from next time."""
+    def write(
+        self, entries: Iterable[tuple[bytes, bytes | None]], replay_from: int | None, sunk_before: int | None = None
+    ) -> None:
+        """Apply changelog entries, in log order, in one atomic batch with the offset to replay from next time (and
+        the one before which ClickHouse has every rollup)."""
         batch = WriteBatch(raw_mode=True)
         identities: dict[bytes, bytes] = {}  # identity entries written in this batch (a tombstone may follow)
         put, rollup, body, loads, head = batch.put, changelog.ROLLUP_PREFIX, _BODY, orjson.loads, _head_at
@@ -199,6 +210,8 @@ class PartitionStore:
                 _materialize(self.db, batch, identities, key, value)
         if replay_from is not None:
             batch.put(_REPLAY_KEY, str(replay_from).encode())
+        if sunk_before is not None:
+            batch.put(_SUNK_KEY, str(sunk_before).encode())
         batch.put(_WRITTEN_KEY, repr(time.time()).encode())
         try:
             self.db.write(batch)

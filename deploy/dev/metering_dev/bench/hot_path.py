@@ -137,7 +137,7 @@ def _store(
     unstored: list[tuple[Checkpoint, list[tuple[bytes, bytes | None]]]],
     offset: int,
 ) -> None:
-    """What the partition does every STORE_INTERVAL: one write of the checkpoints made meanwhile, each key once."""
+    """What the partition does every STORE_INTERVAL: one write of the checkpoints committed meanwhile, each key once."""
     latest: dict[bytes, bytes | None] = {}
     for _, entries in unstored:
         latest.update(entries)
@@ -148,8 +148,8 @@ def _store(
 
 
 POLL_RECORDS = 2_000  # records per simulated poll
-# Checkpoints per state store write: STORE_INTERVAL (5 s) of checkpoints of 20,000 records at about 20,000 records/s.
-STORE_EVERY = 5
+# Checkpoints per state store write: STORE_INTERVAL (1 s) of checkpoints of 20,000 records at about 20,000 records/s.
+STORE_EVERY = 1
 READ, ROUTE, DECODE, ROLL_UP, CHECKPOINT = (
     "read: decode, validate, resolve the metric",
     "route: encode routed batches",

@@ -678,3 +678,27 @@ def test_a_cached_rollup_takes_at_most_cached_rollup_bytes_of_ram(store, capsys)
     with capsys.disabled():
         print("\nRAM per cached rollup: " + ", ".join(f"{bytes_:.0f} B {how}" for how, bytes_ in measured.items()))
     assert max(measured.values()) <= CACHED_ROLLUP_BYTES, measured
+
+
+def test_a_35_day_dedup_window_refuses_ids_seen_within_it_from_the_store_and_forgets_the_older_ones(store):
+    """METERING_DEDUP_WINDOW of 35 days (issue 25, target 5): ids seen across 40 days, a checkpoint a day stored as the
+    worker stores it. RAM holds none of them once stored; the store refuses the ids of the last 35 days, and expiry
+    (identity entries older than the window, tombstoned) forgets the rest, which count again."""
+    window = timedelta(days=35)
+    start = datetime(2026, 10, 1, tzinfo=UTC)
+    state = PartitionRollups(window, stored=store, capacity=100)
+    state.warm([])
+    for day in range(40):
+        seen = start + timedelta(days=day)
+        state.apply([record(f"r{day}", seen)], day, seen)
+        checkpoint = state.checkpoint()
+        store.write(checkpoint_entries(checkpoint, day), day + 1)
+        state.stored_through(checkpoint.generation, seen + timedelta(seconds=1))
+    assert len(state.dedup) == 0  # every id is in the store only
+
+    now = start + timedelta(days=39, hours=1)
+    expired = list(store.identity_entries_before(now - window))  # seen before day 4, 01:00: days 0 to 4
+    store.write([(entry, None) for entry in expired], 41)
+
+    counted, duplicates = state.apply([record(f"r{day}", now) for day in range(40)], 41, now)
+    assert (counted, duplicates) == (5, 35)

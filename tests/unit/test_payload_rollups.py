@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from counted_records import counted, ms, view
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from metering_pipeline.usage.meter import Dimensions
@@ -44,38 +45,6 @@ NOW = datetime(2026, 11, 24, 12, 30, tzinfo=UTC)
 WINDOW = timedelta(days=2)  # dedup window
 DAY = datetime(2026, 11, 24, tzinfo=UTC)
 NOVEMBER = datetime(2026, 11, 1, tzinfo=UTC)
-
-
-def ms(at: datetime) -> int:
-    return (at - EPOCH) // timedelta(milliseconds=1)
-
-
-def counted(
-    record_id: str,
-    at: datetime,
-    quantity: str = "1",
-    *,
-    aggregation: AggregationType = SUM,
-    dimensions: Dimensions = (),
-    distinct: str | None = None,
-    subject: str = "o",
-    metric: str = "m",
-    all_time: bool = True,
-) -> CountedRecord:
-    return CountedRecord(
-        "org",
-        subject,
-        record_id,
-        metric,
-        metric,
-        aggregation,
-        Decimal(quantity),
-        ms(at),
-        "{}",
-        all_time,
-        dimensions,
-        distinct,
-    )
 
 
 def user(record_id: str, at: datetime, who: str, dimensions: Dimensions = (), **fields: Any) -> CountedRecord:
@@ -114,24 +83,6 @@ def rollups_of(state: PartitionRollups) -> dict[RollupKey, Rollup]:
 
 def totals(state: PartitionRollups) -> dict[RollupKey, Decimal]:
     return {k: rollup.total() for k, rollup in rollups_of(state).items()}
-
-
-def view(rollup: Rollup) -> tuple:
-    """Everything a rollup holds, for comparing states."""
-    base = (
-        type(rollup).__name__,
-        rollup.aggregation,
-        rollup.count,
-        rollup.sum,
-        rollup.min,
-        rollup.max,
-        rollup.version,
-        rollup.metric_id,
-        rollup.total(),
-    )
-    if isinstance(rollup, ValuesRollup):
-        return (*base, frozenset(rollup.values), rollup.latest, rollup.latest_ms, rollup.latest_id)
-    return base
 
 
 def state_view(state: PartitionRollups) -> dict[RollupKey, tuple]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from counted_records import counted as record, view
 
 from metering_pipeline.usage.meter import Dimensions
 from metering_pipeline.usage.periods import EPOCH, period_end, starts_of_hour
@@ -70,38 +71,6 @@ def store(tmp_path: Path) -> Iterator[PartitionStore]:
     opened.close()
 
 
-def ms(at: datetime) -> int:
-    return (at - EPOCH) // timedelta(milliseconds=1)
-
-
-def record(
-    record_id: str,
-    at: datetime,
-    quantity: str = "1",
-    *,
-    metric: str = "m",
-    subject: str = "o",
-    aggregation: AggregationType = SUM,
-    dimensions: Dimensions = (),
-    distinct: str | None = None,
-    all_time: bool = True,
-) -> CountedRecord:
-    return CountedRecord(
-        "org",
-        subject,
-        record_id,
-        metric,
-        metric,
-        aggregation,
-        Decimal(quantity),
-        ms(at),
-        "{}",
-        all_time,
-        dimensions,
-        distinct,
-    )
-
-
 def key(
     period: PeriodType, start: datetime, dimensions: Dimensions = (), metric: str = "m", subject: str = "o"
 ) -> RollupKey:
@@ -115,26 +84,6 @@ def checkpoint_entries(checkpoint: Checkpoint, offset: int) -> Entries:
         *changelog.distinct_entries(checkpoint.distinct),
         *changelog.identities_entries(offset, checkpoint.identities),
     ]
-
-
-def view(rollup: Rollup | None) -> tuple[Any, ...] | None:
-    """Everything a rollup holds, for comparing."""
-    if rollup is None:
-        return None
-    base = (
-        type(rollup).__name__,
-        rollup.aggregation,
-        rollup.count,
-        rollup.sum,
-        rollup.min,
-        rollup.max,
-        rollup.version,
-        rollup.metric_id,
-        rollup.total(),
-    )
-    if isinstance(rollup, ValuesRollup):
-        return (*base, frozenset(rollup.values), rollup.latest, rollup.latest_ms, rollup.latest_id)
-    return base
 
 
 def contents(store: PartitionStore) -> dict[bytes, bytes]:

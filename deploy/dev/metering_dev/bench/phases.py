@@ -239,24 +239,6 @@ async def alert_latency(settings: Settings, rate: float, seconds: float, subject
     sent_at: list[tuple[float, int]] = []
     visible_at: list[tuple[float, int]] = []
 
-    async def read_alerts(stop: asyncio.Event) -> None:
-        consumer = AIOKafkaConsumer(
-            topics.alerts,
-            **settings.kafka_client_options(),
-            auto_offset_reset="earliest",
-            isolation_level="read_committed",
-        )
-        await consumer.start()
-        try:
-            while not stop.is_set():
-                for messages in (await consumer.getmany(timeout_ms=50)).values():
-                    now = time.perf_counter()
-                    for message in messages:
-                        alert = orjson.loads(message.value)
-                        received.setdefault((alert["subjectId"], alert["type"]), now)
-        finally:
-            await consumer.stop()
-
     async def watch_freshness(stop: asyncio.Event) -> None:
         while not stop.is_set():
             count = await asyncio.to_thread(summarised_records, settings)
@@ -264,7 +246,10 @@ async def alert_latency(settings: Settings, rate: float, seconds: float, subject
             await asyncio.sleep(0.2)
 
     stop = asyncio.Event()
-    readers = [asyncio.create_task(read_alerts(stop)), asyncio.create_task(watch_freshness(stop))]
+    readers = [
+        asyncio.create_task(read_alerts(settings, received, stop)),
+        asyncio.create_task(watch_freshness(stop)),
+    ]
     producer = AIOKafkaProducer(**settings.kafka_client_options(), acks="all", linger_ms=1, max_batch_size=1 << 20)
     await producer.start()
     # The load comes in record batches built here (one send per partition per tick): `send()` per record costs the
@@ -349,3 +334,23 @@ def _freshness(sent_at: list[tuple[float, int]], visible_at: list[tuple[float, i
         if count and cursor < len(sent_at):
             lags.append(max(0.0, seen_time - sent_at[cursor][0]))
     return lags
+
+
+async def read_alerts(settings: Settings, received: dict[tuple[str, str], float], stop: asyncio.Event) -> None:
+    """When each (subject, alert type) first reached metering.alerts (perf_counter), until `stop`."""
+    consumer = AIOKafkaConsumer(
+        Topics.of(settings).alerts,
+        **settings.kafka_client_options(),
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+    )
+    await consumer.start()
+    try:
+        while not stop.is_set():
+            for messages in (await consumer.getmany(timeout_ms=50)).values():
+                now = time.perf_counter()
+                for message in messages:
+                    alert = orjson.loads(message.value)
+                    received.setdefault((alert["subjectId"], alert["type"]), now)
+    finally:
+        await consumer.stop()

@@ -588,25 +588,6 @@ async def _publish_crossings(settings: Settings, rate: float, avoid: int, alerts
         await producer.stop()
 
 
-async def _read_alerts(settings: Settings, alerts: _Alerts, stop: asyncio.Event) -> None:
-    consumer = AIOKafkaConsumer(
-        Topics.of(settings).alerts,
-        **settings.kafka_client_options(),
-        auto_offset_reset="earliest",
-        isolation_level="read_committed",
-    )
-    await consumer.start()
-    try:
-        while not stop.is_set():
-            for messages in (await consumer.getmany(timeout_ms=50)).values():
-                now = time.perf_counter()
-                for message in messages:
-                    alert = orjson.loads(message.value)
-                    alerts.received.setdefault((alert["subjectId"], alert["type"]), now)
-    finally:
-        await consumer.stop()
-
-
 @dataclass
 class GroupWatch:
     """What repeated DescribeGroups calls saw of each group: its member ids, and how often it left Stable (a
@@ -810,7 +791,7 @@ async def _rebalance(
             f"records/s, then a second worker joins ..."
         )
         tasks = [
-            asyncio.create_task(_read_alerts(settings, alerts, stop_watching)),
+            asyncio.create_task(phases.read_alerts(settings, alerts.received, stop_watching)),
             asyncio.create_task(_watch_groups(settings, list(groups.values()), watch, stop_watching)),
         ]
         await asyncio.sleep(1)  # the alert reader has started

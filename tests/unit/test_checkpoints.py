@@ -6,26 +6,19 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-from metering_pipeline.usage.rollups import CountedRecord, PartitionRollups
+from counted_records import counted as counted_record
+
+from metering_pipeline.usage.rollups import PartitionRollups
+from metering_pipeline.usage.routed_record import CountedRecord
 from metering_pipeline.worker.checkpoints import Committed, PartitionWriter, Snapshot, merged
 from metering_pipeline.worker.stats import WorkerStats
-from metering_schemas import AggregationType, PeriodType
+from metering_schemas import PeriodType
 
 AT = datetime(2026, 11, 24, 10, 15, tzinfo=UTC)
 
 
 def counted(record_id: str, quantity: str) -> CountedRecord:
-    return CountedRecord(
-        "org",
-        "o",
-        record_id,
-        "tokens",
-        "tokens",
-        AggregationType.SUM,
-        Decimal(quantity),
-        int(AT.timestamp() * 1000),
-        "{}",
-    )
+    return counted_record(record_id, AT, quantity, metric="tokens")
 
 
 def _hourly(snapshot: Snapshot) -> Decimal:

@@ -12,6 +12,7 @@ from pathlib import Path
 import jiter
 import orjson
 import pytest
+from counted_records import counted as counted_record
 from hypothesis import given, settings, strategies as st
 
 from metering_pipeline.usage.aggregation import MERGEABLE, Aggregate
@@ -300,17 +301,7 @@ def test_a_duplicate_is_dropped_within_the_window_and_counted_after_it():
 
 
 def counted(record_id: str, quantity: str, at: datetime) -> CountedRecord:
-    return CountedRecord(
-        "org",
-        "o",
-        record_id,
-        "tokens",
-        "tokens",
-        AggregationType.SUM,
-        Decimal(quantity),
-        int(at.timestamp() * 1000),
-        "{}",
-    )
+    return counted_record(record_id, at, quantity, metric="tokens")
 
 
 def test_rollups_count_each_record_once_in_hour_day_month_and_all_time_and_restore_exactly(tmp_path: Path):

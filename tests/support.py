@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -370,3 +371,10 @@ def summary_rows(settings, metric_keys: Sequence[str]) -> dict[tuple, tuple[Deci
     return {
         (m, s, p, start, tuple(sorted(d.items()))): (Decimal(total), count) for m, s, p, start, d, total, count in rows
     }
+
+
+def worker_metric(worker, name: str) -> float:
+    """A counter or gauge of the worker's /metrics (a counter by its name without `_total`)."""
+    found = re.search(rf"^{name}(?:_total)? ([0-9.e+]+)$", worker.metrics(), re.MULTILINE)
+    assert found, f"{name} not in /metrics"
+    return float(found.group(1))

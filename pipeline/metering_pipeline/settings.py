@@ -99,8 +99,10 @@ class Settings(BaseSettings):
     max_buffered_records: int = Field(
         default=100_000,
         ge=1,
-        description="Counted records a worker holds while ClickHouse is slow or down; "
-        "beyond this it pauses consumption (backpressure) until writes catch up",
+        description="Counted records a worker holds in flight (not yet committed with their rollups in ClickHouse), "
+        "most while ClickHouse is slow or down; beyond this it pauses consumption (backpressure) until writes catch "
+        "up. Also what bounds the worker's RAM beyond METERING_STATE_CACHE_MB: lower it to trade catch-up speed for "
+        "memory",
     )
     writer_unhealthy_after: float = Field(
         default=60.0,

@@ -28,7 +28,7 @@ from metering_dev.bench.measure import rss_bytes
 from metering_pipeline.invoicing.settlement import processed_through
 from metering_pipeline.topics import Topics
 from metering_pipeline.warehouse.client import connect
-from metering_pipeline.worker.routing import subject_partition
+from metering_pipeline.worker.routing import ROUTED_BATCH, subject_partition
 from support import (
     PARTITIONS,
     define,
@@ -42,6 +42,7 @@ from support import (
     threshold,
     usage,
     while_running,
+    worker_metric,
 )
 
 pytestmark = pytest.mark.integration
@@ -73,6 +74,26 @@ def _batch(start: int, count: int) -> list:
     return [usage(f"r{n}", "tokens", f"org:o{n % 50}", "0.1") for n in range(start, start + count)]
 
 
+@contextmanager
+def _sampled(read: Callable[[], float], every: float = 0.05) -> Iterator[list[float]]:
+    """Values of `read` every `every` seconds while the block runs (a gauge's peak between scrapes)."""
+    values: list[float] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            values.append(read())
+            done.wait(every)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield values
+    finally:
+        done.set()
+        sampler.join()
+
+
 def _wait_for_records(settings, worker, at_least: int, timeout: float) -> None:
     eventually(
         while_running(worker, lambda: _totals(settings)[0] >= at_least), timeout, interval=0.5, message=worker.log_tail
@@ -102,7 +123,9 @@ def test_a_clickhouse_outage_mid_stream_loses_and_doubles_nothing_and_alerts_kee
     alerts = asyncio.run(read_json(settings.kafka_bootstrap, Topics.of(settings).alerts, 2, timeout=15))
     assert {a["type"] for a in alerts} == {"threshold.approaching", "threshold.exceeded"}
     assert time.monotonic() - started < OUTAGE_SECONDS  # they came while ClickHouse was still down
-    sent = 2000
+    # A backlog: routed while the rollup stage is paused, read at once when it resumes.
+    asyncio.run(publish(settings, _batch(2000, 5 * BUFFERED_RECORDS)))
+    sent = 2000 + 5 * BUFFERED_RECORDS
     while time.monotonic() - started < OUTAGE_SECONDS:  # usage keeps arriving while ClickHouse is down
         asyncio.run(publish(settings, _batch(sent, 500)))
         sent += 500
@@ -113,7 +136,11 @@ def test_a_clickhouse_outage_mid_stream_loses_and_doubles_nothing_and_alerts_kee
     assert "pausing consumption" in worker.log_path.read_text()  # backpressure, not an unbounded buffer
 
     endpoint.start()
-    _wait_for_records(settings, worker, sent + 1, 180)
+    with _sampled(lambda: worker_metric(worker, "metering_buffered_records")) as buffered:
+        _wait_for_records(settings, worker, sent + 1, 180)
+    # The first poll after the pause brings the whole backlog (up to a fetch per partition): the worker holds the
+    # bound and at most one routed message (ROUTED_BATCH records) more, never the whole poll.
+    assert max(buffered) <= BUFFERED_RECORDS + ROUTED_BATCH, max(buffered)
     time.sleep(2)  # a late duplicate would show up now
     assert _totals(settings) == (sent + 1, Decimal("0.1") * sent + 10, sent + 1)
     assert "retrying" in worker.log_path.read_text()  # the sink did fail and retry, the outage was real

@@ -7,7 +7,6 @@ what was published, and that duplicates of records counted before the fault are 
 from __future__ import annotations
 
 import asyncio
-import re
 import shutil
 import subprocess
 from decimal import Decimal
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from support import define, eventually, metric, publish, summary_rows, usage, while_running
+from support import define, eventually, metric, publish, summary_rows, usage, while_running, worker_metric
 
 pytestmark = pytest.mark.integration
 
@@ -40,12 +39,6 @@ def _counted(worker, settings, records: int) -> None:
         return True
 
     eventually(while_running(worker, exact), 90, interval=0.5, message=worker.log_tail)
-
-
-def _metric(worker, name: str) -> float:
-    found = re.search(rf"^{name}(?:_total)? ([0-9.e+]+)$", worker.metrics(), re.MULTILINE)
-    assert found, f"{name} not in /metrics"
-    return float(found.group(1))
 
 
 def _ready(worker) -> bool:
@@ -73,11 +66,11 @@ def test_a_worker_restarted_on_its_state_dir_replays_only_the_changelog_tail_and
         asyncio.run(publish(settings, _batch(published, 2_000)))
         published += 2_000
         if round_ < 2:
-            eventually(while_running(worker, lambda w=worker: _metric(w, "metering_records_counted") > 500), 60)
+            eventually(while_running(worker, lambda w=worker: worker_metric(w, "metering_records_counted") > 500), 60)
             worker.kill()
     _counted(worker, settings, published)
     eventually(lambda: _ready(worker), 30)
-    replayed = _metric(worker, "metering_state_restored_entries")
+    replayed = worker_metric(worker, "metering_state_restored_entries")
     worker.stop()
 
     # A last restart with nothing new replays only the tail since the last stored checkpoint, not the whole
@@ -85,12 +78,12 @@ def test_a_worker_restarted_on_its_state_dir_replays_only_the_changelog_tail_and
     worker = new_worker(METERING_STATE_DIR=str(state)).start()
     worker.wait_healthy()
     eventually(lambda: _ready(worker), 30)
-    tail = _metric(worker, "metering_state_restored_entries")
+    tail = worker_metric(worker, "metering_state_restored_entries")
     assert tail < 20, f"replayed {tail} changelog entries after a clean stop (the previous start replayed {replayed})"
     asyncio.run(publish(settings, _batch(0, 500) + _batch(published, 10)))  # 500 duplicates, 10 new
     published += 10
     _counted(worker, settings, published)
-    assert _metric(worker, "metering_records_duplicate") == 500
+    assert worker_metric(worker, "metering_records_duplicate") == 500
 
 
 def test_a_deleted_or_corrupted_store_is_rebuilt_from_the_changelog_and_says_why(pipeline, tmp_path):
@@ -116,7 +109,7 @@ def test_a_deleted_or_corrupted_store_is_rebuilt_from_the_changelog_and_says_why
     assert "state store rebuilt from the changelog" in worker.log_tail(20_000), worker.log_tail()
     asyncio.run(publish(settings, _batch(0, 1_000) + _batch(1_000, 100)))  # every old id again: all duplicates
     _counted(worker, settings, 1_100)
-    assert _metric(worker, "metering_records_duplicate") == 1_000
+    assert worker_metric(worker, "metering_records_duplicate") == 1_000
 
 
 def test_a_state_dir_left_by_another_assignment_catches_up_from_the_changelog(pipeline, tmp_path):
@@ -141,7 +134,7 @@ def test_a_state_dir_left_by_another_assignment_catches_up_from_the_changelog(pi
     first.wait_healthy()
     asyncio.run(publish(settings, _batch(0, 2_000) + _batch(2_000, 100)))
     _counted(first, settings, 2_100)
-    assert _metric(first, "metering_records_duplicate") == 2_000
+    assert worker_metric(first, "metering_records_duplicate") == 2_000
 
 
 @pytest.fixture
@@ -181,5 +174,5 @@ def test_a_full_state_disk_stops_the_worker_with_a_clear_error_and_a_restart_wit
     worker.wait_healthy()
     _counted(worker, settings, records)
     asyncio.run(publish(settings, _batch(0, 100)))  # duplicates
-    eventually(while_running(worker, lambda: _metric(worker, "metering_records_duplicate") >= 100), 60)
+    eventually(while_running(worker, lambda: worker_metric(worker, "metering_records_duplicate") >= 100), 60)
     _counted(worker, settings, records)

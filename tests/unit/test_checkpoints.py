@@ -83,7 +83,7 @@ class _Committer:
         if self.fenced:
             raise RuntimeError("fenced")
         self.log.append(("commit", snapshot.offset))
-        return Committed([], snapshot.offset, snapshot.changes.generation, None)
+        return Committed([], snapshot.offset, snapshot.changes.generation)
 
 
 def test_the_writer_commits_after_the_records_merges_what_queued_up_meanwhile_and_keeps_a_failure_visible():

@@ -51,11 +51,12 @@ def worker(
     from faust.worker import Worker
 
     from metering_pipeline import logs
-    from metering_pipeline.worker import garbage
+    from metering_pipeline.worker import allocator, garbage
     from metering_pipeline.worker.app import PipelineService, create_app, prepare
 
     logs.configure({"crit": "CRITICAL", "warn": "WARNING"}.get(loglevel, loglevel.upper()))
     garbage.tune()
+    allocator.tune()
 
     overrides: dict[str, Any] = {
         "flush_interval": flush_interval,

@@ -4,7 +4,8 @@ A record's identity is its subject plus its id: a retried record always names th
 subject, so routing by subject keeps every copy of a record on one partition, and the
 window can be kept per partition. Identities are kept in buckets of their time so expiry
 drops whole buckets instead of scanning every identity. With a state store, RAM keeps only
-the identities not stored yet (in one-second buckets) and asks the store about the rest.
+the identities not stored yet, in buckets of the checkpoint that carries them (dropped once
+that checkpoint is stored), and asks the store about the rest, which expires them itself.
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ class DedupWindow:
     def __init__(self, window: timedelta, recall: Callable[[RecordIdentity], bool] | None = None) -> None:
         self.window = window
         self._recall = recall  # whether the store remembers an identity RAM does not hold
-        self._bucket_seconds = _BUCKET_SECONDS if recall is None else 1
         self._seen: dict[RecordIdentity, int] = {}
         self._buckets: dict[int, list[RecordIdentity]] = {}
+        # With a store: the checkpoint that will carry the identities admitted now (their bucket). A bucket of time
+        # would keep a partition's last second of identities in RAM until its next records came, however long.
+        self.checkpoint = 1
 
     def _bucket(self, at: datetime) -> int:
-        return int(at.timestamp()) // self._bucket_seconds
+        return int(at.timestamp()) // _BUCKET_SECONDS if self._recall is None else self.checkpoint
 
     def first_sighting(self, identity: RecordIdentity, at: datetime) -> bool:
         """True (and remembered) the first time `identity` is offered within the window."""
@@ -48,12 +51,16 @@ class DedupWindow:
         return admit
 
     def expire(self, now: datetime) -> int:
-        """Forget identities seen more than `window` before `now`; returns how many."""
-        return self.forget_before(now - self.window)
+        """Forget identities seen more than `window` before `now`; returns how many. With a store, RAM holds only
+        identities not stored yet (seconds old): the store's expire."""
+        return 0 if self._recall is not None else self._forget(self._bucket(now - self.window))
 
-    def forget_before(self, horizon_time: datetime) -> int:
-        """Forget identities of buckets that ended before `horizon_time` (expired, or in the store now)."""
-        horizon = self._bucket(horizon_time)
+    def stored_through(self, checkpoint: int) -> int:
+        """With a store: the identities of checkpoints up to `checkpoint` are in it now, and leave RAM."""
+        return self._forget(checkpoint + 1)
+
+    def _forget(self, horizon: int) -> int:
+        """Forget identities of buckets before `horizon`."""
         expired = 0
         for bucket in [b for b in self._buckets if b < horizon]:
             for identity in self._buckets.pop(bucket):

@@ -459,6 +459,7 @@ class PartitionRollups:
     def checkpoint(self) -> Checkpoint:
         """Hand over everything changed since the last checkpoint (as of now) and start a new one."""
         self.generation += 1
+        self.dedup.checkpoint = self.generation + 1  # identities admitted from now on go out with the next one
         changes = [_freeze(key, rollup) for key, rollup in self._changed.items()]
         if self.stored is not None:
             self._unstored.update(dict.fromkeys(self._changed, self.generation))
@@ -473,12 +474,11 @@ class PartitionRollups:
         self._limited = []
         return checkpoint
 
-    def stored_through(self, generation: int, seen_until: datetime | None) -> None:
-        """Checkpoints up to `generation` are in the store, with identities seen until `seen_until`: RAM keeps them
-        only as a cache now, within its capacity."""
+    def stored_through(self, generation: int) -> None:
+        """Checkpoints up to `generation` are in the store: RAM keeps their rollups only as a cache now, within its
+        capacity, and forgets their identities."""
         self._unstored = {key: taken for key, taken in self._unstored.items() if taken > generation}
-        if seen_until is not None:
-            self.dedup.forget_before(seen_until)
+        self.dedup.stored_through(generation)
         excess = len(self.rollups) - self.capacity
         if excess > 0:
             pinned, changed = self._unstored, self._changed

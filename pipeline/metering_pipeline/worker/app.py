@@ -182,6 +182,8 @@ class PipelineService(Service):
 
 def create_app(settings: Settings, web_port: int) -> tuple[faust.App, Pipeline]:
     """The Faust app, and the pipeline it runs (whose `failure` decides the exit status)."""
+    # A fresh volume or path: Faust makes only the last directory of its datadir, the stores theirs.
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         f"{settings.topic_prefix}{settings.consumer_group_prefix}-worker",
         broker=f"kafka://{settings.kafka_bootstrap}",

@@ -79,7 +79,7 @@ class KeyPartitions:
     """The default partitioner's choice, remembered per key: its murmur2 runs in Python (microseconds per key) and a
     checkpoint sends one event per changed rollup, for the same subjects again and again."""
 
-    LIMIT = 200_000  # keys remembered; then it starts over
+    LIMIT = 65_536  # keys remembered (~150 B each); then it starts over
 
     def __init__(self) -> None:
         self._partitioner = DefaultPartitioner()

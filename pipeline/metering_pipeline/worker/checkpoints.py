@@ -21,7 +21,6 @@ import contextlib
 import time
 from collections import deque
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Protocol
 
 from metering_pipeline.retry import FailingStreak, until_success
@@ -51,7 +50,6 @@ class Committed:
     entries: list[tuple[bytes, bytes | None]]  # in log order
     end_offset: int | None  # the changelog offset after its last entry (None: it wrote none)
     generation: int  # of the state's checkpoints
-    seen_until: datetime | None  # the newest time among its identities
 
 
 class Committer(Protocol):

@@ -186,22 +186,34 @@ class RollupPartition:
 
     # The loop's side
 
-    def apply(self, messages: Iterable[ConsumerRecord], now: datetime, closed_before: datetime) -> None:
+    def apply(
+        self, messages: Iterable[ConsumerRecord], now: datetime, closed_before: datetime, room: int
+    ) -> tuple[int, int | None]:
+        """Counts messages until `room` records have been; returns the room left and the offset of the first message
+        not read (None: all were)."""
         stats = self.ctx.stats
         touched: set[RollupKey] = set()
         oldest = now.timestamp()  # publish time of the batch's oldest usage (a clock ahead of this one counts as now)
+        unread = read = None
         for message in messages:
+            if room <= 0:
+                unread = message.offset
+                break
+            read = message.offset
             counted, duplicates = self.state.apply(
                 routing.decode(message.value), message.offset, now, touched, closed_before
             )
+            room -= counted
             stats.counted += counted
             stats.duplicates += duplicates
             self.next_offset = message.offset + 1
             oldest = min(oldest, routing.published_at(message))
-        stats.record_age_seconds.observe(now.timestamp() - oldest)
+        if read is not None:
+            stats.record_age_seconds.observe(now.timestamp() - oldest)
         self.alerts += [
             replace(alert, usage_published_at=oldest) for alert in self.thresholds.after_records(touched, now)
         ]
+        return room, unread
 
     def take_checkpoint(self) -> None:
         """Due checkpoints wait for the writer to finish the last one, growing meanwhile instead of queueing: under
@@ -237,8 +249,7 @@ class RollupPartition:
         self._markers = {}
         self._leaving.difference_update(key for key, value in latest.items() if value is None)
         if committed:
-            seen = [c.seen_until for c in committed if c.seen_until is not None]
-            self.state.stored_through(committed[-1].generation, max(seen, default=None))
+            self.state.stored_through(committed[-1].generation)
 
     async def publish_alerts(self) -> None:
         """Alerts go out at once, with the markers that stop a replay from firing them again."""
@@ -275,7 +286,6 @@ class RollupPartition:
         entries: list[tuple[bytes, bytes | None]] = [changelog.rollup_entry(change) for change in checkpoint.rollups]
         if checkpoint.distinct:
             entries += changelog.distinct_entries(checkpoint.distinct)
-        seen_until = max((at for _, at in checkpoint.identities), default=None)
         if checkpoint.identities:
             entries += changelog.identities_entries(snapshot.offset, checkpoint.identities)
         entries += ((key, None) for key in snapshot.expired)
@@ -309,7 +319,7 @@ class RollupPartition:
         stats.dead_letters[RejectReason.TOO_LATE.value] += len(checkpoint.closed)
         stats.dead_letters[RejectReason.CARDINALITY_LIMIT.value] += len(checkpoint.limited)
         end = await batches.end_offset(topics.rollup_changelog, partition)
-        return Committed(entries, end, checkpoint.generation, seen_until)
+        return Committed(entries, end, checkpoint.generation)
 
     async def _in_transaction(
         self, producer: AIOKafkaProducer, produce: Produce, offset: int | None = None

@@ -134,8 +134,9 @@ class RollupStage:
                     await self._adopt_restored()
                     now = datetime.now(UTC)
                     closed_before = eviction_horizon(self.settings, now)
+                    room = self.settings.max_buffered_records - self._buffered_records()
                     for tp, messages in batches.items():
-                        self._apply(tp, messages, now, closed_before)
+                        room = self._apply(tp, messages, now, closed_before, room)
                     await self._publish_all_alerts()
                     for owned in self.owned.values():
                         owned.store_committed(time.monotonic())
@@ -164,17 +165,23 @@ class RollupStage:
             await self.consumer.stop()
 
     def _apply(
-        self, tp: TopicPartition, messages: list[ConsumerRecord], now: datetime, closed_before: datetime
-    ) -> None:
+        self, tp: TopicPartition, messages: list[ConsumerRecord], now: datetime, closed_before: datetime, room: int
+    ) -> int:
+        """Counts the messages while `room` (records under METERING_MAX_BUFFERED_RECORDS) lasts; returns what is left.
+        One poll brings up to a fetch of every partition, hundreds of thousands of records when messages carry many:
+        the messages past the bound are read again after the pause, so RAM holds the bound and one message more."""
         owned = self.owned.get(tp.partition)
         if owned is None:
             if tp.partition in self.restoring and messages:  # fetched before the pause: read again once restored
                 self.consumer.seek(tp, messages[0].offset)
-            return  # or revoked while the batch was in flight
-        owned.apply(messages, now, closed_before)
+            return room  # or revoked while the batch was in flight
+        room, unread = owned.apply(messages, now, closed_before, room)
+        if unread is not None:
+            self.consumer.seek(tp, unread)
         highwater = self.consumer.highwater(tp)
         if highwater is not None and owned.next_offset is not None:
             self.stats.lag[f"rollups/{tp.partition}"] = highwater - owned.next_offset
+        return room
 
     async def _adopt_restored(self) -> None:
         """Partitions whose restore finished start consuming; a restore that failed stops the stage."""

@@ -25,6 +25,7 @@ from metering_pipeline.worker import routing
 from metering_pipeline.worker.stats import WorkerStats
 
 log = get_logger(__name__)
+ROUTER_FETCH_BYTES = 4 << 20
 
 
 # Records per routed message: large enough to amortise Kafka's per-message cost, small
@@ -43,6 +44,9 @@ class RouterStage:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=settings.max_poll_records,
+            # A poll is decoded and routed whole: bytes, not messages, bound it (one message may carry thousands of
+            # records). 4 MiB is ~25k records, plenty per poll; Kafka's 50 MiB would be ~300k records in RAM at once.
+            fetch_max_bytes=ROUTER_FETCH_BYTES,
             **settings.kafka_group_options(),
         )
         self.producer = AIOKafkaProducer(

@@ -24,7 +24,8 @@ def subject_partition(subject_type: str, subject_id: str, partitions: int) -> in
 class SubjectPartitions:
     """`subject_partition` remembered per subject for one partition count: the router asks once per record."""
 
-    LIMIT = 500_000  # subjects remembered; then it starts over
+    # Subjects remembered; then it starts over. ~150 B each: more would pay only where it thrashes anyway.
+    LIMIT = 65_536
 
     def __init__(self, partitions: int) -> None:
         self.partitions = partitions

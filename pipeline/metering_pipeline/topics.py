@@ -42,6 +42,10 @@ SUBSCRIPTIONS = "metering.subscriptions"
 
 _COMPACTED = {"cleanup.policy": "compact"}
 _WEEK_MS = str(7 * 24 * 3600 * 1000)
+# How long compaction keeps a changelog tombstone: a worker's state store not written for less than this cannot have
+# missed one (state_store.STALE_AFTER is shorter). Kafka's default, set on the topic so that a broker whose default
+# is lower does not silently break that rule.
+CHANGELOG_TOMBSTONES_MS = 24 * 3600 * 1000
 _LATEST = -1  # ListOffsets' timestamp for "the end offset"
 
 
@@ -106,7 +110,11 @@ def internal_topics(settings: Settings) -> list[TopicSpec]:
     topics = Topics.of(settings)
     return [
         TopicSpec(topics.routed, settings.usage_partitions, {"retention.ms": _WEEK_MS}),
-        TopicSpec(topics.rollup_changelog, settings.usage_partitions, _COMPACTED),
+        TopicSpec(
+            topics.rollup_changelog,
+            settings.usage_partitions,
+            {**_COMPACTED, "delete.retention.ms": str(CHANGELOG_TOMBSTONES_MS)},
+        ),
     ]
 
 

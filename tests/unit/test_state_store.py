@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 from counted_records import counted as record, view
 
+from metering_pipeline.settings import Settings
+from metering_pipeline.topics import Topics, internal_topics
 from metering_pipeline.usage.meter import Dimensions
 from metering_pipeline.usage.periods import EPOCH, period_end, starts_of_hour
 from metering_pipeline.usage.rollups import (
@@ -672,3 +674,11 @@ def test_identities_leave_ram_once_the_checkpoint_that_carries_them_is_stored_ev
     state.stored_through(second.generation)
     assert len(state.dedup) == 0
     assert state.apply([record("b3", NOW), record("a7", NOW)], 3, NOW) == (0, 2)  # the store refuses them now
+
+
+def test_a_store_is_stale_before_the_changelog_topic_the_worker_creates_can_have_dropped_a_tombstone():
+    """A store older than STALE_AFTER is rebuilt: that rule holds only while compaction keeps tombstones longer."""
+    settings = Settings()
+    changelog_spec = next(s for s in internal_topics(settings) if s.name == Topics.of(settings).rollup_changelog)
+    assert changelog_spec.config["cleanup.policy"] == "compact"
+    assert STALE_AFTER * 1000 < int(changelog_spec.config["delete.retention.ms"])

@@ -48,8 +48,8 @@ _SECONDS = struct.Struct(">q")
 _NEVER_ENDS = 2**62  # an all-time rollup's end
 _HEAD = len(ROLLUP_PREFIX) + _SECONDS.size  # a stored rollup key's bytes before its changelog key's body
 _BODY = len(changelog.ROLLUP_PREFIX)  # a changelog rollup key's bytes before its body
-# Compaction drops a changelog tombstone once delete.retention.ms (24 h by default) has passed: a store not written
-# for longer might have missed one, and would bring back what it deleted.
+# Compaction drops a changelog tombstone once delete.retention.ms (topics.CHANGELOG_TOMBSTONES_MS, 24 h) has passed: a
+# store not written for longer might have missed one, and would bring back what it deleted.
 STALE_AFTER = 20 * 3600.0
 
 

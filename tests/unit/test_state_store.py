@@ -682,3 +682,17 @@ def test_a_store_is_stale_before_the_changelog_topic_the_worker_creates_can_have
     changelog_spec = next(s for s in internal_topics(settings) if s.name == Topics.of(settings).rollup_changelog)
     assert changelog_spec.config["cleanup.policy"] == "compact"
     assert STALE_AFTER * 1000 < int(changelog_spec.config["delete.retention.ms"])
+
+
+def test_a_record_that_reads_its_payload_asks_the_store_about_its_identity_once(store, monkeypatch):
+    """Its identity is looked up before the cardinality bounds are checked; admitting it does not read the store
+    again (one RocksDB read per new record of a grouped, UNIQUE_COUNT or LATEST metric, not two)."""
+    asked: list[tuple[str, str, str]] = []
+    seen = store.seen
+    monkeypatch.setattr(store, "seen", lambda identity: asked.append(identity) or seen(identity))
+    state = PartitionRollups(WINDOW, stored=store, capacity=100)
+    grouped = record("g1", NOW, "2", dimensions=(("model", "a"),))
+    unique = record("u1", NOW, aggregation=AggregationType.UNIQUE_COUNT, distinct="user-1")
+    assert state.apply([grouped, unique], 0, NOW) == (2, 0)
+    assert asked == [("org", "o", "g1"), ("org", "o", "u1")]
+    assert state.apply([grouped], 1, NOW) == (0, 1)  # a duplicate still: RAM holds it

@@ -12,10 +12,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from typing import Protocol
 
 RecordIdentity = tuple[str, str, str]  # (subject_type, subject_id, record id)
 
 _BUCKET_SECONDS = 60
+
+
+class Admit(Protocol):
+    def __call__(self, identity: RecordIdentity, unseen: bool = False) -> bool:
+        """True (and remembered) the first time; `unseen`: the caller just found it not `in` the window (with a store,
+        that was a read of the store: not made twice)."""
+        ...
 
 
 class DedupWindow:
@@ -35,14 +43,14 @@ class DedupWindow:
         """True (and remembered) the first time `identity` is offered within the window."""
         return self.admitter(at)(identity)
 
-    def admitter(self, at: datetime) -> Callable[[RecordIdentity], bool]:
+    def admitter(self, at: datetime) -> Admit:
         """`first_sighting` for many identities seen at the same time (one routed message): the bucket is found once."""
         bucket = self._bucket(at)
         seen, recall = self._seen, self._recall
         entries = self._buckets.setdefault(bucket, [])
 
-        def admit(identity: RecordIdentity) -> bool:
-            if identity in seen or (recall is not None and recall(identity)):
+        def admit(identity: RecordIdentity, unseen: bool = False) -> bool:
+            if not unseen and (identity in seen or (recall is not None and recall(identity))):
                 return False
             seen[identity] = bucket
             entries.append(identity)

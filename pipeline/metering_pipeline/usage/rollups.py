@@ -291,14 +291,18 @@ class PartitionRollups:
                 # Records that read the payload (dimensions, distinct values, latest values) take the longer way.
                 metric_key = intern(record.metric_key)
                 rows = None
+                unseen = False
                 if record.dimensions or record.distinct is not None or record.aggregation is _LATEST:
                     rows = self._rows_of(record, metric_key, subject_type, subject_id, hour)
-                    if identity not in dedup:  # a duplicate is dropped as one, whatever it carries
-                        refusal = self._over_limit(record, rows)
-                        if refusal is not None:
-                            self._limited.append((offset, record, refusal))
-                            continue
-                if not admit(identity):
+                    if identity in dedup:  # a duplicate is dropped as one, whatever it carries
+                        duplicates += 1
+                        continue
+                    refusal = self._over_limit(record, rows)
+                    if refusal is not None:
+                        self._limited.append((offset, record, refusal))
+                        continue
+                    unseen = True
+                if not admit(identity, unseen):
                     duplicates += 1
                     continue
                 counted += 1

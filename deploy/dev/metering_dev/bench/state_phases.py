@@ -299,15 +299,18 @@ def _timed_restart(
 @dataclass
 class _Growth:
     """The first worker's RSS (bytes) as its count grew: at its first /metrics answer, after `sample_at` records,
-    after all; and when each was taken."""
+    after half of them, after all; and when each was taken. The second half tells growth that goes on from the
+    memory budget filling up (the rollup cache, RocksDB's block cache), which may take longer than `sample_at`."""
 
     start: tuple[int, int] | None = None  # (records counted, RSS)
     sample: tuple[int, int, float] | None = None  # (records counted, RSS, perf_counter)
+    middle: tuple[int, int, float] | None = None
     end: tuple[int, int, float] | None = None
 
-    def bytes_per_record(self) -> float:
-        assert self.sample is not None and self.end is not None
-        return (self.end[1] - self.sample[1]) / max(self.end[0] - self.sample[0], 1)
+    def bytes_per_record(self, since: tuple[int, int, float] | None = None) -> float:
+        since = since or self.sample
+        assert since is not None and self.end is not None
+        return (self.end[1] - since[1]) / max(self.end[0] - since[0], 1)
 
     def rate_after_sample(self) -> float:
         assert self.sample is not None and self.end is not None
@@ -331,6 +334,8 @@ def _count_history(worker: WorkerProcess, records: int, sample_at: int, deadline
                 growth.start = (int(counted), rss)
             if growth.sample is None and counted >= sample_at:
                 growth.sample = (int(counted), rss, now)
+            if growth.middle is None and counted >= records // 2:
+                growth.middle = (int(counted), rss, now)
             if counted >= records:
                 growth.end = (int(counted), rss, now)
                 return growth
@@ -442,6 +447,8 @@ def history(
         "rss_end_mb": growth.end[1] / 2**20,
         "rss_in_summary_mb": rss_written / 2**20,
         "bytes_per_record_after_sample": growth.bytes_per_record(),
+        "counted_at_middle": growth.middle[0] if growth.middle else 0,
+        "bytes_per_record_second_half": growth.bytes_per_record(growth.middle),
         "records_per_s_after_sample": growth.rate_after_sample(),
         "restart_to_count_s": restart.counted_s or 0.0,
         "restart_to_summary_s": restart.visible_s or 0.0,
@@ -902,6 +909,10 @@ def render(results: list[dict]) -> str:
             (f"RSS at {e['counted_at_end']:,.0f} records", f"{e['rss_end_mb']:,.0f} MB"),
             ("RSS once all are in usage_summary", f"{e['rss_in_summary_mb']:,.0f} MB"),
             (f"RAM per record after the first {e['sample_at']:,.0f}", f"{e['bytes_per_record_after_sample']:,.0f} B"),
+            (
+                f"RAM per record after the first {e['counted_at_middle']:,.0f}",
+                f"{e['bytes_per_record_second_half']:,.0f} B",
+            ),
             ("records/s (start to all in usage_summary)", f"{history_row['records_per_s']:,.0f}"),
             (f"records/s after the first {e['sample_at']:,.0f}", f"{e['records_per_s_after_sample']:,.0f}"),
             (

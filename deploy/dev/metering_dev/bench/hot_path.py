@@ -142,9 +142,7 @@ def _store(
     for _, entries in unstored:
         latest.update(entries)
     store.write(latest.items(), offset)
-    checkpoint = unstored[-1][0]
-    seen = [at for checkpoint, _ in unstored for _, at in checkpoint.identities]
-    state.stored_through(checkpoint.generation, max(seen, default=None))
+    state.stored_through(unstored[-1][0].generation)
 
 
 POLL_RECORDS = 2_000  # records per simulated poll

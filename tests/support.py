@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from metering_dev import worker_process
+from metering_dev.bench.state_phases import metric as metric_value
 from metering_dev.worker_process import WorkerProcess, free_port
 from metering_pipeline.api.keys import KeyRing
 from metering_pipeline.topics import Topics
@@ -375,6 +375,6 @@ def summary_rows(settings, metric_keys: Sequence[str]) -> dict[tuple, tuple[Deci
 
 def worker_metric(worker, name: str) -> float:
     """A counter or gauge of the worker's /metrics (a counter by its name without `_total`)."""
-    found = re.search(rf"^{name}(?:_total)? ([0-9.e+]+)$", worker.metrics(), re.MULTILINE)
-    assert found, f"{name} not in /metrics"
-    return float(found.group(1))
+    found = metric_value(worker.metrics(), name)
+    assert found is not None, f"{name} not in /metrics"
+    return found

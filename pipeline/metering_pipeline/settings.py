@@ -97,12 +97,12 @@ class Settings(BaseSettings):
         "the rest of a partition's state stays on disk",
     )
     max_buffered_records: int = Field(
-        default=100_000,
+        default=30_000,
         ge=1,
         description="Counted records a worker holds in flight (not yet committed with their rollups in ClickHouse), "
         "most while ClickHouse is slow or down; beyond this it pauses consumption (backpressure) until writes catch "
-        "up. Also what bounds the worker's RAM beyond METERING_STATE_CACHE_MB: lower it to trade catch-up speed for "
-        "memory",
+        "up, and a checkpoint is taken as soon as a quarter of it waits for one. Also what bounds the worker's RAM "
+        "beyond METERING_STATE_CACHE_MB: lower it to trade catch-up speed for memory",
     )
     writer_unhealthy_after: float = Field(
         default=60.0,

@@ -8,9 +8,17 @@ from decimal import Decimal
 
 from counted_records import counted as counted_record
 
+from metering_pipeline.settings import Settings
 from metering_pipeline.usage.rollups import PartitionRollups
 from metering_pipeline.usage.routed_record import CountedRecord
-from metering_pipeline.worker.checkpoints import Committed, PartitionWriter, Snapshot, merged
+from metering_pipeline.worker.checkpoints import (
+    CHECKPOINTS_IN_FLIGHT,
+    Committed,
+    PartitionWriter,
+    Snapshot,
+    checkpoint_due,
+    merged,
+)
 from metering_pipeline.worker.stats import WorkerStats
 from metering_schemas import PeriodType
 
@@ -147,3 +155,11 @@ def test_a_partition_handed_over_waits_for_its_commits_but_not_for_clickhouse_to
         assert writer.failure() is None
 
     asyncio.run(scenario())
+
+
+def test_a_checkpoint_is_due_every_flush_interval_and_sooner_once_its_records_fill_a_share_of_the_bound():
+    settings = Settings(flush_interval=1.0, max_buffered_records=40_000)
+    share = 40_000 // CHECKPOINTS_IN_FLIGHT
+    assert not checkpoint_due(0.2, share - 1, settings)
+    assert checkpoint_due(0.2, share, settings)  # the loop need not wait out the interval with the bound filling
+    assert checkpoint_due(1.0, 0, settings)

@@ -24,6 +24,7 @@ from metering_pipeline.usage.metrics import MetricCatalog
 from metering_pipeline.usage.thresholds import ThresholdBook
 from metering_pipeline.warehouse.sink import ClickHouseSink
 from metering_pipeline.worker import garbage
+from metering_pipeline.worker.checkpoints import checkpoint_due
 from metering_pipeline.worker.restoration import Restoration
 from metering_pipeline.worker.rollup_partition import (
     CACHED_ROLLUP_BYTES,
@@ -140,7 +141,9 @@ class RollupStage:
                     await self._publish_all_alerts()
                     for owned in self.owned.values():
                         owned.store_committed(time.monotonic())
-                    if time.monotonic() - last_checkpoint >= self.settings.flush_interval:
+                    # Of partitions that can take one now: a writer still busy would only make the others' tiny.
+                    pending = sum(o.state.pending_records for o in self.owned.values() if not o.writer.busy)
+                    if checkpoint_due(time.monotonic() - last_checkpoint, pending, self.settings):
                         for owned in self.owned.values():
                             owned.checkpoint_due = True
                         last_checkpoint = time.monotonic()

@@ -26,6 +26,9 @@ from metering_pipeline.worker.stats import WorkerStats
 
 log = get_logger(__name__)
 ROUTER_FETCH_BYTES = 4 << 20
+# Records decoded per poll. Fetch bytes do not bound them: a producer's compressed batch envelopes carry ten times
+# their size in records, and a poll's records are all in RAM (decoded, then routed) until it is sent.
+ROUTER_POLL_RECORDS = 25_000
 
 
 # Records per routed message: large enough to amortise Kafka's per-message cost, small
@@ -44,8 +47,8 @@ class RouterStage:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=settings.max_poll_records,
-            # A poll is decoded and routed whole: bytes, not messages, bound it (one message may carry thousands of
-            # records). 4 MiB is ~25k records, plenty per poll; Kafka's 50 MiB would be ~300k records in RAM at once.
+            # What one fetch holds, compressed as the producer sent it (Kafka's 50 MiB would be millions of records);
+            # the records decoded per poll are bounded apart from it (PollSize).
             fetch_max_bytes=ROUTER_FETCH_BYTES,
             **settings.kafka_group_options(),
         )
@@ -63,12 +66,14 @@ class RouterStage:
         await self.producer.start()
         await self.consumer.start()
         in_flight: asyncio.Task[None] | None = None
+        poll = PollSize(self.settings.max_poll_records)
         try:
             partitions = await self._routed_partitions()
             while not stopping.is_set():
-                batches = await self.consumer.getmany(timeout_ms=100, max_records=self.settings.max_poll_records)
+                batches = await self.consumer.getmany(timeout_ms=100, max_records=poll.messages)
                 if batches:
-                    sends, offsets = await self._route(batches, partitions)
+                    sends, offsets, records = await self._route(batches, partitions)
+                    poll.observe(sum(len(messages) for messages in batches.values()), records)
                     if in_flight is not None:
                         await in_flight
                     in_flight = asyncio.create_task(self._acknowledge(sends, offsets))
@@ -85,9 +90,9 @@ class RouterStage:
 
     async def _route(
         self, batches: dict[TopicPartition, list[ConsumerRecord]], partitions: routing.SubjectPartitions
-    ) -> tuple[list[asyncio.Future[Any]], dict[TopicPartition, int]]:
-        """Sends the poll's routed batches and dead letters; returns their acknowledgements and the offsets to commit
-        once they are all acknowledged."""
+    ) -> tuple[list[asyncio.Future[Any]], dict[TopicPartition, int], int]:
+        """Sends the poll's routed batches and dead letters; returns their acknowledgements, the offsets to commit
+        once they are all acknowledged, and how many records the poll held."""
         by_partition: dict[int, list[AcceptedRecord]] = defaultdict(list)
         sends: list[asyncio.Future[Any]] = []
         offsets: dict[TopicPartition, int] = {}
@@ -130,7 +135,7 @@ class RouterStage:
                         self.topics.routed, routing.encode(chunk), partition=partition, headers=published
                     )
                 )
-        return sends, offsets
+        return sends, offsets, accepted_count + rejected_count + filtered_count
 
     async def _acknowledge(self, sends: list[asyncio.Future[Any]], offsets: dict[TopicPartition, int]) -> None:
         await asyncio.gather(*sends)
@@ -153,3 +158,16 @@ class RouterStage:
             await self.consumer.commit(mine)
         except (CommitFailedError, IllegalStateError) as error:
             log.warning("router commit refused by a rebalance; the new owner replays", error=str(error))
+
+
+class PollSize:
+    """Messages to ask for per poll so that a poll holds about ROUTER_POLL_RECORDS records, from the records per
+    message of the last poll: producers send one record per message or envelopes of thousands."""
+
+    def __init__(self, most: int) -> None:
+        self.most = most
+        self.messages = most
+
+    def observe(self, messages: int, records: int) -> None:
+        per_message = max(1, -(-records // max(1, messages)))
+        self.messages = max(1, min(self.most, ROUTER_POLL_RECORDS // per_message))

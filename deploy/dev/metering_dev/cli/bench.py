@@ -23,6 +23,13 @@ from metering_pipeline.settings import Settings, seconds_or_iso_duration
     default=None,
     help="Records per throughput phase (not history's or rebalance's). [default: 1,000,000]",
 )
+@click.option(
+    "--history-records",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Records of the history phase; its RSS is sampled at 200,000 and halfway. More than 1M shows where memory "
+    "levels off once METERING_STATE_CACHE_MB has filled. [default: 1,000,000]",
+)
 @click.option("--output", type=click.Path(path_type=Path), default=Path("bench-results.json"), show_default=True)
 @click.option(
     "--soak",
@@ -76,6 +83,7 @@ def bench(
     ctx: click.Context,
     quick: bool,
     records: int | None,
+    history_records: int | None,
     output: Path,
     soak: bool,
     soak_minutes: float,
@@ -108,6 +116,9 @@ def bench(
     plan = Plan.quick() if quick else Plan()
     if records:
         plan = Plan(**{**plan.__dict__, "records": records})
+    if history_records:
+        sample_at = min(plan.history_sample_at, history_records // 2)
+        plan = Plan(**{**plan.__dict__, "history_records": history_records, "history_sample_at": sample_at})
     if phase_names:
         plan = Plan(**{**plan.__dict__, "phases": tuple(name for name in PHASES if name in phase_names)})
     summary = run(settings, plan, log_dir, lambda text: click.echo(text, err=True))

@@ -32,12 +32,13 @@ class DedupWindow:
         self._recall = recall  # whether the store remembers an identity RAM does not hold
         self._seen: dict[RecordIdentity, int] = {}
         self._buckets: dict[int, list[RecordIdentity]] = {}
-        # With a store: the checkpoint that will carry the identities admitted now (their bucket). A bucket of time
-        # would keep a partition's last second of identities in RAM until its next records came, however long.
-        self.checkpoint = 1
+        # With a store: the checkpoint that will carry the identities admitted now (their bucket), numbered as the
+        # state numbers its checkpoints. A bucket of time would keep a partition's last second of identities in RAM
+        # until its next records came, however long.
+        self._checkpoint = 1
 
     def _bucket(self, at: datetime) -> int:
-        return int(at.timestamp()) // _BUCKET_SECONDS if self._recall is None else self.checkpoint
+        return int(at.timestamp()) // _BUCKET_SECONDS if self._recall is None else self._checkpoint
 
     def first_sighting(self, identity: RecordIdentity, at: datetime) -> bool:
         """True (and remembered) the first time `identity` is offered within the window."""
@@ -62,6 +63,10 @@ class DedupWindow:
         """Forget identities seen more than `window` before `now`; returns how many. With a store, RAM holds only
         identities not stored yet (seconds old): the store's expire."""
         return 0 if self._recall is not None else self._forget(self._bucket(now - self.window))
+
+    def seal(self) -> None:
+        """A checkpoint was taken: identities admitted from now on go out with the next one."""
+        self._checkpoint += 1
 
     def stored_through(self, checkpoint: int) -> int:
         """With a store: the identities of checkpoints up to `checkpoint` are in it now, and leave RAM."""

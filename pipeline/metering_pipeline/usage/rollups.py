@@ -463,7 +463,7 @@ class PartitionRollups:
     def checkpoint(self) -> Checkpoint:
         """Hand over everything changed since the last checkpoint (as of now) and start a new one."""
         self.generation += 1
-        self.dedup.checkpoint = self.generation + 1  # identities admitted from now on go out with the next one
+        self.dedup.seal()
         changes = [_freeze(key, rollup) for key, rollup in self._changed.items()]
         if self.stored is not None:
             self._unstored.update(dict.fromkeys(self._changed, self.generation))

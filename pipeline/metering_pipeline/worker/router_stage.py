@@ -31,8 +31,6 @@ ROUTER_FETCH_BYTES = 4 << 20
 ROUTER_POLL_RECORDS = 25_000
 
 
-# Records per routed message: large enough to amortise Kafka's per-message cost, small
-# enough to stay far below the broker's message size limit.
 class RouterStage:
     def __init__(self, settings: Settings, catalog: MetricCatalog, stats: WorkerStats) -> None:
         self.settings = settings

@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from metering_dev.bench.hot_path import render_state_costs, state_costs
-from metering_dev.bench.phases import Result
+from metering_dev.bench.phases import STEADY_PHASE, THRESHOLD_METRIC, WARM_UP_SECONDS, Result, SteadyLoad
 from metering_dev.bench.runner import DIMENSIONS_BASELINE, DIMENSIONS_PHASE, render, report
 from metering_dev.bench.workload import (
     DIMENSION_METRICS,
@@ -187,3 +187,46 @@ def test_state_costs_are_positive_at_a_small_size() -> None:
     assert 50 < costs["distinct_value@2000"]["bytes"] < 5_000  # a set's table grows in steps: small sizes vary
     assert 100 < costs["dimension_combination"]["bytes"] < 5_000
     assert "bytes per distinct value" in render_state_costs(costs)
+
+
+def test_the_steady_thresholds_trip_about_halfway_through_the_phase() -> None:
+    load = SteadyLoad(rate=1_000.0, seconds=90.0, subjects=100, alerting=10)
+    workload = Workload.recent(0, load.subjects)
+    records = int(load.rate * (load.seconds + WARM_UP_SECONDS))
+    totals: dict[str, Decimal] = defaultdict(Decimal)
+    crossed_at: dict[str, int] = {}
+    alerting = {threshold["subjectId"] for threshold in load.thresholds()}
+    for n in range(records):
+        metric, subject, quantity, _record = workload.record(n)
+        if metric == THRESHOLD_METRIC and subject in alerting:
+            totals[subject] += quantity
+            if totals[subject] > load.limit():
+                crossed_at.setdefault(subject, n)
+    assert len(load.thresholds()) == 10 and alerting == {f"s{n}" for n in range(10)}
+    assert set(crossed_at) == alerting  # every threshold trips, with time left for its alert
+    assert all(records * 0.25 < n < records * 0.8 for n in crossed_at.values())
+
+
+def test_the_report_states_the_steady_cost_against_the_backlog_cost() -> None:
+    steady = Result(
+        STEADY_PHASE,
+        100_000,
+        60.0,
+        4.0,
+        extra={
+            "rate": 1_666.0,
+            "cpu_us_per_record": 40.0,
+            "backlog_cpu_us_per_record": 25.0,
+            "cpu_vs_backlog": 1.6,
+            "alerts_expected": 10,
+            "alerts_received": 10,
+            "latency_p50_s": 0.2,
+            "latency_p99_s": 0.5,
+            "freshness_p50_s": 1.0,
+            "freshness_p99_s": 1.5,
+        },
+    )
+    text = render(report([steady], {}, {}))
+    assert "40.0 µs of worker CPU per record, 1.60× its 25.0 µs on the backlog" in text
+    assert "p99 500 ms (10 of 10 alerts)" in text
+    assert STEADY_PHASE not in text  # not a throughput row: its records/s is the rate it was fed

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import defaultdict
+from decimal import Decimal
 
 import jsonschema
 import pytest
@@ -15,7 +16,7 @@ from pydantic import BaseModel
 from metering_pipeline.topics import Topics
 from metering_schemas import MetricDefined, ThresholdAlert, UsageAggregated
 from metering_schemas.json_schema import SCHEMA_DIR
-from support import define, metric, publish, set_thresholds, threshold, usage
+from support import define, eventually, metric, publish, set_thresholds, summary_rows, threshold, usage
 
 pytestmark = pytest.mark.integration
 
@@ -111,3 +112,28 @@ async def test_every_emitted_event_matches_its_json_schema_file(pipeline):
         ("threshold.exceeded", "t1", total, "100"),
     ]
     assert len({a["id"] for a in alerts}) == 2
+
+
+async def test_usage_aggregated_can_be_turned_off_and_everything_else_still_flows(pipeline):
+    settings, new_worker = pipeline
+    topics = Topics.of(settings)
+    await define(settings, metric("tokens", "SUM"))
+    await set_thresholds(settings, threshold("t1", "tokens", "org:org-1", "100"))
+    worker = new_worker(METERING_PUBLISH_USAGE_AGGREGATED="false").start()
+    worker.wait_healthy()
+
+    def summary() -> list[tuple[str, Decimal, int]]:
+        return sorted((key[2], total, count) for key, (total, count) in summary_rows(settings, ["tokens"]).items())
+
+    summed = [("DAILY", Decimal(110), 2), ("HOURLY", Decimal(110), 2), ("MONTHLY", Decimal(110), 2)]
+    async with TopicReader(settings.kafka_bootstrap, [topics.usage_aggregated, topics.alerts]) as reader:
+        await publish(settings, [usage("r1", "tokens", "org:org-1", "50"), usage("r2", "tokens", "org:org-1", "60")])
+        await reader.until(topics.alerts, 2)
+        await asyncio.to_thread(eventually, lambda: summary() == summed, 60, message=lambda: repr(summary()))
+        await reader.settle(3)
+
+    assert reader.values[topics.usage_aggregated] == []
+    assert sorted(json.loads(a)["type"] for a in reader.values[topics.alerts]) == [
+        "threshold.approaching",
+        "threshold.exceeded",
+    ]

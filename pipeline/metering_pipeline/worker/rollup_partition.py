@@ -294,10 +294,15 @@ class RollupPartition:
 
         async def produce(batches: PartitionBatches) -> None:
             await batches.add_all(topics.rollup_changelog, entries, partition)
-            await batches.add_all(
-                topics.usage_aggregated,
-                ((_subject_key(change), aggregated_event(change)) for change in checkpoint.rollups if change.reported),
-            )
+            if self.ctx.settings.publish_usage_aggregated:
+                await batches.add_all(
+                    topics.usage_aggregated,
+                    (
+                        (_subject_key(change), aggregated_event(change))
+                        for change in checkpoint.rollups
+                        if change.reported
+                    ),
+                )
             letters = [
                 *(self._closed_dead_letter(offset, record) for offset, record in checkpoint.closed),
                 *(

@@ -14,8 +14,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 
 from metering_dev.bench.measure import cpu_seconds, peak_rss_bytes, percentile
+from metering_dev.bench.soak_summary import counter
 from metering_dev.bench.workload import (
     DIMENSION_METRICS,
+    MEAN_QUANTITY,
     METRICS,
     DimensionExpected,
     DimensionWorkload,
@@ -211,29 +213,57 @@ def stop_all(workers: list[WorkerProcess]) -> None:
         worker.stop()
 
 
-async def alert_latency(settings: Settings, rate: float, seconds: float, subjects: int, log_dir: Path) -> Result:
-    """Publish at `rate` records/s with thresholds that trip; time from the crossing record's send to its alert."""
-    limit = Decimal(1000)
-    thresholds = [
-        {
-            "id": f"lat-{n}",
-            "metricKey": "bench_tokens",
-            "subjectType": "org",
-            "subjectId": f"s{n}",
-            "threshold": str(limit),
-            "action": "ALERT",
-            "notifyEmails": [],
-        }
-        for n in range(subjects)
-    ]
-    empty = Workload.recent(0, 1)
-    await prepare_input(settings, empty, 1, thresholds)
+STEADY_PHASE = "worker ×1, steady load at 50 %"
+THRESHOLD_METRIC = "bench_tokens"
+WARM_UP_SECONDS = 10.0  # every key's hour, day and month are opened by then; CPU is counted from here
+
+
+@dataclass(frozen=True)
+class SteadyLoad:
+    """What the steady phase publishes: the throughput phases' mix (subjects × 5 metrics, single-record messages,
+    stamped now rather than hours ago) at `rate`, with thresholds on the first `alerting` subjects' tokens set to
+    trip about halfway through."""
+
+    rate: float
+    seconds: float
+    subjects: int
+    alerting: int
+
+    def limit(self) -> Decimal:
+        """Half of a subject's expected tokens total over the phase."""
+        per_subject = self.rate * (self.seconds + WARM_UP_SECONDS) / (self.subjects * len(METRICS))
+        return max(Decimal(1), (Decimal(per_subject) * MEAN_QUANTITY / 2).to_integral_value())
+
+    def thresholds(self) -> list[dict]:
+        return [
+            {
+                "id": f"steady-{n}",
+                "metricKey": THRESHOLD_METRIC,
+                "subjectType": "org",
+                "subjectId": f"s{n}",
+                "threshold": str(self.limit()),
+                "action": "ALERT",
+                "notifyEmails": [],
+            }
+            for n in range(min(self.alerting, self.subjects))
+        ]
+
+
+async def steady_load(settings: Settings, load: SteadyLoad, backlog_us: float | None, log_dir: Path) -> Result:
+    """One worker fed at a fixed rate below its capacity, the normal state of a metering pipeline: CPU per record
+    (against `backlog_us`, the same worker's cost catching up on a backlog), time from a crossing record's send to
+    its alert, and how far `usage_summary` trails what was sent."""
+    workload = Workload.recent(0, load.subjects)
+    await prepare_input(settings, workload, 1, load.thresholds())
     migrate(settings)
     await ensure_topics(settings, internal_topics(settings))
-    worker = WorkerProcess(settings_env(settings), log_dir / "latency.log").start()
+    worker = WorkerProcess(settings_env(settings), log_dir / "steady.log").start()
     await asyncio.to_thread(worker.wait_healthy)
     await asyncio.sleep(5)  # the groups settle before the clock starts
+    pid = worker.process.pid if worker.process is not None else 0
     topics = Topics.of(settings)
+    limit = load.limit()
+    alerting = {threshold["subjectId"] for threshold in load.thresholds()}
     crossing_sent: dict[tuple[str, str], float] = {}
     received: dict[tuple[str, str], float] = {}
     sent_at: list[tuple[float, int]] = []
@@ -258,22 +288,19 @@ async def alert_latency(settings: Settings, rate: float, seconds: float, subject
     partition_of = DefaultPartitioner()
     totals: dict[str, Decimal] = defaultdict(Decimal)
     sent = 0
+    window: tuple[float, int] | None = None  # (worker CPU s, records counted) when the warm-up ended
+    cpu_used = 0.0
     started = time.perf_counter()
     try:
-        while time.perf_counter() - started < seconds:
-            due = int((time.perf_counter() - started) * rate) - sent
+        while (elapsed := time.perf_counter() - started) < load.seconds + WARM_UP_SECONDS:
+            if window is None and elapsed >= WARM_UP_SECONDS:
+                window = (cpu_seconds(pid), await asyncio.to_thread(_counted, worker))
+            due = int(elapsed * load.rate) - sent
             batches: dict[int, object] = {}
             crossed: list[tuple[str, str]] = []
             for _ in range(max(0, due)):
-                subject = f"s{sent % subjects}"
-                quantity = Decimal(7 + sent % 5)
-                record = {
-                    "id": f"lat-{sent}",
-                    "metricKey": "bench_tokens",
-                    "subjectType": "org",
-                    "subjectId": subject,
-                    "quantity": str(quantity),
-                }
+                metric, subject, quantity, record = workload.record(sent)
+                del record["timestamp"]  # now: records arrive as they happen
                 key = f"org:{subject}".encode()
                 partition = partition_of(key, partitions, partitions)
                 value = orjson.dumps(record)
@@ -283,11 +310,12 @@ async def alert_latency(settings: Settings, rate: float, seconds: float, subject
                     await producer.send_batch(batch, topics.usage_recorded, partition=partition)
                     batch = batches[partition] = producer.create_batch()
                     batch.append(key=key, value=value, timestamp=None)
-                before, totals[subject] = totals[subject], totals[subject] + quantity
-                if before < limit * Decimal("0.8") <= totals[subject]:
-                    crossed.append((subject, "threshold.approaching"))
-                if before <= limit < totals[subject]:
-                    crossed.append((subject, "threshold.exceeded"))
+                if metric == THRESHOLD_METRIC and subject in alerting:
+                    before, totals[subject] = totals[subject], totals[subject] + quantity
+                    if before < limit * Decimal("0.8") <= totals[subject]:
+                        crossed.append((subject, "threshold.approaching"))
+                    if before <= limit < totals[subject]:
+                        crossed.append((subject, "threshold.exceeded"))
                 sent += 1
             for partition, batch in batches.items():
                 batch.close()
@@ -297,7 +325,10 @@ async def alert_latency(settings: Settings, rate: float, seconds: float, subject
             sent_at.append((now, sent))
             await asyncio.sleep(0.002)
         await producer.flush()
-        deadline = time.perf_counter() + 30
+        deadline = time.perf_counter() + 60
+        while visible_at[-1][1] < sent and time.perf_counter() < deadline:
+            await asyncio.sleep(0.05)
+        cpu_used = cpu_seconds(pid)
         while set(crossing_sent) - set(received) and time.perf_counter() < deadline:
             await asyncio.sleep(0.1)
         await asyncio.sleep(1)
@@ -306,14 +337,22 @@ async def alert_latency(settings: Settings, rate: float, seconds: float, subject
         await asyncio.gather(*readers, return_exceptions=True)
         await producer.stop()
         await asyncio.to_thread(worker.stop)
+    if window is None or visible_at[-1][1] < sent:
+        raise RuntimeError(f"steady load: {visible_at[-1][1] if visible_at else 0} of {sent} records summarised")
+    counted = sent - window[1]
     latencies = [received[key] - at for key, at in crossing_sent.items() if key in received]
     freshness = _freshness(sent_at, visible_at)
+    cpu_us = (cpu_used - window[0]) / counted * 1e6
     return Result(
-        "alert latency at 50 % load",
-        sent,
-        seconds,
+        STEADY_PHASE,
+        counted,
+        load.seconds,
+        cpu_used - window[0],
         extra={
-            "rate": rate,
+            "rate": load.rate,
+            "cpu_us_per_record": cpu_us,
+            "backlog_cpu_us_per_record": backlog_us or 0.0,
+            "cpu_vs_backlog": cpu_us / backlog_us if backlog_us else 0.0,
             "alerts_expected": len(crossing_sent),
             "alerts_received": len(latencies),
             "latency_p50_s": percentile(latencies, 0.5),
@@ -322,6 +361,11 @@ async def alert_latency(settings: Settings, rate: float, seconds: float, subject
             "freshness_p99_s": percentile(freshness, 0.99),
         },
     )
+
+
+def _counted(worker: WorkerProcess) -> int:
+    """Records the worker has counted so far, from its /metrics."""
+    return counter(worker.metrics(), "metering_records_counted_total")
 
 
 def _freshness(sent_at: list[tuple[float, int]], visible_at: list[tuple[float, int]]) -> list[float]:

@@ -23,7 +23,8 @@ from metering_pipeline import tables
 from metering_pipeline.settings import Settings
 from metering_pipeline.warehouse.client import connect
 
-PHASES = ("baselines", "workers", "dimensions", "state", "memory", "latency", "history", "rebalance")
+PHASES = ("baselines", "workers", "dimensions", "state", "memory", "steady", "history", "rebalance")
+ALIASES = {"latency": "steady"}  # the steady phase's former name, which measured only alerts and freshness
 
 
 @dataclass(frozen=True)
@@ -32,8 +33,9 @@ class Plan:
     subjects: int = 10_000
     batch: int = 500
     memory_keys: int = 1_000_000
-    latency_seconds: float = 20.0
-    latency_subjects: int = 200
+    steady_seconds: float = 120.0  # the steady phase: measured after a warm-up of phases.WARM_UP_SECONDS
+    steady_alerting: int = 200  # subjects with a threshold that trips during the steady phase
+    steady_rate: float | None = None  # records/s; None: half of what worker ×1 reached on single-record messages
     dimension_subjects: int = 1_000  # the dimensions phase: subjects, each with up to 100 (model, region) rows
     dimension_users: int = 10_000  # distinct values of its UNIQUE_COUNT metric across all subjects
     history_records: int = 1_000_000  # the history phase: records over 30 days of event time
@@ -49,8 +51,8 @@ class Plan:
             records=60_000,
             subjects=2_000,
             memory_keys=50_000,
-            latency_seconds=8.0,
-            latency_subjects=50,
+            steady_seconds=15.0,
+            steady_alerting=50,
             dimension_subjects=200,
             dimension_users=2_000,
             history_records=100_000,
@@ -93,7 +95,7 @@ def run(settings: Settings, plan: Plan, log_dir: Path, say: Callable[[str], None
     one: Result | None = None
     try:
         workload = Workload.recent(plan.records, plan.subjects)
-        if {"baselines", "workers"} & set(plan.phases):
+        if {"baselines", "workers", "steady"} & set(plan.phases):
             say(
                 f"publishing {plan.records:,} single-record messages and {plan.records:,} records "
                 f"in batches of {plan.batch} ..."
@@ -141,16 +143,18 @@ def run(settings: Settings, plan: Plan, log_dir: Path, say: Callable[[str], None
             asyncio.run(phases.prepare_input(memory_settings, memory, plan.batch))
             workers(f"worker ×1, {plan.memory_keys:,} active keys", "memory", "memory", 1, plan.memory_keys, None)
 
-        if "latency" in plan.phases:
-            rate = max(1000.0, one.rate * 0.5) if one is not None else 1000.0
-            say(f"alert latency and freshness: {rate:,.0f} records/s for {plan.latency_seconds:.0f} s ...")
-            results.append(
-                asyncio.run(
-                    phases.alert_latency(
-                        scoped("latency", "latency"), rate, plan.latency_seconds, plan.latency_subjects, log_dir
-                    )
-                )
+        if "steady" in plan.phases:
+            if one is None:  # the capacity and the backlog cost it is measured against
+                one = workers("worker ×1, single-record messages", "single", "w1-single", 1, plan.records, expected)
+            load = phases.SteadyLoad(
+                plan.steady_rate or one.rate * 0.5, plan.steady_seconds, plan.subjects, plan.steady_alerting
             )
+            say(
+                f"steady load: {load.rate:,.0f} records/s for {phases.WARM_UP_SECONDS:.0f} + {load.seconds:.0f} s, "
+                f"{load.subjects:,} subjects × 5 metrics, {load.alerting} thresholds ..."
+            )
+            backlog_us = one.cpu_seconds / one.records * 1e6
+            results.append(asyncio.run(phases.steady_load(scoped("steady", "steady"), load, backlog_us, log_dir)))
 
         if "history" in plan.phases:
             history, wrong = state_phases.history(
@@ -209,7 +213,7 @@ def render(summary: dict) -> str:
     base = summary["baselines"]
     rows = []
     for r in summary["results"]:
-        if "latency" in r["phase"] or r["phase"] == state_phases.REBALANCE_PHASE:
+        if r["phase"] in (phases.STEADY_PHASE, state_phases.REBALANCE_PHASE):
             continue
         baseline = None if r["phase"] == state_phases.HISTORY_PHASE else _baseline_of(r["phase"], base)
         rows.append(
@@ -233,13 +237,15 @@ def render(summary: dict) -> str:
                 ["phase", "records", "seconds", "records/s", "× baseline", "CPU s", "peak RSS MB", "totals"], rows
             )
         )
-    latency = next((r for r in summary["results"] if "latency" in r["phase"]), None)
-    if latency:
-        e = latency["extra"]
+    steady = next((r for r in summary["results"] if r["phase"] == phases.STEADY_PHASE), None)
+    if steady:
+        e = steady["extra"]
         sections.append(
-            f"alert latency at {e['rate']:,.0f} records/s: p50 {e['latency_p50_s'] * 1000:,.0f} ms, "
-            f"p99 {e['latency_p99_s'] * 1000:,.0f} ms ({e['alerts_received']} of {e['alerts_expected']} alerts); "
-            f"usage_summary freshness p50 {e['freshness_p50_s']:.2f} s, p99 {e['freshness_p99_s']:.2f} s"
+            f"steady load at {e['rate']:,.0f} records/s: {e['cpu_us_per_record']:.1f} µs of worker CPU per record, "
+            f"{e['cpu_vs_backlog']:.2f}× its {e['backlog_cpu_us_per_record']:.1f} µs on the backlog; "
+            f"alert latency p50 {e['latency_p50_s'] * 1000:,.0f} ms, p99 {e['latency_p99_s'] * 1000:,.0f} ms "
+            f"({e['alerts_received']} of {e['alerts_expected']} alerts); usage_summary freshness "
+            f"p50 {e['freshness_p50_s']:.2f} s, p99 {e['freshness_p99_s']:.2f} s"
         )
     if summary.get("state_bytes"):
         sections.append(render_state_costs(summary["state_bytes"]))

@@ -35,17 +35,13 @@ from metering_dev.bench.soak_summary import (
     summarise,
     warmup_seconds,
 )
-from metering_dev.bench.workload import Expected, Workload
+from metering_dev.bench.workload import MEAN_QUANTITY, Expected, Workload
 from metering_dev.worker_process import WorkerProcess, settings_env
 from metering_pipeline import tables
 from metering_pipeline.settings import Settings
 from metering_pipeline.topics import Topics, ensure_topics, internal_topics
 from metering_pipeline.warehouse.client import connect
 from metering_pipeline.warehouse.migrations import migrate
-
-# Mean quantity of a workload record: quantities are (n * 7919 + seed) % 100000 / 100, spread evenly.
-_MEAN_QUANTITY = Decimal(500)
-THRESHOLD_METRIC = "bench_tokens"
 
 
 @dataclass(frozen=True)
@@ -91,12 +87,12 @@ def soak_thresholds(plan: SoakPlan, rate: float) -> list[dict]:
     """Wildcard thresholds on one metric at 1/4, 1/2 and 3/4 of the total a subject is expected to
     reach, so every subject crosses approaching and exceeded alerts spread over the whole run."""
     records = int(rate * plan.seconds)
-    final = Decimal(records) / 5 / plan.subjects * _MEAN_QUANTITY  # five metrics take turns (see Workload.record)
+    final = Decimal(records) / 5 / plan.subjects * MEAN_QUANTITY  # five metrics take turns (see Workload.record)
     limits = [(final * share).quantize(Decimal(1)) for share in (Decimal("0.25"), Decimal("0.5"), Decimal("0.75"))]
     return [
         {
             "id": f"soak-{n}",
-            "metricKey": THRESHOLD_METRIC,
+            "metricKey": phases.THRESHOLD_METRIC,
             "subjectType": "org",
             "subjectId": "*",
             "threshold": str(max(limit, Decimal(1))),
@@ -112,7 +108,7 @@ def expected_alerts(expected: Expected, thresholds: list[dict], fraction: Decima
     `fraction` × limit and exceeded above it, once each in the (monthly) window."""
     alerts = 0
     for (metric, _subject), total in expected.sum.items():
-        if metric != THRESHOLD_METRIC:
+        if metric != phases.THRESHOLD_METRIC:
             continue
         for threshold in thresholds:
             limit = Decimal(threshold["threshold"])

@@ -22,6 +22,8 @@ METRICS = (
     ("bench_peak", "MAX"),
     ("bench_floor", "MIN"),
 )
+# Mean quantity of a workload record: quantities are (n * 7919 + seed) % 100000 / 100, spread evenly.
+MEAN_QUANTITY = Decimal(500)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from typing import NamedTuple
 import click
 from pydantic import TypeAdapter, ValidationError
 
-from metering_dev.bench.runner import PHASES
+from metering_dev.bench.runner import ALIASES, PHASES
 from metering_dev.settings import StackSettings
 from metering_pipeline.settings import Settings, seconds_or_iso_duration
 
@@ -70,12 +70,21 @@ from metering_pipeline.settings import Settings, seconds_or_iso_duration
     help="With --hot-path: records per usage.recorded message.",
 )
 @click.option(
+    "--steady-rate",
+    type=click.FloatRange(min=1),
+    default=None,
+    help="Records/s of the steady phase (to compare two commits or settings at the same load). [default: half "
+    "of what one worker reached in this run]",
+)
+@click.option(
     "--phase",
     "phase_names",
     multiple=True,
-    type=click.Choice(PHASES),
-    help="Run only these phases (repeatable): history (worker RSS over 30 days of event time, restart on the same "
-    "state dir, restore on a fresh one) and rebalance (a second worker joins while one partition's changelog holds "
+    type=click.Choice(PHASES + tuple(ALIASES)),
+    help="Run only these phases (repeatable): steady (one worker at half its capacity: CPU per record against its "
+    "cost on a backlog, alert latency, usage_summary freshness; `latency` is its former name); history (worker "
+    "RSS over 30 days of event time, restart on the same state dir, restore on a fresh one) and rebalance (a "
+    "second worker joins while one partition's changelog holds "
     "millions of dedup identities; alert latency meanwhile) measure the worker's state. [default: all, in order]",
 )
 @click.pass_context
@@ -91,6 +100,7 @@ def bench(
     soak_dedup_window: str | None,
     hot_path: bool,
     batch: int,
+    steady_rate: float | None,
     phase_names: tuple[str, ...],
 ) -> None:
     """Publish a workload, then measure the baseline consumer and the worker side by side on the local stack."""
@@ -119,8 +129,11 @@ def bench(
     if history_records:
         sample_at = min(plan.history_sample_at, history_records // 2)
         plan = Plan(**{**plan.__dict__, "history_records": history_records, "history_sample_at": sample_at})
+    if steady_rate:
+        plan = Plan(**{**plan.__dict__, "steady_rate": steady_rate})
     if phase_names:
-        plan = Plan(**{**plan.__dict__, "phases": tuple(name for name in PHASES if name in phase_names)})
+        wanted = {ALIASES.get(name, name) for name in phase_names}
+        plan = Plan(**{**plan.__dict__, "phases": tuple(name for name in PHASES if name in wanted)})
     summary = run(settings, plan, log_dir, lambda text: click.echo(text, err=True))
     write(summary, output)
     click.echo(render(summary))

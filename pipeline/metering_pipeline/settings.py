@@ -50,6 +50,13 @@ class Settings(BaseSettings):
         default=12, ge=1, description="Partitions of the usage topics when the product creates them"
     )
     replication_factor: int = Field(default=1, ge=1, description="Replication factor of topics the product creates")
+    min_insync_replicas: int | None = Field(
+        default=None,
+        ge=1,
+        description="min.insync.replicas of topics the product creates: replicas that must hold a write before it is "
+        "acknowledged (every producer of the product sends with acks=all). Default: METERING_REPLICATION_FACTOR - 1, "
+        "at least 1 (with 3 replicas, a write survives the loss of any one broker and one broker may be down)",
+    )
 
     # Worker
     flush_interval: float = Field(default=1.0, gt=0, description="Seconds between checkpoints (ClickHouse freshness)")
@@ -181,6 +188,21 @@ class Settings(BaseSettings):
     clickhouse_request_timeout: float = Field(
         default=60.0, gt=0, description="Seconds a ClickHouse request may go without a byte of answer"
     )
+
+    @property
+    def insync_replicas(self) -> int:
+        """min.insync.replicas of the topics the product creates."""
+        return self.min_insync_replicas or max(1, self.replication_factor - 1)
+
+    @model_validator(mode="after")
+    def _insync_within_replicas(self) -> Settings:
+        """More in-sync replicas than replicas would refuse every write."""
+        if self.min_insync_replicas is not None and self.min_insync_replicas > self.replication_factor:
+            raise ValueError(
+                f"METERING_MIN_INSYNC_REPLICAS ({self.min_insync_replicas}) exceeds METERING_REPLICATION_FACTOR "
+                f"({self.replication_factor}): every write would be refused"
+            )
+        return self
 
     @model_validator(mode="after")
     def _sasl_needs_a_sasl_protocol(self) -> Settings:

@@ -118,25 +118,32 @@ def internal_topics(settings: Settings) -> list[TopicSpec]:
     ]
 
 
+class TopicLayoutError(RuntimeError):
+    """Existing topics the product cannot run on as they are; the message says what differs and what to do."""
+
+
 async def ensure_topics(settings: Settings, specs: list[TopicSpec]) -> list[str]:
     """Create the topics that do not exist yet; returns the names created, once they have leaders.
-    Existing topics are left as they are (a warning names those that should be compacted and are not)."""
+    Existing topics are left as they are: a warning names those with fewer replicas than
+    METERING_REPLICATION_FACTOR, a lower min.insync.replicas than the product sets, or no compaction where
+    they need it."""
     if not specs:
         return []
     admin = AIOKafkaAdminClient(**settings.kafka_client_options())
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        await _warn_if_not_compacted(admin, [s for s in specs if s.name in existing and s.config.get("cleanup.policy")])
+        await _warn_if_weaker(admin, settings, [s for s in specs if s.name in existing])
         missing = [spec for spec in specs if spec.name not in existing]
         if not missing:
             return []
+        insync = {"min.insync.replicas": str(settings.insync_replicas)}
         new = [
             NewTopic(
                 s.name,
                 num_partitions=s.partitions,
                 replication_factor=settings.replication_factor,
-                topic_configs=s.config,
+                topic_configs={**s.config, **insync},
             )
             for s in missing
         ]
@@ -152,24 +159,70 @@ async def ensure_topics(settings: Settings, specs: list[TopicSpec]) -> list[str]
         await admin.close()
 
 
-async def _warn_if_not_compacted(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> None:
-    """A definitions topic that someone else created (an operator, or the broker's auto-create for an
-    early producer) may lack compaction: its definitions would then expire with the retention time."""
+async def _warn_if_weaker(admin: AIOKafkaAdminClient, settings: Settings, specs: list[TopicSpec]) -> None:
+    """Topics someone else created (an operator, or the broker's auto-create for an early producer) may keep fewer
+    copies than the product's settings ask for, or (definitions and the changelog) lack compaction, so that their
+    entries expire with the retention time."""
     if not specs:
         return
+    for described in await admin.describe_topics([s.name for s in specs]):
+        replicas = min((len(p["replicas"]) for p in described["partitions"]), default=settings.replication_factor)
+        if replicas < settings.replication_factor:
+            log.warning(
+                "topic has fewer replicas than METERING_REPLICATION_FACTOR: a broker's loss can lose its data",
+                topic=described["topic"],
+                replicas=replicas,
+                replication_factor=settings.replication_factor,
+            )
     responses = await admin.describe_configs(
-        [ConfigResource(ConfigResourceType.TOPIC, s.name, {"cleanup.policy": None}) for s in specs]
+        [
+            ConfigResource(ConfigResourceType.TOPIC, s.name, {"cleanup.policy": None, "min.insync.replicas": None})
+            for s in specs
+        ]
     )
-    wanted = {s.name: s.config["cleanup.policy"] for s in specs}
+    wanted = {s.name: s.config.get("cleanup.policy") for s in specs}
     for response in responses:
         for _code, _message, _type, name, entries in response.resources:
-            policy = next((entry[1] for entry in entries if entry[0] == "cleanup.policy"), None)
-            if policy is not None and wanted[name] not in policy.split(","):
+            config = {entry[0]: entry[1] for entry in entries}
+            policy = config.get("cleanup.policy")
+            if wanted[name] is not None and policy is not None and wanted[name] not in policy.split(","):
                 log.warning(
                     "topic is not compacted: its entries expire with its retention time; set cleanup.policy=compact",
                     topic=name,
                     cleanup_policy=policy,
                 )
+            insync = config.get("min.insync.replicas")
+            if insync is not None and insync.isdigit() and int(insync) < settings.insync_replicas:
+                log.warning(
+                    "topic acknowledges writes held by fewer replicas than METERING_MIN_INSYNC_REPLICAS; set its "
+                    "min.insync.replicas",
+                    topic=name,
+                    min_insync_replicas=int(insync),
+                    wanted=settings.insync_replicas,
+                )
+
+
+async def check_partitioning(settings: Settings) -> None:
+    """Partition p of the routed topic holds the subjects whose state is in changelog partition p (a subject's
+    partition is crc32 of its key modulo the count): partitions added to either topic would split subjects' state
+    and silently break their totals. Raises TopicLayoutError when the two differ."""
+    topics = Topics.of(settings)
+    admin = AIOKafkaAdminClient(**settings.kafka_client_options())
+    await admin.start()
+    try:
+        counts = {
+            d["topic"]: len(d["partitions"])
+            for d in await admin.describe_topics([topics.routed, topics.rollup_changelog])
+        }
+    finally:
+        await admin.close()
+    routed, changelog = counts.get(topics.routed), counts.get(topics.rollup_changelog)
+    if routed and changelog and routed != changelog:
+        raise TopicLayoutError(
+            f"topic {topics.routed} has {routed} partitions and {topics.rollup_changelog} has {changelog}: they "
+            "must have the same count (a partition's state lives in the changelog partition of the same number). "
+            'Partitions were added to one of them; see "Changing the partition count" in docs/operations.md'
+        )
 
 
 async def _until_led(admin: AIOKafkaAdminClient, names: list[str], timeout: float = 30.0) -> None:

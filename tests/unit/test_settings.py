@@ -106,3 +106,14 @@ def test_a_bad_setting_is_one_line_naming_the_variable_without_a_traceback(monke
     result = CliRunner().invoke(main, ["summary", "--metric", "m", "--subject", "a:b", "--period", "HOURLY"])
     assert result.exit_code == 1
     assert result.output.startswith("Error: settings: METERING_DEDUP_WINDOW: ") and result.output.count("\n") == 1
+
+
+@pytest.mark.parametrize(("replicas", "insync"), [(1, 1), (2, 1), (3, 2), (5, 4)])
+def test_in_sync_replicas_default_to_one_fewer_than_the_replicas(replicas, insync):
+    assert Settings(replication_factor=replicas).insync_replicas == insync
+
+
+def test_in_sync_replicas_are_what_is_set_within_the_replicas():
+    assert Settings(replication_factor=3, min_insync_replicas=3).insync_replicas == 3
+    with pytest.raises(ValueError, match="METERING_MIN_INSYNC_REPLICAS \\(4\\) exceeds METERING_REPLICATION_FACTOR"):
+        Settings(replication_factor=3, min_insync_replicas=4)

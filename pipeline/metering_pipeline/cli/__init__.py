@@ -30,6 +30,8 @@ class _Main(click.Group):
         from aiokafka.errors import KafkaConnectionError, KafkaError
         from clickhouse_connect.driver.exceptions import ClickHouseError
 
+        from metering_pipeline.topics import TopicLayoutError
+
         try:
             return super().invoke(ctx)
         except ClickHouseError as error:
@@ -57,6 +59,8 @@ class _Main(click.Group):
             ) from None
         except KafkaError as error:
             raise click.ClickException(f"Kafka at {ctx.obj.kafka_bootstrap if ctx.obj else '?'}: {error}") from None
+        except TopicLayoutError as error:
+            raise click.ClickException(str(error)) from None
 
 
 @click.group(cls=_Main)
@@ -119,8 +123,11 @@ def migrate(settings: Settings) -> None:
 @main.command("topics")
 @click.pass_obj
 def create_topics(settings: Settings) -> None:
-    """Create the product's Kafka topics that do not exist yet (partitions: METERING_USAGE_PARTITIONS)."""
-    from metering_pipeline.topics import ensure_topics, public_topics
+    """Create the product's Kafka topics that do not exist yet (partitions: METERING_USAGE_PARTITIONS; replicas:
+    METERING_REPLICATION_FACTOR, of which METERING_MIN_INSYNC_REPLICAS acknowledge a write) and check the existing
+    ones."""
+    from metering_pipeline.topics import check_partitioning, ensure_topics, public_topics
 
     created = asyncio.run(ensure_topics(settings, public_topics(settings)))
+    asyncio.run(check_partitioning(settings))
     click.echo(f"created: {', '.join(created)}" if created else "all topics exist")

@@ -27,7 +27,7 @@ from metering_pipeline.definitions import DefinitionFeed, feed_into
 from metering_pipeline.logs import get_logger
 from metering_pipeline.retry import FailingStreak
 from metering_pipeline.settings import Settings
-from metering_pipeline.topics import Topics, ensure_topics, internal_topics, public_topics
+from metering_pipeline.topics import Topics, check_partitioning, ensure_topics, internal_topics, public_topics
 from metering_pipeline.usage.metrics import MetricCatalog
 from metering_pipeline.usage.thresholds import ThresholdBook
 from metering_pipeline.warehouse import mirrors
@@ -150,8 +150,10 @@ def prepare(settings: Settings) -> None:
     """Before the worker joins its groups: every topic it reads or writes exists, and the warehouse schema does
     if ClickHouse answers within its connect timeout. A ClickHouse that is down or hanging does not keep the
     worker from consuming and alerting: its sink applies the migrations once ClickHouse answers. Refused
-    credentials or an untrusted certificate end the start here, in one line."""
+    credentials, an untrusted certificate or internal topics whose partition counts differ end the start here,
+    in one line."""
     asyncio.run(ensure_topics(settings, public_topics(settings) + internal_topics(settings)))
+    asyncio.run(check_partitioning(settings))
     try:
         migrate(settings, timeout=settings.clickhouse_connect_timeout)
     except Exception as error:

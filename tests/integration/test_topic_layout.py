@@ -1,0 +1,78 @@
+"""Topics as the product creates them and as it finds them: min.insync.replicas set on every topic it creates,
+a warning for existing topics that keep fewer copies than its settings ask for, and no start on internal topics
+whose partition counts were changed apart (a subject's state would be split over two partitions)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewPartitions
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from structlog.testing import capture_logs
+
+from metering_pipeline.settings import Settings
+from metering_pipeline.topics import Topics, ensure_topics, internal_topics, public_topics
+from support import PARTITIONS, eventually
+
+pytestmark = pytest.mark.integration
+
+TOPIC_CONFIG = 1  # DescribeConfigs' config_source of a value set on the topic itself
+
+
+async def topic_configs(settings: Settings, names: list[str], key: str) -> dict[str, tuple[str, int]]:
+    """Per topic: the value of `key` and where it comes from."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        responses = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, name, {key: None}) for name in names]
+        )
+    finally:
+        await admin.close()
+    return {
+        name: (value, source)
+        for response in responses
+        for _code, _message, _type, name, entries in response.resources
+        for _key, value, _read_only, source, *_ in entries
+    }
+
+
+async def test_every_topic_the_product_creates_sets_min_insync_replicas(pipeline):
+    settings, _ = pipeline  # the fixture created the public and internal topics with the product's own code
+    names = [spec.name for spec in public_topics(settings) + internal_topics(settings)]
+    configs = await topic_configs(settings, names, "min.insync.replicas")
+    assert configs == dict.fromkeys(names, (str(settings.insync_replicas), TOPIC_CONFIG))
+
+
+async def test_existing_topics_with_fewer_copies_than_the_settings_are_named(pipeline):
+    settings, _ = pipeline
+    stricter = settings.model_copy(update={"replication_factor": 2, "min_insync_replicas": 2})
+    specs = public_topics(settings) + internal_topics(settings)
+    with capture_logs() as logs:
+        assert await ensure_topics(stricter, specs) == []  # all exist: nothing created, nothing changed
+    fewer = {e["topic"] for e in logs if e["event"].startswith("topic has fewer replicas")}
+    weaker = {e["topic"] for e in logs if e["event"].startswith("topic acknowledges writes held by fewer")}
+    assert fewer == weaker == {spec.name for spec in specs}
+    assert {e["replicas"] for e in logs if e["topic"] in fewer and "replicas" in e} == {1}
+
+
+async def test_a_worker_refuses_to_start_when_partitions_were_added_to_the_changelog(pipeline):
+    settings, new_worker = pipeline
+    topics = Topics.of(settings)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_partitions({topics.rollup_changelog: NewPartitions(PARTITIONS + 2)})
+    finally:
+        await admin.close()
+
+    worker = new_worker().start()
+    assert worker.process is not None
+    await asyncio.to_thread(eventually, lambda: worker.process.poll() is not None, 60, message=worker.log_tail)
+    assert worker.process.returncode == 1
+    said = worker.log_tail()
+    assert (
+        f"topic {topics.routed} has {PARTITIONS} partitions and {topics.rollup_changelog} has {PARTITIONS + 2}" in said
+    )
+    assert "Traceback" not in said

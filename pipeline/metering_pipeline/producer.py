@@ -17,7 +17,7 @@ import jiter
 from aiokafka import AIOKafkaProducer
 
 from metering_pipeline.settings import Settings
-from metering_pipeline.topics import Topics
+from metering_pipeline.topics import Topics, kafka_answers
 from metering_schemas import UsageRecord
 
 MAX_BATCH_RECORDS = 500
@@ -90,6 +90,11 @@ class UsageProducer:
     async def __aexit__(self, *exc: object) -> None:
         assert self._producer is not None
         await self._producer.stop()
+
+    async def kafka_answers(self) -> bool:
+        """Whether a broker answers now (readiness), through this producer's connections."""
+        assert self._producer is not None
+        return await kafka_answers(self._producer.client, self.topic)
 
     def _prepare(self, record: UsageRecord) -> UsageRecord:
         return with_id(record) if self.assign_ids else record

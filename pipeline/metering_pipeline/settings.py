@@ -121,7 +121,8 @@ class Settings(BaseSettings):
         default=60.0,
         gt=0,
         description="Seconds a worker's ClickHouse writer may keep failing (retrying) before "
-        "/health answers 503: long enough for a ClickHouse restart, short enough to page",
+        "/ready answers 503 (/health, the liveness probe, stays 200): long enough for a ClickHouse restart, short "
+        "enough to page",
     )
     kafka_session_timeout: float = Field(
         default=30.0,

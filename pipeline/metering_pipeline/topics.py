@@ -47,6 +47,8 @@ _WEEK_MS = str(7 * 24 * 3600 * 1000)
 # is lower does not silently break that rule.
 CHANGELOG_TOMBSTONES_MS = 24 * 3600 * 1000
 _LATEST = -1  # ListOffsets' timestamp for "the end offset"
+KAFKA_ANSWER_TIMEOUT = 2.0  # seconds a readiness probe waits for a broker (probes time out after a few seconds)
+KAFKA_UNREACHABLE = f"Kafka does not answer: no broker answered a metadata request within {KAFKA_ANSWER_TIMEOUT:g} s"
 
 
 @dataclass(frozen=True)
@@ -251,6 +253,25 @@ async def _until_led(admin: AIOKafkaAdminClient, names: list[str], timeout: floa
 async def _answers(client: AIOKafkaClient, leader: int, topics: dict[str, list[tuple[int, int]]]) -> bool:
     response = await client.send(leader, OffsetRequest(-1, 0, list(topics.items())))
     return all(error_code == 0 for _topic, partitions in response.topics for _p, error_code, *_ in partitions)
+
+
+async def kafka_answers(client: AIOKafkaClient, topic: str, timeout: float = KAFKA_ANSWER_TIMEOUT) -> bool:
+    """Whether a broker answers a metadata request for `topic` within `timeout` (any broker: on a cluster, one down
+    is not Kafka unreachable). What readiness asks of Kafka; a client's cached metadata would not tell."""
+    nodes = [broker.nodeId for broker in client.cluster.brokers()] or [client.get_random_node()]
+    try:
+        async with asyncio.timeout(timeout):
+            for node in nodes:
+                if node is None:
+                    continue
+                try:
+                    await client.send(node, MetadataRequest([topic], allow_auto_topic_creation=False))
+                except (KafkaError, OSError):
+                    continue
+                return True
+    except TimeoutError:
+        pass
+    return False
 
 
 async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> frozenset[int] | None:

@@ -1,6 +1,7 @@
 """Servers stop mid-stream and come back (ClickHouse, the Kafka broker): the worker holds on
 (bounded memory, retries with backoff, reconnects) and every record ends up in the rollups exactly once;
-/health tells a worker whose writes keep failing, and a permanent ClickHouse error stops the worker."""
+/ready tells a worker whose writes keep failing (/health stays 200), and a permanent ClickHouse error stops the
+worker."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from metering_dev.bench.measure import rss_bytes
 from metering_dev.bench.state_phases import metric as metric_value, scrape
 from metering_pipeline.invoicing.settlement import processed_through
-from metering_pipeline.topics import Topics
+from metering_pipeline.topics import KAFKA_UNREACHABLE, Topics
 from metering_pipeline.warehouse.client import connect
 from metering_pipeline.worker.routing import ROUTED_BATCH, subject_partition
 from support import (
@@ -279,34 +280,36 @@ def test_a_worker_that_replaces_a_killed_one_while_clickhouse_hangs_restores_and
     assert _totals(settings) == (sent, Decimal("0.1") * sent, sent)
 
 
-def _wait_for_health(worker, status: int, timeout: float) -> dict:
+def _wait_for_probe(worker, path: str, status: int, timeout: float) -> dict:
     def answered() -> dict:
-        answer = worker.health()
-        assert answer[0] == status, f"/health still {answer}"
+        answer = worker.probe(path)
+        assert answer[0] == status, f"{path} still {answer}"
         return answer[1]
 
     return eventually(while_running(worker, answered), timeout, interval=0.2)
 
 
-def test_health_is_503_with_the_failing_writer_while_clickhouse_is_down_longer_than_allowed_and_200_once_back(
+def test_ready_is_503_with_the_failing_writer_while_clickhouse_is_down_longer_than_allowed_and_health_stays_200(
     private_clickhouse_pipeline,
 ):
     endpoint, settings, new_worker = private_clickhouse_pipeline
     worker = _worker_counting(settings, new_worker, 1000, METERING_WRITER_UNHEALTHY_AFTER="2")
     assert worker.health() == (200, {"healthy": True})
+    assert worker.ready() == (200, {"ready": True, "restoring": []})
 
     endpoint.stop()
     stopped = time.monotonic()
     asyncio.run(publish(settings, _batch(1000, 200)))  # the writer has something to write, and fails
-    body = _wait_for_health(worker, 503, 30)
+    body = _wait_for_probe(worker, "/ready", 503, 30)
     assert time.monotonic() - stopped > 2  # not before METERING_WRITER_UNHEALTHY_AFTER
-    assert body["healthy"] is False
+    assert body["ready"] is False
     assert re.fullmatch(
         r"checkpoint writer of partition \d+ failing for \d+ s: .*[Cc]onnection refused.*", body["reason"]
     ), body
+    assert worker.health() == (200, {"healthy": True})  # alive: a liveness probe must not restart it for this
 
     endpoint.start()
-    assert _wait_for_health(worker, 200, 60) == {"healthy": True}
+    assert _wait_for_probe(worker, "/ready", 200, 60) == {"ready": True, "restoring": []}
     _wait_for_records(settings, worker, 1200, 120)
     time.sleep(2)  # a late duplicate would show up now
     assert _totals(settings) == (1200, Decimal("120.0"), 1200)
@@ -376,9 +379,18 @@ def test_a_broker_restart_mid_stream_loses_and_doubles_nothing(private_apache_st
         worker = _worker_counting(settings, new_worker, 3000)
         assert client.post("/v1/usage", json=_api_record("api-before")).status_code == 202
 
+        assert worker.ready()[0] == 200 and api.client(None).get("/ready").json() == {"ready": True}  # no key needed
         log_before_outage = worker.log_path.stat().st_size
         assert stack.kafka.stop()
-        time.sleep(OUTAGE_SECONDS / 2)
+        outage_started = time.monotonic()
+        # Not ready while no broker answers, and alive all along: a liveness probe must not restart them for this.
+        assert worker.ready() == (503, {"ready": False, "restoring": [], "reason": KAFKA_UNREACHABLE})
+        assert (client.get("/ready").status_code, client.get("/ready").json()) == (
+            503,
+            {"ready": False, "reason": KAFKA_UNREACHABLE},
+        )
+        assert worker.health() == (200, {"healthy": True}) and client.get("/health").status_code == 200
+        time.sleep(max(0.0, OUTAGE_SECONDS / 2 - (time.monotonic() - outage_started)))
         assert worker.process.poll() is None, "the worker died while the broker was down"
         stack.up(config)  # the same broker (same log dir and port) again
         asyncio.run(publish(settings, _batch(3000, 2000)))
@@ -390,6 +402,7 @@ def test_a_broker_restart_mid_stream_loses_and_doubles_nothing(private_apache_st
         _wait_for_records(settings, worker, 5002, 180)
         time.sleep(2)  # a late duplicate would show up now
         assert _totals(settings) == (5002, Decimal("500.0") + 2, 5002)
+        assert worker.ready() == (200, {"ready": True, "restoring": []}) and client.get("/ready").status_code == 200
 
         def back() -> str:
             said = _log_since(worker, log_before_outage)

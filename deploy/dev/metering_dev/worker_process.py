@@ -115,9 +115,16 @@ class WorkerProcess:
         raise TimeoutError(f"worker not healthy after {timeout}s; its log ends with:\n{self.log_tail()}")
 
     def health(self) -> tuple[int, dict]:
-        """/health's status and body: 200 {"healthy": true}, or 503 with the reason."""
+        """/health's status and body (liveness): 200 {"healthy": true}, or 503 with the reason."""
+        return self.probe("/health")
+
+    def ready(self) -> tuple[int, dict]:
+        """/ready's status and body (readiness): 200 {"ready": true, ...}, or 503 with what it waits for."""
+        return self.probe("/ready")
+
+    def probe(self, path: str) -> tuple[int, dict]:
         try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+            with urllib.request.urlopen(f"{self.url}{path}", timeout=5) as response:
                 return response.status, json.loads(response.read())
         except urllib.error.HTTPError as error:
             with error:

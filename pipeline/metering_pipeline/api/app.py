@@ -8,7 +8,7 @@ from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordListTooL
 from clickhouse_connect.driver.exceptions import OperationalError
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, PlainTextResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -25,6 +25,7 @@ from metering_pipeline.api.errors import (
 from metering_pipeline.api.keys import KeyRing
 from metering_pipeline.api.request_metrics import RequestMetrics, RequestMetricsMiddleware
 from metering_pipeline.settings import Settings
+from metering_pipeline.topics import KAFKA_UNREACHABLE
 from metering_pipeline.usage.intake import IntakeRules
 from metering_schemas._base import MAX_DESCRIPTION, MAX_IDENTIFIER, MAX_NAME
 from metering_schemas.billing import MAX_PRICES, MAX_TIERS
@@ -105,9 +106,21 @@ def create_app(settings: Settings) -> FastAPI:
         """One static page that reads the API in the browser with the user's API key."""
         return HTMLResponse(DASHBOARD.read_text())
 
-    @app.get("/health", tags=["operations"], summary="Liveness: the API has loaded the catalogs")
+    @app.get("/health", tags=["operations"], summary="Liveness: the API runs (it serves once its catalogs loaded)")
     async def health() -> dict[str, bool]:
         return {"healthy": True}
+
+    @app.get(
+        "/ready",
+        tags=["operations"],
+        summary="Readiness: the catalogs are loaded and a Kafka broker answers; 503 with the reason otherwise",
+        responses={503: {"description": "Not ready: `reason` says why"}},
+    )
+    async def ready() -> JSONResponse:
+        producer = context.producer
+        if producer is None or not await producer.kafka_answers():
+            return JSONResponse({"ready": False, "reason": KAFKA_UNREACHABLE}, status_code=503)
+        return JSONResponse({"ready": True})
 
     @app.get(
         "/metrics",

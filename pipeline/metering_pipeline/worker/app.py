@@ -27,7 +27,15 @@ from metering_pipeline.definitions import DefinitionFeed, feed_into
 from metering_pipeline.logs import get_logger
 from metering_pipeline.retry import FailingStreak
 from metering_pipeline.settings import Settings
-from metering_pipeline.topics import Topics, check_partitioning, ensure_topics, internal_topics, public_topics
+from metering_pipeline.topics import (
+    KAFKA_UNREACHABLE,
+    Topics,
+    check_partitioning,
+    ensure_topics,
+    internal_topics,
+    kafka_answers,
+    public_topics,
+)
 from metering_pipeline.usage.metrics import MetricCatalog
 from metering_pipeline.usage.thresholds import ThresholdBook
 from metering_pipeline.warehouse import mirrors
@@ -109,14 +117,22 @@ class Pipeline:
         await self.events_producer.stop()
         self.outage_watch.cancel()
 
-    def health_problem(self) -> str | None:
-        """Why this worker must not count as healthy (starting, a stage failed, a ClickHouse writer failing for
-        longer than `writer_unhealthy_after`), or None."""
+    def liveness_problem(self) -> str | None:
+        """Why this worker is not alive (starting, or a stage failed and the process is stopping), or None. A
+        ClickHouse outage is not one: a restart would not end it, and would replay state."""
         if self.failure is not None:
             stage, error = self.failure
             return f"stage {stage} failed: {_described(error)}"
         if not self.healthy:
             return "starting"
+        return None
+
+    def readiness_problem(self) -> str | None:
+        """Why this worker must not count as serving (not alive, or a ClickHouse writer failing for longer than
+        `writer_unhealthy_after`), or None; restoring partitions are reported beside it."""
+        problem = self.liveness_problem()
+        if problem is not None:
+            return problem
         writers: list[tuple[str, FailingStreak]] = [
             (f"checkpoint writer of partition {partition}", owned.writer.failing)
             for partition, owned in sorted(self.rollups.owned.items())
@@ -219,17 +235,20 @@ def create_app(settings: Settings, web_port: int) -> tuple[faust.App, Pipeline]:
 
     @app.page("/health")
     async def health(web: View, request: Request) -> Response:
-        """200 {"healthy": true}, or 503 {"healthy": false, "reason": ...} (see `Pipeline.health_problem`)."""
-        problem = pipeline.health_problem()
+        """Liveness: 200 {"healthy": true}, or 503 {"healthy": false, "reason": ...} (`Pipeline.liveness_problem`)."""
+        problem = pipeline.liveness_problem()
         if problem is None:
             return web.json({"healthy": True})
         return web.json({"healthy": False, "reason": problem}, status=503)
 
     @app.page("/ready")
     async def ready(web: View, request: Request) -> Response:
-        """200 once healthy with every assigned partition's state restored; else 503 saying what it waits for: the
-        restoring partitions and how far along they are."""
-        problem = pipeline.health_problem()
+        """Readiness: 200 once alive, with every assigned partition's state restored, no writer failing for too long
+        and a Kafka broker answering; else 503 saying what it waits for (the restoring partitions and how far along
+        they are, the reason)."""
+        problem = pipeline.readiness_problem()
+        if problem is None and not await kafka_answers(pipeline.events_producer.client, topics.usage_recorded):
+            problem = KAFKA_UNREACHABLE
         restoring = [
             {"partition": r.partition, "replayedEntries": r.entries, "remainingOffsets": r.remaining}
             for r in sorted(pipeline.rollups.restoring.values(), key=lambda r: r.partition)

@@ -1,9 +1,10 @@
-"""What `/health` says: a worker whose ClickHouse writes keep failing is not healthy.
+"""What `/ready` says of writers: a worker whose ClickHouse writes keep failing is not ready.
 
 A writer retries transient failures (ClickHouse restarting, a network blip) and the worker
-keeps consuming, so for a while that is normal; past `writer_unhealthy_after` seconds the
-worker answers 503 with the reason, so that an orchestrator or an on-call person sees it
-before the backlog grows (consumption pauses at `max_buffered_records`).
+keeps consuming, so for a while that is normal; past `writer_unhealthy_after` seconds `/ready`
+answers 503 with the reason, so that a load balancer, a rolling restart or an on-call person
+sees it before the backlog grows (consumption pauses at `max_buffered_records`). `/health`
+(liveness) stays 200: restarting the worker would not bring ClickHouse back.
 """
 
 from __future__ import annotations

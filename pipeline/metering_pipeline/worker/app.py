@@ -102,7 +102,10 @@ class Pipeline:
         self.tasks += [
             asyncio.create_task(self._guard("rollups", rollups.run(self.stopping))),
             asyncio.create_task(
-                self._guard("router", RouterStage(self.settings, self.catalog, self.stats).run(self.stopping))
+                self._guard(
+                    "router",
+                    RouterStage(self.settings, self.catalog, self.stats, rollups.backpressured).run(self.stopping),
+                )
             ),
             asyncio.create_task(self._guard("alert archive", self.alert_archive.run(self.stopping))),
         ]

@@ -222,6 +222,10 @@ class RollupStage:
         if TopicPartition(self.topic, owned.partition) in self.consumer.assignment():
             self._rejoin = True  # still assigned here: only a fresh rebalance settles who owns it
 
+    def backpressured(self) -> bool:
+        """Consumption is paused until ClickHouse catches up (the router holds meanwhile)."""
+        return self._paused
+
     def _apply_backpressure(self) -> None:
         """Stop fetching while the writers hold too many records (ClickHouse slow or down); resume at half."""
         buffered = self._buffered_records()

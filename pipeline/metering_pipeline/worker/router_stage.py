@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,8 +33,13 @@ ROUTER_POLL_RECORDS = 25_000
 
 
 class RouterStage:
-    def __init__(self, settings: Settings, catalog: MetricCatalog, stats: WorkerStats) -> None:
+    def __init__(
+        self, settings: Settings, catalog: MetricCatalog, stats: WorkerStats, held: Callable[[], bool]
+    ) -> None:
         self.settings = settings
+        # While this is true (the worker's rollup stage is paused by backpressure) the router reads nothing: the
+        # backlog waits in usage.recorded, whose retention the operator sizes, not in the routed topic's 7 days.
+        self.held = held
         self.catalog = catalog
         self.stats = stats
         self.rules = IntakeRules(settings.allowed_lateness, settings.future_skew)
@@ -67,7 +73,14 @@ class RouterStage:
         poll = PollSize(self.settings.max_poll_records)
         try:
             partitions = await self._routed_partitions()
+            holding = False
             while not stopping.is_set():
+                if self.held():
+                    self.consumer.pause(*self.consumer.assignment())  # again each time: a rebalance may add some
+                    holding = True
+                elif holding:
+                    self.consumer.resume(*self.consumer.assignment())
+                    holding = False
                 batches = await self.consumer.getmany(timeout_ms=100, max_records=poll.messages)
                 if batches:
                     sends, offsets, records = await self._route(batches, partitions)

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import sys
 import time
+from dataclasses import dataclass
 
 import structlog
 from aiokafka.errors import KafkaConnectionError, KafkaError, NodeNotReadyError, RequestTimedOutError
@@ -69,17 +70,36 @@ _RETRIED_MESSAGES = (
     "Topic %s not found in cluster metadata",
 )
 _UNREACHABLE = (KafkaConnectionError, NodeNotReadyError, RequestTimedOutError, ConnectionError, TimeoutError)
+# aiokafka messages that name the broker they failed to reach: by its node id (the first argument), or its address
+# (host and port, the first two).
+_BY_NODE = (
+    "Unable connect to node with id",
+    "Unable to request metadata from node with id",
+    "Failed fetch messages from",
+    "Marking the coordinator dead (node",
+)
+_BY_ADDRESS = ('Unable connect to "%s:%s"', 'Unable to request metadata from "%s:%s"')
+# No broker answered: every known one was asked for metadata and none replied.
+_NO_BROKER = ("Unable to update metadata from", "Unable to bootstrap from")
+CLUSTER = "cluster"  # the outage of the whole cluster, beside those of single brokers
+
+
+@dataclass
+class _Outage:
+    since: float
+    last: float
+    hushed: int = 0
 
 
 class KafkaRetries(logging.Filter):
     """aiokafka logs every retry of a request, most at ERROR: a 24-second broker restart wrote ~15,000 error lines
     that need no person, and drowned the ones that do. This filter turns them into:
 
-    - one warning when the broker becomes unreachable (the first connection error) and one when it is back
-      (no connection error for `quiet` seconds), with how long it was gone and how many retries were hushed;
-      the clients' retries in between are not logged;
+    - one warning when a broker becomes unreachable (the first connection error naming it) and one when it is back
+      (no connection error naming it for `quiet` seconds), with how long it was gone and how many retries were
+      hushed; the same two for the whole cluster when no broker answers at all;
     - other retried errors (a coordinator moving, a leader changing) at most once per `every` seconds per
-      message, as warnings.
+      message, as warnings, also while a broker is down (on a cluster they tell the others taking over).
 
     Errors aiokafka does not retry (refused credentials, authorization, a bug in its routines) pass unchanged.
     """
@@ -88,9 +108,7 @@ class KafkaRetries(logging.Filter):
         super().__init__()
         self.quiet = quiet
         self.every = every
-        self.unreachable_since: float | None = None
-        self.last_unreachable = 0.0
-        self.hushed = 0
+        self.outages: dict[str, _Outage] = {}  # by broker ("node 1", "host:9092") or CLUSTER
         self._last_said: dict[tuple[str, object], float] = {}
         self._log = get_logger("metering_pipeline.kafka")
 
@@ -100,13 +118,13 @@ class KafkaRetries(logging.Filter):
         now = time.monotonic()
         self.notice_recovery(now)
         message = record.msg if isinstance(record.msg, str) else ""
-        errors = (
-            [arg for arg in record.args if isinstance(arg, BaseException)] if isinstance(record.args, tuple) else []
-        )
+        args = record.args if isinstance(record.args, tuple) else ()
+        errors = [arg for arg in args if isinstance(arg, BaseException)]
         if any(isinstance(error, KafkaError) and not error.retriable for error in errors):
             return True  # e.g. refused credentials, not authorized: for a person
-        unreachable = any(isinstance(error, _UNREACHABLE) for error in errors) or message.startswith(
-            ("Unable connect to", "Unable to update metadata")
+        broker = _broker_named(message, args)
+        unreachable = message.startswith(_NO_BROKER + _BY_ADDRESS + ("Unable connect to",)) or any(
+            isinstance(error, _UNREACHABLE) for error in errors
         )
         if not (
             unreachable
@@ -115,39 +133,68 @@ class KafkaRetries(logging.Filter):
         ):
             return True
         if unreachable:
-            if self.unreachable_since is None:
-                self.unreachable_since = now
-                self._log.warning(
-                    "Kafka unreachable; its clients retry until it is back", error=record.getMessage()[:300]
-                )
-            self.last_unreachable = now
-        if (
-            self.unreachable_since is not None
-            or now - self._last_said.get((record.name, record.msg), -self.every) < self.every
-        ):
-            self.hushed += 1
+            where = CLUSTER if message.startswith(_NO_BROKER) else broker
+            if where is not None:
+                self._unreachable(where, now, record)
+            elif self.outages:  # a connection error that names no broker, during an outage: part of it
+                next(iter(self.outages.values())).hushed += 1
+                return False
+        if broker is not None and broker in self.outages:
+            self.outages[broker].hushed += 1
+            return False
+        if CLUSTER in self.outages:
+            self.outages[CLUSTER].hushed += 1
+            return False
+        if now - self._last_said.get((record.name, record.msg), -self.every) < self.every:
             return False
         self._last_said[(record.name, record.msg)] = now
         record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True
 
+    def _unreachable(self, where: str, now: float, record: logging.LogRecord) -> None:
+        outage = self.outages.get(where)
+        if outage is None:
+            self.outages[where] = _Outage(now, now)
+            error = record.getMessage()[:300]
+            if where == CLUSTER:
+                self._log.warning(
+                    "Kafka unreachable: no broker answers; its clients retry until it is back", error=error
+                )
+            else:
+                self._log.warning(
+                    "Kafka broker unreachable; its clients retry until it is back", broker=where, error=error
+                )
+        else:
+            outage.last = now
+
     def notice_recovery(self, now: float | None = None) -> None:
-        """Says once that Kafka is back, after `quiet` seconds without a connection error (called by each filtered
-        record and by `watch`)."""
+        """Says once that a broker (or the cluster) is back, after `quiet` seconds without a connection error naming
+        it (called by each filtered record and by `watch`)."""
         now = time.monotonic() if now is None else now
-        if self.unreachable_since is not None and now - self.last_unreachable >= self.quiet:
-            self._log.warning(
-                "Kafka reachable again",
-                unreachable_seconds=round(self.last_unreachable - self.unreachable_since, 1),
-                retries_not_logged=self.hushed,
-            )
-            self.unreachable_since, self.hushed = None, 0
+        for where, outage in list(self.outages.items()):
+            if now - outage.last < self.quiet:
+                continue
+            del self.outages[where]
+            gone = {"unreachable_seconds": round(outage.last - outage.since, 1), "retries_not_logged": outage.hushed}
+            if where == CLUSTER:
+                self._log.warning("Kafka reachable again", **gone)
+            else:
+                self._log.warning("Kafka broker reachable again", broker=where, **gone)
 
     async def watch(self) -> None:
         """Notices recovery in a process whose clients have nothing more to log once Kafka is back."""
         while True:
             await asyncio.sleep(1)
             self.notice_recovery()
+
+
+def _broker_named(message: str, args: tuple[object, ...]) -> str | None:
+    """The broker an aiokafka message is about, when it names one."""
+    if message.startswith(_BY_ADDRESS) and len(args) >= 2:
+        return f"{args[0]}:{args[1]}"
+    if message.startswith(_BY_NODE) and args:
+        return f"node {args[0]}"
+    return None
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

@@ -9,6 +9,7 @@ from aiokafka.errors import (
     GroupAuthorizationFailedError,
     GroupCoordinatorNotAvailableError,
     KafkaConnectionError,
+    NotLeaderForPartitionError,
     SaslAuthenticationFailed,
 )
 from structlog.testing import capture_logs
@@ -33,7 +34,7 @@ def test_a_retried_kafka_coordinator_error_is_one_warning_a_minute_and_a_final_o
     refused = record(
         'Unable connect to "%s:%s": %s', "localhost", 9094, SaslAuthenticationFailed("bad password"), logger="aiokafka"
     )
-    assert retries.filter(refused) and refused.levelname == "ERROR" and retries.unreachable_since is None
+    assert retries.filter(refused) and refused.levelname == "ERROR" and not retries.outages
     bug = record("Unexpected error in sender routine", logger="aiokafka.producer.sender")
     assert retries.filter(bug) and bug.levelname == "ERROR"
 
@@ -51,14 +52,21 @@ def test_an_unreachable_broker_is_one_warning_when_it_goes_and_one_when_it_is_ba
     ]
     with capture_logs() as said:
         assert [retries.filter(r) for r in outage * 100] == [False] * 500
-        assert [e["event"] for e in said] == ["Kafka unreachable; its clients retry until it is back"]
+        assert [(e["event"], e.get("broker")) for e in said] == [
+            ("Kafka broker unreachable; its clients retry until it is back", "node 1"),
+            ("Kafka unreachable: no broker answers; its clients retry until it is back", None),
+        ]
         assert "Connect call failed" in said[0]["error"]
         time.sleep(0.3)
         retries.notice_recovery()
         retries.notice_recovery()
-    assert [e["event"] for e in said[1:]] == ["Kafka reachable again"]
-    assert said[1]["retries_not_logged"] == 500 and said[1]["log_level"] == "warning"
-    assert 0 <= said[1]["unreachable_seconds"] < 1
+    back = {e.get("broker"): e for e in said[2:]}
+    assert {(e["event"], broker) for broker, e in back.items()} == {
+        ("Kafka broker reachable again", "node 1"),
+        ("Kafka reachable again", None),
+    }
+    assert back["node 1"]["retries_not_logged"] + back[None]["retries_not_logged"] == 500
+    assert all(e["log_level"] == "warning" and 0 <= e["unreachable_seconds"] < 1 for e in back.values())
     # After recovery, a retried error is a warning again (rate-limited as before the outage).
     moved = record(
         "Heartbeat failed for group %s: coordinator (node %s) is either not started or not valid",
@@ -67,3 +75,32 @@ def test_an_unreachable_broker_is_one_warning_when_it_goes_and_one_when_it_is_ba
         level=logging.WARNING,
     )
     assert retries.filter(moved)
+
+
+def test_one_broker_of_a_cluster_down_is_named_and_the_others_taking_over_are_told():
+    retries = KafkaRetries(quiet=0.2)
+    down = [
+        record("Unable connect to node with id %s: %s", 2, OSError(111, "Connect call failed"), logger="aiokafka"),
+        record("Unable to request metadata from node with id %s: %r", 2, KafkaConnectionError("x"), logger="aiokafka"),
+        record("Marking the coordinator dead (node %s)for group %s.", 2, "g", level=logging.WARNING),
+    ]
+    leader_moved = record(
+        "Got error produce response: %s", NotLeaderForPartitionError(), logger="aiokafka.producer.sender"
+    )
+    with capture_logs() as said:
+        assert [retries.filter(r) for r in down * 50] == [False] * 150
+        assert retries.filter(leader_moved) and leader_moved.levelname == "WARNING"  # told, at most once a minute
+        assert not retries.filter(leader_moved)
+        time.sleep(0.3)
+        retries.notice_recovery()
+    assert [(e["event"], e.get("broker")) for e in said] == [
+        ("Kafka broker unreachable; its clients retry until it is back", "node 2"),
+        ("Kafka broker reachable again", "node 2"),
+    ]
+    assert said[1]["retries_not_logged"] == 150
+    by_address = record('Unable connect to "%s:%s": %s', "kafka-3", 9092, OSError(111, "refused"), logger="aiokafka")
+    with capture_logs() as said:
+        assert not retries.filter(by_address)
+    assert [(e["event"], e["broker"]) for e in said] == [
+        ("Kafka broker unreachable; its clients retry until it is back", "kafka-3:9092")
+    ]

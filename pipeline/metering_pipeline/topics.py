@@ -41,6 +41,9 @@ PLANS = "metering.plans"
 SUBSCRIPTIONS = "metering.subscriptions"
 
 _COMPACTED = {"cleanup.policy": "compact"}
+# The broker's clock, not the producer's, on usage.recorded: retention and the allowed lateness read a message's time,
+# and a producer that sets it to the event time would have back-dated records deleted by retention within minutes.
+_BROKER_TIME = {"message.timestamp.type": "LogAppendTime"}
 _WEEK_MS = str(7 * 24 * 3600 * 1000)
 # How long compaction keeps a changelog tombstone: a worker's state store not written for less than this cannot have
 # missed one (state_store.STALE_AFTER is shorter). Kafka's default, set on the topic so that a broker whose default
@@ -95,7 +98,7 @@ def public_topics(settings: Settings) -> list[TopicSpec]:
     """Usage topics scale with `usage_partitions` (the unit of worker parallelism); definitions are small."""
     topics = Topics.of(settings)
     return [
-        TopicSpec(topics.usage_recorded, settings.usage_partitions),
+        TopicSpec(topics.usage_recorded, settings.usage_partitions, _BROKER_TIME),
         TopicSpec(topics.dead_letters, settings.usage_partitions),
         TopicSpec(topics.usage_aggregated, settings.usage_partitions),
         TopicSpec(topics.metrics, 1, _COMPACTED),
@@ -163,8 +166,8 @@ async def ensure_topics(settings: Settings, specs: list[TopicSpec]) -> list[str]
 
 async def _warn_if_weaker(admin: AIOKafkaAdminClient, settings: Settings, specs: list[TopicSpec]) -> None:
     """Topics someone else created (an operator, or the broker's auto-create for an early producer) may keep fewer
-    copies than the product's settings ask for, or (definitions and the changelog) lack compaction, so that their
-    entries expire with the retention time."""
+    copies than the product's settings ask for, (definitions and the changelog) lack compaction, so that their
+    entries expire with the retention time, or (usage.recorded) keep the producers' message times."""
     if not specs:
         return
     for described in await admin.describe_topics([s.name for s in specs]):
@@ -178,11 +181,16 @@ async def _warn_if_weaker(admin: AIOKafkaAdminClient, settings: Settings, specs:
             )
     responses = await admin.describe_configs(
         [
-            ConfigResource(ConfigResourceType.TOPIC, s.name, {"cleanup.policy": None, "min.insync.replicas": None})
+            ConfigResource(
+                ConfigResourceType.TOPIC,
+                s.name,
+                {"cleanup.policy": None, "min.insync.replicas": None, "message.timestamp.type": None},
+            )
             for s in specs
         ]
     )
     wanted = {s.name: s.config.get("cleanup.policy") for s in specs}
+    clocks = {s.name: s.config.get("message.timestamp.type") for s in specs}
     for response in responses:
         for _code, _message, _type, name, entries in response.resources:
             config = {entry[0]: entry[1] for entry in entries}
@@ -192,6 +200,14 @@ async def _warn_if_weaker(admin: AIOKafkaAdminClient, settings: Settings, specs:
                     "topic is not compacted: its entries expire with its retention time; set cleanup.policy=compact",
                     topic=name,
                     cleanup_policy=policy,
+                )
+            clock = config.get("message.timestamp.type")
+            if clocks[name] is not None and clock is not None and clock != clocks[name]:
+                log.warning(
+                    "topic keeps the producers' message times: its retention and the allowed lateness read the "
+                    "producers' clocks; set message.timestamp.type=LogAppendTime",
+                    topic=name,
+                    message_timestamp_type=clock,
                 )
             insync = config.get("min.insync.replicas")
             if insync is not None and insync.isdigit() and int(insync) < settings.insync_replicas:

@@ -21,6 +21,8 @@ from pathlib import Path
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from metering_pipeline.topics import Topics
 from metering_pipeline.warehouse.client import connect
@@ -123,9 +125,25 @@ PRO = {
 }
 
 
+async def keep_producer_times(settings) -> None:
+    """These tests replay a closed month, each record with the message time it would have had then: that needs
+    usage.recorded to keep the producers' times (CreateTime, as an operator may set it; the product creates the
+    topic with the broker's, LogAppendTime)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        topic = Topics.of(settings).usage_recorded
+        await admin.alter_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, topic, {"message.timestamp.type": "CreateTime"})]
+        )
+    finally:
+        await admin.close()
+
+
 @pytest.fixture(scope="module")
 def billing(module_pipeline, tmp_path_factory):
     settings, new_worker = module_pipeline
+    asyncio.run(keep_producer_times(settings))
     worker = new_worker().start()
     worker.wait_healthy()
     with running_api(settings, tmp_path_factory.mktemp("billing-api"), BILLING_ENV) as api:

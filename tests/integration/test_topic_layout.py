@@ -1,23 +1,29 @@
-"""Topics as the product creates them and as it finds them: min.insync.replicas set on every topic it creates,
-a warning for existing topics that keep fewer copies than its settings ask for, and no start on internal topics
-whose partition counts were changed apart (a subject's state would be split over two partitions)."""
+"""Topics as the product creates them and as it finds them: min.insync.replicas set on every topic it creates and the
+broker's clock on usage.recorded, a warning for existing topics that keep fewer copies than its settings ask for, and
+no start on internal topics whose partition counts were changed apart (a subject's state would be split)."""
 
 from __future__ import annotations
 
 import asyncio
+import time
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 
+import orjson
 import pytest
+from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from structlog.testing import capture_logs
 
 from metering_pipeline.settings import Settings
 from metering_pipeline.topics import Topics, ensure_topics, internal_topics, public_topics
-from support import PARTITIONS, eventually
+from support import PARTITIONS, define, eventually, metric, summary_rows, usage
 
 pytestmark = pytest.mark.integration
 
 TOPIC_CONFIG = 1  # DescribeConfigs' config_source of a value set on the topic itself
+LOG_APPEND_TIME = 1  # a record's timestamp type: the broker's time
 
 
 async def topic_configs(settings: Settings, names: list[str], key: str) -> dict[str, tuple[str, int]]:
@@ -76,3 +82,30 @@ async def test_a_worker_refuses_to_start_when_partitions_were_added_to_the_chang
         f"topic {topics.routed} has {PARTITIONS} partitions and {topics.rollup_changelog} has {PARTITIONS + 2}" in said
     )
     assert "Traceback" not in said
+
+
+async def test_a_back_dated_message_time_is_replaced_by_the_brokers_and_the_record_counts_in_its_own_period(pipeline):
+    settings, new_worker = pipeline
+    topic = Topics.of(settings).usage_recorded
+    assert (await topic_configs(settings, [topic], "message.timestamp.type"))[topic] == ("LogAppendTime", TOPIC_CONFIG)
+    await define(settings, metric("tokens", "SUM"))
+    worker = new_worker().start()
+    await asyncio.to_thread(worker.wait_healthy)
+    event_time = (datetime.now(UTC) - timedelta(days=30)).replace(minute=10, second=0, microsecond=0)
+    record = {**orjson.loads(usage("old-1", "tokens", "org:acme", "7")[1]), "timestamp": event_time.isoformat()}
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    await producer.start()
+    try:  # a producer that sets the message time to the event time, 30 days back
+        sent = await producer.send_and_wait(
+            topic, orjson.dumps(record), key=b"org:acme", timestamp_ms=int(event_time.timestamp() * 1000)
+        )
+    finally:
+        await producer.stop()
+
+    # What retention reads: the broker's append time, so the record is kept for the topic's whole retention.
+    assert sent.timestamp_type == LOG_APPEND_TIME
+    assert abs(sent.timestamp / 1000 - time.time()) < 60
+    hour = ("tokens", "acme", "HOURLY", event_time.replace(minute=0, tzinfo=None), ())
+    await asyncio.to_thread(
+        eventually, lambda: summary_rows(settings, ["tokens"]).get(hour) == (Decimal(7), 1), 60, message=worker.log_tail
+    )

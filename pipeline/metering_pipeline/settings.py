@@ -50,6 +50,21 @@ class Settings(BaseSettings):
         default=12, ge=1, description="Partitions of the usage topics when the product creates them"
     )
     replication_factor: int = Field(default=1, ge=1, description="Replication factor of topics the product creates")
+    dead_letter_retention: timedelta | None = Field(
+        default=None,
+        description="How long usage.recorded.dlq keeps dead letters, set when the product creates it. Default: the "
+        "broker's (7 days unless changed); keep them as long as someone may still replay or credit them",
+    )
+    usage_aggregated_retention: timedelta | None = Field(
+        default=None,
+        description="How long usage.aggregated keeps its events, set when the product creates it. Default: the "
+        "broker's",
+    )
+    alerts_retention: timedelta | None = Field(
+        default=None,
+        description="How long metering.alerts keeps alerts, set when the product creates it (threshold_events in "
+        "ClickHouse keeps them regardless). Default: the broker's",
+    )
     min_insync_replicas: int | None = Field(
         default=None,
         ge=1,
@@ -217,7 +232,14 @@ class Settings(BaseSettings):
             )
         return self
 
-    @field_validator("allowed_lateness", "dedup_window", mode="before")
+    @field_validator(
+        "allowed_lateness",
+        "dedup_window",
+        "dead_letter_retention",
+        "usage_aggregated_retention",
+        "alerts_retention",
+        mode="before",
+    )
     @classmethod
     def _seconds_or_iso_duration(cls, value: object) -> object:
         return seconds_or_iso_duration(value)

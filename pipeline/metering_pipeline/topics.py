@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -99,15 +100,20 @@ def public_topics(settings: Settings) -> list[TopicSpec]:
     topics = Topics.of(settings)
     return [
         TopicSpec(topics.usage_recorded, settings.usage_partitions, _BROKER_TIME),
-        TopicSpec(topics.dead_letters, settings.usage_partitions),
-        TopicSpec(topics.usage_aggregated, settings.usage_partitions),
+        TopicSpec(topics.dead_letters, settings.usage_partitions, _retention(settings.dead_letter_retention)),
+        TopicSpec(topics.usage_aggregated, settings.usage_partitions, _retention(settings.usage_aggregated_retention)),
         TopicSpec(topics.metrics, 1, _COMPACTED),
         TopicSpec(topics.events, 1),
         TopicSpec(topics.thresholds, 1, _COMPACTED),
-        TopicSpec(topics.alerts, settings.usage_partitions),
+        TopicSpec(topics.alerts, settings.usage_partitions, _retention(settings.alerts_retention)),
         TopicSpec(topics.plans, 1, _COMPACTED),
         TopicSpec(topics.subscriptions, 1, _COMPACTED),
     ]
+
+
+def _retention(kept: timedelta | None) -> dict[str, str]:
+    """A topic's retention.ms when a setting gives one; none: the broker's default."""
+    return {} if kept is None else {"retention.ms": str(int(kept.total_seconds() * 1000))}
 
 
 def internal_topics(settings: Settings) -> list[TopicSpec]:

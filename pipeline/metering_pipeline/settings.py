@@ -34,6 +34,9 @@ def seconds_or_iso_duration(value: object) -> object:
     return value
 
 
+_LONGEST_MONTH = timedelta(days=31)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="METERING_", extra="ignore")
 
@@ -64,6 +67,14 @@ class Settings(BaseSettings):
         default=None,
         description="How long metering.alerts keeps alerts, set when the product creates it (threshold_events in "
         "ClickHouse keeps them regardless). Default: the broker's",
+    )
+    records_ttl: timedelta | None = Field(
+        default=None,
+        description="How long usage_records keeps a raw record after its timestamp (a ClickHouse TTL, applied by the "
+        "migrations: existing rows go as their parts merge). Rollups, summaries and FINAL invoices are kept "
+        "regardless; raw records back usage.get, exports, UNIQUE_COUNT and LATEST across dimension subsets, and the "
+        "invoice of a month until it is FINAL, so at least METERING_ALLOWED_LATENESS + 31 days (a month's first "
+        "record lives until its invoice closes). Default: kept",
     )
     min_insync_replicas: int | None = Field(
         default=None,
@@ -221,6 +232,16 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _records_outlive_lateness(self) -> Settings:
+        """A month's raw records back its invoice until that closes, its end plus the allowed lateness."""
+        if self.records_ttl is not None and self.records_ttl < self.allowed_lateness + _LONGEST_MONTH:
+            raise ValueError(
+                f"METERING_RECORDS_TTL ({self.records_ttl}) is shorter than METERING_ALLOWED_LATENESS "
+                f"({self.allowed_lateness}) + 31 days: a month's records would expire before its invoice closes"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _sasl_needs_a_sasl_protocol(self) -> Settings:
         """aiokafka ignores a mechanism under PLAINTEXT/SSL while Faust would use it: refuse the ambiguity."""
         sasl_protocol = self.kafka_security_protocol.startswith("SASL_")
@@ -238,6 +259,7 @@ class Settings(BaseSettings):
         "dead_letter_retention",
         "usage_aggregated_retention",
         "alerts_retention",
+        "records_ttl",
         mode="before",
     )
     @classmethod

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -58,6 +58,52 @@ def test_migrations_apply_once_in_order(apache_stack, unique_name, tmp_path):
         with connect(settings) as client:
             assert applied_versions(client) == {1, 2}
             assert client.query("SELECT id, n FROM events").result_rows == [("first", 7)]
+    finally:
+        with connect(settings, database="default") as admin:
+            admin.command(f"DROP DATABASE IF EXISTS {unique_name}")
+
+
+def test_records_ttl_follows_the_setting_and_drops_raw_records_past_it(apache_stack, unique_name):
+    settings = apache_stack.settings(clickhouse_database=unique_name)
+
+    def table_ttl() -> str:
+        with connect(settings) as client:
+            [[create]] = client.query(
+                "SELECT create_table_query FROM system.tables WHERE database = currentDatabase() "
+                "AND name = 'usage_records'"
+            ).result_rows
+        return create
+
+    try:
+        migrate(settings.model_copy(update={"records_ttl": timedelta(days=70)}))
+        assert "TTL toDateTime(timestamp) + toIntervalSecond(6048000)" in table_ttl()
+        now = datetime.now(UTC)
+        with connect(settings) as client:
+            client.insert(
+                "usage_records",
+                [
+                    ["org", "o1", "tokens", "old", now - timedelta(days=71), Decimal("1"), "{}", "tokens"],
+                    ["org", "o1", "tokens", "new", now - timedelta(days=69), Decimal("2"), "{}", "tokens"],
+                ],
+                column_names=[
+                    "subject_type",
+                    "subject_id",
+                    "metric_key",
+                    "id",
+                    "timestamp",
+                    "quantity",
+                    "metadata",
+                    "metric_id",
+                ],
+            )
+            client.command("OPTIMIZE TABLE usage_records FINAL")
+            kept = {row[0] for row in client.query("SELECT id FROM usage_records").result_rows}
+        assert kept == {"new"}
+
+        migrate(settings.model_copy(update={"records_ttl": timedelta(days=90)}))
+        assert "toIntervalSecond(7776000)" in table_ttl()
+        migrate(settings)  # unset: kept again
+        assert " TTL " not in table_ttl()
     finally:
         with connect(settings, database="default") as admin:
             admin.command(f"DROP DATABASE IF EXISTS {unique_name}")

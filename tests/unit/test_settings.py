@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 
 from metering_pipeline.settings import Settings
@@ -117,3 +119,11 @@ def test_in_sync_replicas_are_what_is_set_within_the_replicas():
     assert Settings(replication_factor=3, min_insync_replicas=3).insync_replicas == 3
     with pytest.raises(ValueError, match="METERING_MIN_INSYNC_REPLICAS \\(4\\) exceeds METERING_REPLICATION_FACTOR"):
         Settings(replication_factor=3, min_insync_replicas=4)
+
+
+def test_raw_records_must_outlive_the_allowed_lateness(monkeypatch):
+    monkeypatch.setenv("METERING_RECORDS_TTL", "P90D")
+    assert Settings().records_ttl == timedelta(days=90)
+    assert Settings(records_ttl=timedelta(days=66)).records_ttl == timedelta(days=66)
+    with pytest.raises(ValueError, match="METERING_RECORDS_TTL .* is shorter than METERING_ALLOWED_LATENESS"):
+        Settings(records_ttl=timedelta(days=65))  # a month's first record must outlive its invoice: 31 + 35 days

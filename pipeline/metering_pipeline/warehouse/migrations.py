@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from clickhouse_connect.driver.client import Client
@@ -19,6 +20,7 @@ from metering_pipeline.settings import Settings
 from metering_pipeline.warehouse.client import connect, quote_identifier
 
 _FILE_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+_TTL = re.compile(r"\bTTL (.+?)(?: SETTINGS |$)")  # a table TTL in system.tables' create_table_query
 
 _LEDGER_DDL = """
 CREATE TABLE IF NOT EXISTS schema_migrations {on_cluster}
@@ -91,4 +93,32 @@ def migrate(settings: Settings, directory: Path | None = None, timeout: float | 
                 client.command(render(statement, cluster))
             client.insert("schema_migrations", [[migration.version, migration.name]], column_names=["version", "name"])
             applied.append(migration)
+        if directory is None:  # the product's own schema: its tables exist now
+            apply_records_ttl(client, settings)
     return applied
+
+
+def records_ttl(ttl: timedelta | None) -> str | None:
+    """usage_records' TTL expression for METERING_RECORDS_TTL (None: rows are kept)."""
+    if ttl is None:
+        return None
+    return f"toDateTime(timestamp) + toIntervalSecond({int(ttl.total_seconds())})"
+
+
+def apply_records_ttl(client: Client, settings: Settings) -> None:
+    """Sets, changes or removes usage_records' TTL to match the setting. Parts already written get it as they are
+    merged (`materialize_ttl_after_modify` off: no rewrite of the whole table at start-up)."""
+    [[create]] = client.query(
+        "SELECT create_table_query FROM system.tables WHERE database = currentDatabase() AND name = 'usage_records'"
+    ).result_rows
+    wanted = records_ttl(settings.records_ttl)
+    has = _TTL.search(create)
+    if wanted is None and has is None:
+        return
+    if has is not None and wanted is not None and has[1].replace(" ", "") == wanted.replace(" ", ""):
+        return
+    change = "REMOVE TTL" if wanted is None else f"MODIFY TTL {wanted}"
+    client.command(
+        render(f"ALTER TABLE usage_records {{on_cluster}} {change}", settings.clickhouse_cluster),
+        settings={"materialize_ttl_after_modify": 0},
+    )

@@ -12,7 +12,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from aiokafka import AIOKafkaConsumer
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.client import AIOKafkaClient
@@ -66,9 +67,11 @@ class Topics:
     alerts: str
     plans: str
     subscriptions: str
-    # Internal to the worker: the subject-routed stream and the rollup changelog.
+    # Internal to the worker: the subject-routed stream, the rollup changelog, and the partition count they were
+    # first used with.
     routed: str
     rollup_changelog: str
+    layout: str
 
     @classmethod
     def of(cls, settings: Settings) -> Topics:
@@ -85,6 +88,7 @@ class Topics:
             subscriptions=p + SUBSCRIPTIONS,
             routed=f"{p}{settings.consumer_group_prefix}.usage-by-subject",
             rollup_changelog=f"{p}{settings.consumer_group_prefix}.rollup-changelog",
+            layout=f"{p}{settings.consumer_group_prefix}.layout",
         )
 
 
@@ -126,6 +130,7 @@ def internal_topics(settings: Settings) -> list[TopicSpec]:
             settings.usage_partitions,
             {**_COMPACTED, "delete.retention.ms": str(CHANGELOG_TOMBSTONES_MS)},
         ),
+        TopicSpec(topics.layout, 1, _COMPACTED),
     ]
 
 
@@ -228,25 +233,71 @@ async def _warn_if_weaker(admin: AIOKafkaAdminClient, settings: Settings, specs:
 
 async def check_partitioning(settings: Settings) -> None:
     """Partition p of the routed topic holds the subjects whose state is in changelog partition p (a subject's
-    partition is crc32 of its key modulo the count): partitions added to either topic would split subjects' state
-    and silently break their totals. Raises TopicLayoutError when the two differ."""
+    partition is crc32 of its key modulo the count): partitions added to either topic, or to both, would split
+    subjects' state and silently break their totals. Raises TopicLayoutError when the two counts differ, or differ
+    from the count the workers first ran with (recorded in the layout topic, which this records when it has none)."""
     topics = Topics.of(settings)
     admin = AIOKafkaAdminClient(**settings.kafka_client_options())
     await admin.start()
     try:
-        counts = {
-            d["topic"]: len(d["partitions"])
-            for d in await admin.describe_topics([topics.routed, topics.rollup_changelog])
-        }
+        # Only topics that exist: a metadata request for a missing one would have the broker auto-create it.
+        present = set(await admin.list_topics()) & {topics.routed, topics.rollup_changelog, topics.layout}
+        counts = {d["topic"]: len(d["partitions"]) for d in await admin.describe_topics(sorted(present))}
     finally:
         await admin.close()
     routed, changelog = counts.get(topics.routed), counts.get(topics.rollup_changelog)
-    if routed and changelog and routed != changelog:
+    if not (routed and changelog):
+        return  # created by the worker's start
+    if routed != changelog:
         raise TopicLayoutError(
             f"topic {topics.routed} has {routed} partitions and {topics.rollup_changelog} has {changelog}: they "
             "must have the same count (a partition's state lives in the changelog partition of the same number). "
-            'Partitions were added to one of them; see "Changing the partition count" in docs/operations.md'
+            f"Partitions were added to one of them; see {_REPARTITIONING}"
         )
+    if not counts.get(topics.layout):
+        return
+    recorded = await _recorded_partitions(settings, topics.layout)
+    if recorded is None:
+        await _record_partitions(settings, topics.layout, routed)
+    elif recorded != routed:
+        raise TopicLayoutError(
+            f"topics {topics.routed} and {topics.rollup_changelog} have {routed} partitions, but the workers first "
+            f"ran with {recorded} (recorded in {topics.layout}): subjects would be routed to partitions that do not "
+            f"hold their state. Partitions were added to both; see {_REPARTITIONING}"
+        )
+
+
+_REPARTITIONING = '"Topics: replicas and partition counts" in docs/operations.md'
+_PARTITIONS_KEY = b"partitions"
+
+
+async def _recorded_partitions(settings: Settings, topic: str) -> int | None:
+    """The partition count recorded in the layout topic (its latest entry), or None."""
+    consumer = AIOKafkaConsumer(**settings.kafka_client_options(), enable_auto_commit=False)
+    await consumer.start()
+    try:
+        partition = TopicPartition(topic, 0)
+        consumer.assign([partition])
+        await consumer.seek_to_beginning(partition)
+        end = (await consumer.end_offsets([partition]))[partition]
+        recorded = None
+        while await consumer.position(partition) < end:
+            for messages in (await consumer.getmany(partition, timeout_ms=1000)).values():
+                for message in messages:
+                    if message.key == _PARTITIONS_KEY and message.value is not None:
+                        recorded = int(orjson.loads(message.value)["partitions"])
+        return recorded
+    finally:
+        await consumer.stop()
+
+
+async def _record_partitions(settings: Settings, topic: str, partitions: int) -> None:
+    producer = AIOKafkaProducer(**settings.kafka_client_options(), acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, orjson.dumps({"partitions": partitions}), key=_PARTITIONS_KEY, partition=0)
+    finally:
+        await producer.stop()
 
 
 async def _until_led(admin: AIOKafkaAdminClient, names: list[str], timeout: float = 30.0) -> None:

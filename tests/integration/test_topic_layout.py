@@ -5,6 +5,9 @@ no start on internal topics whose partition counts were changed apart (a subject
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -20,7 +23,7 @@ from metering_pipeline import topics as topics_module
 from metering_pipeline.logs import get_logger
 from metering_pipeline.settings import Settings
 from metering_pipeline.topics import Topics, ensure_topics, internal_topics, public_topics
-from support import PARTITIONS, define, eventually, metric, summary_rows, usage
+from support import PARTITIONS, define, eventually, metric, settings_env, summary_rows, usage
 
 pytestmark = pytest.mark.integration
 
@@ -113,3 +116,49 @@ async def test_a_back_dated_message_time_is_replaced_by_the_brokers_and_the_reco
     await asyncio.to_thread(
         eventually, lambda: summary_rows(settings, ["tokens"]).get(hour) == (Decimal(7), 1), 60, message=worker.log_tail
     )
+
+
+async def test_a_worker_refuses_to_start_when_partitions_were_added_to_both_internal_topics(pipeline):
+    settings, new_worker = pipeline
+    topics = Topics.of(settings)
+    first = new_worker().start()
+    await asyncio.to_thread(first.wait_healthy)  # its start recorded the partition count
+    await asyncio.to_thread(first.stop)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:  # the same count on both: only the recorded one tells
+        more = NewPartitions(PARTITIONS + 2)
+        await admin.create_partitions({topics.routed: more, topics.rollup_changelog: more})
+    finally:
+        await admin.close()
+
+    worker = new_worker().start()
+    assert worker.process is not None
+    await asyncio.to_thread(eventually, lambda: worker.process.poll() is not None, 60, message=worker.log_tail)
+    assert worker.process.returncode == 1
+    assert f"have {PARTITIONS + 2} partitions, but the workers first ran with {PARTITIONS}" in worker.log_tail()
+
+
+def test_metering_topics_creates_the_public_topics_and_no_internal_one(pipeline):
+    settings, _ = pipeline
+    fresh = settings.model_copy(update={"topic_prefix": f"{settings.topic_prefix}cli."})
+    ran = subprocess.run(
+        [sys.executable, "-m", "metering_pipeline.cli", "topics"],
+        env={**os.environ, **settings_env(fresh)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ran.returncode == 0, ran.stderr
+
+    async def listed() -> set[str]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+        await admin.start()
+        try:
+            return {name for name in await admin.list_topics() if name.startswith(fresh.topic_prefix)}
+        finally:
+            await admin.close()
+
+    topics = Topics.of(fresh)
+    assert asyncio.run(listed()) == {spec.name for spec in public_topics(fresh)}
+    assert not {topics.routed, topics.rollup_changelog, topics.layout} & asyncio.run(listed())

@@ -49,6 +49,27 @@ async def topic_configs(settings: Settings, names: list[str], key: str) -> dict[
     }
 
 
+async def add_partitions(settings: Settings, names: list[str]) -> None:
+    """Two more partitions on each topic, as an operator scaling out might add them."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_partitions(dict.fromkeys(names, NewPartitions(PARTITIONS + 2)))
+    finally:
+        await admin.close()
+
+
+async def refused_start(new_worker) -> str:
+    """A worker that must not start: it exits 1; what it said."""
+    worker = new_worker().start()
+    assert worker.process is not None
+    await asyncio.to_thread(eventually, lambda: worker.process.poll() is not None, 60, message=worker.log_tail)
+    assert worker.process.returncode == 1
+    said: str = worker.log_tail()
+    assert "Traceback" not in said
+    return said
+
+
 async def test_every_topic_the_product_creates_sets_min_insync_replicas(pipeline):
     settings, _ = pipeline  # the fixture created the public and internal topics with the product's own code
     names = [spec.name for spec in public_topics(settings) + internal_topics(settings)]
@@ -73,22 +94,12 @@ async def test_existing_topics_with_fewer_copies_than_the_settings_are_named(pip
 async def test_a_worker_refuses_to_start_when_partitions_were_added_to_the_changelog(pipeline):
     settings, new_worker = pipeline
     topics = Topics.of(settings)
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-    await admin.start()
-    try:
-        await admin.create_partitions({topics.rollup_changelog: NewPartitions(PARTITIONS + 2)})
-    finally:
-        await admin.close()
+    await add_partitions(settings, [topics.rollup_changelog])
 
-    worker = new_worker().start()
-    assert worker.process is not None
-    await asyncio.to_thread(eventually, lambda: worker.process.poll() is not None, 60, message=worker.log_tail)
-    assert worker.process.returncode == 1
-    said = worker.log_tail()
+    said = await refused_start(new_worker)
     assert (
         f"topic {topics.routed} has {PARTITIONS} partitions and {topics.rollup_changelog} has {PARTITIONS + 2}" in said
     )
-    assert "Traceback" not in said
 
 
 async def test_a_back_dated_message_time_is_replaced_by_the_brokers_and_the_record_counts_in_its_own_period(pipeline):
@@ -124,19 +135,10 @@ async def test_a_worker_refuses_to_start_when_partitions_were_added_to_both_inte
     first = new_worker().start()
     await asyncio.to_thread(first.wait_healthy)  # its start recorded the partition count
     await asyncio.to_thread(first.stop)
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-    await admin.start()
-    try:  # the same count on both: only the recorded one tells
-        more = NewPartitions(PARTITIONS + 2)
-        await admin.create_partitions({topics.routed: more, topics.rollup_changelog: more})
-    finally:
-        await admin.close()
+    await add_partitions(settings, [topics.routed, topics.rollup_changelog])  # the same count on both
 
-    worker = new_worker().start()
-    assert worker.process is not None
-    await asyncio.to_thread(eventually, lambda: worker.process.poll() is not None, 60, message=worker.log_tail)
-    assert worker.process.returncode == 1
-    assert f"have {PARTITIONS + 2} partitions, but the workers first ran with {PARTITIONS}" in worker.log_tail()
+    said = await refused_start(new_worker)
+    assert f"have {PARTITIONS + 2} partitions, but the workers first ran with {PARTITIONS}" in said
 
 
 def test_metering_topics_creates_the_public_topics_and_no_internal_one(pipeline):

@@ -123,7 +123,7 @@ class KafkaRetries(logging.Filter):
         if any(isinstance(error, KafkaError) and not error.retriable for error in errors):
             return True  # e.g. refused credentials, not authorized: for a person
         broker = _broker_named(message, args)
-        unreachable = message.startswith(_NO_BROKER + _BY_ADDRESS + ("Unable connect to",)) or any(
+        unreachable = message.startswith(("Unable connect to", *_NO_BROKER)) or any(
             isinstance(error, _UNREACHABLE) for error in errors
         )
         if not (

@@ -92,6 +92,10 @@ def run(settings: Settings, plan: Plan, log_dir: Path, say: Callable[[str], None
         say(f"  {result.rate:,.0f} records/s" + ("" if expected is None else f", totals {_verdict(mismatches[label])}"))
         return result
 
+    def single_worker() -> Result:
+        """One worker on the single-record messages: the capacity and backlog cost other phases are read against."""
+        return workers("worker ×1, single-record messages", "single", "w1-single", 1, plan.records, expected)
+
     one: Result | None = None
     try:
         workload = Workload.recent(plan.records, plan.subjects)
@@ -113,7 +117,7 @@ def run(settings: Settings, plan: Plan, log_dir: Path, say: Callable[[str], None
             baselines |= {"single": base_single.rate, "batch": base_batch.rate}
 
         if "workers" in plan.phases:
-            one = workers("worker ×1, single-record messages", "single", "w1-single", 1, plan.records, expected)
+            one = single_worker()
             workers(f"worker ×1, batches of {plan.batch}", "batch", "w1-batch", 1, plan.records, expected)
             workers("worker ×2, single-record messages", "single", "w2-single", 2, plan.records, expected)
 
@@ -145,7 +149,7 @@ def run(settings: Settings, plan: Plan, log_dir: Path, say: Callable[[str], None
 
         if "steady" in plan.phases:
             if one is None:  # the capacity and the backlog cost it is measured against
-                one = workers("worker ×1, single-record messages", "single", "w1-single", 1, plan.records, expected)
+                one = single_worker()
             load = phases.SteadyLoad(
                 plan.steady_rate or one.rate * 0.5, plan.steady_seconds, plan.subjects, plan.steady_alerting
             )

@@ -19,7 +19,8 @@ test: bootstrap
 
 # The fault tests at full length (a 60 s ClickHouse outage, a 2-minute rebalance storm); about 6 minutes.
 faults-long: bootstrap
-	METERING_FAULT_OUTAGE_SECONDS=60 METERING_FAULT_STORM_SECONDS=120 .venv/bin/python -m pytest -s tests/integration/test_faults.py
+	METERING_FAULT_OUTAGE_SECONDS=60 METERING_FAULT_STORM_SECONDS=120 METERING_FAULT_CLUSTER_SECONDS=120 \
+		.venv/bin/python -m pytest -s tests/integration/test_faults.py tests/integration/test_broker_cluster.py
 
 stack-down:
 	.venv/bin/metering stack down

@@ -75,7 +75,9 @@ def _start_stack(broker: str, data_dir: Path) -> tuple[LocalStack, RunningStack]
     return stack, running
 
 
-def _start_stack_with_config(broker: str, data_dir: Path) -> tuple[LocalStack, StackConfig, RunningStack]:
+def _start_stack_with_config(
+    broker: str, data_dir: Path, brokers: int = 1
+) -> tuple[LocalStack, StackConfig, RunningStack]:
     settings = StackSettings()
     config = StackConfig(
         data_dir=data_dir,
@@ -85,6 +87,7 @@ def _start_stack_with_config(broker: str, data_dir: Path) -> tuple[LocalStack, S
         kafka_version=settings.kafka_version,
         kafka_heap=settings.stack_kafka_heap,
         cache_dir=settings.cache_dir,
+        more_kafka_ports=tuple(free_port() for _ in range(brokers - 1)),
     )
     stack = LocalStack(data_dir)
     state = stack.up(config)
@@ -116,6 +119,17 @@ def apache_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSt
 def private_apache_stack(tmp_path: Path) -> Iterator[tuple[LocalStack, StackConfig, RunningStack]]:
     """A stack of this test's own, for faults that stop its servers (`stack.kafka.stop()`, then `stack.up(config)`)."""
     stack, config, running = _start_stack_with_config("apache", tmp_path / "stack")
+    try:
+        yield stack, config, running
+    finally:
+        stack.down()
+
+
+@pytest.fixture
+def private_kafka_cluster(tmp_path: Path) -> Iterator[tuple[LocalStack, StackConfig, RunningStack]]:
+    """Like `private_apache_stack`, with three Kafka brokers (`metering stack up --brokers 3`): `stack.kafka_node(n)`
+    is broker n's process (`kill()` it, then `stack.up(config)` restarts it on its log dir)."""
+    stack, config, running = _start_stack_with_config("apache", tmp_path / "stack", brokers=3)
     try:
         yield stack, config, running
     finally:

@@ -15,7 +15,9 @@ from collections.abc import AsyncIterable, Callable, Iterable, Iterator, Sequenc
 
 import jiter
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaTimeoutError
 
+from metering_pipeline.logs import get_logger
 from metering_pipeline.settings import Settings
 from metering_pipeline.topics import Topics, kafka_answers
 from metering_schemas import UsageRecord
@@ -25,6 +27,7 @@ IN_FLIGHT = 2_000  # messages awaited together: bounds memory while keeping the 
 # A batch message is cut at about this many bytes, half Kafka's default 1 MiB message size: a record within intake's
 # limits (256 KiB of metadata) always fits one.
 MAX_MESSAGE_BYTES = 512 * 1024
+SHUTDOWN_FLUSH_SECONDS = 5.0
 
 
 def subject_key(record: UsageRecord) -> bytes:
@@ -64,6 +67,24 @@ def messages_of(records: Iterable[UsageRecord], batch_size: int | None) -> Itera
         yield _batch_of(chunk, encoded)
 
 
+log = get_logger(__name__)
+
+
+class NotAcknowledged(KafkaTimeoutError):  # type: ignore[misc]  # aiokafka is untyped
+    """Kafka did not acknowledge the records in time (a retriable 503): they may still be written, and a retry
+    with the same record ids counts them once."""
+
+    def __init__(self, timeout: float) -> None:
+        self.message = (
+            f"Kafka did not acknowledge the records within {timeout:g} s (METERING_PUBLISH_TIMEOUT); they may still "
+            "be written: retry with the same record ids, which are counted once"
+        )
+        super().__init__(self.message)
+
+    def __str__(self) -> str:  # KafkaError's would put the class name first
+        return self.message
+
+
 class UsageProducer:
     def __init__(self, settings: Settings, *, assign_ids: bool = True) -> None:
         self.settings = settings
@@ -88,8 +109,19 @@ class UsageProducer:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        """Stop, flushing what is still pending for a few seconds at most: every caller has had its answer by now
+        (acknowledged, or NotAcknowledged after `publish_timeout`), and with too few replicas in sync the flush would
+        never end, while the process must exit when told to."""
         assert self._producer is not None
-        await self._producer.stop()
+        try:
+            await asyncio.wait_for(self._producer.stop(), SHUTDOWN_FLUSH_SECONDS)
+        except TimeoutError:
+            log.warning(
+                "Kafka did not acknowledge every pending record before shutdown; their callers were told 503 and "
+                "retry them with the same ids",
+                topic=self.topic,
+                waited_seconds=SHUTDOWN_FLUSH_SECONDS,
+            )
 
     async def kafka_answers(self) -> bool:
         """Whether a broker answers now (readiness), through this producer's connections."""
@@ -101,9 +133,8 @@ class UsageProducer:
 
     async def record(self, record: UsageRecord) -> UsageRecord:
         """`usage.record`: returns the record as published (with its id)."""
-        assert self._producer is not None
         record = self._prepare(record)
-        await self._producer.send_and_wait(self.topic, record.to_json(), key=subject_key(record))
+        await self._send_all([(subject_key(record), record.to_json())])
         return record
 
     async def record_batch(
@@ -147,9 +178,32 @@ class UsageProducer:
         return sent
 
     async def _send_all(self, messages: Iterable[tuple[bytes | None, bytes]]) -> None:
+        """Every message acknowledged, or NotAcknowledged after `publish_timeout`: an idempotent producer retries a
+        partition whose replicas are out of sync for ever, and a caller must hear back before that."""
         assert self._producer is not None
-        acks = [await self._producer.send(self.topic, value, key=key) for key, value in messages]
-        await asyncio.gather(*acks)
+        timeout = self.settings.publish_timeout
+        deadline = asyncio.get_running_loop().time() + timeout
+        acks: list[asyncio.Future[object]] = []
+        try:
+            async with asyncio.timeout_at(deadline):
+                acks = [await self._producer.send(self.topic, value, key=key) for key, value in messages]
+        except TimeoutError:
+            raise NotAcknowledged(timeout) from None
+        if not acks:
+            return
+        # asyncio.wait, not a timeout around gather: the producer's own futures must not be cancelled under it.
+        done, pending = await asyncio.wait(acks, timeout=max(0.0, deadline - asyncio.get_running_loop().time()))
+        if pending:
+            for ack in pending:  # whatever it ends in later is not news to anyone
+                ack.add_done_callback(_retrieved)
+            raise NotAcknowledged(timeout)
+        for ack in done:
+            ack.result()
+
+
+def _retrieved(ack: asyncio.Future[object]) -> None:
+    if not ack.cancelled():
+        ack.exception()
 
 
 async def _aiter(records: Iterable[UsageRecord] | AsyncIterable[UsageRecord]) -> AsyncIterable[UsageRecord]:

@@ -143,6 +143,14 @@ class Settings(BaseSettings):
         "up, and a checkpoint is taken as soon as a quarter of it waits for one. Also what bounds the worker's RAM "
         "beyond METERING_STATE_CACHE_MB: lower it to trade catch-up speed for memory",
     )
+    publish_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds the API (`POST /v1/usage`, `/v1/usage/batch`) and `metering produce` wait for Kafka to "
+        "acknowledge records before giving up: 503 `kafka_unavailable` instead of a request that hangs while too few "
+        "replicas are in sync. A record not acknowledged may still be written later; a retry with the same id counts "
+        "it once",
+    )
     writer_unhealthy_after: float = Field(
         default=60.0,
         gt=0,

@@ -10,7 +10,7 @@ import stat
 
 import pytest
 
-from metering_dev.stack.apache_kafka import SaslListener, ScramUser, new_cluster_id, write_config
+from metering_dev.stack.apache_kafka import Quorum, SaslListener, ScramUser, new_cluster_id, write_config
 from metering_dev.stack.certificates import ensure_server_certificate
 from metering_dev.stack.local import LocalStack, StackConfig, StackError, StackState
 
@@ -37,7 +37,8 @@ def test_a_scram_user_reaches_the_storage_tool_salted_never_in_clear():
 
 def test_the_sasl_ssl_listener_is_added_beside_the_plaintext_ones(tmp_path):
     certificate = ensure_server_certificate(tmp_path / "tls")
-    config = write_config(tmp_path / "kafka", 9092, 9093, SaslListener(9094, "SCRAM-SHA-512", certificate))
+    single = Quorum("id", (9092,), (9093,))
+    config = write_config(tmp_path / "kafka", single, 1, SaslListener(9094, "SCRAM-SHA-512", certificate))
     properties = dict(line.split("=", 1) for line in config.read_text().splitlines())
     assert properties["listeners"] == (
         "PLAINTEXT://127.0.0.1:9092,CONTROLLER://127.0.0.1:9093,SASL_SSL://127.0.0.1:9094"
@@ -47,9 +48,82 @@ def test_the_sasl_ssl_listener_is_added_beside_the_plaintext_ones(tmp_path):
     assert properties["listener.name.sasl_ssl.sasl.enabled.mechanisms"] == "SCRAM-SHA-512"
     assert "ScramLoginModule required" in properties["listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config"]
     assert properties["listener.name.sasl_ssl.ssl.keystore.location"] == str(certificate.keystore_file)
-    plain = dict(line.split("=", 1) for line in write_config(tmp_path / "plain", 9092, 9093).read_text().splitlines())
+    plain = dict(line.split("=", 1) for line in write_config(tmp_path / "plain", single).read_text().splitlines())
     assert plain["listeners"] == "PLAINTEXT://127.0.0.1:9092,CONTROLLER://127.0.0.1:9093"
     assert not [key for key in plain if "sasl" in key or "ssl" in key]
+
+
+def _properties(path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines())
+
+
+def test_each_node_of_a_three_broker_cluster_knows_every_controller_and_replicates_kafkas_own_topics(tmp_path):
+    quorum = Quorum("cluster", (9092, 9093, 9094), (19092, 19093, 19094))
+    nodes = [_properties(write_config(tmp_path / f"kafka-{n}", quorum, n)) for n in (1, 2, 3)]
+    assert [node["node.id"] for node in nodes] == ["1", "2", "3"]
+    assert {node["controller.quorum.voters"] for node in nodes} == {
+        "1@127.0.0.1:19092,2@127.0.0.1:19093,3@127.0.0.1:19094"
+    }
+    assert [node["listeners"] for node in nodes] == [
+        f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{port + 10000}" for port in (9092, 9093, 9094)
+    ]
+    assert len({node["log.dirs"] for node in nodes}) == 3
+    for node in nodes:
+        assert node["offsets.topic.replication.factor"] == node["transaction.state.log.replication.factor"] == "3"
+        assert node["transaction.state.log.min.isr"] == "2" and node["default.replication.factor"] == "3"
+        assert "min.insync.replicas" not in node  # the product sets it on its own topics
+    alone = _properties(write_config(tmp_path / "alone", Quorum("cluster", (9092,), (19092,))))
+    assert alone["controller.quorum.voters"] == "1@127.0.0.1:19092"
+    assert alone["transaction.state.log.replication.factor"] == alone["transaction.state.log.min.isr"] == "1"
+
+
+def test_a_cluster_is_given_to_clients_as_the_list_of_its_brokers():
+    state = StackState("apache", 9092, 8123, "4.1.1", more_kafka_ports=(9093, 9094))
+    assert state.kafka_bootstrap == "127.0.0.1:9092,127.0.0.1:9093,127.0.0.1:9094"
+    assert state.kafka_address(2) == "127.0.0.1:9093"
+    assert StackState("apache", 9092, 8123, "4.1.1").kafka_bootstrap == "127.0.0.1:9092"
+
+
+def test_a_cluster_of_tansu_or_with_a_sasl_listener_is_refused_before_anything_starts(tmp_path):
+    for broker, sasl_port in (("tansu", None), ("apache", 3)):
+        config = StackConfig(
+            data_dir=tmp_path / "stack",
+            broker=broker,
+            kafka_port=1,
+            clickhouse_port=2,
+            kafka_version="4.1.1",
+            kafka_heap="256m",
+            cache_dir=tmp_path,
+            sasl_port=sasl_port,
+            more_kafka_ports=(4, 5),
+        )
+        with pytest.raises(StackError, match="needs --broker apache"):
+            LocalStack(config.data_dir).up(config)
+    assert not (tmp_path / "stack").exists()
+
+
+def test_a_restarted_node_keeps_the_clusters_controllers_and_a_cluster_of_another_size_is_refused(tmp_path):
+    stack = LocalStack(tmp_path / "stack")
+    stack.data_dir.mkdir()
+    three = StackState("apache", 9092, 8123, "4.1.1", more_kafka_ports=(9093, 9094))
+    first = stack._quorum(three)
+    assert first.size == 3 and len(set(first.controller_ports)) == 3 and first.cluster_id
+    assert stack._quorum(three).cluster_id == first.cluster_id  # nothing runs: new ports, same cluster
+    node = stack.kafka_node(2)
+    node.start(["sh", "-c", "sleep 30", str(stack.data_dir)])  # a live process of this data dir stands for node 2
+    try:
+        kept = stack._quorum(three)
+        assert stack._quorum(three) == kept  # node 1 or 3 restarting finds the controllers where they are
+    finally:
+        node.kill()
+    (stack.data_dir / "kafka" / "data").mkdir(parents=True)
+    (stack.data_dir / "kafka" / "data" / "meta.properties").write_text(f"cluster.id={first.cluster_id}\n")
+    with pytest.raises(StackError, match="a cluster of 3 broker"):
+        stack._quorum(StackState("apache", 9092, 8123, "4.1.1"))
+    older = LocalStack(tmp_path / "older")  # formatted before kafka-quorum.json existed: its own id is kept
+    (older.data_dir / "kafka" / "data").mkdir(parents=True)
+    (older.data_dir / "kafka" / "data" / "meta.properties").write_text("version=1\ncluster.id=abc\n")
+    assert older._quorum(StackState("apache", 9092, 8123, "4.1.1")).cluster_id == "abc"
 
 
 def test_the_generated_certificate_verifies_for_localhost_and_127_0_0_1_and_keys_stay_private(tmp_path):

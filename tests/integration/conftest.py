@@ -19,14 +19,20 @@ from support import PARTITIONS, ClickHouseEndpoint, WorkerProcess, settings_env
 
 
 @contextmanager
-def isolated_pipeline(stack, name: str, log_dir: Path) -> Iterator[tuple[Settings, Callable[[], WorkerProcess]]]:
-    """Settings and worker env isolated by topic prefix, group prefix and database; workers stopped after."""
+def isolated_pipeline(
+    stack, name: str, log_dir: Path, **overrides: object
+) -> Iterator[tuple[Settings, Callable[[], WorkerProcess]]]:
+    """Settings and worker env isolated by topic prefix, group prefix and database; workers stopped after.
+    `overrides` are further settings (e.g. replication_factor) for everything the pipeline runs."""
     settings = stack.settings(
-        topic_prefix=f"{name}.",
-        consumer_group_prefix=name,
-        clickhouse_database=name,
-        usage_partitions=PARTITIONS,
-        flush_interval=0.5,
+        **{
+            "topic_prefix": f"{name}.",
+            "consumer_group_prefix": name,
+            "clickhouse_database": name,
+            "usage_partitions": PARTITIONS,
+            "flush_interval": 0.5,
+            **overrides,
+        }
     )
     env = settings_env(settings)
     migrate(settings)

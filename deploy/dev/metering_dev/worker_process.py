@@ -41,6 +41,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "METERING_CONSUMER_GROUP_PREFIX": settings.consumer_group_prefix,
         "METERING_CLICKHOUSE_DATABASE": settings.clickhouse_database,
         "METERING_USAGE_PARTITIONS": str(settings.usage_partitions),
+        "METERING_REPLICATION_FACTOR": str(settings.replication_factor),
         "METERING_PROCESSING_GUARANTEE": settings.processing_guarantee,
         "METERING_FLUSH_INTERVAL": str(settings.flush_interval),
         **{name: str(value) for name, value in optional if value is not None},

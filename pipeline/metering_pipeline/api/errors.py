@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from metering_pipeline.logs import get_logger
+from metering_pipeline.producer import NotAcknowledged
 
 log = get_logger(__name__)
 
@@ -55,11 +56,13 @@ async def on_unavailable(request: Request, error: Exception) -> JSONResponse:
     """Kafka or ClickHouse could not be reached: 503, so clients retry (records were not published)."""
     server = "kafka" if isinstance(error, KafkaError) else "clickhouse"
     log.warning("server unavailable", server=server, path=request.url.path, error=str(error)[:300])
-    body = ErrorBody(
-        error=f"{server}_unavailable",
-        message=f"{'Kafka' if server == 'kafka' else 'ClickHouse'} is "
-        f"unavailable; retry later ({type(error).__name__})",
-    )
+    if isinstance(error, NotAcknowledged):
+        message = error.message
+    else:
+        message = (
+            f"{'Kafka' if server == 'kafka' else 'ClickHouse'} is unavailable; retry later ({type(error).__name__})"
+        )
+    body = ErrorBody(error=f"{server}_unavailable", message=message)
     return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "5"})
 
 

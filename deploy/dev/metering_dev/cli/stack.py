@@ -35,7 +35,16 @@ def stack() -> None:
     help="apache: Apache Kafka from Maven Central (needs java+mvn); tansu: JVM-free, memory only. "
     "[default: $METERING_STACK_BROKER, else apache where java and mvn exist]",
 )
-@click.option("--kafka-port", type=int, default=9092, show_default=True)
+@click.option("--kafka-port", type=int, default=9092, show_default=True, help="Port of the first broker.")
+@click.option(
+    "--brokers",
+    type=click.IntRange(1, 9),
+    default=1,
+    show_default=True,
+    help="Run a KRaft cluster of this many Apache Kafka brokers (each also a controller) on --kafka-port, "
+    "--kafka-port+1, …; Kafka's own topics are replicated to three of them. The product's topics get their "
+    "replication from METERING_REPLICATION_FACTOR (set it to 3) and their min ISR from the product.",
+)
 @click.option("--clickhouse-port", type=int, default=8123, show_default=True)
 @click.option(
     "--sasl-port",
@@ -59,6 +68,7 @@ def stack_up(
     data_dir: Path | None,
     sasl_port: int | None = None,
     clickhouse_tls: bool = False,
+    brokers: int = 1,
 ) -> None:
     """Start the stack (idempotent) and wait until Kafka and ClickHouse answer."""
     settings = StackSettings()
@@ -72,6 +82,7 @@ def stack_up(
         cache_dir=settings.cache_dir,
         sasl_port=sasl_port,
         clickhouse_tls=clickhouse_tls,
+        more_kafka_ports=tuple(range(kafka_port + 1, kafka_port + brokers)),
     )
     local = LocalStack(config.data_dir)
     try:
@@ -79,6 +90,11 @@ def stack_up(
     except StackError as error:
         raise click.ClickException(str(error)) from error
     click.echo(f"Kafka ({state.broker}) bootstrap: {state.kafka_bootstrap}")
+    if state.more_kafka_ports:
+        click.echo(
+            f"A cluster of {len(state.kafka_ports)} brokers: give clients the whole list, and the product "
+            f"METERING_REPLICATION_FACTOR={min(len(state.kafka_ports), 3)}"
+        )
     if state.kafka_sasl_bootstrap:
         click.echo(
             f"Kafka SASL_SSL bootstrap:   {state.kafka_sasl_bootstrap} (SCRAM-SHA-512; "
@@ -86,8 +102,10 @@ def stack_up(
         )
     click.echo(f"ClickHouse URL:             {state.clickhouse_url}")
     ca = f" METERING_CLICKHOUSE_CA_CERT={local.ca_file}" if state.clickhouse_tls else ""
+    replication = f" METERING_REPLICATION_FACTOR={min(len(state.kafka_ports), 3)}" if state.more_kafka_ports else ""
     click.echo(
-        f"export METERING_KAFKA_BOOTSTRAP={state.kafka_bootstrap} METERING_CLICKHOUSE_URL={state.clickhouse_url}{ca}"
+        f"export METERING_KAFKA_BOOTSTRAP={state.kafka_bootstrap} "
+        f"METERING_CLICKHOUSE_URL={state.clickhouse_url}{ca}{replication}"
     )
 
 

@@ -1,4 +1,4 @@
-"""A single-node Apache Kafka broker in KRaft mode, resolved from Maven Central.
+"""Apache Kafka brokers in KRaft mode (one, or a cluster of a few on loopback), resolved from Maven Central.
 
 Apache's download site is not reachable from our machines, but Maven Central is: the
 broker is `kafka.Kafka` from `org.apache.kafka:kafka_2.13` and its dependencies, copied
@@ -95,18 +95,42 @@ class SaslListener:
     certificate: ServerCertificate
 
 
-def write_config(kafka_dir: Path, port: int, controller_port: int, sasl: SaslListener | None = None) -> Path:
-    """server.properties for a combined broker+controller on loopback, sized for one machine."""
+@dataclass(frozen=True)
+class Quorum:
+    """The nodes of a local KRaft cluster, each broker and controller at once: node i (from 1) serves clients on
+    ``client_ports[i-1]`` and votes on ``controller_ports[i-1]``; all of them are formatted with ``cluster_id``."""
+
+    cluster_id: str
+    client_ports: tuple[int, ...]
+    controller_ports: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.client_ports)
+
+    @property
+    def voters(self) -> str:
+        return ",".join(f"{node}@127.0.0.1:{port}" for node, port in enumerate(self.controller_ports, 1))
+
+
+def write_config(kafka_dir: Path, quorum: Quorum, node_id: int = 1, sasl: SaslListener | None = None) -> Path:
+    """server.properties for node `node_id` of `quorum` on loopback, sized for one machine.
+
+    Kafka's own topics (offsets, transactions) are replicated to every node, up to three, with a min ISR one
+    below; the product's topics get their replication and min ISR from the product's settings, never from here."""
     kafka_dir.mkdir(parents=True, exist_ok=True)
+    port, controller_port = quorum.client_ports[node_id - 1], quorum.controller_ports[node_id - 1]
     listeners = [f"PLAINTEXT://127.0.0.1:{port}", f"CONTROLLER://127.0.0.1:{controller_port}"]
     advertised = [f"PLAINTEXT://127.0.0.1:{port}"]
     if sasl is not None:
         listeners.append(f"SASL_SSL://127.0.0.1:{sasl.port}")
         advertised.append(f"SASL_SSL://127.0.0.1:{sasl.port}")
+    replicas = min(quorum.size, 3)
+    min_isr = str(max(1, replicas - 1))
     properties = {
         "process.roles": "broker,controller",
-        "node.id": "1",
-        "controller.quorum.voters": f"1@127.0.0.1:{controller_port}",
+        "node.id": str(node_id),
+        "controller.quorum.voters": quorum.voters,
         "listeners": ",".join(listeners),
         "advertised.listeners": ",".join(advertised),
         "controller.listener.names": "CONTROLLER",
@@ -114,14 +138,15 @@ def write_config(kafka_dir: Path, port: int, controller_port: int, sasl: SaslLis
         "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_SSL:SASL_SSL",
         "log.dirs": str(kafka_dir / "data"),
         "num.partitions": "4",
+        "default.replication.factor": str(replicas),
         "auto.create.topics.enable": "true",
-        "offsets.topic.replication.factor": "1",
+        "offsets.topic.replication.factor": str(replicas),
         "offsets.topic.num.partitions": "8",
-        "transaction.state.log.replication.factor": "1",
-        "transaction.state.log.min.isr": "1",
+        "transaction.state.log.replication.factor": str(replicas),
+        "transaction.state.log.min.isr": min_isr,
         "transaction.state.log.num.partitions": "8",
-        "share.coordinator.state.topic.replication.factor": "1",
-        "share.coordinator.state.topic.min.isr": "1",
+        "share.coordinator.state.topic.replication.factor": str(replicas),
+        "share.coordinator.state.topic.min.isr": min_isr,
         "group.initial.rebalance.delay.ms": "0",
         "log.segment.bytes": str(64 * 1024 * 1024),
     }
@@ -181,11 +206,10 @@ def is_formatted(kafka_dir: Path) -> bool:
     return (kafka_dir / "data" / "meta.properties").exists()
 
 
-def format_storage(jar_dir: Path, kafka_dir: Path, scram_users: tuple[ScramUser, ...] = ()) -> None:
+def format_storage(jar_dir: Path, kafka_dir: Path, cluster_id: str, scram_users: tuple[ScramUser, ...] = ()) -> None:
     """Format the KRaft log dir once; a formatted dir keeps its cluster id (and SCRAM users) across restarts."""
     if is_formatted(kafka_dir):
         return
-    cluster_id = new_cluster_id()
     command = [
         *_java(jar_dir, "256m", kafka_dir),
         "kafka.tools.StorageTool",

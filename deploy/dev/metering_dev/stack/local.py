@@ -1,8 +1,9 @@
-"""`metering stack up | down | status`: a real Kafka broker and ClickHouse endpoint on loopback.
+"""`metering stack up | down | status`: a real Kafka broker (or a cluster of a few) and ClickHouse endpoint on loopback.
 
 Each data dir is one stack: its servers' pid files, logs, Kafka log dirs and ClickHouse
 data live under it, and a `stack.json` records how it was started so `up` is idempotent
-and `down` stops only what this data dir started.
+and `down` stops only what this data dir started. A Kafka cluster's identity (its id and
+its controllers' ports) is kept in `kafka-quorum.json`, so one node restarts into it.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ CLICKHOUSE = "clickhouse"
 SASL_MECHANISM = "SCRAM-SHA-512"
 SASL_CLIENT_ENV = "kafka-sasl.env"  # METERING_KAFKA_* of the SASL_SSL listener, password included (mode 0600)
 TLS_DIR = "tls"
+QUORUM_FILE = "kafka-quorum.json"
 
 
 class StackError(RuntimeError):
@@ -50,6 +52,8 @@ class StackConfig:
     sasl_port: int | None = None
     # ClickHouse over HTTPS (with the data dir's generated certificate) instead of HTTP.
     clickhouse_tls: bool = False
+    # The client ports of brokers 2..N: a KRaft cluster of 1 + len(...) nodes (Apache Kafka only).
+    more_kafka_ports: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,7 @@ class StackState:
     kafka_version: str
     sasl_port: int | None = None
     clickhouse_tls: bool = False
+    more_kafka_ports: tuple[int, ...] = ()
 
     @classmethod
     def of(cls, config: StackConfig) -> StackState:
@@ -70,11 +75,20 @@ class StackState:
             config.kafka_version,
             config.sasl_port,
             config.clickhouse_tls,
+            config.more_kafka_ports,
         )
 
     @property
+    def kafka_ports(self) -> tuple[int, ...]:
+        return (self.kafka_port, *self.more_kafka_ports)
+
+    def kafka_address(self, node: int) -> str:
+        return f"127.0.0.1:{self.kafka_ports[node - 1]}"
+
+    @property
     def kafka_bootstrap(self) -> str:
-        return f"127.0.0.1:{self.kafka_port}"
+        """Every broker's address, comma-separated, as clients of a cluster are given it."""
+        return ",".join(self.kafka_address(node) for node in range(1, len(self.kafka_ports) + 1))
 
     @property
     def kafka_sasl_bootstrap(self) -> str | None:
@@ -162,9 +176,46 @@ class LocalStack:
 
     def state(self) -> StackState | None:
         try:
-            return StackState(**json.loads(self._state_file.read_text()))
+            fields = json.loads(self._state_file.read_text())
         except FileNotFoundError:
             return None
+        return StackState(**fields | {"more_kafka_ports": tuple(fields.get("more_kafka_ports", ()))})
+
+    def kafka_node(self, node: int) -> ManagedProcess:
+        """Node `node` (from 1) of the Kafka cluster; node 1 keeps the single broker's names (`kafka`)."""
+        return self.kafka if node == 1 else ManagedProcess(f"{KAFKA}-{node}", self.data_dir)
+
+    def kafka_nodes(self, state: StackState | None = None) -> list[ManagedProcess]:
+        state = state or self.state()
+        return [self.kafka_node(node) for node in range(1, len(state.kafka_ports) + 1 if state else 2)]
+
+    def _quorum(self, state: StackState) -> apache_kafka.Quorum:
+        """The cluster's id and controller ports: kept while any node runs (a restarted node must find the others'
+        controllers where they are), chosen afresh when none does; a cluster of another size is refused."""
+        nodes = self.kafka_nodes(state)
+        dirs = [self.data_dir / node.name for node in nodes]
+        try:
+            known = json.loads((self.data_dir / QUORUM_FILE).read_text())
+        except FileNotFoundError:
+            known = {"cluster_id": _formatted_cluster_id(dirs[0]), "controller_ports": [0]}
+        formatted = [d for d in dirs if apache_kafka.is_formatted(d)]
+        if formatted and len(known["controller_ports"]) != len(nodes):
+            raise StackError(
+                f"the Kafka storage in {self.data_dir} belongs to a cluster of {len(known['controller_ports'])} "
+                f"broker(s), not {len(nodes)}; run `metering stack down --data-dir {self.data_dir}` and remove its "
+                "kafka* dirs (their topics go with them), or use another --data-dir"
+            )
+        if any(node.is_running() for node in nodes):
+            controller_ports = tuple(known["controller_ports"])
+        else:
+            controller_ports = tuple(_free_port() for _ in nodes)
+        quorum = apache_kafka.Quorum(
+            known["cluster_id"] or apache_kafka.new_cluster_id(), state.kafka_ports, controller_ports
+        )
+        (self.data_dir / QUORUM_FILE).write_text(
+            json.dumps({"cluster_id": quorum.cluster_id, "controller_ports": list(controller_ports)})
+        )
+        return quorum
 
     def up(self, config: StackConfig, timeout: float = 90.0) -> StackState:
         """Start whatever is not running yet and wait until both servers answer."""
@@ -178,43 +229,57 @@ class LocalStack:
                 )
         if config.sasl_port is not None and config.broker != "apache":
             raise StackError("a SASL_SSL listener (--sasl-port) needs --broker apache; tansu has no SASL")
+        if config.more_kafka_ports and (config.broker != "apache" or config.sasl_port is not None):
+            raise StackError("a cluster of brokers (--brokers) needs --broker apache and no --sasl-port")
         state = wanted
         self.data_dir.mkdir(parents=True, exist_ok=True)
         certificate = self.certificate() if config.sasl_port is not None or config.clickhouse_tls else None
         self._state_file.write_text(json.dumps(asdict(state)))
+        nodes = self.kafka_nodes(state)
         to_start = [
             (process, port, what)
             for process, port, what in (
                 (self.clickhouse, config.clickhouse_port, "ClickHouse"),
-                (self.kafka, config.kafka_port, "Kafka"),
+                *(
+                    (node, port, f"Kafka node {n}" if len(nodes) > 1 else "Kafka")
+                    for n, (node, port) in enumerate(zip(nodes, state.kafka_ports, strict=True), 1)
+                ),
                 (self.kafka, config.sasl_port, "Kafka's SASL_SSL listener"),
             )
             if port is not None and not process.is_running()
         ]
         for _, port, what in to_start:
             _require_free_port(port, what)
-        for process in dict.fromkeys(process for process, _, _ in to_start):
+        starting = list(dict.fromkeys(process for process, _, _ in to_start))
+        quorum = self._quorum(state) if config.broker == "apache" and set(starting) & set(nodes) else None
+        for process in starting:
             if process is self.clickhouse:
                 command = _clickhouse_command(config, certificate)
             else:
-                command = self._kafka_command(config, state, certificate)
+                command = self._kafka_command(config, state, certificate, nodes.index(process) + 1, quorum)
             process.start(command)
         deadline = time.monotonic() + timeout
         self._wait(self.clickhouse, lambda: _clickhouse_answers(state.clickhouse_url, self.ca_file), deadline)
-        self._wait(self.kafka, lambda: _kafka_answers(state.kafka_bootstrap), deadline)
+        for n, node in enumerate(nodes, 1):  # each node answers with the whole cluster in its metadata
+            self._wait(node, lambda n=n: _kafka_answers(state.kafka_address(n), len(nodes)), deadline)
         if state.kafka_sasl_bootstrap:
             self._wait(self.kafka, lambda: _listens(state.kafka_sasl_bootstrap), deadline)
         return state
 
     def _kafka_command(
-        self, config: StackConfig, state: StackState, certificate: ServerCertificate | None
+        self,
+        config: StackConfig,
+        state: StackState,
+        certificate: ServerCertificate | None,
+        node: int,
+        quorum: apache_kafka.Quorum | None,
     ) -> list[str]:
-        if config.broker == "tansu":
+        if config.broker == "tansu" or quorum is None:  # no quorum exactly when the broker is tansu
             try:
                 return tansu.broker_command(config.kafka_port, self.data_dir)
             except tansu.TansuUnavailable as error:
                 raise StackError(str(error)) from error
-        kafka_dir = self.data_dir / KAFKA
+        kafka_dir = self.data_dir / self.kafka_node(node).name
         sasl, users = None, ()
         if config.sasl_port is not None and certificate is not None:
             user = self._sasl_user(kafka_dir)
@@ -222,15 +287,15 @@ class LocalStack:
             sasl, users = apache_kafka.SaslListener(config.sasl_port, user.mechanism, certificate), (user,)
         try:
             jar_dir = apache_kafka.resolve_jars(config.cache_dir, config.kafka_version)
-            apache_kafka.write_config(kafka_dir, config.kafka_port, _free_port(), sasl)
-            apache_kafka.format_storage(jar_dir, kafka_dir, users)
+            apache_kafka.write_config(kafka_dir, quorum, node, sasl)
+            apache_kafka.format_storage(jar_dir, kafka_dir, quorum.cluster_id, users)
         except apache_kafka.KafkaUnavailable as error:
             raise StackError(str(error)) from error
         return apache_kafka.broker_command(jar_dir, kafka_dir, config.kafka_heap)
 
     def down(self) -> list[str]:
         """Stop this data dir's servers; returns the names of those that were running."""
-        stopped = [p.name for p in (self.kafka, self.clickhouse) if p.stop()]
+        stopped = [p.name for p in (*self.kafka_nodes(), self.clickhouse) if p.stop()]
         return stopped
 
     def status(self) -> list[ServiceStatus]:
@@ -248,14 +313,18 @@ class LocalStack:
                     log_file=self.kafka.log_file,
                 )
             )
-        return [
+        kafka = [
             ServiceStatus(
-                name=f"kafka ({state.broker})" if state else "kafka",
-                running=self.kafka.is_running(),
-                pid=self.kafka.pid(),
-                address=state.kafka_bootstrap if state else "-",
-                log_file=self.kafka.log_file,
-            ),
+                name=f"{node.name} ({state.broker})" if state else node.name,
+                running=node.is_running(),
+                pid=node.pid(),
+                address=state.kafka_address(n) if state else "-",
+                log_file=node.log_file,
+            )
+            for n, node in enumerate(self.kafka_nodes(state), 1)
+        ]
+        return [
+            *kafka,
             *sasl,
             ServiceStatus(
                 name="clickhouse (chdb)",
@@ -328,22 +397,31 @@ def _listens(address: str) -> bool:
     return True
 
 
-def _kafka_answers(bootstrap: str) -> bool:
-    """True once the broker serves metadata with itself in it (listening is not enough)."""
+def _formatted_cluster_id(kafka_dir: Path) -> str | None:
+    """The cluster id a log dir was formatted with (a data dir from before `kafka-quorum.json` existed)."""
+    try:
+        lines = (kafka_dir / "data" / "meta.properties").read_text().splitlines()
+    except FileNotFoundError:
+        return None
+    return dict(line.split("=", 1) for line in lines if "=" in line).get("cluster.id")
+
+
+def _kafka_answers(address: str, brokers: int) -> bool:
+    """True once the broker at `address` serves metadata naming `brokers` brokers (listening is not enough)."""
     from aiokafka.admin import AIOKafkaAdminClient
 
-    host, _, port = bootstrap.rpartition(":")
+    host, _, port = address.rpartition(":")
     try:
         socket.create_connection((host, int(port)), timeout=1).close()
     except OSError:
         return False
 
     async def probe() -> bool:
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=3000)
+        admin = AIOKafkaAdminClient(bootstrap_servers=address, request_timeout_ms=3000)
         try:
             await admin.start()
             cluster = await admin.describe_cluster()
-            return bool(cluster.get("brokers"))
+            return len(cluster.get("brokers") or ()) >= brokers
         except Exception:  # noqa: BLE001 - any failure means "not ready yet"
             return False
         finally:

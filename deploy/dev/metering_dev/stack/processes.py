@@ -75,13 +75,19 @@ class ManagedProcess:
         while time.monotonic() < deadline and self.pid() is not None:
             _reap(pid)
             time.sleep(0.1)
-        if self.pid() is not None:
-            os.kill(pid, signal.SIGKILL)
-            while self.pid() is not None:
-                _reap(pid)
-                time.sleep(0.05)
+        self.kill()
         self.pid_file.unlink(missing_ok=True)
         return True
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or an OOM kill would end it, and wait until it is gone."""
+        pid = self.pid()
+        if pid is None:
+            return
+        os.kill(pid, signal.SIGKILL)
+        while self.pid() is not None:
+            _reap(pid)
+            time.sleep(0.05)
 
     def log_tail(self, lines: int = 30) -> str:
         try:

@@ -15,9 +15,10 @@ test: bootstrap
 	.venv/bin/ruff check pipeline schemas deploy tests
 	.venv/bin/ruff format --check pipeline schemas deploy tests
 	.venv/bin/mypy
-	.venv/bin/python -m pytest
+	.venv/bin/python -m pytest --durations=15
 
-# The fault tests at full length (a 60 s ClickHouse outage, a 2-minute rebalance storm); about 6 minutes.
+# The fault tests at full length (a 60 s ClickHouse outage, a 2-minute rebalance storm, 2 minutes of load on the
+# three-broker cluster); about 9 minutes.
 faults-long: bootstrap
 	METERING_FAULT_OUTAGE_SECONDS=60 METERING_FAULT_STORM_SECONDS=120 METERING_FAULT_CLUSTER_SECONDS=120 \
 		.venv/bin/python -m pytest -s tests/integration/test_faults.py tests/integration/test_broker_cluster.py

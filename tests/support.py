@@ -268,7 +268,12 @@ def running_api(settings, workdir: Path, extra_env: dict[str, str] | None = None
         yield Api(url, keys, settings)
     finally:
         process.terminate()
-        process.wait(timeout=30)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # a failure of its own, without leaving the process behind
+            process.kill()
+            process.wait()
+            pytest.fail("`metering api` did not exit within 30 s of SIGTERM")
 
 
 class ClickHouseEndpoint:

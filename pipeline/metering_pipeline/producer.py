@@ -29,6 +29,8 @@ IN_FLIGHT = 2_000  # messages awaited together: bounds memory while keeping the 
 MAX_MESSAGE_BYTES = 512 * 1024
 SHUTDOWN_FLUSH_SECONDS = 5.0
 
+log = get_logger(__name__)
+
 
 def subject_key(record: UsageRecord) -> bytes:
     return f"{record.subject_type}:{record.subject_id}".encode()
@@ -65,9 +67,6 @@ def messages_of(records: Iterable[UsageRecord], batch_size: int | None) -> Itera
         size += len(value) + 1
     if chunk:
         yield _batch_of(chunk, encoded)
-
-
-log = get_logger(__name__)
 
 
 class NotAcknowledged(KafkaTimeoutError):  # type: ignore[misc]  # aiokafka is untyped

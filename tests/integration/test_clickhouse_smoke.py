@@ -10,6 +10,7 @@ from clickhouse_connect.driver.exceptions import DatabaseError
 
 from metering_pipeline.warehouse.client import connect
 from metering_pipeline.warehouse.migrations import applied_versions, migrate
+from metering_pipeline.warehouse.sink import RECORD_COLUMNS
 
 pytestmark = pytest.mark.integration
 
@@ -82,19 +83,10 @@ def test_records_ttl_follows_the_setting_and_drops_raw_records_past_it(apache_st
             client.insert(
                 "usage_records",
                 [
-                    ["org", "o1", "tokens", "old", now - timedelta(days=71), Decimal("1"), "{}", "tokens"],
-                    ["org", "o1", "tokens", "new", now - timedelta(days=69), Decimal("2"), "{}", "tokens"],
+                    ["org", "o1", "tokens", "old", now - timedelta(days=71), Decimal("1"), "{}", "tokens", {}, ""],
+                    ["org", "o1", "tokens", "new", now - timedelta(days=69), Decimal("2"), "{}", "tokens", {}, ""],
                 ],
-                column_names=[
-                    "subject_type",
-                    "subject_id",
-                    "metric_key",
-                    "id",
-                    "timestamp",
-                    "quantity",
-                    "metadata",
-                    "metric_id",
-                ],
+                column_names=RECORD_COLUMNS,
             )
             client.command("OPTIMIZE TABLE usage_records FINAL")
             kept = {row[0] for row in client.query("SELECT id FROM usage_records").result_rows}

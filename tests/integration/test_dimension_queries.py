@@ -28,6 +28,7 @@ from metering_pipeline.topics import Topics
 from metering_pipeline.usage.periods import period_end, period_start
 from metering_pipeline.warehouse.client import connect
 from metering_pipeline.warehouse.queries import naive_utc
+from metering_pipeline.warehouse.sink import RECORD_COLUMNS
 from metering_schemas import PeriodType
 from support import eventually, headless_chromium, read_json, running_api, settings_env
 
@@ -180,18 +181,7 @@ def insert(settings, subject: tuple[str, str], records: list[Rec]) -> None:
             client.insert(
                 "usage_records",
                 record_rows(kind, subject, records),
-                column_names=[
-                    "subject_type",
-                    "subject_id",
-                    "metric_key",
-                    "id",
-                    "timestamp",
-                    "quantity",
-                    "metadata",
-                    "metric_id",
-                    "dimensions",
-                    "distinct_value",
-                ],
+                column_names=RECORD_COLUMNS,
             )
             client.insert(
                 "usage_rollups",

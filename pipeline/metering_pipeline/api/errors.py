@@ -57,7 +57,7 @@ async def on_unavailable(request: Request, error: Exception) -> JSONResponse:
     server = "kafka" if isinstance(error, KafkaError) else "clickhouse"
     log.warning("server unavailable", server=server, path=request.url.path, error=str(error)[:300])
     if isinstance(error, NotAcknowledged):
-        message = error.message
+        message = str(error)
     else:
         message = (
             f"{'Kafka' if server == 'kafka' else 'ClickHouse'} is unavailable; retry later ({type(error).__name__})"

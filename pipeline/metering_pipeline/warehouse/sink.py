@@ -26,7 +26,8 @@ from metering_pipeline.warehouse.migrations import migrate
 from metering_pipeline.warehouse.mirrors import D, Mirror
 from metering_pipeline.warehouse.queries import ALERT_COLUMNS, naive_utc
 
-_RECORD_COLUMNS = [
+# usage_records' columns in the order the sink (and anything else inserting raw records) gives them.
+RECORD_COLUMNS = [
     "subject_type",
     "subject_id",
     "metric_key",
@@ -149,7 +150,7 @@ class ClickHouseSink:
         self._client: Client | None = None
         self._lock = asyncio.Lock()  # one client, one request at a time
         self._records = GroupInsert[CountedRecord](
-            lambda records: self._insert("usage_records", records_body(records), _RECORD_COLUMNS, _COLUMNS)
+            lambda records: self._insert("usage_records", records_body(records), RECORD_COLUMNS, _COLUMNS)
         )
         self._rollups = GroupInsert[RollupChange](
             lambda changes: self._insert("usage_rollups", rollups_body(changes), _ROLLUP_COLUMNS, _COLUMNS)

@@ -20,14 +20,14 @@ from typing import Any, TypeVar
 import httpx
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from metering_dev import worker_process
 from metering_dev.bench.state_phases import metric as metric_value
 from metering_dev.worker_process import WorkerProcess, free_port
 from metering_pipeline.api.keys import KeyRing
-from metering_pipeline.topics import Topics
+from metering_pipeline.topics import Topics, router_group
 
 __all__ = [
     "FIXED_SEED",
@@ -383,3 +383,28 @@ def worker_metric(worker, name: str) -> float:
     found = metric_value(worker.metrics(), name)
     assert found is not None, f"{name} not in /metrics"
     return found
+
+
+async def routing_progress(settings) -> tuple[int, int]:
+    """Messages in the routed topic, and messages of usage.recorded the router has not committed yet."""
+    topics = Topics.of(settings)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    await consumer.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(router_group(settings))
+        ends = {}
+        for described in await admin.describe_topics([topics.routed, topics.usage_recorded]):
+            topic = described["topic"]
+            ends[topic] = await consumer.end_offsets(
+                [TopicPartition(topic, p["partition"]) for p in described["partitions"]]
+            )
+    finally:
+        await consumer.stop()
+        await admin.close()
+    routed = sum(ends[topics.routed].values())
+    unrouted = sum(
+        end - (committed[tp].offset if tp in committed else 0) for tp, end in ends[topics.usage_recorded].items()
+    )
+    return routed, unrouted

@@ -134,6 +134,16 @@ def internal_topics(settings: Settings) -> list[TopicSpec]:
     ]
 
 
+def rollup_group(settings: Settings) -> str:
+    """The consumer group of the workers' rollup stage (on the routed topic)."""
+    return f"{settings.consumer_group_prefix}-rollups"
+
+
+def router_group(settings: Settings) -> str:
+    """The consumer group of the workers' router (on usage.recorded)."""
+    return f"{settings.consumer_group_prefix}-router"
+
+
 class TopicLayoutError(RuntimeError):
     """Existing topics the product cannot run on as they are; the message says what differs and what to do."""
 
@@ -169,7 +179,7 @@ async def ensure_topics(settings: Settings, specs: list[TopicSpec]) -> list[str]
             if code not in (0, TopicAlreadyExistsError.errno):
                 raise RuntimeError(f"could not create topic {name}: Kafka error code {code}")
             created.append(name)
-        await _until_led(admin, created)
+        await until_led(admin, created)
         return created
     finally:
         await admin.close()
@@ -252,26 +262,29 @@ async def check_partitioning(settings: Settings) -> None:
         raise TopicLayoutError(
             f"topic {topics.routed} has {routed} partitions and {topics.rollup_changelog} has {changelog}: they "
             "must have the same count (a partition's state lives in the changelog partition of the same number). "
-            f"Partitions were added to one of them; see {_REPARTITIONING}"
+            f"Partitions were added to one of them: with every worker stopped, run `metering repartition "
+            f"--partitions {max(routed, changelog)}` to move the state to where it belongs (see {_REPARTITIONING})"
         )
     if not counts.get(topics.layout):
         return
-    recorded = await _recorded_partitions(settings, topics.layout)
+    recorded = await recorded_partitions(settings, topics.layout)
     if recorded is None:
-        await _record_partitions(settings, topics.layout, routed)
+        await record_partitions(settings, topics.layout, routed)
     elif recorded != routed:
         raise TopicLayoutError(
             f"topics {topics.routed} and {topics.rollup_changelog} have {routed} partitions, but the workers first "
             f"ran with {recorded} (recorded in {topics.layout}): subjects would be routed to partitions that do not "
-            f"hold their state. Partitions were added to both; see {_REPARTITIONING}"
+            f"hold their state. A repartition stopped before its end, or partitions were added by hand: with every "
+            f"worker stopped, run `metering repartition --partitions {routed}` (see {_REPARTITIONING})"
         )
 
 
-_REPARTITIONING = '"Topics: replicas and partition counts" in docs/operations.md'
+_REPARTITIONING = '"Growing the partition count" in docs/operations.md'
 _PARTITIONS_KEY = b"partitions"
+LAYOUT_READ_SECONDS = 30.0  # a compacted topic of a few messages: anything longer is a broker that does not serve it
 
 
-async def _recorded_partitions(settings: Settings, topic: str) -> int | None:
+async def recorded_partitions(settings: Settings, topic: str) -> int | None:
     """The partition count recorded in the layout topic (its latest entry), or None."""
     consumer = AIOKafkaConsumer(**settings.kafka_client_options(), enable_auto_commit=False)
     await consumer.start()
@@ -281,17 +294,24 @@ async def _recorded_partitions(settings: Settings, topic: str) -> int | None:
         await consumer.seek_to_beginning(partition)
         end = (await consumer.end_offsets([partition]))[partition]
         recorded = None
-        while await consumer.position(partition) < end:
-            for messages in (await consumer.getmany(partition, timeout_ms=1000)).values():
-                for message in messages:
-                    if message.key == _PARTITIONS_KEY and message.value is not None:
-                        recorded = int(orjson.loads(message.value)["partitions"])
+        try:
+            async with asyncio.timeout(LAYOUT_READ_SECONDS):
+                while await consumer.position(partition) < end:
+                    for messages in (await consumer.getmany(partition, timeout_ms=1000)).values():
+                        for message in messages:
+                            if message.key == _PARTITIONS_KEY and message.value is not None:
+                                recorded = int(orjson.loads(message.value)["partitions"])
+        except TimeoutError:
+            raise TopicLayoutError(
+                f"could not read {topic} to its end ({end} messages) within {LAYOUT_READ_SECONDS:g} s: is its "
+                "partition's leader available?"
+            ) from None
         return recorded
     finally:
         await consumer.stop()
 
 
-async def _record_partitions(settings: Settings, topic: str, partitions: int) -> None:
+async def record_partitions(settings: Settings, topic: str, partitions: int) -> None:
     producer = AIOKafkaProducer(**settings.kafka_client_options(), acks="all")
     await producer.start()
     try:
@@ -300,7 +320,7 @@ async def _record_partitions(settings: Settings, topic: str, partitions: int) ->
         await producer.stop()
 
 
-async def _until_led(admin: AIOKafkaAdminClient, names: list[str], timeout: float = 30.0) -> None:
+async def until_led(admin: AIOKafkaAdminClient, names: list[str], timeout: float = 30.0) -> None:
     """Waits until the leader of every partition of the new topics answers for it.
 
     Metadata names a leader a moment before that broker serves the partition; a producer writing in

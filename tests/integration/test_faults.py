@@ -23,7 +23,6 @@ from decimal import Decimal
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from metering_dev.bench.measure import rss_bytes
@@ -39,6 +38,7 @@ from support import (
     metric,
     publish,
     read_json,
+    routing_progress,
     running_api,
     set_thresholds,
     summary_rows,
@@ -132,18 +132,21 @@ def test_a_clickhouse_outage_mid_stream_loses_and_doubles_nothing_and_alerts_kee
     # A backlog: read at once when the rollup stage resumes.
     asyncio.run(publish(settings, _batch(2000, 5 * BUFFERED_RECORDS)))
     sent = 2000 + 5 * BUFFERED_RECORDS
-    eventually(while_running(worker, lambda: "pausing consumption" in worker.log_path.read_text()), 30)
-    time.sleep(1)  # a poll the router read before the pause is routed
-    routed_at_pause, unrouted_at_pause = asyncio.run(_routing(settings))
+    # The rollup stage pauses at once; the router holds once that pause has lasted ROUTER_HOLD_AFTER_SECONDS.
+    eventually(while_running(worker, lambda: "router holding" in worker.log_path.read_text()), 30)
+    time.sleep(1)  # a poll the router read before the hold is routed
+    routed_at_pause, unrouted_at_pause = asyncio.run(routing_progress(settings))
+    sent_at_pause = sent
     while time.monotonic() - started < OUTAGE_SECONDS:  # usage keeps arriving while ClickHouse is down
         asyncio.run(publish(settings, _batch(sent, 500)))
         sent += 500
         time.sleep(1)
     assert worker.process.poll() is None, "the worker died while ClickHouse was down"
-    # The router holds while the rollup stage is paused: what arrived meanwhile waits in usage.recorded (whose
+    # The router holds while the rollup stage stays paused: what arrived meanwhile waits in usage.recorded (whose
     # retention the operator sizes), not in the routed topic.
-    routed, unrouted = asyncio.run(_routing(settings))
-    assert routed == routed_at_pause and unrouted - unrouted_at_pause >= 500 * int(OUTAGE_SECONDS / 2)
+    routed, unrouted = asyncio.run(routing_progress(settings))
+    assert sent - sent_at_pause >= 500 * 5, "the outage ended before usage arrived during the router's hold"
+    assert routed == routed_at_pause and unrouted - unrouted_at_pause >= sent - sent_at_pause
     rss_grown = _rss_mb(worker.process.pid) - rss_before
     assert rss_grown < 150, f"RSS grew by {rss_grown:.0f} MB during the outage"
     assert "pausing consumption" in worker.log_path.read_text()  # backpressure, not an unbounded buffer
@@ -321,31 +324,6 @@ def test_ready_is_503_with_the_failing_writer_while_clickhouse_is_down_longer_th
     _wait_for_records(settings, worker, 1200, 120)
     time.sleep(2)  # a late duplicate would show up now
     assert _totals(settings) == (1200, Decimal("120.0"), 1200)
-
-
-async def _routing(settings) -> tuple[int, int]:
-    """Messages in the routed topic, and messages of usage.recorded the router has not committed yet."""
-    topics = Topics.of(settings)
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
-    await admin.start()
-    await consumer.start()
-    try:
-        committed = await admin.list_consumer_group_offsets(f"{settings.consumer_group_prefix}-router")
-        ends = {}
-        for described in await admin.describe_topics([topics.routed, topics.usage_recorded]):
-            topic = described["topic"]
-            ends[topic] = await consumer.end_offsets(
-                [TopicPartition(topic, p["partition"]) for p in described["partitions"]]
-            )
-    finally:
-        await consumer.stop()
-        await admin.close()
-    routed = sum(ends[topics.routed].values())
-    unrouted = sum(
-        end - (committed[tp].offset if tp in committed else 0) for tp, end in ends[topics.usage_recorded].items()
-    )
-    return routed, unrouted
 
 
 async def _committed(settings) -> dict:

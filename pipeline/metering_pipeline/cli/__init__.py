@@ -131,3 +131,29 @@ def create_topics(settings: Settings) -> None:
     created = asyncio.run(ensure_topics(settings, public_topics(settings)))
     asyncio.run(check_partitioning(settings))
     click.echo(f"created: {', '.join(created)}" if created else "all topics exist")
+
+
+@main.command()
+@click.option("--partitions", type=click.IntRange(min=2), required=True, help="The new partition count (larger).")
+@click.option(
+    "--wait",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Seconds to wait for stopped workers to leave their groups  [default: METERING_KAFKA_SESSION_TIMEOUT + 5]",
+)
+@click.pass_obj
+def repartition(settings: Settings, partitions: int, wait: float | None) -> None:
+    """Grow the workers' internal topics to PARTITIONS partitions, moving each subject's state to its new partition.
+
+    Stop every worker first; start them again once this is done (they refuse to until then). Safe to run again
+    after an interruption: it finishes the move."""
+    from metering_pipeline.worker.repartition import RepartitionError, repartition as grow
+
+    try:
+        moves = asyncio.run(grow(settings, partitions, settings.kafka_session_timeout + 5 if wait is None else wait))
+    except RepartitionError as error:
+        raise click.ClickException(str(error)) from None
+    rows: list[tuple[object, int, int]] = [(m.partition, m.rerouted_records, m.moved_entries) for m in moves]
+    rows.append(("total", sum(m.rerouted_records for m in moves), sum(m.moved_entries for m in moves)))
+    click.echo(tables.render(["partition", "uncounted records re-routed", "state entries moved"], rows))
+    click.echo(f"the internal topics have {partitions} partitions; start the workers")

@@ -17,7 +17,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from metering_pipeline.settings import Settings
-from metering_pipeline.topics import Topics, partitions_of
+from metering_pipeline.topics import Topics, partitions_of, rollup_group, router_group
 
 
 async def processed_through(settings: Settings, close: datetime, wait: float = 5.0) -> bool:
@@ -35,8 +35,8 @@ async def processed_through(settings: Settings, close: datetime, wait: float = 5
     await consumer.start()
     try:
         close_ms = int(close.timestamp() * 1000)
-        router = _Group(admin, consumer, topics.usage_recorded, f"{settings.consumer_group_prefix}-router")
-        rollups = _Group(admin, consumer, topics.routed, f"{settings.consumer_group_prefix}-rollups")
+        router = _Group(admin, consumer, topics.usage_recorded, router_group(settings))
+        rollups = _Group(admin, consumer, topics.routed, rollup_group(settings))
         deadline = asyncio.get_running_loop().time() + wait
         for group, counts in ((router, lambda timestamp: timestamp < close_ms), (rollups, lambda timestamp: True)):
             targets = await group.end_offsets()  # what was routed by now: the rollups must get that far

@@ -35,6 +35,7 @@ from metering_pipeline.topics import (
     internal_topics,
     kafka_answers,
     public_topics,
+    rollup_group,
 )
 from metering_pipeline.usage.metrics import MetricCatalog
 from metering_pipeline.usage.thresholds import ThresholdBook
@@ -94,7 +95,7 @@ class Pipeline:
             self.stats,
             self.catalog,
             self.book,
-            client_id=member_client_id(f"{self.settings.consumer_group_prefix}-rollups", self.url),
+            client_id=member_client_id(rollup_group(self.settings), self.url),
         )
         self.entitlements = Entitlements(self.settings, rollups, self.url)
         self.rollups = rollups

@@ -9,7 +9,7 @@ threshold markers are keyed by threshold, subject and window.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from functools import lru_cache
@@ -147,6 +147,29 @@ def _period(value: str) -> PeriodType | ResetPeriod:
 
 def _utc(seconds: int) -> datetime:
     return datetime.fromtimestamp(seconds, tz=UTC)
+
+
+Subject = tuple[str, str]  # (subject_type, subject_id)
+
+
+def entry_subject(key: bytes) -> Subject | None:
+    """The subject a rollup, distinct-value or marker entry belongs to (its key names it second and third); None for
+    the partition's own entry (SUNK_KEY) and for identity entries, which list many subjects (`identities_by_subject`).
+    An entry of another kind raises ValueError: whatever wrote it, this version cannot say where it belongs."""
+    if key.startswith((ROLLUP_PREFIX, DISTINCT_PREFIX, MARKER_PREFIX)):
+        fields = orjson.loads(key[len(ROLLUP_PREFIX) :])
+        return fields[1], fields[2]
+    if key == SUNK_KEY or key.startswith(IDENTITIES_PREFIX):
+        return None
+    raise ValueError(f"a changelog entry of a kind this version does not know: {key[:40]!r}")
+
+
+def split_identities(value: bytes, partition_of: Callable[[str, str], int]) -> dict[int, bytes]:
+    """An identity entry's identities split by their subjects' partitions, each part an identity entry's value."""
+    parts: dict[int, list[Any]] = {}
+    for item in orjson.loads(value):
+        parts.setdefault(partition_of(item[0], item[1]), []).append(item)
+    return {partition: orjson.dumps(items) for partition, items in parts.items()}
 
 
 IDENTITIES_PER_ENTRY = 5_000  # keeps each entry far below Kafka's message size limit

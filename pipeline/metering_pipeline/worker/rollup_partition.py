@@ -147,10 +147,10 @@ class RollupPartition:
     ) -> RollupPartition:
         """Fence the previous owner (its producers' transactional ids are these), then bring the store up to the
         changelog's end: the partition's input stays paused meanwhile."""
-        name = f"{ctx.group_id}-{ctx.topics.routed}-{partition}"
-        producer = await _start_producer(ctx, name)
+        changes_id, alerts_id = transactional_ids(ctx.group_id, ctx.topics.routed, partition)
+        producer = await _start_producer(ctx, changes_id)
         try:
-            alert_producer = await _start_producer(ctx, f"{name}-alerts")
+            alert_producer = await _start_producer(ctx, alerts_id)
         except BaseException:
             await producer.stop()
             raise
@@ -430,6 +430,13 @@ class RollupPartition:
 def eviction_horizon(settings: Settings, now: datetime) -> datetime:
     """Rollups of periods that ended before this are final (and leave the state); records for them are refused."""
     return now - settings.allowed_lateness - timedelta(hours=1)
+
+
+def transactional_ids(group_id: str, routed_topic: str, partition: int) -> tuple[str, str]:
+    """Partition p's two producers' transactional ids (its changes and offsets; its alerts): whoever starts a producer
+    with one fences the previous owner's, and aborts the transaction that owner left open."""
+    name = f"{group_id}-{routed_topic}-{partition}"
+    return name, f"{name}-alerts"
 
 
 async def _start_producer(ctx: StageContext, transactional_id: str) -> AIOKafkaProducer:

@@ -19,7 +19,7 @@ from aiokafka.errors import CommitFailedError, IllegalOperation, InvalidProducer
 
 from metering_pipeline.logs import get_logger
 from metering_pipeline.settings import Settings
-from metering_pipeline.topics import Topics
+from metering_pipeline.topics import Topics, rollup_group
 from metering_pipeline.usage.metrics import MetricCatalog
 from metering_pipeline.usage.thresholds import ThresholdBook
 from metering_pipeline.warehouse.sink import ClickHouseSink
@@ -44,6 +44,9 @@ SETTLE_ON_REVOKE = 2.0
 SETTLE_ON_STOP = 30.0
 # Shares of METERING_STATE_CACHE_MB: rollups cached in RAM, RocksDB's block cache, RocksDB's write buffers.
 CACHE_SHARE, BLOCK_CACHE_SHARE, WRITE_BUFFER_SHARE = 0.5, 0.25, 0.25
+# Seconds of continuous backpressure after which the router holds too: longer than the sub-second pauses of a
+# backlog meeting a healthy ClickHouse, far shorter than the routed topic's retention.
+ROUTER_HOLD_AFTER_SECONDS = 5.0
 
 # The partition's producer can no longer commit for it: the partition is released, and a new owner (often this
 # worker again, with a new producer) continues from the last commit.
@@ -62,14 +65,14 @@ class RollupStage:
     ) -> None:
         self.settings = settings
         self.stats = stats
-        self.group_id = f"{settings.consumer_group_prefix}-rollups"
+        self.group_id = rollup_group(settings)
         self.topic = Topics.of(settings).routed
         self.owned: dict[int, RollupPartition] = {}
         self.restoring: dict[int, Restoration] = {}  # assigned, state not yet restored
         self._restores: dict[int, asyncio.Task[RollupPartition]] = {}
         self._closing: dict[int, asyncio.Task[None]] = {}  # released partitions: their store is still open
         self._rejoin = False
-        self._paused = False
+        self._paused_since: float | None = None  # monotonic time backpressure paused consumption
         self._lock = asyncio.Lock()
         self.consumer = AIOKafkaConsumer(
             **settings.kafka_client_options(),
@@ -197,7 +200,7 @@ class RollupStage:
             owned = task.result()  # a failed restore raises here: the process restarts and tries again
             self.stats.restored_entries += progress.entries
             self.owned[partition] = owned
-            if not self._paused:
+            if self._paused_since is None:
                 self.consumer.resume(TopicPartition(self.topic, partition))
             log.info("partition assigned", stage="rollups", partition=partition, restored_entries=progress.entries)
             garbage.freeze_survivors()
@@ -223,22 +226,25 @@ class RollupStage:
             self._rejoin = True  # still assigned here: only a fresh rebalance settles who owns it
 
     def backpressured(self) -> bool:
-        """Consumption is paused until ClickHouse catches up (the router holds meanwhile)."""
-        return self._paused
+        """Consumption has stayed paused for ROUTER_HOLD_AFTER_SECONDS: ClickHouse is down, not merely behind.
+        Under a backlog the stage pauses and resumes many times a second; holding the router on each of those
+        pauses would stop the routed topic from running ahead and slow the whole backlog down."""
+        return self._paused_since is not None and time.monotonic() - self._paused_since >= ROUTER_HOLD_AFTER_SECONDS
 
     def _apply_backpressure(self) -> None:
         """Stop fetching while the writers hold too many records (ClickHouse slow or down); resume at half."""
         buffered = self._buffered_records()
         limit = self.settings.max_buffered_records
-        pause = buffered >= limit or (self._paused and buffered >= limit // 2)
-        if pause:
+        paused = self._paused_since is not None
+        if buffered >= limit or (paused and buffered >= limit // 2):
             self.consumer.pause(*self.consumer.assignment())  # again each time: a rebalance may have added partitions
-            if not self._paused:
+            if not paused:
                 log.warning("pausing consumption until ClickHouse catches up", buffered_records=buffered, limit=limit)
-        elif self._paused:
+                self._paused_since = time.monotonic()
+        elif paused:
             self.consumer.resume(*(tp for tp in self.consumer.assignment() if tp.partition not in self.restoring))
             log.info("resuming consumption", buffered_records=buffered)
-        self._paused = pause
+            self._paused_since = None
 
     async def _publish_all_alerts(self) -> None:
         """Every partition's alerts at once: each partition has a producer (and transaction) of its own, and one

@@ -18,7 +18,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError
 
 from metering_pipeline.logs import get_logger
 from metering_pipeline.settings import Settings
-from metering_pipeline.topics import Topics
+from metering_pipeline.topics import Topics, router_group
 from metering_pipeline.usage.intake import IntakeRules, Message, read_message
 from metering_pipeline.usage.metrics import MetricCatalog
 from metering_pipeline.usage.routed_record import AcceptedRecord
@@ -37,7 +37,7 @@ class RouterStage:
         self, settings: Settings, catalog: MetricCatalog, stats: WorkerStats, held: Callable[[], bool]
     ) -> None:
         self.settings = settings
-        # While this is true (the worker's rollup stage is paused by backpressure) the router reads nothing: the
+        # While this is true (the worker's rollup stage has stayed paused by backpressure) the router reads nothing: the
         # backlog waits in usage.recorded, whose retention the operator sizes, not in the routed topic's 7 days.
         self.held = held
         self.catalog = catalog
@@ -47,7 +47,7 @@ class RouterStage:
         self.consumer = AIOKafkaConsumer(
             self.topics.usage_recorded,
             **settings.kafka_client_options(),
-            group_id=f"{settings.consumer_group_prefix}-router",
+            group_id=router_group(settings),
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=settings.max_poll_records,
@@ -77,9 +77,12 @@ class RouterStage:
             while not stopping.is_set():
                 if self.held():
                     self.consumer.pause(*self.consumer.assignment())  # again each time: a rebalance may add some
+                    if not holding:
+                        log.warning("router holding: new usage waits in its topic until ClickHouse catches up")
                     holding = True
                 elif holding:
                     self.consumer.resume(*self.consumer.assignment())
+                    log.info("router routing again")
                     holding = False
                 batches = await self.consumer.getmany(timeout_ms=100, max_records=poll.messages)
                 if batches:

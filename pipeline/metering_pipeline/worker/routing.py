@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import msgspec
 from aiokafka.structs import ConsumerRecord
 
-from metering_pipeline.usage.routed_record import AcceptedRecord, CountedRecord
+from metering_pipeline.usage.routed_record import AcceptedRecord, CountedRecord, RoutedRecord
 
 
 def subject_partition(subject_type: str, subject_id: str, partitions: int) -> int:
@@ -78,9 +79,9 @@ _decode_v2 = msgspec.msgpack.Decoder(list[CountedRecord]).decode
 _decode_v1 = msgspec.json.Decoder(list[CountedRecord]).decode
 
 
-def encode(records: Sequence[AcceptedRecord]) -> bytes:
+def encode(records: Sequence[RoutedRecord[Any]]) -> bytes:
     """Accepted records travel as they are, the quantity as its exact text; the rollup stage reads them as
-    CountedRecords (one layout: `usage.routed_record`)."""
+    CountedRecords (one layout: `usage.routed_record`). A CountedRecord's Decimal is written as its exact text too."""
     return ROUTED_V2 + _encoder.encode(records)
 
 

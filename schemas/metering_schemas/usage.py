@@ -45,7 +45,7 @@ class PeriodType(CaseInsensitiveEnum):
 
 
 class UsageSummary(WireModel):
-    """A rollup of one metric for one subject over one period (UTC)."""
+    """A rollup of one metric for one subject over one period (UTC, or the time zone it names)."""
 
     id: SummaryId
     metric_key: Identifier
@@ -61,4 +61,10 @@ class UsageSummary(WireModel):
     record_count: int = Field(ge=0)
     dimensions: dict[str, str] = Field(
         default_factory=dict, description="The dimension row's values; empty: the total row"
+    )
+    time_zone: str = Field(
+        default="UTC",
+        max_length=64,
+        description="The IANA time zone the period was cut in: periodStart and periodEnd are that zone's local "
+        "boundaries, as UTC instants",
     )

@@ -1,6 +1,7 @@
 """Issue 15's read side through the real API, CLI and ClickHouse endpoint: usage.getSummary grouped by and filtered on
-dimensions (exact for every aggregation type, from the right source), usage.export filtered on dimensions, the
-validation of metric definitions and thresholds that name dimensions, and the dashboard's split by a dimension.
+dimensions (exact for every aggregation type, from the right source) and in other time zones (issue 28), usage.export
+filtered on dimensions, the validation of metric definitions and thresholds that name dimensions, and the dashboard's
+split by a dimension.
 
 The read-side tests set their data up by inserting usage_records and usage_rollups rows into the real ClickHouse as
 the worker writes them (a total row and one row per combination of dimension values per period), so they check the
@@ -13,10 +14,12 @@ import csv
 import decimal
 import io
 import json
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from zoneinfo import ZoneInfo
 
 import httpx
 import orjson
@@ -85,6 +88,25 @@ def value_of(kind: str, records: list[Rec]) -> Decimal:
     return max(records, key=lambda r: (r.at, r.id)).quantity  # LATEST
 
 
+# Records on both sides of local midnights: Kathmandu's (18:15 UTC) and Kolkata's (18:30 UTC), which end March there
+# too; New York's around the night its clocks went back (1:30 happened twice; that day lasted 25 hours).
+ZONED_SUBJECT = ("org", "zones-1")
+ZONED_FROM, ZONED_TO = datetime(2025, 2, 1, tzinfo=UTC), datetime(2025, 12, 1, tzinfo=UTC)
+ZONED = [
+    Rec("z1", datetime(2025, 3, 31, 18, 14, 59, 999000, tzinfo=UTC), "gpt-4", "eu", "alice", Decimal("1.5")),
+    Rec("z2", datetime(2025, 3, 31, 18, 15, tzinfo=UTC), "mini", "eu", "bob", Decimal("2")),
+    Rec("z3", datetime(2025, 3, 31, 18, 29, 59, 999000, tzinfo=UTC), "gpt-4", "us", "alice", Decimal("4.25")),
+    Rec("z4", datetime(2025, 3, 31, 18, 30, tzinfo=UTC), "gpt-4", "eu", "carol", Decimal("8")),
+    Rec("z5", datetime(2025, 11, 2, 3, 59, 59, tzinfo=UTC), "mini", "us", "alice", Decimal("16")),
+    Rec("z6", datetime(2025, 11, 2, 4, tzinfo=UTC), "gpt-4", "us", "bob", Decimal("0.5")),
+    Rec("z7", datetime(2025, 11, 2, 5, 30, tzinfo=UTC), "mini", "eu", "dave", Decimal("3")),
+    Rec("z8", datetime(2025, 11, 2, 6, 30, tzinfo=UTC), "gpt-4", "eu", "alice", Decimal("7")),
+    Rec("z9", datetime(2025, 11, 3, 4, 59, 59, tzinfo=UTC), "mini", "eu", "erin", Decimal("1")),
+    Rec("z10", datetime(2025, 11, 3, 5, tzinfo=UTC), "gpt-4", "us", "bob", Decimal("9")),
+]
+ZONES = ["Asia/Kolkata", "Asia/Kathmandu", "America/New_York"]
+
+
 def metric_key(kind: str) -> str:
     return f"dim_{kind.lower()}"
 
@@ -148,17 +170,37 @@ def definition(kind: str) -> dict:
 
 
 def expected(
-    kind: str, period: PeriodType, group_by: tuple[str, ...], filters: dict[str, str], records: list[Rec] = RECORDS
+    kind: str,
+    period: PeriodType,
+    group_by: tuple[str, ...],
+    filters: dict[str, str],
+    records: list[Rec] = RECORDS,
+    zone: str | None = None,
+    starting_from: datetime | None = None,
 ) -> dict[tuple[str, tuple[tuple[str, str], ...]], tuple[Decimal, int]]:
-    """{(period start, sorted dimensions): (total, records)} by brute force over the records."""
+    """{(period start, sorted dimensions): (total, records)} by brute force over the records; with `zone`, that zone's
+    local periods, only those starting at or after `starting_from`."""
     cells: dict[tuple[str, tuple[tuple[str, str], ...]], list[Rec]] = defaultdict(list)
     for r in records:
         dims = {"model": r.model, "region": r.region}
         if any(dims[name] != value for name, value in filters.items()):
             continue
         labels = {**{name: dims[name] for name in group_by}, **filters}
-        cells[(iso(period_start(period, r.at)), tuple(sorted(labels.items())))].append(r)
+        start = period_start(period, r.at) if zone is None else local_start(period, r.at, ZoneInfo(zone))
+        if starting_from is None or start >= starting_from:
+            cells[(iso(start), tuple(sorted(labels.items())))].append(r)
     return {key: (value_of(kind, members), len(members)) for key, members in cells.items()}
+
+
+def local_start(period: PeriodType, at: datetime, zone: ZoneInfo) -> datetime:
+    """The local period's start by the wall clock (none of ZONED is near a clock change's gap)."""
+    local = at.astimezone(zone)
+    floor = {"minute": 0, "second": 0, "microsecond": 0}
+    if period is not PeriodType.HOURLY:
+        floor["hour"] = 0
+    if period is PeriodType.MONTHLY:
+        floor["day"] = 1
+    return local.replace(**floor).astimezone(UTC)
 
 
 def iso(at: datetime) -> str:
@@ -218,6 +260,7 @@ def api(module_pipeline, tmp_path_factory):
             == 201
         )
         insert(settings, SUBJECT, RECORDS)
+        insert(settings, ZONED_SUBJECT, ZONED)
         yield started
 
 
@@ -300,6 +343,74 @@ def test_one_period_with_a_filter_and_no_usage_is_zero_and_a_grouped_one_is_empt
     ).json() == {"summaries": []}
     [one] = client.get("/v1/usage/summary", params={**params, "filterGroupBy[model]": "mini"}).json()["summaries"]
     assert (one["totalQuantity"], one["recordCount"]) == ("6", 2)
+
+
+def zoned_summary(client: httpx.Client, kind: str, period: str, zone: str, **extra) -> httpx.Response:
+    params = {
+        "metricKey": metric_key(kind),
+        "subjectType": ZONED_SUBJECT[0],
+        "subjectId": ZONED_SUBJECT[1],
+        "periodType": period,
+        "from": iso(ZONED_FROM),
+        "to": iso(ZONED_TO),
+        "timeZone": zone,
+        **extra,
+    }
+    return client.get("/v1/usage/summary", params=params)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("zone", ZONES)
+@pytest.mark.parametrize("period", ["HOURLY", "DAILY", "MONTHLY"])
+def test_a_summary_in_another_zone_is_each_local_periods_records_exactly(api, kind, zone, period):
+    response = zoned_summary(api.client(), kind, period, zone)
+    assert response.status_code == 200, response.text
+    summaries = response.json()["summaries"]
+    assert got(summaries) == expected(kind, PeriodType(period), (), {}, ZONED, zone, ZONED_FROM)
+    assert {s["timeZone"] for s in summaries} == {zone}
+    for s in summaries:  # each period's bounds are the zone's local boundaries
+        start = datetime.fromisoformat(s["periodStart"].replace("Z", "+00:00"))
+        end = datetime.fromisoformat(s["periodEnd"].replace("Z", "+00:00"))
+        assert local_start(PeriodType(period), start, ZoneInfo(zone)) == start
+        assert local_start(PeriodType(period), end, ZoneInfo(zone)) == end > start
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_summary_in_another_zone_groups_and_filters_by_dimensions_exactly(api, kind):
+    response = zoned_summary(
+        api.client(), kind, "DAILY", "Asia/Kolkata", groupBy="model", **{"filterGroupBy[region]": "eu"}
+    )
+    assert response.status_code == 200, response.text
+    assert got(response.json()["summaries"]) == expected(
+        kind, PeriodType.DAILY, ("model",), {"region": "eu"}, ZONED, "Asia/Kolkata", ZONED_FROM
+    )
+
+
+def test_one_local_period_by_its_start_and_an_unknown_zone(api):
+    client = api.client()
+    params = {"metricKey": "dim_sum", "subjectType": "org", "subjectId": "zones-1", "periodType": "DAILY"}
+    # New York's 2 November 2025 lasted 25 hours: z6, z7, z8, z9.
+    [day] = client.get(
+        "/v1/usage/summary", params={**params, "periodStart": "2025-11-02T12:00:00Z", "timeZone": "America/New_York"}
+    ).json()["summaries"]
+    assert (day["periodStart"], day["periodEnd"], day["totalQuantity"], day["recordCount"], day["timeZone"]) == (
+        "2025-11-02T04:00:00Z",
+        "2025-11-03T05:00:00Z",
+        "11.5",
+        4,
+        "America/New_York",
+    )
+    [empty] = client.get(
+        "/v1/usage/summary", params={**params, "periodStart": "2025-06-01T12:00:00Z", "timeZone": "Asia/Kolkata"}
+    ).json()["summaries"]
+    assert (empty["periodStart"], empty["totalQuantity"], empty["recordCount"]) == ("2025-05-31T18:30:00Z", "0", 0)
+    refused = client.get("/v1/usage/summary", params={**params, "timeZone": "Mars/Olympus_Mons"})
+    assert refused.status_code == 422, refused.text
+    assert (refused.json()["error"], [e["field"] for e in refused.json()["errors"]]) == (
+        "invalid_time_zone",
+        ["query.timeZone"],
+    )
+    assert "Mars/Olympus_Mons" in refused.json()["message"]
 
 
 def test_unknown_or_malformed_dimensions_are_refused_with_a_field_error(api):
@@ -491,6 +602,24 @@ def test_cli_summary_groups_and_filters_like_the_api(api):
     assert unknown.exit_code == 2 and "'tier' is not a dimension of metric 'dim_sum'" in unknown.stderr
     malformed = cli(settings, "summary", "--metric", "dim_sum", "--subject", "org:dims-1", "--filter-group-by", "model")
     assert malformed.exit_code == 2 and "NAME=VALUE" in malformed.stderr
+
+
+def test_cli_summary_in_a_time_zone_agrees_with_the_records(api):
+    settings = api.settings
+    window = ["--from", "2025-02-01", "--to", "2025-12-01"]
+    base = ["summary", "--metric", "dim_max", "--subject", "org:zones-1", "--period", "DAILY", *window]
+    result = cli(settings, *base, "--time-zone", "America/New_York", "--json")
+    assert result.exit_code == 0, result.output
+    # --from is read in the zone: New York's 1 February starts at 05:00 UTC.
+    starting = datetime(2025, 2, 1, 5, tzinfo=UTC)
+    assert got([json.loads(line) for line in result.stdout.splitlines()]) == expected(
+        "MAX", PeriodType.DAILY, (), {}, ZONED, "America/New_York", starting
+    )
+    table = cli(settings, *base, "--time-zone", "America/New_York")
+    assert "period start (America/New_York)" in table.stdout  # local times: the 25-hour day, its maximum and records
+    assert re.search(r"^2025-11-02 00:00 +2025-11-03 00:00 +7 +4$", table.stdout, re.MULTILINE), table.stdout
+    refused = cli(settings, *base, "--time-zone", "Mars/Olympus_Mons")
+    assert refused.exit_code == 2 and "unknown time zone 'Mars/Olympus_Mons'" in refused.output
 
 
 def test_cli_defines_metrics_that_read_the_payload_and_thresholds_on_a_dimension_row(api):

@@ -22,7 +22,7 @@ from metering_pipeline.api.links import from_body, links
 from metering_pipeline.api.security import AuthenticatedRoute, Caller, reader, writer
 from metering_pipeline.usage.intake import IntakeRules, Refusal, judge, stored_metadata, unreadable_payload
 from metering_pipeline.usage.metrics import record_org
-from metering_pipeline.usage.periods import END_OF_TIME, EPOCH, period_end, period_start
+from metering_pipeline.usage.periods import END_OF_TIME, EPOCH, UnknownTimeZone, local_period_bounds, time_zone
 from metering_pipeline.warehouse.client import connect
 from metering_pipeline.warehouse.grouping import (
     FILTER_PARAMETER,
@@ -30,12 +30,13 @@ from metering_pipeline.warehouse.grouping import (
     DimensionQuery,
     check_names,
     filters_from_query,
-    summary_id,
 )
 from metering_pipeline.warehouse.queries import (
     EXPORT_FORMATS,
     RecordFilter,
+    TooManyPeriods,
     open_usage_export,
+    summary,
     usage_records_page,
     usage_summaries,
 )
@@ -332,21 +333,34 @@ async def get_summary(
     start: datetime | None = Query(default=None, alias="from"),
     end: datetime | None = Query(default=None, alias="to"),
     group_by: list[str] = GroupByQuery,
+    zone_name: str = Query(
+        default="UTC",
+        alias="timeZone",
+        max_length=64,
+        description="IANA time zone whose local hours, days and months the periods are (`Asia/Kolkata`); other "
+        "than the rollups' UTC, they are summed exactly from the subject's records",
+    ),
     who: Caller = Depends(reader),
 ) -> SummaryList:
     """Rollups of one metric for one subject: the period containing `periodStart`, or every period in [from, to).
 
     By default the total rows; with `groupBy` and/or `filterGroupBy`, the usage split by (or restricted to) values
-    of the metric's dimensions, each summary's `dimensions` saying which (exact for every aggregation type)."""
+    of the metric's dimensions, each summary's `dimensions` saying which (exact for every aggregation type). With
+    `timeZone`, periods are that zone's local ones."""
     context = context_of(request)
     dimensions = _dimension_query(request, group_by)
+    try:
+        zone = time_zone(zone_name)
+    except UnknownTimeZone as error:
+        raise ApiError(
+            422, "invalid_time_zone", str(error), [FieldProblem(field="query.timeZone", message=str(error))]
+        ) from None
     if who.org_id is not None and subject_type == "org" and subject_id != who.org_id:
         raise ApiError(403, "forbidden_org", f"this key acts for org {who.org_id!r} only")
     definition = _metric_for(context, metric_key, subject_id if subject_type == "org" else who.org_id)
     _checked(dimensions, definition, metric_key)
     if period_start_at is not None:
-        first = period_start(period_type, _storable("periodStart", period_start_at))
-        last = period_end(period_type, first)
+        first, last = local_period_bounds(period_type, _storable("periodStart", period_start_at), zone)
     else:
         first, last = _range(start, end)
     if who.org_id is not None and subject_type != "org":
@@ -367,25 +381,26 @@ async def get_summary(
         if not owned:
             return SummaryList(summaries=[])
     aggregation = definition.aggregation_type if definition is not None else None
-    summaries = await context.query(
-        usage_summaries, metric_key, subject_type, subject_id, period_type, first, last, dimensions, aggregation
-    )
+    try:
+        summaries = await context.query(
+            usage_summaries,
+            metric_key,
+            subject_type,
+            subject_id,
+            period_type,
+            first,
+            last,
+            dimensions,
+            aggregation,
+            zone_name,
+        )
+    except TooManyPeriods as error:
+        raise ApiError(422, "too_many_periods", str(error)) from None
     if period_start_at is not None and not summaries and not dimensions.group_by:
         # The period has no usage (of those dimension values): zero, as the seed's getUsageSummary answers.
         labels = dimensions.labels(())
         summaries = [
-            UsageSummary(
-                id=summary_id(metric_key, subject_type, subject_id, period_type.value, first, labels),
-                metric_key=metric_key,
-                subject_type=subject_type,
-                subject_id=subject_id,
-                period_type=period_type,
-                period_start=first,
-                period_end=last,
-                total_quantity=Decimal(0),
-                record_count=0,
-                dimensions=labels,
-            )
+            summary(metric_key, subject_type, subject_id, period_type, (first, last), Decimal(0), 0, labels, zone_name)
         ]
     return SummaryList(summaries=summaries)
 

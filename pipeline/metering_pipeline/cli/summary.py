@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import click
 
 from metering_pipeline import tables
-from metering_pipeline.cli.params import subject as parse_subject, utc
+from metering_pipeline.cli.params import subject as parse_subject
 from metering_pipeline.settings import Settings
 from metering_pipeline.warehouse.grouping import DimensionError, DimensionQuery, check_names, pairs_from_options
 from metering_schemas import MetricDefinition, PeriodType
@@ -43,15 +43,13 @@ def _definition(settings: Settings, metric_key: str, org: str | None) -> MetricD
     default="DAILY",
     show_default=True,
 )
-@click.option(
-    "--from", "start", type=click.DateTime(), default=None, help="First period start (UTC). [default: 30 days ago]"
-)
+@click.option("--from", "start", type=click.DateTime(), default=None, help="First period start. [default: 30 days ago]")
 @click.option(
     "--to",
     "end",
     type=click.DateTime(),
     default=None,
-    help="Periods starting before this (UTC). [default: now + 1 day]",
+    help="Periods starting before this. [default: now + 1 day]",
 )
 @click.option(
     "--group-by",
@@ -67,6 +65,15 @@ def _definition(settings: Settings, metric_key: str, org: str | None) -> MetricD
     metavar="NAME=VALUE",
     help="Only usage whose dimension NAME is VALUE (repeatable, one value per dimension), e.g. model=gpt-4.",
 )
+@click.option(
+    "--time-zone",
+    "zone_name",
+    default="UTC",
+    show_default=True,
+    metavar="ZONE",
+    help="IANA time zone whose local hours, days and months the periods are (e.g. Asia/Kolkata); --from and --to "
+    "are read in it too. Other than UTC: summed exactly from the subject's records.",
+)
 @click.option("--json", "as_json", is_flag=True, help="JSON lines (the seed's UsageSummary) instead of a table.")
 @click.pass_obj
 def summary(
@@ -78,6 +85,7 @@ def summary(
     end: datetime | None,
     group_by: tuple[str, ...],
     filters: tuple[str, ...],
+    zone_name: str,
     as_json: bool,
 ) -> None:
     """Print a subject's usage summary per period (the seed's usage.getSummary).
@@ -85,17 +93,22 @@ def summary(
     Without --group-by/--filter-group-by: the metric's total per period. With them (dimension names of the metric's
     groupBy), the usage split by or restricted to those dimension values, exact for every aggregation type.
     """
+    from metering_pipeline.usage.periods import UnknownTimeZone, time_zone
     from metering_pipeline.warehouse.client import connect
-    from metering_pipeline.warehouse.queries import usage_summaries
+    from metering_pipeline.warehouse.queries import TooManyPeriods, usage_summaries
 
     subject_type, subject_id = parse_subject(subject)
+    try:
+        zone = time_zone(zone_name)
+    except UnknownTimeZone as error:
+        raise click.BadParameter(str(error), param_hint="--time-zone") from None
     try:
         check_names(group_by)
         dimensions = DimensionQuery.of(group_by, pairs_from_options(filters, "--filter-group-by"))
     except DimensionError as error:
         raise click.UsageError(str(error)) from None
     aggregation = None
-    if not dimensions.is_total:
+    if not dimensions.is_total or zone_name != "UTC":  # records summed by the query need the metric's type
         definition = _definition(settings, metric_key, subject_id if subject_type == "org" else None)
         try:
             dimensions.check(definition.group_by, metric_key)
@@ -103,18 +116,24 @@ def summary(
             raise click.UsageError(str(error)) from None
         aggregation = definition.aggregation_type
     now = datetime.now(UTC)
+    first = start.replace(tzinfo=zone).astimezone(UTC) if start else now - timedelta(days=30)
+    last = end.replace(tzinfo=zone).astimezone(UTC) if end else now + timedelta(days=1)
     with connect(settings) as client:
-        rows = usage_summaries(
-            client,
-            metric_key,
-            subject_type,
-            subject_id,
-            PeriodType(period.upper()),
-            utc(start) or now - timedelta(days=30),
-            utc(end) or now + timedelta(days=1),
-            dimensions,
-            aggregation,
-        )
+        try:
+            rows = usage_summaries(
+                client,
+                metric_key,
+                subject_type,
+                subject_id,
+                PeriodType(period.upper()),
+                first,
+                last,
+                dimensions,
+                aggregation,
+                zone_name,
+            )
+        except TooManyPeriods as error:
+            raise click.UsageError(str(error)) from None
     if as_json:
         for row in rows:
             click.echo(row.to_json())
@@ -122,11 +141,11 @@ def summary(
     names = dimensions.names()
     click.echo(
         tables.render(
-            ["period start (UTC)", "period end", *names, "total", "records"],
+            [f"period start ({zone_name})", "period end", *names, "total", "records"],
             [
                 (
-                    r.period_start.strftime("%Y-%m-%d %H:%M"),
-                    r.period_end.strftime("%Y-%m-%d %H:%M"),
+                    r.period_start.astimezone(zone).strftime("%Y-%m-%d %H:%M"),
+                    r.period_end.astimezone(zone).strftime("%Y-%m-%d %H:%M"),
                     *(r.dimensions.get(name, "") for name in names),
                     tables.decimal_text(r.total_quantity),
                     r.record_count,

@@ -1,9 +1,11 @@
-"""UTC period bucketing: which hour, day and calendar month a usage timestamp belongs to."""
+"""Period bucketing: which hour, day and calendar month a usage timestamp belongs to, in UTC or in a subject's
+time zone. A period is always stored as the UTC instant at which it starts (and ends)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, time, timedelta, tzinfo
 from functools import lru_cache
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from metering_schemas import PeriodType, ResetPeriod
 
@@ -52,3 +54,62 @@ def starts_of_hour(hour: int) -> tuple[tuple[PeriodType, datetime], ...]:
     """Records cluster in few hours: the per-record bucketing is a cache hit."""
     at = EPOCH + timedelta(hours=hour)
     return tuple((period, period_start(period, at)) for period in PeriodType)
+
+
+# Local periods. Every offset and transition of the tz database since 1970 is a multiple of 15 minutes.
+_HOUR, _STEP = timedelta(hours=1), timedelta(minutes=15)
+
+
+class UnknownTimeZone(ValueError):
+    """A time zone name the tz database does not know."""
+
+
+@lru_cache(maxsize=1024)
+def time_zone(name: str) -> ZoneInfo:
+    """The IANA zone of this name (`Asia/Kolkata`), or UnknownTimeZone naming it."""
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):  # ValueError: not a zone name at all ("", "../x")
+        raise UnknownTimeZone(f"unknown time zone {name!r}: give an IANA name such as Europe/Berlin or UTC") from None
+
+
+def local_period_start(period: PeriodType | ResetPeriod, at: datetime, zone: tzinfo) -> datetime:
+    """The UTC instant at which the local hour, day or month holding `at` starts in `zone`.
+
+    A local hour starts when the wall clock shows a whole hour; an hour that repeats when clocks go back is two
+    periods, and the hour that clocks jump into starts at the jump (Lord Howe's 30-minute shift makes it 30 minutes
+    long). A day starts at local midnight, or at the jump when midnight does not exist."""
+    local = at.astimezone(zone)
+    if period.value == "HOURLY":
+        start = local.replace(minute=0, second=0, microsecond=0)  # keeps `fold`: the second 01:00 stays the second
+    elif period.value == "DAILY":
+        start = datetime.combine(local.date(), time(0), tzinfo=zone)
+    elif period.value == "MONTHLY":
+        start = datetime.combine(local.date().replace(day=1), time(0), tzinfo=zone)
+    else:
+        return EPOCH
+    # A wall time that does not exist (in the gap of a jump forward) converts with the offset before the jump, that
+    # is, to the jump's own instant: where the period really starts.
+    return start.astimezone(UTC)
+
+
+def local_period_end(period: PeriodType | ResetPeriod, start: datetime, zone: tzinfo) -> datetime:
+    """Exclusive end of the local period that starts at `start` (a UTC instant from local_period_start)."""
+    if period.value == "HOURLY":  # 30 to 90 minutes long: the first later instant that starts another hour
+        candidate = start + _HOUR
+        while (following := local_period_start(period, candidate, zone)) == start:
+            candidate += _STEP
+        return following
+    if period.value in ("DAILY", "MONTHLY"):
+        day = start.astimezone(zone).date()
+        if period.value == "DAILY":
+            following_day = day + timedelta(days=1)
+        else:
+            following_day = (day.replace(day=28) + timedelta(days=4)).replace(day=1)
+        return local_period_start(period, datetime.combine(following_day, time(12), tzinfo=zone), zone)
+    return END_OF_TIME
+
+
+def local_period_bounds(period: PeriodType | ResetPeriod, at: datetime, zone: tzinfo) -> tuple[datetime, datetime]:
+    start = local_period_start(period, at, zone)
+    return start, local_period_end(period, start, zone)

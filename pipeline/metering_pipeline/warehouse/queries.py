@@ -12,13 +12,14 @@ from typing import Any, cast
 import orjson
 from clickhouse_connect.driver.client import Client
 
-from metering_pipeline.usage.aggregation import plain
+from metering_pipeline.usage.aggregation import plain, total
+from metering_pipeline.usage.periods import local_period_end, local_period_start, time_zone
 from metering_pipeline.warehouse.grouping import DimensionQuery, DimensionRow, Group, group_rows, summary_id
 from metering_schemas import AggregationType, PeriodType, UsageRecord, UsageSummary
 
 # Only the total rows (`dimensions = {}`): a grouped metric's dimension rows are beside them, not part of them.
 _SUMMARY_SQL = """
-SELECT metric_key, subject_type, subject_id, period_type, period_start, period_end, total_quantity, record_count
+SELECT period_start, period_end, total_quantity, record_count
 FROM usage_summary
 WHERE metric_key = {metric_key:String}
   AND subject_type = {subject_type:String}
@@ -87,13 +88,19 @@ def usage_summaries(
     end: datetime,
     dimensions: DimensionQuery = DimensionQuery(),
     aggregation: AggregationType | None = None,
+    zone_name: str = "UTC",
 ) -> list[UsageSummary]:
     """The seed's getSummary over a range: one summary per period starting in [start, end) — the total rows, or
     with `dimensions` one per period and combination of the groupBy values among the rows its filters match.
 
     `aggregation` is the metric's type as defined now; rows carry the type they were computed with, which wins
-    (the definition's decides only between rows of a period that straddles a change of type).
+    (the definition's decides only between rows of a period that straddles a change of type). With a `zone_name`
+    other than UTC, the zone's local periods, from the records (`_zoned_summaries`).
     """
+    if zone_name != "UTC":
+        return _zoned_summaries(
+            client, metric_key, subject_type, subject_id, period_type, zone_name, start, end, dimensions, aggregation
+        )
     parameters = {
         "metric_key": metric_key,
         "subject_type": subject_type,
@@ -105,18 +112,8 @@ def usage_summaries(
     if dimensions.is_total:
         result = client.query(_SUMMARY_SQL, parameters=parameters)
         return [
-            UsageSummary(
-                id=summary_id(metric, stype, sid, period, pstart, {}),
-                metric_key=metric,
-                subject_type=stype,
-                subject_id=sid,
-                period_type=period,
-                period_start=pstart,
-                period_end=pend,
-                total_quantity=plain(total),
-                record_count=count,
-            )
-            for metric, stype, sid, period, pstart, pend, total, count in result.result_rows
+            summary(metric_key, subject_type, subject_id, period_type, (pstart, pend), plain(total), count)
+            for pstart, pend, total, count in result.result_rows
         ]
     match = {"filter_names": dimensions.filter_names(), "filter_values": dimensions.filter_values()}
     rows = [
@@ -137,22 +134,40 @@ def usage_summaries(
             value = Decimal(distinct) if kind is AggregationType.UNIQUE_COUNT else plain(latest)
         else:
             value = group.merged_total(aggregation)
+        period = (group.period_start, group.period_end)
         labels = dimensions.labels(group.values)
         summaries.append(
-            UsageSummary(
-                id=summary_id(metric_key, subject_type, subject_id, period_type.value, group.period_start, labels),
-                metric_key=metric_key,
-                subject_type=subject_type,
-                subject_id=subject_id,
-                period_type=period_type,
-                period_start=group.period_start,
-                period_end=group.period_end,
-                total_quantity=value,
-                record_count=group.record_count(),
-                dimensions=labels,
-            )
+            summary(metric_key, subject_type, subject_id, period_type, period, value, group.record_count(), labels)
         )
     return summaries
+
+
+def summary(
+    metric_key: str,
+    subject_type: str,
+    subject_id: str,
+    period_type: PeriodType,
+    period: tuple[datetime, datetime],
+    value: Decimal,
+    count: int,
+    labels: dict[str, str] | None = None,
+    zone_name: str = "UTC",
+) -> UsageSummary:
+    """A UsageSummary with its id: the seed's, with the dimension row's labels after it."""
+    labels = labels or {}
+    return UsageSummary(
+        id=summary_id(metric_key, subject_type, subject_id, period_type.value, period[0], labels),
+        metric_key=metric_key,
+        subject_type=subject_type,
+        subject_id=subject_id,
+        period_type=period_type,
+        period_start=period[0],
+        period_end=period[1],
+        total_quantity=value,
+        record_count=count,
+        dimensions=labels,
+        time_zone=zone_name,
+    )
 
 
 def _records_values(
@@ -176,6 +191,85 @@ def _records_values(
         | {"start": naive_utc(first), "end": naive_utc(last), "group_by": list(dimensions.group_by)},
     )
     return {(_utc(period), tuple(key)): (int(distinct), latest) for period, key, distinct, latest in result.result_rows}
+
+
+# One metric's records per local period (its index among the period bounds, given in epoch milliseconds) and groupBy
+# values: everything any aggregation type needs, summed as Decimal256 so that no total can overflow.
+_ZONED_SQL = f"""
+SELECT arrayCount(bound -> bound <= toUnixTimestamp64Milli(timestamp), {{bounds:Array(Int64)}}) AS period,
+       arrayMap(name -> dimensions[name], {{group_by:Array(String)}}) AS key,
+       count(), sum(toDecimal256(quantity, 18)), min(quantity), max(quantity), uniqExact(distinct_value),
+       argMax(quantity, (timestamp, id))
+FROM usage_records FINAL
+WHERE subject_type = {{subject_type:String}}
+  AND subject_id = {{subject_id:String}}
+  AND metric_key = {{metric_key:String}}
+  AND timestamp >= {{start:DateTime64(3)}}
+  AND timestamp < {{end:DateTime64(3)}}
+  AND {_DIMENSIONS_MATCH}
+GROUP BY period, key
+ORDER BY period, key
+"""
+MOST_ZONED_PERIODS = 10_000  # a year and more of hours: the bounds travel as one query parameter
+
+
+class TooManyPeriods(ValueError):
+    """A zoned query over more periods than MOST_ZONED_PERIODS."""
+
+
+def _zoned_summaries(
+    client: Client,
+    metric_key: str,
+    subject_type: str,
+    subject_id: str,
+    period_type: PeriodType,
+    zone_name: str,
+    start: datetime,
+    end: datetime,
+    dimensions: DimensionQuery = DimensionQuery(),
+    aggregation: AggregationType | None = None,
+) -> list[UsageSummary]:
+    """Summaries in another time zone than the rollups were cut in: exactly, from the records the worker counted
+    (each once), one per local period starting in [start, end) and groupBy values."""
+    zone = time_zone(zone_name)
+    bounds = [local_period_start(period_type, start, zone)]
+    while bounds[-1] < end:
+        if len(bounds) > MOST_ZONED_PERIODS:
+            raise TooManyPeriods(f"more than {MOST_ZONED_PERIODS} {period_type.value} periods: ask for a shorter range")
+        bounds.append(local_period_end(period_type, bounds[-1], zone))
+    if bounds[0] < start:  # the period holding `start` began before it: it is not one starting in the range
+        bounds = bounds[1:]
+    if len(bounds) < 2:
+        return []
+    kind = aggregation or AggregationType.SUM
+    result = client.query(
+        _ZONED_SQL,
+        parameters={
+            "metric_key": metric_key,
+            "subject_type": subject_type,
+            "subject_id": subject_id,
+            "start": naive_utc(bounds[0]),
+            "end": naive_utc(bounds[-1]),
+            "bounds": [int(bound.timestamp() * 1000) for bound in bounds],
+            "group_by": list(dimensions.group_by),
+            "filter_names": dimensions.filter_names(),
+            "filter_values": dimensions.filter_values(),
+        },
+    )
+    summaries = []
+    for index, key, count, sum_, low, high, distinct, latest in result.result_rows:
+        period = (bounds[index - 1], bounds[index])
+        if kind is AggregationType.UNIQUE_COUNT:
+            value = Decimal(distinct)
+        elif kind is AggregationType.LATEST:
+            value = plain(latest)
+        else:
+            value = plain(total(kind, count, sum_, low, high))
+        labels = dimensions.labels(tuple(key))
+        summaries.append(
+            summary(metric_key, subject_type, subject_id, period_type, period, value, count, labels, zone_name)
+        )
+    return summaries
 
 
 def _utc(at: datetime) -> datetime:

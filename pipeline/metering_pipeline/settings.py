@@ -15,6 +15,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from metering_schemas.subject import TimeZoneName
+
 KafkaSecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 
@@ -90,6 +92,11 @@ class Settings(BaseSettings):
         default=timedelta(days=35), description="Older records go to the DLQ as too_late"
     )
     future_skew: timedelta = Field(default=timedelta(minutes=5), description="Records further ahead go to the DLQ")
+    default_time_zone: TimeZoneName = Field(
+        default="UTC",
+        description="The time zone of subjects that have none of their own (`PUT /v1/subjects/{type}/{id}`, `metering "
+        "subject set`): the zone summaries are answered in when a query names none",
+    )
     dedup_window: timedelta = Field(
         default=timedelta(hours=24), description="A record id seen within it is not counted again"
     )

@@ -41,6 +41,7 @@ THRESHOLDS = "metering.thresholds"
 ALERTS = "metering.alerts"
 PLANS = "metering.plans"
 SUBSCRIPTIONS = "metering.subscriptions"
+SUBJECTS = "metering.subjects"
 
 _COMPACTED = {"cleanup.policy": "compact"}
 # The broker's clock, not the producer's, on usage.recorded: retention and the allowed lateness read a message's time,
@@ -67,6 +68,7 @@ class Topics:
     alerts: str
     plans: str
     subscriptions: str
+    subjects: str
     # Internal to the worker: the subject-routed stream, the rollup changelog, and the partition count they were
     # first used with.
     routed: str
@@ -86,6 +88,7 @@ class Topics:
             alerts=p + ALERTS,
             plans=p + PLANS,
             subscriptions=p + SUBSCRIPTIONS,
+            subjects=p + SUBJECTS,
             routed=f"{p}{settings.consumer_group_prefix}.usage-by-subject",
             rollup_changelog=f"{p}{settings.consumer_group_prefix}.rollup-changelog",
             layout=f"{p}{settings.consumer_group_prefix}.layout",
@@ -112,6 +115,7 @@ def public_topics(settings: Settings) -> list[TopicSpec]:
         TopicSpec(topics.alerts, settings.usage_partitions, _retention(settings.alerts_retention)),
         TopicSpec(topics.plans, 1, _COMPACTED),
         TopicSpec(topics.subscriptions, 1, _COMPACTED),
+        TopicSpec(topics.subjects, 1, _COMPACTED),
     ]
 
 

@@ -22,6 +22,7 @@ from metering_schemas.billing import (
 from metering_schemas.dead_letter import DeadLetter, FieldError, RejectReason, SourcePosition
 from metering_schemas.events import MetricDefined, ThresholdAlert, UsageAggregated
 from metering_schemas.metric import AggregationType, MetricDefinition, ResetPeriod
+from metering_schemas.subject import SubjectSettings, TimeZoneName
 from metering_schemas.threshold import ThresholdAction, UsageThreshold
 from metering_schemas.usage import PeriodType, UsageRecord, UsageRecordBatch, UsageSummary
 
@@ -47,6 +48,8 @@ __all__ = [
     "MetricDefinition",
     "PeriodType",
     "ResetPeriod",
+    "SubjectSettings",
+    "TimeZoneName",
     "ThresholdAction",
     "ThresholdAlert",
     "UsageAggregated",

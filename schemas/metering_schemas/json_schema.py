@@ -15,6 +15,7 @@ from metering_schemas import (
     MetricDefined,
     MetricDefinition,
     Plan,
+    SubjectSettings,
     Subscription,
     ThresholdAlert,
     UsageAggregated,
@@ -40,6 +41,7 @@ CONTRACT: dict[str, type[BaseModel]] = {
     "threshold-alert.schema.json": ThresholdAlert,
     "usage-aggregated.schema.json": UsageAggregated,
     "metric-defined.schema.json": MetricDefined,
+    "subject.schema.json": SubjectSettings,
 }
 
 # The pipeline's own events are described as it writes them (decimals always strings, timestamps always "Z",

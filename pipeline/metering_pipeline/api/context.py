@@ -1,8 +1,8 @@
 """What the API's handlers share: the followed catalogs, the producers, ClickHouse, the key ring.
 
 The Kafka topics stay the source of truth: the API follows `metering.metrics`, `metering.thresholds`,
-`metering.plans` and `metering.subscriptions` like a worker does, writes through them, and applies its own
-acknowledged writes locally at once so a client reads what it just wrote.
+`metering.plans`, `metering.subscriptions` and `metering.subjects` like a worker does, writes through them, and
+applies its own acknowledged writes locally at once so a client reads what it just wrote.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from metering_pipeline.topics import Topics
 from metering_pipeline.usage.metrics import MetricCatalog
 from metering_pipeline.warehouse.client import connect
 from metering_pipeline.warehouse.mirrors import D
-from metering_schemas import MetricDefinition, Plan, Subscription, UsageThreshold
+from metering_schemas import MetricDefinition, Plan, SubjectSettings, Subscription, UsageThreshold
 
 log = get_logger(__name__)
 
@@ -59,6 +59,7 @@ class ApiContext:
     thresholds: Catalog[UsageThreshold] = field(default_factory=Catalog)
     plans: Catalog[Plan] = field(default_factory=lambda: Catalog("key"))
     subscriptions: Catalog[Subscription] = field(default_factory=Catalog)
+    subjects: Catalog[SubjectSettings] = field(default_factory=lambda: Catalog("key"))  # by `type:id`
     producer: UsageProducer | None = None
     writers: dict[str, DefinitionWriter] = field(default_factory=dict)  # by topic
     clickhouse: Client | None = None
@@ -75,12 +76,14 @@ class ApiContext:
             topics.thresholds: self.thresholds,
             topics.plans: self.plans,
             topics.subscriptions: self.subscriptions,
+            topics.subjects: self.subjects,
         }
         models = {
             topics.metrics: MetricDefinition,
             topics.thresholds: UsageThreshold,
             topics.plans: Plan,
             topics.subscriptions: Subscription,
+            topics.subjects: SubjectSettings,
         }
         self._feeds = {
             topic: feed_into(self.settings, topic, models[topic], catalog.put, catalog.delete)
@@ -121,6 +124,11 @@ class ApiContext:
             catalog.delete(definition_id)
         else:
             catalog.put(definition)  # type: ignore[arg-type]  # of the catalog's model: callers pass the two together
+
+    def zone_of(self, subject_type: str, subject_id: str) -> str:
+        """The subject's time zone: its own, else METERING_DEFAULT_TIME_ZONE."""
+        own = self.subjects.get(f"{subject_type}:{subject_id}")
+        return own.time_zone if own is not None else self.settings.default_time_zone
 
     async def query(self, function: Callable[Concatenate[Client, P], R], *args: P.args, **kwargs: P.kwargs) -> R:
         """Runs a blocking ClickHouse call off the event loop, one at a time on the shared client."""

@@ -8,17 +8,18 @@ from decimal import Decimal
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
+from pydantic import Field, ValidationError
 from pydantic.alias_generators import to_camel
 
 from metering_pipeline.api.context import ApiContext, context_of
-from metering_pipeline.api.errors import ERROR_RESPONSES, ApiError
-from metering_pipeline.api.security import AuthenticatedRoute, Caller, reader
+from metering_pipeline.api.errors import ERROR_RESPONSES, ApiError, FieldProblem
+from metering_pipeline.api.security import AuthenticatedRoute, Caller, reader, writer
 from metering_pipeline.invoicing.quantities import billed_quantities
 from metering_pipeline.usage.aggregation import plain
 from metering_pipeline.usage.periods import period_bounds
 from metering_pipeline.usage.thresholds import LimitStatus, SubjectStatus, limit_state
 from metering_pipeline.warehouse.queries import exceeded_alerts, recent_alerts, subjects_with_usage
-from metering_schemas import Subscription, ThresholdAction, UsageThreshold
+from metering_schemas import SubjectSettings, Subscription, ThresholdAction, UsageThreshold
 from metering_schemas._base import WireModel
 
 router = APIRouter(prefix="/v1", tags=["subjects"], route_class=AuthenticatedRoute, responses=ERROR_RESPONSES)
@@ -58,6 +59,54 @@ async def list_subjects(
     found = await context.query(subjects_with_usage, subject_type, search, limit if who.org_id is None else 1000)
     visible = [Subject(subject_type=t, subject_id=i) for t, i in found if _visible(t, i, who, context)]
     return SubjectList(subjects=visible[:limit])
+
+
+class SubjectUpdate(WireModel):
+    """The body of `PUT /v1/subjects/{subjectType}/{subjectId}`."""
+
+    time_zone: str = Field(
+        min_length=1,
+        max_length=64,
+        description="IANA time zone the subject's periods are answered in (`Asia/Kolkata`); an unknown one is 422 "
+        "`invalid_time_zone`",
+    )
+
+
+def _settings(subject_type: str, subject_id: str, time_zone: str) -> SubjectSettings:
+    try:
+        return SubjectSettings(subject_type=subject_type, subject_id=subject_id, time_zone=time_zone)
+    except ValidationError as error:
+        problems = [FieldProblem(field=_field(e["loc"]), message=e["msg"]) for e in error.errors()]
+        code = "invalid_time_zone" if any(p.field == "body.timeZone" for p in problems) else "validation_error"
+        raise ApiError(422, code, "; ".join(p.message for p in problems), problems) from None
+
+
+def _field(location: tuple[int | str, ...]) -> str:
+    """A SubjectSettings field as the request names it: the time zone in the body, the subject in the path."""
+    name = to_camel(str(location[0])) if location else "body"
+    return f"body.{name}" if name == "timeZone" else f"path.{name}"
+
+
+@router.put("/subjects/{subject_type}/{subject_id}", response_model=SubjectSettings, summary="subject.update")
+async def put_subject(
+    subject_type: str, subject_id: str, body: SubjectUpdate, request: Request, who: Caller = Depends(writer)
+) -> SubjectSettings:
+    """Sets the subject's time zone. Summaries that name no zone are answered in it from then on."""
+    context = context_of(request)
+    _require_visible(subject_type, subject_id, who, context)
+    subject = _settings(subject_type, subject_id, body.time_zone)
+    await context.publish(context.subjects, subject.key, subject)
+    return subject
+
+
+@router.get("/subjects/{subject_type}/{subject_id}", response_model=SubjectSettings, summary="subject.get")
+async def get_subject(
+    subject_type: str, subject_id: str, request: Request, who: Caller = Depends(reader)
+) -> SubjectSettings:
+    """The subject's settings: its own time zone, else METERING_DEFAULT_TIME_ZONE."""
+    context = context_of(request)
+    _require_visible(subject_type, subject_id, who, context)
+    return _settings(subject_type, subject_id, context.zone_of(subject_type, subject_id))
 
 
 @router.get("/subjects/{subject_type}/{subject_id}/status", summary="Current-period usage against thresholds")

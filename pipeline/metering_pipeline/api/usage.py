@@ -333,22 +333,24 @@ async def get_summary(
     start: datetime | None = Query(default=None, alias="from"),
     end: datetime | None = Query(default=None, alias="to"),
     group_by: list[str] = GroupByQuery,
-    zone_name: str = Query(
-        default="UTC",
+    asked_zone: str | None = Query(
+        default=None,
         alias="timeZone",
         max_length=64,
-        description="IANA time zone whose local hours, days and months the periods are (`Asia/Kolkata`); other "
-        "than the rollups' UTC, they are summed exactly from the subject's records",
+        description="IANA time zone whose local hours, days and months the periods are (`Asia/Kolkata`); default: "
+        "the subject's (`GET /v1/subjects/{subjectType}/{subjectId}`). Other than the rollups' UTC, they are summed "
+        "exactly from the subject's records",
     ),
     who: Caller = Depends(reader),
 ) -> SummaryList:
     """Rollups of one metric for one subject: the period containing `periodStart`, or every period in [from, to).
 
     By default the total rows; with `groupBy` and/or `filterGroupBy`, the usage split by (or restricted to) values
-    of the metric's dimensions, each summary's `dimensions` saying which (exact for every aggregation type). With
-    `timeZone`, periods are that zone's local ones."""
+    of the metric's dimensions, each summary's `dimensions` saying which (exact for every aggregation type). Periods
+    are local to `timeZone`, by default the subject's."""
     context = context_of(request)
     dimensions = _dimension_query(request, group_by)
+    zone_name = asked_zone or context.zone_of(subject_type, subject_id)
     try:
         zone = time_zone(zone_name)
     except UnknownTimeZone as error:

@@ -17,6 +17,7 @@ from metering_pipeline.cli.check import check
 from metering_pipeline.cli.metric import metric
 from metering_pipeline.cli.notifier import notifier
 from metering_pipeline.cli.produce import produce
+from metering_pipeline.cli.subject import subject
 from metering_pipeline.cli.summary import summary
 from metering_pipeline.cli.threshold import threshold
 from metering_pipeline.cli.worker import worker
@@ -94,6 +95,7 @@ main.add_command(summary)
 main.add_command(metric)
 main.add_command(produce)
 main.add_command(threshold)
+main.add_command(subject)
 main.add_command(check)
 main.add_command(notifier)
 main.add_command(api)

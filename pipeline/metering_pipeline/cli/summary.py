@@ -10,7 +10,7 @@ from metering_pipeline import tables
 from metering_pipeline.cli.params import subject as parse_subject
 from metering_pipeline.settings import Settings
 from metering_pipeline.warehouse.grouping import DimensionError, DimensionQuery, check_names, pairs_from_options
-from metering_schemas import MetricDefinition, PeriodType
+from metering_schemas import MetricDefinition, PeriodType, SubjectSettings
 
 
 def _definition(settings: Settings, metric_key: str, org: str | None) -> MetricDefinition:
@@ -32,6 +32,15 @@ def _definition(settings: Settings, metric_key: str, org: str | None) -> MetricD
             )
         found = same_key[0]
     return found
+
+
+def _zone_of(settings: Settings, subject_type: str, subject_id: str) -> str:
+    """The subject's own time zone (metering.subjects), else METERING_DEFAULT_TIME_ZONE."""
+    from metering_pipeline.cli import catalog
+    from metering_pipeline.topics import Topics
+
+    own = catalog.read(settings, Topics.of(settings).subjects, SubjectSettings).get(f"{subject_type}:{subject_id}")
+    return own.time_zone if own is not None else settings.default_time_zone
 
 
 @click.command()
@@ -68,11 +77,10 @@ def _definition(settings: Settings, metric_key: str, org: str | None) -> MetricD
 @click.option(
     "--time-zone",
     "zone_name",
-    default="UTC",
-    show_default=True,
+    default=None,
     metavar="ZONE",
     help="IANA time zone whose local hours, days and months the periods are (e.g. Asia/Kolkata); --from and --to "
-    "are read in it too. Other than UTC: summed exactly from the subject's records.",
+    "are read in it too. Other than UTC: summed exactly from the subject's records. [default: the subject's]",
 )
 @click.option("--json", "as_json", is_flag=True, help="JSON lines (the seed's UsageSummary) instead of a table.")
 @click.pass_obj
@@ -85,7 +93,7 @@ def summary(
     end: datetime | None,
     group_by: tuple[str, ...],
     filters: tuple[str, ...],
-    zone_name: str,
+    zone_name: str | None,
     as_json: bool,
 ) -> None:
     """Print a subject's usage summary per period (the seed's usage.getSummary).
@@ -98,6 +106,8 @@ def summary(
     from metering_pipeline.warehouse.queries import TooManyPeriods, usage_summaries
 
     subject_type, subject_id = parse_subject(subject)
+    if zone_name is None:
+        zone_name = _zone_of(settings, subject_type, subject_id)
     try:
         zone = time_zone(zone_name)
     except UnknownTimeZone as error:

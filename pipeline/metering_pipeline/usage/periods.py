@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, time, timedelta, tzinfo
 from functools import lru_cache
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 from metering_schemas import PeriodType, ResetPeriod
+from metering_schemas.subject import known_zone
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # The NEVER window ends far in the future, at a value ClickHouse's DateTime can still hold.
@@ -68,9 +69,9 @@ class UnknownTimeZone(ValueError):
 def time_zone(name: str) -> ZoneInfo:
     """The IANA zone of this name (`Asia/Kolkata`), or UnknownTimeZone naming it."""
     try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):  # ValueError: not a zone name at all ("", "../x")
-        raise UnknownTimeZone(f"unknown time zone {name!r}: give an IANA name such as Europe/Berlin or UTC") from None
+        return ZoneInfo(known_zone(name))
+    except ValueError as error:
+        raise UnknownTimeZone(str(error)) from None
 
 
 def local_period_start(period: PeriodType | ResetPeriod, at: datetime, zone: tzinfo) -> datetime:

@@ -1,0 +1,39 @@
+"""A subject's own settings: the time zone its local periods are cut in."""
+
+from __future__ import annotations
+
+from typing import Annotated
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import AfterValidator, Field
+
+from metering_schemas._base import Identifier, WireModel
+
+
+def known_zone(name: str) -> str:
+    """`name` if the tz database knows it, else ValueError naming it."""
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):  # ValueError: not a zone name at all ("", "../x")
+        raise ValueError(f"unknown time zone {name!r}: give an IANA name such as Europe/Berlin or UTC") from None
+    return name
+
+
+TimeZoneName = Annotated[
+    str,
+    Field(min_length=1, max_length=64, description="An IANA time zone name: `Asia/Kolkata`, `America/New_York`, `UTC`"),
+    AfterValidator(known_zone),
+]
+
+
+class SubjectSettings(WireModel):
+    """One entry of the compacted `metering.subjects` topic, keyed `subjectType:subjectId`."""
+
+    subject_type: Identifier
+    subject_id: Identifier
+    time_zone: TimeZoneName
+
+    @property
+    def key(self) -> str:
+        """The topic key: `subjectType:subjectId`."""
+        return f"{self.subject_type}:{self.subject_id}"

@@ -113,6 +113,7 @@ def test_writer_failing_buffered_and_paused_gauges_follow_a_clickhouse_outage(pr
     worker.wait_healthy()
     calm = scrape_until(worker.url, lambda s: s.value("metering_owned_partitions") == PARTITIONS)
     assert calm.value("metering_writer_failing") == calm.value("metering_paused_partitions") == 0
+    assert calm.value("metering_router_holding") == 0
 
     endpoint.stop()
     asyncio.run(publish(settings, [usage(f"r{n}", "tokens", f"org:o{n % 50}") for n in range(1000)]))
@@ -120,6 +121,7 @@ def test_writer_failing_buffered_and_paused_gauges_follow_a_clickhouse_outage(pr
         worker.url, lambda s: s.value("metering_writer_failing") == 1 and s.value("metering_paused_partitions") > 0
     )
     assert down.value("metering_buffered_records") >= 300
+    scrape_until(worker.url, lambda s: s.value("metering_router_holding") == 1)  # paused 5 s: the router holds too
 
     endpoint.start()
     scrape_until(
@@ -129,6 +131,7 @@ def test_writer_failing_buffered_and_paused_gauges_follow_a_clickhouse_outage(pr
             and s.value("metering_buffered_records") == 0
             and s.value("metering_writer_failing") == 0
             and s.value("metering_paused_partitions") == 0
+            and s.value("metering_router_holding") == 0
         ),
         timeout=120,
     )

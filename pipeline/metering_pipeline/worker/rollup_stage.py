@@ -111,6 +111,7 @@ class RollupStage:
             ),
             restoring_partitions=len(self.restoring),
             restored_entries=self.stats.restored_entries + sum(r.entries for r in self.restoring.values()),
+            router_holding=self.backpressured(),
         )
 
     def _buffered_records(self) -> int:

@@ -36,6 +36,7 @@ class RollupGauges:
     failing_writers: int  # partition writers whose checkpoint writes are failing
     restoring_partitions: int = 0  # assigned, their state store still replaying the changelog
     restored_entries: int = 0  # changelog entries replayed into state stores since the worker started
+    router_holding: bool = False  # paused long enough that the router holds too (ClickHouse down, not behind)
 
 
 class WorkerStats:
@@ -135,6 +136,12 @@ class _Collector:
         )
         yield GaugeMetricFamily(
             "metering_paused_partitions", "Routed partitions paused by backpressure.", value=gauges.paused_partitions
+        )
+        yield GaugeMetricFamily(
+            "metering_router_holding",
+            "1 while the router reads nothing because backpressure has paused the rollup stage for 5 s or more (usage "
+            "waits in usage.recorded), else 0.",
+            value=1 if gauges.router_holding else 0,
         )
         yield GaugeMetricFamily(
             "metering_owned_partitions",

@@ -36,4 +36,9 @@ class SubjectSettings(WireModel):
     @property
     def key(self) -> str:
         """The topic key: `subjectType:subjectId`."""
-        return f"{self.subject_type}:{self.subject_id}"
+        return subject_key(self.subject_type, self.subject_id)
+
+
+def subject_key(subject_type: str, subject_id: str) -> str:
+    """A subject's key on `metering.subjects` (and on the usage topics): `subjectType:subjectId`."""
+    return f"{subject_type}:{subject_id}"

@@ -25,6 +25,7 @@ from metering_pipeline.producer import UsageProducer
 from metering_pipeline.settings import Settings
 from metering_pipeline.topics import Topics
 from metering_pipeline.usage.metrics import MetricCatalog
+from metering_pipeline.usage.periods import subject_zone
 from metering_pipeline.warehouse.client import connect
 from metering_pipeline.warehouse.mirrors import D
 from metering_schemas import MetricDefinition, Plan, SubjectSettings, Subscription, UsageThreshold
@@ -127,8 +128,7 @@ class ApiContext:
 
     def zone_of(self, subject_type: str, subject_id: str) -> str:
         """The subject's time zone: its own, else METERING_DEFAULT_TIME_ZONE."""
-        own = self.subjects.get(f"{subject_type}:{subject_id}")
-        return own.time_zone if own is not None else self.settings.default_time_zone
+        return subject_zone(self.subjects, subject_type, subject_id, self.settings.default_time_zone)
 
     async def query(self, function: Callable[Concatenate[Client, P], R], *args: P.args, **kwargs: P.kwargs) -> R:
         """Runs a blocking ClickHouse call off the event loop, one at a time on the shared client."""

@@ -11,6 +11,7 @@ from metering_pipeline.cli.params import field_errors, subject as parse_subject
 from metering_pipeline.settings import Settings
 from metering_pipeline.topics import Topics
 from metering_schemas import SubjectSettings
+from metering_schemas.subject import subject_key
 
 
 @click.group()
@@ -40,7 +41,9 @@ def set_subject(settings: Settings, subject_text: str, zone_name: str) -> None:
 def get_subject(settings: Settings, subject_text: str, as_json: bool) -> None:
     """Show the subject's time zone: its own, else METERING_DEFAULT_TIME_ZONE."""
     subject_type, subject_id = parse_subject(subject_text)
-    own = catalog.read(settings, Topics.of(settings).subjects, SubjectSettings).get(f"{subject_type}:{subject_id}")
+    own = catalog.read(settings, Topics.of(settings).subjects, SubjectSettings).get(
+        subject_key(subject_type, subject_id)
+    )
     found = own or SubjectSettings(
         subject_type=subject_type, subject_id=subject_id, time_zone=settings.default_time_zone
     )

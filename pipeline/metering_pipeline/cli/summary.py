@@ -35,12 +35,13 @@ def _definition(settings: Settings, metric_key: str, org: str | None) -> MetricD
 
 
 def _zone_of(settings: Settings, subject_type: str, subject_id: str) -> str:
-    """The subject's own time zone (metering.subjects), else METERING_DEFAULT_TIME_ZONE."""
+    """The subject's time zone, read from metering.subjects."""
     from metering_pipeline.cli import catalog
     from metering_pipeline.topics import Topics
+    from metering_pipeline.usage.periods import subject_zone
 
-    own = catalog.read(settings, Topics.of(settings).subjects, SubjectSettings).get(f"{subject_type}:{subject_id}")
-    return own.time_zone if own is not None else settings.default_time_zone
+    subjects = catalog.read(settings, Topics.of(settings).subjects, SubjectSettings)
+    return subject_zone(subjects, subject_type, subject_id, settings.default_time_zone)
 
 
 @click.command()

@@ -3,12 +3,13 @@ time zone. A period is always stored as the UTC instant at which it starts (and 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime, time, timedelta, tzinfo
 from functools import lru_cache
 from zoneinfo import ZoneInfo
 
 from metering_schemas import PeriodType, ResetPeriod
-from metering_schemas.subject import known_zone
+from metering_schemas.subject import SubjectSettings, known_zone, subject_key
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # The NEVER window ends far in the future, at a value ClickHouse's DateTime can still hold.
@@ -72,6 +73,13 @@ def time_zone(name: str) -> ZoneInfo:
         return ZoneInfo(known_zone(name))
     except ValueError as error:
         raise UnknownTimeZone(str(error)) from None
+
+
+def subject_zone(subjects: Mapping[str, SubjectSettings], subject_type: str, subject_id: str, default: str) -> str:
+    """The zone a subject's periods are answered in: its own (`subjects`, by topic key), else `default`
+    (METERING_DEFAULT_TIME_ZONE)."""
+    own = subjects.get(subject_key(subject_type, subject_id))
+    return own.time_zone if own is not None else default
 
 
 def local_period_start(period: PeriodType | ResetPeriod, at: datetime, zone: tzinfo) -> datetime:

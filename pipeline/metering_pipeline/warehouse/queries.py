@@ -61,17 +61,20 @@ _PERIOD_OF = {
     PeriodType.MONTHLY: "toStartOfMonth(timestamp)",
 }
 
+# One metric's records of one subject in a time range (those the worker counted, with FINAL).
+_RECORDS_OF = """subject_type = {subject_type:String}
+  AND subject_id = {subject_id:String}
+  AND metric_key = {metric_key:String}
+  AND timestamp >= {start:DateTime64(3)}
+  AND timestamp < {end:DateTime64(3)}"""
+
 # UNIQUE_COUNT and LATEST of the groups whose rows cannot be added: from the records the worker counted, each once
 # (FINAL), per period [period_start, period_end) and groupBy values.
 _DIMENSION_RECORDS_SQL = """
 SELECT toDateTime({period_of}, 'UTC') AS period, arrayMap(name -> dimensions[name], {{group_by:Array(String)}}) AS key,
        uniqExact(distinct_value), argMax(quantity, (timestamp, id))
 FROM usage_records FINAL
-WHERE subject_type = {{subject_type:String}}
-  AND subject_id = {{subject_id:String}}
-  AND metric_key = {{metric_key:String}}
-  AND timestamp >= {{start:DateTime64(3)}}
-  AND timestamp < {{end:DateTime64(3)}}
+WHERE {records_of}
   AND NOT empty(dimensions)
   AND {match}
 GROUP BY period, key
@@ -183,7 +186,9 @@ def _records_values(
         return {}
     first = min(g.period_start for g in groups)
     last = max(g.period_end for g in groups)
-    sql = _DIMENSION_RECORDS_SQL.format(period_of=_PERIOD_OF[period_type], match=_DIMENSIONS_MATCH)
+    sql = _DIMENSION_RECORDS_SQL.format(
+        period_of=_PERIOD_OF[period_type], records_of=_RECORDS_OF, match=_DIMENSIONS_MATCH
+    )
     result = client.query(
         sql,
         parameters=parameters
@@ -201,11 +206,7 @@ SELECT arrayCount(bound -> bound <= toUnixTimestamp64Milli(timestamp), {{bounds:
        count(), sum(toDecimal256(quantity, 18)), min(quantity), max(quantity), uniqExact(distinct_value),
        argMax(quantity, (timestamp, id))
 FROM usage_records FINAL
-WHERE subject_type = {{subject_type:String}}
-  AND subject_id = {{subject_id:String}}
-  AND metric_key = {{metric_key:String}}
-  AND timestamp >= {{start:DateTime64(3)}}
-  AND timestamp < {{end:DateTime64(3)}}
+WHERE {_RECORDS_OF}
   AND {_DIMENSIONS_MATCH}
 GROUP BY period, key
 ORDER BY period, key

@@ -188,7 +188,12 @@ async def _move(settings: Settings, topics: Topics, before: int, partitions: int
         max_batch_size=1024 * 1024,
     )
     reader = AIOKafkaConsumer(
-        **settings.kafka_client_options(), enable_auto_commit=False, isolation_level="read_committed"
+        **settings.kafka_client_options(),
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        # A committed offset that retention has passed reads from the log's start, never from its end: the uncounted
+        # tail must all be re-routed, or a worker would later count what is left of it in the old partition.
+        auto_offset_reset="earliest",
     )
     admin = AIOKafkaAdminClient(**settings.kafka_client_options())
     await asyncio.gather(producer.start(), reader.start(), admin.start())

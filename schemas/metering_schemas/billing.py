@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 from itertools import pairwise
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -22,6 +22,7 @@ from metering_schemas._base import (
 )
 from metering_schemas.currency import EXPONENTS
 from metering_schemas.metric import DimensionValues
+from metering_schemas.subject import TimeZoneName
 
 # Prices may be finer than the currency's minor unit (0.0001 USD per call); amounts are rounded once, per line.
 Money = Annotated[Decimal, Field(ge=0, allow_inf_nan=False, max_digits=38, decimal_places=18), JsonNumberText()]
@@ -149,11 +150,30 @@ class Subscription(WireModel):
     start_at: UtcDatetime
     end_at: UtcDatetime | None = None
     org_id: Identifier | None = None
+    time_zone: TimeZoneName = Field(
+        default="UTC",
+        description="The IANA zone its billing cycles are cut in: the subject's when it was created, unless given; a "
+        "change applies to invoices computed after it (a FINAL invoice stays as stored)",
+    )
+    billing_time: Literal["calendar", "anniversary"] = Field(
+        default="calendar",
+        description="calendar: cycles are the zone's calendar months; anniversary: they start at local midnight on "
+        "billingAnchor's day of every month",
+    )
+    billing_anchor: int | None = Field(
+        default=None,
+        ge=1,
+        le=31,
+        description="anniversary billing: the day of the month cycles start on, clamped to the month's length (an "
+        "anchor on the 31st bills from Feb 28/29, Apr 30, then the 31st again); default: startAt's local day",
+    )
 
     @model_validator(mode="after")
     def _ends_after_start(self) -> Subscription:
         if self.end_at is not None and self.end_at <= self.start_at:
             raise ValueError("endAt must be after startAt")
+        if self.billing_anchor is not None and self.billing_time != "anniversary":
+            raise ValueError("billingAnchor applies to anniversary billing (billingTime: anniversary)")
         return self
 
 
@@ -214,9 +234,16 @@ class Invoice(WireModel):
 
     subject_type: Identifier
     subject_id: Identifier
-    period: str = Field(pattern=r"^\d{4}-\d{2}$")
+    period: str = Field(
+        pattern=r"^\d{4}-\d{2}$", description="The billing cycle that starts in this month of timeZone's calendar"
+    )
     period_start: UtcDatetime
     period_end: UtcDatetime
+    time_zone: str = Field(default="UTC", description="The zone the billing cycle was cut in (the subscription's)")
+    local_period_start: str | None = Field(
+        default=None, description="periodStart on timeZone's wall clock, with its offset (`2026-12-31T00:00:00+05:30`)"
+    )
+    local_period_end: str | None = Field(default=None, description="periodEnd on timeZone's wall clock")
     status: InvoiceStatus
     closes_at: UtcDatetime = Field(
         description="When late records can no longer change it: periodEnd + allowed lateness"

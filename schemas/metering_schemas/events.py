@@ -52,6 +52,15 @@ class ThresholdAlert(Event):
         default_factory=dict,
         description="The dimension row it was evaluated on (the threshold's dimensions); empty: the total",
     )
+    time_zone: str = Field(
+        default="UTC",
+        description="The IANA zone the window was cut in: the subject's (DAILY and MONTHLY windows "
+        "reset at its local midnight)",
+    )
+    local_period_start: str | None = Field(
+        default=None,
+        description="periodStart on the wall clock of timeZone, with its offset (`2026-03-10T00:00:00+05:30`)",
+    )
 
 
 class UsageAggregated(Event):
@@ -76,6 +85,15 @@ class UsageAggregated(Event):
     )
     dimensions: dict[str, str] = Field(
         default_factory=dict, description="The dimension row's values; empty: the total row"
+    )
+    time_zone: str = Field(
+        default="UTC",
+        description="The IANA zone the period was cut in. A subject with a zone of its own has each rollup twice: in "
+        "UTC and in its zone",
+    )
+    local_period_start: str | None = Field(
+        default=None,
+        description="periodStart on the wall clock of timeZone, with its offset (`2026-03-10T00:00:00+05:30`)",
     )
 
 

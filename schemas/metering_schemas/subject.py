@@ -7,7 +7,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import AfterValidator, Field
 
-from metering_schemas._base import Identifier, WireModel
+from metering_schemas._base import Identifier, UtcDatetime, WireModel
 
 
 def known_zone(name: str) -> str:
@@ -32,6 +32,16 @@ class SubjectSettings(WireModel):
     subject_type: Identifier
     subject_id: Identifier
     time_zone: TimeZoneName
+    previous_time_zone: TimeZoneName | None = Field(
+        default=None,
+        description="The zone before the last change: records before `effectiveFrom` are still cut in it, so that no "
+        "open period is cut in two zones",
+    )
+    effective_from: UtcDatetime | None = Field(
+        default=None,
+        description="When `timeZone` takes over from `previousTimeZone`: the end of the local day (in the previous "
+        "zone) in which the change was made. Absent: since always",
+    )
 
     @property
     def key(self) -> str:

@@ -283,12 +283,20 @@ def test_routed_bytes_stay_what_every_worker_wrote_and_reads():
         ),
         AcceptedRecord("org", "o", "r-2", "tokens", "tokens", AggregationType.SUM, "2", 1_764_000_000_124, "{}", False),
     ]
-    pinned = (
+    before_zones = (  # 12 fields a record, as written before time_zone was appended
         b"\x02\x92\x9c\xa3org\xa4\xc3\xb6-1\xa3r-1\xa5users\xa8users-v2\xacUNIQUE_COUNT\xa8-1.50E+3"
         b'\xcf\x00\x00\x01\x9a\xb6\x97\xe8{\xa7{"a":1}\xc3\x92\x92\xa5model\xa1m\x92\xa6region\xa2eu\xa3u-7'
         b"\x9c\xa3org\xa1o\xa3r-2\xa6tokens\xa6tokens\xa3SUM\xa12\xcf\x00\x00\x01\x9a\xb6\x97\xe8|\xa2{}\xc2\x90\xc0"
     )
+    pinned = (  # 13: the subject's zone last ("" for UTC)
+        b"\x02\x92\x9d\xa3org\xa4\xc3\xb6-1\xa3r-1\xa5users\xa8users-v2\xacUNIQUE_COUNT\xa8-1.50E+3"
+        b'\xcf\x00\x00\x01\x9a\xb6\x97\xe8{\xa7{"a":1}\xc3\x92\x92\xa5model\xa1m\x92\xa6region\xa2eu\xa3u-7\xa0'
+        b"\x9d\xa3org\xa1o\xa3r-2\xa6tokens\xa6tokens\xa3SUM\xa12\xcf\x00\x00\x01\x9a\xb6\x97\xe8|\xa2{}\xc2\x90\xc0"
+        b"\xa0"
+    )
     assert routing.encode(records) == pinned
-    assert [msgspec.structs.astuple(r) for r in routing.decode(pinned)] == [
+    expected = [
         (*msgspec.structs.astuple(r)[:6], Decimal(r.quantity), *msgspec.structs.astuple(r)[7:]) for r in records
     ]
+    assert [msgspec.structs.astuple(r) for r in routing.decode(pinned)] == expected
+    assert [msgspec.structs.astuple(r) for r in routing.decode(before_zones)] == expected

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from decimal import Context, Decimal
+from zoneinfo import ZoneInfo
 
 import jsonschema
 import pytest
 
-from metering_pipeline.billing.invoice import BillingError, billing_period, price, segments, status
+from metering_pipeline.billing.cycles import local_days
+from metering_pipeline.billing.invoice import BillingError, billing_period, cycle_of, price, segments, status
 from metering_pipeline.billing.selection import Selection
 from metering_pipeline.cli.billing import render_invoice
 from metering_schemas import Invoice, InvoiceStatus, LineType, Plan, Subscription
@@ -19,6 +21,7 @@ D = Decimal
 UTC = UTC
 NOV = (datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC))
 NOW = datetime(2026, 11, 20, tzinfo=UTC)
+NEW_YORK = ZoneInfo("America/New_York")
 
 
 def plan(key: str, currency: str = "USD", flat_fee: str | None = "30", unit_price: str = "0.01") -> Plan:
@@ -295,3 +298,66 @@ def test_a_dimension_line_too_large_is_refused_naming_its_dimensions():
             timedelta(0),
         )
     assert refused.value.code == "amount_too_large"
+
+
+def zoned_sub(
+    sid: str, start: datetime, zone: str, billing_time: str = "calendar", anchor: int | None = None
+) -> Subscription:
+    return Subscription(
+        id=sid,
+        subject_type="org",
+        subject_id="acme",
+        plan_key="basic",
+        start_at=start,
+        time_zone=zone,
+        billing_time=billing_time,
+        billing_anchor=anchor,
+    )
+
+
+def test_an_invoice_period_is_the_cycle_that_starts_in_that_month_of_the_subscriptions_zone():
+    kolkata = zoned_sub("k", datetime(2026, 1, 10, tzinfo=UTC), "Asia/Kolkata")
+    cycle = cycle_of("2026-02", [kolkata])
+    assert (cycle.start, cycle.end, cycle.zone) == (
+        datetime(2026, 1, 31, 18, 30, tzinfo=UTC),  # 1 February, 00:00 in Kolkata
+        datetime(2026, 2, 28, 18, 30, tzinfo=UTC),
+        "Asia/Kolkata",
+    )
+    # Anniversary on the 31st: February's cycle starts on the 28th, March's on the 31st.
+    on_31st = zoned_sub("a", datetime(2026, 1, 31, tzinfo=UTC), "UTC", "anniversary", 31)
+    assert (cycle_of("2026-02", [on_31st]).start, cycle_of("2026-02", [on_31st]).end) == (
+        datetime(2026, 2, 28, tzinfo=UTC),
+        datetime(2026, 3, 31, tzinfo=UTC),
+    )
+    # Without an anchor, the start's local day: 20:00 UTC on 30 January is already the 31st in Kolkata.
+    started = zoned_sub("s", datetime(2026, 1, 30, 20, tzinfo=UTC), "Asia/Kolkata", "anniversary")
+    assert cycle_of("2026-04", [started]).start == datetime(2026, 4, 29, 18, 30, tzinfo=UTC)  # 30 April local
+    assert cycle_of("2026-04", []).start == NOV[0].replace(month=4)  # no subscription: the UTC month
+    # The latest subscription to start by the month's end governs: a move to New York in March.
+    moved = zoned_sub("n", datetime(2026, 3, 1, tzinfo=UTC), "America/New_York")
+    assert cycle_of("2026-02", [kolkata, moved]).zone == "Asia/Kolkata"
+    assert cycle_of("2026-03", [kolkata, moved]).start == datetime(2026, 3, 1, 5, tzinfo=UTC)
+
+
+def test_an_anchor_is_for_anniversary_billing_only():
+    with pytest.raises(ValueError, match="billingAnchor applies to anniversary billing"):
+        zoned_sub("x", NOV[0], "UTC", "calendar", 15)
+
+
+def test_proration_counts_local_days_whatever_their_length():
+    """New York's March 2026 has 31 days, one of 23 hours (8 March): a subscription from 16 March local midnight
+    covers 16 of them, whatever the seconds say."""
+    new_york = zoned_sub("n", datetime(2026, 3, 16, 4, tzinfo=UTC), "America/New_York")  # 00:00 EDT
+    cycle = cycle_of("2026-03", [new_york])
+    parts = segments(cycle.start, cycle.end, [new_york], {"basic": plan("basic", flat_fee="31")})
+    invoice = price("org", "acme", "2026-03", parts, [{}], NOW, InvoiceStatus.OPEN, timedelta(0), cycle)
+    assert invoice.lines[0].amount == D("16.00")
+    assert (invoice.time_zone, invoice.local_period_start, invoice.local_period_end) == (
+        "America/New_York",
+        "2026-03-01T00:00:00-05:00",
+        "2026-04-01T00:00:00-04:00",
+    )
+    assert local_days(cycle.start, cycle.end, NEW_YORK) == 31
+    # 00:00 EST to 12:00 EDT on 8 March: 11 of that day's 23 hours.
+    morning = local_days(datetime(2026, 3, 8, 5, tzinfo=UTC), datetime(2026, 3, 8, 16, tzinfo=UTC), NEW_YORK)
+    assert abs(morning - Context(prec=60).divide(D(11), D(23))) < D("1e-50")

@@ -15,6 +15,9 @@ from metering_pipeline.usage.periods import (
     local_period_bounds,
     local_period_end,
     local_period_start,
+    local_rollup_starts,
+    period_in,
+    rollup_starts,
     time_zone,
 )
 from metering_schemas import PeriodType
@@ -167,6 +170,16 @@ def test_periods_tile_time_every_instant_in_exactly_one(zone: str, period: Perio
             index += 1
         assert local_period_start(period, at, tz) == starts[index], at
         at += timedelta(minutes=7)
+
+
+@pytest.mark.parametrize("zone", ZONES)
+def test_the_per_record_lookup_gives_the_local_hour_day_and_month(zone: str):
+    at = utc(2026, 11, 1, 5, 52, 17)
+    for step in range(0, 3 * 24 * 60, 11):
+        moment = at + timedelta(minutes=step)
+        expected = tuple((period_in(p, zone), local_period_start(p, moment, ZoneInfo(zone))) for p in PeriodType)
+        assert local_rollup_starts(moment, zone) == expected
+    assert local_rollup_starts(at, "UTC") == rollup_starts(at)
 
 
 @pytest.mark.parametrize("name", ["Mars/Olympus_Mons", "", "../../etc/passwd", "asia/kolkata "])

@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
+from zoneinfo import ZoneInfo
 
 import jsonschema
 import pytest
 from pydantic import BaseModel, ValidationError
 
 from metering_pipeline.usage.aggregation import MERGEABLE, Aggregate
+from metering_pipeline.usage.periods import period_in
 from metering_pipeline.usage.rollups import Rollup, RollupChange
 from metering_pipeline.usage.thresholds import EXCEEDED, Alert
 from metering_pipeline.worker.rollup_partition import aggregated_event
@@ -195,8 +197,8 @@ DEFINED = (
     b'"aggregationType":"SUM","resetPeriod":"MONTHLY","orgId":"org-1"}}'
 )
 # Fields added since are written after the old ones (an old event reads with their defaults).
-ALERT_NOW = ALERT[:-1] + b',"dimensions":{}}'
-AGGREGATED_NOW = AGGREGATED[:-1] + b',"dimensions":{}}'
+ALERT_NOW = ALERT[:-1] + b',"dimensions":{},"timeZone":"UTC","localPeriodStart":null}'
+AGGREGATED_NOW = AGGREGATED[:-1] + b',"dimensions":{},"timeZone":"UTC","localPeriodStart":null}'
 DEFINED_NOW = DEFINED[:-2] + b',"valueProperty":null,"groupBy":{},"filter":{}}}'
 EVENTS = [
     (ThresholdAlert, ALERT, ALERT_NOW, "threshold-alert.schema.json"),
@@ -321,7 +323,9 @@ def test_the_worker_builds_the_events_it_always_wrote():
         datetime(2026, 11, 1, tzinfo=UTC),
         datetime(2026, 11, 24, 12, 30, 0, 123456, tzinfo=UTC),
     )
-    assert alert.to_event().to_json() == ALERT_NOW
+    # The zone fields as the worker fills them (an old event read back has no local start: null).
+    worker_fields = b',"dimensions":{},"timeZone":"UTC","localPeriodStart":"2026-11-01T00:00:00+00:00"}'
+    assert alert.to_event().to_json() == ALERT[:-1] + worker_fields
     aggregate = Aggregate()
     aggregate.add(Decimal("1.5"))
     aggregate.add(Decimal("2.25"))
@@ -329,7 +333,9 @@ def test_the_worker_builds_the_events_it_always_wrote():
         ("tokens", "org", "org-1", PeriodType.HOURLY, datetime(2026, 11, 24, 10, tzinfo=UTC), ()),
         Rollup(AggregationType.SUM, aggregate.count, aggregate.sum, aggregate.min, aggregate.max, 41, "tokens"),
     )
-    assert aggregated_event(change) == AGGREGATED_NOW
+    assert aggregated_event(change) == AGGREGATED[:-1] + (
+        b',"dimensions":{},"timeZone":"UTC","localPeriodStart":"2026-11-24T10:00:00+00:00"}'
+    )
 
 
 @pytest.mark.parametrize("aggregation", MERGEABLE)
@@ -355,7 +361,8 @@ def test_the_worker_builds_the_events_it_always_wrote():
         ["99999999999999999999.999999999999999999"] * 1000,
     ],
 )
-def test_usage_aggregated_is_built_byte_for_byte_as_the_model_writes_it(aggregation, period, start, quantities):
+@pytest.mark.parametrize("zone", ["UTC", "Asia/Kathmandu"])
+def test_usage_aggregated_is_built_byte_for_byte_as_the_model_writes_it(aggregation, period, start, quantities, zone):
     """The worker builds the event without the model (hot path); the model is the contract."""
     aggregate = Aggregate()
     for quantity in quantities:
@@ -363,7 +370,7 @@ def test_usage_aggregated_is_built_byte_for_byte_as_the_model_writes_it(aggregat
     rollup = Rollup(
         aggregation, aggregate.count, aggregate.sum, aggregate.min, aggregate.max, len(quantities) * 1_000_003, "m-1"
     )
-    change = RollupChange.of(("m.key", "org", 'ö-1 "quoted"', period, start, ()), rollup)
+    change = RollupChange.of(("m.key", "org", 'ö-1 "quoted"', period_in(period, zone), start, ()), rollup)
     model = UsageAggregated(
         metric_key="m.key",
         subject_type="org",
@@ -374,5 +381,7 @@ def test_usage_aggregated_is_built_byte_for_byte_as_the_model_writes_it(aggregat
         total_quantity=rollup.total(),
         record_count=aggregate.count,
         version=rollup.version,
+        time_zone=zone,
+        local_period_start=start.astimezone(ZoneInfo(zone)).isoformat(),
     )
     assert aggregated_event(change) == model.to_json()

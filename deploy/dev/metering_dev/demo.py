@@ -95,7 +95,7 @@ def wait_until_counted(settings: Settings, seed: int, expected: int, timeout: fl
                 "(SELECT count() FROM usage_records FINAL WHERE timestamp >= toStartOfMonth(now('UTC'))), "
                 "(SELECT sum(record_count) FROM usage_summary WHERE period_type = 'MONTHLY' "
                 # Total rows: dimension rows repeat them.
-                "AND period_start = toStartOfMonth(now('UTC')) AND empty(dimensions))",
+                "AND period_start = toStartOfMonth(now('UTC')) AND empty(dimensions) AND time_zone = 'UTC')",
                 parameters={"prefix": f"demo-{seed}-"},
             ).result_rows[0]
             if counted >= expected and rolled_up >= this_month:
@@ -109,6 +109,7 @@ def monthly_rollups(settings: Settings) -> list[tuple]:
         return client.query(
             "SELECT metric_key, subject_type || ':' || subject_id, total_quantity, record_count FROM usage_summary "
             "WHERE period_type = {period:String} AND period_start = toStartOfMonth(now('UTC')) AND empty(dimensions) "
+            "AND time_zone = 'UTC' "
             "ORDER BY metric_key, subject_id",
             parameters={"period": "MONTHLY"},
         ).result_rows

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import Field, ValidationError
@@ -14,7 +14,7 @@ from metering_pipeline.api.links import each, from_body, links
 from metering_pipeline.api.security import AuthenticatedRoute, Caller, reader, writer
 from metering_pipeline.billing.invoice import BillingError
 from metering_pipeline.invoicing.preview import invoice_for
-from metering_schemas import BillingPeriod, Invoice, Plan, Price, Subscription
+from metering_schemas import BillingPeriod, Invoice, Plan, Price, Subscription, TimeZoneName
 from metering_schemas._base import Description, Identifier, Name, UtcDatetime, WireModel
 from metering_schemas.billing import MAX_PRICES, Money
 
@@ -48,11 +48,15 @@ class SubscriptionInput(Subscription):
 
 
 class SubscriptionChange(WireModel):
-    """subscription.update: move the end (e.g. to switch plans) or change the plan."""
+    """subscription.update: move the end (e.g. to switch plans), change the plan, or its billing cycles (for invoices
+    computed from then on)."""
 
     plan_key: Identifier | None = None
     start_at: UtcDatetime | None = None
     end_at: UtcDatetime | None = None
+    time_zone: TimeZoneName | None = None
+    billing_time: Literal["calendar", "anniversary"] | None = None
+    billing_anchor: int | None = Field(default=None, ge=1, le=31)
 
 
 class SubscriptionList(WireModel):
@@ -208,7 +212,10 @@ async def create_subscription(body: SubscriptionInput, request: Request, who: Ca
         raise ApiError(
             409, "conflict", f"subscription {subscription_id!r} exists; use PUT /v1/subscriptions/{subscription_id}"
         )
-    return await _put_subscription(context, who, body.model_dump(by_alias=True) | {"id": subscription_id, "orgId": org})
+    fields = body.model_dump(by_alias=True) | {"id": subscription_id, "orgId": org}
+    if "time_zone" not in body.model_fields_set:  # its cycles in the subject's zone, as it is when subscribed
+        fields["timeZone"] = context.zone_of(body.subject_type, body.subject_id)
+    return await _put_subscription(context, who, fields)
 
 
 @router.put("/v1/subscriptions/{subscription_id}", response_model=Subscription, summary="subscription.update")
@@ -266,7 +273,14 @@ async def get_invoice(
         raise ApiError(404, "not_found", f"no subscriptions for {subject_type}:{subject_id} in org {who.org_id!r}")
     try:
         return await invoice_for(
-            context.settings, context.query, context.plans, subscriptions, subject_type, subject_id, period
+            context.settings,
+            context.query,
+            context.plans,
+            subscriptions,
+            subject_type,
+            subject_id,
+            period,
+            subjects=context.subjects,
         )
     except BillingError as error:
         raise ApiError(422 if error.code == "invalid_period" else 409, error.code, str(error)) from None

@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 from clickhouse_connect.driver.client import Client
@@ -26,6 +27,7 @@ from metering_pipeline.settings import Settings
 from metering_pipeline.topics import Topics
 from metering_pipeline.usage.metrics import MetricCatalog
 from metering_pipeline.usage.periods import subject_zone
+from metering_pipeline.usage.subject_zones import zone_rollups_from
 from metering_pipeline.warehouse.client import connect
 from metering_pipeline.warehouse.mirrors import D
 from metering_schemas import MetricDefinition, Plan, SubjectSettings, Subscription, UsageThreshold
@@ -129,6 +131,9 @@ class ApiContext:
     def zone_of(self, subject_type: str, subject_id: str) -> str:
         """The subject's time zone: its own, else METERING_DEFAULT_TIME_ZONE."""
         return subject_zone(self.subjects, subject_type, subject_id, self.settings.default_time_zone)
+
+    def zone_rollups_from(self, subject_type: str, subject_id: str, zone_name: str) -> datetime | None:
+        return zone_rollups_from(self.subjects, subject_type, subject_id, zone_name)
 
     async def query(self, function: Callable[Concatenate[Client, P], R], *args: P.args, **kwargs: P.kwargs) -> R:
         """Runs a blocking ClickHouse call off the event loop, one at a time on the shared client."""

@@ -16,11 +16,14 @@ from metering_pipeline.api.errors import ERROR_RESPONSES, ApiError, FieldProblem
 from metering_pipeline.api.security import AuthenticatedRoute, Caller, reader, writer
 from metering_pipeline.invoicing.quantities import billed_quantities
 from metering_pipeline.usage.aggregation import plain
-from metering_pipeline.usage.periods import period_bounds
+from metering_pipeline.usage.periods import local_period_bounds, period_bounds, time_zone
+from metering_pipeline.usage.subject_zones import zone_change, zone_in_force
 from metering_pipeline.usage.thresholds import LimitStatus, SubjectStatus, limit_state
-from metering_pipeline.warehouse.queries import exceeded_alerts, recent_alerts, subjects_with_usage
-from metering_schemas import SubjectSettings, Subscription, ThresholdAction, UsageThreshold
+from metering_pipeline.warehouse.grouping import DimensionQuery
+from metering_pipeline.warehouse.queries import exceeded_alerts, recent_alerts, subjects_with_usage, usage_summaries
+from metering_schemas import PeriodType, ResetPeriod, SubjectSettings, Subscription, ThresholdAction, UsageThreshold
 from metering_schemas._base import WireModel
+from metering_schemas.subject import subject_key
 
 router = APIRouter(prefix="/v1", tags=["subjects"], route_class=AuthenticatedRoute, responses=ERROR_RESPONSES)
 
@@ -91,10 +94,19 @@ def _field(location: tuple[int | str, ...]) -> str:
 async def put_subject(
     subject_type: str, subject_id: str, body: SubjectUpdate, request: Request, who: Caller = Depends(writer)
 ) -> SubjectSettings:
-    """Sets the subject's time zone. Summaries that name no zone are answered in it from then on."""
+    """Sets the subject's time zone. Summaries that name no zone are answered in it from then on; its rollups are
+    cut in it from the end of the current local day in the zone it had (`effectiveFrom`)."""
     context = context_of(request)
     _require_visible(subject_type, subject_id, who, context)
-    subject = _settings(subject_type, subject_id, body.time_zone)
+    asked = _settings(subject_type, subject_id, body.time_zone)
+    subject = zone_change(
+        context.subjects.get(asked.key),
+        subject_type,
+        subject_id,
+        asked.time_zone,
+        context.settings.default_time_zone,
+        datetime.now(UTC),
+    )
     await context.publish(context.subjects, subject.key, subject)
     return subject
 
@@ -106,7 +118,8 @@ async def get_subject(
     """The subject's settings: its own time zone, else METERING_DEFAULT_TIME_ZONE."""
     context = context_of(request)
     _require_visible(subject_type, subject_id, who, context)
-    return _settings(subject_type, subject_id, context.zone_of(subject_type, subject_id))
+    own = context.subjects.get(subject_key(subject_type, subject_id))
+    return own or _settings(subject_type, subject_id, context.settings.default_time_zone)
 
 
 @router.get("/subjects/{subject_type}/{subject_id}/status", summary="Current-period usage against thresholds")
@@ -119,6 +132,8 @@ async def subject_status(
     context = context_of(request)
     _require_visible(subject_type, subject_id, who, context)
     now = datetime.now(UTC)
+    own = context.subjects.get(subject_key(subject_type, subject_id))
+    zone = zone_in_force(own, now, context.settings.default_time_zone)  # its windows' zone, as the worker's
     applying: dict[str, list[UsageThreshold]] = {}
     for threshold in context.thresholds.values():
         if threshold.subject_type == subject_type and threshold.subject_id in (subject_id, "*"):
@@ -133,10 +148,28 @@ async def subject_status(
         if definition is None:
             statuses.append(SubjectStatus(metric_key, (subject_type, subject_id), None, None, Decimal(0), []))
             continue
-        start, end = period_bounds(definition.reset_period, now)
-        value = (await context.query(billed_quantities, subject_type, subject_id, start, end)).get(
-            metric_key, Decimal(0)
-        )
+        if zone != "UTC" and definition.reset_period is not ResetPeriod.NEVER:  # its local window, summed exactly
+            period_type = PeriodType(definition.reset_period.value)
+            start, end = local_period_bounds(period_type, now, time_zone(zone))
+            found = await context.query(
+                usage_summaries,
+                metric_key,
+                subject_type,
+                subject_id,
+                period_type,
+                start,
+                end,
+                DimensionQuery(),
+                definition.aggregation_type,
+                zone,
+                context.zone_rollups_from(subject_type, subject_id, zone),
+            )
+            value = found[0].total_quantity if found else Decimal(0)
+        else:
+            start, end = period_bounds(definition.reset_period, now)
+            value = (await context.query(billed_quantities, subject_type, subject_id, start, end)).get(
+                metric_key, Decimal(0)
+            )
         limits = [
             LimitStatus(
                 t,
@@ -146,7 +179,7 @@ async def subject_status(
             for t in sorted(thresholds, key=lambda t: t.threshold)
         ]
         statuses.append(
-            SubjectStatus(metric_key, (subject_type, subject_id), definition.reset_period, start, value, limits)
+            SubjectStatus(metric_key, (subject_type, subject_id), definition.reset_period, start, value, limits, zone)
         )
     return {
         "subjectType": subject_type,

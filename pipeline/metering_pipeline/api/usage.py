@@ -395,6 +395,7 @@ async def get_summary(
             dimensions,
             aggregation,
             zone_name,
+            context.zone_rollups_from(subject_type, subject_id, zone_name),
         )
     except TooManyPeriods as error:
         raise ApiError(422, "too_many_periods", str(error)) from None

@@ -6,16 +6,18 @@ from __future__ import annotations
 import decimal
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 
+from metering_pipeline.billing.cycles import CALENDAR_ANCHOR, local_days, named_cycle, subscription_anchor
 from metering_pipeline.billing.pricing import MONEY, charge, round_money
 from metering_pipeline.billing.selection import Selection
-from metering_pipeline.usage.periods import period_end
-from metering_schemas import Invoice, InvoiceLine, InvoiceStatus, LineType, Plan, PlanUse, ResetPeriod, Subscription
+from metering_pipeline.usage.periods import time_zone
+from metering_schemas import Invoice, InvoiceLine, InvoiceStatus, LineType, Plan, PlanUse, Subscription
 from metering_schemas.billing import AMOUNT_WHOLE_DIGITS
 
-# Proration is a ratio of seconds; it is rounded once, with its line, to the currency's minor unit.
+# Proration is a ratio of local days (a 23- or 25-hour day counts one); it is rounded once, with its line, to the
+# currency's minor unit.
 _PRORATION = decimal.Context(prec=60, rounding=decimal.ROUND_HALF_EVEN)
 _AMOUNT_LIMIT = Decimal(10) ** AMOUNT_WHOLE_DIGITS
 
@@ -38,15 +40,36 @@ class Segment:
     end: datetime
 
 
-def billing_period(period: str) -> tuple[datetime, datetime]:
-    """`2026-11` → the calendar month in UTC, [start, end)."""
+@dataclass(frozen=True)
+class Cycle:
+    """The billing period an invoice covers, [start, end) as UTC instants, and the zone it was cut in."""
+
+    start: datetime
+    end: datetime
+    zone: str = "UTC"
+
+
+def billing_period(period: str, zone_name: str = "UTC", anchor_day: int = CALENDAR_ANCHOR) -> tuple[datetime, datetime]:
+    """`2026-11` → the cycle that starts in that month of the zone's calendar: the month itself (anchor 1), or from
+    the anchor day, clamped, to the next month's; [start, end) as UTC instants."""
     try:
-        start = datetime.strptime(period, "%Y-%m").replace(tzinfo=UTC)
+        month = datetime.strptime(period, "%Y-%m")
     except ValueError:
         raise BillingError("invalid_period", f"period {period!r} is not YYYY-MM") from None
-    if not 1970 <= start.year <= 2105:  # what ClickHouse's DateTime holds
+    if not 1970 <= month.year <= 2105:  # what ClickHouse's DateTime holds
         raise BillingError("invalid_period", f"period {period!r} is outside 1970-01 … 2105-12")
-    return start, period_end(ResetPeriod.MONTHLY, start)
+    return named_cycle(month.year, month.month, anchor_day, time_zone(zone_name))
+
+
+def cycle_of(period: str, subscriptions: Sequence[Subscription]) -> Cycle:
+    """The cycle `period` names for a subject: by the zone and anchor of its governing subscription (the latest to
+    start before that month is over in UTC, else its first), else the UTC calendar month."""
+    start, end = billing_period(period)
+    if not subscriptions:
+        return Cycle(start, end)
+    by_start = sorted(subscriptions, key=lambda s: (s.start_at, s.id))
+    governing = next((s for s in reversed(by_start) if s.start_at < end), by_start[0])
+    return Cycle(*billing_period(period, governing.time_zone, subscription_anchor(governing)), governing.time_zone)
 
 
 def segments(
@@ -94,20 +117,20 @@ def price(
     now: datetime,
     invoice_status: InvoiceStatus,
     allowed_lateness: timedelta,
+    cycle: Cycle | None = None,
 ) -> Invoice:
     """The invoice: per segment a prorated flat-fee line and one line per price, in the plan's order (usage[i] holds
     segment i's quantity per `Selection.of(price)`: the metric's total, or the usage with the price's dimension
     values). Each price is its own line over the usage it selects, so a metric priced with and without dimensions
     is billed on both lines. Each line rounded once; subtotal = sum of rounded lines."""
-    start, end = billing_period(period)
+    cycle = cycle or Cycle(*billing_period(period))
+    start, end, zone = cycle.start, cycle.end, time_zone(cycle.zone)
     currency = parts[0].plan.currency if parts else None
     lines: list[InvoiceLine] = []
     for part, quantities in zip(parts, usage, strict=True):
         plan = part.plan
         if plan.flat_fee:
-            share = _PRORATION.divide(
-                Decimal((part.end - part.start).total_seconds()), Decimal((end - start).total_seconds())
-            )
+            share = _PRORATION.divide(local_days(part.start, part.end, zone), local_days(start, end, zone))
             lines.append(
                 InvoiceLine(
                     type=LineType.FLAT_FEE,
@@ -150,6 +173,9 @@ def price(
         period=period,
         period_start=start,
         period_end=end,
+        time_zone=cycle.zone,
+        local_period_start=start.astimezone(zone).isoformat(),
+        local_period_end=end.astimezone(zone).isoformat(),
         status=invoice_status,
         closes_at=end + allowed_lateness,
         currency=currency,

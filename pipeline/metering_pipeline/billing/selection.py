@@ -9,7 +9,8 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from metering_pipeline.usage.aggregation import FROM_RECORDS, Aggregate, plain
-from metering_schemas import AggregationType, Price
+from metering_pipeline.usage.periods import period_end, period_in, period_start
+from metering_schemas import AggregationType, PeriodType, Price
 
 _HOUR = timedelta(hours=1)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -96,9 +97,13 @@ def quantity(rows: Iterable[RollupRow], selection: Selection) -> Decimal:
     return plain(merged(rows, selection).total(aggregation))
 
 
-def hour_ceiling(at: datetime) -> datetime:
-    """The first hour boundary at or after `at`. Rollups bill an hour in the segment its start falls in, so the usage
-    records of a segment [start, end) are those with timestamp in [hour_ceiling(start), hour_ceiling(end)): the
-    same records, whichever source a price's quantity comes from."""
+def hour_ceiling(at: datetime, zone_name: str = "UTC") -> datetime:
+    """The first hour boundary (of the zone's hours) at or after `at`. Rollups bill an hour in the segment its start
+    falls in, so the usage records of a segment [start, end) are those with timestamp in [hour_ceiling(start),
+    hour_ceiling(end)): the same records, whichever source a price's quantity comes from."""
+    if zone_name != "UTC":
+        hour = period_in(PeriodType.HOURLY, zone_name)
+        start = period_start(hour, at)
+        return at if start == at else period_end(hour, start)
     behind = (at - _EPOCH) % _HOUR
     return at if not behind else at - behind + _HOUR

@@ -23,7 +23,8 @@ from metering_pipeline.cli import catalog
 from metering_pipeline.cli.params import field_errors, subject as parse_subject, utc
 from metering_pipeline.settings import Settings
 from metering_pipeline.topics import Topics
-from metering_schemas import Invoice, Plan, Subscription
+from metering_pipeline.usage.periods import subject_zone
+from metering_schemas import Invoice, Plan, SubjectSettings, Subscription
 
 
 def _plans(settings: Settings) -> dict[str, Plan]:
@@ -60,7 +61,7 @@ def _show_plans(plans: list[Plan]) -> str:
 
 def _show_subscriptions(subscriptions: list[Subscription]) -> str:
     return tables.render(
-        ["id", "subject", "plan", "from (UTC)", "until"],
+        ["id", "subject", "plan", "from (UTC)", "until", "cycles"],
         [
             (
                 s.id,
@@ -68,6 +69,7 @@ def _show_subscriptions(subscriptions: list[Subscription]) -> str:
                 s.plan_key,
                 s.start_at.strftime("%Y-%m-%d %H:%M"),
                 s.end_at.strftime("%Y-%m-%d %H:%M") if s.end_at else "",
+                f"{s.billing_time} ({s.time_zone}" + (f", day {s.billing_anchor})" if s.billing_anchor else ")"),
             )
             for s in sorted(subscriptions, key=lambda s: (s.subject_type, s.subject_id, s.start_at))
         ],
@@ -160,14 +162,41 @@ def subscription() -> None:
 @click.option("--start", type=click.DateTime(), required=True, help="From (UTC), e.g. 2026-11-01.")
 @click.option("--end", type=click.DateTime(), default=None, help="Until (UTC, exclusive). [default: open-ended]")
 @click.option("--id", "subscription_id", default=None, help="[default: sub-<random>]")
+@click.option(
+    "--time-zone", "zone_name", default=None, metavar="ZONE", help="Its billing cycles' zone. [default: the subject's]"
+)
+@click.option(
+    "--billing-time",
+    type=click.Choice(["calendar", "anniversary"]),
+    default="calendar",
+    show_default=True,
+    help="Cycles by calendar month, or from an anchor day every month.",
+)
+@click.option(
+    "--billing-anchor",
+    type=click.IntRange(1, 31),
+    default=None,
+    help="Anniversary: the day cycles start on, clamped to short months. [default: the start's local day]",
+)
 @click.pass_obj
 def create_subscription(
-    settings: Settings, subject: str, plan_key: str, start: datetime, end: datetime | None, subscription_id: str | None
+    settings: Settings,
+    subject: str,
+    plan_key: str,
+    start: datetime,
+    end: datetime | None,
+    subscription_id: str | None,
+    zone_name: str | None,
+    billing_time: str,
+    billing_anchor: int | None,
 ) -> None:
     """subscription.create: SUBJECT is TYPE:ID."""
     subject_type, subject_id = parse_subject(subject)
     if plan_key not in _plans(settings):
         raise click.UsageError(f"no plan {plan_key!r}")
+    if zone_name is None:
+        subjects = catalog.read(settings, Topics.of(settings).subjects, SubjectSettings)
+        zone_name = subject_zone(subjects, subject_type, subject_id, settings.default_time_zone)
     new: Subscription = _validated(
         Subscription,
         {
@@ -177,6 +206,9 @@ def create_subscription(
             "planKey": plan_key,
             "startAt": utc(start),
             "endAt": utc(end),
+            "timeZone": zone_name,
+            "billingTime": billing_time,
+            "billingAnchor": billing_anchor,
         },
     )
     if new.id in _subscriptions(settings):
@@ -251,9 +283,12 @@ def invoice(settings: Settings, subject: str, period: str, as_json: bool) -> Non
         async def query(function: Callable[..., Any], *args: Any) -> Any:
             return await asyncio.to_thread(function, client, *args)
 
+        subjects = catalog.read(settings, Topics.of(settings).subjects, SubjectSettings)
         try:
             result = asyncio.run(
-                invoice_for(settings, query, plans, subscriptions.values(), subject_type, subject_id, period)
+                invoice_for(
+                    settings, query, plans, subscriptions.values(), subject_type, subject_id, period, subjects=subjects
+                )
             )
         except BillingError as error:
             raise click.UsageError(f"{error.code}: {error}") from None  # the code the API answers with

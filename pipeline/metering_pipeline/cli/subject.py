@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import click
 from pydantic import ValidationError
 
@@ -10,6 +12,7 @@ from metering_pipeline.cli import catalog
 from metering_pipeline.cli.params import field_errors, subject as parse_subject
 from metering_pipeline.settings import Settings
 from metering_pipeline.topics import Topics
+from metering_pipeline.usage.subject_zones import zone_change
 from metering_schemas import SubjectSettings
 from metering_schemas.subject import subject_key
 
@@ -24,13 +27,19 @@ def subject() -> None:
 @click.option("--time-zone", "zone_name", required=True, metavar="ZONE", help="IANA time zone, e.g. Asia/Kolkata.")
 @click.pass_obj
 def set_subject(settings: Settings, subject_text: str, zone_name: str) -> None:
-    """Set the subject's time zone: summaries that name none are answered in it."""
+    """Set the subject's time zone: summaries that name none are answered in it, and its rollups are cut in it from
+    the end of the current local day in the zone it had (shown as "from")."""
     subject_type, subject_id = parse_subject(subject_text)
     try:
-        found = SubjectSettings(subject_type=subject_type, subject_id=subject_id, time_zone=zone_name)
+        asked = SubjectSettings(subject_type=subject_type, subject_id=subject_id, time_zone=zone_name)
     except ValidationError as error:
         raise click.UsageError(field_errors(error)) from None
-    catalog.write(settings, Topics.of(settings).subjects, found.key, found)
+    topic = Topics.of(settings).subjects
+    current = catalog.read(settings, topic, SubjectSettings).get(asked.key)
+    found = zone_change(
+        current, subject_type, subject_id, asked.time_zone, settings.default_time_zone, datetime.now(UTC)
+    )
+    catalog.write(settings, topic, found.key, found)
     click.echo(_show(found, own=True))
 
 
@@ -52,4 +61,11 @@ def get_subject(settings: Settings, subject_text: str, as_json: bool) -> None:
 
 def _show(found: SubjectSettings, own: bool) -> str:
     source = "its own" if own else "METERING_DEFAULT_TIME_ZONE"
-    return tables.render(["subject", "time zone", "from"], [(found.key, found.time_zone, source)])
+    rows = [(found.key, found.time_zone, source, _since(found.effective_from))]
+    if found.previous_time_zone and found.effective_from:
+        rows.insert(0, (found.key, found.previous_time_zone, "before the change", ""))
+    return tables.render(["subject", "time zone", "source", "from (UTC)"], rows)
+
+
+def _since(at: datetime | None) -> str:
+    return at.strftime("%Y-%m-%d %H:%M") if at else ""

@@ -34,14 +34,12 @@ def _definition(settings: Settings, metric_key: str, org: str | None) -> MetricD
     return found
 
 
-def _zone_of(settings: Settings, subject_type: str, subject_id: str) -> str:
-    """The subject's time zone, read from metering.subjects."""
+def _subjects(settings: Settings) -> dict[str, SubjectSettings]:
+    """Subjects' own settings, read from metering.subjects."""
     from metering_pipeline.cli import catalog
     from metering_pipeline.topics import Topics
-    from metering_pipeline.usage.periods import subject_zone
 
-    subjects = catalog.read(settings, Topics.of(settings).subjects, SubjectSettings)
-    return subject_zone(subjects, subject_type, subject_id, settings.default_time_zone)
+    return catalog.read(settings, Topics.of(settings).subjects, SubjectSettings)
 
 
 @click.command()
@@ -102,13 +100,15 @@ def summary(
     Without --group-by/--filter-group-by: the metric's total per period. With them (dimension names of the metric's
     groupBy), the usage split by or restricted to those dimension values, exact for every aggregation type.
     """
-    from metering_pipeline.usage.periods import UnknownTimeZone, time_zone
+    from metering_pipeline.usage.periods import UnknownTimeZone, subject_zone, time_zone
+    from metering_pipeline.usage.subject_zones import zone_rollups_from
     from metering_pipeline.warehouse.client import connect
     from metering_pipeline.warehouse.queries import TooManyPeriods, usage_summaries
 
     subject_type, subject_id = parse_subject(subject)
+    subjects = _subjects(settings)
     if zone_name is None:
-        zone_name = _zone_of(settings, subject_type, subject_id)
+        zone_name = subject_zone(subjects, subject_type, subject_id, settings.default_time_zone)
     try:
         zone = time_zone(zone_name)
     except UnknownTimeZone as error:
@@ -142,6 +142,7 @@ def summary(
                 dimensions,
                 aggregation,
                 zone_name,
+                zone_rollups_from(subjects, subject_type, subject_id, zone_name),
             )
         except TooManyPeriods as error:
             raise click.UsageError(str(error)) from None

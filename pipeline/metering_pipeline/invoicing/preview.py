@@ -6,13 +6,14 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from metering_pipeline.billing.invoice import billing_period, price, segments, status
+from metering_pipeline.billing.invoice import Cycle, cycle_of, price, segments, status
 from metering_pipeline.billing.selection import Selection
-from metering_pipeline.invoicing.quantities import priced_quantities
+from metering_pipeline.invoicing.quantities import Source, priced_quantities
 from metering_pipeline.invoicing.settlement import processed_through
 from metering_pipeline.settings import Settings
+from metering_pipeline.usage.subject_zones import zone_rollups_from
 from metering_pipeline.warehouse.invoices import store_invoice, stored_invoice
-from metering_schemas import Invoice, InvoiceStatus, Plan, Subscription
+from metering_schemas import Invoice, InvoiceStatus, Plan, SubjectSettings, Subscription
 
 Query = Callable[..., Awaitable[Any]]  # runs fn(clickhouse_client, *args) without blocking the event loop
 
@@ -26,8 +27,13 @@ async def invoice_for(
     subject_id: str,
     period: str,
     now: datetime | None = None,
+    subjects: Mapping[str, SubjectSettings] | None = None,
 ) -> Invoice:
-    start, end = billing_period(period)
+    """`subjects` (metering.subjects) tell whether the subject's local rollups hold a zoned cycle's usage; without
+    them, a cycle in a zone other than UTC is read from the records."""
+    own = [s for s in subscriptions if (s.subject_type, s.subject_id) == (subject_type, subject_id)]
+    cycle = cycle_of(period, own)
+    start, end = cycle.start, cycle.end
     stored: Invoice | None = await query(stored_invoice, subject_type, subject_id, period)
     if stored is not None:
         return stored
@@ -36,9 +42,8 @@ async def invoice_for(
     # Settlement is checked before usage is read, so a FINAL invoice cannot miss a record still in flight.
     settled = now >= close and await processed_through(settings, close)
     invoice_status = status(now, end, settings.allowed_lateness, settled)
-    parts = segments(
-        start, end, (s for s in subscriptions if (s.subject_type, s.subject_id) == (subject_type, subject_id)), plans
-    )
+    parts = segments(start, end, own, plans)
+    source = _source(cycle, subjects or {}, subject_type, subject_id)
     usage = [
         await query(
             priced_quantities,
@@ -47,11 +52,23 @@ async def invoice_for(
             part.start,
             part.end,
             [Selection.of(p) for p in part.plan.prices],
+            source,
         )
         for part in parts
     ]
-    invoice = price(subject_type, subject_id, period, parts, usage, now, invoice_status, settings.allowed_lateness)
+    invoice = price(
+        subject_type, subject_id, period, parts, usage, now, invoice_status, settings.allowed_lateness, cycle
+    )
     if invoice_status is InvoiceStatus.FINAL and parts:  # nothing to bill is not worth keeping
         await query(store_invoice, invoice)
         return await query(stored_invoice, subject_type, subject_id, period) or invoice  # the first stored wins
     return invoice
+
+
+def _source(cycle: Cycle, subjects: Mapping[str, SubjectSettings], subject_type: str, subject_id: str) -> Source:
+    """UTC cycles from the UTC hourly rollups; a zoned one from the subject's hourly rollups in that zone when they
+    hold every record since before the cycle began, else from the records."""
+    if cycle.zone == "UTC":
+        return Source()
+    since = zone_rollups_from(subjects, subject_type, subject_id, cycle.zone)
+    return Source(cycle.zone, rollups=since is not None and since <= cycle.start)

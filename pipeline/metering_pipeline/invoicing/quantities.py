@@ -4,6 +4,7 @@ aggregation type adds up, `warehouse.invoices` reads them. Run in a worker threa
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 
@@ -17,22 +18,44 @@ from metering_pipeline.billing.selection import (
     quantity,
 )
 from metering_pipeline.usage.aggregation import FROM_RECORDS, plain
-from metering_pipeline.warehouse.invoices import distinct_and_latest, merged_rollups
+from metering_pipeline.warehouse.invoices import distinct_and_latest, merged_rollups, record_rows
 from metering_schemas import AggregationType
 
 
+@dataclass(frozen=True)
+class Source:
+    """Where a segment's usage is read: the hourly rollups cut in `zone` (the UTC ones every subject has, or its
+    local ones where they hold every record of the segment), else (`rollups` False) the records themselves, exactly,
+    for bounds no hourly rollups align with."""
+
+    zone: str = "UTC"
+    rollups: bool = True
+
+    def bounds(self, start: datetime, end: datetime) -> tuple[datetime, datetime]:
+        """The records a segment bills: those of the hours that start in it (rollups bill an hour in the segment
+        its start falls in), or, from the records, exactly [start, end)."""
+        if not self.rollups:
+            return start, end
+        return hour_ceiling(start, self.zone), hour_ceiling(end, self.zone)
+
+
 def priced_quantities(
-    client: Client, subject_type: str, subject_id: str, start: datetime, end: datetime, selections: Sequence[Selection]
+    client: Client,
+    subject_type: str,
+    subject_id: str,
+    start: datetime,
+    end: datetime,
+    selections: Sequence[Selection],
+    source: Source = Source(),
 ) -> dict[Selection, Decimal]:
-    """Each selection's quantity (by its metric's aggregation type) over the hours that start in [start, end)."""
+    """Each selection's quantity (by its metric's aggregation type) over the segment [start, end)."""
     if not selections:
         return {}
     grouped = sorted({s.metric_key for s in selections if s.dimensions})
-    rows = _rollup_rows(
-        client, subject_type, subject_id, start, end, sorted({s.metric_key for s in selections}), grouped
-    )
+    metrics = sorted({s.metric_key for s in selections})
+    rows = _rows(client, subject_type, subject_id, start, end, metrics, grouped, source)
     return {
-        selection: _quantity(client, rows, selection, subject_type, subject_id, start, end)
+        selection: _quantity(client, rows, selection, subject_type, subject_id, source.bounds(start, end))
         for selection in dict.fromkeys(selections)
     }
 
@@ -41,14 +64,15 @@ def billed_quantities(
     client: Client, subject_type: str, subject_id: str, start: datetime, end: datetime
 ) -> dict[str, Decimal]:
     """Each metric's total (by its aggregation type) over the hours that start in [start, end)."""
-    rows = _rollup_rows(client, subject_type, subject_id, start, end, None, [])
+    rows = _rows(client, subject_type, subject_id, start, end, None, [], Source())
+    bounds = Source().bounds(start, end)
     return {
-        row.metric_key: _quantity(client, rows, Selection.total(row.metric_key), subject_type, subject_id, start, end)
+        row.metric_key: _quantity(client, rows, Selection.total(row.metric_key), subject_type, subject_id, bounds)
         for row in rows
     }
 
 
-def _rollup_rows(
+def _rows(
     client: Client,
     subject_type: str,
     subject_id: str,
@@ -56,9 +80,14 @@ def _rollup_rows(
     end: datetime,
     metrics: list[str] | None,
     grouped: list[str],
+    source: Source,
 ) -> list[RollupRow]:
     """The metrics' total rows (`metrics` None: every metric's), and the `grouped` metrics' dimension rows too."""
-    return [RollupRow(*row) for row in merged_rollups(client, subject_type, subject_id, start, end, metrics, grouped)]
+    if source.rollups:
+        found = merged_rollups(client, subject_type, subject_id, start, end, metrics, grouped, source.zone)
+    else:
+        found = record_rows(client, subject_type, subject_id, start, end, metrics, grouped)
+    return [RollupRow(*row) for row in found]
 
 
 def _quantity(
@@ -67,20 +96,13 @@ def _quantity(
     selection: Selection,
     subject_type: str,
     subject_id: str,
-    start: datetime,
-    end: datetime,
+    bounds: tuple[datetime, datetime],
 ) -> Decimal:
     aggregation = aggregation_of(rows, selection.metric_key)
     if aggregation not in FROM_RECORDS:
         return quantity(rows, selection)
     distinct, latest, count = distinct_and_latest(
-        client,
-        subject_type,
-        subject_id,
-        selection.metric_key,
-        hour_ceiling(start),
-        hour_ceiling(end),
-        selection.dimensions,
+        client, subject_type, subject_id, selection.metric_key, *bounds, selection.dimensions
     )
     if aggregation is AggregationType.UNIQUE_COUNT:
         return Decimal(distinct)

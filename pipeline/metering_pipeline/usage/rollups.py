@@ -13,21 +13,30 @@ sums are added in place under the exact decimal context rather than through a me
 from __future__ import annotations
 
 import decimal
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import lru_cache
 from itertools import islice
 from sys import intern
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import msgspec
 
 from metering_pipeline.usage.aggregation import EXACT, total
 from metering_pipeline.usage.dedup import DedupWindow, RecordIdentity
 from metering_pipeline.usage.meter import TOTAL, Dimensions
-from metering_pipeline.usage.periods import EPOCH, period_end, starts_of_hour
+from metering_pipeline.usage.periods import (
+    EPOCH,
+    SLOT_SECONDS,
+    LocalPeriod,
+    local_period,
+    period_end,
+    starts_of_hour,
+    starts_of_slot,
+    zone_of,
+)
 from metering_pipeline.usage.routed_record import CountedRecord
 from metering_schemas import AggregationType, PeriodType, ResetPeriod
 
@@ -37,14 +46,46 @@ from metering_schemas import AggregationType, PeriodType, ResetPeriod
 # all-time rollup never leaves memory, so one per subject of every metric would grow without bound.
 # `dimensions` is TOTAL (()) for the total row of every metric; a grouped metric also has a row per combination of
 # its dimension values.
-RollupKey = tuple[str, str, str, PeriodType | ResetPeriod, datetime, Dimensions]
+# A subject whose records carry a time zone (`time_zone` of a routed record) has its hourly, daily and monthly rollups
+# twice: in UTC (invoices by UTC month, the dashboard's UTC slots and UTC summaries read those) and in its zone, where
+# `period` is a LocalPeriod (its thresholds are evaluated on these).
+Period = PeriodType | ResetPeriod | LocalPeriod
+RollupKey = tuple[str, str, str, Period, datetime, Dimensions]
 LIFETIME = ResetPeriod.NEVER
 _HOUR_MS = 3_600_000
+_SLOT_MS = SLOT_SECONDS * 1000
 _ZERO = Decimal(0)
-# Members' values by dictionary: an enum's `.value` (and orjson's enum support) costs more, once per written rollup.
-WIRE_NAME: dict[PeriodType | ResetPeriod | AggregationType, str] = {
-    member: member.value for member in (*PeriodType, *ResetPeriod, *AggregationType)
-}
+
+
+class _Names(dict[Any, str]):
+    """Names by dictionary, computed once per member or local period: an enum's `.value` (and orjson's enum support)
+    costs more, once per written rollup."""
+
+    def __init__(self, name_of: Callable[[Any], str]) -> None:
+        super().__init__()
+        self.name_of = name_of
+
+    def __missing__(self, member: Any) -> str:
+        name = self[member] = self.name_of(member)
+        return name
+
+
+# What ClickHouse's period_type and aggregation_type and the events say: a local day is a DAILY period.
+WIRE_NAME: dict[Period | AggregationType, str] = _Names(lambda member: member.value)
+# A rollup's period in its changelog and store keys: a local one with its zone (`DAILY@Asia/Kolkata`), so that a UTC
+# and a local period starting at the same instant are two rollups; a UTC one as it always was.
+KEY_NAME: dict[Period, str] = _Names(
+    lambda period: f"{period.value}@{period.zone}" if type(period) is LocalPeriod else period.value
+)
+ZONE_NAME: dict[Period, str] = _Names(zone_of)  # the zone a rollup's periods are cut in: ClickHouse's time_zone
+
+
+def key_period(name: str) -> Period:
+    """A rollup's period from its KEY_NAME."""
+    if "@" in name:
+        period, zone = name.split("@", 1)
+        return local_period(PeriodType(period), zone)
+    return LIFETIME if name == LIFETIME.value else PeriodType(name)
 
 
 class Rollup(msgspec.Struct, gc=False):
@@ -277,12 +318,19 @@ class PartitionRollups:
         rollups, stored = self.rollups, self._lookups
         keep_record, keep_identity = self._records.append, self._identities.append
         counted = duplicates = 0
+        shadowed: set[RollupKey] = set()  # UTC rollups of zoned subjects: their thresholds watch the local ones
         with decimal.localcontext(EXACT):  # `+` below is exact or raises
             for record in records:
                 hour = record.timestamp_ms // _HOUR_MS
                 if hour < first_open_hour:
                     self._closed.append((offset, record))
                     continue
+                local = None
+                if record.time_zone:
+                    local = starts_of_slot(record.time_zone, record.timestamp_ms // _SLOT_MS)
+                    if closed_before is not None and period_end(*local[0]) < closed_before:  # its local hour ended
+                        self._closed.append((offset, record))
+                        continue
                 # One string object per subject and metric, however many records and rollups name it (decoding makes
                 # one per record, and an update stores the record's metric id): at a million keys the copies cost
                 # more memory than the rollups.
@@ -293,7 +341,7 @@ class PartitionRollups:
                 rows = None
                 unseen = False
                 if record.dimensions or record.distinct is not None or record.aggregation is _LATEST:
-                    rows = self._rows_of(record, metric_key, subject_type, subject_id, hour)
+                    rows = self._rows_of(record, metric_key, subject_type, subject_id, hour, local)
                     if identity in dedup:  # a duplicate is dropped as one, whatever it carries
                         duplicates += 1
                         continue
@@ -311,8 +359,18 @@ class PartitionRollups:
                 quantity, metric_id = record.quantity, intern(record.metric_id)
                 if rows is not None:
                     self._fold_payload(record, rows, metric_id, offset, changed)
+                    if local is not None:
+                        shadowed.update(key for key, _ in rows if type(key[3]) is PeriodType)
                     continue
-                for period, start in _periods_of_hour(hour) if record.all_time else starts_of_hour(hour):
+                periods: tuple[tuple[Period, datetime], ...] = (
+                    _periods_of_hour(hour) if record.all_time else starts_of_hour(hour)
+                )
+                if local is not None:
+                    shadowed.update(
+                        (metric_key, subject_type, subject_id, p, s, TOTAL) for p, s in starts_of_hour(hour)
+                    )
+                    periods = (*periods, *local)
+                for period, start in periods:
                     key = (metric_key, subject_type, subject_id, period, start, TOTAL)
                     rollup = rollups.get(key)
                     if rollup is None and stored is not None:
@@ -335,19 +393,29 @@ class PartitionRollups:
                     changed[key] = rollup
         self._changed.update(changed)
         if touched is not None:
-            touched.update(changed)
+            touched.update(changed.keys() - shadowed if shadowed else changed)
         return counted, duplicates
 
     def _rows_of(
-        self, record: CountedRecord, metric_key: str, subject_type: str, subject_id: str, hour: int
+        self,
+        record: CountedRecord,
+        metric_key: str,
+        subject_type: str,
+        subject_id: str,
+        hour: int,
+        local: tuple[tuple[LocalPeriod, datetime], ...] | None,
     ) -> list[tuple[RollupKey, RollupKey]]:
-        """(row key, its total row's key) of every rollup a record counts in: per period, the total row and, for a
-        grouped metric, its combination's row. Made once per record: the bounds are checked on them, then folded."""
+        """(row key, its total row's key) of every rollup a record counts in: per period (UTC, then `local` ones), the
+        total row and, for a grouped metric, its combination's row. Made once per record: the bounds are checked on
+        them, then folded."""
         dimensions = record.dimensions
         rows = []
         if dimensions:
             dimensions = self._dimensions.setdefault(dimensions, dimensions)
-        for period, start in _periods_of_hour(hour) if record.all_time else starts_of_hour(hour):
+        periods: tuple[tuple[Period, datetime], ...] = (
+            _periods_of_hour(hour) if record.all_time else starts_of_hour(hour)
+        )
+        for period, start in (*periods, *local) if local else periods:
             total_key = (metric_key, subject_type, subject_id, period, start, TOTAL)
             rows.append((total_key, total_key))
             if dimensions:
@@ -362,7 +430,7 @@ class PartitionRollups:
             if rollup is None and key is not total_key and self._rows_of_total(total_key) >= limits.combinations:
                 return (
                     f"{key[0]} already has {limits.combinations} dimension combinations for {key[1]}:{key[2]} in "
-                    f"the {WIRE_NAME[key[3]]} period from {key[4].isoformat()} (METERING_MAX_DIMENSION_COMBINATIONS)"
+                    f"the {_period_text(key)} (METERING_MAX_DIMENSION_COMBINATIONS)"
                 )
             if (
                 distinct is not None
@@ -372,7 +440,7 @@ class PartitionRollups:
             ):
                 return (
                     f"{key[0]} already counts {limits.distinct_values} distinct values for {key[1]}:{key[2]} in "
-                    f"the {WIRE_NAME[key[3]]} period from {key[4].isoformat()} (METERING_MAX_DISTINCT_VALUES)"
+                    f"the {_period_text(key)} (METERING_MAX_DISTINCT_VALUES)"
                 )
         return None
 
@@ -532,6 +600,12 @@ class PartitionRollups:
                 else:
                     self._combinations.pop(total_key, None)
         return stale
+
+
+def _period_text(key: RollupKey) -> str:
+    """A rollup's period for people: `DAILY period from 2026-03-09T18:30:00+00:00` (`in Asia/Kolkata` when local)."""
+    zone = ZONE_NAME[key[3]]
+    return f"{WIRE_NAME[key[3]]} period from {key[4].isoformat()}" + (f" in {zone}" if zone != "UTC" else "")
 
 
 def values_rollup(rollup: Rollup) -> ValuesRollup:

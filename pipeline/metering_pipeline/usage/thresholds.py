@@ -11,15 +11,24 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import partial
 from typing import Final, Literal
 
 from metering_pipeline.usage.meter import TOTAL, Dimensions
 from metering_pipeline.usage.metrics import MetricCatalog
-from metering_pipeline.usage.periods import period_end, period_start
-from metering_pipeline.usage.rollups import LIFETIME, PartitionRollups, Rollup, RollupKey
+from metering_pipeline.usage.periods import (
+    EPOCH,
+    latest_period_end,
+    local_period_start_text,
+    period_end,
+    period_in,
+    period_start,
+    zone_of,
+)
+from metering_pipeline.usage.rollups import LIFETIME, PartitionRollups, Period, Rollup, RollupKey
+from metering_pipeline.usage.subject_zones import SubjectZones
 from metering_schemas import PeriodType, ResetPeriod, ThresholdAction, ThresholdAlert, UsageThreshold
 
 AlertType = Literal["threshold.approaching", "threshold.exceeded"]  # ThresholdAlert.type
@@ -29,6 +38,7 @@ WILDCARD = "*"
 
 Subject = tuple[str, str]  # subject_type, subject_id
 MarkerKey = tuple[str, str, str, datetime]  # threshold id, subject_type, subject_id, window start
+_MILLISECOND = timedelta(milliseconds=1)
 
 
 class ThresholdBook:
@@ -104,6 +114,7 @@ class Alert:
     # Epoch seconds the crossing usage was published at (for the alert-latency metric; not part of the event);
     # None when a threshold change fired it.
     usage_published_at: float | None = None
+    time_zone: str = "UTC"  # the zone the window was cut in (the subject's)
 
     @property
     def id(self) -> str:
@@ -115,7 +126,7 @@ class Alert:
 
     @property
     def window_end(self) -> datetime:
-        return period_end(self.period, self.window_start)
+        return period_end(period_in(self.period, self.time_zone), self.window_start)
 
     def to_event(self) -> ThresholdAlert:
         """The event as published (validated: alerts are rare, and what goes out must match the contract)."""
@@ -135,6 +146,8 @@ class Alert:
             notify_emails=list(self.threshold.notify_emails),
             occurred_at=self.occurred_at,
             dimensions=dict(self.threshold.dimensions),
+            time_zone=self.time_zone,
+            local_period_start=local_period_start_text(self.window_start, self.time_zone),
         )
 
 
@@ -182,6 +195,7 @@ class ThresholdWatch:
         window_start: datetime,
         value: Decimal,
         now: datetime,
+        zone: str = "UTC",
     ) -> list[Alert]:
         if threshold.action is ThresholdAction.NONE:
             return []
@@ -196,7 +210,7 @@ class ThresholdWatch:
         marker.exceeded = marker.exceeded or EXCEEDED in fired
         marker.limit = threshold.threshold
         self._changed.add(key)
-        return [Alert(kind, threshold, *subject, value, period, window_start, now) for kind in fired]
+        return [Alert(kind, threshold, *subject, value, period, window_start, now, time_zone=zone) for kind in fired]
 
     def rearm(self, threshold: UsageThreshold, value_of: Callable[[Subject, datetime], Decimal | None]) -> None:
         """A limit raised to at least the current value fires again in that window; a lowered one does not."""
@@ -216,10 +230,11 @@ class ThresholdWatch:
         return self.markers.get((threshold_id, *subject, window_start))
 
     def evict_before(self, horizon: datetime, period_of: Callable[[str], ResetPeriod | None]) -> None:
-        """Markers of windows that ended before `horizon` can no longer matter."""
+        """Markers of windows that ended before `horizon` can no longer matter (a marker does not know the zone its
+        window was cut in: the latest end in any zone)."""
         for key in list(self.markers):
             period = period_of(key[0])
-            if period is None or period_end(period, key[3]) < horizon:
+            if period is None or latest_period_end(period, key[3]) < horizon:
                 self._drop(key)
 
     def _drop(self, key: MarkerKey) -> None:
@@ -248,11 +263,17 @@ class PartitionThresholds:
     """
 
     def __init__(
-        self, rollups: PartitionRollups, book: ThresholdBook, catalog: MetricCatalog, fraction: Decimal
+        self,
+        rollups: PartitionRollups,
+        book: ThresholdBook,
+        catalog: MetricCatalog,
+        fraction: Decimal,
+        zones: SubjectZones | None = None,
     ) -> None:
         self.rollups = rollups
         self.book = book
         self.catalog = catalog
+        self.zones = zones  # subjects' zones: a zoned subject's windows are its local days and months
         self.watch = ThresholdWatch(fraction)
         self.seen_changes = 0  # position in book.changes this partition has caught up to
 
@@ -261,23 +282,35 @@ class PartitionThresholds:
         definition = self.catalog.get(rollup.metric_id) if rollup.metric_id else None
         return None if definition is None else definition.reset_period
 
+    def zone(self, subject: Subject, at: datetime) -> str:
+        """The zone the subject's windows holding `at` are cut in ("": UTC)."""
+        return self.zones.zone_at(*subject, (at - EPOCH) // _MILLISECOND) if self.zones else ""
+
+    def _periods(self, subject: Subject) -> tuple[Period, ...]:
+        """The periods a window of the subject can be: in its zone and the one before, then UTC."""
+        zones = self.zones.zones_of(*subject) if self.zones else ()
+        local = [period_in(period, zone) for zone in zones for period in PeriodType]
+        return (*local, LIFETIME, *PeriodType)
+
     def window_rollup(
         self, metric_key: str, subject: Subject, window_start: datetime, dimensions: Dimensions = TOTAL
-    ) -> tuple[ResetPeriod, Rollup] | None:
-        for period in (LIFETIME, *PeriodType):
+    ) -> tuple[ResetPeriod, Period, Rollup] | None:
+        for period in self._periods(subject):
             rollup = self.rollups.get((metric_key, *subject, period, window_start, dimensions))
             if rollup is not None and (reset := self.window_period(rollup)) is not None and reset.value == period.value:
-                return reset, rollup
+                return reset, period, rollup
         return None
 
     def current_window(
         self, metric_key: str, subject: Subject, now: datetime, dimensions: Dimensions = TOTAL
-    ) -> tuple[ResetPeriod, datetime, Rollup] | None:
-        for period in (LIFETIME, *PeriodType):
+    ) -> tuple[ResetPeriod, datetime, Rollup, str] | None:
+        """The subject's current window of the metric (in the zone in force now) and its rollup, and that zone."""
+        zone = self.zone(subject, now)
+        for period in (LIFETIME, *(period_in(p, zone) for p in PeriodType)):
             start = period_start(period, now)
-            found = self.window_rollup(metric_key, subject, start, dimensions)
-            if found is not None and found[0].value == period.value:
-                return found[0], start, found[1]
+            rollup = self.rollups.get((metric_key, *subject, period, start, dimensions))
+            if rollup is not None and (reset := self.window_period(rollup)) is not None and reset.value == period.value:
+                return reset, start, rollup, zone_of(period)
         return None
 
     def after_records(self, touched: Iterable[RollupKey], now: datetime) -> list[Alert]:
@@ -294,8 +327,9 @@ class PartitionThresholds:
             if reset is None or reset.value != period.value:
                 continue
             value = rollup.total()
+            zone = zone_of(period)
             for threshold in thresholds:
-                alerts += self.watch.evaluate(threshold, (subject_type, subject_id), reset, start, value, now)
+                alerts += self.watch.evaluate(threshold, (subject_type, subject_id), reset, start, value, now, zone)
         return alerts
 
     def pending_changes(self) -> bool:
@@ -323,20 +357,21 @@ class PartitionThresholds:
             for subject in subjects:
                 window = self.current_window(threshold.metric_key, subject, now, dimensions_of(threshold))
                 if window is not None:
-                    reset, start, rollup = window
-                    alerts += self.watch.evaluate(threshold, subject, reset, start, rollup.total(), now)
+                    reset, start, rollup, zone = window
+                    alerts += self.watch.evaluate(threshold, subject, reset, start, rollup.total(), now, zone)
         return alerts
 
     def _value(self, threshold: UsageThreshold, subject: Subject, window_start: datetime) -> Decimal | None:
         found = self.window_rollup(threshold.metric_key, subject, window_start, dimensions_of(threshold))
-        return None if found is None else found[1].total()
+        return None if found is None else found[2].total()
 
     def status(self, metric_key: str, subject: Subject, now: datetime) -> SubjectStatus:
         """Current-window usage of one metric against its thresholds: what an entitlement check asks."""
         window = self.current_window(metric_key, subject, now)
         definition = self.catalog.resolve(metric_key, subject[1] if subject[0] == "org" else None)
         reset = window[0] if window else (definition.reset_period if definition else None)
-        start = window[1] if window else (period_start(reset, now) if reset else None)
+        zone = window[3] if window else self.zone(subject, now) or "UTC"
+        start = window[1] if window else (period_start(period_in(reset, zone), now) if reset else None)
         value = window[2].total() if window else Decimal(0)
         limits = []
         for threshold in sorted(self.book.matching(metric_key, *subject), key=lambda t: t.threshold):
@@ -344,7 +379,7 @@ class PartitionThresholds:
             state = limit_state(value, threshold.threshold, self.watch.fraction)
             blocked = threshold.action is ThresholdAction.BLOCK and marker is not None and marker.exceeded
             limits.append(LimitStatus(threshold, state, blocked))
-        return SubjectStatus(metric_key, subject, reset, start, value, limits)
+        return SubjectStatus(metric_key, subject, reset, start, value, limits, zone)
 
 
 @dataclass(frozen=True)
@@ -362,6 +397,7 @@ class SubjectStatus:
     window_start: datetime | None
     value: Decimal
     limits: list[LimitStatus]
+    time_zone: str = "UTC"  # the zone the window was cut in
 
     @property
     def blocked(self) -> bool:
@@ -375,9 +411,10 @@ class SubjectStatus:
             "subjectId": self.subject[1],
             "periodType": self.period.value if self.period else None,
             "periodStart": _iso(self.window_start) if self.window_start else None,
-            "periodEnd": _iso(period_end(self.period, self.window_start))
+            "periodEnd": _iso(period_end(period_in(self.period, self.time_zone), self.window_start))
             if self.period and self.window_start
             else None,
+            "timeZone": self.time_zone,
             "value": str(self.value),
             "status": state,
             "blocked": self.blocked,

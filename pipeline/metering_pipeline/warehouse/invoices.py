@@ -20,11 +20,36 @@ SELECT metric_key, dimensions, argMax(aggregation_type, period_start), sum(recor
        min(min_quantity), max(max_quantity)
 FROM usage_rollups FINAL
 WHERE subject_type = {subject_type:String} AND subject_id = {subject_id:String}
-  AND period_type = 'HOURLY' AND period_start >= {start:DateTime} AND period_start < {end:DateTime}
+  AND period_type = 'HOURLY' AND time_zone = {time_zone:String}
+  AND period_start >= {start:DateTime} AND period_start < {end:DateTime}
   AND record_count > 0
   AND ({every_metric:UInt8} OR metric_key IN {metrics:Array(String)})
   AND (empty(dimensions) OR metric_key IN {grouped:Array(String)})
 GROUP BY metric_key, dimensions
+"""
+
+# The same rows from the records themselves, for a segment whose bounds no hourly rollups align with (a billing cycle
+# in a zone whose rollups the worker did not cut): per metric (the total row) and per grouped metric's combination.
+_RECORD_ROWS_SQL = """
+SELECT metric_key, if(total_row, map(), dimensions) AS row, count(), sum(toDecimal256(quantity, 18)), min(quantity),
+       max(quantity)
+FROM usage_records FINAL
+ARRAY JOIN [1, 0] AS total_row
+WHERE subject_type = {subject_type:String} AND subject_id = {subject_id:String}
+  AND timestamp >= {start:DateTime64(3)} AND timestamp < {end:DateTime64(3)}
+  AND ({every_metric:UInt8} OR metric_key IN {metrics:Array(String)})
+  AND (total_row OR (NOT empty(dimensions) AND metric_key IN {grouped:Array(String)}))
+GROUP BY metric_key, row
+"""
+# Each metric's aggregation type as the worker last counted it in the segment (its UTC hourly rows: every subject has
+# them).
+_AGGREGATIONS_SQL = """
+SELECT metric_key, argMax(aggregation_type, period_start)
+FROM usage_rollups FINAL
+WHERE subject_type = {subject_type:String} AND subject_id = {subject_id:String}
+  AND period_type = 'HOURLY' AND time_zone = 'UTC' AND empty(dimensions)
+  AND period_start >= {first_hour:DateTime} AND period_start < {end:DateTime}
+GROUP BY metric_key
 """
 
 # UNIQUE_COUNT and LATEST over a segment or a subset of dimensions: from the records the worker counted (their
@@ -50,25 +75,54 @@ def merged_rollups(
     end: datetime,
     metrics: list[str] | None,
     grouped: list[str],
+    zone_name: str = "UTC",
 ) -> list[MergedRollup]:
     """The metrics' total rows (`metrics` None: every metric's), and the `grouped` metrics' dimension rows too, each
-    merged over the hours that start in [start, end)."""
+    merged over the hours (cut in `zone_name`) that start in [start, end)."""
     result = client.query(
         _ROLLUPS_SQL,
-        parameters={
-            "subject_type": subject_type,
-            "subject_id": subject_id,
-            "start": naive_utc(start),
-            "end": naive_utc(end),
-            "every_metric": int(metrics is None),
-            "metrics": metrics or [],
-            "grouped": grouped,
-        },
+        parameters=_rows_parameters(subject_type, subject_id, start, end, metrics, grouped) | {"time_zone": zone_name},
     ).result_rows
     return [
         (metric, dict(dimensions), AggregationType(aggregation), int(count), total, low, high)
         for metric, dimensions, aggregation, count, total, low, high in result
     ]
+
+
+def record_rows(
+    client: Client,
+    subject_type: str,
+    subject_id: str,
+    start: datetime,
+    end: datetime,
+    metrics: list[str] | None,
+    grouped: list[str],
+) -> list[MergedRollup]:
+    """`merged_rollups`' rows over the records with timestamp in [start, end), exactly, from the records."""
+    parameters = _rows_parameters(subject_type, subject_id, start, end, metrics, grouped)
+    rows = client.query(_RECORD_ROWS_SQL, parameters=parameters).result_rows
+    first_hour = start.replace(minute=0, second=0, microsecond=0)
+    found = client.query(_AGGREGATIONS_SQL, parameters=parameters | {"first_hour": naive_utc(first_hour)})
+    kinds = {str(metric): str(kind) for metric, kind in found.result_rows}
+    return [
+        (metric, dict(dimensions), AggregationType(kinds[metric]), int(count), total, low, high)
+        for metric, dimensions, count, total, low, high in rows
+        if metric in kinds  # counted by the worker (a record it refused never reached usage_records)
+    ]
+
+
+def _rows_parameters(
+    subject_type: str, subject_id: str, start: datetime, end: datetime, metrics: list[str] | None, grouped: list[str]
+) -> dict[str, object]:
+    return {
+        "subject_type": subject_type,
+        "subject_id": subject_id,
+        "start": naive_utc(start),
+        "end": naive_utc(end),
+        "every_metric": int(metrics is None),
+        "metrics": metrics or [],
+        "grouped": grouped,
+    }
 
 
 def distinct_and_latest(

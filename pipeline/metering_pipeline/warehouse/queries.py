@@ -28,6 +28,7 @@ WHERE metric_key = {metric_key:String}
   AND period_start >= {start:DateTime}
   AND period_start < {end:DateTime}
   AND empty(dimensions)
+  AND time_zone = {time_zone:String}
 ORDER BY period_start
 """
 
@@ -50,6 +51,7 @@ WHERE metric_key = {{metric_key:String}}
   AND period_start >= {{start:DateTime}}
   AND period_start < {{end:DateTime}}
   AND NOT empty(dimensions)
+  AND time_zone = 'UTC'
   AND {_DIMENSIONS_MATCH}
 ORDER BY period_start
 """
@@ -92,15 +94,18 @@ def usage_summaries(
     dimensions: DimensionQuery = DimensionQuery(),
     aggregation: AggregationType | None = None,
     zone_name: str = "UTC",
+    zone_rollups_from: datetime | None = None,
 ) -> list[UsageSummary]:
     """The seed's getSummary over a range: one summary per period starting in [start, end) — the total rows, or
     with `dimensions` one per period and combination of the groupBy values among the rows its filters match.
 
     `aggregation` is the metric's type as defined now; rows carry the type they were computed with, which wins
     (the definition's decides only between rows of a period that straddles a change of type). With a `zone_name`
-    other than UTC, the zone's local periods, from the records (`_zoned_summaries`).
+    other than UTC, the zone's local periods: total rows from the rollups cut in that zone when they hold every record
+    of the range (the subject's zone since `zone_rollups_from`), else exactly from the records (`_zoned_summaries`).
     """
-    if zone_name != "UTC":
+    zone_rollups = zone_rollups_from is not None and start >= zone_rollups_from and dimensions.is_total
+    if zone_name != "UTC" and not zone_rollups:
         return _zoned_summaries(
             client, metric_key, subject_type, subject_id, period_type, zone_name, start, end, dimensions, aggregation
         )
@@ -113,9 +118,11 @@ def usage_summaries(
         "end": naive_utc(end),
     }
     if dimensions.is_total:
-        result = client.query(_SUMMARY_SQL, parameters=parameters)
+        result = client.query(_SUMMARY_SQL, parameters=parameters | {"time_zone": zone_name})
         return [
-            summary(metric_key, subject_type, subject_id, period_type, (pstart, pend), plain(total), count)
+            summary(
+                metric_key, subject_type, subject_id, period_type, (pstart, pend), plain(total), count, None, zone_name
+            )
             for pstart, pend, total, count in result.result_rows
         ]
     match = {"filter_names": dimensions.filter_names(), "filter_values": dimensions.filter_values()}
@@ -423,6 +430,7 @@ ALERT_COLUMNS = (
     "notify_emails",
     "occurred_at",
     "dimensions",
+    "time_zone",
 )
 
 

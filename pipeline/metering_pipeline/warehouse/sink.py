@@ -19,7 +19,7 @@ from clickhouse_connect.driver.client import Client
 
 from metering_pipeline.settings import Settings
 from metering_pipeline.usage.meter import Dimensions
-from metering_pipeline.usage.rollups import WIRE_NAME, RollupChange
+from metering_pipeline.usage.rollups import WIRE_NAME, ZONE_NAME, RollupChange
 from metering_pipeline.usage.routed_record import CountedRecord
 from metering_pipeline.warehouse.client import connect
 from metering_pipeline.warehouse.migrations import migrate
@@ -54,6 +54,7 @@ _ROLLUP_COLUMNS = [
     "max_quantity",
     "version",
     "dimensions",
+    "time_zone",
 ]
 
 
@@ -73,8 +74,12 @@ _ALERT_FIELDS = (
     "notifyEmails",
     "occurredAt",
     "dimensions",
+    "timeZone",
 )  # as ALERT_COLUMNS
-_ALERT_DEFAULTS: dict[str, object] = {"dimensions": {}}  # of fields added since: alerts written before them lack them
+_ALERT_DEFAULTS: dict[str, object] = {
+    "dimensions": {},
+    "timeZone": "UTC",
+}  # of fields added since: alerts written before them lack them
 _INSERT_SETTINGS = {"date_time_input_format": "best_effort"}  # RFC 3339 timestamps with offsets
 _COLUMNS = "JSONCompactColumns"  # the hot tables (see records_body)
 _ROWS = "JSONCompactEachRow"
@@ -248,6 +253,7 @@ def rollups_body(changes: Sequence[RollupChange]) -> bytes:
             [change.max_text for change in changes],
             [change.version for change in changes],
             [dimension_map(key[5]) if key[5] else TOTAL_ROW for key in keys],
+            [ZONE_NAME[key[3]] for key in keys],
         ]
     )
 

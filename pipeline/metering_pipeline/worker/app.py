@@ -38,6 +38,7 @@ from metering_pipeline.topics import (
     rollup_group,
 )
 from metering_pipeline.usage.metrics import MetricCatalog
+from metering_pipeline.usage.subject_zones import SubjectZones
 from metering_pipeline.usage.thresholds import ThresholdBook
 from metering_pipeline.warehouse import mirrors
 from metering_pipeline.warehouse.errors import is_transient
@@ -51,7 +52,7 @@ from metering_pipeline.worker.health import failing_writer
 from metering_pipeline.worker.rollup_stage import RollupStage
 from metering_pipeline.worker.router_stage import RouterStage
 from metering_pipeline.worker.stats import WorkerStats
-from metering_schemas import MetricDefinition, UsageThreshold
+from metering_schemas import MetricDefinition, SubjectSettings, UsageThreshold
 
 log = get_logger(__name__)
 
@@ -65,6 +66,7 @@ class Pipeline:
         self.stats = WorkerStats()
         self.catalog = MetricCatalog()
         self.book = ThresholdBook()
+        self.zones = SubjectZones(settings.default_time_zone)
         self.stopping = asyncio.Event()
         self.started = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
@@ -85,6 +87,7 @@ class Pipeline:
         feeds: list[DefinitionFeed[Any]] = [
             feed_into(self.settings, topics.metrics, MetricDefinition, self.catalog.put, self.catalog.delete),
             feed_into(self.settings, topics.thresholds, UsageThreshold, self.book.put, self.book.delete),
+            feed_into(self.settings, topics.subjects, SubjectSettings, self.zones.put, self.zones.delete),
         ]
         self.tasks = [asyncio.create_task(self._guard(f"{feed.topic} feed", feed.run(self.stopping))) for feed in feeds]
         for feed in feeds:  # thresholds are checked against the metrics' reset periods from the first record on
@@ -96,6 +99,7 @@ class Pipeline:
             self.catalog,
             self.book,
             client_id=member_client_id(rollup_group(self.settings), self.url),
+            zones=self.zones,
         )
         self.entitlements = Entitlements(self.settings, rollups, self.url)
         self.rollups = rollups
@@ -105,7 +109,9 @@ class Pipeline:
             asyncio.create_task(
                 self._guard(
                     "router",
-                    RouterStage(self.settings, self.catalog, self.stats, rollups.backpressured).run(self.stopping),
+                    RouterStage(self.settings, self.catalog, self.zones, self.stats, rollups.backpressured).run(
+                        self.stopping
+                    ),
                 )
             ),
             asyncio.create_task(self._guard("alert archive", self.alert_archive.run(self.stopping))),

@@ -21,9 +21,17 @@ import orjson
 from metering_pipeline.usage.aggregation import FROM_RECORDS
 from metering_pipeline.usage.dedup import RecordIdentity
 from metering_pipeline.usage.meter import Dimensions
-from metering_pipeline.usage.rollups import LIFETIME, WIRE_NAME, Rollup, RollupChange, RollupKey, ValuesRollup
+from metering_pipeline.usage.rollups import (
+    KEY_NAME,
+    WIRE_NAME,
+    Rollup,
+    RollupChange,
+    RollupKey,
+    ValuesRollup,
+    key_period,
+)
 from metering_pipeline.usage.thresholds import Marker, MarkerKey
-from metering_schemas import AggregationType, PeriodType, ResetPeriod
+from metering_schemas import AggregationType
 
 ROLLUP_PREFIX = b"r|"
 IDENTITIES_PREFIX = b"d|"
@@ -60,17 +68,15 @@ def rollup_tombstone(key: RollupKey) -> bytes:
     metric_key, subject_type, subject_id, period, start, dimensions = key
     if dimensions:
         return ROLLUP_PREFIX + orjson.dumps(
-            [metric_key, subject_type, subject_id, WIRE_NAME[period], _epoch_seconds(start), dimensions]
+            [metric_key, subject_type, subject_id, KEY_NAME[period], _epoch_seconds(start), dimensions]
         )
-    return ROLLUP_PREFIX + orjson.dumps(
-        [metric_key, subject_type, subject_id, WIRE_NAME[period], _epoch_seconds(start)]
-    )
+    return ROLLUP_PREFIX + orjson.dumps([metric_key, subject_type, subject_id, KEY_NAME[period], _epoch_seconds(start)])
 
 
 def distinct_entry(key: RollupKey, value: str) -> bytes:
     metric_key, subject_type, subject_id, period, start, dimensions = key
     return DISTINCT_PREFIX + orjson.dumps(
-        [metric_key, subject_type, subject_id, WIRE_NAME[period], _epoch_seconds(start), dimensions, value]
+        [metric_key, subject_type, subject_id, KEY_NAME[period], _epoch_seconds(start), dimensions, value]
     )
 
 
@@ -121,7 +127,7 @@ def decode_marker(key: bytes, value: bytes) -> tuple[MarkerKey, Marker]:
 def _rollup_key(fields: list[Any]) -> RollupKey:
     metric_key, subject_type, subject_id, period, start, *dimensions = fields
     pairs: Dimensions = tuple((name, value) for name, value in dimensions[0]) if dimensions else ()
-    return metric_key, subject_type, subject_id, _period(period), _utc(start), pairs
+    return metric_key, subject_type, subject_id, key_period(period), _utc(start), pairs
 
 
 def decode_rollup(fields: list[Any]) -> Rollup:
@@ -139,10 +145,6 @@ def decode_rollup(fields: list[Any]) -> Rollup:
     if state[0] in FROM_RECORDS:  # a rollup of theirs keeps its records' values
         return ValuesRollup(*state)
     return Rollup(*state)
-
-
-def _period(value: str) -> PeriodType | ResetPeriod:
-    return LIFETIME if value == LIFETIME.value else PeriodType(value)
 
 
 def _utc(seconds: int) -> datetime:

@@ -41,8 +41,10 @@ from metering_pipeline.logs import get_logger
 from metering_pipeline.settings import Settings
 from metering_pipeline.topics import Topics
 from metering_pipeline.usage.metrics import MetricCatalog
+from metering_pipeline.usage.periods import local_period_start_text
 from metering_pipeline.usage.rollups import (
     WIRE_NAME,
+    ZONE_NAME,
     CardinalityLimits,
     Checkpoint,
     PartitionRollups,
@@ -50,6 +52,7 @@ from metering_pipeline.usage.rollups import (
     RollupKey,
 )
 from metering_pipeline.usage.routed_record import CountedRecord
+from metering_pipeline.usage.subject_zones import SubjectZones
 from metering_pipeline.usage.thresholds import Alert, Marker, MarkerKey, PartitionThresholds, ThresholdBook
 from metering_pipeline.warehouse.sink import TOTAL_ROW, ClickHouseSink, dimension_map
 from metering_pipeline.worker import changelog, routing
@@ -94,6 +97,7 @@ class StageContext:
     group_id: str
     resources: StoreResources
     key_partitions: KeyPartitions = field(default_factory=KeyPartitions)  # of usage.aggregated and alert keys
+    zones: SubjectZones | None = None  # subjects' time zones: their thresholds' windows are local
 
     @property
     def topics(self) -> Topics:
@@ -125,7 +129,7 @@ class RollupPartition:
         self.state = PartitionRollups(ctx.settings.dedup_window, limits, store, cache_capacity)
         # seen_changes starts at 0: every threshold in force is checked against the restored state.
         self.thresholds = PartitionThresholds(
-            self.state, ctx.book, ctx.catalog, ctx.settings.threshold_approaching_fraction
+            self.state, ctx.book, ctx.catalog, ctx.settings.threshold_approaching_fraction, ctx.zones
         )
         self.thresholds.watch.restore(store.markers())
         stored = store.rollups(limit=cache_capacity)
@@ -505,6 +509,8 @@ def aggregated_event(change: RollupChange) -> bytes:
             "recordCount": change.count,
             "version": change.version,
             "dimensions": dimension_map(dimensions) if dimensions else TOTAL_ROW,
+            "timeZone": ZONE_NAME[period],
+            "localPeriodStart": local_period_start_text(start, ZONE_NAME[period]),
         }
     )
 

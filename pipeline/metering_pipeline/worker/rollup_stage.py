@@ -21,6 +21,7 @@ from metering_pipeline.logs import get_logger
 from metering_pipeline.settings import Settings
 from metering_pipeline.topics import Topics, rollup_group
 from metering_pipeline.usage.metrics import MetricCatalog
+from metering_pipeline.usage.subject_zones import SubjectZones
 from metering_pipeline.usage.thresholds import ThresholdBook
 from metering_pipeline.warehouse.sink import ClickHouseSink
 from metering_pipeline.worker import garbage
@@ -62,6 +63,7 @@ class RollupStage:
         catalog: MetricCatalog,
         book: ThresholdBook,
         client_id: str | None = None,
+        zones: SubjectZones | None = None,
     ) -> None:
         self.settings = settings
         self.stats = stats
@@ -95,6 +97,7 @@ class RollupStage:
             self.consumer,
             self.group_id,
             StoreResources.of_size(int(budget * BLOCK_CACHE_SHARE), int(budget * WRITE_BUFFER_SHARE)),
+            zones=zones,
         )
         stats.rollup_gauges = self.gauges
 

@@ -22,6 +22,7 @@ from metering_pipeline.topics import Topics, router_group
 from metering_pipeline.usage.intake import IntakeRules, Message, read_message
 from metering_pipeline.usage.metrics import MetricCatalog
 from metering_pipeline.usage.routed_record import AcceptedRecord
+from metering_pipeline.usage.subject_zones import SubjectZones
 from metering_pipeline.worker import routing
 from metering_pipeline.worker.stats import WorkerStats
 
@@ -34,9 +35,15 @@ ROUTER_POLL_RECORDS = 25_000
 
 class RouterStage:
     def __init__(
-        self, settings: Settings, catalog: MetricCatalog, stats: WorkerStats, held: Callable[[], bool]
+        self,
+        settings: Settings,
+        catalog: MetricCatalog,
+        zones: SubjectZones,
+        stats: WorkerStats,
+        held: Callable[[], bool],
     ) -> None:
         self.settings = settings
+        self.zones = zones  # each record's zone is decided here, once: the routed record carries it
         # While this is true (the worker's rollup stage has stayed paused by backpressure) the router reads nothing: the
         # backlog waits in usage.recorded, whose retention the operator sizes, not in the routed topic's 7 days.
         self.held = held
@@ -115,6 +122,7 @@ class RouterStage:
         times: dict[int, datetime] = {}  # a poll's messages share few distinct milliseconds
         accepted_count = rejected_count = filtered_count = 0
         catalog, rules, assign = self.catalog, self.rules, partitions.of
+        zone_at = self.zones.zone_at if self.zones.any_zoned else None
         for tp, messages in batches.items():
             topic, source_partition = tp.topic, tp.partition
             for kafka_message in messages:
@@ -128,6 +136,8 @@ class RouterStage:
                 accepted_count += len(accepted)
                 filtered_count += filtered
                 for record in accepted:
+                    if zone_at is not None:
+                        record.time_zone = zone_at(record.subject_type, record.subject_id, record.timestamp_ms)
                     by_partition[assign(record.subject_type, record.subject_id)].append(record)
                 for dead_letter in rejected:
                     rejected_count += 1

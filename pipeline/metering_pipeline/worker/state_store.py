@@ -31,10 +31,9 @@ from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch, Writ
 
 from metering_pipeline.usage.dedup import RecordIdentity
 from metering_pipeline.usage.periods import period_end
-from metering_pipeline.usage.rollups import LIFETIME, Rollup, RollupKey, values_rollup
+from metering_pipeline.usage.rollups import KEY_NAME, LIFETIME, Rollup, RollupKey, key_period, values_rollup
 from metering_pipeline.usage.thresholds import Marker, MarkerKey
 from metering_pipeline.worker import changelog
-from metering_schemas import PeriodType
 
 FORMAT = b"1"  # of the keys and values below; a store of another format is rebuilt
 _META = b"m|"
@@ -59,7 +58,7 @@ def identity_key(identity: RecordIdentity) -> bytes:
 
 def rollup_key(key: RollupKey) -> bytes:
     """A rollup's key in the store."""
-    return _head(key[3].value, key[4]) + changelog.rollup_tombstone(key)[_BODY:]
+    return _head(KEY_NAME[key[3]], key[4]) + changelog.rollup_tombstone(key)[_BODY:]
 
 
 def _stored_rollup_key(changelog_key: bytes) -> bytes:
@@ -76,7 +75,7 @@ def _head_at(period: str, start: int) -> bytes:
 @lru_cache(maxsize=8192)
 def _head(period: str, start: datetime) -> bytes:
     """What a stored rollup's key starts with: the prefix and the end of its period."""
-    end = _NEVER_ENDS if period == LIFETIME.value else int(period_end(PeriodType(period), start).timestamp())
+    end = _NEVER_ENDS if period == LIFETIME.value else int(period_end(key_period(period), start).timestamp())
     return ROLLUP_PREFIX + _SECONDS.pack(end)
 
 

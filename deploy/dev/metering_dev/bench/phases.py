@@ -73,6 +73,9 @@ async def prepare_input(
             await producer.send_and_wait(topics.metrics, orjson.dumps(definition), key=definition["id"].encode())
         for threshold in thresholds or []:
             await producer.send_and_wait(topics.thresholds, orjson.dumps(threshold), key=threshold["id"].encode())
+        for subject in workload.subject_settings() if isinstance(workload, Workload) else []:
+            key = f"{subject['subjectType']}:{subject['subjectId']}".encode()
+            await producer.send_and_wait(topics.subjects, orjson.dumps(subject), key=key)
         pending = []
         for key, value in workload.messages(batch, expected):  # type: ignore[arg-type]
             pending.append(await producer.send(topics.usage_recorded, value, key=key))
@@ -121,7 +124,8 @@ def summarised_records(settings: Settings) -> int:
     with connect(settings) as client:
         return int(
             client.query(
-                "SELECT sum(record_count) FROM usage_summary WHERE period_type = 'MONTHLY' AND empty(dimensions)"
+                "SELECT sum(record_count) FROM usage_summary WHERE period_type = 'MONTHLY' AND empty(dimensions) "
+                "AND time_zone = 'UTC'"
             ).result_rows[0][0]
             or 0
         )
@@ -135,7 +139,7 @@ def check_totals(settings: Settings, expected: Expected | DimensionExpected) -> 
     with connect(settings) as client:
         rows = client.query(
             "SELECT metric_key, subject_id, total_quantity, record_count FROM usage_summary "
-            "WHERE period_type = 'MONTHLY' AND empty(dimensions)"
+            "WHERE period_type = 'MONTHLY' AND empty(dimensions) AND time_zone = 'UTC'"
         ).result_rows
     actual = {(metric, subject): (Decimal(total), count) for metric, subject, total, count in rows}
     wanted = {key: (expected.total(key[0], key[1], aggregation[key[0]]), expected.count[key]) for key in expected.count}
@@ -149,12 +153,12 @@ def check_dimension_totals(settings: Settings, expected: DimensionExpected) -> i
     with connect(settings) as client:
         monthly = client.query(
             "SELECT metric_key, subject_id, dimensions, total_quantity, record_count "
-            "FROM usage_summary WHERE period_type = 'MONTHLY'"
+            "FROM usage_summary WHERE period_type = 'MONTHLY' AND time_zone = 'UTC'"
         ).result_rows
         periods = client.query(
             "SELECT metric_key, subject_id, toString(period_type), toUnixTimestamp(period_start), "
             "total_quantity, record_count FROM usage_summary "
-            "WHERE period_type IN ('HOURLY', 'DAILY') AND empty(dimensions) "
+            "WHERE period_type IN ('HOURLY', 'DAILY') AND empty(dimensions) AND time_zone = 'UTC' "
             "AND metric_key = {metric:String}",
             parameters={"metric": DIMENSION_METRICS[1]["key"]},
         ).result_rows
@@ -228,6 +232,7 @@ class SteadyLoad:
     seconds: float
     subjects: int
     alerting: int
+    zoned_share: float = 0.0
 
     def limit(self) -> Decimal:
         """Half of a subject's expected tokens total over the phase."""
@@ -253,7 +258,7 @@ async def steady_load(settings: Settings, load: SteadyLoad, backlog_us: float | 
     """One worker fed at a fixed rate below its capacity, the normal state of a metering pipeline: CPU per record
     (against `backlog_us`, the same worker's cost catching up on a backlog), time from a crossing record's send to
     its alert, and how far `usage_summary` trails what was sent."""
-    workload = Workload.recent(0, load.subjects)
+    workload = Workload.recent(0, load.subjects, zoned_share=load.zoned_share)
     await prepare_input(settings, workload, 1, load.thresholds())
     migrate(settings)
     await ensure_topics(settings, internal_topics(settings))

@@ -44,6 +44,7 @@ class Plan:
     rebalance_identities: int = 10_000_000  # the rebalance phase: dedup identities in one partition's changelog
     rebalance_rate: float = 500.0  # records/s of alert-crossing usage on the other partitions meanwhile
     phases: tuple[str, ...] = PHASES  # which to run (all by default)
+    zoned_share: float = 0.0  # of the throughput and steady phases' subjects in a zone other than UTC
 
     @classmethod
     def quick(cls) -> Plan:
@@ -98,7 +99,7 @@ def run(settings: Settings, plan: Plan, log_dir: Path, say: Callable[[str], None
 
     one: Result | None = None
     try:
-        workload = Workload.recent(plan.records, plan.subjects)
+        workload = Workload.recent(plan.records, plan.subjects, zoned_share=plan.zoned_share)
         if {"baselines", "workers", "steady"} & set(plan.phases):
             say(
                 f"publishing {plan.records:,} single-record messages and {plan.records:,} records "
@@ -151,7 +152,11 @@ def run(settings: Settings, plan: Plan, log_dir: Path, say: Callable[[str], None
             if one is None:  # the capacity and the backlog cost it is measured against
                 one = single_worker()
             load = phases.SteadyLoad(
-                plan.steady_rate or one.rate * 0.5, plan.steady_seconds, plan.subjects, plan.steady_alerting
+                plan.steady_rate or one.rate * 0.5,
+                plan.steady_seconds,
+                plan.subjects,
+                plan.steady_alerting,
+                plan.zoned_share,
             )
             say(
                 f"steady load: {load.rate:,.0f} records/s for {phases.WARM_UP_SECONDS:.0f} + {load.seconds:.0f} s, "

@@ -204,7 +204,7 @@ def check_monthly_totals(settings: Settings, expected: MonthlyExpected) -> int:
     with connect(settings) as client:
         rows = client.query(
             "SELECT metric_key, subject_id, toUnixTimestamp(period_start), total_quantity, record_count "
-            "FROM usage_summary WHERE period_type = 'MONTHLY' AND empty(dimensions)"
+            "FROM usage_summary WHERE period_type = 'MONTHLY' AND empty(dimensions) AND time_zone = 'UTC'"
         ).result_rows
     actual = {(m, s, int(start)): (Decimal(total), count) for m, s, start, total, count in rows}
     return sum(1 for key in expected.rows.keys() | actual.keys() if expected.rows.get(key) != actual.get(key))

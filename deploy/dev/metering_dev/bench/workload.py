@@ -15,6 +15,7 @@ from decimal import Decimal
 
 import orjson
 
+ZONES = ("Asia/Kolkata", "America/New_York", "Asia/Kathmandu", "Europe/Berlin")  # of zoned subjects
 METRICS = (
     ("bench_calls", "COUNT"),
     ("bench_tokens", "SUM"),
@@ -66,13 +67,32 @@ class Workload:
     seed: int = 1
 
     spread_hours: int = 3
+    zoned_share: float = 0.0  # of subjects in a time zone other than UTC (`subject_settings`)
 
     @classmethod
-    def recent(cls, records: int, subjects: int, seed: int = 1) -> Workload:
+    def recent(cls, records: int, subjects: int, seed: int = 1, zoned_share: float = 0.0) -> Workload:
         """Records over the last few hours, all inside this calendar month so the monthly check sees each one."""
         now = datetime.now(UTC) - timedelta(minutes=1)
         month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-        return cls(records, subjects, now, seed, min(3, int((now - month_start).total_seconds() // 3600)))
+        spread = min(3, int((now - month_start).total_seconds() // 3600))
+        return cls(records, subjects, now, seed, spread, zoned_share)
+
+    def subject_settings(self) -> list[dict]:
+        """metering.subjects entries putting every (1 / zoned_share)-th subject in a zone other than UTC, since long
+        before the records (the rest stay in UTC)."""
+        if not self.zoned_share:
+            return []
+        step = max(1, round(1 / self.zoned_share))
+        return [
+            {
+                "subjectType": "org",
+                "subjectId": f"s{n}",
+                "timeZone": ZONES[(n // step) % len(ZONES)],
+                "previousTimeZone": "UTC",
+                "effectiveFrom": "2000-01-01T00:00:00Z",
+            }
+            for n in range(0, self.subjects, step)
+        ]
 
     @staticmethod
     def definitions() -> tuple[dict, ...]:

@@ -77,6 +77,14 @@ from metering_pipeline.settings import Settings, seconds_or_iso_duration
     "of what one worker reached in this run]",
 )
 @click.option(
+    "--zoned-share",
+    type=click.FloatRange(min=0, max=1),
+    default=0.0,
+    show_default=True,
+    help="Share of the throughput and steady phases' subjects given a time zone other than UTC (their rollups are "
+    "kept twice: UTC and local).",
+)
+@click.option(
     "--phase",
     "phase_names",
     multiple=True,
@@ -101,6 +109,7 @@ def bench(
     hot_path: bool,
     batch: int,
     steady_rate: float | None,
+    zoned_share: float,
     phase_names: tuple[str, ...],
 ) -> None:
     """Publish a workload, then measure the baseline consumer and the worker side by side on the local stack."""
@@ -131,6 +140,8 @@ def bench(
         plan = Plan(**{**plan.__dict__, "history_records": history_records, "history_sample_at": sample_at})
     if steady_rate:
         plan = Plan(**{**plan.__dict__, "steady_rate": steady_rate})
+    if zoned_share:
+        plan = Plan(**{**plan.__dict__, "zoned_share": zoned_share})
     if phase_names:
         wanted = {ALIASES.get(name, name) for name in phase_names}
         plan = Plan(**{**plan.__dict__, "phases": tuple(name for name in PHASES if name in wanted)})

@@ -1,0 +1,116 @@
+"""The time zone each subject's periods are cut in, and when a change of zone takes effect.
+
+A subject's zone comes from the compacted `metering.subjects` topic (else METERING_DEFAULT_TIME_ZONE). A change takes
+effect at the end of the local day, in the old zone, in which it was made (of the next day when less than NOTICE of it
+is left): periods already open (that day, its hours, and records before that instant) stay in the old zone, and no
+local hour or day is ever cut in two zones. A month in
+which the zone changed has a row in each zone, each holding the records of its part.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+
+from metering_pipeline.usage.periods import EPOCH, local_period_end, local_period_start, time_zone
+from metering_schemas import PeriodType, SubjectSettings
+from metering_schemas.subject import subject_key
+
+UTC_ZONE = ""  # what a routed record carries for UTC
+# A change made in the last hour of a local day waits for the end of the next one: every worker has read it by then,
+# so that no record of the new zone's first day is routed before its worker knows of the change.
+NOTICE = timedelta(hours=1)
+
+
+def zone_in_force(settings: SubjectSettings | None, at: datetime, default: str) -> str:
+    """The zone a subject's record timestamped `at` is cut in."""
+    if settings is None:
+        return default
+    if settings.effective_from is not None and settings.previous_time_zone and at < settings.effective_from:
+        return settings.previous_time_zone
+    return settings.time_zone
+
+
+def zone_change(
+    current: SubjectSettings | None, subject_type: str, subject_id: str, new_zone: str, default: str, now: datetime
+) -> SubjectSettings:
+    """The settings that move a subject to `new_zone` from the end of today in the zone in force now (at once when it
+    is in force already: nothing to move). A change still pending is replaced: the zone in force now stays until the
+    same instant."""
+    old_zone = zone_in_force(current, now, default)
+    if new_zone == old_zone:
+        return SubjectSettings(subject_type=subject_type, subject_id=subject_id, time_zone=new_zone)
+    old = time_zone(old_zone)
+    effective = local_period_end(PeriodType.DAILY, local_period_start(PeriodType.DAILY, now, old), old)
+    if effective - now < NOTICE:
+        effective = local_period_end(PeriodType.DAILY, effective, old)
+    return SubjectSettings(
+        subject_type=subject_type,
+        subject_id=subject_id,
+        time_zone=new_zone,
+        previous_time_zone=old_zone,
+        effective_from=effective,
+    )
+
+
+class SubjectZones:
+    """The zones of subjects that have one of their own, for the router: it asks once per record, so a worker whose
+    subjects are all in the default zone pays one test, and the others one dictionary lookup by subject id."""
+
+    def __init__(self, default: str) -> None:
+        self.default = UTC_ZONE if default == "UTC" else default
+        self._by_id: dict[str, dict[str, SubjectSettings]] = {}
+        self._keys: dict[str, tuple[str, str]] = {}  # topic key -> (subject type, subject id)
+
+    def put(self, settings: SubjectSettings) -> None:
+        self.delete(settings.key)
+        self._keys[settings.key] = (settings.subject_type, settings.subject_id)
+        self._by_id.setdefault(settings.subject_id, {})[settings.subject_type] = settings
+
+    def delete(self, key: str) -> None:
+        subject = self._keys.pop(key, None)
+        if subject is not None:
+            of_id = self._by_id[subject[1]]
+            of_id.pop(subject[0], None)
+            if not of_id:
+                del self._by_id[subject[1]]
+
+    @property
+    def any_zoned(self) -> bool:
+        """Whether any record can be in another zone than UTC (else the router asks for none)."""
+        return bool(self._by_id) or self.default != UTC_ZONE
+
+    def zones_of(self, subject_type: str, subject_id: str) -> tuple[str, ...]:
+        """The zones other than UTC the subject's periods are cut in: its zone, and the one before a change."""
+        of_id = self._by_id.get(subject_id)
+        settings = of_id.get(subject_type) if of_id else None
+        if settings is None:
+            return (self.default,) if self.default else ()
+        zones = (settings.time_zone, settings.previous_time_zone or "UTC")
+        return tuple(zone for zone in dict.fromkeys(zones) if zone != "UTC")
+
+    def zone_at(self, subject_type: str, subject_id: str, timestamp_ms: int) -> str:
+        """The zone of the subject's record at `timestamp_ms`, as routed records carry it (UTC_ZONE for UTC)."""
+        of_id = self._by_id.get(subject_id) if self._by_id else None
+        settings = of_id.get(subject_type) if of_id else None
+        if settings is None:
+            return self.default
+        zone = settings.time_zone
+        if settings.effective_from is not None and timestamp_ms < _epoch_ms(settings.effective_from):
+            zone = settings.previous_time_zone or zone
+        return UTC_ZONE if zone == "UTC" else zone
+
+
+def _epoch_ms(at: datetime) -> int:
+    return (at - EPOCH) // timedelta(milliseconds=1)
+
+
+def zone_rollups_from(
+    subjects: Mapping[str, SubjectSettings], subject_type: str, subject_id: str, zone_name: str
+) -> datetime | None:
+    """From when the rollups cut in `zone_name` hold every record of the subject (None: never known to): since its
+    change to that zone took effect. Before that instant, or in another zone, its summaries are summed from records."""
+    own = subjects.get(subject_key(subject_type, subject_id))
+    if own is None or own.time_zone != zone_name or own.effective_from is None:
+        return None
+    return own.effective_from

@@ -9,7 +9,6 @@ cycles never overlap and leave no gap, whatever the anchor and the zone's clock 
 from __future__ import annotations
 
 import calendar
-from collections.abc import Iterator
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from decimal import Context, Decimal, localcontext
 
@@ -30,26 +29,6 @@ def cycle_start(year: int, month: int, anchor_day: int, zone: tzinfo) -> datetim
     day = min(anchor_day, calendar.monthrange(year, month)[1])
     # A midnight that does not exist (clocks jump at 00:00) converts to the jump's instant, when the day starts.
     return datetime.combine(date(year, month, day), time(0), tzinfo=zone).astimezone(UTC)
-
-
-def billing_cycle(at: datetime, anchor_day: int, zone: tzinfo) -> tuple[datetime, datetime]:
-    """The cycle holding `at`, [start, end) as UTC instants."""
-    local = at.astimezone(zone)
-    year, month = local.year, local.month
-    if at < cycle_start(year, month, anchor_day, zone):
-        year, month = _previous(year, month)
-    return cycle_start(year, month, anchor_day, zone), cycle_start(*_next(year, month), anchor_day, zone)
-
-
-def billing_cycles(
-    start: datetime, end: datetime, anchor_day: int, zone: tzinfo
-) -> Iterator[tuple[datetime, datetime]]:
-    """The cycles that overlap [start, end), in order."""
-    at = start
-    while at < end:
-        cycle = billing_cycle(at, anchor_day, zone)
-        yield cycle
-        at = cycle[1]
 
 
 def anchor_of(subscription_start: datetime, zone: tzinfo) -> int:
@@ -93,7 +72,3 @@ _FRACTION = Context(prec=60)  # a day's share: exact enough that proration round
 
 def _next(year: int, month: int) -> tuple[int, int]:
     return (year + 1, 1) if month == 12 else (year, month + 1)
-
-
-def _previous(year: int, month: int) -> tuple[int, int]:
-    return (year - 1, 12) if month == 1 else (year, month - 1)

@@ -176,13 +176,6 @@ def period_in(period: PeriodType | ResetPeriod, zone_name: str) -> PeriodType | 
     return local_period(PeriodType(period.value), zone_name)
 
 
-def local_rollup_starts(at: datetime, zone_name: str) -> tuple[tuple[PeriodType | LocalPeriod, datetime], ...]:
-    """Every rollup period a record at `at` counts in, in the zone of this name: its local hour, day and month."""
-    if zone_name == "UTC":
-        return rollup_starts(at)
-    return starts_of_slot(zone_name, int(at.timestamp() // SLOT_SECONDS))
-
-
 @lru_cache(maxsize=16384)
 def starts_of_slot(zone_name: str, slot: int) -> tuple[tuple[LocalPeriod, datetime], ...]:
     at, zone = EPOCH + timedelta(seconds=slot * SLOT_SECONDS), time_zone(zone_name)

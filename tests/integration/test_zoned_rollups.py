@@ -1,6 +1,6 @@
 """Rollups in subjects' time zones (issue 28) through the real worker, Kafka and ClickHouse, with a SIGKILL mid-stream:
 subjects in Kolkata (+05:30), Kathmandu (+05:45), New York (across both DST changes), Lord Howe (30-minute DST) and one
-whose zone changes mid-month each get local hourly, daily and monthly rows (time_zone = the zone) beside their UTC ones,
+whose zone changes mid-month each get local hourly, daily and monthly rows (time_zone = the zone) instead of UTC ones,
 and every row equals sums computed here from the published records, grouped by the wall clock of each record's zone
 with the standard library (not the worker's period arithmetic); invoices on anniversary cycles in a subject's zone
 bill exactly the records of each cycle."""
@@ -67,12 +67,15 @@ def zone_at(subject: str, at: datetime) -> str:
     return previous if at < effective else zone
 
 
-def local_groups(records: list[tuple[str, datetime, Decimal]]) -> dict[tuple[str, str, str, object], Decimal]:
-    """(subject, zone, period type, wall-clock label) -> sum, by each record's local clock."""
+def local_groups(
+    records: list[tuple[str, datetime, Decimal]], zone: str | None = None
+) -> dict[tuple[str, str, str, object], Decimal]:
+    """(subject, zone, period type, wall-clock label) -> sum, by each record's local clock (of its subject's zone at
+    its time, or of `zone`)."""
     sums: dict[tuple[str, str, str, object], Decimal] = defaultdict(Decimal)
     for subject, at, quantity in records:
-        zone = zone_at(subject, at)
-        local = at.astimezone(ZoneInfo(zone))
+        cut_in = zone or zone_at(subject, at)
+        local = at.astimezone(ZoneInfo(cut_in))
         for period, label in (
             # An hour starts when the wall clock shows a whole hour: the offset in force then names it, so New York's
             # repeated 01:00 is two hours, and Lord Howe's 01:30–02:00 said twice stays in the one 01:00 hour.
@@ -80,15 +83,7 @@ def local_groups(records: list[tuple[str, datetime, Decimal]]) -> dict[tuple[str
             ("DAILY", local.date()),
             ("MONTHLY", (local.year, local.month)),
         ):
-            sums[(subject, zone, period, label)] += quantity
-            if zone != "UTC":  # every subject has its UTC rows too
-                utc_at = at.astimezone(UTC)
-                utc_label = {
-                    "HOURLY": (utc_at.date(), utc_at.hour, timedelta(0)),
-                    "DAILY": utc_at.date(),
-                    "MONTHLY": (utc_at.year, utc_at.month),
-                }[period]
-                sums[(subject, "UTC", period, utc_label)] += quantity
+            sums[(subject, cut_in, period, label)] += quantity
     return dict(sums)
 
 
@@ -177,11 +172,18 @@ def test_a_sigkilled_worker_keeps_every_subjects_local_rollups_exact(pipeline):
         for period in PeriodType:
             args = (client, METRIC, "org", "kolkata", period, SINCE, datetime(2027, 1, 1, tzinfo=UTC))
             from_rollups = usage_summaries(*args, zone_name="Asia/Kolkata", zone_rollups_from=SINCE)
-            from_records = usage_summaries(*args, zone_name="Asia/Kolkata")
+            from_records = usage_summaries(*args, zone_name="Asia/Kolkata", zone_rollups_from=None)
             assert [(s.period_start, s.total_quantity) for s in from_rollups] == [
                 (s.period_start, s.total_quantity) for s in from_records
             ]
             assert from_rollups
+            # In UTC, which its rollups were not cut in: from the records, equal to sums by UTC clock.
+            in_utc = usage_summaries(*args, zone_name="UTC", zone_rollups_from=None)
+            expected_utc = local_groups([(s, at, q) for s, at, q in records if s == "kolkata"], zone="UTC")
+            assert {
+                ("kolkata", "UTC", period.value, row_label(period.value, s.period_start, "UTC")): s.total_quantity
+                for s in in_utc
+            } == {key: total for key, total in expected_utc.items() if key[2] == period.value}
     invoices_in_the_subjects_cycles(settings, records)
 
 
@@ -238,3 +240,8 @@ def invoices_in_the_subjects_cycles(settings, records: list[tuple[str, datetime,
             for source in (Source("Asia/Kolkata"), Source("Asia/Kolkata", rollups=False)):
                 found = priced_quantities(client, "org", "kolkata", start, end, [selection], source)
                 assert found == {selection: expected}, source
+        # A UTC calendar month of the same subject, whose rollups are all local: from the records.
+        march = (datetime(2026, 3, 1, tzinfo=UTC), datetime(2026, 4, 1, tzinfo=UTC))
+        expected = sum((q for s, at, q in records if s == "kolkata" and march[0] <= at < march[1]), Decimal(0))
+        found = priced_quantities(client, "org", "kolkata", *march, [selection], Source("UTC", rollups=False))
+        assert found == {selection: expected}

@@ -1,7 +1,7 @@
-"""A subject's rollups in its time zone (issue 28): the rollup state counts a zoned record into its UTC hour, day and
-month and into its local ones; a change of zone takes effect at the end of the old zone's day; local keys survive the
-changelog and the store's key; DAILY thresholds of a zoned subject reset at its local midnight. Expected instants are
-worked out by hand from the zones' offsets."""
+"""A subject's rollups in its time zone (issue 28): the rollup state counts a zoned record into its local hour, day
+and month (and all time) instead of UTC ones; a change of zone takes effect at the end of the old zone's day; local
+keys survive the changelog and the store's key; DAILY thresholds of a zoned subject reset at its local midnight.
+Expected instants are worked out by hand from the zones' offsets."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def totals(state: PartitionRollups) -> dict[tuple[object, datetime], Decimal]:
     return {(key[3], key[4]): rollup.total() for key, rollup in state.rollups.items()}
 
 
-def test_a_zoned_record_counts_in_its_utc_and_its_local_hour_day_and_month():
+def test_a_zoned_record_counts_in_its_local_hour_day_and_month_only():
     state = PartitionRollups(timedelta(hours=24))
     # 2026-03-31 18:40 UTC is 1 April 00:10 in Kolkata: a new local day and month, still March 31 in UTC.
     state.apply(
@@ -54,9 +54,6 @@ def test_a_zoned_record_counts_in_its_utc_and_its_local_hour_day_and_month():
     )
     k = {period: local_period(period, KOLKATA) for period in PeriodType}
     assert totals(state) == {
-        (HOURLY, utc(2026, 3, 31, 18)): Decimal(5),
-        (DAILY, utc(2026, 3, 31)): Decimal(5),
-        (MONTHLY, utc(2026, 3, 1)): Decimal(5),
         (k[HOURLY], utc(2026, 3, 31, 18, 30)): Decimal(2),  # 00:00–01:00 local
         (k[HOURLY], utc(2026, 3, 31, 17, 30)): Decimal(3),  # 23:00–24:00 local, 31 March
         (k[DAILY], utc(2026, 3, 31, 18, 30)): Decimal(2),
@@ -82,18 +79,17 @@ def test_a_kathmandu_hour_starts_at_a_quarter_past_utc():
     }
 
 
-def test_thresholds_of_a_zoned_subject_watch_its_local_rollups_only():
+def test_a_zoned_subjects_records_touch_its_local_rollups_and_an_all_time_one():
     touched: set = set()
     state = PartitionRollups(timedelta(hours=24))
-    state.apply(
-        [zoned("a", utc(2026, 3, 31, 18, 40)), counted("b", utc(2026, 3, 31, 18, 40), subject="p")],
-        0,
-        utc(2026, 4, 1),
-        touched,
-    )
-    zoned_periods = {key[3] for key in touched if key[2] == "o"}
-    assert zoned_periods == {local_period(period, KOLKATA) for period in PeriodType}
+    forever = counted("c", utc(2026, 3, 31, 18, 40), subject="q")  # a metric that never resets
+    forever.time_zone = KOLKATA
+    records = [zoned("a", utc(2026, 3, 31, 18, 40)), counted("b", utc(2026, 3, 31, 18, 40), subject="p"), forever]
+    state.apply(records, 0, utc(2026, 4, 1), touched)
+    local = {local_period(period, KOLKATA) for period in PeriodType}
+    assert {key[3] for key in touched if key[2] == "o"} == local
     assert {key[3] for key in touched if key[2] == "p"} == {*PeriodType, LIFETIME}
+    assert {key[3] for key in touched if key[2] == "q"} == {*local, LIFETIME}
 
 
 def test_a_record_whose_local_hour_ended_before_the_horizon_is_refused_though_its_utc_hour_is_open():
@@ -105,9 +101,18 @@ def test_a_record_whose_local_hour_ended_before_the_horizon_is_refused_though_it
     assert state.rollups == {}
 
 
+def test_a_record_whose_local_hour_is_open_is_counted_though_its_utc_hour_ended():
+    state = PartitionRollups(timedelta(hours=24))
+    # Local hour [10:30, 11:30) UTC is still open at the horizon 11:10; the UTC hour [10:00, 11:00) has ended.
+    state.apply([zoned("open", utc(2026, 6, 1, 10, 40))], 7, utc(2026, 6, 1, 12), closed_before=utc(2026, 6, 1, 11, 10))
+    assert state.checkpoint().closed == []
+    assert totals(state)[(local_period(HOURLY, KOLKATA), utc(2026, 6, 1, 10, 30))] == 1
+
+
 def test_local_rollup_keys_survive_the_changelog_and_keep_utc_keys_as_they_were():
     state = PartitionRollups(timedelta(hours=24))
-    state.apply([zoned("a", utc(2026, 3, 31, 18, 40), "2.5")], 0, utc(2026, 4, 1))
+    records = [zoned("a", utc(2026, 3, 31, 18, 40), "2.5"), counted("b", utc(2026, 3, 31, 18, 40), "2.5", subject="u")]
+    state.apply(records, 0, utc(2026, 4, 1))
     changes = state.checkpoint().rollups
     for change in changes:
         entry_key, value = changelog.rollup_entry(change)
@@ -118,7 +123,7 @@ def test_local_rollup_keys_survive_the_changelog_and_keep_utc_keys_as_they_were(
     assert KEY_NAME[day.key[3]] == "DAILY@Asia/Kolkata" and WIRE_NAME[day.key[3]] == "DAILY"
     assert ZONE_NAME[day.key[3]] == KOLKATA and ZONE_NAME[DAILY] == "UTC"
     utc_day = next(c for c in changes if c.key[3] is DAILY)
-    assert changelog.rollup_entry(utc_day)[0] == b'r|["m","org","o","DAILY",1774915200]'
+    assert changelog.rollup_entry(utc_day)[0] == b'r|["m","org","u","DAILY",1774915200]'
     # The store keys a rollup by the end of its period: the local day's end, not the UTC one's.
     assert rollup_key(day.key)[2:10] == int(utc(2026, 4, 1, 18, 30).timestamp()).to_bytes(8, "big")
 

@@ -133,7 +133,7 @@ class ApiContext:
         return subject_zone(self.subjects, subject_type, subject_id, self.settings.default_time_zone)
 
     def zone_rollups_from(self, subject_type: str, subject_id: str, zone_name: str) -> datetime | None:
-        return zone_rollups_from(self.subjects, subject_type, subject_id, zone_name)
+        return zone_rollups_from(self.subjects, subject_type, subject_id, zone_name, self.settings.default_time_zone)
 
     async def query(self, function: Callable[Concatenate[Client, P], R], *args: P.args, **kwargs: P.kwargs) -> R:
         """Runs a blocking ClickHouse call off the event loop, one at a time on the shared client."""

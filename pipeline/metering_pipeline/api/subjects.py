@@ -14,7 +14,7 @@ from pydantic.alias_generators import to_camel
 from metering_pipeline.api.context import ApiContext, context_of
 from metering_pipeline.api.errors import ERROR_RESPONSES, ApiError, FieldProblem
 from metering_pipeline.api.security import AuthenticatedRoute, Caller, reader, writer
-from metering_pipeline.invoicing.quantities import billed_quantities
+from metering_pipeline.invoicing.quantities import Source, billed_quantities
 from metering_pipeline.usage.aggregation import plain
 from metering_pipeline.usage.periods import local_period_bounds, period_bounds, time_zone
 from metering_pipeline.usage.subject_zones import zone_change, zone_in_force
@@ -148,7 +148,14 @@ async def subject_status(
         if definition is None:
             statuses.append(SubjectStatus(metric_key, (subject_type, subject_id), None, None, Decimal(0), []))
             continue
-        if zone != "UTC" and definition.reset_period is not ResetPeriod.NEVER:  # its local window, summed exactly
+        if definition.reset_period is ResetPeriod.NEVER:  # all time: hourly rows, where they hold it all
+            start, end = period_bounds(ResetPeriod.NEVER, now)
+            since = context.zone_rollups_from(subject_type, subject_id, "UTC")
+            source = Source(rollups=since is not None and since <= start)
+            value = (await context.query(billed_quantities, subject_type, subject_id, start, end, source)).get(
+                metric_key, Decimal(0)
+            )
+        else:  # the window in the zone in force, as the worker's thresholds have it
             period_type = PeriodType(definition.reset_period.value)
             start, end = local_period_bounds(period_type, now, time_zone(zone))
             found = await context.query(
@@ -165,11 +172,6 @@ async def subject_status(
                 context.zone_rollups_from(subject_type, subject_id, zone),
             )
             value = found[0].total_quantity if found else Decimal(0)
-        else:
-            start, end = period_bounds(definition.reset_period, now)
-            value = (await context.query(billed_quantities, subject_type, subject_id, start, end)).get(
-                metric_key, Decimal(0)
-            )
         limits = [
             LimitStatus(
                 t,

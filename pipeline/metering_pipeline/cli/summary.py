@@ -142,7 +142,7 @@ def summary(
                 dimensions,
                 aggregation,
                 zone_name,
-                zone_rollups_from(subjects, subject_type, subject_id, zone_name),
+                zone_rollups_from(subjects, subject_type, subject_id, zone_name, settings.default_time_zone),
             )
         except TooManyPeriods as error:
             raise click.UsageError(str(error)) from None

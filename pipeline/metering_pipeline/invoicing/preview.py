@@ -29,8 +29,8 @@ async def invoice_for(
     now: datetime | None = None,
     subjects: Mapping[str, SubjectSettings] | None = None,
 ) -> Invoice:
-    """`subjects` (metering.subjects) tell whether the subject's local rollups hold a zoned cycle's usage; without
-    them, a cycle in a zone other than UTC is read from the records."""
+    """`subjects` (metering.subjects) tell whether the subject's rollups in the cycle's zone hold its usage (without
+    them: only in METERING_DEFAULT_TIME_ZONE); where they do not, it is read from the records."""
     own = [s for s in subscriptions if (s.subject_type, s.subject_id) == (subject_type, subject_id)]
     cycle = cycle_of(period, own)
     start, end = cycle.start, cycle.end
@@ -43,7 +43,7 @@ async def invoice_for(
     settled = now >= close and await processed_through(settings, close)
     invoice_status = status(now, end, settings.allowed_lateness, settled)
     parts = segments(start, end, own, plans)
-    source = _source(cycle, subjects or {}, subject_type, subject_id)
+    source = _source(cycle, subjects or {}, subject_type, subject_id, settings.default_time_zone)
     usage = [
         await query(
             priced_quantities,
@@ -65,10 +65,10 @@ async def invoice_for(
     return invoice
 
 
-def _source(cycle: Cycle, subjects: Mapping[str, SubjectSettings], subject_type: str, subject_id: str) -> Source:
-    """UTC cycles from the UTC hourly rollups; a zoned one from the subject's hourly rollups in that zone when they
-    hold every record since before the cycle began, else from the records."""
-    if cycle.zone == "UTC":
-        return Source()
-    since = zone_rollups_from(subjects, subject_type, subject_id, cycle.zone)
+def _source(
+    cycle: Cycle, subjects: Mapping[str, SubjectSettings], subject_type: str, subject_id: str, default: str
+) -> Source:
+    """A cycle from the subject's hourly rollups cut in its zone when they hold every record since before the cycle
+    began, else from the records."""
+    since = zone_rollups_from(subjects, subject_type, subject_id, cycle.zone, default)
     return Source(cycle.zone, rollups=since is not None and since <= cycle.start)

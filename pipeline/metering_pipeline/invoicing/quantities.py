@@ -24,18 +24,15 @@ from metering_schemas import AggregationType
 
 @dataclass(frozen=True)
 class Source:
-    """Where a segment's usage is read: the hourly rollups cut in `zone` (the UTC ones every subject has, or its
-    local ones where they hold every record of the segment), else (`rollups` False) the records themselves, exactly,
-    for bounds no hourly rollups align with."""
+    """Where a segment's usage is read: the subject's hourly rollups cut in `zone`, where they hold every record of
+    the segment, else (`rollups` False) the records themselves."""
 
     zone: str = "UTC"
     rollups: bool = True
 
     def bounds(self, start: datetime, end: datetime) -> tuple[datetime, datetime]:
-        """The records a segment bills: those of the hours that start in it (rollups bill an hour in the segment
-        its start falls in), or, from the records, exactly [start, end)."""
-        if not self.rollups:
-            return start, end
+        """The records a segment bills, from either source: those of the zone's hours that start in it (rollups bill
+        an hour in the segment its start falls in)."""
         return hour_ceiling(start, self.zone), hour_ceiling(end, self.zone)
 
 
@@ -61,11 +58,11 @@ def priced_quantities(
 
 
 def billed_quantities(
-    client: Client, subject_type: str, subject_id: str, start: datetime, end: datetime
+    client: Client, subject_type: str, subject_id: str, start: datetime, end: datetime, source: Source = Source()
 ) -> dict[str, Decimal]:
     """Each metric's total (by its aggregation type) over the hours that start in [start, end)."""
-    rows = _rows(client, subject_type, subject_id, start, end, None, [], Source())
-    bounds = Source().bounds(start, end)
+    rows = _rows(client, subject_type, subject_id, start, end, None, [], source)
+    bounds = source.bounds(start, end)
     return {
         row.metric_key: _quantity(client, rows, Selection.total(row.metric_key), subject_type, subject_id, bounds)
         for row in rows
@@ -86,7 +83,7 @@ def _rows(
     if source.rollups:
         found = merged_rollups(client, subject_type, subject_id, start, end, metrics, grouped, source.zone)
     else:
-        found = record_rows(client, subject_type, subject_id, start, end, metrics, grouped)
+        found = record_rows(client, subject_type, subject_id, *source.bounds(start, end), metrics, grouped)
     return [RollupRow(*row) for row in found]
 
 

@@ -47,8 +47,7 @@ from metering_schemas import AggregationType, PeriodType, ResetPeriod
 # `dimensions` is TOTAL (()) for the total row of every metric; a grouped metric also has a row per combination of
 # its dimension values.
 # A subject whose records carry a time zone (`time_zone` of a routed record) has its hourly, daily and monthly rollups
-# twice: in UTC (invoices by UTC month, the dashboard's UTC slots and UTC summaries read those) and in its zone, where
-# `period` is a LocalPeriod (its thresholds are evaluated on these).
+# cut in that zone, where `period` is a LocalPeriod (its UTC periods are answered from the records).
 Period = PeriodType | ResetPeriod | LocalPeriod
 RollupKey = tuple[str, str, str, Period, datetime, Dimensions]
 LIFETIME = ResetPeriod.NEVER
@@ -233,10 +232,13 @@ class Checkpoint(NamedTuple):
         return not (self.rollups or self.records or self.closed or self.limited)
 
 
+_ALL_TIME = (LIFETIME, EPOCH)
+
+
 @lru_cache(maxsize=4096)
 def _periods_of_hour(hour: int) -> tuple[tuple[PeriodType | ResetPeriod, datetime], ...]:
     """Hour, day, month and all time of an epoch hour; records cluster in few hours, so this is a cache hit."""
-    return (*starts_of_hour(hour), (LIFETIME, EPOCH))
+    return (*starts_of_hour(hour), _ALL_TIME)
 
 
 def _first_open_hour(closed_before: datetime | None) -> int:
@@ -318,19 +320,23 @@ class PartitionRollups:
         rollups, stored = self.rollups, self._lookups
         keep_record, keep_identity = self._records.append, self._identities.append
         counted = duplicates = 0
-        shadowed: set[RollupKey] = set()  # UTC rollups of zoned subjects: their thresholds watch the local ones
         with decimal.localcontext(EXACT):  # `+` below is exact or raises
             for record in records:
-                hour = record.timestamp_ms // _HOUR_MS
-                if hour < first_open_hour:
-                    self._closed.append((offset, record))
-                    continue
-                local = None
+                # A zoned record counts in its local hour, day and month; the others in UTC ones (an hour per cache).
+                periods: tuple[tuple[Period, datetime], ...]
                 if record.time_zone:
-                    local = starts_of_slot(record.time_zone, record.timestamp_ms // _SLOT_MS)
-                    if closed_before is not None and period_end(*local[0]) < closed_before:  # its local hour ended
+                    periods = starts_of_slot(record.time_zone, record.timestamp_ms // _SLOT_MS)
+                    if closed_before is not None and period_end(*periods[0]) < closed_before:  # its hour has ended
                         self._closed.append((offset, record))
                         continue
+                    if record.all_time:
+                        periods = (*periods, _ALL_TIME)
+                else:
+                    hour = record.timestamp_ms // _HOUR_MS
+                    if hour < first_open_hour:
+                        self._closed.append((offset, record))
+                        continue
+                    periods = _periods_of_hour(hour) if record.all_time else starts_of_hour(hour)
                 # One string object per subject and metric, however many records and rollups name it (decoding makes
                 # one per record, and an update stores the record's metric id): at a million keys the copies cost
                 # more memory than the rollups.
@@ -341,7 +347,7 @@ class PartitionRollups:
                 rows = None
                 unseen = False
                 if record.dimensions or record.distinct is not None or record.aggregation is _LATEST:
-                    rows = self._rows_of(record, metric_key, subject_type, subject_id, hour, local)
+                    rows = self._rows_of(record, metric_key, subject_type, subject_id, periods)
                     if identity in dedup:  # a duplicate is dropped as one, whatever it carries
                         duplicates += 1
                         continue
@@ -359,17 +365,7 @@ class PartitionRollups:
                 quantity, metric_id = record.quantity, intern(record.metric_id)
                 if rows is not None:
                     self._fold_payload(record, rows, metric_id, offset, changed)
-                    if local is not None:
-                        shadowed.update(key for key, _ in rows if type(key[3]) is PeriodType)
                     continue
-                periods: tuple[tuple[Period, datetime], ...] = (
-                    _periods_of_hour(hour) if record.all_time else starts_of_hour(hour)
-                )
-                if local is not None:
-                    shadowed.update(
-                        (metric_key, subject_type, subject_id, p, s, TOTAL) for p, s in starts_of_hour(hour)
-                    )
-                    periods = (*periods, *local)
                 for period, start in periods:
                     key = (metric_key, subject_type, subject_id, period, start, TOTAL)
                     rollup = rollups.get(key)
@@ -393,7 +389,7 @@ class PartitionRollups:
                     changed[key] = rollup
         self._changed.update(changed)
         if touched is not None:
-            touched.update(changed.keys() - shadowed if shadowed else changed)
+            touched.update(changed)
         return counted, duplicates
 
     def _rows_of(
@@ -402,20 +398,15 @@ class PartitionRollups:
         metric_key: str,
         subject_type: str,
         subject_id: str,
-        hour: int,
-        local: tuple[tuple[LocalPeriod, datetime], ...] | None,
+        periods: tuple[tuple[Period, datetime], ...],
     ) -> list[tuple[RollupKey, RollupKey]]:
-        """(row key, its total row's key) of every rollup a record counts in: per period (UTC, then `local` ones), the
-        total row and, for a grouped metric, its combination's row. Made once per record: the bounds are checked on
-        them, then folded."""
+        """(row key, its total row's key) of every rollup a record counts in: per period, the total row and, for a
+        grouped metric, its combination's row. Made once per record: the bounds are checked on them, then folded."""
         dimensions = record.dimensions
         rows = []
         if dimensions:
             dimensions = self._dimensions.setdefault(dimensions, dimensions)
-        periods: tuple[tuple[Period, datetime], ...] = (
-            _periods_of_hour(hour) if record.all_time else starts_of_hour(hour)
-        )
-        for period, start in (*periods, *local) if local else periods:
+        for period, start in periods:
             total_key = (metric_key, subject_type, subject_id, period, start, TOTAL)
             rows.append((total_key, total_key))
             if dimensions:

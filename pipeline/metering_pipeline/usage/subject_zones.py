@@ -106,11 +106,14 @@ def _epoch_ms(at: datetime) -> int:
 
 
 def zone_rollups_from(
-    subjects: Mapping[str, SubjectSettings], subject_type: str, subject_id: str, zone_name: str
+    subjects: Mapping[str, SubjectSettings], subject_type: str, subject_id: str, zone_name: str, default: str
 ) -> datetime | None:
-    """From when the rollups cut in `zone_name` hold every record of the subject (None: never known to): since its
-    change to that zone took effect. Before that instant, or in another zone, its summaries are summed from records."""
+    """From when the rollups cut in `zone_name` hold every record of the subject (None: not known to at all): always
+    (EPOCH) in the default zone for a subject without settings; since its change took effect in the zone it moved to.
+    Before that instant, and in any other zone, its summaries and invoices are summed from the records."""
     own = subjects.get(subject_key(subject_type, subject_id))
-    if own is None or own.time_zone != zone_name or own.effective_from is None:
+    if own is None:
+        return EPOCH if zone_name == default else None
+    if own.time_zone != zone_name or own.effective_from is None:
         return None
     return own.effective_from

@@ -5,11 +5,12 @@ they bill is for the pure `billing` rules to say, so that this package never dep
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 
 from clickhouse_connect.driver.client import Client
 
+from metering_pipeline.usage.periods import EPOCH
 from metering_pipeline.warehouse.queries import naive_utc
 from metering_schemas import AggregationType, Invoice
 
@@ -41,13 +42,13 @@ WHERE subject_type = {subject_type:String} AND subject_id = {subject_id:String}
   AND (total_row OR (NOT empty(dimensions) AND metric_key IN {grouped:Array(String)}))
 GROUP BY metric_key, row
 """
-# Each metric's aggregation type as the worker last counted it in the segment (its UTC hourly rows: every subject has
-# them).
+# Each metric's aggregation type as the worker last counted it in the segment: its hourly rows, in whichever zone they
+# were cut (an hour holding the segment's first record starts at most 90 minutes before it).
 _AGGREGATIONS_SQL = """
 SELECT metric_key, argMax(aggregation_type, period_start)
 FROM usage_rollups FINAL
 WHERE subject_type = {subject_type:String} AND subject_id = {subject_id:String}
-  AND period_type = 'HOURLY' AND time_zone = 'UTC' AND empty(dimensions)
+  AND period_type = 'HOURLY' AND empty(dimensions)
   AND period_start >= {first_hour:DateTime} AND period_start < {end:DateTime}
 GROUP BY metric_key
 """
@@ -62,6 +63,8 @@ WHERE subject_type = {subject_type:String} AND subject_id = {subject_id:String} 
   AND (empty({names:Array(String)}) OR (NOT empty(dimensions)
        AND arrayAll((name, value) -> dimensions[name] = value, {names:Array(String)}, {values:Array(String)})))
 """
+
+_LONGEST_HOUR = timedelta(minutes=90)
 
 # metric key, dimensions ({}: the total row), the latest hour's aggregation type, record count, sum, min, max
 MergedRollup = tuple[str, dict[str, str], AggregationType, int, Decimal, Decimal | None, Decimal | None]
@@ -101,7 +104,7 @@ def record_rows(
     """`merged_rollups`' rows over the records with timestamp in [start, end), exactly, from the records."""
     parameters = _rows_parameters(subject_type, subject_id, start, end, metrics, grouped)
     rows = client.query(_RECORD_ROWS_SQL, parameters=parameters).result_rows
-    first_hour = start.replace(minute=0, second=0, microsecond=0)
+    first_hour = max(start, EPOCH + _LONGEST_HOUR) - _LONGEST_HOUR
     found = client.query(_AGGREGATIONS_SQL, parameters=parameters | {"first_hour": naive_utc(first_hour)})
     kinds = {str(metric): str(kind) for metric, kind in found.result_rows}
     return [

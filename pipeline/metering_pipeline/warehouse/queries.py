@@ -13,7 +13,7 @@ import orjson
 from clickhouse_connect.driver.client import Client
 
 from metering_pipeline.usage.aggregation import plain, total
-from metering_pipeline.usage.periods import local_period_end, local_period_start, time_zone
+from metering_pipeline.usage.periods import EPOCH, local_period_end, local_period_start, time_zone
 from metering_pipeline.warehouse.grouping import DimensionQuery, DimensionRow, Group, group_rows, summary_id
 from metering_schemas import AggregationType, PeriodType, UsageRecord, UsageSummary
 
@@ -94,18 +94,18 @@ def usage_summaries(
     dimensions: DimensionQuery = DimensionQuery(),
     aggregation: AggregationType | None = None,
     zone_name: str = "UTC",
-    zone_rollups_from: datetime | None = None,
+    zone_rollups_from: datetime | None = EPOCH,
 ) -> list[UsageSummary]:
     """The seed's getSummary over a range: one summary per period starting in [start, end) — the total rows, or
     with `dimensions` one per period and combination of the groupBy values among the rows its filters match.
 
     `aggregation` is the metric's type as defined now; rows carry the type they were computed with, which wins
-    (the definition's decides only between rows of a period that straddles a change of type). With a `zone_name`
-    other than UTC, the zone's local periods: total rows from the rollups cut in that zone when they hold every record
-    of the range (the subject's zone since `zone_rollups_from`), else exactly from the records (`_zoned_summaries`).
+    (the definition's decides only between rows of a period that straddles a change of type). Periods are `zone_name`'s,
+    from the rollups cut in that zone when they hold every record of the range (since `zone_rollups_from`: EPOCH,
+    always; None, never; a local zone's with dimensions, never), else exactly from the records (`_zoned_summaries`).
     """
-    zone_rollups = zone_rollups_from is not None and start >= zone_rollups_from and dimensions.is_total
-    if zone_name != "UTC" and not zone_rollups:
+    from_rollups = zone_rollups_from is not None and start >= zone_rollups_from
+    if not from_rollups or (zone_name != "UTC" and not dimensions.is_total):
         return _zoned_summaries(
             client, metric_key, subject_type, subject_id, period_type, zone_name, start, end, dimensions, aggregation
         )

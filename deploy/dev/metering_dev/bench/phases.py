@@ -124,8 +124,7 @@ def summarised_records(settings: Settings) -> int:
     with connect(settings) as client:
         return int(
             client.query(
-                "SELECT sum(record_count) FROM usage_summary WHERE period_type = 'MONTHLY' AND empty(dimensions) "
-                "AND time_zone = 'UTC'"
+                "SELECT sum(record_count) FROM usage_summary WHERE period_type = 'MONTHLY' AND empty(dimensions)"
             ).result_rows[0][0]
             or 0
         )
@@ -139,7 +138,7 @@ def check_totals(settings: Settings, expected: Expected | DimensionExpected) -> 
     with connect(settings) as client:
         rows = client.query(
             "SELECT metric_key, subject_id, total_quantity, record_count FROM usage_summary "
-            "WHERE period_type = 'MONTHLY' AND empty(dimensions) AND time_zone = 'UTC'"
+            "WHERE period_type = 'MONTHLY' AND empty(dimensions)"
         ).result_rows
     actual = {(metric, subject): (Decimal(total), count) for metric, subject, total, count in rows}
     wanted = {key: (expected.total(key[0], key[1], aggregation[key[0]]), expected.count[key]) for key in expected.count}

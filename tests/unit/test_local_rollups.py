@@ -14,6 +14,7 @@ from tests.unit.counted_records import counted
 from metering_pipeline.usage.metrics import MetricCatalog
 from metering_pipeline.usage.periods import LocalPeriod, local_period, period_end
 from metering_pipeline.usage.rollups import KEY_NAME, LIFETIME, WIRE_NAME, ZONE_NAME, PartitionRollups
+from metering_pipeline.usage.routed_record import AcceptedRecord
 from metering_pipeline.usage.subject_zones import SubjectZones, zone_change, zone_in_force
 from metering_pipeline.usage.thresholds import APPROACHING, EXCEEDED, PartitionThresholds, ThresholdBook
 from metering_pipeline.worker import changelog
@@ -155,15 +156,28 @@ def test_a_change_of_zone_takes_effect_at_the_end_of_the_old_zones_day():
 
 def test_the_router_stamps_each_record_with_the_zone_in_force_at_its_time():
     zones = SubjectZones("UTC")
-    assert not zones.any_zoned and zones.zone_at("org", "o", 0) == ""
+    assert not zones.any_zoned
     zones.put(_settings(KOLKATA, "UTC", utc(2026, 3, 11)))
     at = int(utc(2026, 3, 11).timestamp() * 1000)
+    records = [
+        _accepted("org", "o", at - 1),
+        _accepted("org", "o", at),
+        _accepted("user", "o", at),
+        _accepted("org", "p", at),
+    ]
+    zones.stamp(records)
+    assert [record.time_zone for record in records] == ["", KOLKATA, "", ""]
     assert (zones.zone_at("org", "o", at - 1), zones.zone_at("org", "o", at)) == ("", KOLKATA)
-    assert zones.zone_at("user", "o", at) == "" and zones.zone_at("org", "p", at) == ""
     assert zones.zones_of("org", "o") == (KOLKATA,)
     zones.delete("org:o")
     assert not zones.any_zoned
-    assert SubjectZones("Europe/Berlin").zone_at("org", "o", at) == "Europe/Berlin"
+    berlin = [_accepted("org", "o", at)]
+    SubjectZones("Europe/Berlin").stamp(berlin)
+    assert berlin[0].time_zone == "Europe/Berlin"
+
+
+def _accepted(subject_type: str, subject_id: str, timestamp_ms: int) -> AcceptedRecord:
+    return AcceptedRecord(subject_type, subject_id, "r", "m", "m", AggregationType.SUM, "1", timestamp_ms, "{}", False)
 
 
 def test_a_zoned_subjects_daily_threshold_resets_at_its_local_midnight():

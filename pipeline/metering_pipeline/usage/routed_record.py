@@ -36,7 +36,7 @@ class RoutedRecord(msgspec.Struct, Generic[Q], array_like=True, gc=False):
     dimensions: Dimensions = TOTAL  # a grouped metric's dimension values, sorted by name
     distinct: str | None = None  # UNIQUE_COUNT: the string form of the value at valueProperty
     # The subject's time zone when the router routed it ("": UTC), decided once there so that a replay counts the
-    # record into the same local periods; a zoned record counts in local hours, days and months beside the UTC ones.
+    # record into the same local periods; a zoned record counts in its zone's hours, days and months only.
     time_zone: str = ""
 
 

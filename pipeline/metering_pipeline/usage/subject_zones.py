@@ -9,10 +9,12 @@ which the zone changed has a row in each zone, each holding the records of its p
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 from metering_pipeline.usage.periods import EPOCH, local_period_end, local_period_start, time_zone
+from metering_pipeline.usage.routed_record import AcceptedRecord
 from metering_schemas import PeriodType, SubjectSettings
 from metering_schemas.subject import subject_key
 
@@ -53,19 +55,36 @@ def zone_change(
     )
 
 
+class _Rule(NamedTuple):
+    """A subject's zone as the router applies it: `before` until `from_ms`, then `zone` (UTC_ZONE for UTC)."""
+
+    settings: SubjectSettings
+    zone: str
+    before: str
+    from_ms: int
+
+    def at(self, timestamp_ms: int) -> str:
+        return self.before if timestamp_ms < self.from_ms else self.zone
+
+
 class SubjectZones:
-    """The zones of subjects that have one of their own, for the router: it asks once per record, so a worker whose
-    subjects are all in the default zone pays one test, and the others one dictionary lookup by subject id."""
+    """The zones of subjects that have one of their own, for the router: it stamps every record, so a worker whose
+    subjects are all in the default zone pays one test per poll, and the others one dictionary lookup by subject id
+    per record (the rule is worked out once, when the subject's settings arrive)."""
 
     def __init__(self, default: str) -> None:
-        self.default = UTC_ZONE if default == "UTC" else default
-        self._by_id: dict[str, dict[str, SubjectSettings]] = {}
+        self.default = _routed(default)
+        self._by_id: dict[str, dict[str, _Rule]] = {}
         self._keys: dict[str, tuple[str, str]] = {}  # topic key -> (subject type, subject id)
 
     def put(self, settings: SubjectSettings) -> None:
         self.delete(settings.key)
+        zone = _routed(settings.time_zone)
+        before, from_ms = zone, 0
+        if settings.effective_from is not None and settings.previous_time_zone:
+            before, from_ms = _routed(settings.previous_time_zone), _epoch_ms(settings.effective_from)
         self._keys[settings.key] = (settings.subject_type, settings.subject_id)
-        self._by_id.setdefault(settings.subject_id, {})[settings.subject_type] = settings
+        self._by_id.setdefault(settings.subject_id, {})[settings.subject_type] = _Rule(settings, zone, before, from_ms)
 
     def delete(self, key: str) -> None:
         subject = self._keys.pop(key, None)
@@ -80,25 +99,34 @@ class SubjectZones:
         """Whether any record can be in another zone than UTC (else the router asks for none)."""
         return bool(self._by_id) or self.default != UTC_ZONE
 
+    def stamp(self, records: Iterable[AcceptedRecord]) -> None:
+        """Sets each record's `time_zone` as routed records carry it (left at UTC_ZONE for UTC)."""
+        by_id, default = self._by_id, self.default
+        for record in records:
+            of_id = by_id.get(record.subject_id)
+            rule = of_id.get(record.subject_type) if of_id else None
+            if rule is not None:
+                record.time_zone = rule.at(record.timestamp_ms)
+            elif default:
+                record.time_zone = default
+
     def zones_of(self, subject_type: str, subject_id: str) -> tuple[str, ...]:
         """The zones other than UTC the subject's periods are cut in: its zone, and the one before a change."""
         of_id = self._by_id.get(subject_id)
-        settings = of_id.get(subject_type) if of_id else None
-        if settings is None:
+        rule = of_id.get(subject_type) if of_id else None
+        if rule is None:
             return (self.default,) if self.default else ()
-        zones = (settings.time_zone, settings.previous_time_zone or "UTC")
-        return tuple(zone for zone in dict.fromkeys(zones) if zone != "UTC")
+        return tuple(zone for zone in dict.fromkeys((rule.zone, rule.before)) if zone)
 
     def zone_at(self, subject_type: str, subject_id: str, timestamp_ms: int) -> str:
         """The zone of the subject's record at `timestamp_ms`, as routed records carry it (UTC_ZONE for UTC)."""
-        of_id = self._by_id.get(subject_id) if self._by_id else None
-        settings = of_id.get(subject_type) if of_id else None
-        if settings is None:
-            return self.default
-        zone = settings.time_zone
-        if settings.effective_from is not None and timestamp_ms < _epoch_ms(settings.effective_from):
-            zone = settings.previous_time_zone or zone
-        return UTC_ZONE if zone == "UTC" else zone
+        of_id = self._by_id.get(subject_id)
+        rule = of_id.get(subject_type) if of_id else None
+        return self.default if rule is None else rule.at(timestamp_ms)
+
+
+def _routed(zone_name: str) -> str:
+    return UTC_ZONE if zone_name == "UTC" else zone_name
 
 
 def _epoch_ms(at: datetime) -> int:

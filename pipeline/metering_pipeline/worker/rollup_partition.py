@@ -496,6 +496,7 @@ def aggregated_event(change: RollupChange) -> bytes:
     emitted event against the JSON Schema file).
     """
     metric_key, subject_type, subject_id, period, start, dimensions = change.key
+    zone = ZONE_NAME[period]
     return orjson.dumps(
         {
             "type": "usage.aggregated",
@@ -509,10 +510,16 @@ def aggregated_event(change: RollupChange) -> bytes:
             "recordCount": change.count,
             "version": change.version,
             "dimensions": dimension_map(dimensions) if dimensions else TOTAL_ROW,
-            "timeZone": ZONE_NAME[period],
-            "localPeriodStart": local_period_start_text(start, ZONE_NAME[period]),
+            "timeZone": zone,
+            "localPeriodStart": _local_start(start, zone),
         }
     )
+
+
+@lru_cache(maxsize=8192)
+def _local_start(start: datetime, zone_name: str) -> str:
+    """`localPeriodStart`, once per period start and zone (a checkpoint's events share few)."""
+    return local_period_start_text(start, zone_name)
 
 
 @lru_cache(maxsize=8192)

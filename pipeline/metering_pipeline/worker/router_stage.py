@@ -122,7 +122,7 @@ class RouterStage:
         times: dict[int, datetime] = {}  # a poll's messages share few distinct milliseconds
         accepted_count = rejected_count = filtered_count = 0
         catalog, rules, assign = self.catalog, self.rules, partitions.of
-        zone_at = self.zones.zone_at if self.zones.any_zoned else None
+        stamp = self.zones.stamp if self.zones.any_zoned else None
         for tp, messages in batches.items():
             topic, source_partition = tp.topic, tp.partition
             for kafka_message in messages:
@@ -135,9 +135,9 @@ class RouterStage:
                 accepted, rejected, filtered = read_message(message, catalog, rules)
                 accepted_count += len(accepted)
                 filtered_count += filtered
+                if stamp is not None:
+                    stamp(accepted)
                 for record in accepted:
-                    if zone_at is not None:
-                        record.time_zone = zone_at(record.subject_type, record.subject_id, record.timestamp_ms)
                     by_partition[assign(record.subject_type, record.subject_id)].append(record)
                 for dead_letter in rejected:
                     rejected_count += 1

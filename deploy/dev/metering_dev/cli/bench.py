@@ -82,7 +82,7 @@ from metering_pipeline.settings import Settings, seconds_or_iso_duration
     default=0.0,
     show_default=True,
     help="Share of the throughput and steady phases' subjects given a time zone other than UTC (their rollups are "
-    "kept twice: UTC and local).",
+    "cut in that zone only).",
 )
 @click.option(
     "--phase",

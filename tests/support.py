@@ -196,20 +196,25 @@ async def define(settings, *definitions: dict) -> None:
 async def read_json(bootstrap: str, topic: str, count: int, timeout: float = 60, settle: float = 0) -> list[dict]:
     """The topic's first `count` JSON values (from the beginning); with `settle`, also whatever arrives in that many
     more seconds."""
+    return [json.loads(value) for value in await read_values(bootstrap, topic, count, timeout, settle)]
+
+
+async def read_values(bootstrap: str, topic: str, count: int, timeout: float = 60, settle: float = 0) -> list[bytes]:
+    """`read_json`'s values as the bytes on the topic."""
     consumer = AIOKafkaConsumer(
         topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", isolation_level="read_committed"
     )  # as the product's consumers read
     await consumer.start()
-    found: list[dict] = []
+    found: list[bytes] = []
     try:
         async with asyncio.timeout(timeout):
             while len(found) < count:
                 for messages in (await consumer.getmany(timeout_ms=500)).values():
-                    found.extend(json.loads(m.value) for m in messages)
+                    found.extend(m.value for m in messages)
         if settle:
             await asyncio.sleep(settle)
             for messages in (await consumer.getmany(timeout_ms=500)).values():
-                found.extend(json.loads(m.value) for m in messages)
+                found.extend(m.value for m in messages)
     finally:
         await consumer.stop()
     return found

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from metering_pipeline.logs import get_logger
 from metering_pipeline.settings import Settings
-from metering_pipeline.topics import ensure_topics, partitions_of, public_topics
+from metering_pipeline.topics import ensure_topics, partitions_of, public_topics, webhook_topics
 from metering_schemas.threshold import DROPPED_ADDRESSES
 
 log = get_logger(__name__)
@@ -174,6 +174,20 @@ class DefinitionFeed(Generic[Definition]):
         return current
 
 
+class Catalog(dict[str, Definition]):
+    """Definitions by their topic key (`id`; a plan's is its `key`), kept equal to their topic."""
+
+    def __init__(self, key_field: str = "id") -> None:
+        super().__init__()
+        self.key_field = key_field
+
+    def put(self, definition: Definition) -> None:
+        self[getattr(definition, self.key_field)] = definition
+
+    def delete(self, definition_id: str) -> None:
+        self.pop(definition_id, None)
+
+
 def feed_into(
     settings: Settings,
     topic: str,
@@ -235,7 +249,8 @@ class DefinitionWriter:
 
     async def __aenter__(self) -> DefinitionWriter:
         # Created compacted if missing: the broker's auto-create would make it with a retention time
-        await ensure_topics(self.settings, [spec for spec in public_topics(self.settings) if spec.name == self.topic])
+        specs = public_topics(self.settings) + webhook_topics(self.settings)
+        await ensure_topics(self.settings, [spec for spec in specs if spec.name == self.topic])
         self._producer = AIOKafkaProducer(**self.settings.kafka_client_options(), acks="all")
         try:
             await self._producer.start()
@@ -248,11 +263,11 @@ class DefinitionWriter:
         assert self._producer is not None
         await self._producer.stop()
 
-    async def put(self, definition_id: str, definition: BaseModel) -> RecordMetadata:
+    async def put(self, definition_id: str, definition: BaseModel | bytes) -> RecordMetadata:
+        """A definition, or an entry already encoded (a webhook delivery to resend)."""
         assert self._producer is not None
-        return await self._producer.send_and_wait(
-            self.topic, definition.model_dump_json(by_alias=True).encode(), key=definition_id.encode()
-        )
+        value = definition if isinstance(definition, bytes) else definition.model_dump_json(by_alias=True).encode()
+        return await self._producer.send_and_wait(self.topic, value, key=definition_id.encode())
 
     async def delete(self, definition_id: str) -> RecordMetadata:
         assert self._producer is not None

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from metering_pipeline.webhooks.schedule import DEFAULT_SCHEDULE, parse_schedule
 from metering_schemas.subject import TimeZoneName
 
 KafkaSecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
@@ -199,6 +200,38 @@ class Settings(BaseSettings):
         default=8, ge=1, description="Sends per (alert, address) before it is recorded as failed"
     )
 
+    # Webhooks (`metering webhooks`)
+    webhook_allow_http: bool = Field(
+        default=False,
+        description="Allow endpoints with http:// URLs (default: https only; for tests and local receivers)",
+    )
+    webhook_allow_private: bool = Field(
+        default=False,
+        description="Allow endpoints at private, loopback and link-local addresses, after DNS resolution too (default: "
+        "refused, so a URL cannot make the sender probe the network it runs in)",
+    )
+    webhook_timeout: float = Field(
+        default=15.0, gt=0, description="Seconds a receiver has to answer a delivery; no answer is a failed attempt"
+    )
+    webhook_retry_schedule: str = Field(
+        default=DEFAULT_SCHEDULE,
+        description="The delay before each attempt of a delivery, the first included (ms, s, m, h); once spent, the "
+        "delivery has failed. The default is Standard Webhooks': at once, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h",
+    )
+    webhook_max_in_flight: int = Field(
+        default=4,
+        ge=1,
+        le=100,
+        description="Deliveries sent to one endpoint at a time (a slow receiver holds only these)",
+    )
+    webhook_max_body_bytes: int = Field(
+        default=256 * 1024, ge=1024, description="The largest event body sent; a larger one fails without a request"
+    )
+    webhook_rotation_overlap: timedelta = Field(
+        default=timedelta(hours=24),
+        description="How long deliveries after a secret rotation are signed with the old secret too",
+    )
+
     # HTTP API (`metering api`)
     api_keys_file: Path = Field(
         default_factory=lambda: _default_home() / "api-keys.jsonl",
@@ -275,11 +308,22 @@ class Settings(BaseSettings):
         "usage_aggregated_retention",
         "alerts_retention",
         "records_ttl",
+        "webhook_rotation_overlap",
         mode="before",
     )
     @classmethod
     def _seconds_or_iso_duration(cls, value: object) -> object:
         return seconds_or_iso_duration(value)
+
+    @field_validator("webhook_retry_schedule")
+    @classmethod
+    def _a_retry_schedule(cls, value: str) -> str:
+        parse_schedule(value)  # ValueError naming the bad delay
+        return value
+
+    @property
+    def webhook_delays(self) -> tuple[timedelta, ...]:
+        return parse_schedule(self.webhook_retry_schedule)
 
     @field_validator("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile", "clickhouse_ca_cert", mode="before")
     @classmethod

@@ -42,6 +42,7 @@ ALERTS = "metering.alerts"
 PLANS = "metering.plans"
 SUBSCRIPTIONS = "metering.subscriptions"
 SUBJECTS = "metering.subjects"
+WEBHOOKS = "metering.webhooks"
 
 _COMPACTED = {"cleanup.policy": "compact"}
 # The broker's clock, not the producer's, on usage.recorded: retention and the allowed lateness read a message's time,
@@ -69,11 +70,13 @@ class Topics:
     plans: str
     subscriptions: str
     subjects: str
+    webhooks: str
     # Internal to the worker: the subject-routed stream, the rollup changelog, and the partition count they were
     # first used with.
     routed: str
     rollup_changelog: str
     layout: str
+    webhook_deliveries: str  # internal to `metering webhooks`: the deliveries still to attempt
 
     @classmethod
     def of(cls, settings: Settings) -> Topics:
@@ -89,9 +92,11 @@ class Topics:
             plans=p + PLANS,
             subscriptions=p + SUBSCRIPTIONS,
             subjects=p + SUBJECTS,
+            webhooks=p + WEBHOOKS,
             routed=f"{p}{settings.consumer_group_prefix}.usage-by-subject",
             rollup_changelog=f"{p}{settings.consumer_group_prefix}.rollup-changelog",
             layout=f"{p}{settings.consumer_group_prefix}.layout",
+            webhook_deliveries=f"{p}{settings.consumer_group_prefix}.webhook-deliveries",
         )
 
 
@@ -116,6 +121,7 @@ def public_topics(settings: Settings) -> list[TopicSpec]:
         TopicSpec(topics.plans, 1, _COMPACTED),
         TopicSpec(topics.subscriptions, 1, _COMPACTED),
         TopicSpec(topics.subjects, 1, _COMPACTED),
+        TopicSpec(topics.webhooks, 1, _COMPACTED),
     ]
 
 
@@ -136,6 +142,26 @@ def internal_topics(settings: Settings) -> list[TopicSpec]:
         ),
         TopicSpec(topics.layout, 1, _COMPACTED),
     ]
+
+
+def event_reader(settings: Settings, group_id: str, *topics: str) -> AIOKafkaConsumer:
+    """A member of `group_id` reading events as they were committed, from the start of what the group has not
+    handled, and committing by hand once they are."""
+    return AIOKafkaConsumer(
+        *topics,
+        **settings.kafka_client_options(),
+        **settings.kafka_group_options(),
+        group_id=group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+    )
+
+
+def webhook_topics(settings: Settings) -> list[TopicSpec]:
+    """The deliveries still to attempt, one compacted entry each (a tombstone once delivered or failed): what a
+    restarted `metering webhooks` resumes from. Its partitions are the unit its instances share the work by."""
+    return [TopicSpec(Topics.of(settings).webhook_deliveries, settings.usage_partitions, _COMPACTED)]
 
 
 def rollup_group(settings: Settings) -> str:

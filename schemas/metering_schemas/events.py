@@ -88,8 +88,8 @@ class UsageAggregated(Event):
     )
     time_zone: str = Field(
         default="UTC",
-        description="The IANA zone the period was cut in. A subject with a zone of its own has each rollup twice: in "
-        "UTC and in its zone",
+        description="The IANA zone the period was cut in: UTC, or the subject's zone of its own (its rollups are cut "
+        "in that zone only)",
     )
     local_period_start: str | None = Field(
         default=None,

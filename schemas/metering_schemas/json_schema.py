@@ -24,10 +24,12 @@ from metering_schemas import (
     UsageSummary,
     UsageThreshold,
 )
+from metering_schemas.webhook import WebhookAttempt, WebhookEndpoint
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "json"
 
 # File name -> model; the name says which topic value the schema describes.
+
 CONTRACT: dict[str, type[BaseModel]] = {
     "usage-record.schema.json": UsageRecord,
     "usage-record-batch.schema.json": UsageRecordBatch,
@@ -42,6 +44,8 @@ CONTRACT: dict[str, type[BaseModel]] = {
     "usage-aggregated.schema.json": UsageAggregated,
     "metric-defined.schema.json": MetricDefined,
     "subject.schema.json": SubjectSettings,
+    "webhook-endpoint.schema.json": WebhookEndpoint,
+    "webhook-attempt.schema.json": WebhookAttempt,
 }
 
 # The pipeline's own events are described as it writes them (decimals always strings, timestamps always "Z",

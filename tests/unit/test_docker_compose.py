@@ -29,7 +29,7 @@ def test_uses_the_official_kafka_and_clickhouse_images(compose):
 
 def test_every_metering_variable_is_a_setting(compose):
     fields = {f"METERING_{name.upper()}" for name in Settings.model_fields}
-    for name in ("migrate", "worker", "api", "notifier"):
+    for name in ("migrate", "worker", "api", "notifier", "webhooks"):
         environment = compose["services"][name]["environment"]
         unknown = {key for key in environment if key not in fields}
         assert not unknown, f"{name} sets variables no setting reads: {unknown}"

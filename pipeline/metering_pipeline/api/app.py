@@ -12,7 +12,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from metering_pipeline.api import billing, metrics, subjects, thresholds, usage
+from metering_pipeline.api import billing, metrics, subjects, thresholds, usage, webhooks
 from metering_pipeline.api.context import ApiContext, lifespan
 from metering_pipeline.api.errors import (
     ApiError,
@@ -98,7 +98,7 @@ def create_app(settings: Settings) -> FastAPI:
     for too_large in (MessageSizeTooLargeError, RecordTooLargeError, RecordListTooLargeError):
         app.add_exception_handler(too_large, on_too_large)
     app.add_exception_handler(OperationalError, on_unavailable)  # clickhouse-connect: the server cannot be reached
-    for router in (metrics.router, usage.router, thresholds.router, billing.router, subjects.router):
+    for router in (metrics.router, usage.router, thresholds.router, billing.router, subjects.router, webhooks.router):
         app.include_router(router)
 
     @app.get("/ui", response_class=HTMLResponse, include_in_schema=False)

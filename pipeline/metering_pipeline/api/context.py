@@ -1,8 +1,8 @@
 """What the API's handlers share: the followed catalogs, the producers, ClickHouse, the key ring.
 
 The Kafka topics stay the source of truth: the API follows `metering.metrics`, `metering.thresholds`,
-`metering.plans`, `metering.subscriptions` and `metering.subjects` like a worker does, writes through them, and
-applies its own acknowledged writes locally at once so a client reads what it just wrote.
+`metering.plans`, `metering.subscriptions`, `metering.subjects` and `metering.webhooks` like a worker does, writes
+through them, and applies its own acknowledged writes locally at once so a client reads what it just wrote.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pydantic import BaseModel
 
 from metering_pipeline import logs
 from metering_pipeline.api.keys import KeyRing
-from metering_pipeline.definitions import DefinitionFeed, DefinitionWriter, feed_into
+from metering_pipeline.definitions import Catalog, DefinitionFeed, DefinitionWriter, feed_into
 from metering_pipeline.logs import get_logger
 from metering_pipeline.producer import UsageProducer
 from metering_pipeline.settings import Settings
@@ -29,8 +29,8 @@ from metering_pipeline.usage.metrics import MetricCatalog
 from metering_pipeline.usage.periods import subject_zone
 from metering_pipeline.usage.subject_zones import zone_rollups_from
 from metering_pipeline.warehouse.client import connect
-from metering_pipeline.warehouse.mirrors import D
 from metering_schemas import MetricDefinition, Plan, SubjectSettings, Subscription, UsageThreshold
+from metering_schemas.webhook import WebhookEndpoint
 
 log = get_logger(__name__)
 
@@ -38,20 +38,6 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 READ_BACK_TIMEOUT = 10.0  # seconds a write waits for the API's own feed to read it back
-
-
-class Catalog(dict[str, D]):
-    """Definitions by their topic key (`id`; a plan's is its `key`), kept equal to their topic."""
-
-    def __init__(self, key_field: str = "id") -> None:
-        super().__init__()
-        self.key_field = key_field
-
-    def put(self, definition: D) -> None:
-        self[getattr(definition, self.key_field)] = definition
-
-    def delete(self, definition_id: str) -> None:
-        self.pop(definition_id, None)
 
 
 @dataclass
@@ -63,6 +49,7 @@ class ApiContext:
     plans: Catalog[Plan] = field(default_factory=lambda: Catalog("key"))
     subscriptions: Catalog[Subscription] = field(default_factory=Catalog)
     subjects: Catalog[SubjectSettings] = field(default_factory=lambda: Catalog("key"))  # by `type:id`
+    webhooks: Catalog[WebhookEndpoint] = field(default_factory=Catalog)
     producer: UsageProducer | None = None
     writers: dict[str, DefinitionWriter] = field(default_factory=dict)  # by topic
     clickhouse: Client | None = None
@@ -70,9 +57,13 @@ class ApiContext:
     _catalogs: dict[str, Catalog[Any] | MetricCatalog] = field(default_factory=dict, init=False)  # by topic
     _feeds: dict[str, DefinitionFeed[Any]] = field(default_factory=dict, init=False)  # by topic
 
+    @property
+    def topics(self) -> Topics:
+        return Topics.of(self.settings)
+
     @asynccontextmanager
     async def running(self) -> AsyncIterator[ApiContext]:
-        topics = Topics.of(self.settings)
+        topics = self.topics
         stopping = asyncio.Event()
         self._catalogs = {
             topics.metrics: self.metrics,
@@ -80,13 +71,15 @@ class ApiContext:
             topics.plans: self.plans,
             topics.subscriptions: self.subscriptions,
             topics.subjects: self.subjects,
+            topics.webhooks: self.webhooks,
         }
-        models = {
+        models: dict[str, type[BaseModel]] = {
             topics.metrics: MetricDefinition,
             topics.thresholds: UsageThreshold,
             topics.plans: Plan,
             topics.subscriptions: Subscription,
             topics.subjects: SubjectSettings,
+            topics.webhooks: WebhookEndpoint,
         }
         self._feeds = {
             topic: feed_into(self.settings, topic, models[topic], catalog.put, catalog.delete)
@@ -104,7 +97,7 @@ class ApiContext:
             outage_watch = asyncio.create_task(logs.KAFKA_RETRIES.watch())
             stack.callback(outage_watch.cancel)
             self.producer = await stack.enter_async_context(UsageProducer(self.settings))
-            for topic in self._catalogs:
+            for topic in [*self._catalogs, topics.webhook_deliveries]:  # and resends to `metering webhooks`
                 self.writers[topic] = await stack.enter_async_context(DefinitionWriter(self.settings, topic))
             self.clickhouse = stack.enter_context(connect(self.settings))
             for feed in feeds:

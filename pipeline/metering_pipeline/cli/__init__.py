@@ -20,6 +20,7 @@ from metering_pipeline.cli.produce import produce
 from metering_pipeline.cli.subject import subject
 from metering_pipeline.cli.summary import summary
 from metering_pipeline.cli.threshold import threshold
+from metering_pipeline.cli.webhook import webhook, webhooks
 from metering_pipeline.cli.worker import worker
 from metering_pipeline.settings import Settings
 
@@ -98,6 +99,8 @@ main.add_command(threshold)
 main.add_command(subject)
 main.add_command(check)
 main.add_command(notifier)
+main.add_command(webhook)
+main.add_command(webhooks)
 main.add_command(api)
 main.add_command(api_key)
 main.add_command(plan)

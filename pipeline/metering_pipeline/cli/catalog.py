@@ -14,11 +14,12 @@ def read(settings: Settings, topic: str, model: type[Definition]) -> dict[str, D
     return asyncio.run(read_all(settings, topic, model))
 
 
-def write(settings: Settings, topic: str, definition_id: str, definition: BaseModel | None) -> None:
-    """Put (or, for None, delete) one definition; returns once the broker has acknowledged it."""
+def write(settings: Settings, topic: str, definition_id: str, definition: BaseModel | bytes | None) -> None:
+    """Put (or, for None, delete) one definition (or an entry already encoded); returns once the broker has
+    acknowledged it."""
 
     async def run() -> None:
         async with DefinitionWriter(settings, topic) as writer:
-            await (writer.put(definition_id, definition) if definition else writer.delete(definition_id))
+            await (writer.delete(definition_id) if definition is None else writer.put(definition_id, definition))
 
     asyncio.run(run())

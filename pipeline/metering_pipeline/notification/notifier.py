@@ -15,14 +15,13 @@ import asyncio
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer
 
 from metering_pipeline.logs import get_logger
 from metering_pipeline.notification.messages import alert_email
 from metering_pipeline.notification.smtp import SmtpSender
 from metering_pipeline.retry import RetriesExhausted, any_error, until_success
 from metering_pipeline.settings import Settings
-from metering_pipeline.topics import Topics
+from metering_pipeline.topics import Topics, event_reader
 from metering_pipeline.warehouse.deliveries import FAILED, SENT, DeliveryLog
 from metering_pipeline.warehouse.errors import is_transient
 from metering_schemas.threshold import checked_addresses
@@ -39,13 +38,8 @@ class Notifier:
         self.failed = 0
 
     async def run(self, stopping: asyncio.Event) -> None:
-        consumer = AIOKafkaConsumer(
-            Topics.of(self.settings).alerts,
-            **self.settings.kafka_client_options(),
-            group_id=f"{self.settings.consumer_group_prefix}-notifier",
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            isolation_level="read_committed",
+        consumer = event_reader(
+            self.settings, f"{self.settings.consumer_group_prefix}-notifier", Topics.of(self.settings).alerts
         )
         await consumer.start()
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from enum import Enum
 from typing import Annotated
+from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, ConfigDict, Field
 
@@ -27,14 +28,18 @@ class WebhookEventType(str, Enum):
 
 
 def http_url(url: str) -> str:
-    """`url` if it is an absolute http(s) URL with a host, else ValueError saying what is wrong."""
-    scheme, separator, rest = url.partition("://")
-    if not separator or scheme.lower() not in ("http", "https"):
+    """`url` if it is an absolute http(s) URL with a host (and a valid port), else ValueError saying what is wrong."""
+    if any(character.isspace() or not character.isprintable() for character in url):
+        raise ValueError(f"{url[:100]!r} contains white space or control characters")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError as error:
+        raise ValueError(f"{url[:100]!r} is not a URL: {error}") from None
+    if parts.scheme.lower() not in ("http", "https"):
         raise ValueError(f"{url[:100]!r} is not an http(s) URL")
-    if not rest or rest[0] in "/?#":
+    if not parts.hostname:
         raise ValueError(f"{url[:100]!r} has no host")
-    if any(character.isspace() for character in url):
-        raise ValueError(f"{url[:100]!r} contains white space")
     return url
 
 

@@ -51,7 +51,7 @@ pytestmark = pytest.mark.integration
 
 # Short versions run in CI; `make faults-long` runs the same tests with a 60 s outage and a 2-minute storm.
 OUTAGE_SECONDS = float(os.environ.get("METERING_FAULT_OUTAGE_SECONDS", "20"))
-STORM_SECONDS = float(os.environ.get("METERING_FAULT_STORM_SECONDS", "60"))
+STORM_SECONDS = float(os.environ.get("METERING_FAULT_STORM_SECONDS", "50"))
 BUFFERED_RECORDS = 4000  # the outage brings more than this, so the worker must pause consumption
 
 
@@ -514,7 +514,7 @@ def _payload_expected(records: list[dict]) -> dict[tuple, tuple[Decimal, int]]:
     return expected
 
 
-@pytest.mark.slow  # over a minute in CI with its 60 s storm, over two under `make faults-long`
+@pytest.mark.slow  # about a minute in CI with its 50 s storm, over two under `make faults-long`
 def test_a_rebalance_storm_under_steady_load_loses_and_doubles_nothing(pipeline):
     settings, new_worker = pipeline
     asyncio.run(define(settings, metric("tokens", "SUM"), *PAYLOAD_METRICS))

@@ -42,6 +42,7 @@ pytestmark = pytest.mark.integration
 
 TIMEOUT = 1.0  # METERING_WEBHOOK_TIMEOUT of these tests
 SCHEDULE = "0,500ms,500ms,1s,1s,1s,1s,1s"
+OVERLAP = 3  # seconds: METERING_WEBHOOK_ROTATION_OVERLAP of these tests
 
 
 @dataclass
@@ -125,10 +126,12 @@ def failing_times(count: int) -> Callable[[], int]:
 
 
 def start_webhooks(env: dict[str, str], log: Path, port: int) -> subprocess.Popen[bytes]:
+    """A `metering webhooks` process; a static group member, as in production, so that its successor after a kill
+    takes over its partitions without waiting for its session to time out."""
     with log.open("ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "metering_pipeline.cli", "webhooks", "--web-port", str(port)],
-            env={**os.environ, **env},
+            env={**os.environ, **env, "METERING_KAFKA_GROUP_INSTANCE_ID": "webhooks-1"},
             stdout=out,
             stderr=subprocess.STDOUT,
         )
@@ -159,7 +162,7 @@ async def test_webhooks_are_signed_retried_logged_resumed_after_a_kill_rotated_a
         "METERING_WEBHOOK_ALLOW_PRIVATE": "true",
         "METERING_WEBHOOK_TIMEOUT": str(TIMEOUT),
         "METERING_WEBHOOK_RETRY_SCHEDULE": SCHEDULE,
-        "METERING_WEBHOOK_ROTATION_OVERLAP": "3",
+        "METERING_WEBHOOK_ROTATION_OVERLAP": str(OVERLAP),
     }
     web_port = free_port()
     with receiver.serving(), running_api(settings, tmp_path, env) as api, api.client() as http:
@@ -282,9 +285,10 @@ async def test_webhooks_are_signed_retried_logged_resumed_after_a_kill_rotated_a
             assert all(r.verified_by == [0] for r in sick_received)
             assert attempts(settings, sick_id)[-1][2] == "delivered"
 
-            # Rotation: both secrets sign for the overlap (3 s here), then only the new one.
+            # Rotation: both secrets sign for the overlap, then only the new one.
             old_secret = endpoints["ok"]["secret"]
             rotated = http.post(f"/v1/webhooks/{endpoints['ok']['id']}/rotate-secret")
+            overlap_ends = time.monotonic() + OVERLAP
             assert rotated.status_code == 200 and rotated.json()["secret"] != old_secret
             receiver.secrets["/ok"] = [old_secret, rotated.json()["secret"]]
             before = len(receiver.at("/ok"))
@@ -294,7 +298,7 @@ async def test_webhooks_are_signed_retried_logged_resumed_after_a_kill_rotated_a
             assert all(len(r.headers["webhook-signature"].split(" ")) == 2 for r in receiver.at("/ok")[before:])
 
             # Resend, after the overlap: the same body and webhook-id, signed with the new secret only; the log pages.
-            await asyncio.sleep(3)
+            await asyncio.sleep(overlap_ends - time.monotonic())
             page = http.get(f"/v1/webhooks/{endpoints['ok']['id']}/deliveries", params={"limit": 2}).json()
             assert len(page["deliveries"]) == 2
             delivered = http.get(

@@ -3,6 +3,7 @@ an attempt's outcome makes of a delivery, which endpoints an event goes to, rota
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -19,10 +20,11 @@ from metering_pipeline.webhooks.deliveries import (
     given_up,
     secrets_in_force,
 )
-from metering_pipeline.webhooks.destinations import RefusedDestination, check_url, refused_address
+from metering_pipeline.webhooks.destinations import PublicResolver, RefusedDestination, check_url, refused_address
 from metering_pipeline.webhooks.dispatcher import _Owned
 from metering_pipeline.webhooks.endpoints import new_endpoint, resend, rotated, shown
 from metering_pipeline.webhooks.schedule import DEFAULT_SCHEDULE, next_attempt_at, parse_schedule
+from metering_pipeline.webhooks.sender import WebhookSender
 from metering_pipeline.webhooks.signing import message_id, new_secret, signature_header, signing_key
 from metering_schemas.webhook import WebhookDeliveryStatus, WebhookEventType
 
@@ -177,3 +179,21 @@ def test_deliveries_are_attempted_once_due_never_twice_at_a_time_nor_before_thei
     assert owned.take_due(5000) == [] and owned.take_due(9000) == [rescheduled]
     owned.release([0])
     assert list(owned.pending) == [second.key]
+
+
+def test_a_name_that_resolves_to_loopback_is_refused_when_the_request_is_made():
+    """The address check runs on every resolution, inside aiohttp's connector: no request leaves."""
+
+    async def attempt() -> Outcome:
+        async with WebhookSender(Settings(webhook_allow_http=True)) as sender:
+            return await sender.post("http://localhost:9/hook", _delivery(), [new_secret()], NOW)
+
+    outcome = asyncio.run(attempt())
+    assert outcome.status_code is None and not outcome.delivered
+    assert outcome.error.startswith("refused: localhost resolves to no public address"), outcome.error
+
+    async def resolve() -> None:
+        await PublicResolver().resolve("localhost", 443)
+
+    with pytest.raises(RefusedDestination, match="loopback"):
+        asyncio.run(resolve())

@@ -56,6 +56,9 @@ log = get_logger(__name__)
 
 WRITER = "writer"  # header naming the scheduler instance that wrote a delivery's state
 _IDLE_WAIT = 0.2  # seconds the scheduler waits for new deliveries when nothing is due sooner
+# ... and at least this long, so that deliveries due but held back (their partition still being read, an attempt of
+# the same delivery in flight) do not make it spin.
+_MIN_WAIT = 0.02
 _AFTER_ERROR_MS = 5_000  # an attempt that failed on our side (not the receiver's) is tried again after this
 
 
@@ -239,7 +242,7 @@ class WebhookDispatcher:
             while not stopping.is_set():
                 now_ms = _now_ms()
                 next_due = owned.next_due_ms()
-                wait = _IDLE_WAIT if next_due is None else min(_IDLE_WAIT, max(0.0, (next_due - now_ms) / 1000))
+                wait = _IDLE_WAIT if next_due is None else min(_IDLE_WAIT, max(_MIN_WAIT, (next_due - now_ms) / 1000))
                 batches = await consumer.getmany(timeout_ms=int(wait * 1000), max_records=1000)
                 for tp, messages in batches.items():
                     for message in messages:

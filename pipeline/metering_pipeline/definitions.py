@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Generic, TypeVar
 
@@ -90,12 +90,23 @@ class DefinitionFeed(Generic[Definition]):
         self.ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._applied_to: dict[int, int] = {}  # partition -> next offset to apply
+        self._read_to: dict[int, int] = {}  # partition -> its reader's position: every entry before it is applied
 
     async def has_applied(self, partition: int, offset: int, timeout: float) -> bool:
         """Waits until the entry at `offset` of `partition` is applied (a writer reading back its own write in
         topic order, so an older entry applied later cannot undo it); False after `timeout` seconds."""
         deadline = asyncio.get_running_loop().time() + timeout
         while self._applied_to.get(partition, 0) <= offset:
+            if asyncio.get_running_loop().time() >= deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
+    async def has_read(self, ends: Mapping[int, int], timeout: float) -> bool:
+        """Waits until every entry before `ends` (partition -> offset: the topic's end offsets at some instant) is
+        applied, compacted gaps included; False after `timeout` seconds."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while any(self._read_to.get(partition, 0) < end for partition, end in ends.items()):
             if asyncio.get_running_loop().time() >= deadline:
                 return False
             await asyncio.sleep(0.01)
@@ -151,6 +162,8 @@ class DefinitionFeed(Generic[Definition]):
                         if parsed is not None:
                             self.apply(*parsed)
                     self._applied_to[tp.partition] = messages[-1].offset + 1
+                for tp in following:
+                    self._read_to[tp.partition] = await consumer.position(tp)
                 if not self.ready.is_set() and all([await consumer.position(tp) >= end[tp] for tp in end]):
                     self.ready.set()
                     log.info("definitions loaded", topic=self.topic, partitions=len(following))

@@ -32,11 +32,18 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from clickhouse_connect.driver.client import Client
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from metering_pipeline.definitions import Catalog, feed_into
+from metering_pipeline.definitions import Catalog, DefinitionFeed, feed_into
 from metering_pipeline.logs import get_logger
 from metering_pipeline.retry import until_success
 from metering_pipeline.settings import Settings
-from metering_pipeline.topics import Topics, ensure_topics, event_reader, public_topics, webhook_topics
+from metering_pipeline.topics import (
+    Topics,
+    ensure_topics,
+    event_reader,
+    partitions_of,
+    public_topics,
+    webhook_topics,
+)
 from metering_pipeline.warehouse.errors import is_transient
 from metering_pipeline.warehouse.webhook_deliveries import record_attempt, was_delivered
 from metering_pipeline.webhooks.deliveries import (
@@ -59,6 +66,7 @@ _IDLE_WAIT = 0.2  # seconds the scheduler waits for new deliveries when nothing 
 # ... and at least this long, so that deliveries due but held back (their partition still being read, an attempt of
 # the same delivery in flight) do not make it spin.
 _MIN_WAIT = 0.02
+_FEED_CATCH_UP = 10.0  # seconds the fan-out waits for the endpoints feed to read what was written before an event
 _AFTER_ERROR_MS = 5_000  # an attempt that failed on our side (not the receiver's) is tried again after this
 
 
@@ -172,7 +180,7 @@ class WebhookDispatcher:
             await feed.loaded()
             async with WebhookSender(self.settings) as sender:
                 loops = [
-                    asyncio.create_task(self._fan_out(producer, stopping)),
+                    asyncio.create_task(self._fan_out(producer, feed, stopping)),
                     asyncio.create_task(self._schedule(producer, sender, stopping)),
                 ]
                 done, _ = await asyncio.wait([*loops, feed_task], return_when=asyncio.FIRST_COMPLETED)
@@ -191,13 +199,17 @@ class WebhookDispatcher:
             with contextlib.suppress(Exception):
                 await feed_task
 
-    async def _fan_out(self, producer: AIOKafkaProducer, stopping: asyncio.Event) -> None:
+    async def _fan_out(
+        self, producer: AIOKafkaProducer, feed: DefinitionFeed[WebhookEndpoint], stopping: asyncio.Event
+    ) -> None:
         """Events into deliveries: acknowledged by the broker before the events' offsets are committed."""
         consumer = event_reader(self.settings, fan_out_group(self.settings), self.topics.alerts, self.topics.events)
         await consumer.start()
         try:
             while not stopping.is_set():
                 batches = await consumer.getmany(timeout_ms=200, max_records=500)
+                if batches:
+                    await self._endpoints_written_so_far(consumer, feed)
                 sends = []
                 for messages in batches.values():
                     for message in messages:
@@ -215,6 +227,17 @@ class WebhookDispatcher:
                     await consumer.commit()
         finally:
             await consumer.stop()
+
+    async def _endpoints_written_so_far(
+        self, consumer: AIOKafkaConsumer, feed: DefinitionFeed[WebhookEndpoint]
+    ) -> None:
+        """Until the catalog holds every endpoint written before now: an event published just after an endpoint was
+        created reaches it even when the feed had not read the endpoint yet when the event arrived."""
+        topic = self.topics.webhooks
+        partitions = [TopicPartition(topic, p) for p in sorted(await partitions_of(consumer, topic) or ())]
+        ends = await consumer.end_offsets(partitions) if partitions else {}
+        if not await feed.has_read({tp.partition: end for tp, end in ends.items()}, _FEED_CATCH_UP):
+            log.warning("webhook endpoints feed behind its topic; fanning out with what it has", topic=topic)
 
     def _deliveries_of(self, value: bytes | None, published: datetime) -> list[Delivery]:
         try:

@@ -67,6 +67,9 @@ def test_a_worker_restarted_under_its_instance_id_counts_and_alerts_without_wait
     monthly = eventually(while_running(successor, all_counted), 60, interval=0.5, message=successor.log_tail)
     assert monthly == (Decimal("0.5") * 300 + 10, 301)
     assert _stored(settings) == 301
+    # Not what this test is about: a successor that took over under a static instance id often does not finish
+    # its SIGTERM shutdown within 30 s (seen since a207ebf, at least; open). Killed after 5 s instead of 30.
+    successor.stop(timeout=5)
 
 
 def _monthly(settings) -> tuple[Decimal, int]:

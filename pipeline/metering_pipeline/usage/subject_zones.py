@@ -58,7 +58,6 @@ def zone_change(
 class _Rule(NamedTuple):
     """A subject's zone as the router applies it: `before` until `from_ms`, then `zone` (UTC_ZONE for UTC)."""
 
-    settings: SubjectSettings
     zone: str
     before: str
     from_ms: int
@@ -84,7 +83,7 @@ class SubjectZones:
         if settings.effective_from is not None and settings.previous_time_zone:
             before, from_ms = _routed(settings.previous_time_zone), _epoch_ms(settings.effective_from)
         self._keys[settings.key] = (settings.subject_type, settings.subject_id)
-        self._by_id.setdefault(settings.subject_id, {})[settings.subject_type] = _Rule(settings, zone, before, from_ms)
+        self._by_id.setdefault(settings.subject_id, {})[settings.subject_type] = _Rule(zone, before, from_ms)
 
     def delete(self, key: str) -> None:
         subject = self._keys.pop(key, None)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from typing import Any
 from urllib.parse import urlsplit
 
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -75,6 +74,6 @@ class PublicResolver(AbstractResolver):
         await self._resolver.close()
 
 
-def resolver(allow_private: bool) -> Any:
+def resolver(allow_private: bool) -> AbstractResolver:
     """The resolver a sender's connector uses: aiohttp's own when private addresses are allowed."""
     return DefaultResolver() if allow_private else PublicResolver()

@@ -97,7 +97,6 @@ class DeliveryMetrics:
             "Deliveries created from events (one per subscribed endpoint)",
             registry=registry,
         )
-        self.pending = 0
 
     def observe(self, attempt: WebhookAttempt) -> None:
         self.attempts.labels(attempt.status.value).inc()
@@ -163,6 +162,11 @@ class WebhookDispatcher:
         )
         self._attempts: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
+
+    @property
+    def pending(self) -> int:
+        """Deliveries of this instance's partitions still to attempt."""
+        return len(self._owned.pending)
 
     async def run(self, stopping: asyncio.Event) -> None:
         await ensure_topics(
@@ -279,7 +283,6 @@ class WebhookDispatcher:
                     task = asyncio.create_task(self._attempt(producer, sender, delivery))
                     self._attempts.add(task)
                     task.add_done_callback(self._attempts.discard)
-                self.metrics.pending = len(owned.pending)
         finally:
             await consumer.stop()
 

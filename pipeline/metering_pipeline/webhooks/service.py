@@ -26,7 +26,7 @@ async def serve(settings: Settings, web_port: int, stopping: asyncio.Event) -> N
             return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
         async def health(_: web.Request) -> web.Response:
-            return web.json_response({"healthy": True, "pendingDeliveries": dispatcher.metrics.pending})
+            return web.json_response({"healthy": True, "pendingDeliveries": dispatcher.pending})
 
         app = web.Application()
         app.add_routes([web.get("/metrics", metrics), web.get("/health", health)])
